@@ -1,0 +1,13 @@
+"""fastmsc: fused kernels for a multi-scale conv + BiLSTM + attention time-series classifier."""
+
+from .backend import BACKENDS, get_backend, set_backend, use_backend
+from .ops import attention, lstm_layer, max_avg_pool, multiscale_conv1d
+from .nn import swap_modules
+from .info import info
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS", "attention", "get_backend", "info", "lstm_layer", "max_avg_pool", "multiscale_conv1d",
+    "set_backend", "swap_modules", "use_backend", "__version__",
+]

@@ -1,0 +1,147 @@
+"""LSTM: a drop-in for torch.nn.LSTM (constructor, parameter names, state_dict, return values)
+whose layers run as ``fastmsc.lstm_layer``; ``swap_modules`` puts it into an existing model."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from ..ops.lstm_layer import lstm_layer
+
+
+class LSTM(nn.Module):
+    """Same arguments as torch.nn.LSTM (``proj_size`` is not supported).
+
+    forward(input, hx=None, lengths=None) -> (output, (h_n, c_n)). ``input`` is (T, B, I), (B, T, I)
+    with ``batch_first``, (T, I) unbatched, or a PackedSequence (then ``output`` is one too).
+    ``lengths`` (B,) marks the valid steps of a padded batch, as packing would.
+    """
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, proj_size=0, device=None, dtype=None):
+        super().__init__()
+        if proj_size:
+            raise ValueError(f"fastmsc.nn.LSTM does not support proj_size (got {proj_size}); use torch.nn.LSTM")
+        if not (isinstance(dropout, (int, float)) and 0 <= dropout <= 1) or isinstance(dropout, bool):
+            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
+        self.bidirectional, self.proj_size = bidirectional, 0
+        factory = {"device": device, "dtype": dtype}
+        directions = 2 if bidirectional else 1
+        for layer in range(num_layers):
+            layer_in = input_size if layer == 0 else hidden_size * directions
+            for suffix in ("", "_reverse")[:directions]:
+                tag = f"l{layer}{suffix}"
+                self.register_parameter(f"weight_ih_{tag}", nn.Parameter(torch.empty(4 * hidden_size, layer_in, **factory)))
+                self.register_parameter(f"weight_hh_{tag}", nn.Parameter(torch.empty(4 * hidden_size, hidden_size, **factory)))
+                if bias:
+                    self.register_parameter(f"bias_ih_{tag}", nn.Parameter(torch.empty(4 * hidden_size, **factory)))
+                    self.register_parameter(f"bias_hh_{tag}", nn.Parameter(torch.empty(4 * hidden_size, **factory)))
+        self.reset_parameters()
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def flatten_parameters(self) -> None:
+        """Kept for torch.nn.LSTM compatibility; fastmsc needs no flattened weight buffer."""
+
+    def layer_weights(self, layer: int):
+        """The ``weights`` argument of fastmsc.lstm_layer for one layer."""
+        def direction(suffix):
+            tag = f"l{layer}{suffix}"
+            get = lambda name: getattr(self, f"{name}_{tag}", None)  # noqa: E731
+            return (get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"))
+        return tuple(direction(s) for s in ("", "_reverse")[: self.num_directions])
+
+    def forward(self, input, hx=None, lengths=None):
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            if lengths is not None:
+                raise ValueError("pass lengths only with a padded tensor, not with a PackedSequence")
+            x, lengths = pad_packed_sequence(input, batch_first=True)
+        else:
+            if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
+                shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
+                raise ValueError(f"input must be a 2-D (unbatched) or 3-D tensor or a PackedSequence, got {shape}")
+            x = input if input.dim() == 2 or self.batch_first else input.transpose(0, 1)
+        unbatched = x.dim() == 2
+        if unbatched:
+            x = x.unsqueeze(0)
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"input must have {self.input_size} features (input_size), got {x.shape[-1]}")
+        h0 = c0 = None
+        if hx is not None:
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise TypeError("hx must be a tuple (h_0, c_0)")
+            h0, c0 = hx
+            if unbatched:
+                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+            expected = (self.num_layers * self.num_directions, x.shape[0], self.hidden_size)
+            for name, state in (("h_0", h0), ("c_0", c0)):
+                if tuple(state.shape) != expected:
+                    raise ValueError(f"{name} must have shape {expected} (layers*directions, batch, hidden), "
+                                     f"got {tuple(state.shape)}")
+        D = self.num_directions
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            if layer > 0 and self.dropout > 0 and self.training:
+                x = nn.functional.dropout(x, self.dropout, training=True)
+            states = slice(layer * D, (layer + 1) * D)
+            x, h, c = lstm_layer(x, self.layer_weights(layer),
+                                 None if h0 is None else h0[states], None if c0 is None else c0[states], lengths)
+            h_n.append(h)
+            c_n.append(c)
+        h_n, c_n = torch.cat(h_n), torch.cat(c_n)
+        if packed:
+            order = input.sorted_indices
+            x_sorted = x if order is None else x.index_select(0, order)
+            sorted_lengths = lengths if order is None else lengths.index_select(0, order.cpu())
+            data = pack_padded_sequence(x_sorted, sorted_lengths, batch_first=True).data
+            return PackedSequence(data, input.batch_sizes, order, input.unsorted_indices), (h_n, c_n)
+        if unbatched:
+            return x.squeeze(0), (h_n.squeeze(1), c_n.squeeze(1))
+        return (x if self.batch_first else x.transpose(0, 1)), (h_n, c_n)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"
+        if not self.bias:
+            s += ", bias=False"
+        if self.batch_first:
+            s += ", batch_first=True"
+        if self.dropout:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional:
+            s += ", bidirectional=True"
+        return s
+
+
+def swap_modules(model: nn.Module) -> nn.Module:
+    """Replace every torch.nn.LSTM inside ``model`` (in place) by fastmsc.nn.LSTM with the same weights."""
+    if isinstance(model, nn.LSTM):
+        raise TypeError("swap_modules replaces LSTMs inside a model; wrap a bare nn.LSTM or build fastmsc.nn.LSTM")
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.LSTM):
+            if child.proj_size:
+                raise ValueError(f"cannot swap {name}: fastmsc.nn.LSTM does not support proj_size")
+            p = next(child.parameters())
+            fast = LSTM(child.input_size, child.hidden_size, child.num_layers, child.bias, child.batch_first,
+                        child.dropout, child.bidirectional, device=p.device, dtype=p.dtype)
+            fast.load_state_dict(child.state_dict())
+            fast.train(child.training)
+            setattr(model, name, fast)
+        else:
+            swap_modules(child)
+    return model

@@ -1,0 +1,71 @@
+"""Argument checks shared by the ops: each error names the argument, what was expected and what was given."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, t, ndim: int | tuple[int, ...] | None = None, dtypes=FLOAT_DTYPES) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else ndim
+        if t.dim() not in allowed:
+            want = " or ".join(f"{d}-D" for d in allowed)
+            raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    return t
+
+
+def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device")
+    if t.dtype != ref.dtype:
+        raise TypeError(
+            f"{name} has dtype {str(t.dtype).replace('torch.', '')} but {ref_name} has "
+            f"{str(ref.dtype).replace('torch.', '')}; use one dtype"
+        )
+
+
+def check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], what: str = "") -> None:
+    if tuple(t.shape) != tuple(expected):
+        extra = f" ({what})" if what else ""
+        raise ValueError(f"{name} must have shape {tuple(expected)}{extra}, got {tuple(t.shape)}")
+
+
+def check_lengths(lengths, batch: int, max_len: int, device: torch.device) -> torch.Tensor | None:
+    """Validate ``lengths`` (B,) of ints in [1, max_len]; returns an int64 tensor on ``device`` or None.
+
+    The range check reads the values, which costs a device sync for CUDA lengths; it is skipped while
+    torch.compile traces, where the values are not known.
+    """
+    if lengths is None:
+        return None
+    if not isinstance(lengths, torch.Tensor):
+        try:
+            lengths = torch.as_tensor(lengths)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"lengths must be a sequence of ints or an integer tensor, got {lengths!r}") from exc
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must hold integers, got dtype {str(lengths.dtype).replace('torch.', '')}")
+    if lengths.dim() != 1 or lengths.shape[0] != batch:
+        raise ValueError(f"lengths must have shape ({batch},) (one per batch element), got {tuple(lengths.shape)}")
+    if not torch.compiler.is_compiling() and batch > 0:
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < 1 or hi > max_len:
+            raise ValueError(f"lengths must lie in [1, {max_len}] (the time dimension), got values in [{lo}, {hi}]")
+    return lengths.to(device=device, dtype=torch.int64)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Reference math runs in float64 for float64 inputs, else in float32 (half types upcast)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def time_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(B, T) bool: True where t < lengths[b]."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]

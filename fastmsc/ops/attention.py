@@ -1,0 +1,71 @@
+"""Scaled-dot-product attention: softmax(q kᵀ · scale) v, non-causal.
+
+Shapes: q, k, v (B, T, D) or (B, H, T, D); scale defaults to 1/sqrt(D). With ``lengths`` (B,), keys
+at t >= lengths[b] are ignored and query rows at t >= lengths[b] are zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..backend import Op, register
+from ._checks import check_lengths, check_same, check_tensor, compute_dtype, time_mask
+
+
+def _masks(lengths, q):
+    """Key mask (B, [1,] 1, T) and query mask (B, [1,] T, 1), True where t < lengths[b]."""
+    valid = time_mask(lengths, q.shape[-2])
+    if q.dim() == 4:
+        valid = valid[:, None]
+    return valid[..., None, :], valid[..., :, None]
+
+
+def attention_reference(q, k, v, lengths=None, scale=None):
+    work = compute_dtype(q.dtype)
+    qw, kw, vw = q.to(work), k.to(work), v.to(work)
+    scores = torch.matmul(qw, kw.transpose(-1, -2)) * scale  # (..., T, T)
+    if lengths is not None:
+        key_valid, query_valid = _masks(lengths, q)
+        scores = scores.masked_fill(~key_valid, float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1), vw)
+    if lengths is not None:
+        out = out.masked_fill(~query_valid, 0.0)
+    return out.to(q.dtype)
+
+
+def attention_torch(q, k, v, lengths=None, scale=None):
+    if lengths is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    key_valid, query_valid = _masks(lengths, q)
+    # Every row keeps key 0 (lengths >= 1), so no row is fully masked and SDPA gives no NaN.
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_valid, scale=scale)
+    return out.masked_fill(~query_valid, 0.0)
+
+
+OP = register(Op("attention", attention_reference, attention_torch))
+
+
+def attention(q, k, v, lengths=None, scale=None):
+    """Args: q, k, v (B, T, D) or (B, H, T, D); lengths None or (B,); scale None (1/sqrt(D)) or a float.
+
+    Returns the same shape as q.
+    """
+    check_tensor("q", q, ndim=(3, 4))
+    check_tensor("k", k, ndim=(3, 4))
+    check_tensor("v", v, ndim=(3, 4))
+    for name, t in (("k", k), ("v", v)):
+        check_same(name, t, "q", q)
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)} (self-attention), got {tuple(t.shape)}")
+    if q.shape[-2] == 0 or q.shape[-1] == 0:
+        raise ValueError(f"q must have T >= 1 and D >= 1, got shape {tuple(q.shape)}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be None or a finite float, got {scale!r}")
+    lengths = check_lengths(lengths, q.shape[0], q.shape[-2], q.device)
+    impl = OP.select(q.device.type, q=q, k=k, v=v, lengths=lengths, scale=scale)
+    return impl(q, k, v, lengths, float(scale))

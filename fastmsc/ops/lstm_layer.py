@@ -1,0 +1,139 @@
+"""One LSTM layer, batch first, one or two directions; gate order i, f, g, o as in torch.nn.LSTM.
+
+Shapes: x (B, T, I); weights a tuple of one or two direction tuples ``(w_ih (4H, I), w_hh (4H, H),
+b_ih (4H,) | None, b_hh (4H,) | None)``, the second one the reverse direction; h0, c0 (D, B, H).
+Returns out (B, T, D*H), h_n (D, B, H), c_n (D, B, H).
+
+With ``lengths`` (B,), sequence b is processed over its first lengths[b] steps only: the reverse
+direction starts at step lengths[b] - 1, outputs past the length are zero and h_n/c_n are taken at
+each sequence's last valid step, as pack_padded_sequence + nn.LSTM gives.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from ..backend import Op, register
+from ._checks import check_lengths, check_same, check_shape, check_tensor, compute_dtype, time_mask
+
+
+def lstm_cell_reference(x_t, h, c, w_ih, w_hh, b_ih, b_hh):
+    """One step: x_t (B, I), h and c (B, H) -> (h', c')."""
+    gates = x_t @ w_ih.t() + h @ w_hh.t()
+    if b_ih is not None:
+        gates = gates + b_ih
+    if b_hh is not None:
+        gates = gates + b_hh
+    i, f, g, o = gates.chunk(4, dim=1)
+    c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c_next), c_next
+
+
+def lstm_layer_reference(x, weights, h0=None, c0=None, lengths=None):
+    work = compute_dtype(x.dtype)
+    B, T, _ = x.shape
+    H = weights[0][1].shape[1]
+    valid = None if lengths is None else time_mask(lengths, T)
+    outputs, h_last, c_last = [], [], []
+    for d, params in enumerate(weights):
+        w_ih, w_hh, b_ih, b_hh = (None if p is None else p.to(work) for p in params)
+        h = x.new_zeros(B, H, dtype=work) if h0 is None else h0[d].to(work)
+        c = x.new_zeros(B, H, dtype=work) if c0 is None else c0[d].to(work)
+        steps = range(T) if d == 0 else range(T - 1, -1, -1)
+        out = [None] * T
+        for t in steps:
+            h_next, c_next = lstm_cell_reference(x[:, t].to(work), h, c, w_ih, w_hh, b_ih, b_hh)
+            if valid is None:
+                h, c = h_next, c_next
+                out[t] = h
+            else:
+                keep = valid[:, t, None]
+                h, c = torch.where(keep, h_next, h), torch.where(keep, c_next, c)
+                out[t] = torch.where(keep, h_next, torch.zeros_like(h_next))
+        outputs.append(torch.stack(out, dim=1))
+        h_last.append(h)
+        c_last.append(c)
+    cast = x.dtype
+    return torch.cat(outputs, dim=-1).to(cast), torch.stack(h_last).to(cast), torch.stack(c_last).to(cast)
+
+
+def _flat_weights(weights):
+    """nn.LSTM's flat weight list; a missing bias among present ones becomes zeros."""
+    has_bias = any(b is not None for params in weights for b in params[2:])
+    flat = []
+    for w_ih, w_hh, b_ih, b_hh in weights:
+        flat += [w_ih, w_hh]
+        if has_bias:
+            zeros = w_ih.new_zeros(w_ih.shape[0])
+            flat += [zeros if b_ih is None else b_ih, zeros if b_hh is None else b_hh]
+    return flat, has_bias
+
+
+def lstm_layer_torch(x, weights, h0=None, c0=None, lengths=None):
+    """torch.nn.LSTM's own kernel (cuDNN on CUDA, oneDNN/ATen on CPU); packed sequences for ``lengths``."""
+    B, T, _ = x.shape
+    D, H = len(weights), weights[0][1].shape[1]
+    flat, has_bias = _flat_weights(weights)
+    h0 = x.new_zeros(D, B, H) if h0 is None else h0
+    c0 = x.new_zeros(D, B, H) if c0 is None else c0
+    if lengths is None:
+        out, h_n, c_n = torch._VF.lstm(x, (h0, c0), flat, has_bias, 1, 0.0, False, D == 2, True)
+        return out, h_n, c_n
+    packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+    order, unorder = packed.sorted_indices, packed.unsorted_indices
+    hx = (h0.index_select(1, order), c0.index_select(1, order))
+    data, h_n, c_n = torch._VF.lstm(packed.data, packed.batch_sizes, hx, flat, has_bias, 1, 0.0, False, D == 2)
+    out, _ = pad_packed_sequence(
+        PackedSequence(data, packed.batch_sizes, order, unorder), batch_first=True, total_length=T
+    )
+    return out, h_n.index_select(1, unorder), c_n.index_select(1, unorder)
+
+
+OP = register(Op("lstm_layer", lstm_layer_reference, lstm_layer_torch))
+
+
+def _validate(x, weights, h0, c0):
+    check_tensor("x", x, ndim=3)
+    if isinstance(weights, torch.Tensor) or not isinstance(weights, (tuple, list)) or len(weights) not in (1, 2):
+        raise TypeError("weights must be a tuple of one or two direction tuples (w_ih, w_hh, b_ih, b_hh)")
+    B, T, I = x.shape
+    if T == 0:
+        raise ValueError(f"x must have at least one time step, got shape {tuple(x.shape)}")
+    checked = []
+    H = None
+    for d, params in enumerate(weights):
+        if not isinstance(params, (tuple, list)) or len(params) != 4:
+            raise TypeError(f"weights[{d}] must be a tuple (w_ih, w_hh, b_ih, b_hh), got {type(params).__name__}")
+        w_ih, w_hh, b_ih, b_hh = params
+        check_tensor(f"weights[{d}].w_hh", w_hh, ndim=2)
+        if H is None:
+            H = w_hh.shape[1]
+            if H == 0:
+                raise ValueError("the hidden size (w_hh.shape[1]) must be >= 1")
+        check_shape(f"weights[{d}].w_hh", w_hh, (4 * H, H), "4H x H")
+        check_tensor(f"weights[{d}].w_ih", w_ih, ndim=2)
+        check_shape(f"weights[{d}].w_ih", w_ih, (4 * H, I), "4H x input size")
+        for name, p in ((f"weights[{d}].w_ih", w_ih), (f"weights[{d}].w_hh", w_hh)):
+            check_same(name, p, "x", x)
+        for name, b in ((f"weights[{d}].b_ih", b_ih), (f"weights[{d}].b_hh", b_hh)):
+            if b is not None:
+                check_tensor(name, b, ndim=1)
+                check_same(name, b, "x", x)
+                check_shape(name, b, (4 * H,))
+        checked.append((w_ih, w_hh, b_ih, b_hh))
+    D = len(checked)
+    for name, state in (("h0", h0), ("c0", c0)):
+        if state is not None:
+            check_tensor(name, state, ndim=3)
+            check_same(name, state, "x", x)
+            check_shape(name, state, (D, B, H), "directions x batch x hidden")
+    return tuple(checked)
+
+
+def lstm_layer(x, weights, h0=None, c0=None, lengths=None):
+    """One (bi)directional LSTM layer; see the module docstring for shapes and ``lengths``."""
+    weights = _validate(x, weights, h0, c0)
+    lengths = check_lengths(lengths, x.shape[0], x.shape[1], x.device)
+    impl = OP.select(x.device.type, x=x, weights=weights, h0=h0, c0=c0, lengths=lengths)
+    return impl(x, weights, h0, c0, lengths)

@@ -1,0 +1,55 @@
+"""Global max + average pooling over time: x (B, T, C) -> (B, 2C) = cat([max_t x, mean_t x], -1).
+
+With ``lengths`` (B,) only t < lengths[b] counts. The max gradient goes to one position per (b, c):
+the first maximal one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backend import Op, register
+from ._checks import check_lengths, check_tensor, compute_dtype, time_mask
+
+
+def max_avg_pool_reference(x, lengths=None):
+    work = compute_dtype(x.dtype)
+    xw = x.to(work)
+    B, T, C = xw.shape
+    if lengths is None:
+        valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
+        count = torch.full((B,), T, dtype=work, device=x.device)
+    else:
+        valid = time_mask(lengths, T)
+        count = lengths.to(work)
+    valid = valid[:, :, None]
+    with torch.no_grad():
+        peak = xw.masked_fill(~valid, float("-inf")).amax(dim=1, keepdim=True)
+        first_peak = ((xw == peak) & valid).to(torch.int8).argmax(dim=1, keepdim=True)  # first True
+    maximum = xw.gather(1, first_peak).squeeze(1)
+    mean = xw.masked_fill(~valid, 0.0).sum(dim=1) / count[:, None]
+    return torch.cat([maximum, mean], dim=-1).to(x.dtype)
+
+
+def max_avg_pool_torch(x, lengths=None):
+    if lengths is None:
+        maximum = x.max(dim=1).values  # torch.max routes the gradient to the first maximal index
+        mean = x.mean(dim=1)
+    else:
+        invalid = ~time_mask(lengths, x.shape[1])[:, :, None]
+        maximum = x.masked_fill(invalid, float("-inf")).max(dim=1).values
+        mean = x.masked_fill(invalid, 0.0).sum(dim=1) / lengths[:, None].to(x.dtype)
+    return torch.cat([maximum, mean], dim=-1)
+
+
+OP = register(Op("max_avg_pool", max_avg_pool_reference, max_avg_pool_torch))
+
+
+def max_avg_pool(x, lengths=None):
+    """Args: x (B, T, C); lengths None or (B,) ints in [1, T]. Returns (B, 2C) = [max, mean]."""
+    check_tensor("x", x, ndim=3)
+    if x.shape[1] == 0:
+        raise ValueError(f"x must have at least one time step, got shape {tuple(x.shape)}")
+    lengths = check_lengths(lengths, x.shape[0], x.shape[1], x.device)
+    impl = OP.select(x.device.type, x=x, lengths=lengths)
+    return impl(x, lengths)

@@ -1,0 +1,101 @@
+"""Multi-scale Conv1d + concat: ``cat([act(conv1d(x, w_i, b_i, padding=k_i // 2)) for i], dim=1)``.
+
+Shapes: x (B, C_in, T); weights[i] (C_out_i, C_in, k_i) with odd k_i; biases[i] (C_out_i,) or None.
+Output (B, sum C_out_i, T), same dtype as x.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..backend import Op, register
+from ._checks import check_same, check_tensor, compute_dtype
+
+ACTIVATIONS = (None, "relu", "gelu")
+
+
+def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    if activation == "relu":
+        return torch.relu(y)
+    if activation == "gelu":
+        return F.gelu(y)  # exact erf form
+    return y
+
+
+def multiscale_conv1d_reference(x, weights, biases=None, activation=None):
+    """Straight from the definition of cross-correlation: out[b, o, t] = sum_{c, j} w[o, c, j] x[b, c, t + j - k//2]."""
+    work = compute_dtype(x.dtype)
+    xw = x.to(work)
+    outs = []
+    for i, w in enumerate(weights):
+        k = w.shape[-1]
+        padded = F.pad(xw, (k // 2, k // 2))
+        windows = padded.unfold(2, k, 1)  # (B, C_in, T, k)
+        y = torch.einsum("bctj,ocj->bot", windows, w.to(work))
+        if biases is not None and biases[i] is not None:
+            y = y + biases[i].to(work)[None, :, None]
+        outs.append(_activate(y, activation))
+    return torch.cat(outs, dim=1).to(x.dtype)
+
+
+def multiscale_conv1d_torch(x, weights, biases=None, activation=None):
+    """What a user writes: one cuDNN/oneDNN conv per branch, then torch.cat."""
+    outs = []
+    for i, w in enumerate(weights):
+        b = None if biases is None else biases[i]
+        outs.append(_activate(F.conv1d(x, w, b, padding=w.shape[-1] // 2), activation))
+    return torch.cat(outs, dim=1)
+
+
+OP = register(Op("multiscale_conv1d", multiscale_conv1d_reference, multiscale_conv1d_torch))
+
+
+def _validate(x, weights, biases, activation):
+    check_tensor("x", x, ndim=3)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of None, 'relu', 'gelu', got {activation!r}")
+    if isinstance(weights, torch.Tensor) or not isinstance(weights, Sequence) or len(weights) == 0:
+        raise TypeError("weights must be a non-empty sequence of (C_out_i, C_in, k_i) tensors")
+    weights = list(weights)
+    c_in = x.shape[1]
+    for i, w in enumerate(weights):
+        check_tensor(f"weights[{i}]", w, ndim=3)
+        check_same(f"weights[{i}]", w, "x", x)
+        if w.shape[1] != c_in:
+            raise ValueError(f"weights[{i}] must have shape (C_out, {c_in}, k) to match x's C_in={c_in}, got {tuple(w.shape)}")
+        if w.shape[2] % 2 == 0 or w.shape[0] == 0:
+            raise ValueError(f"weights[{i}] must have an odd kernel size and C_out >= 1 ('same' padding), got {tuple(w.shape)}")
+    if biases is not None:
+        if isinstance(biases, torch.Tensor) or not isinstance(biases, Sequence) or len(biases) != len(weights):
+            raise TypeError(f"biases must be None or a sequence of {len(weights)} tensors/None, one per weight")
+        biases = list(biases)
+        for i, b in enumerate(biases):
+            if b is None:
+                continue
+            check_tensor(f"biases[{i}]", b, ndim=1)
+            check_same(f"biases[{i}]", b, "x", x)
+            if b.shape[0] != weights[i].shape[0]:
+                raise ValueError(f"biases[{i}] must have shape ({weights[i].shape[0]},), got {tuple(b.shape)}")
+        if all(b is None for b in biases):
+            biases = None
+    return weights, biases
+
+
+def multiscale_conv1d(x, weights, biases=None, activation=None):
+    """Multi-scale "same" Conv1d with fused concat.
+
+    Args:
+        x: (B, C_in, T).
+        weights: sequence of (C_out_i, C_in, k_i) tensors, k_i odd.
+        biases: None or a sequence of (C_out_i,) tensors (entries may be None).
+        activation: None, ``"relu"`` or ``"gelu"`` (exact erf GELU), applied per branch.
+
+    Returns:
+        (B, sum_i C_out_i, T).
+    """
+    weights, biases = _validate(x, weights, biases, activation)
+    impl = OP.select(x.device.type, x=x, weights=weights, biases=biases, activation=activation)
+    return impl(x, weights, biases, activation)
