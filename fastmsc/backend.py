@@ -13,6 +13,7 @@ which one runs:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import threading
 from dataclasses import dataclass, field
@@ -67,21 +68,45 @@ class FusedUnavailable(RuntimeError):
 class Op:
     """One public op and its implementations.
 
-    ``fused_unsupported(device_type, **call_args)`` returns ``None`` when the fused implementation
-    can run those arguments on that device, else a sentence saying why not. Called with only the
-    device type it answers for the device in general (used by :func:`fastmsc.info`).
+    The fused path lives in ``fused_module`` (``fastmsc.kernels.<op>``), imported on first use so
+    that ``import fastmsc`` never needs triton or the compiled extension. That module defines
+    ``fused`` (same signature as ``reference``) and ``fused_unsupported(device_type, **call_args)``,
+    which returns ``None`` when the fused path can run those arguments on that device, else a
+    sentence saying why not; called with only the device type it answers for the device in general
+    (used by :func:`fastmsc.info`).
     """
 
     name: str
     reference: Callable
     torch: Callable
+    fused_module: str | None = None
     fused: Callable | None = None
     fused_unsupported: Callable[..., str | None] | None = None
-    notes: dict = field(default_factory=dict)
+    load_error: str | None = field(default=None, repr=False)
+    _loaded: bool = field(default=False, repr=False)
+
+    def _load_fused(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        if self.fused_module is None:
+            return
+        try:
+            module = importlib.import_module(self.fused_module)
+        except ModuleNotFoundError as exc:
+            if exc.name != self.fused_module:
+                self.load_error = f"{self.fused_module} could not be imported (ModuleNotFoundError: {exc})"
+            return
+        except Exception as exc:  # missing triton, a broken extension: report it, never fail the import
+            self.load_error = f"{self.fused_module} could not be imported ({type(exc).__name__}: {exc})"
+            return
+        self.fused = module.fused
+        self.fused_unsupported = getattr(module, "fused_unsupported", None)
 
     def why_not_fused(self, device_type: str, **call_args) -> str | None:
+        self._load_fused()
         if self.fused is None:
-            return "no fused implementation is installed for this op"
+            return self.load_error or "no fused implementation exists for this op yet"
         if self.fused_unsupported is None:
             return None
         return self.fused_unsupported(device_type, **call_args)

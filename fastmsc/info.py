@@ -51,3 +51,17 @@ def format_info(data: dict | None = None) -> str:
             why = "" if row["fused_unavailable"] is None else f"  (fused unavailable: {row['fused_unavailable']})"
             lines.append(f"  {name:<18} {device:<5} -> {row['auto']}{why}")
     return "\n".join(lines)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the info as JSON")
+
+
+def run(args) -> int:
+    if args.json:
+        import json
+
+        print(json.dumps(info(), indent=2))
+    else:
+        print(format_info())
+    return 0

@@ -45,7 +45,7 @@ def attention_torch(q, k, v, lengths=None, scale=None):
     return out.masked_fill(~query_valid, 0.0)
 
 
-OP = register(Op("attention", attention_reference, attention_torch))
+OP = register(Op("attention", attention_reference, attention_torch, fused_module="fastmsc.kernels.attention"))
 
 
 def attention(q, k, v, lengths=None, scale=None):

@@ -90,7 +90,7 @@ def lstm_layer_torch(x, weights, h0=None, c0=None, lengths=None):
     return out, h_n.index_select(1, unorder), c_n.index_select(1, unorder)
 
 
-OP = register(Op("lstm_layer", lstm_layer_reference, lstm_layer_torch))
+OP = register(Op("lstm_layer", lstm_layer_reference, lstm_layer_torch, fused_module="fastmsc.kernels.lstm_layer"))
 
 
 def _validate(x, weights, h0, c0):

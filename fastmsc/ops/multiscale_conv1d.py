@@ -50,7 +50,7 @@ def multiscale_conv1d_torch(x, weights, biases=None, activation=None):
     return torch.cat(outs, dim=1)
 
 
-OP = register(Op("multiscale_conv1d", multiscale_conv1d_reference, multiscale_conv1d_torch))
+OP = register(Op("multiscale_conv1d", multiscale_conv1d_reference, multiscale_conv1d_torch, fused_module="fastmsc.kernels.multiscale_conv1d"))
 
 
 def _validate(x, weights, biases, activation):
