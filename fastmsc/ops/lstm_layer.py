@@ -80,14 +80,95 @@ def lstm_layer_torch(x, weights, h0=None, c0=None, lengths=None):
     if lengths is None:
         out, h_n, c_n = torch._VF.lstm(x, (h0, c0), flat, has_bias, 1, 0.0, False, D == 2, True)
         return out, h_n, c_n
+    if torch.compiler.is_compiling():
+        # Dynamo refuses to trace pack_padded_sequence (and its batch sizes depend on the values of
+        # lengths), so under torch.compile the packed kernel runs as one opaque op.
+        out, h_n, c_n = torch.ops.fastmsc.lstm_layer_packed(x, flat, h0, c0, lengths, has_bias, D == 2)
+        return out, h_n, c_n
+    return _lstm_packed(x, flat, h0, c0, lengths, has_bias, D == 2)
+
+
+def _lstm_packed(x, flat, h0, c0, lengths, has_bias, bidirectional):
+    """nn.LSTM's kernel on a packed batch: x (B, T, I), lengths (B,) -> out (B, T, D*H), h_n, c_n (D, B, H)."""
     packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
     order, unorder = packed.sorted_indices, packed.unsorted_indices
     hx = (h0.index_select(1, order), c0.index_select(1, order))
-    data, h_n, c_n = torch._VF.lstm(packed.data, packed.batch_sizes, hx, flat, has_bias, 1, 0.0, False, D == 2)
+    data, h_n, c_n = torch._VF.lstm(packed.data, packed.batch_sizes, hx, flat, has_bias, 1, 0.0, False, bidirectional)
     out, _ = pad_packed_sequence(
-        PackedSequence(data, packed.batch_sizes, order, unorder), batch_first=True, total_length=T
+        PackedSequence(data, packed.batch_sizes, order, unorder), batch_first=True, total_length=x.shape[1]
     )
     return out, h_n.index_select(1, unorder), c_n.index_select(1, unorder)
+
+
+# torch.compile path for lengths: the eager packed kernel wrapped as custom ops, opaque to the compiler.
+# The backward op recomputes the packed forward under autograd and differentiates it, so a compiled
+# training step runs the LSTM forward twice (about +50% LSTM time); eager mode keeps nn.LSTM's own
+# single-forward autograd. Double backward through the compiled path is not supported.
+
+
+@torch.library.custom_op("fastmsc::lstm_layer_packed", mutates_args=())
+def _lstm_packed_op(x: torch.Tensor, flat: list[torch.Tensor], h0: torch.Tensor, c0: torch.Tensor,
+                    lengths: torch.Tensor, has_bias: bool, bidirectional: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _lstm_packed(x, flat, h0, c0, lengths, has_bias, bidirectional)
+
+
+@_lstm_packed_op.register_fake
+def _(x, flat, h0, c0, lengths, has_bias, bidirectional):
+    D, B, H = h0.shape
+    return x.new_empty(B, x.shape[1], D * H), h0.new_empty(D, B, H), c0.new_empty(D, B, H)
+
+
+def _autograd_recording():
+    """Re-enable autograd recording inside a custom op's implementation.
+
+    The dispatcher runs custom op implementations below the autograd layer (autograd dispatch keys
+    excluded in thread-local state), where enable_grad alone records nothing; lifting the exclusion
+    for this block lets the recomputed forward build a graph to differentiate.
+    """
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,
+                torch._C.DispatchKey.AutogradNestedTensor):
+        exclude = exclude.remove(key)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
+@torch.library.custom_op("fastmsc::lstm_layer_packed_backward", mutates_args=())
+def _lstm_packed_backward_op(grad_out: torch.Tensor, grad_h_n: torch.Tensor, grad_c_n: torch.Tensor,
+                             x: torch.Tensor, flat: list[torch.Tensor], h0: torch.Tensor, c0: torch.Tensor,
+                             lengths: torch.Tensor, has_bias: bool, bidirectional: bool) -> list[torch.Tensor]:
+    """Gradients [dx, dh0, dc0, *dflat] of the packed layer, by recomputing its forward."""
+    with _autograd_recording(), torch.enable_grad():
+        inputs = [t.detach().requires_grad_() for t in (x, h0, c0, *flat)]
+        outputs = _lstm_packed(inputs[0], inputs[3:], inputs[1], inputs[2], lengths, has_bias, bidirectional)
+        grads = torch.autograd.grad(outputs, inputs, (grad_out, grad_h_n, grad_c_n), allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads, strict=True)]
+
+
+@_lstm_packed_backward_op.register_fake
+def _(grad_out, grad_h_n, grad_c_n, x, flat, h0, c0, lengths, has_bias, bidirectional):
+    return [torch.empty_like(t) for t in (x, h0, c0, *flat)]
+
+
+def _lstm_packed_setup_context(ctx, inputs, output):
+    x, flat, h0, c0, lengths, has_bias, bidirectional = inputs
+    ctx.has_bias, ctx.bidirectional, ctx.num_flat = has_bias, bidirectional, len(flat)
+    ctx.save_for_backward(x, h0, c0, lengths, *flat)
+
+
+def _lstm_packed_backward(ctx, grad_out, grad_h_n, grad_c_n):
+    x, h0, c0, lengths, *flat = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = x.new_zeros(x.shape[0], x.shape[1], h0.shape[0] * h0.shape[2])
+    grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
+    grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n
+    grads = torch.ops.fastmsc.lstm_layer_packed_backward(grad_out, grad_h_n, grad_c_n, x, flat, h0, c0, lengths,
+                                                         ctx.has_bias, ctx.bidirectional)
+    grad_x, grad_h0, grad_c0, grad_flat = grads[0], grads[1], grads[2], list(grads[3:])
+    return grad_x, grad_flat, grad_h0, grad_c0, None, None, None
+
+
+_lstm_packed_op.register_autograd(_lstm_packed_backward, setup_context=_lstm_packed_setup_context)
 
 
 OP = register(Op("lstm_layer", lstm_layer_reference, lstm_layer_torch, fused_module="fastmsc.kernels.lstm_layer"))

@@ -1,0 +1,70 @@
+// Argument checks and sizes shared by the CPU and CUDA implementations of fastmsc::lstm_fwd/lstm_bwd.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+namespace fastmsc {
+
+struct LstmSizes {
+  int64_t batch, steps, input, hidden, directions;
+};
+
+inline bool present(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// Shapes: x (B, T, I); w_ih (D*4H, I), both directions stacked; w_hh (D, 4H, H); bias (D*4H) =
+// b_ih + b_hh; h0, c0 (D, B, H); lengths (B,) int64 on x's device.
+inline LstmSizes check_lstm_args(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                 const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& h0,
+                                 const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths) {
+  TORCH_CHECK(x.dim() == 3, "fastmsc::lstm: x must be 3-D (batch, time, input), got shape ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "fastmsc::lstm: x must be float32 or float64 (half types are cast by the Python wrapper), got ",
+              x.scalar_type());
+  TORCH_CHECK(w_hh.dim() == 3 && (w_hh.size(0) == 1 || w_hh.size(0) == 2) && w_hh.size(1) == 4 * w_hh.size(2) &&
+                  w_hh.size(2) > 0,
+              "fastmsc::lstm: w_hh must have shape (directions in {1, 2}, 4*hidden, hidden), got ", w_hh.sizes());
+  LstmSizes s{x.size(0), x.size(1), x.size(2), w_hh.size(2), w_hh.size(0)};
+  TORCH_CHECK(s.steps > 0, "fastmsc::lstm: x must have at least one time step, got shape ", x.sizes());
+  const int64_t gates = s.directions * 4 * s.hidden;
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) == gates && w_ih.size(1) == s.input,
+              "fastmsc::lstm: w_ih must have shape (", gates, ", ", s.input, ") (directions*4*hidden, input), got ",
+              w_ih.sizes());
+  auto same = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device() == x.device(), "fastmsc::lstm: ", name, " is on ", t.device(), " but x is on ",
+                x.device());
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastmsc::lstm: ", name, " has dtype ", t.scalar_type(),
+                " but x has ", x.scalar_type());
+  };
+  same(w_ih, "w_ih");
+  same(w_hh, "w_hh");
+  if (present(bias)) {
+    same(*bias, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == gates, "fastmsc::lstm: bias must have shape (", gates,
+                ",), got ", bias->sizes());
+  }
+  for (auto [state, name] : {std::pair{&h0, "h0"}, std::pair{&c0, "c0"}}) {
+    if (present(*state)) {
+      same(**state, name);
+      TORCH_CHECK((*state)->dim() == 3 && (*state)->size(0) == s.directions && (*state)->size(1) == s.batch &&
+                      (*state)->size(2) == s.hidden,
+                  "fastmsc::lstm: ", name, " must have shape (", s.directions, ", ", s.batch, ", ", s.hidden,
+                  ") (directions, batch, hidden), got ", (*state)->sizes());
+    }
+  }
+  if (present(lengths)) {
+    TORCH_CHECK(lengths->scalar_type() == at::kLong && lengths->dim() == 1 && lengths->size(0) == s.batch,
+                "fastmsc::lstm: lengths must be an int64 tensor of shape (", s.batch, ",), got ",
+                lengths->scalar_type(), " of shape ", lengths->sizes());
+    TORCH_CHECK(lengths->device() == x.device(), "fastmsc::lstm: lengths is on ", lengths->device(),
+                " but x is on ", x.device());
+  }
+  return s;
+}
+
+inline at::Tensor state_or_zeros(const c10::optional<at::Tensor>& state, const LstmSizes& s, const at::Tensor& like) {
+  if (present(state)) return state->contiguous().clone();
+  return at::zeros({s.directions, s.batch, s.hidden}, like.options());
+}
+
+}  // namespace fastmsc

@@ -1,0 +1,274 @@
+// CUDA implementation of fastmsc::lstm_fwd / fastmsc::lstm_bwd (schemas in lstm_cpu.cpp).
+//
+// Same algorithm as the CPU path: one cuBLAS GEMM for the input projections of all steps and both
+// directions; per step one batched GEMM (both directions) for the recurrent term and one fused kernel
+// for the gates and the cell/hidden update; backward per step one fused kernel and one batched GEMM,
+// then the weight gradients and dx as a few large GEMMs. Everything runs on torch's current stream,
+// lengths are read on the device only, and nothing synchronises with the host or allocates inside the
+// time loop, so the layer can be captured in a CUDA graph.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "lstm_common.h"
+#include "lstm_gates.h"
+
+namespace fastmsc {
+namespace {
+
+constexpr int kThreads = 256;
+
+inline unsigned int blocks_for(int64_t n) { return static_cast<unsigned int>((n + kThreads - 1) / kThreads); }
+
+// One thread per (direction d, batch row b, hidden unit j) of step `step` (forward order of each direction).
+template <typename T, bool kTrain>
+__global__ void __launch_bounds__(kThreads) forward_step_kernel(T* __restrict__ xproj, const T* __restrict__ rec,
+                                                                T* __restrict__ h_state, T* __restrict__ c_state,
+                                                                T* __restrict__ out, T* __restrict__ cells,
+                                                                const int64_t* __restrict__ lens, int64_t B,
+                                                                int64_t steps, int64_t H, int64_t D, int64_t step) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= D * B * H) return;
+  const int64_t j = idx % H, b = (idx / H) % B, d = idx / (H * B);
+  const int64_t G = 4 * H;
+  const int64_t t = d == 0 ? step : steps - 1 - step;
+  const int64_t out_at = (b * steps + t) * D * H + d * H + j;
+  if (lens != nullptr && t >= lens[b]) {  // past the sequence end: zero output, state carried
+    out[out_at] = T(0);
+    return;
+  }
+  T* z = xproj + (b * steps + t) * D * G + d * G + j;
+  T zi = z[0], zf = z[H], zg = z[2 * H], zo = z[3 * H];
+  if (rec != nullptr) {
+    const T* r = rec + (d * B + b) * G + j;
+    zi += r[0];
+    zf += r[H];
+    zg += r[2 * H];
+    zo += r[3 * H];
+  }
+  const int64_t state_at = (d * B + b) * H + j;
+  T i, f, g, o, c, h;
+  cell_forward(zi, zf, zg, zo, c_state[state_at], i, f, g, o, c, h);
+  if (kTrain) {
+    z[0] = i;
+    z[H] = f;
+    z[2 * H] = g;
+    z[3 * H] = o;
+    cells[out_at] = c;
+  }
+  c_state[state_at] = c;
+  h_state[state_at] = h;
+  out[out_at] = h;
+}
+
+// Backward of step `step` for both directions; see backward_loop in lstm_cpu.cpp for the carry logic.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) backward_step_kernel(
+    const T* __restrict__ gates, const T* __restrict__ cells, const T* __restrict__ c0, const T* __restrict__ dout,
+    const T* __restrict__ dh_rec, T* __restrict__ dh_state, T* __restrict__ dc_state, T* __restrict__ dgates,
+    T* __restrict__ dg_step, const int64_t* __restrict__ lens, int64_t B, int64_t steps, int64_t H, int64_t D,
+    int64_t step) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= D * B * H) return;
+  const int64_t j = idx % H, b = (idx / H) % B, d = idx / (H * B);
+  const int64_t G = 4 * H;
+  const int64_t t = d == 0 ? step : steps - 1 - step;
+  const int64_t t_next = d == 0 ? t + 1 : t - 1;
+  const int64_t t_prev = d == 0 ? t - 1 : t + 1;
+  const int64_t len = lens != nullptr ? lens[b] : steps;
+  const int64_t state_at = (d * B + b) * H + j;
+  const bool next_valid = step < steps - 1 && t_next >= 0 && t_next < len;
+  const T dh_carry = next_valid ? dh_rec[state_at] : dh_state[state_at];
+  T* dg = dgates + (b * steps + t) * D * G + d * G + j;
+  T* dgs = dg_step + (d * B + b) * G + j;
+  if (t >= len) {
+    dg[0] = dg[H] = dg[2 * H] = dg[3 * H] = T(0);
+    dgs[0] = dgs[H] = dgs[2 * H] = dgs[3 * H] = T(0);
+    if (next_valid) dh_state[state_at] = dh_carry;
+    return;
+  }
+  const bool first = d == 0 ? t == 0 : t == len - 1;
+  const int64_t seq_at = b * steps * D * H + d * H + j;
+  const T c_prev = first ? (c0 != nullptr ? c0[state_at] : T(0)) : cells[seq_at + t_prev * D * H];
+  const T dh = dh_carry + (dout != nullptr ? dout[seq_at + t * D * H] : T(0));
+  const T* a = gates + (b * steps + t) * D * G + d * G + j;
+  T dzi, dzf, dzg, dzo, dc_prev;
+  cell_backward(a[0], a[H], a[2 * H], a[3 * H], cells[seq_at + t * D * H], c_prev, dh, dc_state[state_at], dzi, dzf,
+                dzg, dzo, dc_prev);
+  dg[0] = dgs[0] = dzi;
+  dg[H] = dgs[H] = dzf;
+  dg[2 * H] = dgs[2 * H] = dzg;
+  dg[3 * H] = dgs[3 * H] = dzo;
+  dc_state[state_at] = dc_prev;
+}
+
+// h0 gradient: the last recurrent GEMM's value where the forward's first step was valid, else the carry.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) finish_dh0_kernel(const T* __restrict__ dh_rec, T* __restrict__ dh_state,
+                                                              const int64_t* __restrict__ lens, int64_t B,
+                                                              int64_t steps, int64_t H, int64_t D) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= D * B * H) return;
+  const int64_t b = (idx / H) % B, d = idx / (H * B);
+  const int64_t t_first = d == 0 ? 0 : steps - 1;
+  if (lens == nullptr || t_first < lens[b]) dh_state[idx] = dh_rec[idx];
+}
+
+// h_prev (B, T, D*H): the state each step's recurrent GEMM used, zero at padded steps.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) fill_h_prev_kernel(const T* __restrict__ out, const T* __restrict__ h0,
+                                                               T* __restrict__ h_prev, const int64_t* __restrict__ lens,
+                                                               int64_t B, int64_t steps, int64_t H, int64_t D) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= B * steps * D * H) return;
+  const int64_t j = idx % H, d = (idx / H) % D, t = (idx / (H * D)) % steps, b = idx / (H * D * steps);
+  const int64_t len = lens != nullptr ? lens[b] : steps;
+  T value = T(0);
+  if (t < len) {
+    const bool first = d == 0 ? t == 0 : t == len - 1;
+    if (first) {
+      if (h0 != nullptr) value = h0[(d * B + b) * H + j];
+    } else {
+      const int64_t t_prev = d == 0 ? t - 1 : t + 1;
+      value = out[(b * steps + t_prev) * D * H + d * H + j];
+    }
+  }
+  h_prev[idx] = value;
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_cuda(
+    const at::Tensor& x_in, const at::Tensor& w_ih, const at::Tensor& w_hh_in, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& c0,
+    const c10::optional<at::Tensor>& lengths, bool training) {
+  const LstmSizes s = check_lstm_args(x_in, w_ih, w_hh_in, bias, h0, c0, lengths);
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, G = 4 * H;
+  const at::Tensor x = x_in.contiguous(), w_hh = w_hh_in.contiguous();
+  at::Tensor xproj = at::empty({B, T_, D * G}, x.options());
+  at::Tensor xproj2d = xproj.view({B * T_, D * G});
+  if (present(bias)) {
+    at::addmm_out(xproj2d, *bias, x.view({B * T_, s.input}), w_ih.t());
+  } else {
+    at::mm_out(xproj2d, x.view({B * T_, s.input}), w_ih.t());
+  }
+  at::Tensor out = at::empty({B, T_, D * H}, x.options());
+  at::Tensor h_n = state_or_zeros(h0, s, x);
+  at::Tensor c_n = state_or_zeros(c0, s, x);
+  at::Tensor cells = training ? at::empty({B, T_, D * H}, x.options()) : at::empty({0}, x.options());
+  at::Tensor rec = at::empty({D, B, G}, x.options());
+  const at::Tensor w_hh_t = w_hh.transpose(1, 2);
+  const at::Tensor lens = present(lengths) ? lengths->contiguous() : at::Tensor();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t n = D * B * H;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmsc::lstm_fwd_cuda", [&] {
+    for (int64_t step = 0; step < T_; ++step) {
+      const bool use_rec = step > 0 || present(h0);  // without h0 the first recurrent product is zero
+      if (use_rec) at::bmm_out(rec, h_n, w_hh_t);
+      const scalar_t* rec_ptr = use_rec ? rec.data_ptr<scalar_t>() : nullptr;
+      if (training) {
+        forward_step_kernel<scalar_t, true><<<blocks_for(n), kThreads, 0, stream>>>(
+            xproj.data_ptr<scalar_t>(), rec_ptr, h_n.data_ptr<scalar_t>(), c_n.data_ptr<scalar_t>(),
+            out.data_ptr<scalar_t>(), cells.data_ptr<scalar_t>(), ptr_or_null<int64_t>(lens), B, T_, H, D, step);
+      } else {
+        forward_step_kernel<scalar_t, false><<<blocks_for(n), kThreads, 0, stream>>>(
+            xproj.data_ptr<scalar_t>(), rec_ptr, h_n.data_ptr<scalar_t>(), c_n.data_ptr<scalar_t>(),
+            out.data_ptr<scalar_t>(), nullptr, ptr_or_null<int64_t>(lens), B, T_, H, D, step);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  at::Tensor gates = training ? xproj : at::empty({0}, x.options());
+  return {out, h_n, c_n, gates, cells};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_bwd_cuda(
+    const c10::optional<at::Tensor>& grad_out, const c10::optional<at::Tensor>& grad_h_n,
+    const c10::optional<at::Tensor>& grad_c_n, const at::Tensor& x_in, const at::Tensor& w_ih,
+    const at::Tensor& w_hh_in, bool has_bias, const c10::optional<at::Tensor>& h0,
+    const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths, const at::Tensor& out_in,
+    const at::Tensor& gates_in, const at::Tensor& cells_in, bool need_dx, bool need_dweights, bool need_dstate) {
+  const LstmSizes s = check_lstm_args(x_in, w_ih, w_hh_in, c10::nullopt, h0, c0, lengths);
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, G = 4 * H, N = B * T_;
+  TORCH_CHECK(out_in.sizes() == at::IntArrayRef({B, T_, D * H}) && cells_in.sizes() == out_in.sizes() &&
+                  gates_in.sizes() == at::IntArrayRef({B, T_, D * G}),
+              "fastmsc::lstm_bwd: out/cells must have shape (", B, ", ", T_, ", ", D * H, ") and gates (", B, ", ", T_,
+              ", ", D * G, "), got ", out_in.sizes(), ", ", cells_in.sizes(), ", ", gates_in.sizes(),
+              " (was the forward run with training=True?)");
+  const at::Tensor x = x_in.contiguous(), w_hh = w_hh_in.contiguous(), out = out_in.contiguous();
+  const at::Tensor gates = gates_in.contiguous(), cells = cells_in.contiguous();
+  const at::Tensor dout = present(grad_out) ? grad_out->contiguous() : at::Tensor();
+  at::Tensor dh_state = state_or_zeros(grad_h_n, s, x);
+  at::Tensor dc_state = state_or_zeros(grad_c_n, s, x);
+  at::Tensor dh_rec = at::empty({D, B, H}, x.options());
+  at::Tensor dgates = at::empty({B, T_, D * G}, x.options());
+  at::Tensor dg_step = at::empty({D, B, G}, x.options());
+  const at::Tensor lens = present(lengths) ? lengths->contiguous() : at::Tensor();
+  const at::Tensor c0c = present(c0) ? c0->contiguous() : at::Tensor();
+  const at::Tensor h0c = present(h0) ? h0->contiguous() : at::Tensor();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t n = D * B * H;
+  at::Tensor h_prev;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmsc::lstm_bwd_cuda", [&] {
+    for (int64_t step = T_ - 1; step >= 0; --step) {
+      backward_step_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+          gates.data_ptr<scalar_t>(), cells.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(c0c),
+          ptr_or_null<scalar_t>(dout), dh_rec.data_ptr<scalar_t>(), dh_state.data_ptr<scalar_t>(),
+          dc_state.data_ptr<scalar_t>(), dgates.data_ptr<scalar_t>(), dg_step.data_ptr<scalar_t>(),
+          ptr_or_null<int64_t>(lens), B, T_, H, D, step);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (step > 0 || need_dstate) at::bmm_out(dh_rec, dg_step, w_hh);
+    }
+    if (need_dstate) {
+      finish_dh0_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+          dh_rec.data_ptr<scalar_t>(), dh_state.data_ptr<scalar_t>(), ptr_or_null<int64_t>(lens), B, T_, H, D);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (need_dweights) {
+      h_prev = at::empty({B, T_, D * H}, x.options());
+      fill_h_prev_kernel<scalar_t><<<blocks_for(N * D * H), kThreads, 0, stream>>>(
+          out.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(h0c), h_prev.data_ptr<scalar_t>(),
+          ptr_or_null<int64_t>(lens), B, T_, H, D);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  const at::Tensor empty = at::empty({0}, x.options());
+  const at::Tensor dg2d = dgates.view({N, D * G});
+  at::Tensor dx = need_dx ? at::mm(dg2d, w_ih).view({B, T_, s.input}) : empty;
+  at::Tensor dw_ih = empty, dw_hh = empty, dbias = empty;
+  if (need_dweights) {
+    dw_ih = at::mm(dg2d.t(), x.view({N, s.input}));
+    dw_hh = at::empty({D, G, H}, x.options());
+    const at::Tensor h_prev2d = h_prev.view({N, D * H});
+    for (int64_t d = 0; d < D; ++d) {
+      at::Tensor dw_d = dw_hh.select(0, d);
+      at::mm_out(dw_d, dg2d.narrow(1, d * G, G).t(), h_prev2d.narrow(1, d * H, H));
+    }
+    if (has_bias) dbias = dg2d.sum(0);
+  }
+  if (!need_dstate) {
+    dh_state = empty;
+    dc_state = empty;
+  }
+  return {dx, dw_ih, dw_hh, dbias, dh_state, dc_state};
+}
+
+}  // namespace
+}  // namespace fastmsc
+
+TORCH_LIBRARY_IMPL(fastmsc, CUDA, m) {
+  m.impl("lstm_fwd", &fastmsc::lstm_fwd_cuda);
+  m.impl("lstm_bwd", &fastmsc::lstm_bwd_cuda);
+}

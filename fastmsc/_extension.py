@@ -1,0 +1,172 @@
+"""Loading of the compiled LSTM extension (``torch.ops.fastmsc.lstm_fwd`` / ``lstm_bwd``).
+
+Order of attempts, first success wins, the outcome is cached for the process:
+
+1. ``fastmsc._C``, built by ``pip install --no-build-isolation .`` (setup.py) when torch was importable.
+2. A just-in-time build of the sources with ``torch.utils.cpp_extension.load`` (ninja), cached in
+   ``$FASTMSC_EXT_DIR`` or ``~/.cache/fastmsc``, in a folder keyed by the torch version and a hash of
+   the sources, so a new torch or edited sources rebuild and an unchanged setup loads in milliseconds.
+
+``load()`` returns None on success and raises :class:`ExtensionUnavailable` (with the reason and how to
+fix it) otherwise; :func:`unavailable_reason` gives the same as a string. Nothing here runs at
+``import fastmsc``: the backend imports this module on the first LSTM call or ``fastmsc.info()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+_LOG = logging.getLogger("fastmsc")
+_SOURCE_NAMES = ("lstm_cpu.cpp", "lstm_cuda.cu", "lstm_gates.h", "lstm_common.h")
+_lock = threading.Lock()
+_state: dict = {"done": False, "error": None, "origin": None}
+
+
+class ExtensionUnavailable(RuntimeError):
+    """The compiled LSTM extension could not be imported or built; the message says why and how to fix it."""
+
+
+def source_dir() -> Path | None:
+    """The C++/CUDA sources: ``fastmsc/csrc`` in an installed package, ``csrc/`` beside it in a checkout."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "csrc", package.parent / "csrc"):
+        if (candidate / "lstm_cpu.cpp").is_file():
+            return candidate
+    return None
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FASTMSC_EXT_DIR")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "fastmsc"
+
+
+def ops_registered() -> bool:
+    """Whether fastmsc::lstm_fwd and lstm_bwd exist in torch's op registry (from whichever build)."""
+    try:
+        torch.ops.fastmsc.lstm_fwd.default  # noqa: B018
+        torch.ops.fastmsc.lstm_bwd.default  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def has_cuda_kernels() -> bool:
+    """Whether the loaded build has CUDA kernels (built with nvcc against a CUDA torch)."""
+    return ops_registered() and torch._C._dispatch_has_kernel_for_dispatch_key("fastmsc::lstm_fwd", "CUDA")
+
+
+def _jit_wants_cuda() -> bool:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.version.cuda is not None and torch.cuda.is_available() and CUDA_HOME is not None
+
+
+def _openmp_flags() -> list[str]:
+    # at::parallel_for is OpenMP in the header: without -fopenmp it silently runs on one thread.
+    return [] if sys.platform == "darwin" else ["-fopenmp"]
+
+
+def _build_key(sources: list[Path], with_cuda: bool) -> str:
+    digest = hashlib.sha256()
+    for path in sources:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    digest.update(b"cuda" if with_cuda else b"cpu")
+    version = torch.__version__.replace("+", "_").replace(".", "_")
+    return f"torch{version}_{digest.hexdigest()[:16]}"
+
+
+def jit_build(verbose: bool = False) -> Path:
+    """Build (or reuse the cached build of) the extension and load it into torch.ops; returns the build folder."""
+    from torch.utils.cpp_extension import load
+
+    src = source_dir()
+    if src is None:
+        raise ExtensionUnavailable("the C++ sources (csrc/lstm_cpu.cpp) are not in this installation")
+    with_cuda = _jit_wants_cuda() and (src / "lstm_cuda.cu").is_file()
+    sources = [src / "lstm_cpu.cpp"] + ([src / "lstm_cuda.cu"] if with_cuda else [])
+    key = _build_key([src / name for name in _SOURCE_NAMES if (src / name).is_file()], with_cuda)
+    build_dir = cache_dir() / key
+    build_dir.mkdir(parents=True, exist_ok=True)
+    if not any(build_dir.glob("*.so")):
+        _LOG.warning("fastmsc: compiling the LSTM extension once into %s (about a minute per source file)", build_dir)
+    cuda_flags = ["-O3", "--use_fast_math"] if with_cuda else None
+    load(
+        name=f"fastmsc_lstm_{key.rsplit('_', 1)[-1]}",
+        sources=[str(p) for p in sources],
+        extra_cflags=["-O3", *_openmp_flags()],
+        extra_cuda_cflags=cuda_flags,
+        extra_ldflags=_openmp_flags(),
+        extra_include_paths=[str(src)],
+        build_directory=str(build_dir),
+        with_cuda=with_cuda,
+        is_python_module=False,
+        verbose=verbose,
+    )
+    return build_dir
+
+
+def _load_locked() -> None:
+    if ops_registered():  # already loaded (by this module earlier, or by the user)
+        _state["origin"] = _state["origin"] or "already registered"
+        return
+    prebuilt_error = None
+    try:
+        importlib.import_module("fastmsc._C")
+        if ops_registered():
+            _state["origin"] = "fastmsc._C"
+            return
+        prebuilt_error = "fastmsc._C imported but registered no lstm ops"
+    except ImportError as exc:  # absent (pure-Python install) or built against another torch (undefined symbol)
+        prebuilt_error = f"{type(exc).__name__}: {exc}"
+    try:
+        build_dir = jit_build()
+    except Exception as exc:  # compiler missing, build error, load error: all mean "no extension"
+        raise ExtensionUnavailable(
+            f"the compiled LSTM extension is unavailable (prebuilt fastmsc._C: {prebuilt_error}; just-in-time build: "
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}). Fix: install "
+            "a C++ compiler and ninja and run once with a writable $FASTMSC_EXT_DIR or ~/.cache/fastmsc, or "
+            "reinstall with `pip install --no-build-isolation .` against the torch you run"
+        ) from exc
+    if not ops_registered():
+        raise ExtensionUnavailable(f"the extension built in {build_dir} registered no fastmsc::lstm ops")
+    _state["origin"] = f"JIT build in {build_dir}"
+
+
+def load() -> None:
+    """Make torch.ops.fastmsc.lstm_fwd/lstm_bwd available, or raise ExtensionUnavailable (cached)."""
+    if _state["done"]:
+        if _state["error"] is not None:
+            raise ExtensionUnavailable(_state["error"])
+        return
+    with _lock:
+        if not _state["done"]:
+            try:
+                _load_locked()
+            except ExtensionUnavailable as exc:
+                _state["error"] = str(exc)
+            _state["done"] = True
+    if _state["error"] is not None:
+        raise ExtensionUnavailable(_state["error"])
+
+
+def unavailable_reason() -> str | None:
+    """None when the extension is loaded (loading it if needed), else why it is not."""
+    try:
+        load()
+    except ExtensionUnavailable as exc:
+        return str(exc)
+    return None
+
+
+def origin() -> str | None:
+    """Where the loaded ops came from ("fastmsc._C" or the JIT build folder); None before loading."""
+    return _state["origin"]

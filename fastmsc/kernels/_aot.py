@@ -1,0 +1,555 @@
+"""Ahead-of-time compilation of the Triton kernels for chosen GPU architectures, with resource checks.
+
+Every kernel module under ``fastmsc/kernels`` lists its launch variants in ``AOT_CASES`` (one dict per
+kernel, autotune config and dtype; see :func:`validate_case`). Each case is compiled with
+``triton.compile`` for a ``GPUTarget("cuda", arch, 32)`` without a GPU, and the cubin's resource usage
+is read with ``cuobjdump --dump-resource-usage``:
+
+* registers per thread (REG);
+* spilled bytes: ptxas puts register spills in the per-thread stack frame (STACK) and ``.local``
+  arrays in LOCAL; either one means slow local-memory traffic, so both must be zero;
+* shared memory per block: the static part (SHARED) plus the dynamic part Triton launches with
+  (``metadata.shared``), which must fit the architecture's per-block opt-in limit.
+
+Triton picks the interpreter instead of the compiler when TRITON_INTERPRET=1 is set at import time
+(the test suite sets it on machines without a GPU), so :func:`collect` always compiles in worker
+subprocesses whose environment lacks it, several at once.
+
+Command line: ``python -m fastmsc.kernels._aot [--arch 90 --arch 80] [--jobs N] [--module NAME]``
+prints one row per kernel, config, dtype and arch, and exits 1 when a kernel spills, overflows
+shared memory, fails to compile or has no case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ARCHS = (90, 80)
+
+# Largest shared memory one block may use after opting in (cudaFuncAttributeMaxDynamicSharedMemorySize):
+# 227 KiB on sm_90 (H100), 163 KiB on sm_80 (A100).
+SHARED_LIMIT_BYTES = {90: 232448, 80: 166912, 89: 101376, 86: 101376}
+
+KERNELS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = KERNELS_DIR.parents[1]
+CASE_KEYS = ("name", "kernel", "signature", "constexprs", "num_warps", "num_stages")
+
+
+class CaseError(ValueError):
+    """An AOT case dict that does not describe its kernel."""
+
+
+@dataclass(frozen=True)
+class KernelResources:
+    """Resource usage of one compiled case on one architecture."""
+
+    module: str
+    case: str
+    kernel: str
+    config: str
+    dtype: str
+    arch: int
+    registers: int
+    stack_bytes: int
+    local_bytes: int
+    static_shared_bytes: int
+    dynamic_shared_bytes: int
+    compile_seconds: float
+
+    @property
+    def shared_bytes(self) -> int:
+        return self.static_shared_bytes + self.dynamic_shared_bytes
+
+    @property
+    def shared_limit_bytes(self) -> int | None:
+        return SHARED_LIMIT_BYTES.get(self.arch)
+
+    def problems(self) -> list[str]:
+        """Sentences describing what is wrong with this kernel on this architecture (empty when fine)."""
+        where = f"{self.module}:{self.case} on sm_{self.arch}"
+        found = []
+        if self.stack_bytes:
+            found.append(f"{where} spills registers: {self.stack_bytes} bytes of stack frame per thread "
+                         f"({self.registers} registers); use smaller blocks or more warps")
+        if self.local_bytes:
+            found.append(f"{where} uses {self.local_bytes} bytes of local memory per thread")
+        limit = self.shared_limit_bytes
+        if limit is not None and self.shared_bytes > limit:
+            found.append(f"{where} needs {self.shared_bytes} bytes of shared memory per block, more than the "
+                         f"{limit} bytes sm_{self.arch} allows; use fewer stages or smaller blocks")
+        return found
+
+
+@dataclass
+class AotReport:
+    """What :func:`collect` found: one row per compiled case, plus every failure."""
+
+    results: list[KernelResources] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # cases that did not compile, broken case dicts
+    uncovered: dict[str, list[str]] = field(default_factory=dict)  # module -> kernels without a case
+    seconds: float = 0.0
+    attr: str = "AOT_CASES"
+
+    def problems(self) -> list[str]:
+        found = [p for r in self.results for p in r.problems()] + list(self.errors)
+        for module, names in sorted(self.uncovered.items()):
+            found.append(f"{module}: kernels without an entry in {self.attr}: {', '.join(names)}")
+        return found
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Toolchain
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _nvidia_tool(name: str) -> str | None:
+    """Path of a CUDA tool Triton uses (its bundled copy unless TRITON_<NAME>_PATH points elsewhere)."""
+    try:
+        import triton
+    except Exception:  # a missing or broken triton means no tools
+        return None
+    try:
+        tool = getattr(triton.knobs.nvidia, name).get()
+        if tool is not None:
+            return tool.path
+    except Exception:  # older triton without knobs: fall back to the bundled location
+        pass
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    return str(bundled) if bundled.is_file() and os.access(bundled, os.X_OK) else None
+
+
+def toolchain_unavailable() -> str | None:
+    """Why kernels cannot be compiled ahead of time here, or None when they can."""
+    try:
+        import triton
+    except Exception as exc:  # any import failure
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    try:
+        from triton.backends import backends
+    except Exception as exc:
+        return f"triton's backends cannot be listed ({type(exc).__name__}: {exc})"
+    if "nvidia" not in backends:
+        return f"triton {triton.__version__} has no CUDA backend (backends: {', '.join(sorted(backends)) or 'none'})"
+    for tool in ("ptxas", "cuobjdump"):
+        if _nvidia_tool(tool) is None:
+            return f"triton's CUDA backend lacks a working {tool} (bundled or via TRITON_{tool.upper()}_PATH)"
+    return None
+
+
+_FUNCTION_HEAD = re.compile(r"^Function\s+([^:\s]+)\s*:(.*)$")
+_RESOURCE_FIELD = re.compile(r"([A-Z_]+(?:\[\d+\])?):(\d+)")
+
+
+def parse_resource_usage(text: str) -> dict[str, dict[str, int]]:
+    """Parse ``cuobjdump --dump-resource-usage`` output into {function: {"REG": n, "STACK": n, ...}}.
+
+    The fields follow a ``Function <name>:`` line, on the same line or the next one depending on the
+    CUDA version; other headings (``Common:``) end a function's section.
+    """
+    functions: dict[str, dict[str, int]] = {}
+    current = None
+    for line in text.splitlines():
+        stripped = line.strip()
+        head = _FUNCTION_HEAD.match(stripped)
+        if head:
+            current = head.group(1)
+            functions[current] = {}
+            stripped = head.group(2)
+        elif stripped.endswith(":") and not _RESOURCE_FIELD.search(stripped):
+            current = None
+        if current is not None:
+            for key, value in _RESOURCE_FIELD.findall(stripped):
+                functions[current][key] = int(value)
+    return functions
+
+
+def cubin_resources(cubin: bytes) -> dict[str, dict[str, int]]:
+    """Resource usage of every function in a cubin (see :func:`parse_resource_usage`)."""
+    cuobjdump = _nvidia_tool("cuobjdump")
+    if cuobjdump is None:
+        raise RuntimeError("cuobjdump not found; " + (toolchain_unavailable() or "set TRITON_CUOBJDUMP_PATH"))
+    with tempfile.TemporaryDirectory(prefix="fastmsc_aot_") as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        done = subprocess.run([cuobjdump, "--dump-resource-usage", str(path)], capture_output=True, text=True,
+                              timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"cuobjdump failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
+    parsed = parse_resource_usage(done.stdout)
+    if not parsed:
+        raise RuntimeError(f"cuobjdump printed no function resource usage:\n{done.stdout}")
+    return parsed
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cases
+# ----------------------------------------------------------------------------------------------------------
+
+
+def unwrap_kernel(obj):
+    """The JITFunction under autotune/heuristics wrappers (or the interpreter's stand-in)."""
+    seen = 0
+    while not hasattr(obj, "arg_names") or type(obj).__name__ in ("Autotuner", "Heuristics"):
+        obj = getattr(obj, "fn", None)
+        seen += 1
+        if obj is None or seen > 16:
+            raise CaseError("kernel is not a @triton.jit function (nor autotune/heuristics around one)")
+    return obj
+
+
+def python_function(obj):
+    """The plain Python function under any Triton wrappers."""
+    seen = 0
+    while not inspect.isfunction(obj):
+        obj = getattr(obj, "fn", None)
+        seen += 1
+        if obj is None or seen > 16:
+            return None
+    return obj
+
+
+def _is_triton_kernel_object(obj) -> bool:
+    try:
+        from triton.runtime.autotuner import Autotuner, Heuristics
+        from triton.runtime.jit import JITFunction
+    except Exception:
+        return False
+    kinds = [JITFunction, Autotuner, Heuristics]
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        kinds.append(InterpretedFunction)
+    except Exception:
+        pass
+    return isinstance(obj, tuple(kinds))
+
+
+def _describe_dtype(signature: dict) -> str:
+    floats = []
+    for kind in signature.values():
+        if isinstance(kind, str) and kind.startswith("*") and kind[1:].startswith(("fp", "bf")):
+            if kind[1:] not in floats:
+                floats.append(kind[1:])
+    return "/".join(floats) or "-"
+
+
+def _describe_config(case: dict) -> str:
+    parts = [f"{k}={v}" for k, v in case["constexprs"].items() if isinstance(v, (int, bool))]
+    return f"w{case['num_warps']} s{case['num_stages']} " + " ".join(parts)
+
+
+def validate_case(case, where: str = "AOT case") -> None:
+    """Check one case dict: ``name``, ``kernel`` (a @triton.jit function), ``signature`` (every parameter in
+    order: "*fp32", "i32", ..., "constexpr"), ``constexprs`` (a value for every "constexpr" parameter),
+    ``num_warps`` and ``num_stages`` (ints). Raises CaseError naming the case and the problem."""
+    if not isinstance(case, dict):
+        raise CaseError(f"{where} must be a dict, got {type(case).__name__}")
+    where = f"{where} {case.get('name', '<unnamed>')!r}"
+    missing = [k for k in CASE_KEYS if k not in case]
+    if missing:
+        raise CaseError(f"{where} lacks keys {missing}; expected {list(CASE_KEYS)}")
+    try:
+        fn = unwrap_kernel(case["kernel"])
+    except CaseError as exc:
+        raise CaseError(f"{where}: {exc}") from None
+    signature, constexprs = case["signature"], case["constexprs"]
+    if not isinstance(signature, dict) or not isinstance(constexprs, dict):
+        raise CaseError(f"{where}: signature and constexprs must be dicts")
+    if list(signature) != list(fn.arg_names):
+        raise CaseError(f"{where}: signature must name every parameter of {fn.__name__} in order "
+                        f"{list(fn.arg_names)}, got {list(signature)}")
+    wanted = [name for name, kind in signature.items() if kind == "constexpr"]
+    if sorted(constexprs) != sorted(wanted):
+        raise CaseError(f"{where}: constexprs must give exactly the constexpr parameters {wanted}, "
+                        f"got {list(constexprs)}")
+    bad = {name: kind for name, kind in signature.items() if not isinstance(kind, str) or not kind}
+    if bad:
+        raise CaseError(f"{where}: signature types must be strings like '*fp32', 'i32' or 'constexpr', got {bad}")
+    for key in ("num_warps", "num_stages"):
+        value = case[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise CaseError(f"{where}: {key} must be a positive int, got {value!r}")
+
+
+def compile_case(case: dict, arch: int, module: str = "") -> KernelResources:
+    """Compile one case for sm_<arch> and measure its resources. Needs TRITON_INTERPRET unset at triton import."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    validate_case(case, f"{module} AOT case" if module else "AOT case")
+    fn = unwrap_kernel(case["kernel"])
+    if type(fn).__name__ == "InterpretedFunction":
+        raise RuntimeError("triton was imported with TRITON_INTERPRET=1, so kernels are not compilable in this "
+                           "process; use collect(), which compiles in subprocesses without it")
+    start = time.perf_counter()
+    source = ASTSource(fn=fn, signature=dict(case["signature"]), constexprs=dict(case["constexprs"]))
+    compiled = triton.compile(source, target=GPUTarget("cuda", int(arch), 32),
+                              options={"num_warps": case["num_warps"], "num_stages": case["num_stages"]})
+    seconds = time.perf_counter() - start
+    usage = cubin_resources(compiled.asm["cubin"])
+    name = compiled.metadata.name
+    if name not in usage:
+        if len(usage) != 1:
+            raise RuntimeError(f"cuobjdump lists {sorted(usage)}, not the kernel {name}")
+        name = next(iter(usage))
+    fields = usage[name]
+    return KernelResources(
+        module=module, case=case["name"], kernel=fn.__name__, config=_describe_config(case),
+        dtype=_describe_dtype(case["signature"]), arch=int(arch), registers=fields.get("REG", 0),
+        stack_bytes=fields.get("STACK", 0), local_bytes=fields.get("LOCAL", 0),
+        static_shared_bytes=fields.get("SHARED", 0), dynamic_shared_bytes=int(compiled.metadata.shared),
+        compile_seconds=round(seconds, 2),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _defines(path: Path, attr: str) -> bool:
+    try:
+        tree = ast.parse(path.read_text())
+    except (OSError, SyntaxError):
+        return False
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, (ast.AnnAssign, ast.AugAssign)) else []
+        if any(isinstance(t, ast.Name) and t.id == attr for t in targets):
+            return True
+    return False
+
+
+def kernel_modules(attr: str = "AOT_CASES") -> list[str]:
+    """Modules of fastmsc.kernels that assign ``attr`` at top level, found without importing them (importing
+    the extension-backed module could start a build)."""
+    return [f"fastmsc.kernels.{path.stem}" for path in sorted(KERNELS_DIR.glob("*.py"))
+            if path.stem != "_aot" and _defines(path, attr)]
+
+
+def load_module(spec: str):
+    """Import a module by dotted name, or from a .py file path."""
+    if spec.endswith(".py"):
+        path = Path(spec).resolve()
+        name = f"_fastmsc_aot_{path.stem}"
+        if name in sys.modules:
+            return sys.modules[name]
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        module_spec.loader.exec_module(module)
+        return module
+    return importlib.import_module(spec)
+
+
+def _referenced_names(func) -> set[str]:
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(func)))
+    except (OSError, TypeError, SyntaxError):
+        return set()
+    body = tree.body[0].body if tree.body and hasattr(tree.body[0], "body") else []
+    return {node.id for stmt in body for node in ast.walk(stmt) if isinstance(node, ast.Name)}
+
+
+def entry_kernels(module) -> dict[str, object]:
+    """The @triton.jit functions defined in ``module`` that are launched from Python, by global name.
+
+    A jit function another jit function of the module calls is a device helper, inlined into its
+    callers and compiled with them, so it needs no case of its own.
+    """
+    jitted = {}
+    for name, obj in vars(module).items():
+        if _is_triton_kernel_object(obj):
+            base = python_function(obj)
+            if base is not None and base.__module__ == module.__name__:
+                jitted[name] = base
+    called = set()
+    for name, base in jitted.items():
+        called |= _referenced_names(base) - {name}
+    return {name: base for name, base in jitted.items() if name not in called}
+
+
+def uncovered_kernels(module, cases) -> list[str]:
+    """Entry kernels of ``module`` that no case compiles."""
+    covered = set()
+    for case in cases:
+        if isinstance(case, dict) and "kernel" in case:
+            base = python_function(case["kernel"])
+            if base is not None:
+                covered.add(base)
+    return sorted(name for name, base in entry_kernels(module).items() if base not in covered)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Workers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _worker(modules: list[str], archs: list[int], attr: str, shard: int, shards: int) -> int:
+    """Compile this shard's (module, case, arch) tasks; print one JSON record per line."""
+    def emit(record):
+        print(json.dumps(record), flush=True)
+
+    tasks = []
+    for spec in modules:
+        try:
+            module = load_module(spec)
+            cases = getattr(module, attr)
+            if not isinstance(cases, (list, tuple)):
+                raise CaseError(f"{attr} must be a list of case dicts, got {type(cases).__name__}")
+        except Exception as exc:
+            if shard == 0:
+                emit({"error": f"{spec}: cannot load {attr} ({type(exc).__name__}: {exc})"})
+            continue
+        if shard == 0:
+            emit({"uncovered": uncovered_kernels(module, cases), "module": spec})
+        tasks += [(spec, index, case, arch) for index, case in enumerate(cases) for arch in archs]
+    for spec, index, case, arch in tasks[shard::shards]:
+        label = case.get("name", f"#{index}") if isinstance(case, dict) else f"#{index}"
+        emit({"started": f"{spec}:{label} on sm_{arch}"})
+        try:
+            emit({"result": asdict(compile_case(case, arch, spec))})
+        except Exception as exc:  # report the case and carry on with the others
+            message = f"{exc}".strip().splitlines()
+            emit({"error": f"{spec}:{label} on sm_{arch} did not compile ({type(exc).__name__}: "
+                           f"{' '.join(message)[:2000]})"})
+    return 0
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def default_jobs() -> int:
+    if os.environ.get("FASTMSC_AOT_JOBS"):
+        return max(1, int(os.environ["FASTMSC_AOT_JOBS"]))
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def collect(modules: list[str] | None = None, archs=ARCHS, attr: str = "AOT_CASES", jobs: int | None = None,
+            timeout: float = 1200.0) -> AotReport:
+    """Compile every case of ``modules`` (dotted names or .py paths; default: all kernel modules) for every
+    arch in ``jobs`` worker subprocesses without TRITON_INTERPRET. A case that fails to compile, or the
+    ``timeout`` (seconds for the whole run) expiring, becomes an entry of ``errors``; a worker that dies
+    raises RuntimeError."""
+    modules = kernel_modules(attr) if modules is None else list(modules)
+    report = AotReport(attr=attr)
+    if not modules:
+        return report
+    jobs = default_jobs() if jobs is None else max(1, jobs)
+    start = time.perf_counter()
+    workers = []
+    for shard in range(jobs):
+        command = [sys.executable, "-m", "fastmsc.kernels._aot", "--worker", f"--shard={shard}", f"--shards={jobs}",
+                   f"--attr={attr}"] + [f"--arch={a}" for a in archs] + [f"--module={m}" for m in modules]
+        workers.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        env=_clean_env(), cwd=str(REPO_ROOT)))
+    deadline = time.monotonic() + timeout
+    outputs, timed_out = [], False
+    for proc in workers:
+        try:
+            out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            proc.kill()
+            out, err = proc.communicate()
+        outputs.append((proc, out, err))
+    for shard, (proc, out, err) in enumerate(outputs):
+        if proc.returncode != 0 and not timed_out:
+            raise RuntimeError(f"AOT worker {shard} exited with {proc.returncode}:\n{err[-4000:]}")
+        in_flight = None
+        for line in out.splitlines():
+            if not line.startswith("{"):
+                continue  # a kernel module printing something
+            record = json.loads(line)
+            if "started" in record:
+                in_flight = record["started"]
+            elif "result" in record:
+                in_flight = None
+                report.results.append(KernelResources(**record["result"]))
+            elif "error" in record:
+                in_flight = None
+                report.errors.append(record["error"])
+            elif "uncovered" in record and record["uncovered"]:
+                report.uncovered[record["module"]] = record["uncovered"]
+        if timed_out and proc.returncode != 0:
+            report.errors.append(f"AOT compilation stopped after {timeout:.0f} s; worker {shard} was compiling "
+                                 f"{in_flight or 'nothing yet (still importing)'}")
+    order = {m: i for i, m in enumerate(modules)}
+    report.results.sort(key=lambda r: (order.get(r.module, 0), r.kernel, r.case, -r.arch))
+    report.seconds = round(time.perf_counter() - start, 1)
+    return report
+
+
+def format_table(results: list[KernelResources]) -> str:
+    """One row per (kernel, config, dtype, arch): registers, spill stack, local, shared bytes and its limit."""
+    header = ("module", "kernel", "case", "config", "dtype", "arch", "regs", "stack", "local", "shared", "limit",
+              "compile_s", "status")
+    rows = [header]
+    for r in results:
+        status = "ok" if not r.problems() else "FAIL"
+        module = Path(r.module).stem if r.module.endswith(".py") else r.module.rsplit(".", 1)[-1]
+        rows.append((module, r.kernel, r.case, r.config, r.dtype, f"sm_{r.arch}",
+                     str(r.registers), str(r.stack_bytes), str(r.local_bytes), str(r.shared_bytes),
+                     str(r.shared_limit_bytes or "?"), f"{r.compile_seconds:.1f}", status))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastmsc.kernels._aot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (repeatable; "
+                        "default 90 and 80)")
+    parser.add_argument("--module", action="append", help="kernel module (dotted name or .py path; repeatable; "
+                        "default: every fastmsc.kernels module with AOT_CASES)")
+    parser.add_argument("--attr", default="AOT_CASES", help="name of the case list in the modules")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel compiler processes")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--shard", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--shards", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    archs = args.arch or list(ARCHS)
+    if args.worker:
+        return _worker(args.module or [], archs, args.attr, args.shard, args.shards)
+    reason = toolchain_unavailable()
+    if reason is not None:
+        print(f"cannot compile ahead of time: {reason}", file=sys.stderr)
+        return 2
+    modules = args.module or kernel_modules(args.attr)
+    if not modules:
+        print(f"no module under {KERNELS_DIR} defines {args.attr}", file=sys.stderr)
+        return 0
+    report = collect(modules, archs, args.attr, args.jobs)
+    if args.json:
+        print(json.dumps([asdict(r) for r in report.results], indent=2))
+    else:
+        print(format_table(report.results))
+        print(f"{len(report.results)} compilations in {report.seconds:.1f} s with {args.jobs or default_jobs()} jobs")
+    problems = report.problems()
+    for problem in problems:
+        print(f"PROBLEM: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,572 @@
+"""Flash-style scaled-dot-product attention in Triton: forward and deterministic backward.
+
+Shapes: q, k, v (B, T, D) or (B, H, T, D), any strides, fp32/fp16/bf16, head dim D in [1, 256] (padded in
+registers to BLOCK_D = next power of two >= 16 with masked loads). ``lengths`` (B,) int64 or None.
+
+Forward (one program per BLOCK_M query rows of one (batch, head)): streams key/value blocks with the online
+softmax and keeps only the output O (B, H, T, D) and the per-row log-sum-exp LSE (B, H, T) in fp32, in base-2
+units of the scaled scores, so no T x T tensor ever exists. Query rows at t >= lengths[b], and rows whose keys are
+all masked, get O = 0 and LSE = +inf: every backward kernel then computes p = exp2(s - LSE) = 0 for them, which
+gives them zero gradients and removes them from dK/dV without any further masking.
+
+Backward: a pre-pass writes delta = rowsum(dO * O) (B, H, T) fp32; then one kernel owns BLOCK_N keys and loops over
+query blocks to accumulate dK and dV, and another owns BLOCK_M queries and loops over key blocks to accumulate dQ.
+No atomics, so gradients are bitwise reproducible. The backward block sizes are chosen independently of the
+forward's: the only forward state the backward reads is the per-row LSE, which does not depend on the blocking.
+
+fp32 inputs multiply in IEEE fp32 unless ``torch.backends.cuda.matmul.allow_tf32`` is set; fp16/bf16 inputs feed
+tl.dot with half operands (including the probabilities, rounded to the input dtype as FlashAttention does) and
+accumulate in fp32.
+"""
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import new_output, triton_unsupported
+
+MAX_HEAD_DIM = 256
+_LOG2E = 1.4426950408889634
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The interpreter has no bf16 arithmetic: there the kernels upcast bf16 tiles to fp32 right after loading (and
+# round the probabilities through bf16 first, so the numerics still follow the GPU path).
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _fwd_key_block(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, start_n, seq_len, qk_scale,
+                   offs_n, offs_d, d_ok, MASK_KEYS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                   DOT_FP32: tl.constexpr):
+    """One online-softmax step over keys [start_n, start_n + BLOCK_N); MASK_KEYS only for the last, partial block."""
+    cols = start_n + offs_n
+    key_ok = cols < seq_len
+    kv_mask = key_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + cols[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(V + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    if DOT_FP32:
+        k = k.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+    if MASK_KEYS:
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with no valid key so far has m_new = -inf; subtracting 0 instead keeps exp2 at 0 rather than NaN.
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_ref[:, None])
+    alpha = tl.exp2(m_i - m_ref)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    p_op = p.to(V.dtype.element_ty)
+    if DOT_FP32:
+        p_op = p_op.to(tl.float32)
+        v = v.to(tl.float32)
+    acc = tl.dot(p_op, v, acc, input_precision=INPUT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V, OUT, LSE, LENGTHS,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    H, T, qk_scale,
+    HEAD_DIM: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    num_m = tl.cdiv(T, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    OUT += b * stride_ob + h * stride_oh
+    LSE += pid_bh.to(tl.int64) * T
+    seq_len = T
+    if HAS_LENGTHS:
+        seq_len = tl.minimum(tl.load(LENGTHS + b).to(tl.int32), T)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_in = offs_m < T
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=row_in[:, None] & d_ok[None, :], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # A block whose query rows all lie past the length visits no key: its rows are zero anyway.
+    kv_end = tl.where(pid_m * BLOCK_M < seq_len, seq_len, 0)
+    full_end = (kv_end // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, start_n,
+                                       seq_len, qk_scale, offs_n, offs_d, d_ok, False, INPUT_PRECISION, DOT_FP32)
+    for start_n in range(full_end, kv_end, BLOCK_N):  # the partial last block, if any
+        acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, start_n,
+                                       seq_len, qk_scale, offs_n, offs_d, d_ok, True, INPUT_PRECISION, DOT_FP32)
+
+    row_ok = (offs_m < seq_len) & (l_i > 0.0)
+    l_safe = tl.where(row_ok, l_i, 1.0)
+    out = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)
+    lse = tl.where(row_ok, m_i + tl.log2(l_safe), float("inf"))
+    tl.store(OUT + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od, out.to(OUT.dtype.element_ty),
+             mask=row_in[:, None] & d_ok[None, :])
+    tl.store(LSE + offs_m, lse, mask=row_in)
+
+
+@triton.jit
+def _attention_bwd_delta_kernel(
+    OUT, DO, DELTA, LENGTHS,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    H, T,
+    HEAD_DIM: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta[b, h, t] = sum_d dO * O over valid rows (0 past the length, where dO is ignored)."""
+    num_m = tl.cdiv(T, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    seq_len = T
+    if HAS_LENGTHS:
+        seq_len = tl.minimum(tl.load(LENGTHS + b).to(tl.int32), T)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < seq_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, LENGTHS,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+    H, T, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """dK and dV for BLOCK_N keys of one (batch, head), looping over the query blocks (transposed scores)."""
+    num_n = tl.cdiv(T, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_n = pid % num_n
+    pid_bh = pid // num_n
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    DO += b * stride_dob + h * stride_doh
+    DK += b * stride_dkb + h * stride_dkh
+    DV += b * stride_dvb + h * stride_dvh
+    LSE += pid_bh.to(tl.int64) * T
+    DELTA += pid_bh.to(tl.int64) * T
+    seq_len = T
+    if HAS_LENGTHS:
+        seq_len = tl.minimum(tl.load(LENGTHS + b).to(tl.int32), T)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    key_in = offs_n < T
+    k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=key_in[:, None] & d_ok[None, :],
+                other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=key_in[:, None] & d_ok[None, :],
+                other=0.0)
+    if DOT_FP32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # Only query rows below the length see any key; keys past the length get zero gradients (stored below).
+    q_end = tl.where(pid_n * BLOCK_N < seq_len, seq_len, 0)
+    for start_m in range(0, q_end, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < seq_len
+        qd_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + rows[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
+        do = tl.load(DO + rows[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)
+        lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        # Rows with LSE = +inf (past the length, or no valid key) get p = 0 and so contribute nothing.
+        p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale - lse[None, :])
+        p_op = p_t.to(DO.dtype.element_ty)
+        if DOT_FP32:
+            p_op = p_op.to(tl.float32)
+        dv = tl.dot(p_op, do, dv, input_precision=INPUT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        ds_op = ds_t.to(Q.dtype.element_ty)
+        if DOT_FP32:
+            ds_op = ds_op.to(tl.float32)
+        dk = tl.dot(ds_op, q, dk, input_precision=INPUT_PRECISION)
+
+    # Row j of dK/dV depends only on key j, so keys past the length (loaded, never masked above) are zeroed here.
+    key_ok = (offs_n < seq_len)[:, None]
+    dk = tl.where(key_ok, dk * sm_scale, 0.0)
+    dv = tl.where(key_ok, dv, 0.0)
+    out_mask = key_in[:, None] & d_ok[None, :]
+    tl.store(DK + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
+             mask=out_mask)
+    tl.store(DV + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
+             mask=out_mask)
+
+
+@triton.jit
+def _dq_key_block(dq, q, do, lse, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd, start_n, seq_len,
+                  qk_scale, offs_n, offs_d, d_ok, MASK_KEYS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                  DOT_FP32: tl.constexpr):
+    cols = start_n + offs_n
+    key_ok = cols < seq_len
+    kv_mask = key_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + cols[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(V + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    if DOT_FP32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale - lse[:, None])
+    if MASK_KEYS:  # keys past the length were loaded as zeros, which would still score exp2(-lse) > 0
+        p = tl.where(key_ok[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    ds_op = ds.to(K.dtype.element_ty)
+    if DOT_FP32:
+        ds_op = ds_op.to(tl.float32)
+    return tl.dot(ds_op, k, dq, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, LENGTHS,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    H, T, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """dQ for BLOCK_M queries of one (batch, head), looping over the key blocks."""
+    num_m = tl.cdiv(T, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    DO += b * stride_dob + h * stride_doh
+    DQ += b * stride_dqb + h * stride_dqh
+    LSE += pid_bh.to(tl.int64) * T
+    DELTA += pid_bh.to(tl.int64) * T
+    seq_len = T
+    if HAS_LENGTHS:
+        seq_len = tl.minimum(tl.load(LENGTHS + b).to(tl.int32), T)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_in = offs_m < T
+    row_ok = offs_m < seq_len
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=row_in[:, None] & d_ok[None, :],
+                other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    lse = tl.load(LSE + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    kv_end = tl.where(pid_m * BLOCK_M < seq_len, seq_len, 0)
+    full_end = (kv_end // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        dq = _dq_key_block(dq, q, do, lse, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd, start_n, seq_len,
+                           qk_scale, offs_n, offs_d, d_ok, False, INPUT_PRECISION, DOT_FP32)
+    for start_n in range(full_end, kv_end, BLOCK_N):
+        dq = _dq_key_block(dq, q, do, lse, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd, start_n, seq_len,
+                           qk_scale, offs_n, offs_d, d_ok, True, INPUT_PRECISION, DOT_FP32)
+    dq = dq * sm_scale
+    tl.store(DQ + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
+             mask=row_in[:, None] & d_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------- launch settings
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, by BLOCK_D, for half (fp16/bf16) and fp32 operands.
+# Chosen so that no configuration spills registers on sm_80 or sm_90 (every entry is an AOT_CASES case, compiled
+# and checked with cuobjdump): 8 warps for the 64-128 row tiles of half inputs (4 warps spill at 128 x 64), and
+# much smaller tiles for IEEE fp32, whose tl.dot runs on FMA units with whole operand strips in registers.
+_FWD_BLOCKS = {
+    16: ((128, 64, 8, 3), (32, 32, 4, 2)),
+    32: ((128, 64, 8, 3), (32, 32, 4, 2)),
+    64: ((128, 64, 8, 3), (32, 32, 4, 2)),
+    128: ((64, 64, 8, 3), (16, 32, 4, 2)),
+    256: ((64, 32, 8, 2), (16, 16, 2, 2)),
+}
+# dK/dV: BLOCK_N keys per program, BLOCK_M queries per step.
+_DKDV_BLOCKS = {
+    16: ((32, 128, 8, 2), (32, 32, 4, 2)),
+    32: ((32, 128, 8, 2), (32, 32, 4, 2)),
+    64: ((32, 128, 8, 2), (32, 32, 4, 2)),
+    128: ((64, 64, 8, 2), (16, 32, 4, 2)),
+    256: ((32, 32, 8, 2), (16, 16, 4, 2)),
+}
+# dQ: BLOCK_M queries per program, BLOCK_N keys per step.
+_DQ_BLOCKS = {
+    16: ((128, 64, 8, 2), (32, 32, 4, 2)),
+    32: ((128, 64, 8, 2), (32, 32, 4, 2)),
+    64: ((128, 64, 8, 2), (32, 32, 4, 2)),
+    128: ((64, 64, 8, 2), (16, 32, 4, 2)),
+    256: ((32, 32, 8, 2), (16, 16, 4, 2)),
+}
+_DELTA_BLOCK_M = 64
+_DELTA_NUM_WARPS = 4
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _fit(block: int, seq: int) -> int:
+    """Shrink a block to the sequence (tl.dot needs >= 16) so short sequences do not compute padding."""
+    return min(block, max(16, triton.next_power_of_2(seq)))
+
+
+def _blocks(table, head_dim: int, dtype: torch.dtype, seq: int):
+    block_m, block_n, num_warps, num_stages = table[_block_d(head_dim)][dtype == torch.float32]
+    return _fit(block_m, seq), _fit(block_n, seq), num_warps, num_stages
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _dot_fp32(dtype: torch.dtype) -> bool:
+    return _INTERPRETED and dtype == torch.bfloat16
+
+
+def _as_4d(t: torch.Tensor) -> torch.Tensor:
+    """A (B, H, T, D) view with a unit stride along D: other layouts are copied, so that the kernels always run
+    their vectorised unit-stride specialisation (the one AOT_CASES checks) instead of element-wise loads."""
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
+        t = t.contiguous()
+    return t if t.dim() == 4 else t.unsqueeze(1)
+
+
+def _strides(t: torch.Tensor):
+    return tuple(t.stride())
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+
+def _forward(q, k, v, lengths, scale):
+    q4, k4, v4 = _as_4d(q), _as_4d(k), _as_4d(v)
+    B, H, T, D = q4.shape
+    out = new_output(q.shape, dtype=q.dtype, device=q.device)
+    lse = new_output((B, H, T), dtype=torch.float32, device=q.device)
+    o4 = _as_4d(out)
+    block_m, block_n, num_warps, num_stages = _blocks(_FWD_BLOCKS, D, q.dtype, T)
+    grid = (triton.cdiv(T, block_m) * B * H,)
+    _attention_fwd_kernel[grid](
+        q4, k4, v4, o4, lse, lengths,
+        *_strides(q4), *_strides(k4), *_strides(v4), *_strides(o4),
+        H, T, scale * _LOG2E,
+        HEAD_DIM=D, HAS_LENGTHS=lengths is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D),
+        INPUT_PRECISION=_input_precision(q.dtype), DOT_FP32=_dot_fp32(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, lse
+
+
+def _backward(grad_out, q, k, v, out, lse, lengths, scale):
+    grad_out = grad_out.to(q.dtype)
+    q4, k4, v4, o4, do4 = _as_4d(q), _as_4d(k), _as_4d(v), _as_4d(out), _as_4d(grad_out)
+    B, H, T, D = q4.shape
+    block_d = _block_d(D)
+    has_lengths = lengths is not None
+    precision, dot_fp32 = _input_precision(q.dtype), _dot_fp32(q.dtype)
+
+    delta = new_output((B, H, T), dtype=torch.float32, device=q.device)
+    block_m = _fit(_DELTA_BLOCK_M, T)
+    _attention_bwd_delta_kernel[(triton.cdiv(T, block_m) * B * H,)](
+        o4, do4, delta, lengths, *_strides(o4), *_strides(do4), H, T,
+        HEAD_DIM=D, HAS_LENGTHS=has_lengths, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=_DELTA_NUM_WARPS,
+    )
+
+    dq = new_output(q.shape, dtype=q.dtype, device=q.device)
+    dk = new_output(q.shape, dtype=q.dtype, device=q.device)
+    dv = new_output(q.shape, dtype=q.dtype, device=q.device)
+    dq4, dk4, dv4 = _as_4d(dq), _as_4d(dk), _as_4d(dv)
+
+    block_m, block_n, num_warps, num_stages = _blocks(_DKDV_BLOCKS, D, q.dtype, T)
+    _attention_bwd_dkdv_kernel[(triton.cdiv(T, block_n) * B * H,)](
+        q4, k4, v4, do4, lse, delta, dk4, dv4, lengths,
+        *_strides(q4), *_strides(k4), *_strides(v4), *_strides(do4), *_strides(dk4), *_strides(dv4),
+        H, T, scale * _LOG2E, scale,
+        HEAD_DIM=D, HAS_LENGTHS=has_lengths, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        INPUT_PRECISION=precision, DOT_FP32=dot_fp32, num_warps=num_warps, num_stages=num_stages,
+    )
+    block_m, block_n, num_warps, num_stages = _blocks(_DQ_BLOCKS, D, q.dtype, T)
+    _attention_bwd_dq_kernel[(triton.cdiv(T, block_m) * B * H,)](
+        q4, k4, v4, do4, lse, delta, dq4, lengths,
+        *_strides(q4), *_strides(k4), *_strides(v4), *_strides(do4), *_strides(dq4),
+        H, T, scale * _LOG2E, scale,
+        HEAD_DIM=D, HAS_LENGTHS=has_lengths, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        INPUT_PRECISION=precision, DOT_FP32=dot_fp32, num_warps=num_warps, num_stages=num_stages,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------- torch.library ops
+
+
+@torch.library.custom_op("fastmsc::attention_forward", mutates_args=())
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out shaped like q, contiguous; lse (B, H, T) fp32, H = 1 for 3-D inputs)."""
+    return _forward(q, k, v, lengths, scale)
+
+
+@attention_forward.register_fake
+def _(q, k, v, lengths, scale):
+    B, T = q.shape[0], q.shape[-2]
+    H = q.shape[1] if q.dim() == 4 else 1
+    return q.new_empty(q.shape), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastmsc::attention_backward", mutates_args=())
+def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       lse: torch.Tensor, lengths: torch.Tensor | None,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dq, dk, dv), each shaped like q and contiguous."""
+    return _backward(grad_out, q, k, v, out, lse, lengths, scale)
+
+
+@attention_backward.register_fake
+def _(grad_out, q, k, v, out, lse, lengths, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, lengths, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, lengths)
+    ctx.scale = scale
+
+
+def _attention_autograd(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, lengths = ctx.saved_tensors
+    dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, lengths, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+attention_forward.register_autograd(_attention_autograd, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------- public entry points
+
+
+def fused(q, k, v, lengths=None, scale=None):
+    """Attention with the Triton kernels: q, k, v (B, T, D) or (B, H, T, D) -> same shape as q (contiguous)."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return attention_forward(q, k, v, lengths, float(scale))[0]
+
+
+def fused_unsupported(device_type: str, **call_args) -> str | None:
+    """None when the kernels can run these arguments on ``device_type``, else why not."""
+    reason = triton_unsupported(device_type)
+    if reason is not None or not call_args:
+        return reason
+    q = call_args.get("q")
+    if q is not None:
+        if q.dtype not in _DTYPES:
+            return f"the attention kernels take float32, float16 or bfloat16 inputs, got {str(q.dtype)[6:]}"
+        if q.shape[-1] > MAX_HEAD_DIM:
+            return f"the attention kernels take head dims up to {MAX_HEAD_DIM}, got D={q.shape[-1]}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- ahead-of-time cases
+
+
+def _aot_cases():
+    """Every (kernel, block configuration, dtype) the launchers pick for full-length sequences, compiled as the
+    launchers call them: unit last-dim strides (the launchers copy any other layout), so those strides are the
+    constant 1 that Triton specialises them to. Short sequences shrink BLOCK_M/BLOCK_N with the same warps and
+    stages, i.e. smaller tiles of the same kernel; tf32 uses tensor cores instead of the register-hungrier IEEE
+    fp32 path, so the IEEE cases bound it."""
+    ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+    stats = {"LSE": "*fp32", "DELTA": "*fp32", "LENGTHS": "*i64"}
+    cases = []
+
+    def add(kernel, dtype, constexprs, num_warps, num_stages):
+        constexprs = dict(constexprs)
+        signature = {}
+        for name in kernel.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name.startswith("stride_") and name.endswith("d"):  # the last-dim strides: always 1
+                signature[name] = "constexpr"
+                constexprs[name] = 1
+            elif name.startswith("stride_") or name in ("H", "T"):
+                signature[name] = "i32"
+            elif name in ("qk_scale", "sm_scale"):
+                signature[name] = "fp32"
+            else:
+                signature[name] = stats.get(name, ptr[dtype])
+        blocks = "".join(f"_{k}{constexprs[k]}" for k in ("BLOCK_M", "BLOCK_N") if k in constexprs)
+        cases.append({
+            "name": f"{kernel.__name__.strip('_')}_{str(dtype)[6:]}_D{constexprs['HEAD_DIM']}{blocks}"
+                    f"_w{num_warps}s{num_stages}",
+            "kernel": kernel, "signature": signature, "constexprs": constexprs,
+            "num_warps": num_warps, "num_stages": num_stages,
+        })
+
+    for dtype in _DTYPES:
+        for head_dim in (16, 24, 64, 128, 256):  # every BLOCK_D: 16, 32 (24 padded), 64, 128, 256
+            common = {"HEAD_DIM": head_dim, "HAS_LENGTHS": True, "BLOCK_D": _block_d(head_dim)}
+            for kernel, table in ((_attention_fwd_kernel, _FWD_BLOCKS), (_attention_bwd_dkdv_kernel, _DKDV_BLOCKS),
+                                  (_attention_bwd_dq_kernel, _DQ_BLOCKS)):
+                block_m, block_n, num_warps, num_stages = _blocks(table, head_dim, dtype, 1 << 20)
+                add(kernel, dtype, {**common, "BLOCK_M": block_m, "BLOCK_N": block_n, "INPUT_PRECISION": "ieee",
+                                    "DOT_FP32": False}, num_warps, num_stages)
+            add(_attention_bwd_delta_kernel, dtype, {**common, "BLOCK_M": _DELTA_BLOCK_M}, _DELTA_NUM_WARPS, 3)
+    return cases
+
+
+AOT_CASES = _aot_cases()

@@ -1,0 +1,185 @@
+"""fastmsc.attention: every backend against the float64 reference (output and the gradients of q, k, v),
+the reference against an explicit per-sequence softmax, numerical stability, low precision and
+argument errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _helpers import LAYOUTS, Arg, Draw, assert_close, compare_with_reference, require_fused
+
+import fastmsc
+
+BACKENDS = ("torch", "fused")
+
+# Shape regimes every run covers; sizes inside each are drawn fresh. D stays in {16, 24} here, the
+# head sizes the fused kernels are written for; other D are in test_odd_head_dims.
+REGIMES = ("batch1_time1", "heads_odd_time_mixed_lengths", "all_length1", "full_length", "random")
+
+
+def draw_case(draw: Draw, regime: str) -> dict:
+    B, T = draw.int(1, 3), draw.int(2, 40)
+    heads = draw.choice((None, 1, 2, 3))
+    lengths = draw.choice((None, "mixed"))
+    if regime == "batch1_time1":
+        B, T = 1, 1
+    elif regime == "heads_odd_time_mixed_lengths":
+        B, T, heads, lengths = draw.int(3, 4), draw.odd(3, 39), draw.int(2, 3), "mixed"
+    elif regime == "all_length1":
+        lengths = "ones"
+    elif regime == "full_length":
+        lengths = "full"
+    return {
+        "B": B, "T": T, "heads": heads, "D": draw.choice((16, 24)), "lengths": lengths,
+        "scale": draw.choice((None, None, 0.3, -0.7, 0.0)),
+        "layouts": [draw.choice(LAYOUTS) for _ in range(3)],
+    }
+
+
+def build_args(draw: Draw, case: dict):
+    heads = () if case["heads"] is None else (case["heads"],)
+    shape = (case["B"], *heads, case["T"], case["D"])
+    args = {name: Arg(draw.randn(*shape), layout) for name, layout in zip("qkv", case["layouts"], strict=True)}
+    return args, draw.lengths(case["B"], case["T"], case["lengths"])
+
+
+def call(case, lengths):
+    return lambda q, k, v: fastmsc.attention(q, k, v, lengths, case["scale"])
+
+
+def describe(regime, case, lengths):
+    return f"{regime} {case} lengths={None if lengths is None else lengths.tolist()}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference_forward_and_all_gradients(backend):
+    if backend == "fused":
+        require_fused("attention")
+    draw = Draw()
+    for regime in REGIMES:
+        case = draw_case(draw, regime)
+        args, lengths = build_args(draw, case)
+        compare_with_reference(backend, call(case, lengths), args, draw, describe(regime, case, lengths))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_matches_float64_reference(backend):
+    if backend == "fused":
+        require_fused("attention")
+    draw = Draw()
+    for regime in ("heads_odd_time_mixed_lengths", "random"):
+        case = draw_case(draw, regime)
+        args, lengths = build_args(draw, case)
+        compare_with_reference(backend, call(case, lengths), args, draw, describe(regime, case, lengths), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_odd_head_dims(backend):
+    """D = 1 and odd D: a kernel that pads D to a power of two must mask the padding."""
+    if backend == "fused":
+        require_fused("attention")
+    draw = Draw()
+    for D in (1, draw.choice((3, 5, 7)), draw.choice((9, 13, 17))):
+        case = draw_case(draw, "random")
+        case["D"] = D
+        args, lengths = build_args(draw, case)
+        compare_with_reference(backend, call(case, lengths), args, draw, describe("odd D", case, lengths))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_scores_are_stable(backend):
+    """Scores near ±300 overflow exp() in float32 unless the row maximum is subtracted first."""
+    if backend == "fused":
+        require_fused("attention")
+    draw = Draw()
+    case = draw_case(draw, "heads_odd_time_mixed_lengths")
+    case["scale"] = None
+    args, lengths = build_args(draw, case)
+    args["q"].values *= 300 / math.sqrt(case["D"])
+    # The output is a convex combination of rows of v, so it stays O(1); a score's fp32 rounding at
+    # magnitude 300 is 300 * 6e-8 = 2e-5, which moves the softmax weights by about as much, and the
+    # gradients carry the factor 300 on q's side: rtol/atol 1e-3 bounds both with margin.
+    tol = {torch.float32: {"rtol": 1e-3, "atol": 1e-3}}
+    compare_with_reference(backend, call(case, lengths), args, draw, describe("large scores", case, lengths),
+                           torch.float32, tol)
+
+
+# fp16 unit roundoff 2^-11, bf16 2^-8. Inputs are rounded before both sides see them; the error is
+# the rounding of the scores (|scores| <~ 4), of the softmax weights and of the O(1) output, plus
+# fp32 accumulation: 8 unit roundoffs relative and absolute covers it.
+LOW_PRECISION_TOL = {
+    torch.float16: {"rtol": 8 * 2**-11, "atol": 8 * 2**-11},
+    torch.bfloat16: {"rtol": 8 * 2**-8, "atol": 8 * 2**-8},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("backend", ("reference", *BACKENDS))
+def test_half_precision_matches_float64_reference(backend, dtype):
+    if backend == "fused":
+        require_fused("attention")
+    draw = Draw()
+    case = draw_case(draw, "heads_odd_time_mixed_lengths")
+    args, lengths = build_args(draw, case)
+    compare_with_reference(backend, call(case, lengths), args, draw, describe("half", case, lengths),
+                           dtype, LOW_PRECISION_TOL)
+
+
+@pytest.mark.parametrize("backend", ("reference", "torch"))
+def test_matches_explicit_softmax_per_sequence(backend):
+    """The definition: for each sequence alone, softmax(q kᵀ scale) v over its first L steps, zeros after."""
+    draw = Draw()
+    for heads in (None, 3):
+        case = draw_case(draw, "heads_odd_time_mixed_lengths")
+        case["heads"], case["D"] = heads, draw.int(1, 9)
+        args, lengths = build_args(draw, case)
+        q, k, v = (args[n].values for n in "qkv")
+        scale = 1 / math.sqrt(case["D"]) if case["scale"] is None else case["scale"]
+        with fastmsc.use_backend(backend):
+            got = fastmsc.attention(q, k, v, lengths, case["scale"])
+        for b, L in enumerate(lengths.tolist()):
+            qb, kb, vb = q[b, ..., :L, :], k[b, ..., :L, :], v[b, ..., :L, :]
+            scores = qb @ kb.transpose(-1, -2) * scale
+            weights = torch.exp(scores - scores.amax(-1, keepdim=True))
+            expected = (weights / weights.sum(-1, keepdim=True)) @ vb
+            what = f"{describe('explicit', case, lengths)} b={b} {draw.tag()}"
+            assert_close(got[b, ..., :L, :], expected, what, rtol=1e-12, atol=1e-12)
+            assert torch.all(got[b, ..., L:, :] == 0), f"query rows past the length are not zero: {what}"
+
+
+def _inputs():
+    return torch.randn(2, 5, 4), torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+
+
+BAD_CALLS = [
+    ("q 2-D", lambda q, k, v: dict(q=q[0], k=k[0], v=v[0]), ValueError, r"q must be 3-D or 4-D"),
+    ("q 5-D", lambda q, k, v: dict(q=q[None, None], k=k, v=v), ValueError, r"q must be 3-D or 4-D"),
+    ("q int", lambda q, k, v: dict(q=q.long(), k=k, v=v), TypeError, r"q must have dtype"),
+    ("v complex", lambda q, k, v: dict(q=q, k=k, v=v.to(torch.complex64)), TypeError, r"v must have dtype"),
+    ("k dtype mismatch", lambda q, k, v: dict(q=q, k=k.double(), v=v), TypeError, r"k has dtype float64 but q"),
+    ("v other length", lambda q, k, v: dict(q=q, k=k, v=v[:, :3]), ValueError, r"v must have the shape of q"),
+    ("k other ndim", lambda q, k, v: dict(q=q, k=k[:, None], v=v), ValueError, r"k must have the shape of q"),
+    ("no steps", lambda q, k, v: dict(q=q[:, :0], k=k[:, :0], v=v[:, :0]), ValueError, r"q must have T >= 1"),
+    ("scale string", lambda q, k, v: dict(q=q, k=k, v=v, scale="0.5"), TypeError, r"scale must be None or a finite"),
+    ("scale nan", lambda q, k, v: dict(q=q, k=k, v=v, scale=float("nan")), TypeError,
+     r"scale must be None or a finite"),
+    ("scale inf", lambda q, k, v: dict(q=q, k=k, v=v, scale=float("inf")), TypeError,
+     r"scale must be None or a finite"),
+    ("scale tensor", lambda q, k, v: dict(q=q, k=k, v=v, scale=torch.tensor(0.5)), TypeError, r"scale must be"),
+    ("lengths zero", lambda q, k, v: dict(q=q, k=k, v=v, lengths=[0, 3]), ValueError, r"lengths must lie in \[1, 5\]"),
+    ("lengths past T", lambda q, k, v: dict(q=q, k=k, v=v, lengths=[6, 3]), ValueError,
+     r"lengths must lie in \[1, 5\]"),
+    ("lengths float", lambda q, k, v: dict(q=q, k=k, v=v, lengths=torch.tensor([1.0, 2.0])), TypeError,
+     r"lengths must hold integers"),
+    ("lengths wrong batch", lambda q, k, v: dict(q=q, k=k, v=v, lengths=[1]), ValueError,
+     r"lengths must have shape \(2,\)"),
+]
+
+
+@pytest.mark.parametrize("make_args, error, match", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
+@pytest.mark.parametrize("backend", ("reference", "torch", "fused", "auto"))
+def test_bad_arguments_raise_clear_errors(backend, make_args, error, match):
+    with fastmsc.use_backend(backend), pytest.raises(error, match=match):
+        fastmsc.attention(**make_args(*_inputs()))

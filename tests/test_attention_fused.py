@@ -1,0 +1,234 @@
+"""The Triton attention kernels specifically (fastmsc.kernels.attention): forward and every gradient against
+the float64 reference over awkward shapes, fp16/bf16, what autograd saves (no T x T tensor), rows without a
+valid key, gradients of masked rows, the torch.library registration (opcheck, torch.compile) and the fallback
+reasons. On a machine without a GPU the kernels run in the Triton interpreter (tests/conftest.py), with every
+kernel output poisoned with NaN before the launch, so an element a kernel forgets to write fails."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _helpers import LAYOUTS, Arg, Draw, assert_close, compare_with_reference, require_fused
+
+import fastmsc
+from fastmsc.backend import FusedUnavailable
+from fastmsc.kernels._common import poison_enabled
+from fastmsc.ops.attention import attention_reference
+
+kernels = pytest.importorskip("fastmsc.kernels.attention", reason="the fused attention module needs triton")
+
+# fp32 kernel vs float64 reference on the same (fp32-exact) inputs. Each score is a dot product of D <= 64 terms
+# and each output a softmax-weighted sum of T <= 70 rows of O(1) values, accumulated in fp32 (unit roundoff
+# 6e-8); the gradients add one more such sum. Observed errors stay below 1e-6 absolute, so rtol 2e-5 / atol 5e-6
+# leaves a margin of about 5x while any masking or indexing bug (errors of O(0.1)) fails.
+TOL32 = {torch.float32: {"rtol": 2e-5, "atol": 5e-6}}
+# Half inputs: both sides start from the same rounded values; the kernel rounds the softmax weights and dS to the
+# input dtype before the second matmuls and rounds its outputs, each a relative error of one unit roundoff
+# (fp16 2^-11, bf16 2^-8) on O(1) values, summed over a row. 8 unit roundoffs relative and absolute.
+TOL_HALF = {
+    torch.float16: {"rtol": 8 * 2**-11, "atol": 8 * 2**-11},
+    torch.bfloat16: {"rtol": 8 * 2**-8, "atol": 8 * 2**-8},
+}
+
+
+@pytest.fixture(autouse=True)
+def _fused_attention():
+    require_fused("attention")
+    assert poison_enabled(), "tests/conftest.py must set FASTMSC_POISON=1 so unwritten outputs show up as NaN"
+
+
+def _case(draw: Draw, B: int, heads, T: int, D: int, lengths_mode, layouts=None, scale=None):
+    shape = (B, *(() if heads is None else (heads,)), T, D)
+    layouts = layouts or [draw.choice(LAYOUTS) for _ in range(3)]
+    args = {name: Arg(draw.randn(*shape), layout) for name, layout in zip("qkv", layouts, strict=True)}
+    lengths = draw.lengths(B, T, lengths_mode)
+    what = (f"B={B} heads={heads} T={T} D={D} layouts={layouts} scale={scale} "
+            f"lengths={None if lengths is None else lengths.tolist()}")
+    return args, lengths, (lambda q, k, v: fastmsc.attention(q, k, v, lengths, scale)), what
+
+
+def _regime(draw: Draw, regime: str):
+    if regime == "time1":
+        return _case(draw, draw.int(1, 2), draw.choice((None, 2)), 1, draw.choice((16, 24)),
+                     draw.choice((None, "ones")))
+    if regime == "odd_time_heads_lengths_d24":
+        return _case(draw, draw.int(2, 3), draw.int(2, 3), draw.odd(3, 69), 24, "mixed")
+    if regime == "several_key_blocks_d16":  # T past one 64-key block and not a multiple of 16, 32 or 64
+        return _case(draw, 2, draw.choice((None, 2)), draw.choice((65, 67, 69, 70)), 16, draw.choice((None, "mixed")))
+    if regime == "d64_lengths_scale":
+        return _case(draw, draw.int(1, 2), draw.choice((None, 2)), draw.int(17, 47), 64, "mixed",
+                     scale=draw.choice((0.05, -0.2, 1.3)))
+    if regime == "small_odd_d":  # padded to BLOCK_D = 16 with masked loads
+        return _case(draw, 2, None, draw.int(2, 33), draw.choice((1, 5, 8, 13)), draw.choice((None, "mixed")))
+    raise AssertionError(regime)
+
+
+@pytest.mark.parametrize("regime", ["time1", "odd_time_heads_lengths_d24", "several_key_blocks_d16",
+                                    "d64_lengths_scale", "small_odd_d"])
+def test_float32_forward_and_gradients_match_float64_reference(regime):
+    draw = Draw()
+    args, lengths, fn, what = _regime(draw, regime)
+    compare_with_reference("fused", fn, args, draw, f"{regime}: {what}", torch.float32, TOL32)
+
+
+def test_head_dim_256_with_few_steps():
+    draw = Draw()
+    args, lengths, fn, what = _case(draw, 1, draw.choice((None, 2)), draw.int(1, 3), 256, draw.choice((None, "mixed")))
+    compare_with_reference("fused", fn, args, draw, f"D=256: {what}", torch.float32, TOL32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_inputs_match_float64_reference(dtype):
+    draw = Draw()
+    args, lengths, fn, what = _case(draw, 2, draw.choice((None, 2)), draw.int(20, 70), draw.choice((16, 24, 64)),
+                                    "mixed")
+    compare_with_reference("fused", fn, args, draw, f"half: {what}", dtype, TOL_HALF)
+
+
+def test_outputs_keep_the_input_dtype_and_shape():
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for shape in ((2, 3, 16), (2, 2, 3, 16)):
+            q = torch.randn(shape, dtype=dtype)
+            with fastmsc.use_backend("fused"):
+                out = fastmsc.attention(q, q, q)
+            assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
+
+
+def test_autograd_saves_no_time_by_time_tensor():
+    """T = 64, D = 16, 2 heads: a (T, T) score or probability matrix (4096 elements per head) would be the
+    largest tensor saved; the kernels save q, k, v, the output (2048 elements each) and the LSE (128)."""
+    B, H, T, D = 1, 2, 64, 16
+    q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with fastmsc.use_backend("fused"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fastmsc.attention(q, k, v, torch.tensor([50]))
+    assert saved, "nothing was saved for backward: the fused path was not taken"
+    assert (B, H, T) in [shape for shape, _ in saved], f"the per-row LSE is not among the saved tensors: {saved}"
+    largest = max(math.prod(shape) for shape, _ in saved)
+    assert largest < T * T, f"a tensor with {largest} >= T*T = {T * T} elements is saved for backward: {saved}"
+    out.sum().backward()  # and the saved tensors are enough for the backward
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_rows_without_valid_key_give_zero_never_nan():
+    """A zero length (refused by fastmsc.attention, possible under torch.compile where lengths are not read)
+    leaves every key of a row masked: the LSE guard must give output 0 and zero gradients, not NaN."""
+    draw = Draw()
+    T, D = draw.int(2, 20), 16
+    q, k, v = (draw.randn(2, 2, T, D).float().requires_grad_() for _ in range(3))
+    lengths = torch.tensor([0, draw.int(1, T)])
+    with fastmsc.use_backend("fused"):
+        out = kernels.fused(q, k, v, lengths, 0.25)
+    grad_out = draw.randn(*out.shape).float()
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    what = f"T={T} lengths={lengths.tolist()} {draw.tag()}"
+    assert torch.all(out[0] == 0), f"batch 0 has no valid key, its output must be 0: {what}"
+    for name, g in zip("qkv", grads, strict=True):
+        assert torch.all(g[0] == 0), f"d{name} of batch 0 must be 0: {what}"
+        assert torch.isfinite(g).all(), f"d{name} is not finite: {what}"
+    q64, k64, v64 = (t.detach()[1:].double().requires_grad_() for t in (q, k, v))
+    ref = attention_reference(q64, k64, v64, lengths[1:], 0.25)
+    assert_close(out[1:].double(), ref, f"batch 1 output {what}", **TOL32[torch.float32])
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad_out[1:].double())
+    for name, g, r in zip("qkv", grads, ref_grads, strict=True):
+        assert_close(g[1:].double(), r, f"batch 1 d{name} {what}", **TOL32[torch.float32])
+
+
+def test_masked_query_rows_are_exact_zeros_and_ignore_their_output_gradient():
+    """Rows past the length output exactly 0; a NaN in their output gradient (which the masking discards) must
+    not reach dq, dk or dv."""
+    draw = Draw()
+    B, T, D = 2, draw.int(5, 40), 24
+    q, k, v = (draw.randn(B, T, D).float().requires_grad_() for _ in range(3))
+    lengths = torch.tensor([draw.int(1, T - 1), T])
+    with fastmsc.use_backend("fused"):
+        out = fastmsc.attention(q, k, v, lengths)
+    what = f"T={T} lengths={lengths.tolist()} {draw.tag()}"
+    L = int(lengths[0])
+    assert torch.all(out[0, L:] == 0), f"rows past the length are not exactly 0: {what}"
+    grad_out = draw.randn(B, T, D).float()
+    grad_out[0, L:] = float("nan")
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention_reference(q64, k64, v64, lengths, 1 / math.sqrt(D))
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), torch.nan_to_num(grad_out.double(), nan=0.0))
+    for name, g, r in zip("qkv", grads, ref_grads, strict=True):
+        assert_close(g.double(), r, f"d{name} {what}", **TOL32[torch.float32])
+    assert torch.all(grads[0][0, L:] == 0), f"dq of masked rows must be exactly 0: {what}"
+
+
+def test_auto_on_cpu_does_not_pick_the_interpreter():
+    row = fastmsc.info()["ops"]["attention"]["cpu"]
+    assert row["auto"] == "torch", row
+    assert "interpreter" in row["fused_unavailable"], row
+    q = torch.randn(1, 3, 16)
+    with fastmsc.use_backend("auto"):
+        assert kernels.fused_unsupported("cpu", q=q, k=q, v=q, lengths=None, scale=0.25) is not None
+
+
+def test_unsupported_arguments_name_the_reason():
+    q64 = torch.randn(1, 3, 16, dtype=torch.float64)
+    with fastmsc.use_backend("fused"), pytest.raises(FusedUnavailable, match="float64"):
+        fastmsc.attention(q64, q64, q64)
+    wide = torch.randn(1, 2, kernels.MAX_HEAD_DIM + 1)
+    with fastmsc.use_backend("fused"), pytest.raises(FusedUnavailable, match=r"head dims up to 256, got D=257"):
+        fastmsc.attention(wide, wide, wide)
+    with fastmsc.use_backend("auto"):  # auto falls back to torch for both
+        assert fastmsc.attention(q64, q64, q64).dtype == torch.float64
+
+
+def test_library_ops_pass_opcheck():
+    """Schema, fake (meta) kernels against the real outputs' shapes/dtypes/strides, autograd registration and
+    AOT dispatch of both custom ops."""
+    draw = Draw()
+    T = draw.int(2, 9)
+    q, k, v = (draw.randn(2, 2, T, 16).float().requires_grad_() for _ in range(3))
+    lengths = torch.tensor([1, T])
+    with fastmsc.use_backend("fused"):
+        torch.library.opcheck(kernels.attention_forward, (q, k, v, lengths, 0.25))
+        torch.library.opcheck(kernels.attention_forward, (q[:, 0], k[:, 0].transpose(0, 1).contiguous()
+                                                          .transpose(0, 1), v[:, 0], None, -0.5))
+        out, lse = kernels.attention_forward(q, k, v, lengths, 0.25)
+        grad_out = draw.randn(*out.shape).float()
+        torch.library.opcheck(kernels.attention_backward,
+                              (grad_out, q.detach(), k.detach(), v.detach(), out.detach(), lse, lengths, 0.25))
+
+
+def test_compiles_fullgraph():
+    """torch.compile(fullgraph=True) traces the op without a graph break (aot_eager backend: the fake kernels
+    and the autograd formula are what matter here; Inductor on CPU adds only C++ build time)."""
+    draw = Draw()
+    T = draw.int(3, 12)
+    q, k, v = (draw.randn(2, 3, T, 16).float().requires_grad_() for _ in range(3))
+    lengths = torch.tensor([2, T])
+
+    def step(q, k, v, lengths):
+        return (fastmsc.attention(q, k, v, lengths) * 2).sum()
+
+    with fastmsc.use_backend("fused"):
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        loss = compiled(q, k, v, lengths)
+        grads = torch.autograd.grad(loss, (q, k, v))
+        expected = step(q, k, v, lengths)
+        expected_grads = torch.autograd.grad(expected, (q, k, v))
+    assert_close(loss, expected, f"compiled loss {draw.tag()}", rtol=0, atol=0)
+    for g, e in zip(grads, expected_grads, strict=True):
+        assert_close(g, e, f"compiled gradient {draw.tag()}", rtol=0, atol=0)
+
+
+def test_aot_cases_cover_every_kernel_and_head_dim():
+    names = {case["kernel"].__name__ if hasattr(case["kernel"], "__name__") else case["kernel"].fn.__name__
+             for case in kernels.AOT_CASES}
+    assert names == {"_attention_fwd_kernel", "_attention_bwd_delta_kernel", "_attention_bwd_dkdv_kernel",
+                     "_attention_bwd_dq_kernel"}
+    for block_d in (16, 32, 64, 128, 256):
+        for dtype in ("*fp16", "*bf16", "*fp32"):
+            assert any(case["constexprs"]["BLOCK_D"] == block_d and case["signature"]["Q" if "Q" in case["signature"]
+                       else "OUT"] == dtype for case in kernels.AOT_CASES), (block_d, dtype)

@@ -1,0 +1,178 @@
+"""The backend switch: names, set/use/env, thread scope, and which implementation each op runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import fastmsc
+from fastmsc.backend import BACKENDS, OPS, FusedUnavailable, Op, get_backend, set_backend, use_backend
+
+VALID_LIST = r"valid backends are reference, torch, fused, auto"
+
+
+def test_the_four_backends_and_the_default():
+    assert BACKENDS == ("reference", "torch", "fused", "auto")
+    assert fastmsc.BACKENDS == BACKENDS
+    assert get_backend() == "auto"  # conftest resets to auto; auto is also the documented default
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_set_backend_round_trips(name):
+    set_backend(name)
+    assert get_backend() == name
+
+
+@pytest.mark.parametrize("name", ["cuda", "Torch", "", "triton", None])
+def test_unknown_backend_names_the_valid_ones(name):
+    with pytest.raises(ValueError, match=rf"unknown fastmsc backend {name!r}.*{VALID_LIST}"):
+        set_backend(name)
+    with pytest.raises(ValueError, match=VALID_LIST), use_backend(name):
+        pass
+    assert get_backend() == "auto"
+
+
+def test_use_backend_nests_and_restores_after_errors():
+    set_backend("torch")
+    with use_backend("reference"):
+        assert get_backend() == "reference"
+        with pytest.raises(RuntimeError, match="inner"), use_backend("fused"):
+            assert get_backend() == "fused"
+            raise RuntimeError("inner")
+        assert get_backend() == "reference"
+    assert get_backend() == "torch"
+
+
+def test_use_backend_is_per_thread_and_set_backend_sets_the_default_for_new_threads():
+    seen = {}
+    entered, release = threading.Event(), threading.Event()
+
+    def worker():
+        with use_backend("reference"):
+            entered.set()
+            release.wait(10)
+            seen["inside"] = get_backend()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    entered.wait(10)
+    seen["main while worker inside"] = get_backend()
+    release.set()
+    thread.join()
+    assert seen == {"inside": "reference", "main while worker inside": "auto"}
+
+    set_backend("torch")
+    later = []
+    thread = threading.Thread(target=lambda: later.append(get_backend()))
+    thread.start()
+    thread.join()
+    assert later == ["torch"]
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env})
+
+
+def test_environment_variable_sets_the_backend_at_import():
+    result = _python("import fastmsc; print(fastmsc.get_backend())", FASTMSC_BACKEND="torch")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "torch"
+
+
+def test_unknown_environment_backend_fails_the_import_clearly():
+    result = _python("import fastmsc", FASTMSC_BACKEND="gpu")
+    assert result.returncode != 0
+    assert "unknown fastmsc backend 'gpu'" in result.stderr and "reference, torch, fused, auto" in result.stderr
+
+
+# What each op passes to fused_unsupported(device_type, **call_args): the fused kernels rely on these names.
+CALLS = {
+    "multiscale_conv1d": (lambda: fastmsc.multiscale_conv1d(torch.randn(2, 3, 6), [torch.randn(4, 3, 3)], None),
+                          {"x", "weights", "biases", "activation"}),
+    "lstm_layer": (lambda: fastmsc.lstm_layer(torch.randn(2, 4, 3), ((torch.randn(8, 3), torch.randn(8, 2), None,
+                                                                       None),)),
+                   {"x", "weights", "h0", "c0", "lengths"}),
+    "attention": (lambda: fastmsc.attention(*torch.randn(3, 2, 4, 8)), {"q", "k", "v", "lengths", "scale"}),
+    "max_avg_pool": (lambda: fastmsc.max_avg_pool(torch.randn(2, 4, 3)), {"x", "lengths"}),
+}
+
+
+class _Spy:
+    def __init__(self, label, log):
+        self.label, self.log = label, log
+
+    def __call__(self, *args, **kwargs):
+        self.log.append(self.label)
+        return "spied"
+
+
+@pytest.fixture
+def spied_ops(monkeypatch):
+    """Every op's implementations replaced by spies that log which one ran; fused_unsupported answers
+    from ``refuse`` (None: the fused path accepts)."""
+    log, refuse, seen_args = [], {"reason": None}, []
+
+    def fused_unsupported(device_type, **call_args):
+        seen_args.append((device_type, set(call_args)))
+        return refuse["reason"]
+
+    for op in OPS.values():
+        for impl in ("reference", "torch", "fused"):
+            monkeypatch.setattr(op, impl, _Spy(impl, log))
+        monkeypatch.setattr(op, "fused_unsupported", fused_unsupported)
+        monkeypatch.setattr(op, "_loaded", True)
+    return log, refuse, seen_args
+
+
+@pytest.mark.parametrize("op_name", sorted(CALLS))
+def test_each_backend_runs_its_implementation(op_name, spied_ops):
+    log, refuse, seen_args = spied_ops
+    call, expected_args = CALLS[op_name]
+    for backend in ("reference", "torch", "fused", "auto"):
+        with use_backend(backend):
+            assert call() == "spied"
+    assert log == ["reference", "torch", "fused", "fused"]
+    assert seen_args == [("cpu", expected_args)] * 2
+
+    refuse["reason"] = "the kernel needs a full moon"
+    with use_backend("auto"):
+        call()
+    assert log[-1] == "torch", "auto must fall back to torch when the fused path declines"
+    with use_backend("fused"), pytest.raises(FusedUnavailable, match=rf"fastmsc.{op_name}.*full moon"):
+        call()
+
+
+def test_the_global_setting_reaches_the_ops(spied_ops):
+    log, _, _ = spied_ops
+    set_backend("reference")
+    CALLS["max_avg_pool"][0]()
+    assert log == ["reference"]
+
+
+def test_missing_and_broken_fused_modules_are_reported(tmp_path, monkeypatch):
+    (tmp_path / "fastmsc_test_broken_kernel.py").write_text("raise ImportError('needs a newer triton')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ref = lambda x: "reference"
+    missing = Op("demo", ref, lambda x: "torch", fused_module="fastmsc_test_no_such_kernel")
+    broken = Op("demo", ref, lambda x: "torch", fused_module="fastmsc_test_broken_kernel")
+    assert missing.why_not_fused("cpu") == "no fused implementation exists for this op yet"
+    reason = broken.why_not_fused("cpu")
+    assert "fastmsc_test_broken_kernel could not be imported" in reason and "needs a newer triton" in reason
+    for op in (missing, broken):
+        with use_backend("auto"):
+            assert op.select("cpu")(None) == "torch"
+        with use_backend("fused"), pytest.raises(FusedUnavailable, match="backend 'fused' cannot run this call"):
+            op.select("cpu")
+
+
+@pytest.mark.parametrize("op_name", sorted(CALLS))
+def test_every_op_is_registered(op_name):
+    op = OPS[op_name]
+    assert op.name == op_name and op.fused_module == f"fastmsc.kernels.{op_name}"
+    assert callable(op.reference) and callable(op.torch)

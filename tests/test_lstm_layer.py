@@ -1,0 +1,233 @@
+"""fastmsc.lstm_layer: every backend against the float64 reference (outputs, h_n, c_n and the gradients
+of x, all weights, biases, h0, c0), the reference against pack_padded_sequence + torch.nn.LSTM,
+low precision, and argument errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _helpers import LAYOUTS, Arg, Draw, assert_close, compare_with_reference, require_fused
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import fastmsc
+
+BACKENDS = ("torch", "fused")
+
+# Shape regimes every run covers; the sizes inside each are drawn fresh and kept small (T <= 40,
+# sizes <= 16) for the fused path on CPU.
+REGIMES = ("batch1_time1", "all_length1", "full_length", "mixed_lengths", "input1_odd_hidden", "random")
+
+
+def draw_case(draw: Draw, regime: str) -> dict:
+    B, T, n_in, H = draw.int(1, 4), draw.int(2, 40), draw.int(1, 16), draw.int(1, 16)
+    lengths = draw.choice((None, "mixed"))
+    if regime == "batch1_time1":
+        B, T = 1, 1
+    elif regime == "all_length1":
+        lengths = "ones"
+    elif regime == "full_length":
+        lengths = "full"
+    elif regime == "mixed_lengths":
+        B, lengths = draw.int(3, 5), "mixed"
+    elif regime == "input1_odd_hidden":
+        n_in, H = 1, draw.choice((3, 5, 7, 13))
+    if H % 8 == 0 and regime != "random":
+        H += 1  # most regimes keep H off multiples of 8, where vectorised kernels have tails
+    return {
+        "B": B, "T": T, "I": n_in, "H": H,
+        "directions": draw.choice((1, 2)) if regime != "mixed_lengths" else 2,
+        "bias": draw.choice(("both", "none", "ih_only")),
+        "state": draw.choice(("none", "both", "h0_only")),
+        "lengths": lengths,
+        "x_layout": draw.choice(LAYOUTS),
+        "w_layout": draw.choice(("contiguous", "transposed", "sliced")),
+        "state_layout": draw.choice(("contiguous", "swap01", "sliced")),
+    }
+
+
+def build_args(draw: Draw, case: dict) -> tuple[dict[str, Arg | None], torch.Tensor | None]:
+    B, T, n_in, H = case["B"], case["T"], case["I"], case["H"]
+    bound = 1 / math.sqrt(H)
+    args = {"x": Arg(draw.randn(B, T, n_in), case["x_layout"])}
+    for d in range(case["directions"]):
+        args[f"w_ih{d}"] = Arg(draw.randn(4 * H, n_in, scale=bound), case["w_layout"])
+        args[f"w_hh{d}"] = Arg(draw.randn(4 * H, H, scale=bound), case["w_layout"])
+        args[f"b_ih{d}"] = None if case["bias"] == "none" else Arg(draw.randn(4 * H, scale=bound))
+        args[f"b_hh{d}"] = Arg(draw.randn(4 * H, scale=bound)) if case["bias"] == "both" else None
+    D = case["directions"]
+    args["h0"] = None if case["state"] == "none" else Arg(draw.randn(D, B, H), case["state_layout"])
+    args["c0"] = Arg(draw.randn(D, B, H), case["state_layout"]) if case["state"] == "both" else None
+    return args, draw.lengths(B, T, case["lengths"])
+
+
+def call(case: dict, lengths) -> callable:
+    def fn(x, h0, c0, **p):
+        weights = tuple((p[f"w_ih{d}"], p[f"w_hh{d}"], p[f"b_ih{d}"], p[f"b_hh{d}"]) for d in range(case["directions"]))
+        return fastmsc.lstm_layer(x, weights, h0, c0, lengths)
+
+    return fn
+
+
+def describe(regime, case, lengths):
+    return f"{regime} {case} lengths={None if lengths is None else lengths.tolist()}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference_forward_and_all_gradients(backend):
+    if backend == "fused":
+        require_fused("lstm_layer")
+    draw = Draw()
+    for regime in REGIMES:
+        case = draw_case(draw, regime)
+        args, lengths = build_args(draw, case)
+        compare_with_reference(backend, call(case, lengths), args, draw, describe(regime, case, lengths))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_matches_float64_reference(backend):
+    if backend == "fused":
+        require_fused("lstm_layer")
+    draw = Draw()
+    for regime in ("mixed_lengths", "random"):
+        case = draw_case(draw, regime)
+        args, lengths = build_args(draw, case)
+        compare_with_reference(backend, call(case, lengths), args, draw, describe(regime, case, lengths), torch.float32)
+
+
+# The recurrence runs up to 40 steps; gates saturate (|tanh|, sigmoid <= 1) so rounding does not grow
+# step over step, but each step adds a few output roundings (fp16 unit roundoff 2^-11, bf16 2^-8).
+# 16 unit roundoffs bound the measured error with margin; a wrong gate or step is off by O(0.1).
+LOW_PRECISION_TOL = {
+    torch.float16: {"rtol": 16 * 2**-11, "atol": 16 * 2**-11},
+    torch.bfloat16: {"rtol": 16 * 2**-8, "atol": 16 * 2**-8},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("backend", ("reference", *BACKENDS))
+def test_half_precision_matches_float64_reference(backend, dtype):
+    if backend == "fused":
+        require_fused("lstm_layer")
+    draw = Draw()
+    case = draw_case(draw, "mixed_lengths")
+    case["T"] = min(case["T"], 16)
+    args, lengths = build_args(draw, case)
+    compare_with_reference(backend, call(case, lengths), args, draw, describe("mixed_lengths", case, lengths),
+                           dtype, LOW_PRECISION_TOL)
+
+
+def _outputs_and_gradients(fn, lstm, inputs, cotangents):
+    """fn(lstm, lengths, x, h0, c0) and the gradients of x, h0, c0 and lstm's parameters."""
+    *tensors, lengths = inputs
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    outs = fn(lstm, lengths, *leaves)
+    return outs, torch.autograd.grad(outs, leaves + list(lstm.parameters()), cotangents)
+
+
+def _packed_nn_lstm(lstm, lengths, x, h0, c0):
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    out, (h_n, c_n) = lstm(packed, (h0, c0))
+    return pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0], h_n, c_n
+
+
+def _fastmsc_with_lstm_weights(backend):
+    def fn(lstm, lengths, x, h0, c0):
+        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        suffixes = ("", "_reverse") if lstm.bidirectional else ("",)
+        weights = tuple(tuple(getattr(lstm, f"{name}_l0{suffix}") for name in names) for suffix in suffixes)
+        with fastmsc.use_backend(backend):
+            return fastmsc.lstm_layer(x, weights, h0, c0, lengths)
+
+    return fn
+
+
+@pytest.mark.parametrize("backend", ("reference", "torch"))
+def test_matches_packed_torch_nn_lstm(backend):
+    """The definition of ``lengths``: pack_padded_sequence + torch.nn.LSTM, outputs padded with zeros
+    to T, h_n/c_n at each sequence's last valid step; gradients of x, h0, c0 and every parameter."""
+    draw = Draw()
+    for bidirectional in (True, False):
+        B, T, n_in, H = draw.int(2, 5), draw.int(2, 20), draw.int(1, 7), draw.int(1, 9)
+        D = 2 if bidirectional else 1
+        lstm = torch.nn.LSTM(n_in, H, batch_first=True, bidirectional=bidirectional, dtype=torch.float64)
+        lengths = draw.lengths(B, T, "mixed")
+        inputs = (draw.randn(B, T, n_in), draw.randn(D, B, H), draw.randn(D, B, H), lengths)
+        cotangents = (draw.randn(B, T, D * H), draw.randn(D, B, H), draw.randn(D, B, H))
+        what = f"B={B} T={T} I={n_in} H={H} D={D} lengths={lengths.tolist()} {draw.tag()}"
+        want, want_grads = _outputs_and_gradients(_packed_nn_lstm, lstm, inputs, cotangents)
+        got, got_grads = _outputs_and_gradients(_fastmsc_with_lstm_weights(backend), lstm, inputs, cotangents)
+        for name, a, b in zip(("out", "h_n", "c_n"), got, want, strict=True):
+            assert_close(a, b, f"{name} {what}", rtol=1e-10, atol=1e-12)
+        for i, (a, b) in enumerate(zip(got_grads, want_grads, strict=True)):
+            assert_close(a, b, f"gradient {i} (x, h0, c0, then parameters) {what}", rtol=1e-10, atol=1e-12)
+        for b in range(B):
+            assert torch.all(got[0][b, lengths[b]:] == 0), f"output past the length is not zero: {what}"
+
+
+def test_lengths_may_be_a_list_or_int32():
+    draw = Draw()
+    x, weights = draw.randn(3, 5, 2), ((draw.randn(12, 2), draw.randn(12, 3), None, None),)
+    as_tensor = fastmsc.lstm_layer(x, weights, lengths=torch.tensor([5, 1, 3]))
+    for lengths in ([5, 1, 3], torch.tensor([5, 1, 3], dtype=torch.int32)):
+        for a, b in zip(fastmsc.lstm_layer(x, weights, lengths=lengths), as_tensor, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _inputs():
+    B, T, n_in, H = 2, 5, 3, 4
+    x = torch.randn(B, T, n_in)
+    direction = (torch.randn(4 * H, n_in), torch.randn(4 * H, H), torch.randn(4 * H), torch.randn(4 * H))
+    return x, (direction, direction), torch.zeros(2, B, H), torch.zeros(2, B, H)
+
+
+def _with(direction, index, value):
+    return tuple(value if i == index else p for i, p in enumerate(direction))
+
+
+BAD_CALLS = [
+    ("x 2-D", lambda x, w, h, c: dict(x=x[0], weights=w), ValueError, r"x must be 3-D"),
+    ("x int", lambda x, w, h, c: dict(x=x.int(), weights=w), TypeError, r"x must have dtype"),
+    ("x complex", lambda x, w, h, c: dict(x=x.to(torch.complex64), weights=w), TypeError, r"x must have dtype"),
+    ("x no steps", lambda x, w, h, c: dict(x=x[:, :0], weights=w), ValueError, r"x must have at least one time step"),
+    ("three directions", lambda x, w, h, c: dict(x=x, weights=(w[0],) * 3), TypeError, r"weights must be a tuple"),
+    ("weights a tensor", lambda x, w, h, c: dict(x=x, weights=w[0][0]), TypeError, r"weights must be a tuple"),
+    ("direction of 3", lambda x, w, h, c: dict(x=x, weights=(w[0][:3],)), TypeError, r"weights\[0\] must be a tuple"),
+    ("w_hh not 4H x H", lambda x, w, h, c: dict(x=x, weights=(_with(w[0], 1, torch.randn(16, 5)),)), ValueError,
+     r"weights\[0\]\.w_hh must have shape \(20, 5\)"),
+    ("w_ih wrong input size", lambda x, w, h, c: dict(x=x, weights=(w[0], _with(w[1], 0, torch.randn(16, 2)))),
+     ValueError, r"weights\[1\]\.w_ih must have shape \(16, 3\)"),
+    ("b_hh wrong size", lambda x, w, h, c: dict(x=x, weights=(_with(w[0], 3, torch.randn(15)),)), ValueError,
+     r"weights\[0\]\.b_hh must have shape \(16,\)"),
+    ("weight dtype mismatch", lambda x, w, h, c: dict(x=x, weights=(_with(w[0], 0, w[0][0].double()),)), TypeError,
+     r"weights\[0\]\.w_ih has dtype float64 but x has float32"),
+    ("weight int", lambda x, w, h, c: dict(x=x, weights=(_with(w[0], 1, w[0][1].long()),)), TypeError,
+     r"weights\[0\]\.w_hh must have dtype"),
+    ("h0 wrong shape", lambda x, w, h, c: dict(x=x, weights=w, h0=h[:1], c0=c), ValueError,
+     r"h0 must have shape \(2, 2, 4\)"),
+    ("c0 dtype mismatch", lambda x, w, h, c: dict(x=x, weights=w, h0=h, c0=c.double()), TypeError,
+     r"c0 has dtype float64"),
+    ("c0 2-D", lambda x, w, h, c: dict(x=x, weights=w, h0=h, c0=c[0]), ValueError, r"c0 must be 3-D"),
+    ("lengths zero", lambda x, w, h, c: dict(x=x, weights=w, lengths=torch.tensor([0, 5])), ValueError,
+     r"lengths must lie in \[1, 5\]"),
+    ("lengths past T", lambda x, w, h, c: dict(x=x, weights=w, lengths=[6, 5]), ValueError,
+     r"lengths must lie in \[1, 5\].*\[5, 6\]"),
+    ("lengths float", lambda x, w, h, c: dict(x=x, weights=w, lengths=torch.tensor([2.0, 5.0])), TypeError,
+     r"lengths must hold integers, got dtype float32"),
+    ("lengths bool", lambda x, w, h, c: dict(x=x, weights=w, lengths=torch.tensor([True, True])), TypeError,
+     r"lengths must hold integers"),
+    ("lengths wrong shape", lambda x, w, h, c: dict(x=x, weights=w, lengths=torch.tensor([5, 5, 5])), ValueError,
+     r"lengths must have shape \(2,\)"),
+    ("lengths 2-D", lambda x, w, h, c: dict(x=x, weights=w, lengths=torch.tensor([[5, 5]])), ValueError,
+     r"lengths must have shape \(2,\)"),
+    ("lengths not numbers", lambda x, w, h, c: dict(x=x, weights=w, lengths="long"), TypeError,
+     r"lengths must be a sequence of ints"),
+]
+
+
+@pytest.mark.parametrize("make_args, error, match", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
+@pytest.mark.parametrize("backend", ("reference", "torch", "fused", "auto"))
+def test_bad_arguments_raise_clear_errors(backend, make_args, error, match):
+    with fastmsc.use_backend(backend), pytest.raises(error, match=match):
+        fastmsc.lstm_layer(**make_args(*_inputs()))

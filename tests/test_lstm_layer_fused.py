@@ -1,0 +1,288 @@
+"""The compiled LSTM extension (fastmsc._C / JIT build) against the float64 reference and torch.nn.LSTM.
+
+Random shapes and values are drawn fresh each run; every failure message carries the seed
+(reproduce with FASTMSC_TEST_SEED=<seed>). The extension is built once per session if needed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import fastmsc
+from fastmsc import _extension
+from fastmsc.kernels import lstm_layer as fused_module
+from fastmsc.nn import LSTM
+from fastmsc.ops.lstm_layer import OP, lstm_layer_reference
+
+
+@pytest.fixture(scope="session", autouse=True)
+def extension():
+    """Build (JIT) or import the extension once; failing to do so is a test failure, not a skip."""
+    reason = _extension.unavailable_reason()
+    if reason is not None:
+        pytest.fail(f"the LSTM extension did not load: {reason}")
+    fused_module._ensure_registered()
+
+
+@pytest.fixture
+def rng():
+    seed = int(os.environ.get("FASTMSC_TEST_SEED", random.randrange(2**31)))
+    torch.manual_seed(seed)
+    return random.Random(seed), seed
+
+
+def _weights(D, n_in, H, dtype, bias=True, one_bias=False):
+    weights = []
+    for _ in range(D):
+        params = [torch.randn(4 * H, n_in, dtype=dtype) * 0.4, torch.randn(4 * H, H, dtype=dtype) * 0.4]
+        params.append(torch.randn(4 * H, dtype=dtype) if bias else None)
+        params.append(torch.randn(4 * H, dtype=dtype) if bias and not one_bias else None)
+        weights.append(tuple(None if p is None else p.requires_grad_() for p in params))
+    return tuple(weights)
+
+
+def _run_with_grads(fn, x, weights, h0, c0, lengths, upstream):
+    """Outputs and the gradients of every input tensor for a fixed random upstream gradient."""
+    out, h_n, c_n = fn(x, weights, h0, c0, lengths)
+    leaves = [t for t in (x, h0, c0, *(p for params in weights for p in params)) if t is not None]
+    g_out, g_h, g_c = upstream
+    loss = (out * g_out).sum() + (h_n * g_h).sum() + (c_n * g_c).sum()
+    return [out, h_n, c_n, *torch.autograd.grad(loss, leaves)]
+
+
+def _random_case(r, dtype, D, with_lengths, with_state, bias=True, non_contiguous=False):
+    B, T, n_in, H = r.randint(1, 5), r.randint(1, 9), r.randint(1, 7), r.randint(1, 11)
+    if non_contiguous:  # x as a transposed view of a (T, B, n_in) tensor
+        x = torch.randn(T, B, n_in, dtype=dtype).transpose(0, 1)
+    else:
+        x = torch.randn(B, T, n_in, dtype=dtype)
+    x.requires_grad_()
+    weights = _weights(D, n_in, H, dtype, bias=bias, one_bias=r.random() < 0.3)
+    h0 = torch.randn(D, B, H, dtype=dtype, requires_grad=True) if with_state else None
+    c0 = torch.randn(D, B, H, dtype=dtype, requires_grad=True) if with_state else None
+    lengths = torch.tensor([r.randint(1, T) for _ in range(B)]) if with_lengths else None
+    upstream = (torch.randn(B, T, D * H, dtype=dtype), torch.randn(D, B, H, dtype=dtype),
+                torch.randn(D, B, H, dtype=dtype))
+    return (x, weights, h0, c0, lengths), upstream, (B, T, n_in, H)
+
+
+def _assert_close(got, expected, rtol, atol, context):
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=atol, msg=lambda m: f"{context}: {m}")
+
+
+@pytest.mark.parametrize("D", [1, 2])
+@pytest.mark.parametrize("with_lengths", [False, True])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_matches_reference_float64(rng, D, with_lengths, with_state):
+    r, seed = rng
+    for trial in range(4):
+        args, upstream, shape = _random_case(r, torch.float64, D, with_lengths, with_state, bias=trial != 3,
+                                             non_contiguous=trial == 2)
+        expected = _run_with_grads(lstm_layer_reference, *args, upstream)
+        got = _run_with_grads(fused_module.fused, *args, upstream)
+        assert len(got) == len(expected)
+        for k, (g, e) in enumerate(zip(got, expected, strict=True)):
+            _assert_close(g, e, 1e-10, 1e-10,
+                          f"seed {seed}, trial {trial}, (B,T,I,H)={shape}, lengths={args[4]}, tensor #{k}")
+
+
+def test_edge_shapes_float64(rng):
+    """T=1, B=1, every sequence of length 1, and full-length sequences with lengths given."""
+    r, seed = rng
+    for B, T, lengths in ((1, 1, None), (1, 1, [1]), (3, 4, [1, 1, 1]), (2, 3, [3, 3])):
+        x = torch.randn(B, T, 3, dtype=torch.float64, requires_grad=True)
+        weights = _weights(2, 3, 5, torch.float64)
+        h0 = torch.randn(2, B, 5, dtype=torch.float64, requires_grad=True)
+        c0 = torch.randn(2, B, 5, dtype=torch.float64, requires_grad=True)
+        lens = None if lengths is None else torch.tensor(lengths)
+        upstream = (torch.randn(B, T, 10, dtype=torch.float64), torch.randn(2, B, 5, dtype=torch.float64),
+                    torch.randn(2, B, 5, dtype=torch.float64))
+        expected = _run_with_grads(lstm_layer_reference, x, weights, h0, c0, lens, upstream)
+        got = _run_with_grads(fused_module.fused, x, weights, h0, c0, lens, upstream)
+        for k, (g, e) in enumerate(zip(got, expected, strict=True)):
+            _assert_close(g, e, 1e-10, 1e-10, f"seed {seed}, B={B} T={T} lengths={lengths}, tensor #{k}")
+
+
+def test_gradcheck_float64(rng):
+    r, seed = rng
+    for D, with_lengths in ((1, False), (2, True)):
+        B, T, n_in, H = 2, 3, 2, 3
+        x = torch.randn(B, T, n_in, dtype=torch.float64, requires_grad=True)
+        weights = _weights(D, n_in, H, torch.float64)
+        h0 = torch.randn(D, B, H, dtype=torch.float64, requires_grad=True)
+        c0 = torch.randn(D, B, H, dtype=torch.float64, requires_grad=True)
+        lengths = torch.tensor([3, 2]) if with_lengths else None
+        flat = [p for params in weights for p in params]
+
+        def fn(x, h0, c0, *flat, D=D, lengths=lengths):
+            ws = tuple(tuple(flat[4 * d: 4 * d + 4]) for d in range(D))
+            return fused_module.fused(x, ws, h0, c0, lengths)
+
+        assert torch.autograd.gradcheck(fn, (x, h0, c0, *flat)), f"seed {seed}, D={D}"
+
+
+def _nn_pair(r, layers, D, n_in, H):
+    """torch.nn.LSTM and fastmsc.nn.LSTM with the same weights, loaded in a random direction."""
+    ref = torch.nn.LSTM(n_in, H, num_layers=layers, bidirectional=D == 2, batch_first=True)
+    fast = LSTM(n_in, H, num_layers=layers, bidirectional=D == 2, batch_first=True)
+    if r.random() < 0.5:
+        fast.load_state_dict(ref.state_dict())
+    else:
+        ref.load_state_dict(fast.state_dict())
+    return ref, fast
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+@pytest.mark.parametrize("D", [1, 2])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_nn_lstm_float32(rng, layers, D, with_lengths):
+    """fastmsc.nn.LSTM on backend fused against torch.nn.LSTM (packed for lengths) in float32.
+
+    Tolerance: both compute in float32 with differently rounded transcendental functions and GEMM
+    summation orders; a few 1e-7 relative per step, grown over at most 3 layers x 10 steps.
+    """
+    r, seed = rng
+    B, T, n_in, H = r.randint(1, 6), r.randint(1, 10), r.randint(1, 9), r.choice([3, 5, 7, 12, 13])
+    ref, fast = _nn_pair(r, layers, D, n_in, H)
+    x = torch.randn(B, T, n_in)
+    lengths = torch.tensor([r.randint(1, T) for _ in range(B)]) if with_lengths else None
+    h0 = torch.randn(layers * D, B, H)
+    c0 = torch.randn(layers * D, B, H)
+    g_out = torch.randn(B, T, D * H)
+    g_h, g_c = torch.randn(layers * D, B, H), torch.randn(layers * D, B, H)
+
+    def run(model, use_fastmsc):
+        xi, h, c = (t.clone().requires_grad_() for t in (x, h0, c0))
+        if use_fastmsc:
+            with fastmsc.use_backend("fused"):
+                out, (h_n, c_n) = model(xi, (h, c), lengths=lengths)
+        elif lengths is None:
+            out, (h_n, c_n) = model(xi, (h, c))
+        else:
+            packed = pack_padded_sequence(xi, lengths, batch_first=True, enforce_sorted=False)
+            out, (h_n, c_n) = model(packed, (h, c))
+            out, _ = pad_packed_sequence(out, batch_first=True, total_length=T)
+        loss = (out * g_out).sum() + (h_n * g_h).sum() + (c_n * g_c).sum()
+        grads = torch.autograd.grad(loss, [xi, h, c, *model.parameters()])
+        return [out, h_n, c_n, *grads]
+
+    names = ["out", "h_n", "c_n", "grad x", "grad h0", "grad c0"] + [f"grad {n}" for n, _ in ref.named_parameters()]
+    assert [n for n, _ in ref.named_parameters()] == [n for n, _ in fast.named_parameters()]
+    for name, g, e in zip(names, run(fast, True), run(ref, False), strict=True):
+        _assert_close(g, e, 1e-4, 3e-5,
+                      f"seed {seed}, layers={layers} D={D} (B,T,I,H)={(B, T, n_in, H)} lengths={lengths}, {name}")
+
+
+def test_float32_against_float64_reference(rng):
+    """Absolute float32 accuracy of the kernels' exp/tanh: compare with the float64 reference."""
+    r, seed = rng
+    args, upstream, shape = _random_case(r, torch.float64, 2, True, True)
+    expected = _run_with_grads(lstm_layer_reference, *args, upstream)
+    x, weights, h0, c0, lengths = args
+    f32 = lambda t: None if t is None else t.detach().float().requires_grad_()
+    args32 = (f32(x), tuple(tuple(f32(p) for p in params) for params in weights), f32(h0), f32(c0), lengths)
+    got = _run_with_grads(fused_module.fused, *args32, tuple(u.float() for u in upstream))
+    for k, (g, e) in enumerate(zip(got, expected, strict=True)):
+        _assert_close(g.double(), e, 1e-5, 1e-5, f"seed {seed}, (B,T,I,H)={shape}, tensor #{k}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_compute_in_float32(rng, dtype):
+    r, seed = rng
+    args, upstream, shape = _random_case(r, torch.float32, 2, True, True)
+    x, weights, h0, c0, lengths = args
+    cast = lambda t: None if t is None else t.detach().to(dtype).requires_grad_()
+    half_args = (cast(x), tuple(tuple(cast(p) for p in params) for params in weights), cast(h0), cast(c0), lengths)
+    assert fused_module.fused_unsupported("cpu", x=half_args[0]) is None
+    got = fused_module.fused(*half_args)
+    expected = lstm_layer_reference(*half_args)
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == dtype
+        # Same float32 math on the same rounded inputs; the outputs differ by the final rounding only.
+        torch.testing.assert_close(g.float(), e.float(), rtol=1e-2, atol=1e-2, msg=lambda m: f"seed {seed}: {m}")
+
+
+def test_inference_saves_nothing_and_matches(rng):
+    r, seed = rng
+    args, _, _ = _random_case(r, torch.float32, 2, True, True)
+    with torch.no_grad():
+        got = fused_module.fused(*args)
+        raw = torch.ops.fastmsc.lstm_fwd(args[0], torch.cat([p[0] for p in args[1]]),
+                                         torch.stack([p[1] for p in args[1]]), None, args[2], args[3], args[4], False)
+    assert raw[3].numel() == 0 and raw[4].numel() == 0, "inference must not keep gates or cell states"
+    expected = fused_module.fused(*args)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e.detach(), rtol=0, atol=0, msg=lambda m: f"seed {seed}: {m}")
+
+
+def test_auto_picks_the_extension_on_cpu():
+    assert OP.why_not_fused("cpu") is None
+    x = torch.randn(2, 3, 4)
+    assert OP.select("cpu", x=x) is fused_module.fused
+    row = fastmsc.info()["ops"]["lstm_layer"]["cpu"]
+    assert row == {"auto": "fused", "fused_unavailable": None}
+
+
+def test_torch_compile_fullgraph_no_graph_break(rng):
+    r, seed = rng
+    model = LSTM(5, 6, num_layers=2, bidirectional=True, batch_first=True)
+    x = torch.randn(3, 4, 5, requires_grad=True)
+    lengths = torch.tensor([4, 2, 3])
+
+    def fn(x):
+        out, (h, c) = model(x, lengths=lengths)
+        return out.sum() + h.sum() + c.sum()
+
+    with fastmsc.use_backend("fused"):
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        loss = compiled(x)
+        (grad,) = torch.autograd.grad(loss, [x])
+        expected_loss = fn(x)
+        (expected_grad,) = torch.autograd.grad(expected_loss, [x])
+    torch.testing.assert_close(loss, expected_loss, msg=lambda m: f"seed {seed}: {m}")
+    torch.testing.assert_close(grad, expected_grad, msg=lambda m: f"seed {seed}: {m}")
+
+
+def test_op_rejects_bad_arguments():
+    x = torch.randn(2, 3, 4)
+    w_ih, w_hh = torch.randn(8 * 5, 4), torch.randn(2, 20, 5)
+    op = torch.ops.fastmsc.lstm_fwd
+    with pytest.raises(RuntimeError, match="w_ih must have shape"):
+        op(x, torch.randn(40, 3), w_hh, None, None, None, None, False)
+    with pytest.raises(RuntimeError, match="w_hh must have shape"):
+        op(x, w_ih, torch.randn(2, 20, 4), None, None, None, None, False)
+    with pytest.raises(RuntimeError, match="h0 must have shape"):
+        op(x, w_ih, w_hh, None, torch.randn(2, 3, 5), None, None, False)
+    with pytest.raises(RuntimeError, match="lengths must be an int64"):
+        op(x, w_ih, w_hh, None, None, None, torch.tensor([1.0, 2.0]), False)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        op(x.half(), w_ih.half(), w_hh.half(), None, None, None, None, False)
+    with pytest.raises(RuntimeError, match="training=True"):
+        torch.ops.fastmsc.lstm_bwd(None, None, None, x, w_ih, w_hh, False, None, None, None, torch.randn(2, 3, 10),
+                                   torch.empty(0), torch.empty(0), True, True, True)
+
+
+def test_load_failure_falls_back_to_torch_with_one_warning(monkeypatch):
+    """A broken extension makes 'auto' use torch, warns once with the reason, and shows it in info()."""
+    reason = "the compiled LSTM extension is unavailable (simulated). Fix: rebuild"
+    monkeypatch.setattr(_extension, "_state", {"done": True, "error": reason, "origin": None})
+    monkeypatch.setattr(fused_module, "_warned", False)
+    x = torch.randn(2, 3, 4)
+    weights = ((torch.randn(20, 4), torch.randn(20, 5), None, None),)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, _, _ = fastmsc.lstm_layer(x, weights)
+        fastmsc.lstm_layer(x, weights)
+        info = fastmsc.info()["ops"]["lstm_layer"]["cpu"]
+    messages = [str(w.message) for w in caught if "lstm_layer" in str(w.message)]
+    assert len(messages) == 1 and "simulated" in messages[0], messages
+    assert info == {"auto": "torch", "fused_unavailable": reason}
+    torch.testing.assert_close(out, lstm_layer_reference(x, weights)[0], rtol=1e-5, atol=1e-6)
+    with fastmsc.use_backend("fused"), pytest.raises(fastmsc.backend.FusedUnavailable, match="simulated"):
+        fastmsc.lstm_layer(x, weights)

@@ -1,0 +1,332 @@
+"""fastmsc.nn modules: MultiScaleConv1d, LSTM (drop-in for torch.nn.LSTM), SelfAttention, MaxAvgPool1d,
+and fastmsc.swap_modules. Compared in float64 with the stock modules or the explicit math, forward
+and gradients, on fresh random sizes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _helpers import Draw, assert_close
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import fastmsc
+from fastmsc.nn import LSTM, MaxAvgPool1d, MultiScaleConv1d, SelfAttention
+
+TOL = {"rtol": 1e-10, "atol": 1e-12}  # float64 on both sides
+# "auto" runs the fused path wherever it supports the call (the compiled LSTM extension on CPU).
+MODULE_BACKENDS = ("reference", "torch", "auto")
+
+
+def grads_of(outputs, tensors, cotangents):
+    return torch.autograd.grad(outputs, tensors, cotangents, allow_unused=True)
+
+
+# ---------------------------------------------------------------- MultiScaleConv1d
+
+
+class SeparateConvs(nn.Module):
+    """How a model without fastmsc holds the branches: separate convs, concatenated in forward."""
+
+    def __init__(self, in_channels, out_channels, kernel_sizes, activation, bias=True):
+        super().__init__()
+        self.activation = activation
+        self.branches = nn.ModuleList(
+            nn.Conv1d(in_channels, c, k, padding=k // 2, bias=bias) for c, k in zip(out_channels, kernel_sizes,
+                                                                                    strict=True)
+        )
+
+    def forward(self, x):
+        act = {None: lambda y: y, "relu": F.relu, "gelu": F.gelu}[self.activation]
+        return torch.cat([act(branch(x)) for branch in self.branches], 1)
+
+
+@pytest.mark.parametrize("backend", MODULE_BACKENDS)
+def test_multiscale_conv1d_loads_separate_convs_and_matches_them(backend):
+    draw = Draw()
+    for _ in range(3):
+        c_in, kernels = draw.int(1, 5), [draw.odd(1, 9) for _ in range(draw.int(1, 3))]
+        outs = [draw.int(1, 5) for _ in kernels]
+        activation, bias = draw.choice((None, "relu", "gelu")), draw.choice((True, False))
+        what = f"C_in={c_in} kernels={kernels} out={outs} {activation} bias={bias} {draw.tag()}"
+        separate = SeparateConvs(c_in, outs, kernels, activation, bias).double()
+        fast = MultiScaleConv1d(c_in, outs, kernels, activation, bias).double()
+        fast.load_state_dict(separate.state_dict())
+        assert all(type(b) is nn.Conv1d for b in fast.branches), what
+        assert fast.out_channels == sum(outs)
+        x = draw.randn(draw.int(1, 3), c_in, draw.int(1, 20)).requires_grad_()
+        with fastmsc.use_backend(backend):
+            got = fast(x)
+        want = separate(x)
+        cot = draw.randn(*want.shape)
+        assert_close(got, want, what, **TOL)
+        for a, b in zip(grads_of(got, [x, *fast.parameters()], cot), grads_of(want, [x, *separate.parameters()], cot),
+                        strict=True):
+            assert_close(a, b, f"gradient {what}", **TOL)
+        separate.load_state_dict(fast.state_dict())  # and back
+
+
+def test_multiscale_conv1d_constructor():
+    conv = MultiScaleConv1d(3, 4)
+    assert [b.kernel_size[0] for b in conv.branches] == [3, 5, 7] and conv.out_channels == 12
+    assert [b.padding[0] for b in conv.branches] == [1, 2, 3]
+    assert MultiScaleConv1d(3, (2, 5), (1, 9)).out_channels == 7
+    with pytest.raises(ValueError, match=r"kernel_sizes must be odd"):
+        MultiScaleConv1d(3, 4, (3, 4))
+    with pytest.raises(ValueError, match=r"out_channels must be .* one positive int per kernel size \(3\)"):
+        MultiScaleConv1d(3, (4, 4))
+    with pytest.raises(ValueError, match=r"activation must be one of"):
+        MultiScaleConv1d(3, 4, activation="swish")
+
+
+# ---------------------------------------------------------------- LSTM
+
+
+def lstm_pair(draw: Draw, **config):
+    """A float64 torch.nn.LSTM and a fastmsc.nn.LSTM with the same configuration and weights."""
+    stock = nn.LSTM(**config, dtype=torch.float64)
+    fast = LSTM(**config, dtype=torch.float64)
+    fast.load_state_dict(stock.state_dict())
+    return stock, fast
+
+
+def draw_config(draw: Draw, **fixed) -> dict:
+    config = {
+        "input_size": draw.int(1, 6), "hidden_size": draw.int(1, 7), "num_layers": draw.int(1, 3),
+        "bias": draw.choice((True, False)), "batch_first": draw.choice((True, False)),
+        "dropout": draw.choice((0.0, 0.4)), "bidirectional": draw.choice((True, False)),
+    }
+    config.update(fixed)
+    if config["num_layers"] == 1:
+        config["dropout"] = 0.0  # torch.nn.LSTM warns about dropout with one layer
+    return config
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_lstm_parameters_and_state_dict_match_torch(num_layers, bidirectional, bias):
+    config = {"input_size": 3, "hidden_size": 5, "num_layers": num_layers, "bias": bias,
+              "bidirectional": bidirectional}
+    stock, fast = nn.LSTM(**config), LSTM(**config)
+    assert [(n, p.shape) for n, p in fast.named_parameters()] == [(n, p.shape) for n, p in stock.named_parameters()]
+    fast.load_state_dict(stock.state_dict())
+    stock.load_state_dict(fast.state_dict())
+    for name, param in stock.named_parameters():
+        assert torch.equal(param, fast.get_parameter(name)), name
+    for attr in ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional",
+                 "proj_size"):
+        assert getattr(fast, attr) == getattr(stock, attr), attr
+    bound = 1 / math.sqrt(5)
+    assert all(p.abs().max() <= bound for p in LSTM(**config).parameters()), "init must match nn.LSTM's range"
+
+
+@pytest.mark.parametrize("backend", MODULE_BACKENDS)
+def test_lstm_forward_and_gradients_match_torch(backend):
+    """Batched (both layouts), unbatched, with and without hx, 1-3 layers, dropout in eval mode."""
+    draw = Draw()
+    for unbatched in (False, True, False):
+        config = draw_config(draw)
+        stock, fast = lstm_pair(draw, **config)
+        stock.eval(), fast.eval()
+        B, T = draw.int(1, 4), draw.int(1, 12)
+        states = config["num_layers"] * (2 if config["bidirectional"] else 1)
+        if unbatched:
+            x, hx_shape = draw.randn(T, config["input_size"]), (states, config["hidden_size"])
+        else:
+            shape = (B, T) if config["batch_first"] else (T, B)
+            x, hx_shape = draw.randn(*shape, config["input_size"]), (states, B, config["hidden_size"])
+        hx = draw.choice((None, (draw.randn(*hx_shape), draw.randn(*hx_shape))))
+        what = f"{config} unbatched={unbatched} x={tuple(x.shape)} hx={hx is not None} {draw.tag()}"
+
+        def run(module, x=x, hx=hx):
+            inputs = [x.clone().requires_grad_()] + ([] if hx is None else [h.clone().requires_grad_() for h in hx])
+            with fastmsc.use_backend(backend):
+                out, (h_n, c_n) = module(inputs[0], None if hx is None else tuple(inputs[1:]))
+            outs = (out, h_n, c_n)
+            cot = [torch.cos(torch.arange(o.numel(), dtype=o.dtype)).reshape(o.shape) for o in outs]
+            return outs, grads_of(outs, inputs + list(module.parameters()), cot)
+
+        (want, want_grads), (got, got_grads) = run(stock), run(fast)
+        for name, a, b in zip(("output", "h_n", "c_n"), got, want, strict=True):
+            assert a.shape == b.shape, f"{name} shape {tuple(a.shape)} != {tuple(b.shape)}: {what}"
+            assert_close(a, b, f"{name} {what}", **TOL)
+        for i, (a, b) in enumerate(zip(got_grads, want_grads, strict=True)):
+            assert_close(a, b, f"gradient {i} (input, hx, then parameters) {what}", **TOL)
+
+
+@pytest.mark.parametrize("enforce_sorted", [False, True])
+@pytest.mark.parametrize("backend", MODULE_BACKENDS)
+def test_lstm_packed_sequence_in_packed_sequence_out(backend, enforce_sorted):
+    draw = Draw()
+    config = draw_config(draw, batch_first=draw.choice((True, False)))
+    stock, fast = lstm_pair(draw, **config)
+    stock.eval(), fast.eval()
+    B, T = draw.int(2, 5), draw.int(2, 12)
+    lengths = draw.lengths(B, T, "mixed")
+    if enforce_sorted:
+        lengths = lengths.sort(descending=True).values
+    x = draw.randn(B, T, config["input_size"])
+    states = (config["num_layers"] * (2 if config["bidirectional"] else 1), B, config["hidden_size"])
+    hx = draw.choice((None, (draw.randn(*states), draw.randn(*states))))  # in the caller's batch order
+    what = f"{config} lengths={lengths.tolist()} enforce_sorted={enforce_sorted} hx={hx is not None} {draw.tag()}"
+
+    def run(module):
+        leaves = [x.clone().requires_grad_()] + ([] if hx is None else [h.clone().requires_grad_() for h in hx])
+        padded = leaves[0] if config["batch_first"] else leaves[0].transpose(0, 1)
+        packed = pack_padded_sequence(padded, lengths, batch_first=config["batch_first"], enforce_sorted=enforce_sorted)
+        with fastmsc.use_backend(backend):
+            out, (h_n, c_n) = module(packed, None if hx is None else tuple(leaves[1:]))
+        cot = [torch.sin(torch.arange(o.numel(), dtype=o.dtype)).reshape(o.shape) for o in (out.data, h_n, c_n)]
+        return out, h_n, c_n, grads_of((out.data, h_n, c_n), [*leaves, *module.parameters()], cot)
+
+    want, got = run(stock), run(fast)
+    assert isinstance(got[0], nn.utils.rnn.PackedSequence), what
+    assert torch.equal(got[0].batch_sizes, want[0].batch_sizes), what
+    for field in ("sorted_indices", "unsorted_indices"):
+        a, b = getattr(got[0], field), getattr(want[0], field)
+        assert (a is None and b is None) or torch.equal(a, b), f"{field}: {what}"
+    for name, a, b in zip(("output", "h_n", "c_n"), (got[0].data, *got[1:3]), (want[0].data, *want[1:3]), strict=True):
+        assert_close(a, b, f"{name} {what}", **TOL)
+    for i, (a, b) in enumerate(zip(got[3], want[3], strict=True)):
+        assert_close(a, b, f"gradient {i} (input, hx, then parameters) {what}", **TOL)
+
+
+@pytest.mark.parametrize("backend", MODULE_BACKENDS)
+def test_lstm_lengths_equals_packing(backend):
+    """forward(padded, lengths=L) gives nn.LSTM's packed result, padded with zeros."""
+    draw = Draw()
+    config = draw_config(draw, batch_first=True, num_layers=2, bidirectional=True)
+    stock, fast = lstm_pair(draw, **config)
+    stock.eval(), fast.eval()
+    B, T = draw.int(2, 5), draw.int(2, 12)
+    lengths, x = draw.lengths(B, T, "mixed"), draw.randn(B, T, config["input_size"])
+    packed_out, (h_want, c_want) = stock(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+    want = pad_packed_sequence(packed_out, batch_first=True, total_length=T)[0]
+    with fastmsc.use_backend(backend):
+        got, (h_got, c_got) = fast(x, lengths=lengths)
+    what = f"{config} lengths={lengths.tolist()} {draw.tag()}"
+    for name, a, b in (("output", got, want), ("h_n", h_got, h_want), ("c_n", c_got, c_want)):
+        assert_close(a, b, f"{name} {what}", **TOL)
+
+
+def test_lstm_dropout_only_between_layers_in_training():
+    draw = Draw()
+    stock, fast = lstm_pair(draw, input_size=3, hidden_size=4, num_layers=2, dropout=0.5)
+    x = draw.randn(5, 2, 3)
+    fast.train()
+    first = fast(x)[0]
+    assert not torch.equal(first, fast(x)[0]), "dropout between layers must be random in training mode"
+    fast.eval(), stock.eval()
+    assert_close(fast(x)[0], stock(x)[0], "eval mode: no dropout", **TOL)
+    single_stock, single_fast = lstm_pair(draw, input_size=3, hidden_size=4, num_layers=1)
+    single_stock.train(), single_fast.train()
+    assert_close(single_fast(x)[0], single_stock(x)[0], "one layer in training mode", **TOL)
+
+
+def test_lstm_errors():
+    with pytest.raises(ValueError, match=r"proj_size"):
+        LSTM(3, 4, proj_size=2)
+    with pytest.raises(ValueError, match=r"hidden_size must be a positive int"):
+        LSTM(3, 0)
+    with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\]"):
+        LSTM(3, 4, num_layers=2, dropout=1.5)
+    lstm = LSTM(3, 4, num_layers=2, batch_first=True)
+    with pytest.raises(ValueError, match=r"input must have 3 features \(input_size\), got 2"):
+        lstm(torch.randn(2, 5, 2))
+    with pytest.raises(ValueError, match=r"input must be a 2-D \(unbatched\) or 3-D tensor"):
+        lstm(torch.randn(5))
+    with pytest.raises(ValueError, match=r"h_0 must have shape \(2, 2, 4\)"):
+        lstm(torch.randn(2, 5, 3), (torch.zeros(1, 2, 4), torch.zeros(2, 2, 4)))
+    with pytest.raises(TypeError, match=r"hx must be a tuple \(h_0, c_0\)"):
+        lstm(torch.randn(2, 5, 3), torch.zeros(2, 2, 4))
+    with pytest.raises(ValueError, match=r"lengths must lie in \[1, 5\]"):
+        lstm(torch.randn(2, 5, 3), lengths=[6, 1])
+
+
+# ---------------------------------------------------------------- swap_modules
+
+
+class Tagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(2, 3)
+        self.encoder = nn.Sequential(nn.LSTM(3, 4, num_layers=2, batch_first=True, bidirectional=True))
+        self.head = nn.LSTM(8, 5)
+
+    def forward(self, x):
+        h, _ = self.encoder[0](self.embed(x))
+        return self.head(h.transpose(0, 1))[0]
+
+
+def test_swap_modules_replaces_nested_lstms_keeping_weights():
+    draw = Draw()
+    model = Tagger().double().eval()
+    x = draw.randn(3, 6, 2)
+    before = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert fastmsc.swap_modules(model) is model
+    assert isinstance(model.encoder[0], LSTM) and isinstance(model.head, LSTM)
+    assert model.encoder[0].bidirectional and model.encoder[0].batch_first and model.encoder[0].num_layers == 2
+    assert not model.head.training and all(p.dtype == torch.float64 for p in model.parameters())
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    for backend in MODULE_BACKENDS:
+        with fastmsc.use_backend(backend):
+            assert_close(model(x), before, f"swapped model, backend {backend} {draw.tag()}", **TOL)
+
+
+def test_swap_modules_errors():
+    with pytest.raises(TypeError, match=r"swap_modules replaces LSTMs inside a model"):
+        fastmsc.swap_modules(nn.LSTM(2, 3))
+    with pytest.raises(ValueError, match=r"proj_size"):
+        fastmsc.swap_modules(nn.Sequential(nn.LSTM(2, 3, proj_size=2)))
+
+
+# ---------------------------------------------------------------- SelfAttention, MaxAvgPool1d
+
+
+def split_heads(t, num_heads):
+    """(B, T, E) -> (B, heads, T, E / heads)."""
+    return t.view(*t.shape[:2], num_heads, -1).transpose(1, 2)
+
+
+@pytest.mark.parametrize("backend", MODULE_BACKENDS)
+def test_self_attention_matches_explicit_math(backend):
+    draw = Draw()
+    for num_heads, out_proj in ((1, False), (draw.int(2, 3), True)):
+        head_dim = draw.int(1, 5)
+        E, B, T = num_heads * head_dim, draw.int(1, 3), draw.int(1, 10)
+        module = SelfAttention(E, num_heads, out_proj=out_proj).double()
+        x, lengths = draw.randn(B, T, E), draw.lengths(B, T, draw.choice((None, "mixed")))
+        with fastmsc.use_backend(backend):
+            got = module(x, lengths)
+        q, k, v = (split_heads(proj(x), num_heads) for proj in (module.query, module.key, module.value))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim)
+        if lengths is not None:
+            scores = scores.masked_fill(torch.arange(T)[None, None, None, :] >= lengths[:, None, None, None], -math.inf)
+        want = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, E)
+        if lengths is not None:
+            want = want.masked_fill(torch.arange(T)[None, :, None] >= lengths[:, None, None], 0.0)
+        if out_proj:
+            want = module.out_proj(want)
+        what = f"heads={num_heads} E={E} B={B} T={T} lengths={lengths} {draw.tag()}"
+        assert_close(got, want, what, **TOL)
+
+
+def test_self_attention_errors():
+    with pytest.raises(ValueError, match=r"embed_dim must be a positive multiple of num_heads"):
+        SelfAttention(10, 3)
+    with pytest.raises(ValueError, match=r"x must have shape \(B, T, 8\)"):
+        SelfAttention(8, 2)(torch.randn(2, 5, 6))
+
+
+def test_max_avg_pool1d_is_the_op():
+    draw = Draw()
+    x, lengths = draw.randn(3, 7, 4), draw.lengths(3, 7, "mixed")
+    got = MaxAvgPool1d()(x, lengths)
+    want = torch.stack([torch.cat([x[b, :L].amax(0), x[b, :L].mean(0)]) for b, L in enumerate(lengths.tolist())])
+    assert_close(got, want, f"lengths={lengths.tolist()} {draw.tag()}", **TOL)
