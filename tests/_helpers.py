@@ -196,7 +196,17 @@ def compare_with_reference(
     for i, (out, ref) in enumerate(zip(outs, ref_outs, strict=True)):
         assert out.shape == ref.shape, f"{prefix}: output {i} has shape {tuple(out.shape)}, want {tuple(ref.shape)}"
         assert out.dtype == dtype, f"{prefix}: output {i} has dtype {out.dtype}, want {dtype}"
-        assert_close(out.double(), ref, f"{prefix} output {i}", **tol[dtype])
+        assert_close(out.double(), ref, f"{prefix} output {i}", **_tolerance(tol[dtype], ref))
     for name, ref in ref_grads.items():
-        assert_close(grads[name].double(), ref, f"{prefix} grad of {name}", **tol[dtype])
+        assert_close(grads[name].double(), ref, f"{prefix} grad of {name}", **_tolerance(tol[dtype], ref))
     return dtype
+
+
+def _tolerance(spec: dict, expected: torch.Tensor) -> dict:
+    """rtol/atol from a spec; ``atol_per_max`` adds that fraction of max|expected| to atol. Low-precision
+    kernels round intermediate terms (products, partial sums, the stored output reused by a backward)
+    whose size follows the largest values of the tensor, not each element, and cancellation can leave an
+    element much smaller than the terms it came from: so their error bound scales with max|expected|."""
+    largest = float(expected.detach().abs().max()) if expected.numel() else 0.0
+    atol = spec["atol"] + spec.get("atol_per_max", 0.0) * largest
+    return {"rtol": spec["rtol"], "atol": atol}

@@ -231,3 +231,14 @@ BAD_CALLS = [
 def test_bad_arguments_raise_clear_errors(backend, make_args, error, match):
     with fastmsc.use_backend(backend), pytest.raises(error, match=match):
         fastmsc.lstm_layer(**make_args(*_inputs()))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to put one argument on another device")
+def test_mismatched_devices_name_the_argument():
+    x, w, h, c = _inputs()
+    cuda_weights = tuple(tuple(p.cuda() for p in d) for d in w)
+    with pytest.raises(ValueError, match=r"weights\[0\]\.w_ih is on cpu but x is on cuda"):
+        fastmsc.lstm_layer(x.cuda(), w)
+    with pytest.raises(ValueError, match=r"h0 is on cpu but x is on cuda"):
+        fastmsc.lstm_layer(x.cuda(), cuda_weights, h, c.cuda())

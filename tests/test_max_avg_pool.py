@@ -173,3 +173,10 @@ BAD_CALLS = [
 def test_bad_arguments_raise_clear_errors(backend, make_args, error, match):
     with fastmsc.use_backend(backend), pytest.raises(error, match=match):
         fastmsc.max_avg_pool(**make_args(_x()))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_lengths_and_cpu_lengths_agree():
+    x, lengths = torch.randn(3, 6, 2, device="cuda"), torch.tensor([6, 1, 4])
+    torch.testing.assert_close(fastmsc.max_avg_pool(x, lengths), fastmsc.max_avg_pool(x, lengths.cuda()))

@@ -176,3 +176,13 @@ def test_bias_entries_may_be_none(backend):
     expected = torch.cat([F.conv1d(x, w[0], b[0], padding=1), F.conv1d(x, w[1], None, padding=2)], 1)
     torch.testing.assert_close(mixed, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(no_bias, none, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to put one argument on another device")
+def test_mismatched_devices_name_the_argument():
+    x, w, b = _inputs()
+    with pytest.raises(ValueError, match=r"weights\[1\] is on cpu but x is on cuda"):
+        fastmsc.multiscale_conv1d(x.cuda(), [w[0].cuda(), w[1]])
+    with pytest.raises(ValueError, match=r"biases\[0\] is on cpu but x is on cuda"):
+        fastmsc.multiscale_conv1d(x.cuda(), [t.cuda() for t in w], b)

@@ -215,7 +215,7 @@ def test_gradients_only_for_what_requires_them():
 def test_weight_and_bias_gradients_are_bitwise_deterministic():
     seed = _seed()
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    # 3 x 40 steps = 3 (batch, time tile) pairs for dW: the interpreter splits them over 3 partial sums.
+    # 3 x 40 steps make 9 (batch, time tile) pairs for dW, which the interpreter splits over 3 partial sums.
     x, weights, biases = _make_inputs(rng, gen, batch=3, c_in=4, steps=40, kernel_sizes=(3, 5, 7),
                                       out_channels=(5, 6, 7), bias_pattern="all")
     grad = torch.randn(3, 18, 40, generator=gen).to(DEVICE)

@@ -28,8 +28,9 @@ Design
   buffer the size of grad_out that lives only during the backward; without one gz is grad_out itself.
   Then
   - dx (kernel 2): the transposed conv, dx[b, c, t] = sum_{o, j} W[o, c, j] gz[b, o, t + K_max//2 - j],
-    reduced over (o, j) flattened, with tl.dot when C_in >= 8 and a broadcast-multiply loop over the
-    input channels otherwise (tl.dot would pad C_in up to 16);
+    reduced over (o, j) flattened, with tl.dot (C_in padded to 16 rows; gz read once for all channels),
+    except for IEEE fp32 with C_in < 4, where the padding would cost FMA-unit time and an elementwise
+    multiply-add loop over the input channels does less work;
   - dW, db (kernels 3 and 4): deterministic two-stage reductions over batch x time. Kernel 3 gives each
     of S programs per (BLOCK_O, BLOCK_R) block of dW a fixed contiguous range of (b, time tile) pairs
     and writes its fp32 partial sums to an (S, C_total, C_in * K_max) buffer; kernel 4 adds the S
@@ -281,7 +282,7 @@ _DX_C_BLOCKS = (16, 64)
 _DW_R_BLOCKS = (16, 32, 64, 128)
 _DW_O_BLOCK = 64
 _DW_TIME_BLOCK = 32
-_DX_DOT_MIN_CHANNELS = 8
+_DX_DOT_MIN_CHANNELS = 4
 _SUM_BLOCK = 256
 
 
@@ -306,17 +307,23 @@ def _forward_config(T: int, c_total: int, r: int) -> dict:
     # The im2col operand is gathered through a (BLOCK_R, BLOCK_T) tile of pointers: with 4 warps the 128-step
     # tiles need over 255 registers per thread (spills on sm_80/sm_90), and 64x32 tiles on sm_80 in fp32; 8 warps
     # halve that.
+    # BLOCK_R = 16 means R <= 16: one reduction step, nothing to pipeline (and a second stage made ptxas spill
+    # 8 bytes in the 32x128 fp32 tile on sm_80).
     return {"BLOCK_O": block_o, "BLOCK_T": block_t, "BLOCK_R": block_r,
-            "num_warps": 8 if block_o * block_t >= 2048 else 4, "num_stages": 2}
+            "num_warps": 8 if block_o * block_t >= 2048 else 4, "num_stages": 1 if block_r == 16 else 2}
 
 
-def _grad_input_config(T: int, c_in: int) -> dict:
-    """Blocks of the dx kernel. Below 8 input channels tl.dot would pad C_in to 16, so the kernel multiplies
-    and adds elementwise instead, over (BLOCK_Q, BLOCK_T) tiles of (output channel, tap) x time."""
-    use_dot = c_in >= _DX_DOT_MIN_CHANNELS
+def _grad_input_config(T: int, c_in: int, tensor_cores: bool = True) -> dict:
+    """Blocks of the dx kernel. tl.dot pads C_in up to 16 rows: on tensor cores (half inputs, TF32) that is
+    nearly free and the gz tile is read once for all channels; with IEEE fp32 products (FMA units) and fewer
+    than 4 channels the kernel instead multiplies and adds elementwise, one channel at a time, over
+    (BLOCK_Q, BLOCK_T) tiles of (output channel, tap) x time."""
+    use_dot = tensor_cores or c_in >= _DX_DOT_MIN_CHANNELS
     block_c = _smallest_block_covering(c_in, _DX_C_BLOCKS) if use_dot else 1
     block_t = _time_block(T)
-    return {"BLOCK_C": block_c, "BLOCK_Q": 32 if use_dot else 64, "BLOCK_T": block_t, "USE_DOT": use_dot,
+    # (BLOCK_Q, BLOCK_T) pairs without spills on sm_80/sm_90 in fp32/fp16/bf16 (checked through AOT_CASES).
+    block_q = 32 if (use_dot and block_t > 32) else 64
+    return {"BLOCK_C": block_c, "BLOCK_Q": block_q, "BLOCK_T": block_t, "USE_DOT": use_dot,
             "num_warps": 8 if (block_t > 32 or block_c > 16) else 4, "num_stages": 2}
 
 
@@ -399,7 +406,7 @@ def _launch_grad_input(gz, weight, x_shape, dtype) -> torch.Tensor:
     B, c_in, T = x_shape
     c_total, _, k_max = weight.shape
     dx = new_output((B, c_in, T), dtype=dtype, device=gz.device)
-    cfg = _grad_input_config(T, c_in)
+    cfg = _grad_input_config(T, c_in, tensor_cores=_dot_precision(dtype) == "tf32" or dtype != torch.float32)
     n_c = triton.cdiv(c_in, cfg["BLOCK_C"]) if cfg["USE_DOT"] else 1
     n_t = triton.cdiv(T, cfg["BLOCK_T"])
     _msc_grad_input_kernel[(n_c * n_t * B,)](
@@ -598,7 +605,7 @@ def _aot_cases() -> list[dict]:
                         cfg, HAS_BIAS=True, ACTIVATION=2, **common))
         for block_t in _TIME_BLOCKS:
             for c_in in (1, _DX_C_BLOCKS[0], _DX_C_BLOCKS[-1]):
-                cfg = _grad_input_config(block_t, c_in)
+                cfg = _grad_input_config(block_t, c_in, tensor_cores=False)
                 cases.append(case(
                     f"grad_input_c{cfg['BLOCK_C']}_dot{int(cfg['USE_DOT'])}_t{block_t}_{dtype_name}",
                     _msc_grad_input_kernel,

@@ -64,7 +64,7 @@ def attention(q, k, v, lengths=None, scale=None):
         raise ValueError(f"q must have T >= 1 and D >= 1, got shape {tuple(q.shape)}")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be None or a finite float, got {scale!r}")
     lengths = check_lengths(lengths, q.shape[0], q.shape[-2], q.device)
     impl = OP.select(q.device.type, q=q, k=k, v=v, lengths=lengths, scale=scale)

@@ -110,7 +110,8 @@ def _lstm_packed(x, flat, h0, c0, lengths, has_bias, bidirectional):
 def _lstm_packed_op(x: torch.Tensor, flat: list[torch.Tensor], h0: torch.Tensor, c0: torch.Tensor,
                     lengths: torch.Tensor, has_bias: bool, bidirectional: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _lstm_packed(x, flat, h0, c0, lengths, has_bias, bidirectional)
+    # Contiguous outputs, as the fake implementation promises (pad_packed_sequence returns a transposed view).
+    return tuple(t.contiguous() for t in _lstm_packed(x, flat, h0, c0, lengths, has_bias, bidirectional))
 
 
 @_lstm_packed_op.register_fake
@@ -142,12 +143,12 @@ def _lstm_packed_backward_op(grad_out: torch.Tensor, grad_h_n: torch.Tensor, gra
         inputs = [t.detach().requires_grad_() for t in (x, h0, c0, *flat)]
         outputs = _lstm_packed(inputs[0], inputs[3:], inputs[1], inputs[2], lengths, has_bias, bidirectional)
         grads = torch.autograd.grad(outputs, inputs, (grad_out, grad_h_n, grad_c_n), allow_unused=True)
-    return [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads, strict=True)]
+    return [t.new_zeros(t.shape) if g is None else g.contiguous() for t, g in zip(inputs, grads, strict=True)]
 
 
 @_lstm_packed_backward_op.register_fake
 def _(grad_out, grad_h_n, grad_c_n, x, flat, h0, c0, lengths, has_bias, bidirectional):
-    return [torch.empty_like(t) for t in (x, h0, c0, *flat)]
+    return [t.new_empty(t.shape) for t in (x, h0, c0, *flat)]
 
 
 def _lstm_packed_setup_context(ctx, inputs, output):

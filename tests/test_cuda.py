@@ -1,0 +1,269 @@
+"""CUDA-only checks of the fused ops: every op against the float64 reference (forward and every gradient)
+in float32/float16/bfloat16, ``auto`` choosing the fused path, torch.compile(fullgraph=True) of
+MSCClassifier on the fused backend, and CUDA-graph capture of the LSTM op.
+
+All skip with "needs a CUDA GPU" on machines without one; bench/gpu_check.sh runs them on a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _helpers import Draw, assert_close
+
+import fastmsc
+from fastmsc.backend import OPS
+from fastmsc.models import MSCClassifier
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+DEVICE = "cuda"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _tolerance(dtype: torch.dtype, expected: torch.Tensor) -> dict:
+    """Inputs are rounded to ``dtype`` for both sides, so only the kernel's own rounding differs: fp32
+    accumulation (~1e-6 relative over the few hundred terms here) and, for half types, intermediates
+    stored in the input dtype (softmax probabilities, the saved forward output) whose error follows the
+    largest values of a tensor, not each element: hence 8 ulps of the dtype relative to max|expected|.
+    TF32 is off (torch's default), so fp32 stays tight."""
+    if dtype == torch.float32:
+        return {"rtol": 1e-4, "atol": 1e-5 * max(1.0, float(expected.abs().max()))}
+    ulp = {torch.float16: 2**-11, torch.bfloat16: 2**-8}[dtype]
+    return {"rtol": 8 * ulp, "atol": 8 * ulp * max(1.0, float(expected.abs().max()))}
+
+
+def _place(values: torch.Tensor, dtype: torch.dtype, strided: bool) -> torch.Tensor:
+    """values (float64, CPU) rounded to dtype on the GPU, requiring grad; ``strided`` gives a view with
+    every other element of a NaN-filled buffer, so a kernel that ignores strides reads NaN."""
+    if not strided:
+        return values.to(dtype).to(DEVICE).requires_grad_()
+    buffer = torch.full((*values.shape[:-1], 2 * values.shape[-1]), float("nan"), dtype=dtype, device=DEVICE)
+    buffer[..., ::2] = values.to(dtype).to(DEVICE)
+    return buffer.requires_grad_()[..., ::2]
+
+
+def _check_against_reference(call, values: dict, lengths, dtype, draw, what, strided=()):
+    """Run ``call(tensors, lengths)`` with backend 'fused' in ``dtype`` and 'reference' in float64 on the
+    same rounded values; compare every output and the gradient of every tensor."""
+    tensors = {name: _place(v, dtype, name in strided) for name, v in values.items()}
+    reference_inputs = {name: v.to(dtype).double().to(DEVICE).requires_grad_() for name, v in values.items()}
+    lengths = None if lengths is None else lengths.to(DEVICE)
+    with fastmsc.use_backend("fused"):
+        outs = call(tensors, lengths)
+    with fastmsc.use_backend("reference"):
+        ref_outs = call(reference_inputs, lengths)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    ref_outs = ref_outs if isinstance(ref_outs, tuple) else (ref_outs,)
+    cotangents = [draw.randn(*o.shape).to(dtype).to(DEVICE) for o in ref_outs]
+    names = list(values)
+    grads = torch.autograd.grad(outs, [tensors[n] for n in names], cotangents, allow_unused=True)
+    ref_grads = torch.autograd.grad(ref_outs, [reference_inputs[n] for n in names],
+                                    [c.double() for c in cotangents], allow_unused=True)
+    prefix = f"{what} dtype={str(dtype).replace('torch.', '')} [{draw.tag()}]"
+    for i, (out, ref) in enumerate(zip(outs, ref_outs, strict=True)):
+        assert out.dtype == dtype and out.device.type == "cuda", f"{prefix}: output {i} is {out.dtype} on {out.device}"
+        assert_close(out.double(), ref, f"{prefix} output {i}", **_tolerance(dtype, ref))
+    for name, grad, ref in zip(names, grads, ref_grads, strict=True):
+        ref = torch.zeros_like(reference_inputs[name]) if ref is None else ref
+        assert grad is not None, f"{prefix}: no gradient reached {name}"
+        assert_close(grad.double(), ref, f"{prefix} grad of {name}", **_tolerance(dtype, ref))
+
+
+def _mixed_lengths(draw, batch, steps):
+    values = [draw.int(1, steps) for _ in range(batch)]
+    values[:2] = [steps, 1]
+    draw.rng.shuffle(values)
+    return torch.tensor(values, dtype=torch.int64)
+
+
+# (batch, channels in, time, channels out per branch): odd sizes, then one a block size does not divide.
+CONV_SHAPES = [(2, 3, 17, 5), (3, 20, 130, 32)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=str)
+def test_multiscale_conv1d_fused_matches_reference(shape, dtype):
+    draw = Draw()
+    B, C, T, C_out = shape
+    kernels = (3, 5, 7)
+    values = {"x": draw.randn(B, C, T)}
+    for i, k in enumerate(kernels):
+        values[f"w{i}"] = draw.randn(C_out, C, k, scale=(C * k) ** -0.5)
+        values[f"b{i}"] = draw.randn(C_out)
+    activation = draw.choice([None, "relu", "gelu"])
+
+    def call(t, lengths):
+        weights = [t[f"w{i}"] for i in range(len(kernels))]
+        biases = [t[f"b{i}"] for i in range(len(kernels))]
+        return fastmsc.multiscale_conv1d(t["x"], weights, biases, activation)
+
+    _check_against_reference(call, values, None, dtype, draw, f"multiscale_conv1d {shape} act={activation}",
+                             strided=("x",) if T > 100 else ())
+
+
+# (batch, heads, time, head dim)
+ATTENTION_SHAPES = [(2, 1, 13, 16), (3, 2, 150, 64)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=str)
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+def test_attention_fused_matches_reference(shape, dtype, with_lengths):
+    draw = Draw()
+    B, H, T, D = shape
+    values = {name: draw.randn(B, H, T, D) for name in ("q", "k", "v")}
+    lengths = _mixed_lengths(draw, B, T) if with_lengths else None
+    _check_against_reference(lambda t, lens: fastmsc.attention(t["q"], t["k"], t["v"], lens), values, lengths,
+                             dtype, draw, f"attention {shape}", strided=("k",) if T > 100 else ())
+
+
+# (batch, time, channels)
+POOL_SHAPES = [(3, 11, 7), (4, 300, 160)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", POOL_SHAPES, ids=str)
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+def test_max_avg_pool_fused_matches_reference(shape, dtype, with_lengths):
+    draw = Draw()
+    B, T, C = shape
+    values = {"x": draw.randn(B, T, C)}
+    lengths = _mixed_lengths(draw, B, T) if with_lengths else None
+    _check_against_reference(lambda t, lens: fastmsc.max_avg_pool(t["x"], lens), values, lengths, dtype, draw,
+                             f"max_avg_pool {shape}", strided=("x",) if T > 100 else ())
+
+
+# (batch, time, input size, hidden size)
+LSTM_SHAPES = [(3, 7, 5, 6), (5, 40, 24, 64)]
+
+
+def _lstm_values(draw, shape, directions=2):
+    B, T, F, H = shape
+    values = {"x": draw.randn(B, T, F), "h0": draw.randn(directions, B, H), "c0": draw.randn(directions, B, H)}
+    for d in range(directions):
+        values[f"w_ih{d}"] = draw.randn(4 * H, F, scale=H**-0.5)
+        values[f"w_hh{d}"] = draw.randn(4 * H, H, scale=H**-0.5)
+        values[f"b_ih{d}"] = draw.randn(4 * H, scale=0.1)
+        values[f"b_hh{d}"] = draw.randn(4 * H, scale=0.1)
+    return values
+
+
+def _lstm_call(t, lengths, directions=2):
+    weights = tuple((t[f"w_ih{d}"], t[f"w_hh{d}"], t[f"b_ih{d}"], t[f"b_hh{d}"]) for d in range(directions))
+    return fastmsc.lstm_layer(t["x"], weights, t["h0"], t["c0"], lengths)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", LSTM_SHAPES, ids=str)
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+def test_lstm_layer_fused_matches_reference(shape, dtype, with_lengths):
+    draw = Draw()
+    values = _lstm_values(draw, shape)
+    lengths = _mixed_lengths(draw, shape[0], shape[1]) if with_lengths else None
+    _check_against_reference(_lstm_call, values, lengths, dtype, draw, f"lstm_layer {shape}",
+                             strided=("x",) if shape[1] > 20 else ())
+
+
+def _sample_args(name: str, draw) -> dict:
+    """Arguments of one typical float32 call of each op, for asking the backend what it picks."""
+    x3 = torch.randn(2, 9, 8, device=DEVICE)
+    if name == "multiscale_conv1d":
+        return {"x": x3, "weights": [torch.randn(4, 9, k, device=DEVICE) for k in (3, 5, 7)], "biases": None,
+                "activation": None}
+    if name == "attention":
+        return {"q": x3, "k": x3, "v": x3, "lengths": None, "scale": 8**-0.5}
+    if name == "max_avg_pool":
+        return {"x": x3, "lengths": None}
+    if name == "lstm_layer":
+        w = (torch.randn(16, 8, device=DEVICE), torch.randn(16, 4, device=DEVICE), None, None)
+        return {"x": x3, "weights": (w,), "h0": None, "c0": None, "lengths": None}
+    raise AssertionError(f"no sample arguments for op {name}")
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_auto_picks_fused_on_cuda(name):
+    if name == "lstm_layer" and _lstm_extension_reason() is not None:
+        pytest.skip(f"LSTM extension unavailable: {_lstm_extension_reason()}")
+    op = OPS[name]
+    with fastmsc.use_backend("auto"):
+        reason = op.why_not_fused("cuda", **_sample_args(name, Draw()))
+        assert reason is None, f"auto does not pick fused for {name} on CUDA: {reason}"
+        assert op.select("cuda", **_sample_args(name, Draw())) is op.fused
+    assert fastmsc.info()["ops"][name]["cuda"]["auto"] == "fused"
+
+
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+def test_compiled_classifier_on_fused_backend_matches_eager(with_lengths):
+    draw = Draw()
+    B, C, T, K = 4, 3, draw.int(20, 40), 5
+    model = MSCClassifier(C, K, conv_channels=16, lstm_hidden=32, classifier_hidden=32, dropout=0.0).to(DEVICE)
+    compiled_model = copy.deepcopy(model)
+    x = draw.randn(B, C, T).float().to(DEVICE)
+    lengths = _mixed_lengths(draw, B, T).to(DEVICE) if with_lengths else None
+    target = torch.randint(0, K, (B,), device=DEVICE)
+    what = f"compiled MSCClassifier T={T} lengths={lengths} [{draw.tag()}]"
+    results = []
+    with fastmsc.use_backend("fused"):
+        for m in (torch.compile(compiled_model, fullgraph=True), model):
+            logits = m(x, lengths)
+            loss = torch.nn.functional.cross_entropy(logits, target)
+            grads = torch.autograd.grad(loss, list(m.parameters()))
+            results.append((logits.detach(), grads))
+    (logits_c, grads_c), (logits_e, grads_e) = results
+    assert_close(logits_c, logits_e, f"{what}: logits", rtol=1e-4, atol=1e-5)
+    for (name, _), a, b in zip(model.named_parameters(), grads_c, grads_e, strict=True):
+        assert_close(a, b, f"{what}: grad of {name}", rtol=1e-4, atol=1e-5 * max(1.0, float(b.abs().max())))
+
+
+def _lstm_extension_reason() -> str | None:
+    from fastmsc import _extension
+
+    reason = _extension.unavailable_reason()
+    if reason is None and not _extension.has_cuda_kernels():
+        reason = "the LSTM extension was built without CUDA kernels"
+    return reason
+
+
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+def test_lstm_fused_is_cuda_graph_capturable(with_lengths):
+    """Forward and backward of the fused LSTM captured in a CUDA graph, then replayed on new inputs,
+    give what eager mode gives: no host sync, no allocation outside the graph pool in the launch path."""
+    reason = _lstm_extension_reason()
+    if reason is not None:
+        pytest.skip(f"LSTM extension unavailable: {reason}")
+    draw = Draw()
+    shape = (4, 12, 8, 32)
+    values = _lstm_values(draw, shape)
+    static = {n: v.float().to(DEVICE).requires_grad_() for n, v in values.items()}
+    lengths = _mixed_lengths(draw, shape[0], shape[1]).to(DEVICE) if with_lengths else None
+    grad_out = torch.randn(shape[0], shape[1], 2 * shape[3], device=DEVICE)
+    fused = OPS["lstm_layer"].fused  # the public op reads lengths on the host to validate them
+
+    def step():
+        weights = tuple((static[f"w_ih{d}"], static[f"w_hh{d}"], static[f"b_ih{d}"], static[f"b_hh{d}"])
+                        for d in range(2))
+        out, _, _ = fused(static["x"], weights, static["h0"], static["c0"], lengths)
+        return (out, *torch.autograd.grad(out, list(static.values()), grad_out))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    fresh = _lstm_values(draw, shape)
+    with torch.no_grad():
+        for n, v in fresh.items():
+            static[n].copy_(v.float().to(DEVICE))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = step()
+    what = f"CUDA graph replay of the fused LSTM lengths={lengths} [{draw.tag()}]"
+    for i, (got, want) in enumerate(zip(captured, expected, strict=True)):
+        assert_close(got, want, f"{what}: output {i}", rtol=1e-5, atol=1e-6)
