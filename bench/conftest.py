@@ -32,14 +32,21 @@ def pytest_addoption(parser):
     group.addoption("--bench-quick", action="store_true", help="the tiny shapes of `fastmsc bench --quick`")
     group.addoption("--bench-backends", default="torch,fused",
                     help=f"comma-separated, from {','.join(BACKEND_CHOICES)} (default: torch,fused)")
-    group.addoption("--bench-warmup", type=int, default=3, help="untimed calls before pytest-benchmark's rounds")
+    group.addoption("--bench-warmup", type=int, default=None,
+                    help="untimed calls first (default 3; 1 with --bench-quick)")
+    group.addoption("--bench-rounds", type=int, default=None,
+                    help="timed rounds of one call each (default 10; 3 with --bench-quick); fixed rather than "
+                         "calibrated, so a run's length does not depend on how busy the machine is")
     group.addoption("--bench-compile-lstm", action="store_true",
                     help="let torch.compile unroll long LSTMs (compile time grows with T)")
 
 
 def pytest_collect_file(file_path, parent):
-    """Collect bench_*.py here without `-o python_files=...`; skip files python_files already collects."""
+    """Collect bench_*.py here without `-o python_files=...`; skip files pytest collects anyway (named on
+    the command line, or matching python_files), which would otherwise run twice."""
     if file_path.suffix != ".py" or not file_path.name.startswith("bench_"):
+        return None
+    if parent.session.isinitpath(file_path):
         return None
     if any(fnmatch.fnmatch(file_path.name, pattern) for pattern in parent.config.getini("python_files")):
         return None
@@ -55,9 +62,12 @@ def _options(config) -> Options:
     bad = [b for b in backends if b not in BACKEND_CHOICES]
     if bad:
         raise pytest.UsageError(f"--bench-backends got {', '.join(bad)}; valid: {', '.join(BACKEND_CHOICES)}")
+    quick = config.getoption("--bench-quick")
+    warmup, rounds = config.getoption("--bench-warmup"), config.getoption("--bench-rounds")
     return Options(device=device, dtype=DTYPES[config.getoption("--bench-dtype")], backends=backends,
-                   warmup=config.getoption("--bench-warmup"), quick=config.getoption("--bench-quick"),
-                   compile_lstm=config.getoption("--bench-compile-lstm"))
+                   warmup=(1 if quick else 3) if warmup is None else warmup,
+                   repeats=(3 if quick else 10) if rounds is None else rounds,
+                   quick=quick, compile_lstm=config.getoption("--bench-compile-lstm"))
 
 
 def pytest_generate_tests(metafunc):
@@ -118,6 +128,6 @@ def run_benchmark(bench_options):
         benchmark.extra_info.update(op=case.op, mode=mode, shape=case.shape, backend=backend,
                                     device=str(bench_options.device), saved_bytes=saved,
                                     max_rel_error=outcome.max_error, checked_on=outcome.checked_on, note=runner.note)
-        benchmark(timed)
+        benchmark.pedantic(timed, rounds=bench_options.repeats, iterations=1)
 
     return run

@@ -68,8 +68,10 @@ class FusedUnavailable(RuntimeError):
 class Op:
     """One public op and its implementations.
 
-    The fused path lives in ``fused_module`` (``fastmsc.kernels.<op>``), imported on first use so
-    that ``import fastmsc`` never needs triton or the compiled extension. That module defines
+    The fused path lives in ``fused_module`` (``fastmsc.kernels.<op>``), imported by
+    :func:`load_fused_modules` when ``fastmsc`` is imported (torch.compile cannot trace an import, so
+    it must not happen on the first call); a failed import is recorded, never raised, so ``import
+    fastmsc`` never needs triton or the compiled extension. That module defines
     ``fused`` (same signature as ``reference``) and ``fused_unsupported(device_type, **call_args)``,
     which returns ``None`` when the fused path can run those arguments on that device, else a
     sentence saying why not; called with only the device type it answers for the device in general
@@ -131,3 +133,9 @@ OPS: dict[str, Op] = {}
 def register(op: Op) -> Op:
     OPS[op.name] = op
     return op
+
+
+def load_fused_modules() -> None:
+    """Import every op's fused module now (failures are recorded in the op and shown by fastmsc.info)."""
+    for op in OPS.values():
+        op._load_fused()

@@ -396,7 +396,8 @@ def fit(model: nn.Module, train_data, test_data=None, *, epochs: int = 100, batc
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss_sum / count,
                "train_acc": correct / count, "test_loss": None, "test_acc": None}
         if test_on is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
-            scores = evaluate(model, test_on, eval_batch_size, device, criterion, amp)
+            # The unwrapped model: ranks score different numbers of batches, so no DDP collective may run.
+            scores = evaluate(raw_model, test_on, eval_batch_size, device, criterion, amp)
             row["test_loss"], row["test_acc"] = scores["loss"], scores["accuracy"]
         row["epoch_time_s"] = time.perf_counter() - epoch_started
         history.append(row)

@@ -114,13 +114,14 @@ def tf32_enabled() -> bool:
             or torch.get_float32_matmul_precision() != "highest")
 
 
-def tolerance(dtype: torch.dtype, device: torch.device, model: bool = False) -> float:
+def tolerance(dtype: torch.dtype, device: torch.device, model: bool = False, tf32: bool | None = None) -> float:
     """Largest accepted error, relative to the largest reference magnitude of the compared tensor.
 
     float32 accumulates rounding of about 1e-7 per operation; 1e-4 leaves room for the long reductions and
     recurrences of one op (T up to 2048) and still catches any indexing or masking bug, which errs by O(1).
     On CUDA, PyTorch's default lets cuDNN (convolutions, LSTM) use TF32, a 10-bit mantissa (~5e-4 per
-    product), hence 5e-3 when TF32 is on. Half types keep ~3 (bf16: ~2) significant digits per stored value.
+    product), hence 5e-3 when TF32 is on (``tf32``; None: any of PyTorch's TF32 switches). Half types keep
+    ~3 (bf16: ~2) significant digits per stored value.
 
     The model's gradients get 20x more: the attention key projection and the conv weights sit behind the
     softmax and BatchNorm backward passes, whose mean subtractions cancel; stock PyTorch float32 itself
@@ -130,7 +131,8 @@ def tolerance(dtype: torch.dtype, device: torch.device, model: bool = False) -> 
     if dtype == torch.float64:
         return 1e-10 * factor
     if dtype == torch.float32:
-        return (5e-3 if device.type == "cuda" and tf32_enabled() else 1e-4) * factor
+        tf32 = tf32_enabled() if tf32 is None else tf32
+        return (5e-3 if device.type == "cuda" and tf32 else 1e-4) * factor
     if model:
         return 0.1  # half-precision training steps agree to about one digit; still far below an O(1) bug
     return 2e-2 if dtype == torch.float16 else 6e-2
@@ -278,9 +280,9 @@ class OpWorkload:
             self._reference = (inputs, upstream, [o.detach() for o in ref_outputs], ref_grads, batch)
         return self._reference
 
-    def _check(self, impl) -> CheckOutcome:
+    def _check(self, impl, tf32: bool | None) -> CheckOutcome:
         inputs, upstream, ref_outputs, ref_grads, batch = self._reference_data()
-        tol = tolerance(self.options.dtype, self.options.device)
+        tol = tolerance(self.options.dtype, self.options.device, tf32=tf32)
         checked_on = _checked_on(self.case, batch)
         outputs, grads = self._run(impl, inputs, upstream if self.training else [])
         if len(outputs) != len(ref_outputs):
@@ -303,7 +305,7 @@ class OpWorkload:
             self._upstream = [torch.randn_like(o) for o in shapes]
         return self._upstream or []
 
-    def _runner(self, impl, note: str = "") -> Runner:
+    def _runner(self, impl, note: str = "", tf32: bool | None = None) -> Runner:
         def step():
             inputs, upstream = self.inputs, self._upstream_for_timing()
             return lambda: self._run(impl, inputs, upstream)
@@ -313,7 +315,7 @@ class OpWorkload:
                 return None
             return saved_tensor_bytes(lambda: impl(**self.inputs.kwargs), exclude=self.inputs.params())
 
-        return Runner(lambda: self._check(impl), step, saved, note)
+        return Runner(lambda: self._check(impl, tf32), step, saved, note)
 
     def resolve(self, backend: str) -> Runner | Unavailable:
         device = self.options.device
@@ -327,7 +329,9 @@ class OpWorkload:
                 reason = self.op.why_not_fused(device.type, **self.inputs.kwargs)
             if reason is not None:
                 return Unavailable("unavailable", f"fused unavailable: {reason}")
-            return self._runner(self.op.fused)
+            # Fused kernels use TF32 only when torch.backends.cuda.matmul.allow_tf32 asks for it, so they are
+            # held to the float32 tolerance even while cuDNN's TF32 (on by default) loosens the torch backend's.
+            return self._runner(self.op.fused, tf32=torch.backends.cuda.matmul.allow_tf32)
         if backend == "compile":
             reason = compile_unavailable(device)
             if reason is not None:

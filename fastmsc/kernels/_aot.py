@@ -400,6 +400,25 @@ def uncovered_kernels(module, cases) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _without_duplicates(tasks):
+    """Drop tasks that compile exactly what an earlier one compiles (same kernel, signature, constants,
+    launch settings and arch), e.g. when two autotune configs of a case list coincide."""
+    seen, unique = set(), []
+    for task in tasks:
+        _, _, case, arch = task
+        try:
+            key = (id(python_function(case["kernel"])), tuple(case["signature"].items()),
+                   tuple(sorted((k, repr(v)) for k, v in case["constexprs"].items())),
+                   case["num_warps"], case["num_stages"], arch)
+        except (TypeError, KeyError, AttributeError):  # a malformed case: let compile_case report it
+            unique.append(task)
+            continue
+        if key not in seen:
+            seen.add(key)
+            unique.append(task)
+    return unique
+
+
 def _worker(modules: list[str], archs: list[int], attr: str, shard: int, shards: int) -> int:
     """Compile this shard's (module, case, arch) tasks; print one JSON record per line."""
     def emit(record):
@@ -419,6 +438,7 @@ def _worker(modules: list[str], archs: list[int], attr: str, shard: int, shards:
         if shard == 0:
             emit({"uncovered": uncovered_kernels(module, cases), "module": spec})
         tasks += [(spec, index, case, arch) for index, case in enumerate(cases) for arch in archs]
+    tasks = _without_duplicates(tasks)
     for spec, index, case, arch in tasks[shard::shards]:
         label = case.get("name", f"#{index}") if isinstance(case, dict) else f"#{index}"
         emit({"started": f"{spec}:{label} on sm_{arch}"})
@@ -443,8 +463,13 @@ def default_jobs() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
+def default_timeout() -> float:
+    """Seconds allowed for a whole :func:`collect` run: $FASTMSC_AOT_TIMEOUT, else 1200."""
+    return float(os.environ.get("FASTMSC_AOT_TIMEOUT") or 1200.0)
+
+
 def collect(modules: list[str] | None = None, archs=ARCHS, attr: str = "AOT_CASES", jobs: int | None = None,
-            timeout: float = 1200.0) -> AotReport:
+            timeout: float | None = None) -> AotReport:
     """Compile every case of ``modules`` (dotted names or .py paths; default: all kernel modules) for every
     arch in ``jobs`` worker subprocesses without TRITON_INTERPRET. A case that fails to compile, or the
     ``timeout`` (seconds for the whole run) expiring, becomes an entry of ``errors``; a worker that dies
@@ -454,6 +479,7 @@ def collect(modules: list[str] | None = None, archs=ARCHS, attr: str = "AOT_CASE
     if not modules:
         return report
     jobs = default_jobs() if jobs is None else max(1, jobs)
+    timeout = default_timeout() if timeout is None else timeout
     start = time.perf_counter()
     workers = []
     for shard in range(jobs):

@@ -29,6 +29,7 @@ import triton.language as tl
 from ._common import new_output, triton_unsupported
 
 MAX_HEAD_DIM = 256
+MAX_FP32_HEAD_DIM = 64  # IEEE fp32 tl.dot spills registers beyond this (see the block tables)
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The interpreter has no bf16 arithmetic: there the kernels upcast bf16 tiles to fp32 right after loading (and
@@ -192,9 +193,11 @@ def _attention_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     key_in = offs_n < T
-    k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=key_in[:, None] & d_ok[None, :],
+    key_ok = offs_n < seq_len
+    # Keys past the length load as zeros: their (discarded) rows of dK/dV then stay finite.
+    k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=key_ok[:, None] & d_ok[None, :],
                 other=0.0)
-    v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=key_in[:, None] & d_ok[None, :],
+    v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=key_ok[:, None] & d_ok[None, :],
                 other=0.0)
     if DOT_FP32:
         k = k.to(tl.float32)
@@ -227,10 +230,9 @@ def _attention_bwd_dkdv_kernel(
             ds_op = ds_op.to(tl.float32)
         dk = tl.dot(ds_op, q, dk, input_precision=INPUT_PRECISION)
 
-    # Row j of dK/dV depends only on key j, so keys past the length (loaded, never masked above) are zeroed here.
-    key_ok = (offs_n < seq_len)[:, None]
-    dk = tl.where(key_ok, dk * sm_scale, 0.0)
-    dv = tl.where(key_ok, dv, 0.0)
+    # Row j of dK/dV depends only on key j, so keys past the length (never masked above) are zeroed here.
+    dk = tl.where(key_ok[:, None], dk * sm_scale, 0.0)
+    dv = tl.where(key_ok[:, None], dv, 0.0)
     out_mask = key_in[:, None] & d_ok[None, :]
     tl.store(DK + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
              mask=out_mask)
@@ -325,31 +327,32 @@ def _attention_bwd_dq_kernel(
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, by BLOCK_D, for half (fp16/bf16) and fp32 operands.
 # Chosen so that no configuration spills registers on sm_80 or sm_90 (every entry is an AOT_CASES case, compiled
 # and checked with cuobjdump): 8 warps for the 64-128 row tiles of half inputs (4 warps spill at 128 x 64), and
-# much smaller tiles for IEEE fp32, whose tl.dot runs on FMA units with whole operand strips in registers.
+# small tiles for IEEE fp32, whose tl.dot runs on FMA units with a whole D-long operand strip per thread in
+# registers; that spills for every tile shape once BLOCK_D >= 128 (hence MAX_FP32_HEAD_DIM and None below).
 _FWD_BLOCKS = {
     16: ((128, 64, 8, 3), (32, 32, 4, 2)),
     32: ((128, 64, 8, 3), (32, 32, 4, 2)),
     64: ((128, 64, 8, 3), (32, 32, 4, 2)),
-    128: ((64, 64, 8, 3), (16, 32, 4, 2)),
-    256: ((64, 32, 8, 2), (16, 16, 2, 2)),
+    128: ((64, 64, 8, 3), None),
+    256: ((32, 32, 8, 2), None),
 }
 # dK/dV: BLOCK_N keys per program, BLOCK_M queries per step.
 _DKDV_BLOCKS = {
     16: ((32, 128, 8, 2), (32, 32, 4, 2)),
     32: ((32, 128, 8, 2), (32, 32, 4, 2)),
     64: ((32, 128, 8, 2), (32, 32, 4, 2)),
-    128: ((64, 64, 8, 2), (16, 32, 4, 2)),
-    256: ((32, 32, 8, 2), (16, 16, 4, 2)),
+    128: ((32, 64, 8, 2), None),
+    256: ((32, 32, 8, 2), None),
 }
 # dQ: BLOCK_M queries per program, BLOCK_N keys per step.
 _DQ_BLOCKS = {
     16: ((128, 64, 8, 2), (32, 32, 4, 2)),
     32: ((128, 64, 8, 2), (32, 32, 4, 2)),
     64: ((128, 64, 8, 2), (32, 32, 4, 2)),
-    128: ((64, 64, 8, 2), (16, 32, 4, 2)),
-    256: ((32, 32, 8, 2), (16, 16, 4, 2)),
+    128: ((64, 64, 8, 2), None),
+    256: ((32, 32, 8, 2), None),
 }
-_DELTA_BLOCK_M = 64
+_DELTA_TILE = 4096  # elements of O (and of dO) per delta program: BLOCK_M = _DELTA_TILE // BLOCK_D rows
 _DELTA_NUM_WARPS = 4
 
 
@@ -363,7 +366,11 @@ def _fit(block: int, seq: int) -> int:
 
 
 def _blocks(table, head_dim: int, dtype: torch.dtype, seq: int):
-    block_m, block_n, num_warps, num_stages = table[_block_d(head_dim)][dtype == torch.float32]
+    config = table[_block_d(head_dim)][dtype == torch.float32]
+    if config is None:
+        raise ValueError(f"the attention kernels take float32 inputs with head dims up to {MAX_FP32_HEAD_DIM}, "
+                         f"got D={head_dim}")
+    block_m, block_n, num_warps, num_stages = config
     return _fit(block_m, seq), _fit(block_n, seq), num_warps, num_stages
 
 
@@ -420,7 +427,7 @@ def _backward(grad_out, q, k, v, out, lse, lengths, scale):
     precision, dot_fp32 = _input_precision(q.dtype), _dot_fp32(q.dtype)
 
     delta = new_output((B, H, T), dtype=torch.float32, device=q.device)
-    block_m = _fit(_DELTA_BLOCK_M, T)
+    block_m = _fit(_DELTA_TILE // block_d, T)
     _attention_bwd_delta_kernel[(triton.cdiv(T, block_m) * B * H,)](
         o4, do4, delta, lengths, *_strides(o4), *_strides(do4), H, T,
         HEAD_DIM=D, HAS_LENGTHS=has_lengths, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=_DELTA_NUM_WARPS,
@@ -518,6 +525,9 @@ def fused_unsupported(device_type: str, **call_args) -> str | None:
             return f"the attention kernels take float32, float16 or bfloat16 inputs, got {str(q.dtype)[6:]}"
         if q.shape[-1] > MAX_HEAD_DIM:
             return f"the attention kernels take head dims up to {MAX_HEAD_DIM}, got D={q.shape[-1]}"
+        if q.dtype == torch.float32 and q.shape[-1] > MAX_FP32_HEAD_DIM:
+            return (f"the attention kernels take float32 inputs with head dims up to {MAX_FP32_HEAD_DIM} (IEEE "
+                    f"fp32 matmuls of longer rows spill registers), got D={q.shape[-1]}; use float16/bfloat16")
     return None
 
 
@@ -559,13 +569,16 @@ def _aot_cases():
 
     for dtype in _DTYPES:
         for head_dim in (16, 24, 64, 128, 256):  # every BLOCK_D: 16, 32 (24 padded), 64, 128, 256
+            if dtype == torch.float32 and head_dim > MAX_FP32_HEAD_DIM:
+                continue
             common = {"HEAD_DIM": head_dim, "HAS_LENGTHS": True, "BLOCK_D": _block_d(head_dim)}
             for kernel, table in ((_attention_fwd_kernel, _FWD_BLOCKS), (_attention_bwd_dkdv_kernel, _DKDV_BLOCKS),
                                   (_attention_bwd_dq_kernel, _DQ_BLOCKS)):
                 block_m, block_n, num_warps, num_stages = _blocks(table, head_dim, dtype, 1 << 20)
                 add(kernel, dtype, {**common, "BLOCK_M": block_m, "BLOCK_N": block_n, "INPUT_PRECISION": "ieee",
                                     "DOT_FP32": False}, num_warps, num_stages)
-            add(_attention_bwd_delta_kernel, dtype, {**common, "BLOCK_M": _DELTA_BLOCK_M}, _DELTA_NUM_WARPS, 3)
+            add(_attention_bwd_delta_kernel, dtype, {**common, "BLOCK_M": _DELTA_TILE // _block_d(head_dim)},
+                _DELTA_NUM_WARPS, 3)
     return cases
 
 

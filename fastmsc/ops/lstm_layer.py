@@ -72,7 +72,7 @@ def _flat_weights(weights):
 
 def lstm_layer_torch(x, weights, h0=None, c0=None, lengths=None):
     """torch.nn.LSTM's own kernel (cuDNN on CUDA, oneDNN/ATen on CPU); packed sequences for ``lengths``."""
-    B, T, _ = x.shape
+    B = x.shape[0]
     D, H = len(weights), weights[0][1].shape[1]
     flat, has_bias = _flat_weights(weights)
     h0 = x.new_zeros(D, B, H) if h0 is None else h0
