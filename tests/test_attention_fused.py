@@ -83,7 +83,8 @@ def test_float32_forward_and_gradients_match_float64_reference(regime):
 def test_head_dim_256_with_few_steps():
     """D = 256 runs in half precision only (float32 stops at MAX_FP32_HEAD_DIM, see the next test)."""
     draw = Draw()
-    args, lengths, fn, what, _ = _case(draw, 1, draw.choice((None, 2)), draw.int(1, 3), 256, draw.choice((None, "mixed")))
+    args, lengths, fn, what, _ = _case(draw, 1, draw.choice((None, 2)), draw.int(1, 3), 256,
+                                       draw.choice((None, "mixed")))
     compare_with_reference("fused", fn, args, draw, f"D=256: {what}", torch.float16, TOL_HALF)
 
 

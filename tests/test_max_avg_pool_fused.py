@@ -12,6 +12,7 @@ from _helpers import LAYOUTS, Arg, Draw, assert_close, compare_with_reference, r
 import fastmsc
 from fastmsc.backend import FusedUnavailable
 from fastmsc.kernels._common import poison_enabled
+from fastmsc.ops.max_avg_pool import max_avg_pool_reference
 
 kernels = pytest.importorskip("fastmsc.kernels.max_avg_pool", reason="the fused pooling module needs triton")
 
@@ -140,12 +141,25 @@ def test_nan_follows_torch_max_and_routes_the_gradient_to_the_first_nan():
 
 
 def test_all_minus_infinity_channel_picks_its_first_valid_step():
+    """A channel whose valid steps are all -inf has max -inf, its max gradient at its first step, mean -inf."""
     draw = Draw()
     T = draw.int(3, 40)
-    args = {"x": Arg(torch.full((1, T, 2), float("-inf")).double(), "contiguous")}
-    args["x"].values[0, :, 1] = draw.randn(T)
-    compare_with_reference("fused", lambda x: fastmsc.max_avg_pool(x, torch.tensor([T - 1])), args, draw,
-                           f"-inf channel T={T}", torch.float32, TOL32)
+    x = torch.full((1, T, 2), float("-inf"))
+    x[0, :, 1] = draw.randn(T).float()
+    x[0, T - 1, 0] = 5.0  # past the length: must not be the max
+    lengths = torch.tensor([T - 1])
+    x.requires_grad_()
+    with fastmsc.use_backend("fused"):
+        out = fastmsc.max_avg_pool(x, lengths)
+    x64 = x.detach().double().requires_grad_()
+    ref = max_avg_pool_reference(x64, lengths)
+    grad_out = draw.randn(1, 4).float()
+    (dx,) = torch.autograd.grad(out, x, grad_out)
+    (ref_dx,) = torch.autograd.grad(ref, x64, grad_out.double())
+    what = f"-inf channel T={T} {draw.tag()}"
+    assert_close(out.double(), ref, f"output {what}", **TOL32[torch.float32])
+    assert_close(dx.double(), ref_dx, f"gradient {what}", **TOL32[torch.float32])
+    assert out[0, 0] == float("-inf") and dx[0, 0, 0] == grad_out[0, 0] + grad_out[0, 2] / (T - 1)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # the interpreter's 0/0
