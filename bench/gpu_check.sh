@@ -78,7 +78,7 @@ run_step info 120 "$PYTHON" -m fastmsc info
 [ "$LAST_RC" -eq 0 ] || FAILED=1
 
 # Every test marked `cuda`: all of tests/test_cuda.py and any op test that marks its GPU cases.
-run_step cuda_tests 180 "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider -m cuda tests
+run_step cuda_tests 240 "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider -m cuda tests
 [ "$LAST_RC" -eq 0 ] || FAILED=1
 
 BENCH_TABLE="$LOGS/bench_table.txt"

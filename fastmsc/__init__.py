@@ -1,9 +1,9 @@
 """fastmsc: fused kernels for a multi-scale conv + BiLSTM + attention time-series classifier."""
 
 from .backend import BACKENDS, get_backend, load_fused_modules, set_backend, use_backend
-from .ops import attention, lstm_layer, max_avg_pool, multiscale_conv1d
-from .nn import swap_modules
 from .info import info
+from .nn import swap_modules
+from .ops import attention, lstm_layer, max_avg_pool, multiscale_conv1d
 
 load_fused_modules()
 

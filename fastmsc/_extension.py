@@ -158,6 +158,7 @@ def load() -> None:
         raise ExtensionUnavailable(_state["error"])
 
 
+@torch.compiler.assume_constant_result  # loading takes locks Dynamo cannot trace; the answer is fixed per process
 def unavailable_reason() -> str | None:
     """None when the extension is loaded (loading it if needed), else why it is not."""
     try:

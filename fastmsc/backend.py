@@ -16,8 +16,8 @@ import contextlib
 import importlib
 import os
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 BACKENDS = ("reference", "torch", "fused", "auto")
 

@@ -17,7 +17,9 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastmsc", description="fused kernels for a multi-scale time-series classifier")
+    parser = argparse.ArgumentParser(
+        prog="fastmsc", description="fused kernels for a multi-scale time-series classifier"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)

@@ -63,9 +63,9 @@ class Draw:
             return torch.full((batch,), max_len, dtype=torch.int64)
         values = [self.int(1, max_len) for _ in range(batch)]
         if batch >= 2:
-            values[self.int(0, batch - 1)] = max_len
+            values[0] = max_len
         if batch >= 3:
-            values[0] = 1
+            values[1] = 1
         self.rng.shuffle(values)
         return torch.tensor(values, dtype=torch.int64)
 

@@ -136,6 +136,21 @@ def test_max_avg_pool_fused_matches_reference(shape, dtype, with_lengths):
                              f"max_avg_pool {shape}", strided=("x",) if T > 100 else ())
 
 
+def _lstm_extension_reason() -> str | None:
+    from fastmsc import _extension
+
+    reason = _extension.unavailable_reason()
+    if reason is None and not _extension.has_cuda_kernels():
+        reason = "the LSTM extension was built without CUDA kernels"
+    return reason
+
+
+def _skip_without_lstm_extension() -> None:
+    reason = _lstm_extension_reason()
+    if reason is not None:
+        pytest.skip(f"LSTM extension unavailable (build it with nvcc and ninja present): {reason}")
+
+
 # (batch, time, input size, hidden size)
 LSTM_SHAPES = [(3, 7, 5, 6), (5, 40, 24, 64)]
 
@@ -160,6 +175,7 @@ def _lstm_call(t, lengths, directions=2):
 @pytest.mark.parametrize("shape", LSTM_SHAPES, ids=str)
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
 def test_lstm_layer_fused_matches_reference(shape, dtype, with_lengths):
+    _skip_without_lstm_extension()
     draw = Draw()
     values = _lstm_values(draw, shape)
     lengths = _mixed_lengths(draw, shape[0], shape[1]) if with_lengths else None
@@ -185,8 +201,8 @@ def _sample_args(name: str, draw) -> dict:
 
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_auto_picks_fused_on_cuda(name):
-    if name == "lstm_layer" and _lstm_extension_reason() is not None:
-        pytest.skip(f"LSTM extension unavailable: {_lstm_extension_reason()}")
+    if name == "lstm_layer":
+        _skip_without_lstm_extension()
     op = OPS[name]
     with fastmsc.use_backend("auto"):
         reason = op.why_not_fused("cuda", **_sample_args(name, Draw()))
@@ -197,6 +213,7 @@ def test_auto_picks_fused_on_cuda(name):
 
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
 def test_compiled_classifier_on_fused_backend_matches_eager(with_lengths):
+    _skip_without_lstm_extension()
     draw = Draw()
     B, C, T, K = 4, 3, draw.int(20, 40), 5
     model = MSCClassifier(C, K, conv_channels=16, lstm_hidden=32, classifier_hidden=32, dropout=0.0).to(DEVICE)
@@ -218,22 +235,11 @@ def test_compiled_classifier_on_fused_backend_matches_eager(with_lengths):
         assert_close(a, b, f"{what}: grad of {name}", rtol=1e-4, atol=1e-5 * max(1.0, float(b.abs().max())))
 
 
-def _lstm_extension_reason() -> str | None:
-    from fastmsc import _extension
-
-    reason = _extension.unavailable_reason()
-    if reason is None and not _extension.has_cuda_kernels():
-        reason = "the LSTM extension was built without CUDA kernels"
-    return reason
-
-
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
 def test_lstm_fused_is_cuda_graph_capturable(with_lengths):
     """Forward and backward of the fused LSTM captured in a CUDA graph, then replayed on new inputs,
     give what eager mode gives: no host sync, no allocation outside the graph pool in the launch path."""
-    reason = _lstm_extension_reason()
-    if reason is not None:
-        pytest.skip(f"LSTM extension unavailable: {reason}")
+    _skip_without_lstm_extension()
     draw = Draw()
     shape = (4, 12, 8, 32)
     values = _lstm_values(draw, shape)

@@ -236,8 +236,7 @@ def _parse_cli(argv):
 def _train_to_accuracy(shared_data, name, tmp_path, capsys):
     """The plain `fastmsc train --data DIR` (its defaults, backend torch, CPU), in this process."""
     metrics = tmp_path / "metrics.json"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    threads = torch.get_num_threads()  # run() sets its --threads default (1); put the suite's back after
     started, cpu_started = time.perf_counter(), time.process_time()
     try:
         assert train.run(_parse_cli(["--data", str(shared_data / name), "--device", "cpu", "--backend", "torch",

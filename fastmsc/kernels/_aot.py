@@ -18,6 +18,12 @@ subprocesses whose environment lacks it, several at once.
 Command line: ``python -m fastmsc.kernels._aot [--arch 90 --arch 80] [--jobs N] [--module NAME]``
 prints one row per kernel, config, dtype and arch, and exits 1 when a kernel spills, overflows
 shared memory, fails to compile or has no case.
+
+Cost: a cold compile takes about 0.5-3 s per case and arch on one core (much longer for a kernel that
+spills). Triton's cache ($TRITON_CACHE_DIR, default ~/.triton/cache, outside the repository) makes an
+unchanged case instant (its ``compile_s`` then reads 0.0), so CI should keep that folder between runs.
+$FASTMSC_AOT_JOBS sets the number of compiler processes (default: the CPU count, at most 8) and
+$FASTMSC_AOT_TIMEOUT the seconds allowed for a whole run (default 1200).
 """
 
 from __future__ import annotations

@@ -69,6 +69,7 @@ def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
             dbias if needs[3] else None, dh0 if needs[4] else None, dc0 if needs[5] else None, None, None)
 
 
+@torch.compiler.assume_constant_result  # runs once, eagerly, even when torch.compile meets it first
 def _ensure_registered() -> None:
     """Load the extension and attach the fake implementations and the autograd formula (once)."""
     global _registered

@@ -39,8 +39,9 @@ class LSTM(nn.Module):
             layer_in = input_size if layer == 0 else hidden_size * directions
             for suffix in ("", "_reverse")[:directions]:
                 tag = f"l{layer}{suffix}"
-                self.register_parameter(f"weight_ih_{tag}", nn.Parameter(torch.empty(4 * hidden_size, layer_in, **factory)))
-                self.register_parameter(f"weight_hh_{tag}", nn.Parameter(torch.empty(4 * hidden_size, hidden_size, **factory)))
+                gates = 4 * hidden_size
+                self.register_parameter(f"weight_ih_{tag}", nn.Parameter(torch.empty(gates, layer_in, **factory)))
+                self.register_parameter(f"weight_hh_{tag}", nn.Parameter(torch.empty(gates, hidden_size, **factory)))
                 if bias:
                     self.register_parameter(f"bias_ih_{tag}", nn.Parameter(torch.empty(4 * hidden_size, **factory)))
                     self.register_parameter(f"bias_hh_{tag}", nn.Parameter(torch.empty(4 * hidden_size, **factory)))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ class MultiScaleConv1d(nn.Module):
             raise ValueError(f"activation must be one of None, 'relu', 'gelu', got {activation!r}")
         self.activation = activation
         self.branches = nn.ModuleList(
-            nn.Conv1d(in_channels, c, k, padding=k // 2, bias=bias) for c, k in zip(out_channels, kernel_sizes)
+            nn.Conv1d(in_channels, c, k, padding=k // 2, bias=bias) for c, k in zip(out_channels, kernel_sizes, strict=True)
         )
 
     @property

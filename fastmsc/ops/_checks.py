@@ -41,7 +41,7 @@ def check_lengths(lengths, batch: int, max_len: int, device: torch.device) -> to
     """Validate ``lengths`` (B,) of ints in [1, max_len]; returns an int64 tensor on ``device`` or None.
 
     The range check reads the values, which costs a device sync for CUDA lengths; it is skipped while
-    torch.compile traces, where the values are not known.
+    torch.compile traces (the values are not known) and during CUDA-graph capture (a sync is illegal).
     """
     if lengths is None:
         return None
@@ -54,7 +54,8 @@ def check_lengths(lengths, batch: int, max_len: int, device: torch.device) -> to
         raise TypeError(f"lengths must hold integers, got dtype {str(lengths.dtype).replace('torch.', '')}")
     if lengths.dim() != 1 or lengths.shape[0] != batch:
         raise ValueError(f"lengths must have shape ({batch},) (one per batch element), got {tuple(lengths.shape)}")
-    if not torch.compiler.is_compiling() and batch > 0:
+    capturing = lengths.is_cuda and torch.cuda.is_current_stream_capturing()  # reading values would sync
+    if not torch.compiler.is_compiling() and not capturing and batch > 0:
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 1 or hi > max_len:
             raise ValueError(f"lengths must lie in [1, {max_len}] (the time dimension), got values in [{lo}, {hi}]")

@@ -179,7 +179,7 @@ def _validate(x, weights, h0, c0):
     check_tensor("x", x, ndim=3)
     if isinstance(weights, torch.Tensor) or not isinstance(weights, (tuple, list)) or len(weights) not in (1, 2):
         raise TypeError("weights must be a tuple of one or two direction tuples (w_ih, w_hh, b_ih, b_hh)")
-    B, T, I = x.shape
+    B, T, input_size = x.shape
     if T == 0:
         raise ValueError(f"x must have at least one time step, got shape {tuple(x.shape)}")
     checked = []
@@ -195,7 +195,7 @@ def _validate(x, weights, h0, c0):
                 raise ValueError("the hidden size (w_hh.shape[1]) must be >= 1")
         check_shape(f"weights[{d}].w_hh", w_hh, (4 * H, H), "4H x H")
         check_tensor(f"weights[{d}].w_ih", w_ih, ndim=2)
-        check_shape(f"weights[{d}].w_ih", w_ih, (4 * H, I), "4H x input size")
+        check_shape(f"weights[{d}].w_ih", w_ih, (4 * H, input_size), "4H x input size")
         for name, p in ((f"weights[{d}].w_ih", w_ih), (f"weights[{d}].w_hh", w_hh)):
             check_same(name, p, "x", x)
         for name, b in ((f"weights[{d}].b_ih", b_ih), (f"weights[{d}].b_hh", b_hh)):

@@ -42,7 +42,9 @@ def max_avg_pool_torch(x, lengths=None):
     return torch.cat([maximum, mean], dim=-1)
 
 
-OP = register(Op("max_avg_pool", max_avg_pool_reference, max_avg_pool_torch, fused_module="fastmsc.kernels.max_avg_pool"))
+OP = register(
+    Op("max_avg_pool", max_avg_pool_reference, max_avg_pool_torch, fused_module="fastmsc.kernels.max_avg_pool")
+)
 
 
 def max_avg_pool(x, lengths=None):

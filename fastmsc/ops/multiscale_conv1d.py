@@ -6,7 +6,7 @@ Output (B, sum C_out_i, T), same dtype as x.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,10 @@ def multiscale_conv1d_torch(x, weights, biases=None, activation=None):
     return torch.cat(outs, dim=1)
 
 
-OP = register(Op("multiscale_conv1d", multiscale_conv1d_reference, multiscale_conv1d_torch, fused_module="fastmsc.kernels.multiscale_conv1d"))
+OP = register(
+    Op("multiscale_conv1d", multiscale_conv1d_reference, multiscale_conv1d_torch,
+       fused_module="fastmsc.kernels.multiscale_conv1d")
+)
 
 
 def _validate(x, weights, biases, activation):
@@ -65,9 +68,13 @@ def _validate(x, weights, biases, activation):
         check_tensor(f"weights[{i}]", w, ndim=3)
         check_same(f"weights[{i}]", w, "x", x)
         if w.shape[1] != c_in:
-            raise ValueError(f"weights[{i}] must have shape (C_out, {c_in}, k) to match x's C_in={c_in}, got {tuple(w.shape)}")
+            raise ValueError(
+                f"weights[{i}] must have shape (C_out, {c_in}, k) to match x's C_in={c_in}, got {tuple(w.shape)}"
+            )
         if w.shape[2] % 2 == 0 or w.shape[0] == 0:
-            raise ValueError(f"weights[{i}] must have an odd kernel size and C_out >= 1 ('same' padding), got {tuple(w.shape)}")
+            raise ValueError(
+                f"weights[{i}] must have an odd kernel size and C_out >= 1 ('same' padding), got {tuple(w.shape)}"
+            )
     if biases is not None:
         if isinstance(biases, torch.Tensor) or not isinstance(biases, Sequence) or len(biases) != len(weights):
             raise TypeError(f"biases must be None or a sequence of {len(weights)} tensors/None, one per weight")
