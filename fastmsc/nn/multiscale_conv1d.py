@@ -35,7 +35,8 @@ class MultiScaleConv1d(nn.Module):
             raise ValueError(f"activation must be one of None, 'relu', 'gelu', got {activation!r}")
         self.activation = activation
         self.branches = nn.ModuleList(
-            nn.Conv1d(in_channels, c, k, padding=k // 2, bias=bias) for c, k in zip(out_channels, kernel_sizes, strict=True)
+            nn.Conv1d(in_channels, c, k, padding=k // 2, bias=bias)
+            for c, k in zip(out_channels, kernel_sizes, strict=True)
         )
 
     @property
