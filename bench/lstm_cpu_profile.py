@@ -18,24 +18,10 @@ import time
 import torch
 
 import fastmsc
+from fastmsc.bench import saved_tensor_bytes
 from fastmsc.nn import LSTM
 
 SHAPES = ((32, 150, 192, 128), (64, 512, 96, 64), (8, 1000, 64, 64), (32, 24, 32, 32))
-
-
-def saved_bytes(run) -> int:
-    """Bytes of the distinct storages autograd keeps for backward while ``run()`` builds its graph."""
-    storages = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = run()
-    del out
-    return sum(storages.values())
 
 
 def timed(fn, reps: int) -> float:
@@ -78,8 +64,8 @@ def measure(shape, reps: int) -> dict:
                     samples[name].append(timed(fn, 1))
             for name in steps:
                 row[f"{kind}_{name}"] = statistics.median(samples[name])
-        row["saved_torch"] = saved_bytes(lambda: reference(x))
-        row["saved_fastmsc"] = saved_bytes(lambda: fast(x))
+        row["saved_torch"] = saved_tensor_bytes(reference, x, exclude=reference.parameters())
+        row["saved_fastmsc"] = saved_tensor_bytes(fast, x, exclude=fast.parameters())
     return row
 
 
