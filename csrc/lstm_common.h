@@ -4,6 +4,9 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include <tuple>
+#include <utility>
+
 namespace fastmsc {
 
 struct LstmSizes {
@@ -65,6 +68,37 @@ inline LstmSizes check_lstm_args(const at::Tensor& x, const at::Tensor& w_ih, co
 inline at::Tensor state_or_zeros(const c10::optional<at::Tensor>& state, const LstmSizes& s, const at::Tensor& like) {
   if (present(state)) return state->contiguous().clone();
   return at::zeros({s.directions, s.batch, s.hidden}, like.options());
+}
+
+using LstmGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// After the BPTT loop, on either device: dx and the weight gradients as a few large GEMMs over every step.
+// dgates (B, T, D*4H) gradients of the gate pre-activations; h_prev (B, T, D*H) the hidden state each step started
+// from. Returns (dx, dw_ih, dw_hh, dbias, dh0, dc0), an empty tensor for each gradient not asked for.
+inline LstmGrads finish_backward(const LstmSizes& s, const at::Tensor& x, const at::Tensor& w_ih,
+                                 const at::Tensor& dgates, const at::Tensor& h_prev, at::Tensor dh_state,
+                                 at::Tensor dc_state, bool has_bias, bool need_dx, bool need_dweights,
+                                 bool need_dstate) {
+  const int64_t N = s.batch * s.steps, D = s.directions, H = s.hidden, G = 4 * H;
+  const at::Tensor empty = at::empty({0}, x.options());
+  const at::Tensor dg2d = dgates.view({N, D * G});
+  at::Tensor dx = need_dx ? at::mm(dg2d, w_ih).view({s.batch, s.steps, s.input}) : empty;
+  at::Tensor dw_ih = empty, dw_hh = empty, dbias = empty;
+  if (need_dweights) {
+    dw_ih = at::mm(dg2d.t(), x.view({N, s.input}));
+    dw_hh = at::empty({D, G, H}, x.options());
+    const at::Tensor h_prev2d = h_prev.view({N, D * H});
+    for (int64_t d = 0; d < D; ++d) {
+      at::Tensor dw_d = dw_hh.select(0, d);
+      at::mm_out(dw_d, dg2d.narrow(1, d * G, G).t(), h_prev2d.narrow(1, d * H, H));
+    }
+    if (has_bias) dbias = dg2d.sum(0);
+  }
+  if (!need_dstate) {
+    dh_state = empty;
+    dc_state = empty;
+  }
+  return {dx, dw_ih, dw_hh, dbias, dh_state, dc_state};
 }
 
 }  // namespace fastmsc

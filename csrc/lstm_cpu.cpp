@@ -366,25 +366,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
   });
 
-  const at::Tensor empty = at::empty({0}, x.options());
-  const at::Tensor dg2d = dgates.view({N, D * 4 * H});
-  at::Tensor dx = need_dx ? at::mm(dg2d, w_ih).view({B, T_, s.input}) : empty;
-  at::Tensor dw_ih = empty, dw_hh = empty, dbias = empty;
-  if (need_dweights) {
-    dw_ih = at::mm(dg2d.t(), x.view({N, s.input}));
-    dw_hh = at::empty({D, 4 * H, H}, x.options());
-    const at::Tensor h_prev2d = h_prev.view({N, D * H});
-    for (int64_t d = 0; d < D; ++d) {
-      at::Tensor dw_d = dw_hh.select(0, d);
-      at::mm_out(dw_d, dg2d.narrow(1, d * 4 * H, 4 * H).t(), h_prev2d.narrow(1, d * H, H));
-    }
-    if (has_bias) dbias = dg2d.sum(0);
-  }
-  if (!need_dstate) {
-    dh_state = empty;
-    dc_state = empty;
-  }
-  return {dx, dw_ih, dw_hh, dbias, dh_state, dc_state};
+  return finish_backward(s, x, w_ih, dgates, h_prev, std::move(dh_state), std::move(dc_state), has_bias, need_dx,
+                         need_dweights, need_dstate);
 }
 
 }  // namespace
