@@ -70,6 +70,21 @@ inline at::Tensor state_or_zeros(const c10::optional<at::Tensor>& state, const L
   return at::zeros({s.directions, s.batch, s.hidden}, like.options());
 }
 
+// The input projections of every step and both directions as one GEMM: (B, T, D*4H) = x · w_ihᵀ (+ bias).
+// x contiguous (B, T, I); the result is the buffer the recurrence adds its per-step GEMM into.
+inline at::Tensor input_projection(const LstmSizes& s, const at::Tensor& x, const at::Tensor& w_ih,
+                                   const c10::optional<at::Tensor>& bias) {
+  const int64_t rows = s.batch * s.steps, cols = s.directions * 4 * s.hidden;
+  at::Tensor xproj = at::empty({s.batch, s.steps, cols}, x.options());
+  at::Tensor xproj2d = xproj.view({rows, cols});
+  if (present(bias)) {
+    at::addmm_out(xproj2d, *bias, x.view({rows, s.input}), w_ih.t());
+  } else {
+    at::mm_out(xproj2d, x.view({rows, s.input}), w_ih.t());
+  }
+  return xproj;
+}
+
 using LstmGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // After the BPTT loop, on either device: dx and the weight gradients as a few large GEMMs over every step.

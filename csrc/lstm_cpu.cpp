@@ -208,13 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_
   const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions;
   const at::Tensor x = x_in.contiguous();
   const at::Tensor w_hh = w_hh_in.contiguous();
-  at::Tensor xproj = at::empty({B, T_, D * 4 * H}, x.options());
-  at::Tensor xproj2d = xproj.view({B * T_, D * 4 * H});
-  if (present(bias)) {
-    at::addmm_out(xproj2d, *bias, x.view({B * T_, s.input}), w_ih.t());
-  } else {
-    at::mm_out(xproj2d, x.view({B * T_, s.input}), w_ih.t());
-  }
+  at::Tensor xproj = input_projection(s, x, w_ih, bias);
   at::Tensor out = at::empty({B, T_, D * H}, x.options());
   at::Tensor h_n = state_or_zeros(h0, s, x);
   at::Tensor c_n = state_or_zeros(c0, s, x);

@@ -212,3 +212,8 @@ def _tolerance(spec: dict, expected: torch.Tensor) -> dict:
     largest = float(finite.max()) if per_max and expected.numel() else 0.0
     atol = spec["atol"] + per_max * largest
     return {"rtol": spec["rtol"], "atol": atol}
+
+
+def describe(regime, case, lengths) -> str:
+    """The drawn case of a regime, for assertion messages."""
+    return f"{regime} {case} lengths={None if lengths is None else lengths.tolist()}"

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from _helpers import LAYOUTS, Arg, Draw, assert_close, compare_with_reference, require_fused
+from _helpers import LAYOUTS, Arg, Draw, assert_close, compare_with_reference, describe, require_fused
 
 import fastmsc
 
@@ -47,10 +47,6 @@ def build_args(draw: Draw, case: dict):
 
 def call(case, lengths):
     return lambda q, k, v: fastmsc.attention(q, k, v, lengths, case["scale"])
-
-
-def describe(regime, case, lengths):
-    return f"{regime} {case} lengths={None if lengths is None else lengths.tolist()}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from _helpers import LAYOUTS, Arg, Draw, assert_close, compare_with_reference, require_fused
+from _helpers import LAYOUTS, Arg, Draw, assert_close, compare_with_reference, describe, require_fused
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastmsc
@@ -68,10 +68,6 @@ def call(case: dict, lengths) -> callable:
         return fastmsc.lstm_layer(x, weights, h0, c0, lengths)
 
     return fn
-
-
-def describe(regime, case, lengths):
-    return f"{regime} {case} lengths={None if lengths is None else lengths.tolist()}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

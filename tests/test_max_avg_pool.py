@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import LAYOUTS, Arg, Draw, assert_close, compare_with_reference, require_fused
+from _helpers import LAYOUTS, Arg, Draw, assert_close, compare_with_reference, describe, require_fused
 
 import fastmsc
 from fastmsc.backend import FusedUnavailable
@@ -49,10 +49,6 @@ def draw_values(draw: Draw, case: dict, lengths: torch.Tensor | None) -> torch.T
 
 def pool_with(lengths):
     return lambda x: fastmsc.max_avg_pool(x, lengths)
-
-
-def describe(regime, case, lengths):
-    return f"{regime} {case} lengths={None if lengths is None else lengths.tolist()}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
