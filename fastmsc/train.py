@@ -463,6 +463,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="'balanced', or K comma-separated weights, one per class in label order")
     optim.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
 
+    optim.add_argument("--ensemble", type=int, default=3, metavar="M",
+                       help="train M independently seeded models and average their class probabilities (1: a "
+                            "single model); member m uses seed + 1000*m")
+
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     runtime.add_argument("--backend", default="auto", choices=BACKENDS, help="fastmsc op backend")
@@ -479,7 +483,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--metrics-csv", metavar="PATH", help="write per-epoch metrics as CSV")
     output.add_argument("--checkpoint", metavar="PATH", help="save a resumable checkpoint after every epoch")
     output.add_argument("--resume", metavar="PATH", help="continue the run saved in this checkpoint")
-    output.add_argument("--stop-after", type=int, metavar="E", help="end after epoch E (resume later with --resume)")
+    output.add_argument("--stop-after", type=int, metavar="E",
+                        help="end after epoch E (resume later with --resume); with --ensemble, epochs count over the "
+                             "members one after the other, up to M times --epochs")
 
 
 def _load_data(args) -> tuple[SeriesData, SeriesData]:
@@ -508,6 +514,7 @@ def _class_weights_arg(text: str | None, num_classes: int):
 
 
 def run(args) -> int:
+    from .ensemble import fit_ensemble
     from .models import MSCClassifier
 
     set_backend(args.backend)
@@ -524,15 +531,19 @@ def run(args) -> int:
     rank, world = distributed_world()
     try:
         train, test = _load_data(args)
-        torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-        model = MSCClassifier(train.num_channels, train.num_classes, conv_channels=args.conv_channels,
-                              lstm_hidden=args.lstm_hidden, lstm_layers=args.lstm_layers, num_heads=args.heads,
-                              classifier_hidden=args.classifier_hidden, dropout=args.dropout,
-                              conv_norm=args.conv_norm)
-        if args.sync_bn:
-            if device.type != "cuda":
-                raise ValueError("--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)")
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if args.ensemble < 1:
+            raise ValueError(f"--ensemble must be >= 1, got {args.ensemble}")
+        if args.sync_bn and device.type != "cuda":
+            raise ValueError("--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)")
+
+        def make_model() -> nn.Module:
+            # fit_ensemble seeds torch first: the same initial weights on every rank (DDP also broadcasts rank 0's)
+            model = MSCClassifier(train.num_channels, train.num_classes, conv_channels=args.conv_channels,
+                                  lstm_hidden=args.lstm_hidden, lstm_layers=args.lstm_layers, num_heads=args.heads,
+                                  classifier_hidden=args.classifier_hidden, dropout=args.dropout,
+                                  conv_norm=args.conv_norm)
+            return nn.SyncBatchNorm.convert_sync_batchnorm(model) if args.sync_bn else model
+
         name = train.name or "synthetic"
         meta = {"dataset": name, "classes": list(train.classes), "num_channels": train.num_channels,
                 "train_size": len(train), "test_size": len(test), "backend": args.backend,
@@ -543,23 +554,34 @@ def run(args) -> int:
         log = None if args.quiet or rank != 0 else print
         if log is not None:
             lengths = train.series_lengths()
+            parameters = sum(p.numel() for p in make_model().parameters())
+            members = f", an ensemble of {args.ensemble} models" if args.ensemble > 1 else ""
             log(f"{name}: {len(train)} train / {len(test)} test series, {train.num_channels} channel(s), "
                 f"lengths {int(lengths.min())}-{int(lengths.max())}, {train.num_classes} classes; device {device}, "
-                f"{world} process(es), {sum(p.numel() for p in model.parameters())} parameters")
+                f"{world} process(es), {parameters} parameters per model{members}")
         cpu_started = time.process_time()
-        result = fit(model, train, test, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                     min_lr=args.min_lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-                     label_smoothing=args.label_smoothing,
-                     class_weights=_class_weights_arg(args.class_weights, train.num_classes),
-                     grad_clip=args.grad_clip, device=device, seed=args.seed, amp=args.amp,
-                     eval_every=args.eval_every, progress=False if args.quiet else None, log=log,
-                     metrics_json=args.metrics_json, metrics_csv=args.metrics_csv, checkpoint=args.checkpoint,
-                     resume=args.resume, stop_after=args.stop_after, meta=meta)
+        result = fit_ensemble(
+            make_model, train, test, members=args.ensemble, epochs=args.epochs, batch_size=args.batch_size,
+            lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+            label_smoothing=args.label_smoothing,
+            class_weights=_class_weights_arg(args.class_weights, train.num_classes),
+            grad_clip=args.grad_clip, device=device, seed=args.seed, amp=args.amp, eval_every=args.eval_every,
+            progress=False if args.quiet else None, log=log, metrics_json=args.metrics_json,
+            metrics_csv=args.metrics_csv, checkpoint=args.checkpoint, resume=args.resume, stop_after=args.stop_after,
+            meta=meta)
         if rank == 0:
-            final = result.final
+            cpu = time.process_time() - cpu_started
+            if args.ensemble > 1:
+                accuracies = ", ".join("n/a" if r.final.get("test_acc") is None else f"{r.final['test_acc']:.4f}"
+                                       for r in result.members)
+                print(f"{name}: member test accuracies {accuracies}")
+            final = result.final if result.complete else result.members[-1].final
+            what = f"ensemble of {args.ensemble}" if args.ensemble > 1 and result.complete else None
+            if args.ensemble > 1 and not result.complete:
+                what = f"member {len(result.members)}/{args.ensemble}"
             test_acc = "n/a" if final.get("test_acc") is None else f"{final['test_acc']:.4f}"
-            print(f"{name}: test accuracy {test_acc} after epoch {final.get('epoch', 0)}/{args.epochs} "
-                  f"({result.seconds:.1f}s wall, {time.process_time() - cpu_started:.1f}s CPU in this process)")
+            print(f"{name}: test accuracy {test_acc}{f' ({what})' if what else ''} after epoch "
+                  f"{final.get('epoch', 0)}/{args.epochs} ({result.seconds:.1f}s wall, {cpu:.1f}s CPU in this process)")
     finally:
         if world > 1:
             dist.destroy_process_group()

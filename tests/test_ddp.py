@@ -100,13 +100,15 @@ def test_torchrun_cli_two_processes(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
                "-m", "fastmsc", "train", "--synthetic-train", "16", "--synthetic-test", "8", "--synthetic-length",
                "16", "--conv-channels", "4", "--lstm-hidden", "6", "--classifier-hidden", "8", "--batch-size", "4",
-               "--epochs", "1", "--device", "cpu", "--backend", "torch", "--metrics-json", str(metrics),
-               "--checkpoint", str(tmp_path / "c.pt")]
+               "--epochs", "1", "--ensemble", "2", "--device", "cpu", "--backend", "torch", "--metrics-json",
+               str(metrics), "--checkpoint", str(tmp_path / "c.pt")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("test accuracy") == 1, f"only rank 0 reports:\n{done.stdout}"
-    saved = json.loads(metrics.read_text())
+    assert "(ensemble of 2)" in done.stdout, done.stdout
+    summary = json.loads(metrics.read_text())
+    assert summary["final"]["epoch"] == 1 and 0 <= summary["final"]["test_acc"] <= 1
+    saved = json.loads((tmp_path / "m.member1.json").read_text())
     assert saved["config"]["world_size"] == WORLD and saved["config"]["steps_per_epoch"] == 2
-    assert saved["final"]["epoch"] == 1 and 0 <= saved["final"]["test_acc"] <= 1
-    state = train.load_checkpoint(tmp_path / "c.pt")
+    state = train.load_checkpoint(tmp_path / "c.member1.pt")
     assert len(state["rng"]) == WORLD and not any(k.startswith("module.") for k in state["model"])
