@@ -517,6 +517,8 @@ def run(args) -> int:
     from .ensemble import fit_ensemble
     from .models import MSCClassifier
 
+    if args.ensemble < 1:
+        raise ValueError(f"--ensemble must be >= 1, got {args.ensemble}")
     set_backend(args.backend)
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
@@ -531,8 +533,6 @@ def run(args) -> int:
     rank, world = distributed_world()
     try:
         train, test = _load_data(args)
-        if args.ensemble < 1:
-            raise ValueError(f"--ensemble must be >= 1, got {args.ensemble}")
         if args.sync_bn and device.type != "cuda":
             raise ValueError("--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)")
 
