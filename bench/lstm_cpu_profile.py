@@ -3,7 +3,9 @@
 Bidirectional, one layer, float32, batch first; both models hold the same weights and run in the same
 process, interleaved, so machine load affects both alike. Prints one row per (B, T, I, H): median
 milliseconds of a training step (forward + backward) and of inference (no grad), the ratios
-(torch / fastmsc, > 1 means fastmsc is faster) and the bytes autograd saves for backward.
+(torch / fastmsc, > 1 means fastmsc is faster) and the bytes autograd saves for backward. The load average
+is printed before and after: with other processes on the cores (load near or above the thread count) both
+sides slow down unevenly (oneDNN's per-step thread barriers suffer most), so only quiet runs are comparable.
 
     python bench/lstm_cpu_profile.py [--threads 2] [--reps 7] [--profile]
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 
@@ -87,7 +90,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table per shape")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bidirectional fp32, median of {args.reps}")
+    load = lambda: ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bidirectional fp32, median of {args.reps}; "
+          f"load average {load()}")
     print(f"{'B,T,I,H':<18} {'train torch':>11} {'train fast':>10} {'ratio':>6} {'infer torch':>11} "
           f"{'infer fast':>10} {'ratio':>6} {'saved torch':>12} {'saved fast':>11}")
     train_ratios, infer_ratios = [], []
@@ -103,7 +108,7 @@ def main() -> None:
             profile(shape)
     geo = lambda v: math.exp(sum(map(math.log, v)) / len(v))
     print(f"geomean speed-up: train {geo(train_ratios):.2f}x (min {min(train_ratios):.2f}x), "
-          f"infer {geo(infer_ratios):.2f}x (min {min(infer_ratios):.2f}x)")
+          f"infer {geo(infer_ratios):.2f}x (min {min(infer_ratios):.2f}x); load average {load()}")
 
 
 if __name__ == "__main__":

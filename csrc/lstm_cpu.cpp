@@ -1,10 +1,12 @@
 // fastmsc::lstm_fwd / fastmsc::lstm_bwd: op schemas and the CPU implementation of one (bi)directional
 // LSTM layer, batch first.
 //
-// Forward: one GEMM projects every time step of both directions (xproj = x @ w_ih^T + bias, laid out
-// (B, T, D*4H)); per step each direction adds h_prev @ w_hh^T into its slice of xproj in place and one
-// vectorised pass turns the pre-activations into the activated gates (kept in place for backward),
-// c and h. The two directions are independent recurrences and run on two threads.
+// Forward: the steps are processed in chunks of about 256 (step, batch) rows. Per chunk each direction
+// projects its inputs with one GEMM into a small buffer that stays in cache (x @ w_ih^T); per step it adds
+// h_prev @ w_hh^T (weights packed once per call, see PackedWeightGemm) and one vectorised pass adds the
+// bias and turns the pre-activations into c and h (training also stores the activated gates and c for
+// the backward).
+// The two directions are independent recurrences and run on two threads.
 // Backward: BPTT with one pass per step (gate gradients dG) and the recurrent GEMM dh = dG @ w_hh;
 // dW_ih = dG^T x, dW_hh = dG^T h_prev, the bias gradient and dx are a few large GEMMs after the loop.
 #include <ATen/ATen.h>
@@ -16,8 +18,23 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <initializer_list>
+#include <limits>
 #include <tuple>
+#include <type_traits>
+#include <vector>
+
+#if defined(__has_include)
+#if __has_include(<dlfcn.h>)
+#include <dlfcn.h>
+#define FASTMSC_HAVE_DLFCN 1
+#endif
+#endif
+#ifndef FASTMSC_HAVE_DLFCN
+#define FASTMSC_HAVE_DLFCN 0
+#endif
 
 #include "lstm_common.h"
 #include "lstm_gates.h"
@@ -35,11 +52,21 @@ extern "C" PyObject* PyInit__C(void) {
 
 // Runtime-dispatched ISA variants (baseline x86-64, AVX2+FMA, AVX-512) of the pointwise loops, so a
 // distributed build vectorises at the machine's width without -march=native.
+// no-tree-pre: GCC's partial redundancy elimination turns the clamps in exp_vectorizable into branches
+// (it threads the clamped, constant case around the polynomial), after which the loops are no longer
+// vectorised at AVX2 width (only AVX-512's masks recovered them): without it the AVX2 variant runs the
+// gate math one float at a time.
+#if defined(__GNUC__) && !defined(__clang__)
+#define FASTMSC_VECTORIZABLE __attribute__((optimize("no-tree-pre")))
+#else
+#define FASTMSC_VECTORIZABLE
+#endif
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__) && \
     !defined(FASTMSC_NO_TARGET_CLONES)
-#define FASTMSC_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#define FASTMSC_CLONES \
+  __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4"))) FASTMSC_VECTORIZABLE
 #else
-#define FASTMSC_CLONES
+#define FASTMSC_CLONES FASTMSC_VECTORIZABLE
 #endif
 
 namespace fastmsc {
@@ -49,19 +76,33 @@ namespace {
 // Pointwise row kernels: one batch row, H hidden units. Separate restrict pointers per gate block so
 // the compiler sees no aliasing and vectorises without runtime checks.
 
+// z: the row's gate pre-activations without the bias (4 blocks of H). Training also stores the activated
+// gates (act, 4 blocks of H) and the cell state (c_out) for the backward.
 template <typename T, bool kTrain>
-FASTMSC_HD void forward_row(T* __restrict zi, T* __restrict zf, T* __restrict zg, T* __restrict zo,
-                            T* __restrict c_state, T* __restrict h_state, T* __restrict h_out,
-                            T* __restrict c_out, int64_t H) {
+FASTMSC_HD void forward_row(const T* __restrict z, const T* __restrict bias, T* __restrict c_state,
+                            T* __restrict h_state, T* __restrict h_out, T* __restrict c_out, T* __restrict act,
+                            int64_t H) {
+  const T* __restrict zi = z;
+  const T* __restrict zf = z + H;
+  const T* __restrict zg = z + 2 * H;
+  const T* __restrict zo = z + 3 * H;
+  const T* __restrict bi = bias;
+  const T* __restrict bf = bias + H;
+  const T* __restrict bg = bias + 2 * H;
+  const T* __restrict bo = bias + 3 * H;
+  T* __restrict ai = act;
+  T* __restrict af = act + H;
+  T* __restrict ag = act + 2 * H;
+  T* __restrict ao = act + 3 * H;
 #pragma GCC ivdep
   for (int64_t j = 0; j < H; ++j) {
     T i, f, g, o, c, h;
-    cell_forward(zi[j], zf[j], zg[j], zo[j], c_state[j], i, f, g, o, c, h);
+    cell_forward(zi[j] + bi[j], zf[j] + bf[j], zg[j] + bg[j], zo[j] + bo[j], c_state[j], i, f, g, o, c, h);
     if constexpr (kTrain) {
-      zi[j] = i;
-      zf[j] = f;
-      zg[j] = g;
-      zo[j] = o;
+      ai[j] = i;
+      af[j] = f;
+      ag[j] = g;
+      ao[j] = o;
       c_out[j] = c;
     }
     c_state[j] = c;
@@ -92,11 +133,11 @@ FASTMSC_HD void backward_row(const T* __restrict act, const T* __restrict c, con
 }
 
 #define FASTMSC_ROW_VARIANTS(T, SUFFIX, CLONES)                                                               \
-  CLONES void forward_row_train_##SUFFIX(T* zi, T* zf, T* zg, T* zo, T* cs, T* hs, T* ho, T* co, int64_t H) {  \
-    forward_row<T, true>(zi, zf, zg, zo, cs, hs, ho, co, H);                                                 \
+  CLONES void forward_row_train_##SUFFIX(const T* z, const T* b, T* cs, T* hs, T* ho, T* co, T* act, int64_t H) { \
+    forward_row<T, true>(z, b, cs, hs, ho, co, act, H);                                                       \
   }                                                                                                           \
-  CLONES void forward_row_infer_##SUFFIX(T* zi, T* zf, T* zg, T* zo, T* cs, T* hs, T* ho, T* co, int64_t H) {  \
-    forward_row<T, false>(zi, zf, zg, zo, cs, hs, ho, co, H);                                                \
+  CLONES void forward_row_infer_##SUFFIX(const T* z, const T* b, T* cs, T* hs, T* ho, T* co, T* act, int64_t H) { \
+    forward_row<T, false>(z, b, cs, hs, ho, co, act, H);                                                      \
   }                                                                                                           \
   CLONES void backward_row_##SUFFIX(const T* act, const T* c, const T* cp, const T* dh, const T* dout, T* dc, \
                                     T* dgates, int64_t H) {                                                   \
@@ -140,6 +181,104 @@ void gemm_rowmajor(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, con
   }
 }
 
+// ---------------------------------------------------------------------------------------------------
+// MKL's packed GEMM (cblas_sgemm_pack / cblas_sgemm_compute). A plain sgemm re-packs the weight operand
+// into its blocked layout on every call; the recurrence multiplies by the same w_hh at every step, so
+// packing it once per call and reusing it saves that copy T times (what oneDNN's RNN does too). The
+// functions are looked up at run time in the libtorch_cpu already loaded: torch builds with MKL export
+// them, builds on OpenBLAS or other BLAS do not, and the extension must not link MKL itself. MKL's LP64
+// interface (32-bit integers) is the one torch links.
+namespace mkl_packed {
+
+enum : int { kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162 };
+using GetSizeFn = size_t (*)(int identifier, int m, int n, int k);
+using PackFn = void (*)(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src,
+                        int ld, float* dest);
+using ComputeFn = void (*)(int layout, int trans_a, int trans_b, int m, int n, int k, const float* a, int lda,
+                           const float* b, int ldb, float beta, float* c, int ldc);
+
+struct Api {
+  GetSizeFn get_size = nullptr;
+  PackFn pack = nullptr;
+  ComputeFn compute = nullptr;
+  bool available() const { return get_size != nullptr && pack != nullptr && compute != nullptr; }
+};
+
+inline Api resolve() {
+  Api api;
+#if FASTMSC_HAVE_DLFCN
+  const char* off = std::getenv("FASTMSC_LSTM_PACKED_GEMM");
+  if (off != nullptr && std::strcmp(off, "0") == 0) return api;  // to run (and test) the generic path
+  // The library that holds torch's BLAS: found from the address of one of its functions, opened again
+  // without loading anything (RTLD_NOLOAD) so that the lookup is confined to it and its dependencies.
+  void* handle = nullptr;
+  Dl_info info;
+  if (dladdr(reinterpret_cast<void*>(&at::get_num_threads), &info) != 0 && info.dli_fname != nullptr) {
+    handle = dlopen(info.dli_fname, RTLD_LAZY | RTLD_LOCAL | RTLD_NOLOAD);
+  }
+  if (handle == nullptr) return api;
+  api.get_size = reinterpret_cast<GetSizeFn>(dlsym(handle, "cblas_sgemm_pack_get_size"));
+  api.pack = reinterpret_cast<PackFn>(dlsym(handle, "cblas_sgemm_pack"));
+  api.compute = reinterpret_cast<ComputeFn>(dlsym(handle, "cblas_sgemm_compute"));
+  // The handle stays open: the library is torch's own and outlives this extension anyway.
+#endif
+  return api;
+}
+
+inline const Api& api() {
+  static const Api resolved = resolve();
+  return resolved;
+}
+
+inline bool fits_int(std::initializer_list<int64_t> values) {
+  for (int64_t v : values) {
+    if (v > std::numeric_limits<int>::max()) return false;
+  }
+  return true;
+}
+
+}  // namespace mkl_packed
+
+// A GEMM of one loop that multiplies by the same weight every call (the recurrent product of each step, the
+// input projection of each chunk): C (m x n, row stride ldc) = beta*C + A (m x k, row stride lda) @ op(W), W
+// given row-major as (k x n), or as (n x k) with w_transposed. float with MKL available: W packed once at
+// construction. Otherwise (float64, other BLAS): plain GEMMs.
+template <typename T>
+class PackedWeightGemm {
+ public:
+  PackedWeightGemm(int64_t m, int64_t n, int64_t k, const T* w, int64_t ldw, bool w_transposed, int64_t max_ldc)
+      : m_(m), n_(n), k_(k), w_(w), ldw_(ldw), w_transposed_(w_transposed) {
+    if constexpr (std::is_same_v<T, float>) {
+      const auto& mkl = mkl_packed::api();
+      if (mkl.available() && m > 0 && n > 0 && k > 0 && mkl_packed::fits_int({m, n, k, ldw, max_ldc})) {
+        const size_t bytes = mkl.get_size(mkl_packed::kBMatrix, int(m), int(n), int(k));
+        packed_ = at::empty({static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float))},
+                            at::TensorOptions().dtype(at::kFloat));
+        mkl.pack(mkl_packed::kRowMajor, mkl_packed::kBMatrix, w_transposed ? mkl_packed::kTrans : mkl_packed::kNoTrans,
+                 int(m), int(n), int(k), 1.0f, w, int(ldw), packed_.data_ptr<float>());
+      }
+    }
+  }
+
+  void run(const T* a, int64_t lda, T beta, T* c, int64_t ldc) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (packed_.defined()) {
+        mkl_packed::api().compute(mkl_packed::kRowMajor, mkl_packed::kNoTrans, mkl_packed::kPacked, int(m_), int(n_),
+                                  int(k_), a, int(lda), packed_.data_ptr<float>(), int(ldw_), beta, c, int(ldc));
+        return;
+      }
+    }
+    gemm_rowmajor<T>(m_, n_, k_, a, lda, w_, ldw_, w_transposed_, beta, c, ldc);
+  }
+
+ private:
+  int64_t m_, n_, k_;
+  const T* w_;
+  int64_t ldw_;
+  bool w_transposed_;
+  at::Tensor packed_;  // MKL's blocked copy of W, undefined when not packing
+};
+
 inline bool run_directions_in_parallel(int64_t directions) {
   return directions == 2 && at::get_num_threads() > 1 && !at::in_parallel_region();
 }
@@ -160,55 +299,110 @@ inline int64_t row_grain(int64_t row_elems) { return std::max<int64_t>(1, 16384 
 
 // ---------------------------------------------------------------------------------------------------
 
-template <typename T>
-void forward_impl(const LstmSizes& s, const at::Tensor& w_hh, const int64_t* lens, bool has_h0, bool training,
-                  at::Tensor& xproj, at::Tensor& out, at::Tensor& h_state, at::Tensor& c_state, at::Tensor& cells) {
-  const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, G = 4 * H;
-  const int64_t ld_gates = T_ * D * G;  // stride between batch rows of one step's gate slice
-  const int64_t ld_out = T_ * D * H;
-  T* xp = xproj.data_ptr<T>();
-  T* o_ptr = out.data_ptr<T>();
-  T* cells_ptr = training ? cells.data_ptr<T>() : nullptr;
-  const auto row = training ? Rows<T>::fwd_train : Rows<T>::fwd_infer;
+// Steps whose input projections are computed by one GEMM: about 256 rows (steps x batch) keep that GEMM
+// efficient while the chunk's gates (rows x 4H) stay in cache for the recurrence that consumes them.
+inline int64_t projection_chunk_steps(int64_t batch, int64_t steps) {
+  return std::clamp<int64_t>((256 + batch - 1) / batch, 1, steps);
+}
 
-  for_each_direction(D, [&](int64_t d) {
-    const T* w = w_hh.data_ptr<T>() + d * G * H;
-    T* hs = h_state.data_ptr<T>() + d * B * H;
-    T* cs = c_state.data_ptr<T>() + d * B * H;
-    for (int64_t step = 0; step < T_; ++step) {
-      const int64_t t = d == 0 ? step : T_ - 1 - step;
-      T* gates_t = xp + t * D * G + d * G;
+// x (B, T, I) and w_ih (D*4H, I) contiguous; bias (D*4H) or null. The steps are processed in chunks: each
+// direction copies its chunk's inputs step-major, projects them with one GEMM into a small buffer (instead of
+// one (B, T, D*4H) GEMM for everything up front, which is written and read back through memory), then adds the
+// recurrent product step by step and applies the gates. Training (gates non-null): the activated gates
+// (B, T, D*4H) and cell states (B, T, D*H) are stored for the backward.
+template <typename T>
+void forward_impl(const LstmSizes& s, const T* x, const T* w_ih, const T* bias, const T* w_hh, const int64_t* lens,
+                  bool has_h0, T* out, T* h_state, T* c_state, T* gates, T* cells) {
+  const int64_t B = s.batch, T_ = s.steps, I = s.input, H = s.hidden, D = s.directions, G = 4 * H;
+  const int64_t ld_out = T_ * D * H, ld_gates = T_ * D * G;
+  const bool training = gates != nullptr;
+  const auto row = training ? Rows<T>::fwd_train : Rows<T>::fwd_infer;
+  const std::vector<T> zero_bias(bias == nullptr ? G : 0, T(0));
+  const int64_t chunk = projection_chunk_steps(B, T_);
+  // With more threads than directions the projections run between the chunks' recurrences, each GEMM on all
+  // threads; otherwise inside each direction's thread, next to its recurrence.
+  const bool project_in_direction = at::get_num_threads() <= D || at::in_parallel_region();
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const at::Tensor x_chunks = at::empty({D, chunk * B, I}, options);
+  const at::Tensor z_chunks = at::empty({D, chunk * B, G}, options);
+  std::vector<PackedWeightGemm<T>> projections, recurrents;
+  projections.reserve(D);
+  recurrents.reserve(D);
+  for (int64_t d = 0; d < D; ++d) {
+    projections.emplace_back(chunk * B, G, I, w_ih + d * G * I, I, /*w_transposed=*/true, G);
+    recurrents.emplace_back(B, G, H, w_hh + d * G * H, H, /*w_transposed=*/true, G);
+  }
+
+  auto time_of = [&](int64_t d, int64_t step) { return d == 0 ? step : T_ - 1 - step; };
+  // Pre-activations without the bias of steps [first, first + n) of direction d: z_chunks[d] (n*B, 4H).
+  auto project = [&](int64_t d, int64_t first, int64_t n) {
+    T* x_chunk = x_chunks.data_ptr<T>() + d * chunk * B * I;
+    T* z_chunk = z_chunks.data_ptr<T>() + d * chunk * B * G;
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t t = time_of(d, first + k);
+      for (int64_t b = 0; b < B; ++b) std::memcpy(x_chunk + (k * B + b) * I, x + (b * T_ + t) * I, I * sizeof(T));
+    }
+    if (n == chunk) {
+      projections[d].run(x_chunk, I, T(0), z_chunk, G);
+    } else {
+      gemm_rowmajor<T>(n * B, G, I, x_chunk, I, w_ih + d * G * I, I, /*b_transposed=*/true, T(0), z_chunk, G);
+    }
+  };
+  auto recur = [&](int64_t d, int64_t first, int64_t n) {
+    T* hs = h_state + d * B * H;
+    T* cs = c_state + d * B * H;
+    const T* bias_d = bias != nullptr ? bias + d * G : zero_bias.data();
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t step = first + k, t = time_of(d, step);
+      T* z = z_chunks.data_ptr<T>() + (d * chunk + k) * B * G;  // (B, 4H) pre-activations of this step
       // Without h0 the first recurrent product is zero.
-      if (step > 0 || has_h0) {
-        gemm_rowmajor<T>(B, G, H, hs, H, w, H, /*b_transposed=*/true, T(1), gates_t, ld_gates);
-      }
+      if (step > 0 || has_h0) recurrents[d].run(hs, H, T(1), z, G);
       at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
-          T* h_out = o_ptr + b * ld_out + t * D * H + d * H;
+          const int64_t offset = b * ld_out + t * D * H + d * H;
+          T* act = training ? gates + b * ld_gates + t * D * G + d * G : nullptr;
+          T* c_out = training ? cells + offset : nullptr;
           if (lens != nullptr && t >= lens[b]) {
-            // Past this sequence's end: output zero, state carried unchanged (as packing gives).
-            std::fill(h_out, h_out + H, T(0));
+            // Past this sequence's end: output zero, state carried unchanged (as packing gives). The saved
+            // gates and cells there are never read; zeros keep the returned tensors free of stale memory.
+            std::fill(out + offset, out + offset + H, T(0));
+            if (training) {
+              std::fill(act, act + G, T(0));
+              std::fill(c_out, c_out + H, T(0));
+            }
             continue;
           }
-          T* z = gates_t + b * ld_gates;
-          T* c_out = training ? cells_ptr + b * ld_out + t * D * H + d * H : nullptr;
-          row(z, z + H, z + 2 * H, z + 3 * H, cs + b * H, hs + b * H, h_out, c_out, H);
+          row(z + b * G, bias_d, cs + b * H, hs + b * H, out + offset, c_out, act, H);
         }
       });
     }
-  });
+  };
+
+  for (int64_t first = 0; first < T_; first += chunk) {
+    const int64_t n = std::min(chunk, T_ - first);
+    if (!project_in_direction) {
+      for (int64_t d = 0; d < D; ++d) project(d, first, n);
+    }
+    for_each_direction(D, [&](int64_t d) {
+      if (project_in_direction) project(d, first, n);
+      recur(d, first, n);
+    });
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_cpu(
-    const at::Tensor& x_in, const at::Tensor& w_ih, const at::Tensor& w_hh_in, const c10::optional<at::Tensor>& bias,
-    const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& c0,
+    const at::Tensor& x_in, const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
+    const c10::optional<at::Tensor>& bias_in, const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& c0,
     const c10::optional<at::Tensor>& lengths, bool training) {
-  const LstmSizes s = check_lstm_args(x_in, w_ih, w_hh_in, bias, h0, c0, lengths);
+  const LstmSizes s = check_lstm_args(x_in, w_ih_in, w_hh_in, bias_in, h0, c0, lengths);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions;
   const at::Tensor x = x_in.contiguous();
   const at::Tensor w_hh = w_hh_in.contiguous();
-  at::Tensor xproj = input_projection(s, x, w_ih, bias);
+  const at::Tensor w_ih = w_ih_in.contiguous();
+  const at::Tensor bias = present(bias_in) ? bias_in->contiguous() : at::Tensor();
+  // The activated gates for the backward, written by the forward pass.
+  at::Tensor gates = training ? at::empty({B, T_, D * 4 * H}, x.options()) : at::empty({0}, x.options());
   at::Tensor out = at::empty({B, T_, D * H}, x.options());
   at::Tensor h_n = state_or_zeros(h0, s, x);
   at::Tensor c_n = state_or_zeros(c0, s, x);
@@ -216,9 +410,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_
   const at::Tensor lens = present(lengths) ? lengths->contiguous() : at::Tensor();
   const int64_t* lens_ptr = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmsc::lstm_fwd", [&] {
-    forward_impl<scalar_t>(s, w_hh, lens_ptr, present(h0), training, xproj, out, h_n, c_n, cells);
+    using T = scalar_t;
+    forward_impl<T>(s, x.data_ptr<T>(), w_ih.data_ptr<T>(), bias.defined() ? bias.data_ptr<T>() : nullptr,
+                    w_hh.data_ptr<T>(), lens_ptr, present(h0), out.data_ptr<T>(), h_n.data_ptr<T>(),
+                    c_n.data_ptr<T>(), training ? gates.data_ptr<T>() : nullptr,
+                    training ? cells.data_ptr<T>() : nullptr);
   });
-  at::Tensor gates = training ? xproj : at::empty({0}, x.options());
   return {out, h_n, c_n, gates, cells};
 }
 
@@ -237,6 +434,7 @@ void backward_loop(const LstmSizes& s, const at::Tensor& w_hh, const int64_t* le
     T* dhs = dh_state + d * B * H;
     T* dhr = dh_rec + d * B * H;
     T* dcs = dc_state + d * B * H;
+    const PackedWeightGemm<T> recurrent(B, H, G, w, H, /*w_transposed=*/false, ld_gates);
     // Backward walks the forward order in reverse. "next" is the step the forward ran after t (handled
     // just before in this loop), "prev" the one it ran before t.
     for (int64_t step = T_ - 1; step >= 0; --step) {
@@ -267,7 +465,7 @@ void backward_loop(const LstmSizes& s, const at::Tensor& w_hh, const int64_t* le
       });
       // dh_{t_prev} = dG_t @ w_hh; the very last one is the h0 gradient, needed only when asked for.
       if (step > 0 || need_dstate) {
-        gemm_rowmajor<T>(B, H, G, dg_t, ld_gates, w, H, /*b_transposed=*/false, T(0), dhr, H);
+        recurrent.run(dg_t, ld_gates, T(0), dhr, H);
       }
     }
     if (need_dstate) {
@@ -324,7 +522,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& gates_in, const at::Tensor& cells_in, bool need_dx, bool need_dweights, bool need_dstate) {
   const LstmSizes s = check_lstm_args(x_in, w_ih, w_hh_in, c10::nullopt, h0, c0, lengths);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, N = B * T_;
+  const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions;
   const std::vector<int64_t> seq_shape{B, T_, D * H};
   TORCH_CHECK(out_in.sizes() == at::IntArrayRef(seq_shape) && cells_in.sizes() == out_in.sizes(),
               "fastmsc::lstm_bwd: out and cells must have shape ", at::IntArrayRef(seq_shape), ", got ",
