@@ -19,12 +19,13 @@ from fastmsc.ops.attention import attention_reference
 
 kernels = pytest.importorskip("fastmsc.kernels.attention", reason="the fused attention module needs triton")
 
-# fp32 kernel vs float64 reference on the same (fp32-exact) inputs. Each score is a dot product of D <= 64 terms
-# and each output a softmax-weighted sum of T <= 70 rows of O(1) values, accumulated in fp32 (unit roundoff
-# 6e-8); the gradients add one more such sum. With the default scale (scores of O(1)) observed errors stay below
-# 1e-6 absolute, so rtol 2e-5 / atol 5e-6 leaves a margin of about 5x while any masking or indexing bug (errors of
-# O(0.1)) fails. A larger scale makes the scores (and their rounding errors, which reach the gradients linearly)
-# |scale| * sqrt(D) times larger: _tol32 widens the bounds by that factor.
+# fp32 kernel vs float64 reference on the same (fp32-exact) inputs. Each score is a dot product of D <= 256 terms
+# (summed over 32-wide column strips for wide heads) and each output a softmax-weighted sum of T <= 70 rows of O(1)
+# values, accumulated in fp32 (unit roundoff 6e-8); the gradients add one more such sum. With the default scale
+# 1/sqrt(D) (scores of O(1) whatever D) observed errors stay around 1e-6 absolute or below (D = 256: at most 0.16
+# of the bound below), so rtol 2e-5 / atol 5e-6 leaves a margin of about 5x while any masking or indexing bug
+# (errors of O(0.1)) fails. A larger scale makes the scores (and their rounding errors, which reach the gradients
+# linearly) |scale| * sqrt(D) times larger: _tol32 widens the bounds by that factor.
 TOL32 = {torch.float32: {"rtol": 2e-5, "atol": 5e-6}}
 
 
@@ -69,19 +70,70 @@ def _regime(draw: Draw, regime: str):
                      scale=draw.choice((0.05, -0.2, 1.3)))
     if regime == "small_odd_d":  # padded to BLOCK_D = 16 with masked loads
         return _case(draw, 2, None, draw.int(2, 33), draw.choice((1, 5, 8, 13)), draw.choice((None, "mixed")))
+    # Head dims past 64: fp32 sums the D-long products over column strips in every kernel.
+    if regime == "d96_padded_strips_heads_lengths":  # BLOCK_D = 128, the last strip ends at D
+        return _case(draw, 2, draw.int(2, 3), draw.choice((1, 37)), 96, "mixed")
+    if regime == "d128_odd_time_lengths":  # T = 37: one full and one partial block of every kernel
+        return _case(draw, 2, draw.choice((None, 2)), 37, 128, "mixed")
+    if regime == "d256_time1_heads":  # the default MSCClassifier head: one head of D = 256
+        return _case(draw, draw.int(1, 2), draw.choice((None, 2)), 1, 256, draw.choice((None, "ones")))
+    if regime == "d256_odd_time_heads_lengths_scale":
+        return _case(draw, 2, 2, draw.choice((19, 37)), 256, "mixed", scale=draw.choice((None, 0.02)))
     raise AssertionError(regime)
 
 
 @pytest.mark.parametrize("regime", ["time1", "odd_time_heads_lengths_d24", "several_key_blocks_d16",
-                                    "d64_lengths_scale", "small_odd_d"])
+                                    "d64_lengths_scale", "small_odd_d", "d96_padded_strips_heads_lengths",
+                                    "d128_odd_time_lengths", "d256_time1_heads", "d256_odd_time_heads_lengths_scale"])
 def test_float32_forward_and_gradients_match_float64_reference(regime):
     draw = Draw()
     args, lengths, fn, what, tol = _regime(draw, regime)
     compare_with_reference("fused", fn, args, draw, f"{regime}: {what}", torch.float32, tol)
 
 
+WIDE_HEAD_DIMS = (96, 128, 200, 256)
+
+
+@pytest.mark.parametrize("head_dim", WIDE_HEAD_DIMS)
+def test_float32_wide_head_dims_take_the_column_strip_path(head_dim):
+    """The wide-D fp32 regimes above test the strip loop only while the launch tables pick it: every kernel
+    must read D in strips narrower than BLOCK_D for fp32 (and keep whole-row tiles for half inputs)."""
+    block_d = kernels._block_d(head_dim)
+    for table in (kernels._FWD_BLOCKS, kernels._DKDV_BLOCKS, kernels._DQ_BLOCKS):
+        for seq in (1, 37, 4096):
+            d_chunk = kernels._blocks(table, head_dim, torch.float32, seq)[2]
+            assert d_chunk < block_d and block_d % d_chunk == 0, (head_dim, seq, d_chunk)
+            assert kernels._blocks(table, head_dim, torch.float16, seq)[2] == block_d, (head_dim, seq)
+
+
+def test_float32_wide_head_dim_backward_is_bitwise_reproducible():
+    """No atomics: two backward passes over the same inputs give identical gradients."""
+    draw = Draw()
+    T, D = draw.odd(17, 37), draw.choice((96, 256))
+    q, k, v = (draw.randn(2, 2, T, D).float().requires_grad_() for _ in range(3))
+    lengths = torch.tensor([draw.int(1, T), T])
+    grad_out = draw.randn(2, 2, T, D).float()
+    with fastmsc.use_backend("fused"):
+        first = torch.autograd.grad(kernels.fused(q, k, v, lengths, None), (q, k, v), grad_out)
+        second = torch.autograd.grad(kernels.fused(q, k, v, lengths, None), (q, k, v), grad_out)
+    for name, a, b in zip("qkv", first, second, strict=True):
+        assert torch.equal(a, b), f"d{name} differs between two identical backward passes: T={T} D={D} {draw.tag()}"
+
+
+def test_tf32_only_when_torch_allows_it():
+    flag = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert kernels._input_precision(torch.float32) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert kernels._input_precision(torch.float32) == "tf32"
+        assert kernels._input_precision(torch.float16) == "ieee"  # half operands never go through tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = flag
+
+
 def test_head_dim_256_with_few_steps():
-    """D = 256 runs in half precision only (float32 stops at MAX_FP32_HEAD_DIM, see the next test)."""
+    """D = 256 in half precision (the float32 regimes above cover it in float32)."""
     draw = Draw()
     args, lengths, fn, what, _ = _case(draw, 1, draw.choice((None, 2)), draw.int(1, 3), 256,
                                        draw.choice((None, "mixed")))
@@ -189,14 +241,17 @@ def test_unsupported_arguments_name_the_reason():
     wide = torch.randn(1, 2, kernels.MAX_HEAD_DIM + 1, dtype=torch.float16)
     with fastmsc.use_backend("fused"), pytest.raises(FusedUnavailable, match=r"head dims up to 256, got D=257"):
         fastmsc.attention(wide, wide, wide)
-    wide32 = torch.randn(1, 2, kernels.MAX_FP32_HEAD_DIM + 1)
-    with fastmsc.use_backend("fused"), pytest.raises(FusedUnavailable, match=r"float32 inputs with head dims up to 64"):
+    wide32 = torch.randn(1, 2, kernels.MAX_HEAD_DIM + 1)
+    with fastmsc.use_backend("fused"), pytest.raises(FusedUnavailable, match=r"head dims up to 256, got D=257"):
         fastmsc.attention(wide32, wide32, wide32)
-    with pytest.raises(ValueError, match=r"float32 inputs with head dims up to 64, got D=65"):
-        kernels.fused(wide32, wide32, wide32)
     with fastmsc.use_backend("auto"):  # auto falls back to torch for all of them
         assert fastmsc.attention(q64, q64, q64).dtype == torch.float64
-        assert fastmsc.attention(wide32, wide32, wide32).shape == wide32.shape
+        assert fastmsc.attention(wide.float(), wide.float(), wide.float()).shape == wide.shape
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):  # every head dim of the range, in every dtype
+        for head_dim in (1, 65, 96, 128, 255, kernels.MAX_HEAD_DIM):
+            q = torch.empty(1, 2, head_dim, dtype=dtype)
+            reason = kernels.fused_unsupported("cuda", q=q, k=q, v=q, lengths=None, scale=0.1)
+            assert reason is None, (dtype, head_dim, reason)
 
 
 def test_library_ops_pass_opcheck():
@@ -244,6 +299,19 @@ def test_aot_cases_cover_every_kernel_and_head_dim():
     assert names == {"_attention_fwd_kernel", "_attention_bwd_delta_kernel", "_attention_bwd_dkdv_kernel",
                      "_attention_bwd_dq_kernel"}
     for block_d in (16, 32, 64, 128, 256):
-        for dtype in ("*fp16", "*bf16", "*fp32") if block_d <= kernels.MAX_FP32_HEAD_DIM else ("*fp16", "*bf16"):
+        for dtype in ("*fp16", "*bf16", "*fp32"):
             assert any(case["constexprs"]["BLOCK_D"] == block_d and case["signature"]["Q" if "Q" in case["signature"]
                        else "OUT"] == dtype for case in kernels.AOT_CASES), (block_d, dtype)
+    # Every fp32 launch configuration, whatever the head dim and sequence length: fp32 tiles never shrink (some
+    # of the shrunk ones spill), so the compiled configurations are the only ones launched.
+    compiled = {(case["kernel"].__name__, case["constexprs"]["BLOCK_D"], case["constexprs"]["BLOCK_M"],
+                 case["constexprs"]["BLOCK_N"], case["constexprs"]["D_CHUNK"], case["num_warps"], case["num_stages"])
+                for case in kernels.AOT_CASES if "D_CHUNK" in case["constexprs"] and case["signature"]["Q"] == "*fp32"}
+    for kernel, table in ((kernels._attention_fwd_kernel, kernels._FWD_BLOCKS),
+                          (kernels._attention_bwd_dkdv_kernel, kernels._DKDV_BLOCKS),
+                          (kernels._attention_bwd_dq_kernel, kernels._DQ_BLOCKS)):
+        for head_dim in range(1, kernels.MAX_HEAD_DIM + 1):
+            for seq in (1, 15, 16, 17, 33, 4096):
+                config = (kernel.__name__, kernels._block_d(head_dim),
+                          *kernels._blocks(table, head_dim, torch.float32, seq))
+                assert config in compiled, (head_dim, seq, config)

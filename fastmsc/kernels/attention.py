@@ -16,7 +16,10 @@ forward's: the only forward state the backward reads is the per-row LSE, which d
 
 fp32 inputs multiply in IEEE fp32 unless ``torch.backends.cuda.matmul.allow_tf32`` is set; fp16/bf16 inputs feed
 tl.dot with half operands (including the probabilities, rounded to the input dtype as FlashAttention does) and
-accumulate in fp32.
+accumulate in fp32. An IEEE fp32 tl.dot runs on FMA units and keeps its whole reduction strip per thread in
+registers, so for fp32 with D > 64 the D-long products (q kᵀ, dO vᵀ) are sums of tl.dot over D_CHUNK-wide column
+strips loaded one at a time (``_row_dots``) instead of one dot over a register-resident (rows, D) tile; the
+accumulators (O, dQ, dK, dV) still span the whole head dim. Every head dim from 1 to 256 runs in every dtype.
 """
 
 import math
@@ -29,7 +32,6 @@ import triton.language as tl
 from ._common import new_output, triton_unsupported
 
 MAX_HEAD_DIM = 256
-MAX_FP32_HEAD_DIM = 64  # IEEE fp32 tl.dot spills registers beyond this (see the block tables)
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The interpreter has no bf16 arithmetic: there the kernels upcast bf16 tiles to fp32 right after loading (and
@@ -41,18 +43,51 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _fwd_key_block(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, start_n, seq_len, qk_scale,
-                   offs_n, offs_d, d_ok, MASK_KEYS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                   DOT_FP32: tl.constexpr):
-    """One online-softmax step over keys [start_n, start_n + BLOCK_N); MASK_KEYS only for the last, partial block."""
+def _row_dots(A, rows_a, a_ok, stride_at, stride_ad, B, rows_b, b_ok, stride_bt, stride_bd,
+              ROWS_A: tl.constexpr, ROWS_B: tl.constexpr, HEAD_DIM: tl.constexpr, D_CHUNK: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    """A[rows_a, :HEAD_DIM] @ B[rows_b, :HEAD_DIM]^T as a (ROWS_A, ROWS_B) fp32 tile, summed over D_CHUNK-wide
+    column strips loaded one at a time: an IEEE fp32 tl.dot runs on FMA units and holds each thread's operand rows
+    and columns over the whole reduction in registers, so one dot over a long D (128 or 256, for some tiles even
+    64) spills, while 32-wide strips do not. Rows outside a_ok / b_ok load as zeros."""
+    acc = tl.zeros([ROWS_A, ROWS_B], dtype=tl.float32)
+    offs_c = tl.arange(0, D_CHUNK)
+    for start_d in tl.static_range(0, HEAD_DIM, D_CHUNK):
+        cols = start_d + offs_c
+        col_ok = cols < HEAD_DIM
+        a = tl.load(A + rows_a[:, None] * stride_at + cols[None, :] * stride_ad,
+                    mask=a_ok[:, None] & col_ok[None, :], other=0.0)
+        b = tl.load(B + rows_b[:, None] * stride_bt + cols[None, :] * stride_bd,
+                    mask=b_ok[:, None] & col_ok[None, :], other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _fwd_key_block(acc, l_i, m_i, q, Q, K, V, offs_m, row_in, stride_qt, stride_qd, stride_kt, stride_kd, stride_vt,
+                   stride_vd, start_n, seq_len, qk_scale, offs_n, offs_d, d_ok, MASK_KEYS: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   D_CHUNK: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One online-softmax step over keys [start_n, start_n + BLOCK_N); MASK_KEYS only for the last, partial block.
+    With D_CHUNK < BLOCK_D the scores read q and k in column strips (q is then not held in registers: its strips
+    are loop-invariant loads, which the compiler may stage once in shared memory)."""
     cols = start_n + offs_n
     key_ok = cols < seq_len
     kv_mask = key_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + cols[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-    v = tl.load(V + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-    if DOT_FP32:
-        k = k.to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+    if D_CHUNK < BLOCK_D:
+        s = _row_dots(Q, offs_m, row_in, stride_qt, stride_qd, K, cols, key_ok, stride_kt, stride_kd, BLOCK_M,
+                      BLOCK_N, HEAD_DIM, D_CHUNK, INPUT_PRECISION, DOT_FP32) * qk_scale
+        v = tl.load(V + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    else:
+        # k and v issued together, ahead of the first dot: the software pipeliner then stages both.
+        k = tl.load(K + cols[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(V + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
     if MASK_KEYS:
         s = tl.where(key_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -79,7 +114,7 @@ def _attention_fwd_kernel(
     stride_ob, stride_oh, stride_ot, stride_od,
     H, T, qk_scale,
     HEAD_DIM: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     num_m = tl.cdiv(T, BLOCK_M)
     pid = tl.program_id(0)
@@ -101,10 +136,13 @@ def _attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     row_in = offs_m < T
-    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                mask=row_in[:, None] & d_ok[None, :], other=0.0)
-    if DOT_FP32:
-        q = q.to(tl.float32)
+    if D_CHUNK < BLOCK_D:
+        q = 0.0  # the scores reload q strip by strip
+    else:
+        q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                    mask=row_in[:, None] & d_ok[None, :], other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -113,11 +151,15 @@ def _attention_fwd_kernel(
     kv_end = tl.where(pid_m * BLOCK_M < seq_len, seq_len, 0)
     full_end = (kv_end // BLOCK_N) * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, start_n,
-                                       seq_len, qk_scale, offs_n, offs_d, d_ok, False, INPUT_PRECISION, DOT_FP32)
+        acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, Q, K, V, offs_m, row_in, stride_qt, stride_qd, stride_kt,
+                                       stride_kd, stride_vt, stride_vd, start_n, seq_len, qk_scale, offs_n, offs_d,
+                                       d_ok, False, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNK, INPUT_PRECISION,
+                                       DOT_FP32)
     for start_n in range(full_end, kv_end, BLOCK_N):  # the partial last block, if any
-        acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, start_n,
-                                       seq_len, qk_scale, offs_n, offs_d, d_ok, True, INPUT_PRECISION, DOT_FP32)
+        acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, Q, K, V, offs_m, row_in, stride_qt, stride_qd, stride_kt,
+                                       stride_kd, stride_vt, stride_vd, start_n, seq_len, qk_scale, offs_n, offs_d,
+                                       d_ok, True, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNK, INPUT_PRECISION,
+                                       DOT_FP32)
 
     row_ok = (offs_m < seq_len) & (l_i > 0.0)
     l_safe = tl.where(row_ok, l_i, 1.0)
@@ -167,9 +209,11 @@ def _attention_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvt, stride_dvd,
     H, T, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """dK and dV for BLOCK_N keys of one (batch, head), looping over the query blocks (transposed scores)."""
+    """dK and dV for BLOCK_N keys of one (batch, head), looping over the query blocks (transposed scores).
+    With D_CHUNK < BLOCK_D, k and v are not held in registers: the two D-long products read k, v, q and dO in
+    column strips, and only the dK/dV accumulators span the whole head dim."""
     num_n = tl.cdiv(T, BLOCK_N)
     pid = tl.program_id(0)
     pid_n = pid % num_n
@@ -195,13 +239,14 @@ def _attention_bwd_dkdv_kernel(
     key_in = offs_n < T
     key_ok = offs_n < seq_len
     # Keys past the length load as zeros: their (discarded) rows of dK/dV then stay finite.
-    k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=key_ok[:, None] & d_ok[None, :],
-                other=0.0)
-    v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=key_ok[:, None] & d_ok[None, :],
-                other=0.0)
-    if DOT_FP32:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    if D_CHUNK == BLOCK_D:
+        k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                    mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                    mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # Only query rows below the length see any key; keys past the length get zero gradients (stored below).
@@ -217,13 +262,22 @@ def _attention_bwd_dkdv_kernel(
         if DOT_FP32:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
+        if D_CHUNK < BLOCK_D:
+            s_t = _row_dots(K, offs_n, key_ok, stride_kt, stride_kd, Q, rows, row_ok, stride_qt, stride_qd, BLOCK_N,
+                            BLOCK_M, HEAD_DIM, D_CHUNK, INPUT_PRECISION, DOT_FP32)
+        else:
+            s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)
         # Rows with LSE = +inf (past the length, or no valid key) get p = 0 and so contribute nothing.
-        p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale - lse[None, :])
+        p_t = tl.exp2(s_t * qk_scale - lse[None, :])
         p_op = p_t.to(DO.dtype.element_ty)
         if DOT_FP32:
             p_op = p_op.to(tl.float32)
         dv = tl.dot(p_op, do, dv, input_precision=INPUT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        if D_CHUNK < BLOCK_D:
+            dp_t = _row_dots(V, offs_n, key_ok, stride_vt, stride_vd, DO, rows, row_ok, stride_dot, stride_dod,
+                             BLOCK_N, BLOCK_M, HEAD_DIM, D_CHUNK, INPUT_PRECISION, DOT_FP32)
+        else:
+            dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         ds_op = ds_t.to(Q.dtype.element_ty)
         if DOT_FP32:
@@ -241,21 +295,31 @@ def _attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_key_block(dq, q, do, lse, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd, start_n, seq_len,
-                  qk_scale, offs_n, offs_d, d_ok, MASK_KEYS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+def _dq_key_block(dq, q, do, lse, delta, Q, DO, K, V, offs_m, row_in, row_ok, stride_qt, stride_qd, stride_dot,
+                  stride_dod, stride_kt, stride_kd, stride_vt, stride_vd, start_n, seq_len, qk_scale, offs_n, offs_d,
+                  d_ok, MASK_KEYS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                   DOT_FP32: tl.constexpr):
     cols = start_n + offs_n
     key_ok = cols < seq_len
     kv_mask = key_ok[:, None] & d_ok[None, :]
     k = tl.load(K + cols[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-    v = tl.load(V + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
     if DOT_FP32:
         k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale - lse[:, None])
+    if D_CHUNK < BLOCK_D:
+        s = _row_dots(Q, offs_m, row_in, stride_qt, stride_qd, K, cols, key_ok, stride_kt, stride_kd, BLOCK_M,
+                      BLOCK_N, HEAD_DIM, D_CHUNK, INPUT_PRECISION, DOT_FP32)
+        dp = _row_dots(DO, offs_m, row_ok, stride_dot, stride_dod, V, cols, key_ok, stride_vt, stride_vd, BLOCK_M,
+                       BLOCK_N, HEAD_DIM, D_CHUNK, INPUT_PRECISION, DOT_FP32)
+    else:
+        v = tl.load(V + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if DOT_FP32:
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+    p = tl.exp2(s * qk_scale - lse[:, None])
     if MASK_KEYS:  # keys past the length were loaded as zeros, which would still score exp2(-lse) > 0
         p = tl.where(key_ok[None, :], p, 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
     ds = p * (dp - delta[:, None])
     ds_op = ds.to(K.dtype.element_ty)
     if DOT_FP32:
@@ -273,9 +337,10 @@ def _attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     H, T, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """dQ for BLOCK_M queries of one (batch, head), looping over the key blocks."""
+    """dQ for BLOCK_M queries of one (batch, head), looping over the key blocks. With D_CHUNK < BLOCK_D, q and dO
+    are not held in registers: the two D-long products read them (and k, v) in column strips."""
     num_m = tl.cdiv(T, BLOCK_M)
     pid = tl.program_id(0)
     pid_m = pid % num_m
@@ -299,24 +364,32 @@ def _attention_bwd_dq_kernel(
     d_ok = offs_d < HEAD_DIM
     row_in = offs_m < T
     row_ok = offs_m < seq_len
-    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=row_in[:, None] & d_ok[None, :],
-                other=0.0)
-    do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if D_CHUNK < BLOCK_D:
+        q = 0.0  # the scores reload q and dO strip by strip
+        do = 0.0
+    else:
+        q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                    mask=row_in[:, None] & d_ok[None, :], other=0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
     lse = tl.load(LSE + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
-    if DOT_FP32:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     kv_end = tl.where(pid_m * BLOCK_M < seq_len, seq_len, 0)
     full_end = (kv_end // BLOCK_N) * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
-        dq = _dq_key_block(dq, q, do, lse, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd, start_n, seq_len,
-                           qk_scale, offs_n, offs_d, d_ok, False, INPUT_PRECISION, DOT_FP32)
+        dq = _dq_key_block(dq, q, do, lse, delta, Q, DO, K, V, offs_m, row_in, row_ok, stride_qt, stride_qd,
+                           stride_dot, stride_dod, stride_kt, stride_kd, stride_vt, stride_vd, start_n, seq_len,
+                           qk_scale, offs_n, offs_d, d_ok, False, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNK,
+                           INPUT_PRECISION, DOT_FP32)
     for start_n in range(full_end, kv_end, BLOCK_N):
-        dq = _dq_key_block(dq, q, do, lse, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd, start_n, seq_len,
-                           qk_scale, offs_n, offs_d, d_ok, True, INPUT_PRECISION, DOT_FP32)
+        dq = _dq_key_block(dq, q, do, lse, delta, Q, DO, K, V, offs_m, row_in, row_ok, stride_qt, stride_qd,
+                           stride_dot, stride_dod, stride_kt, stride_kd, stride_vt, stride_vd, start_n, seq_len,
+                           qk_scale, offs_n, offs_d, d_ok, True, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNK,
+                           INPUT_PRECISION, DOT_FP32)
     dq = dq * sm_scale
     tl.store(DQ + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
              mask=row_in[:, None] & d_ok[None, :])
@@ -324,33 +397,38 @@ def _attention_bwd_dq_kernel(
 
 # ----------------------------------------------------------------------------------------------- launch settings
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, by BLOCK_D, for half (fp16/bf16) and fp32 operands.
+# (BLOCK_M, BLOCK_N, D_CHUNK, num_warps, num_stages) per kernel, by BLOCK_D, for half (fp16/bf16) and fp32
+# operands. D_CHUNK = BLOCK_D holds the (BLOCK_M or BLOCK_N, BLOCK_D) operand tiles of the D-long products in
+# registers across the loop; D_CHUNK < BLOCK_D reloads them in D_CHUNK-wide column strips (see _row_dots).
 # Chosen so that no configuration spills registers on sm_80 or sm_90 (every entry is an AOT_CASES case, compiled
 # and checked with cuobjdump): 8 warps for the 64-128 row tiles of half inputs (4 warps spill at 128 x 64), and
-# small tiles for IEEE fp32, whose tl.dot runs on FMA units with a whole D-long operand strip per thread in
-# registers; that spills for every tile shape once BLOCK_D >= 128 (hence MAX_FP32_HEAD_DIM and None below).
+# small tiles for IEEE fp32, whose tl.dot runs on FMA units with each thread's operand rows and columns over the
+# whole reduction in registers: past D = 64, fp32 reads D in 32-wide strips. The fp32 tiles and warps are ones
+# that compile without spills on both architectures, some by a small margin: ptxas keeps several of these kernels
+# at 128 registers and spills (8-warp 32 x 32 tiles for BLOCK_D = 128 on sm_90, and even some 16 x 16 tiles), so
+# fp32 tiles are never shrunk for short sequences (see _blocks) and a change here needs the AOT check again.
 _FWD_BLOCKS = {
-    16: ((128, 64, 8, 3), (32, 32, 4, 2)),
-    32: ((128, 64, 8, 3), (32, 32, 4, 2)),
-    64: ((128, 64, 8, 3), (32, 32, 4, 2)),
-    128: ((64, 64, 8, 3), None),
-    256: ((32, 32, 8, 2), None),
+    16: ((128, 64, 16, 8, 3), (32, 32, 16, 4, 2)),
+    32: ((128, 64, 32, 8, 3), (32, 32, 32, 4, 2)),
+    64: ((128, 64, 64, 8, 3), (32, 32, 64, 4, 2)),
+    128: ((64, 64, 128, 8, 3), (32, 16, 32, 4, 2)),
+    256: ((32, 32, 256, 8, 2), (32, 16, 32, 8, 2)),
 }
 # dK/dV: BLOCK_N keys per program, BLOCK_M queries per step.
 _DKDV_BLOCKS = {
-    16: ((32, 128, 8, 2), (32, 32, 4, 2)),
-    32: ((32, 128, 8, 2), (32, 32, 4, 2)),
-    64: ((32, 128, 8, 2), (32, 32, 4, 2)),
-    128: ((32, 64, 8, 2), None),
-    256: ((32, 32, 8, 2), None),
+    16: ((32, 128, 16, 8, 2), (32, 32, 16, 4, 2)),
+    32: ((32, 128, 32, 8, 2), (32, 32, 32, 4, 2)),
+    64: ((32, 128, 64, 8, 2), (32, 32, 64, 4, 2)),
+    128: ((32, 64, 128, 8, 2), (32, 32, 32, 8, 2)),
+    256: ((32, 32, 256, 8, 2), (16, 32, 32, 8, 2)),
 }
 # dQ: BLOCK_M queries per program, BLOCK_N keys per step.
 _DQ_BLOCKS = {
-    16: ((128, 64, 8, 2), (32, 32, 4, 2)),
-    32: ((128, 64, 8, 2), (32, 32, 4, 2)),
-    64: ((128, 64, 8, 2), (32, 32, 4, 2)),
-    128: ((64, 64, 8, 2), None),
-    256: ((32, 32, 8, 2), None),
+    16: ((128, 64, 16, 8, 2), (32, 32, 16, 4, 2)),
+    32: ((128, 64, 32, 8, 2), (32, 32, 32, 4, 2)),
+    64: ((128, 64, 64, 8, 2), (32, 32, 64, 4, 2)),
+    128: ((64, 64, 128, 8, 2), (32, 16, 32, 4, 2)),
+    256: ((32, 32, 256, 8, 2), (32, 16, 32, 8, 2)),
 }
 _DELTA_TILE = 4096  # elements of O (and of dO) per delta program: BLOCK_M = _DELTA_TILE // BLOCK_D rows
 _DELTA_NUM_WARPS = 4
@@ -366,12 +444,13 @@ def _fit(block: int, seq: int) -> int:
 
 
 def _blocks(table, head_dim: int, dtype: torch.dtype, seq: int):
-    config = table[_block_d(head_dim)][dtype == torch.float32]
-    if config is None:
-        raise ValueError(f"the attention kernels take float32 inputs with head dims up to {MAX_FP32_HEAD_DIM}, "
-                         f"got D={head_dim}")
-    block_m, block_n, num_warps, num_stages = config
-    return _fit(block_m, seq), _fit(block_n, seq), num_warps, num_stages
+    """(BLOCK_M, BLOCK_N, D_CHUNK, num_warps, num_stages) of one kernel for these inputs. Half-precision tiles
+    shrink to short sequences; fp32 tiles (32 long at most) keep their size, as the 16 x 16 variants of some
+    (e.g. dQ with BLOCK_D = 128 on sm_80, the 64-wide forward on sm_90) spill registers."""
+    block_m, block_n, d_chunk, num_warps, num_stages = table[_block_d(head_dim)][dtype == torch.float32]
+    if dtype != torch.float32:
+        block_m, block_n = _fit(block_m, seq), _fit(block_n, seq)
+    return block_m, block_n, d_chunk, num_warps, num_stages
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -405,14 +484,14 @@ def _forward(q, k, v, lengths, scale):
     out = new_output(q.shape, dtype=q.dtype, device=q.device)
     lse = new_output((B, H, T), dtype=torch.float32, device=q.device)
     o4 = _as_4d(out)
-    block_m, block_n, num_warps, num_stages = _blocks(_FWD_BLOCKS, D, q.dtype, T)
+    block_m, block_n, d_chunk, num_warps, num_stages = _blocks(_FWD_BLOCKS, D, q.dtype, T)
     grid = (triton.cdiv(T, block_m) * B * H,)
     _attention_fwd_kernel[grid](
         q4, k4, v4, o4, lse, lengths,
         *_strides(q4), *_strides(k4), *_strides(v4), *_strides(o4),
         H, T, scale * _LOG2E,
         HEAD_DIM=D, HAS_LENGTHS=lengths is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D),
-        INPUT_PRECISION=_input_precision(q.dtype), DOT_FP32=_dot_fp32(q.dtype),
+        D_CHUNK=d_chunk, INPUT_PRECISION=_input_precision(q.dtype), DOT_FP32=_dot_fp32(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse
@@ -438,20 +517,20 @@ def _backward(grad_out, q, k, v, out, lse, lengths, scale):
     dv = new_output(q.shape, dtype=q.dtype, device=q.device)
     dq4, dk4, dv4 = _as_4d(dq), _as_4d(dk), _as_4d(dv)
 
-    block_m, block_n, num_warps, num_stages = _blocks(_DKDV_BLOCKS, D, q.dtype, T)
+    block_m, block_n, d_chunk, num_warps, num_stages = _blocks(_DKDV_BLOCKS, D, q.dtype, T)
     _attention_bwd_dkdv_kernel[(triton.cdiv(T, block_n) * B * H,)](
         q4, k4, v4, do4, lse, delta, dk4, dv4, lengths,
         *_strides(q4), *_strides(k4), *_strides(v4), *_strides(do4), *_strides(dk4), *_strides(dv4),
         H, T, scale * _LOG2E, scale,
-        HEAD_DIM=D, HAS_LENGTHS=has_lengths, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        HEAD_DIM=D, HAS_LENGTHS=has_lengths, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, D_CHUNK=d_chunk,
         INPUT_PRECISION=precision, DOT_FP32=dot_fp32, num_warps=num_warps, num_stages=num_stages,
     )
-    block_m, block_n, num_warps, num_stages = _blocks(_DQ_BLOCKS, D, q.dtype, T)
+    block_m, block_n, d_chunk, num_warps, num_stages = _blocks(_DQ_BLOCKS, D, q.dtype, T)
     _attention_bwd_dq_kernel[(triton.cdiv(T, block_m) * B * H,)](
         q4, k4, v4, do4, lse, delta, dq4, lengths,
         *_strides(q4), *_strides(k4), *_strides(v4), *_strides(do4), *_strides(dq4),
         H, T, scale * _LOG2E, scale,
-        HEAD_DIM=D, HAS_LENGTHS=has_lengths, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        HEAD_DIM=D, HAS_LENGTHS=has_lengths, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, D_CHUNK=d_chunk,
         INPUT_PRECISION=precision, DOT_FP32=dot_fp32, num_warps=num_warps, num_stages=num_stages,
     )
     return dq, dk, dv
@@ -525,9 +604,6 @@ def fused_unsupported(device_type: str, **call_args) -> str | None:
             return f"the attention kernels take float32, float16 or bfloat16 inputs, got {str(q.dtype)[6:]}"
         if q.shape[-1] > MAX_HEAD_DIM:
             return f"the attention kernels take head dims up to {MAX_HEAD_DIM}, got D={q.shape[-1]}"
-        if q.dtype == torch.float32 and q.shape[-1] > MAX_FP32_HEAD_DIM:
-            return (f"the attention kernels take float32 inputs with head dims up to {MAX_FP32_HEAD_DIM} (IEEE "
-                    f"fp32 matmuls of longer rows spill registers), got D={q.shape[-1]}; use float16/bfloat16")
     return None
 
 
@@ -537,9 +613,9 @@ def fused_unsupported(device_type: str, **call_args) -> str | None:
 def _aot_cases():
     """Every (kernel, block configuration, dtype) the launchers pick for full-length sequences, compiled as the
     launchers call them: unit last-dim strides (the launchers copy any other layout), so those strides are the
-    constant 1 that Triton specialises them to. Short sequences shrink BLOCK_M/BLOCK_N with the same warps and
-    stages, i.e. smaller tiles of the same kernel; tf32 uses tensor cores instead of the register-hungrier IEEE
-    fp32 path, so the IEEE cases bound it."""
+    constant 1 that Triton specialises them to. Short sequences shrink the half-precision BLOCK_M/BLOCK_N with the
+    same warps and stages, i.e. smaller tiles of the same kernel (fp32 tiles never shrink); tf32 uses tensor cores
+    instead of the register-hungrier IEEE fp32 path, so the IEEE cases bound it."""
     ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
     stats = {"LSE": "*fp32", "DELTA": "*fp32", "LENGTHS": "*i64"}
     cases = []
@@ -559,7 +635,7 @@ def _aot_cases():
                 signature[name] = "fp32"
             else:
                 signature[name] = stats.get(name, ptr[dtype])
-        blocks = "".join(f"_{k}{constexprs[k]}" for k in ("BLOCK_M", "BLOCK_N") if k in constexprs)
+        blocks = "".join(f"_{k}{constexprs[k]}" for k in ("BLOCK_M", "BLOCK_N", "D_CHUNK") if k in constexprs)
         cases.append({
             "name": f"{kernel.__name__.strip('_')}_{str(dtype)[6:]}_D{constexprs['HEAD_DIM']}{blocks}"
                     f"_w{num_warps}s{num_stages}",
@@ -568,15 +644,16 @@ def _aot_cases():
         })
 
     for dtype in _DTYPES:
-        for head_dim in (16, 24, 64, 128, 256):  # every BLOCK_D: 16, 32 (24 padded), 64, 128, 256
-            if dtype == torch.float32 and head_dim > MAX_FP32_HEAD_DIM:
-                continue
+        # Every BLOCK_D: 16, 32 (24 padded), 64, 128, 256. The column-strip loop of fp32 runs cdiv(D, D_CHUNK)
+        # strips, the last one masked when D_CHUNK does not divide D: 96 and 200 compile those variants.
+        head_dims = (16, 24, 64, 96, 128, 200, 256) if dtype == torch.float32 else (16, 24, 64, 128, 256)
+        for head_dim in head_dims:
             common = {"HEAD_DIM": head_dim, "HAS_LENGTHS": True, "BLOCK_D": _block_d(head_dim)}
             for kernel, table in ((_attention_fwd_kernel, _FWD_BLOCKS), (_attention_bwd_dkdv_kernel, _DKDV_BLOCKS),
                                   (_attention_bwd_dq_kernel, _DQ_BLOCKS)):
-                block_m, block_n, num_warps, num_stages = _blocks(table, head_dim, dtype, 1 << 20)
-                add(kernel, dtype, {**common, "BLOCK_M": block_m, "BLOCK_N": block_n, "INPUT_PRECISION": "ieee",
-                                    "DOT_FP32": False}, num_warps, num_stages)
+                block_m, block_n, d_chunk, num_warps, num_stages = _blocks(table, head_dim, dtype, 1 << 20)
+                add(kernel, dtype, {**common, "BLOCK_M": block_m, "BLOCK_N": block_n, "D_CHUNK": d_chunk,
+                                    "INPUT_PRECISION": "ieee", "DOT_FP32": False}, num_warps, num_stages)
             add(_attention_bwd_delta_kernel, dtype, {**common, "BLOCK_M": _DELTA_TILE // _block_d(head_dim)},
                 _DELTA_NUM_WARPS, 3)
     return cases
