@@ -13,7 +13,9 @@ def _storage_key_and_bytes(t: torch.Tensor) -> tuple[object, int]:
     except (RuntimeError, NotImplementedError):
         # Tensors without a plain storage (some tensor subclasses): count their own elements.
         return ("tensor", id(t)), t.numel() * t.element_size()
-    return (t.device, storage.data_ptr()), storage.nbytes()
+    # The storage object's own address, not its data pointer: fake tensors (shape-only, all at address 0)
+    # have distinct storages too, and views share their base's.
+    return (t.device, storage._cdata), storage.nbytes()
 
 
 def saved_tensor_bytes(fn: Callable, *args, exclude: Iterable[torch.Tensor] = (), **kwargs) -> int:

@@ -4,9 +4,14 @@ Same call as :func:`fastmsc.ops.lstm_layer.lstm_layer_reference`: x (B, T, I), w
 direction tuples ``(w_ih (4H, I), w_hh (4H, H), b_ih (4H,) | None, b_hh (4H,) | None)``, h0/c0
 (D, B, H) or None, lengths (B,) int64 on x's device or None; returns out (B, T, D*H), h_n, c_n (D, B, H).
 
-The op works in float32 (float64 for float64 inputs); float16/bfloat16 inputs are cast to float32 and
-the results cast back. The autograd formula and the fake (shape-only) implementation are registered
-with torch.library, so torch.compile(fullgraph=True) traces the layer as two opaque ops.
+The extension works in float32 (float64 for float64 inputs). float16/bfloat16 inputs go through
+``fastmsc::lstm_fwd_half``: it widens them, runs the extension and returns out, h_n, c_n and the state the
+backward reads (activated gates, cell states) in the input dtype, as stock PyTorch's half-precision LSTMs
+keep theirs. A half training step thus keeps half tensors only (its input, the output it returns, which the
+next layer keeps anyway, gates and cells) instead of float32 copies of them; the backward widens them again,
+so its gradients carry the rounding of that state (a few units of the half type's roundoff, checked in
+tests/test_lstm_layer_fused.py). The autograd formula and the fake (shape-only) implementations are
+registered with torch.library, so torch.compile(fullgraph=True) traces the layer as opaque ops.
 """
 
 from __future__ import annotations
@@ -23,8 +28,15 @@ _register_lock = threading.Lock()
 _warned = False
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _to(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
 
 
 def _fake_forward(x, w_ih, w_hh, bias, h0, c0, lengths, training):
@@ -59,14 +71,35 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
+    """Shared by lstm_fwd and lstm_fwd_half: saved half tensors are widened to float32 for lstm_bwd (exact),
+    and each gradient is returned in the dtype of its input."""
     x, w_ih, w_hh, h0, c0, lengths, out, gates, cells = ctx.saved_tensors
+    work = _work_dtype(x.dtype)
     needs = ctx.needs_input_grad
     need_dx, need_dweights, need_dstate = needs[0], any(needs[1:4]), needs[4] or needs[5]
     dx, dw_ih, dw_hh, dbias, dh0, dc0 = torch.ops.fastmsc.lstm_bwd(
-        grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, ctx.has_bias, h0, c0, lengths, out, gates, cells,
+        _to(grad_out, work), _to(grad_h_n, work), _to(grad_c_n, work), x.to(work), w_ih.to(work), w_hh.to(work),
+        ctx.has_bias, _to(h0, work), _to(c0, work), lengths, out.to(work), gates.to(work), cells.to(work),
         need_dx, need_dweights, need_dstate)
-    return (dx if need_dx else None, dw_ih if needs[1] else None, dw_hh if needs[2] else None,
-            dbias if needs[3] else None, dh0 if needs[4] else None, dc0 if needs[5] else None, None, None)
+    return (dx.to(x.dtype) if need_dx else None, dw_ih.to(w_ih.dtype) if needs[1] else None,
+            dw_hh.to(w_hh.dtype) if needs[2] else None, dbias if needs[3] else None,
+            dh0.to(h0.dtype) if needs[4] else None, dc0.to(c0.dtype) if needs[5] else None, None, None)
+
+
+@torch.library.custom_op("fastmsc::lstm_fwd_half", mutates_args=())
+def _lstm_fwd_half(x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, bias: torch.Tensor | None,
+                   h0: torch.Tensor | None, c0: torch.Tensor | None, lengths: torch.Tensor | None, training: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fastmsc::lstm_fwd for float16/bfloat16 x, w_ih (D*4H, I), w_hh (D, 4H, H), h0, c0 (D, B, H) and a
+    float32 bias (D*4H,) (b_ih + b_hh summed unrounded): the layer runs in float32 and out (B, T, D*H),
+    h_n, c_n (D, B, H), gates (B, T, D*4H) and cells (B, T, D*H) come back in x's dtype."""
+    outputs = torch.ops.fastmsc.lstm_fwd(x.float(), w_ih.float(), w_hh.float(), bias, _to(h0, torch.float32),
+                                         _to(c0, torch.float32), lengths, training)
+    return tuple(t.to(x.dtype) for t in outputs)
+
+
+_lstm_fwd_half.register_fake(_fake_forward)
+_lstm_fwd_half.register_autograd(_backward, setup_context=_setup_context)
 
 
 @torch.compiler.assume_constant_result  # runs once, eagerly, even when torch.compile meets it first
@@ -123,14 +156,14 @@ def _combined_bias(weights, dtype):
 def fused(x, weights, h0=None, c0=None, lengths=None):
     _ensure_registered()
     work = _work_dtype(x.dtype)
-    cast = lambda t: None if t is None else t.to(work)
-    w_ih = torch.cat([cast(p[0]) for p in weights]) if len(weights) == 2 else cast(weights[0][0])
-    w_hh = torch.stack([cast(p[1]) for p in weights])
+    half = x.dtype in HALF_DTYPES
+    # Half weights stay half (float32 copies of them would be what backward keeps); the op widens them.
+    weight_dtype = x.dtype if half else work
+    w_ih = torch.cat([p[0].to(weight_dtype) for p in weights]) if len(weights) == 2 else weights[0][0].to(weight_dtype)
+    w_hh = torch.stack([p[1].to(weight_dtype) for p in weights])
     bias = _combined_bias(weights, work)
     tensors = [x, h0, c0, *(t for params in weights for t in params)]
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    out, h_n, c_n, _, _ = torch.ops.fastmsc.lstm_fwd(
-        x.to(work), w_ih, w_hh, bias, cast(h0), cast(c0), lengths, training)
-    if x.dtype != work:
-        return out.to(x.dtype), h_n.to(x.dtype), c_n.to(x.dtype)
+    forward = torch.ops.fastmsc.lstm_fwd_half if half else torch.ops.fastmsc.lstm_fwd
+    out, h_n, c_n, _, _ = forward(x, w_ih, w_hh, bias, h0, c0, lengths, training)
     return out, h_n, c_n
