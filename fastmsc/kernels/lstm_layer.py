@@ -67,6 +67,9 @@ def _setup_context(ctx, inputs, output):
     out, _, _, gates, cells = output
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(gates, cells)
+    # Unused outputs get None, not zero tensors: gates and cells never receive a gradient, and zero-filling
+    # their (B, T, D*4H) and (B, T, D*H) grads cost more than the rest of the backward's pointwise work.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, w_ih, w_hh, h0, c0, lengths, out, gates, cells)
 
 
