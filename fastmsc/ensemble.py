@@ -13,10 +13,7 @@ ensemble's summary.
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -145,26 +142,13 @@ def _ensemble_of(results) -> nn.Module:
 def _write_summary(results, final: dict, seed: int, meta: dict, json_path, csv_path) -> None:
     """The run's JSON/CSV files of an ensemble: every member's per-epoch rows, then the ensemble's result."""
     if json_path:
-        path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        summary = {"meta": meta, "members": [{"member": m, "seed": member_seed(seed, m), "epochs": r.history,
-                                              "final": r.final} for m, r in enumerate(results)],
-                   "final": final}
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, path)
+        train_module.write_json(json_path, {
+            "meta": meta,
+            "members": [{"member": m, "seed": member_seed(seed, m), "epochs": r.history, "final": r.final}
+                        for m, r in enumerate(results)],
+            "final": final})
     if csv_path:
-        path = Path(csv_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        columns = ("member", *train_module.METRIC_COLUMNS)
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            for m, r in enumerate(results):
-                for row in r.history:
-                    writer.writerow({"member": m, **{k: ("" if row.get(k) is None else row[k])
-                                                     for k in train_module.METRIC_COLUMNS}})
-            writer.writerow({"member": "ensemble", "epoch": final["epoch"], "test_loss": final.get("test_loss", ""),
-                             "test_acc": final.get("test_acc", "")})
-        os.replace(tmp, path)
+        rows = [{"member": m, **row} for m, r in enumerate(results) for row in r.history]
+        rows.append({"member": "ensemble", "epoch": final["epoch"], "test_loss": final.get("test_loss"),
+                     "test_acc": final.get("test_acc")})
+        train_module.write_csv(csv_path, ("member", *train_module.METRIC_COLUMNS), rows)

@@ -194,11 +194,34 @@ def _gather_rng_states() -> list[dict]:
     return states
 
 
-def _atomic_save(obj, path: Path) -> None:
+def replace_atomically(path, write) -> None:
+    """Write ``path`` as ``write(tmp)`` into a temporary file renamed over it: a reader (or a run killed
+    mid-write) never sees half a file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def write_json(path, obj) -> None:
+    replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
+
+
+def write_csv(path, columns, rows) -> None:
+    """One line per row (dicts); missing and None values are written as empty fields."""
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
+
+    replace_atomically(path, write)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    replace_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -220,22 +243,10 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 def _write_metrics(history: list[dict], config: dict, meta: dict, json_path, csv_path) -> None:
     if json_path:
-        path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         final = history[-1] if history else {}
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"meta": meta, "config": config, "epochs": history, "final": final}, indent=2))
-        os.replace(tmp, path)
+        write_json(json_path, {"meta": meta, "config": config, "epochs": history, "final": final})
     if csv_path:
-        path = Path(csv_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
-            writer.writeheader()
-            for row in history:
-                writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_COLUMNS})
-        os.replace(tmp, path)
+        write_csv(csv_path, METRIC_COLUMNS, history)
 
 
 def _format_epoch(row: dict, epochs: int) -> str:
