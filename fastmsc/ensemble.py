@@ -42,13 +42,10 @@ class Ensemble(nn.Module):
             raise ValueError("an Ensemble needs at least one member")
 
     def forward(self, x: torch.Tensor, lengths=None) -> torch.Tensor:
-        log_probs = torch.stack([torch.log_softmax(_upcast(member(x, lengths)), dim=-1) for member in self.members])
+        # bf16/fp16 logits (autocast) are upcast before the softmax, as for the training loss.
+        log_probs = torch.stack([torch.log_softmax(train_module.loss_input(member(x, lengths)), dim=-1)
+                                 for member in self.members])
         return torch.logsumexp(log_probs, dim=0) - math.log(len(self.members))
-
-
-def _upcast(logits: torch.Tensor) -> torch.Tensor:
-    """bf16/fp16 logits (autocast) to float32 before the softmax; float32/float64 as they are."""
-    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
 def member_seed(seed: int, member: int) -> int:

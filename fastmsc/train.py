@@ -128,7 +128,7 @@ def _all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def _loss_input(logits: torch.Tensor) -> torch.Tensor:
+def loss_input(logits: torch.Tensor) -> torch.Tensor:
     """Logits for the loss: bf16/fp16 (autocast) upcast to float32; float32 and float64 as they are."""
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
@@ -154,7 +154,7 @@ def evaluate(model: nn.Module, data, batch_size: int = 256, device=None, criteri
     for x, y, lengths in _batches(data, list(range(rank, len(data), world)), batch_size, device, _param_dtype(model)):
         with _autocast(device, amp):
             logits = model(x, lengths)
-        loss_sum += float(criterion(_loss_input(logits), y)) * y.shape[0]
+        loss_sum += float(criterion(loss_input(logits), y)) * y.shape[0]
         correct += float((logits.argmax(dim=1) == y).sum())
         count += y.shape[0]
     model.train(was_training)
@@ -390,7 +390,7 @@ def fit(model: nn.Module, train_data, test_data=None, *, epochs: int = 100, batc
         for x, y, lengths in _batches(train_on, indices, batch_size, device, dtype):
             with _autocast(device, amp):
                 logits = model(x, lengths)
-            loss = criterion(_loss_input(logits), y)
+            loss = criterion(loss_input(logits), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip:
