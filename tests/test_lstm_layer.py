@@ -94,10 +94,13 @@ def test_float32_matches_float64_reference(backend):
 
 # The recurrence runs up to 40 steps; gates saturate (|tanh|, sigmoid <= 1) so rounding does not grow
 # step over step, but each step adds a few output roundings (fp16 unit roundoff 2^-11, bf16 2^-8).
-# 16 unit roundoffs bound the measured error with margin; a wrong gate or step is off by O(0.1).
+# 16 unit roundoffs bound the measured error with margin; a wrong gate or step is off by O(0.1). The input
+# gradient sums the four gates' terms (dx = dG w_ih), which can cancel to an element well below the terms it
+# rounded: its error follows the tensor's largest values, hence the same 16 roundoffs of max|expected|
+# (stock nn.LSTM in fp16 exceeded the elementwise bound by 15% on one H=1 case).
 LOW_PRECISION_TOL = {
-    torch.float16: {"rtol": 16 * 2**-11, "atol": 16 * 2**-11},
-    torch.bfloat16: {"rtol": 16 * 2**-8, "atol": 16 * 2**-8},
+    torch.float16: {"rtol": 16 * 2**-11, "atol": 16 * 2**-11, "atol_per_max": 16 * 2**-11},
+    torch.bfloat16: {"rtol": 16 * 2**-8, "atol": 16 * 2**-8, "atol_per_max": 16 * 2**-8},
 }
 
 
