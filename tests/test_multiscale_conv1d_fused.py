@@ -182,7 +182,13 @@ def test_random_shapes_match_reference(kernel_sizes, activation):
     # C_in = 1 over several time tiles, one bias-less branch of two, more taps than steps.
     ({"batch": 3, "c_in": 1, "steps": 5, "kernel_sizes": (9, 3), "out_channels": (7, 10), "bias_pattern": "some"},
      None),
-], ids=["T1-Cin1", "Cin17-strided", "Cin1-taps-exceed-T"])
+    # 75 output channels: the forward programs loop over two 64-channel blocks reusing one im2col tile.
+    ({"batch": 2, "c_in": 3, "steps": 45, "kernel_sizes": (3, 5, 7), "out_channels": (25, 30, 20)}, "gelu"),
+    # C_in * K_max = 140 > 128: the im2col tile is streamed in 32-row chunks for every output block.
+    ({"batch": 2, "c_in": 20, "steps": 33, "kernel_sizes": (3, 5, 7), "out_channels": (30, 20, 25)}, "gelu"),
+    # One sample of 128 steps: the time tile halves to 64 so that two programs share the work.
+    ({"batch": 1, "c_in": 2, "steps": 128, "kernel_sizes": (3, 5, 7), "out_channels": (4, 3, 5)}, "relu"),
+], ids=["T1-Cin1", "Cin17-strided", "Cin1-taps-exceed-T", "Cout75-two-blocks", "Cin20-streamed", "T128-tile64"])
 def test_edge_shapes_match_reference(case, activation):
     seed = _seed()
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
@@ -197,6 +203,22 @@ def test_half_precision_inputs_match_upcast_reference(dtype):
     shape = _random_shape(rng, (3, 5, 7))
     x, weights, biases = _make_inputs(rng, gen, **shape, dtype=dtype, bias_pattern="all")
     _check_against_reference(x, weights, biases, "gelu", seed=seed, what=f"{dtype} {shape}")
+
+
+def test_forward_tiles_of_the_edge_cases():
+    """The edge cases above reach the tile variants they name (the interpreter asks for 2 programs)."""
+    config = kernels._forward_config
+    assert config(T=45, r=3 * 7, batch=2, programs_wanted=2)["X_RESIDENT"]
+    streamed = config(T=33, r=20 * 7, batch=2, programs_wanted=2)
+    assert not streamed["X_RESIDENT"] and streamed["BLOCK_R"] < 20 * 7
+    assert config(T=128, r=2 * 7, batch=1, programs_wanted=2)["BLOCK_T"] == 64
+    assert config(T=128, r=2 * 7, batch=2, programs_wanted=2)["BLOCK_T"] == 128
+    # Model shapes on a 132-SM GPU (264 programs wanted): B=32, T=512 splits time into 32-step tiles.
+    assert config(T=512, r=1 * 7, batch=32, programs_wanted=264)["BLOCK_T"] == 32
+    for r in (7, 70, 126, 140, 700):
+        cfg = config(T=4096, r=r, batch=1, programs_wanted=1)
+        assert cfg["BLOCK_R"] * cfg["BLOCK_T"] <= max(kernels._IM2COL_TILE_LIMIT, cfg["BLOCK_R"] * 32)
+        assert cfg["X_RESIDENT"] == (r <= cfg["BLOCK_R"])
 
 
 def test_gradients_only_for_what_requires_them():

@@ -12,14 +12,17 @@ Design
   kernel then serves any number of branches and kernel sizes, and autograd carries the packed
   weight's gradient back to each branch through the pad/cat ops. Biases are packed the same way
   (zeros for a branch without one).
-* Forward. A program owns a (BLOCK_O output channels, BLOCK_T steps) tile of one batch element. The
-  reduction runs over r = c * K_max + j (channel, tap) flattened, in BLOCK_R chunks: the x operand is
-  the (BLOCK_R, BLOCK_T) im2col view x[b, c, t + j - K_max // 2] of the input tile plus its halo, the
-  weight operand the (BLOCK_O, BLOCK_R) slice of the packed weight, and tl.dot does the reduction
-  with fp32 accumulation. Flattening (c, j) keeps tl.dot's 16-wide minimum cheap for tiny C_in
-  (C_in=1, K_max=7 pads 7 -> 16 rather than 1 -> 16). Programs of the same (b, time tile) are adjacent
-  in launch order so they read one input tile from L2. Bias and activation run in the epilogue and the
-  tile is stored straight into its channel slice of the output.
+* Forward. A program owns one BLOCK_T time tile of one batch element and computes every output channel
+  of every branch, in BLOCK_O = 64 channel blocks, so the input tile is read from memory once for all
+  branches. The reduction runs over r = c * K_max + j (channel, tap) flattened: the x operand is the
+  (BLOCK_R, BLOCK_T) im2col view x[b, c, t + j - K_max // 2] of the input tile plus its halo of
+  K_max // 2 steps, the weight operand the (BLOCK_O, BLOCK_R) slice of the packed weight, and tl.dot does
+  the reduction with fp32 accumulation. When r fits one 128-row block (C_in <= 18 with K_max = 7, the
+  model's inputs) the im2col tile is gathered once into registers and every output block reuses it;
+  wider inputs stream it in 32-row chunks per output block, re-read from L1/L2. Flattening (c, j) keeps
+  tl.dot's 16-wide minimum cheap for tiny C_in (C_in=1, K_max=7 pads 7 -> 16 rather than 1 -> 16).
+  Time tiles shrink from 128 steps until there are two programs per SM. Bias and activation run in the
+  epilogue and each block is stored straight into its channel slice of the output.
 * Backward. Nothing of size (B, C_total, T) is saved: the custom op keeps only x and the packed
   weight/bias (saving z or the output would keep a (B, C_total, T) tensor alive from the forward to the
   backward, which is what this layer exists to avoid; recomputing z costs one more forward-sized
@@ -84,74 +87,105 @@ def _activation_slope(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _preactivation_tile(x_ptr, w_ptr, b_ptr, pid_b, offs_o, offs_t, T, C_TOTAL, R,
-                        stride_xb, stride_xc, stride_xt,
+def _im2col_tile(x_base, offs_r, offs_t, T, R, stride_xc, stride_xt, K_MAX: tl.constexpr, UPCAST: tl.constexpr):
+    """x[b, c, t + j - K_MAX // 2] for r = c * K_MAX + j in offs_r (rows) and t in offs_t (columns), 0 outside."""
+    channel = offs_r // K_MAX
+    tap = offs_r % K_MAX
+    src_t = offs_t[None, :] + (tap[:, None] - K_MAX // 2)
+    mask = (offs_r < R)[:, None] & (src_t >= 0) & (src_t < T)
+    xs = tl.load(x_base + channel[:, None] * stride_xc + src_t * stride_xt, mask=mask, other=0.0)
+    if UPCAST:
+        xs = xs.to(tl.float32)
+    return xs
+
+
+@triton.jit
+def _preactivation_tile(x_tile, x_base, w_ptr, b_ptr, offs_o, offs_t, T, C_TOTAL, R, stride_xc, stride_xt,
                         HAS_BIAS: tl.constexpr, K_MAX: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr,
-                        BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """z[o, t] = bias[o] + sum_{c, j} W[o, c, j] x[b, c, t + j - K_MAX // 2] for a (BLOCK_O, BLOCK_T) tile, fp32."""
-    HALF: tl.constexpr = K_MAX // 2
-    x_base = x_ptr + pid_b.to(tl.int64) * stride_xb
+                        BLOCK_R: tl.constexpr, X_RESIDENT: tl.constexpr, UPCAST: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
+    """z[o, t] = bias[o] + sum_{c, j} W[o, c, j] x[b, c, t + j - K_MAX // 2] for a (BLOCK_O, BLOCK_T) tile, fp32.
+
+    With X_RESIDENT the whole reduction is the one (BLOCK_R >= R, BLOCK_T) im2col tile ``x_tile`` the caller
+    loaded; otherwise the tile is gathered from ``x_base`` in BLOCK_R chunks."""
     o_mask = offs_o < C_TOTAL
     acc = tl.zeros((BLOCK_O, BLOCK_T), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        r_mask = offs_r < R
-        channel = offs_r // K_MAX
-        tap = offs_r % K_MAX
-        w = tl.load(w_ptr + offs_o[:, None] * R + offs_r[None, :], mask=o_mask[:, None] & r_mask[None, :], other=0.0)
-        src_t = offs_t[None, :] + (tap[:, None] - HALF)
-        x_mask = r_mask[:, None] & (src_t >= 0) & (src_t < T)
-        xs = tl.load(x_base + channel[:, None] * stride_xc + src_t * stride_xt, mask=x_mask, other=0.0)
+    if X_RESIDENT:
+        offs_r = tl.arange(0, BLOCK_R)
+        w = tl.load(w_ptr + offs_o[:, None] * R + offs_r[None, :], mask=o_mask[:, None] & (offs_r < R)[None, :],
+                    other=0.0)
         if UPCAST:
             w = w.to(tl.float32)
-            xs = xs.to(tl.float32)
-        acc = tl.dot(w, xs, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(w, x_tile, acc, input_precision=DOT_PRECISION)
+    else:
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            w = tl.load(w_ptr + offs_o[:, None] * R + offs_r[None, :],
+                        mask=o_mask[:, None] & (offs_r < R)[None, :], other=0.0)
+            if UPCAST:
+                w = w.to(tl.float32)
+            xs = _im2col_tile(x_base, offs_r, offs_t, T, R, stride_xc, stride_xt, K_MAX, UPCAST)
+            acc = tl.dot(w, xs, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[:, None]
     return acc
 
 
 @triton.jit
-def _msc_forward_kernel(x_ptr, w_ptr, b_ptr, out_ptr, T, C_TOTAL, R, N_O, N_T,
+def _msc_forward_kernel(x_ptr, w_ptr, b_ptr, out_ptr, T, C_TOTAL, R, N_T,
                         stride_xb, stride_xc, stride_xt, stride_ob, stride_oc, stride_ot,
                         HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, K_MAX: tl.constexpr,
                         BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
-                        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """out[b, o, t] = act(z[b, o, t]) for one (BLOCK_O, BLOCK_T) tile; output-channel tiles vary fastest."""
+                        X_RESIDENT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """out[b, o, :] = act(z[b, o, :]) over one BLOCK_T time tile of one batch element, every output channel
+    (all branches) in BLOCK_O blocks."""
     pid = tl.program_id(0)
-    pid_o = pid % N_O
-    pid_t = (pid // N_O) % N_T
-    pid_b = pid // (N_O * N_T)
-    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    pid_t = pid % N_T
+    pid_b = pid // N_T
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    z = _preactivation_tile(x_ptr, w_ptr, b_ptr, pid_b, offs_o, offs_t, T, C_TOTAL, R, stride_xb, stride_xc,
-                            stride_xt, HAS_BIAS, K_MAX, BLOCK_O, BLOCK_T, BLOCK_R, UPCAST, DOT_PRECISION)
-    y = _activate(z, ACTIVATION)
-    out = out_ptr + pid_b.to(tl.int64) * stride_ob + offs_o[:, None] * stride_oc + offs_t[None, :] * stride_ot
-    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=(offs_o[:, None] < C_TOTAL) & (offs_t[None, :] < T))
+    x_base = x_ptr + pid_b.to(tl.int64) * stride_xb
+    if X_RESIDENT:
+        x_tile = _im2col_tile(x_base, tl.arange(0, BLOCK_R), offs_t, T, R, stride_xc, stride_xt, K_MAX, UPCAST)
+    else:
+        x_tile = 0.0
+    out_base = out_ptr + pid_b.to(tl.int64) * stride_ob
+    for o0 in range(0, C_TOTAL, BLOCK_O):
+        offs_o = o0 + tl.arange(0, BLOCK_O)
+        z = _preactivation_tile(x_tile, x_base, w_ptr, b_ptr, offs_o, offs_t, T, C_TOTAL, R, stride_xc, stride_xt,
+                                HAS_BIAS, K_MAX, BLOCK_O, BLOCK_T, BLOCK_R, X_RESIDENT, UPCAST, DOT_PRECISION)
+        y = _activate(z, ACTIVATION)
+        out = out_base + offs_o[:, None] * stride_oc + offs_t[None, :] * stride_ot
+        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=(offs_o[:, None] < C_TOTAL) & (offs_t[None, :] < T))
 
 
 @triton.jit
-def _msc_preactivation_grad_kernel(x_ptr, w_ptr, b_ptr, grad_ptr, gz_ptr, T, C_TOTAL, R, N_O, N_T,
+def _msc_preactivation_grad_kernel(x_ptr, w_ptr, b_ptr, grad_ptr, gz_ptr, T, C_TOTAL, R, N_T,
                                    stride_xb, stride_xc, stride_xt, stride_gb, stride_go, stride_gt,
                                    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, K_MAX: tl.constexpr,
                                    BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
-                                   UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """gz[b, o, t] = grad[b, o, t] * act'(z[b, o, t]), z recomputed from x; gz is contiguous (B, C_TOTAL, T)."""
+                                   X_RESIDENT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """gz[b, o, t] = grad[b, o, t] * act'(z[b, o, t]), z recomputed from x with the forward's tiles;
+    gz is contiguous (B, C_TOTAL, T)."""
     pid = tl.program_id(0)
-    pid_o = pid % N_O
-    pid_t = (pid // N_O) % N_T
-    pid_b = pid // (N_O * N_T)
-    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    pid_t = pid % N_T
+    pid_b = pid // N_T
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    z = _preactivation_tile(x_ptr, w_ptr, b_ptr, pid_b, offs_o, offs_t, T, C_TOTAL, R, stride_xb, stride_xc,
-                            stride_xt, HAS_BIAS, K_MAX, BLOCK_O, BLOCK_T, BLOCK_R, UPCAST, DOT_PRECISION)
-    mask = (offs_o[:, None] < C_TOTAL) & (offs_t[None, :] < T)
-    grad = tl.load(grad_ptr + pid_b.to(tl.int64) * stride_gb + offs_o[:, None] * stride_go
-                   + offs_t[None, :] * stride_gt, mask=mask, other=0.0).to(tl.float32)
-    gz = grad * _activation_slope(z, ACTIVATION)
-    gz_out = gz_ptr + pid_b.to(tl.int64) * C_TOTAL * T + offs_o[:, None] * T + offs_t[None, :]
-    tl.store(gz_out, gz.to(gz_ptr.dtype.element_ty), mask=mask)
+    x_base = x_ptr + pid_b.to(tl.int64) * stride_xb
+    if X_RESIDENT:
+        x_tile = _im2col_tile(x_base, tl.arange(0, BLOCK_R), offs_t, T, R, stride_xc, stride_xt, K_MAX, UPCAST)
+    else:
+        x_tile = 0.0
+    grad_base = grad_ptr + pid_b.to(tl.int64) * stride_gb
+    gz_base = gz_ptr + pid_b.to(tl.int64) * C_TOTAL * T
+    for o0 in range(0, C_TOTAL, BLOCK_O):
+        offs_o = o0 + tl.arange(0, BLOCK_O)
+        z = _preactivation_tile(x_tile, x_base, w_ptr, b_ptr, offs_o, offs_t, T, C_TOTAL, R, stride_xc, stride_xt,
+                                HAS_BIAS, K_MAX, BLOCK_O, BLOCK_T, BLOCK_R, X_RESIDENT, UPCAST, DOT_PRECISION)
+        mask = (offs_o[:, None] < C_TOTAL) & (offs_t[None, :] < T)
+        grad = tl.load(grad_base + offs_o[:, None] * stride_go + offs_t[None, :] * stride_gt,
+                       mask=mask, other=0.0).to(tl.float32)
+        gz = grad * _activation_slope(z, ACTIVATION)
+        tl.store(gz_base + offs_o[:, None] * T + offs_t[None, :], gz.to(gz_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -275,9 +309,11 @@ def _sum_partials_kernel(part_ptr, out_ptr, N, S, BLOCK: tl.constexpr):
 # ----------------------------------------------------------------------------------------------------------
 
 # Every configuration the heuristics below can pick; AOT_CASES compiles each of them.
-_TIME_BLOCKS = (32, 128)
-_FORWARD_O_BLOCKS = (32, 64)
-_FORWARD_R_BLOCKS = (16, 32)
+_TIME_BLOCKS = (32, 64, 128)
+_FORWARD_O_BLOCK = 64
+_RESIDENT_R_BLOCKS = (16, 32, 64, 128)  # an im2col tile this tall stays in registers for every output block
+_STREAMED_R_BLOCK = 32  # wider reductions stream the tile in chunks of this many rows
+_IM2COL_TILE_LIMIT = 2048  # elements of the (BLOCK_R, BLOCK_T) gathered tile: its pointers cost 2 registers each
 _DX_C_BLOCKS = (16, 64)
 _DW_R_BLOCKS = (16, 32, 64, 128)
 _DW_O_BLOCK = 64
@@ -299,18 +335,38 @@ def _time_block(T: int) -> int:
     return 128 if (padded - T) * 8 <= T else 32
 
 
-def _forward_config(T: int, c_total: int, r: int) -> dict:
-    """Blocks of the forward kernel; the backward's recomputation of z must use the same ones."""
-    block_o = _smallest_block_covering(c_total, _FORWARD_O_BLOCKS)
-    block_r = _smallest_block_covering(r, _FORWARD_R_BLOCKS)
+def _largest_time_block(block_r: int) -> int:
+    """Time tiles stay within _IM2COL_TILE_LIMIT gathered elements (but at least 32 steps)."""
+    return max(_TIME_BLOCKS[0], _IM2COL_TILE_LIMIT // block_r)
+
+
+def _forward_tile_config(block_r: int, block_t: int, resident: bool) -> dict:
+    """Launch settings of the forward / z-recomputing kernels for one tile shape (checked through AOT_CASES):
+    8 warps from 64 steps or a 4096-element gathered tile on, where 4 warps need over 200 registers per
+    thread for fp32 on sm_80 (no tensor cores for IEEE fp32 products); one stage, because software-pipelining
+    the nested output-block / reduction loops spills fp32 tiles on sm_80."""
+    big = block_t >= 64 or block_r * block_t >= 4096
+    return {"BLOCK_O": _FORWARD_O_BLOCK, "BLOCK_T": block_t, "BLOCK_R": block_r, "X_RESIDENT": resident,
+            "num_warps": 8 if big else 4, "num_stages": 1}
+
+
+def _forward_config(T: int, r: int, batch: int, programs_wanted: int) -> dict:
+    """Blocks of the forward kernel; the backward's recomputation of z uses the same ones (same shapes, same
+    device), so it reproduces z bit for bit.
+
+    A program owns one time tile of one batch element and computes every output channel, all branches, in
+    64-channel blocks, so the input tile is read from memory once. When the reduction r = C_in * K_max fits
+    one 128-row block (C_in <= 18 with K_max = 7) the im2col tile is gathered once into registers and reused
+    by every output block; wider inputs stream it in 32-row chunks per output block (those re-reads hit L1/L2).
+    Time tiles shrink (128 -> 64 -> 32) until the gathered tile stays small and there are ``programs_wanted``
+    programs to fill the device."""
+    resident = r <= _RESIDENT_R_BLOCKS[-1]
+    block_r = _smallest_block_covering(r, _RESIDENT_R_BLOCKS) if resident else _STREAMED_R_BLOCK
     block_t = _time_block(T)
-    # The im2col operand is gathered through a (BLOCK_R, BLOCK_T) tile of pointers: with 4 warps the 128-step
-    # tiles need over 255 registers per thread (spills on sm_80/sm_90), and 64x32 tiles on sm_80 in fp32; 8 warps
-    # halve that.
-    # BLOCK_R = 16 means R <= 16: one reduction step, nothing to pipeline (and a second stage made ptxas spill
-    # 8 bytes in the 32x128 fp32 tile on sm_80).
-    return {"BLOCK_O": block_o, "BLOCK_T": block_t, "BLOCK_R": block_r,
-            "num_warps": 8 if block_o * block_t >= 2048 else 4, "num_stages": 1 if block_r == 16 else 2}
+    while block_t > _TIME_BLOCKS[0] and (block_t > _largest_time_block(block_r)
+                                         or batch * triton.cdiv(T, block_t) < programs_wanted):
+        block_t //= 2
+    return _forward_tile_config(block_r, block_t, resident)
 
 
 def _grad_input_config(T: int, c_in: int, tensor_cores: bool = True) -> dict:
@@ -377,10 +433,10 @@ def _launch_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     out = new_output((B, c_total, T), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    cfg = _forward_config(T, c_total, r)
-    n_o, n_t = triton.cdiv(c_total, cfg["BLOCK_O"]), triton.cdiv(T, cfg["BLOCK_T"])
-    _msc_forward_kernel[(n_o * n_t * B,)](
-        x, weight, weight if bias is None else bias, out, T, c_total, r, n_o, n_t,
+    cfg = _forward_config(T, r, B, _parallel_programs(x.device) // 2)
+    n_t = triton.cdiv(T, cfg["BLOCK_T"])
+    _msc_forward_kernel[(n_t * B,)](
+        x, weight, weight if bias is None else bias, out, T, c_total, r, n_t,
         *x.stride(), *out.stride(),
         HAS_BIAS=bias is not None, ACTIVATION=_ACTIVATION_CODES[activation], K_MAX=k_max,
         **cfg, **_common_constexprs(x.dtype, x.device))
@@ -392,10 +448,10 @@ def _launch_preactivation_grad(grad, x, weight, bias, activation) -> torch.Tenso
     c_total, _, k_max = weight.shape
     r = c_in * k_max
     gz = new_output((B, c_total, T), dtype=x.dtype, device=x.device)
-    cfg = _forward_config(T, c_total, r)
-    n_o, n_t = triton.cdiv(c_total, cfg["BLOCK_O"]), triton.cdiv(T, cfg["BLOCK_T"])
-    _msc_preactivation_grad_kernel[(n_o * n_t * B,)](
-        x, weight, weight if bias is None else bias, grad, gz, T, c_total, r, n_o, n_t,
+    cfg = _forward_config(T, r, B, _parallel_programs(x.device) // 2)
+    n_t = triton.cdiv(T, cfg["BLOCK_T"])
+    _msc_preactivation_grad_kernel[(n_t * B,)](
+        x, weight, weight if bias is None else bias, grad, gz, T, c_total, r, n_t,
         *x.stride(), *grad.stride(),
         HAS_BIAS=bias is not None, ACTIVATION=_ACTIVATION_CODES[activation], K_MAX=k_max,
         **cfg, **_common_constexprs(x.dtype, x.device))
@@ -582,27 +638,29 @@ def _aot_cases() -> list[dict]:
         return {"name": name, "kernel": kernel, "signature": sig, "constexprs": {**constexprs, **cfg},
                 "num_warps": warps, "num_stages": stages}
 
-    tile_constexprs = ("HAS_BIAS", "ACTIVATION", "K_MAX", "BLOCK_O", "BLOCK_T", "BLOCK_R", "UPCAST", "DOT_PRECISION")
+    tile_constexprs = ("HAS_BIAS", "ACTIVATION", "K_MAX", "BLOCK_O", "BLOCK_T", "BLOCK_R", "X_RESIDENT", "UPCAST",
+                       "DOT_PRECISION")
+    tiles = [(block_r, block_t, resident)
+             for block_r, resident in [(r, True) for r in _RESIDENT_R_BLOCKS] + [(_STREAMED_R_BLOCK, False)]
+             for block_t in _TIME_BLOCKS if block_t <= _largest_time_block(block_r)]
     cases = []
     for dtype_name, ptr in _AOT_DTYPES.items():
         common = {"K_MAX": _AOT_K_MAX, "UPCAST": False, "DOT_PRECISION": "ieee"}
-        for block_o in _FORWARD_O_BLOCKS:
-            for block_t in _TIME_BLOCKS:
-                for block_r in _FORWARD_R_BLOCKS:
-                    cfg = _forward_config(block_t, block_o, block_r)
-                    tag = f"o{block_o}_t{block_t}_r{block_r}_{dtype_name}"
-                    cases.append(case(
-                        f"forward_gelu_{tag}", _msc_forward_kernel,
-                        signature({"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "out_ptr": ptr},
-                                  ("T", "C_TOTAL", "R", "N_O", "N_T", "stride_xb", "stride_xc", "stride_xt",
-                                   "stride_ob", "stride_oc", "stride_ot"), tile_constexprs),
-                        cfg, HAS_BIAS=True, ACTIVATION=2, **common))
-                    cases.append(case(
-                        f"preactivation_grad_gelu_{tag}", _msc_preactivation_grad_kernel,
-                        signature({"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "grad_ptr": ptr, "gz_ptr": ptr},
-                                  ("T", "C_TOTAL", "R", "N_O", "N_T", "stride_xb", "stride_xc", "stride_xt",
-                                   "stride_gb", "stride_go", "stride_gt"), tile_constexprs),
-                        cfg, HAS_BIAS=True, ACTIVATION=2, **common))
+        for block_r, block_t, resident in tiles:
+            cfg = _forward_tile_config(block_r, block_t, resident)
+            tag = f"{'resident' if resident else 'streamed'}_r{block_r}_t{block_t}_{dtype_name}"
+            cases.append(case(
+                f"forward_gelu_{tag}", _msc_forward_kernel,
+                signature({"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "out_ptr": ptr},
+                          ("T", "C_TOTAL", "R", "N_T", "stride_xb", "stride_xc", "stride_xt",
+                           "stride_ob", "stride_oc", "stride_ot"), tile_constexprs),
+                cfg, HAS_BIAS=True, ACTIVATION=2, **common))
+            cases.append(case(
+                f"preactivation_grad_gelu_{tag}", _msc_preactivation_grad_kernel,
+                signature({"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "grad_ptr": ptr, "gz_ptr": ptr},
+                          ("T", "C_TOTAL", "R", "N_T", "stride_xb", "stride_xc", "stride_xt",
+                           "stride_gb", "stride_go", "stride_gt"), tile_constexprs),
+                cfg, HAS_BIAS=True, ACTIVATION=2, **common))
         for block_t in _TIME_BLOCKS:
             for c_in in (1, _DX_C_BLOCKS[0], _DX_C_BLOCKS[-1]):
                 cfg = _grad_input_config(block_t, c_in, tensor_cores=False)
@@ -624,7 +682,7 @@ def _aot_cases() -> list[dict]:
                 _grad_weight_config(block_r), HAS_BIAS=True, **common))
         if dtype_name == "fp32":  # the TF32 variant (torch.backends.cuda.matmul.allow_tf32) of the largest tiles
             for fp32_case in [c for c in cases if c["name"] in (
-                    "forward_gelu_o64_t128_r32_fp32", "preactivation_grad_gelu_o64_t128_r32_fp32",
+                    "forward_gelu_resident_r128_t32_fp32", "preactivation_grad_gelu_streamed_r32_t64_fp32",
                     "grad_input_c64_dot1_t128_fp32", "grad_weight_partial_r128_fp32")]:
                 cases.append({**fp32_case, "name": fp32_case["name"].replace("_fp32", "_tf32"),
                               "constexprs": {**fp32_case["constexprs"], "DOT_PRECISION": "tf32"}})
