@@ -19,7 +19,7 @@ from fastmsc.bench import Options, run_suite, saved_tensor_bytes
 from fastmsc.bench.cases import QUICK_CASES, Case, all_ops, default_cases, modes_for
 from fastmsc.bench.harness import ModelWorkload, OpWorkload, compare, measure
 from fastmsc.bench.report import CSV_COLUMNS, format_table, write_csv
-from fastmsc.bench.timing import Stats
+from fastmsc.bench.timing import Stats, time_interleaved
 from fastmsc.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -318,3 +318,46 @@ def test_stats_quartiles():
     stats = Stats.from_samples(samples)
     assert (stats.min_ms, stats.q1_ms, stats.median_ms, stats.q3_ms, stats.max_ms) == (1, 3, 5, 7, 9)
     assert Stats.from_samples([2.5]).q3_ms == 2.5
+
+
+def test_backends_are_timed_round_robin_and_a_raising_one_leaves_the_rotation():
+    calls = []
+
+    def step(name):
+        return lambda: calls.append(name)
+
+    def flaky():
+        calls.append("flaky")
+        if calls.count("flaky") == 3:
+            raise RuntimeError("out of memory")
+
+    warmup, repeats = 2, 3
+    results = time_interleaved({"torch": step("torch"), "flaky": flaky, "fused": step("fused")}, "cpu",
+                               repeats=repeats, warmup=warmup)
+    one_round = ["torch", "flaky", "fused"]
+    # Two warm-up rounds, one timed round with all three, then the failing step is out for the last two rounds.
+    assert calls == one_round * 3 + ["torch", "fused"] * 2
+    assert list(results) == ["torch", "flaky", "fused"]
+    assert isinstance(results["flaky"], RuntimeError)
+    for name in ("torch", "fused"):
+        stats, first_call_s = results[name]
+        assert stats.repeats == repeats and first_call_s is not None and first_call_s >= 0
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        time_interleaved({"torch": step("torch")}, "cpu", repeats=0, warmup=0)
+
+
+def test_a_backend_raising_only_while_timed_is_an_error_row_and_the_others_are_timed(monkeypatch):
+    torch_impl = OPS["max_avg_pool"].torch
+    calls = {"n": 0}
+
+    def fails_after_check(x, lengths=None):
+        calls["n"] += 1
+        if calls["n"] > 1:  # the reference check is the first call
+            raise RuntimeError("illegal memory access")
+        return torch_impl(x, lengths)
+
+    _register_fused(monkeypatch, "max_avg_pool", fails_after_check)
+    rows = run_suite(_quick_options(modes=("fwd",), repeats=2), ["max_avg_pool"])
+    assert [r.backend for r in rows] == ["torch", "fused"]
+    assert rows[0].status == "ok" and rows[0].stats.repeats == 2 and rows[0].speedup == 1.0
+    assert rows[1].status == "error" and "while timing" in rows[1].note and "illegal memory access" in rows[1].note

@@ -1,4 +1,5 @@
-"""The measuring loop: for each case, mode and backend, check against the reference, then time.
+"""The measuring loop: for each case and mode, check every backend against the reference, then time them
+round-robin.
 
 Backends (``BACKEND_CHOICES``):
 
@@ -34,7 +35,7 @@ from ..backend import OPS, use_backend
 from ..nn import LSTM
 from .cases import MODEL, Case, default_cases, make_model, make_model_batch, make_op_inputs, modes_for
 from .memory import saved_tensor_bytes
-from .timing import Stats, time_step
+from .timing import Stats, time_interleaved
 
 BACKEND_CHOICES = ("reference", "torch", "fused", "compile")
 FAILED = ("mismatch", "error")
@@ -475,18 +476,19 @@ def _failure(backend: str, stage: str, exc: BaseException) -> tuple[str, str]:
     return "error", f"raised while {stage}: {_describe(exc)}"
 
 
-def measure(workload, backend: str, options: Options) -> Result:
-    """Check ``backend`` on ``workload`` against the reference, then (if it agrees) time it."""
+def _checked(workload, backend: str, options: Options) -> tuple[Result, Runner | None]:
+    """Resolve ``backend`` on ``workload`` and check it against the reference: the row so far, and the
+    runner to time when the check passed (else None, the row saying why)."""
     case = workload.case
     row = Result(case.op, workload.mode, case.shape, dtype_name(options.dtype), backend, "ok")
     try:
         runner = workload.resolve(backend)
     except Exception as exc:
         row.status, row.note = _failure(backend, "setting up", exc)
-        return row
+        return row, None
     if isinstance(runner, Unavailable):
         row.status, row.note = runner
-        return row
+        return row, None
     row.note = runner.note
     try:
         with check_threads(options.device):
@@ -494,22 +496,53 @@ def measure(workload, backend: str, options: Options) -> Result:
     except Exception as exc:
         row.status, row.note = _failure(backend, "checking against the reference", exc)
         row.seed = workload.check_seed
-        return row
+        return row, None
     row.max_error, row.worst, row.tolerance = outcome.max_error, outcome.worst, outcome.tolerance
     row.checked_on, row.seed = outcome.checked_on, workload.check_seed
     if not outcome.ok:
         row.status = "mismatch"
         row.note = (f"differs from the float64 reference: {outcome.worst} error {outcome.max_error:.3g} > "
                     f"{outcome.tolerance:.1g} (seed {workload.check_seed}); not timed")
-        return row
+        return row, None
+    return row, runner
+
+
+def _record_timing(row: Result, runner: Runner, backend: str, timing) -> None:
+    """Put a time_interleaved result (stats and first-call time, or the exception) and the saved bytes in row."""
     try:
-        row.stats, row.first_call_s = time_step(runner.step(), options.device, options.repeats, options.warmup)
+        if isinstance(timing, Exception):
+            raise timing
+        row.stats, row.first_call_s = timing
         row.saved_bytes = runner.saved_bytes()
     except Exception as exc:
         row.stats = None
         row.status, note = _failure(backend, "timing", exc)
         row.note = f"{note}; {row.note}" if row.note else note
-    return row
+
+
+def measure_backends(workload, backends: Sequence[str], options: Options) -> list[Result]:
+    """Check every backend on ``workload`` against the reference, then time those that agree round-robin
+    (one call of each in turn, see fastmsc.bench.timing), so that their ratios share the machine's state."""
+    checked = [(backend, *_checked(workload, backend, options)) for backend in backends]
+    steps = {}
+    for backend, row, runner in checked:
+        if runner is None:
+            continue
+        try:
+            steps[backend] = runner.step()
+        except Exception as exc:
+            row.status, note = _failure(backend, "setting up the timed step", exc)
+            row.note = f"{note}; {row.note}" if row.note else note
+    timings = time_interleaved(steps, options.device, options.repeats, options.warmup) if steps else {}
+    for backend, row, runner in checked:
+        if backend in timings:
+            _record_timing(row, runner, backend, timings[backend])
+    return [row for _, row, _ in checked]
+
+
+def measure(workload, backend: str, options: Options) -> Result:
+    """Check ``backend`` on ``workload`` against the reference, then (if it agrees) time it alone."""
+    return measure_backends(workload, [backend], options)[0]
 
 
 def add_speedups(rows: list[Result]) -> None:
@@ -539,12 +572,10 @@ def run_suite(options: Options, ops: Sequence[str], cases: dict[str, list[Case]]
             modes = [m for m in modes_for(op) if options.modes is None or m in options.modes or op == MODEL]
             for mode in modes:
                 workload = make_workload(case, mode, options)
-                rows = []
-                for backend in options.backends:
-                    row = measure(workload, backend, options)
-                    rows.append(row)
+                rows = measure_backends(workload, options.backends, options)
+                for row in rows:
                     timing = f"{row.stats.median_ms:.3f} ms" if row.stats else row.note
-                    log(f"  {op} {mode} [{case.shape}] {backend}: {row.status}  {timing}")
+                    log(f"  {op} {mode} [{case.shape}] {row.backend}: {row.status}  {timing}")
                 add_speedups(rows)
                 results.extend(rows)
                 del workload
@@ -554,5 +585,6 @@ def run_suite(options: Options, ops: Sequence[str], cases: dict[str, list[Case]]
 
 __all__ = [
     "BACKEND_CHOICES", "CheckOutcome", "ModelWorkload", "OpWorkload", "Options", "Result", "Unavailable",
-    "add_speedups", "check_threads", "compare", "compile_model", "make_workload", "measure", "run_suite", "tolerance",
+    "add_speedups", "check_threads", "compare", "compile_model", "make_workload", "measure", "measure_backends",
+    "run_suite", "tolerance",
 ]
