@@ -254,6 +254,25 @@ def test_unsupported_arguments_name_the_reason():
             assert reason is None, (dtype, head_dim, reason)
 
 
+@pytest.mark.parametrize("shared_kb", [99, 163, 227], ids=["sm86-89", "sm80", "sm90"])
+def test_calls_needing_more_shared_memory_than_the_gpu_gives_are_declined(monkeypatch, shared_kb):
+    """float32 with D > 96 needs up to LARGE_SHARED_BYTES per block: declined (auto then uses torch) on GPUs
+    with 99 KB per block, taken on A100/H100; every other call fits 99 KB. CUDA tensors are fake (shape only)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(kernels, "_device_shared_bytes", lambda device: shared_kb * 1024)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for head_dim in (16, 96, 97, 128, 256):
+            with FakeTensorMode():
+                q = torch.empty(2, 5, head_dim, dtype=dtype, device="cuda")
+            reason = kernels.fused_unsupported("cuda", q=q, k=q, v=q, lengths=None, scale=0.1)
+            if dtype == torch.float32 and head_dim > 96 and shared_kb < 136:
+                assert reason is not None and f"head dim {head_dim} needs up to 136 KB" in reason, reason
+                assert f"gives a block {shared_kb} KB" in reason and "float16/bfloat16" in reason
+            else:
+                assert reason is None, (dtype, head_dim, shared_kb, reason)
+
+
 def test_library_ops_pass_opcheck():
     """Schema, fake (meta) kernels against the real outputs' shapes/dtypes/strides, autograd registration and
     AOT dispatch of both custom ops."""

@@ -12,6 +12,7 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastmsc.kernels import _aot
 
@@ -132,3 +133,24 @@ def test_every_kernel_compiles_for_sm90_and_sm80_without_spills():
     assert report.results, "no case compiled"
     problems = report.problems()
     assert problems == [], "\n".join(problems)
+
+
+@needs_toolchain
+def test_attention_cases_fit_the_shared_memory_bound_its_dispatch_assumes():
+    """fused_unsupported declines attention calls whose shared-memory bound exceeds the GPU's per-block limit
+    (99 KB on sm_86/sm_89): every compiled case must stay within the bound for its dtype and head dim."""
+    from fastmsc.kernels import attention
+    module = "fastmsc.kernels.attention"
+    cases = {case["name"]: case for case in attention.AOT_CASES}
+    report = _aot.collect([module], archs=_aot.ARCHS)
+    assert report.errors == [] and len(report.results) == len(cases) * len(_aot.ARCHS)
+    for row in report.results:
+        dtype = next(d for d in (torch.float32, torch.float16, torch.bfloat16) if f"_{str(d)[6:]}_" in row.case)
+        bound = attention.shared_bytes_bound(dtype, cases[row.case]["constexprs"]["HEAD_DIM"])
+        assert row.shared_bytes <= bound, f"{row.case} on sm_{row.arch} needs {row.shared_bytes} bytes > {bound}"
+    # The small bound is the sm_86/sm_89 limit: only float32 with a head dim above 96 needs more.
+    assert attention.SMALL_SHARED_BYTES == _aot.SHARED_LIMIT_BYTES[86] == _aot.SHARED_LIMIT_BYTES[89]
+    assert attention.shared_bytes_bound(torch.float32, 96) == attention.SMALL_SHARED_BYTES
+    assert attention.shared_bytes_bound(torch.float32, 97) == attention.LARGE_SHARED_BYTES
+    assert attention.shared_bytes_bound(torch.bfloat16, 256) == attention.SMALL_SHARED_BYTES
+    assert attention.LARGE_SHARED_BYTES <= min(_aot.SHARED_LIMIT_BYTES[arch] for arch in _aot.ARCHS)

@@ -34,6 +34,13 @@ from ._common import new_output, triton_unsupported
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Shared memory per block the kernels need, checked for every AOT case (tests/test_triton_aot.py): the float32
+# backward with head dims above 96 stages D-wide fp32 tiles and needs up to 134 KB (sm_90), more than the 99 KB
+# that sm_86/sm_89 GPUs (RTX 30xx/40xx, A10, L4, L40S) give a block, where Triton would refuse the launch; every
+# other case fits those 99 KB. fused_unsupported declines a call whose bound exceeds the device's limit.
+_LARGE_SHARED_HEAD_DIM = 96
+SMALL_SHARED_BYTES = 99 * 1024
+LARGE_SHARED_BYTES = 136 * 1024
 # The interpreter has no bf16 arithmetic: there the kernels upcast bf16 tiles to fp32 right after loading (and
 # round the probabilities through bf16 first, so the numerics still follow the GPU path).
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -604,7 +611,32 @@ def fused_unsupported(device_type: str, **call_args) -> str | None:
             return f"the attention kernels take float32, float16 or bfloat16 inputs, got {str(q.dtype)[6:]}"
         if q.shape[-1] > MAX_HEAD_DIM:
             return f"the attention kernels take head dims up to {MAX_HEAD_DIM}, got D={q.shape[-1]}"
+        if q.device.type == "cuda":
+            needed, available = shared_bytes_bound(q.dtype, q.shape[-1]), _device_shared_bytes(q.device)
+            if needed > available:
+                return (f"{str(q.dtype)[6:]} attention with head dim {q.shape[-1]} needs up to {needed // 1024} KB of "
+                        f"shared memory per block, and this GPU gives a block {available // 1024} KB (float16/bfloat16 "
+                        f"inputs, or float32 with head dims up to {_LARGE_SHARED_HEAD_DIM}, fit)")
     return None
+
+
+def shared_bytes_bound(dtype: torch.dtype, head_dim: int) -> int:
+    """Most shared memory per block that any attention kernel takes for this dtype and head dim."""
+    large = dtype == torch.float32 and head_dim > _LARGE_SHARED_HEAD_DIM
+    return LARGE_SHARED_BYTES if large else SMALL_SHARED_BYTES
+
+
+_SHARED_BYTES_PER_DEVICE: dict[int, int] = {}
+
+
+@torch.compiler.assume_constant_result  # a device property: torch.compile takes it as a constant, no graph break
+def _device_shared_bytes(device: torch.device) -> int:
+    """The per-block shared memory limit (after opting in) that Triton checks at launch."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SHARED_BYTES_PER_DEVICE:
+        properties = triton.runtime.driver.active.utils.get_device_properties(index)
+        _SHARED_BYTES_PER_DEVICE[index] = int(properties["max_shared_mem"])
+    return _SHARED_BYTES_PER_DEVICE[index]
 
 
 # ----------------------------------------------------------------------------------------------- ahead-of-time cases
