@@ -79,8 +79,9 @@ def _mixed_lengths(draw, batch, steps):
     return torch.tensor(values, dtype=torch.int64)
 
 
-# (batch, channels in, time, channels out per branch): odd sizes, then one a block size does not divide.
-CONV_SHAPES = [(2, 3, 17, 5), (3, 20, 130, 32)]
+# (batch, channels in, time, channels out per branch): odd sizes; 12 channels in (the im2col tile held in
+# registers) and 20 (streamed), both with several 64-channel output blocks and T no block size divides.
+CONV_SHAPES = [(2, 3, 17, 5), (4, 12, 301, 48), (3, 20, 130, 32)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -209,6 +210,17 @@ def test_auto_picks_fused_on_cuda(name):
         assert reason is None, f"auto does not pick fused for {name} on CUDA: {reason}"
         assert op.select("cuda", **_sample_args(name, Draw())) is op.fused
     assert fastmsc.info()["ops"][name]["cuda"]["auto"] == "fused"
+
+
+def test_attention_declines_float32_wide_heads_only_where_shared_memory_is_short():
+    from fastmsc.kernels import attention as kernels
+    limit = kernels._device_shared_bytes(torch.device(DEVICE))
+    assert 48 * 1024 <= limit <= 256 * 1024, limit
+    q = torch.empty(1, 4, 256, device=DEVICE)
+    reason = kernels.fused_unsupported("cuda", q=q, k=q, v=q, lengths=None, scale=None)
+    assert (reason is None) == (limit >= kernels.LARGE_SHARED_BYTES), (limit, reason)
+    half = q.to(torch.bfloat16)
+    assert kernels.fused_unsupported("cuda", q=half, k=half, v=half, lengths=None, scale=None) is None
 
 
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
