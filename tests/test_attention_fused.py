@@ -260,7 +260,10 @@ def test_calls_needing_more_shared_memory_than_the_gpu_gives_are_declined(monkey
     with 99 KB per block, taken on A100/H100; every other call fits 99 KB. CUDA tensors are fake (shape only)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from fastmsc.kernels import _common
+
     monkeypatch.setattr(kernels, "_device_shared_bytes", lambda device: shared_kb * 1024)
+    monkeypatch.setattr(_common, "_compute_capability", lambda device: 86 if shared_kb == 99 else 90)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for head_dim in (16, 96, 97, 128, 256):
             with FakeTensorMode():

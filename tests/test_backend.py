@@ -176,3 +176,32 @@ def test_every_op_is_registered(op_name):
     op = OPS[op_name]
     assert op.name == op_name and op.fused_module == f"fastmsc.kernels.{op_name}"
     assert callable(op.reference) and callable(op.torch)
+
+
+@pytest.mark.parametrize("op_name", ["multiscale_conv1d", "attention", "max_avg_pool"])
+def test_triton_ops_decline_bfloat16_on_gpus_older_than_ampere(op_name, monkeypatch):
+    """Triton's bfloat16 code needs compute capability 8.0: on a T4 (7.5) 'auto' must use torch for bf16, and
+    still take float16/float32. CUDA tensors are fake (shape only), the capability is set by hand."""
+    pytest.importorskip("triton", reason="the fused ops are Triton kernels")
+    import importlib
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastmsc.kernels import _common
+    module = importlib.import_module(f"fastmsc.kernels.{op_name}")
+    if op_name == "attention":
+        monkeypatch.setattr(module, "_device_shared_bytes", lambda device: 227 * 1024)
+    for capability, dtype, declined in ((75, torch.bfloat16, True), (75, torch.float16, False),
+                                        (80, torch.bfloat16, False), (90, torch.bfloat16, False)):
+        monkeypatch.setattr(_common, "_compute_capability", lambda device, c=capability: c)
+        with FakeTensorMode():
+            x = torch.empty(2, 16, 9, dtype=dtype, device="cuda")
+            weights = [torch.empty(4, 16, k, dtype=dtype, device="cuda") for k in (3, 5)]
+        args = {"multiscale_conv1d": {"x": x, "weights": weights, "biases": None, "activation": None},
+                "attention": {"q": x, "k": x, "v": x, "lengths": None, "scale": None},
+                "max_avg_pool": {"x": x, "lengths": None}}[op_name]
+        reason = module.fused_unsupported("cuda", **args)
+        if declined:
+            assert reason is not None and "compute capability 8.0" in reason and "is 7.5" in reason, reason
+        else:
+            assert reason is None, (capability, dtype, reason)

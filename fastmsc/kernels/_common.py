@@ -41,3 +41,24 @@ def triton_unsupported(device_type: str) -> str | None:
         return ("Triton kernels run on CUDA tensors; CPU tensors run them only in the Triton interpreter "
                 "(TRITON_INTERPRET=1 with backend 'fused'), which is for testing")
     return f"no Triton kernels for device type {device_type!r}"
+
+
+@torch.compiler.assume_constant_result  # a device property: torch.compile takes it as a constant, no graph break
+def _compute_capability(device: torch.device) -> int:
+    """The CUDA device's compute capability as major * 10 + minor (80 for an A100)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def bfloat16_unsupported(tensor: torch.Tensor | None) -> str | None:
+    """Why the Triton kernels cannot take ``tensor`` because it is bfloat16 on a GPU older than Ampere, or None.
+
+    Triton emits bfloat16 conversions and tensor-core products that need compute capability 8.0; on older
+    GPUs (T4, V100, RTX 20xx) stock PyTorch runs bfloat16 instead."""
+    if tensor is None or tensor.device.type != "cuda" or tensor.dtype != torch.bfloat16:
+        return None
+    capability = _compute_capability(tensor.device)
+    if capability >= 80:
+        return None
+    return (f"the Triton kernels take bfloat16 on GPUs of compute capability 8.0 or newer; this one is "
+            f"{capability // 10}.{capability % 10}")
