@@ -11,7 +11,9 @@ sources are shipped inside the package (fastmsc/csrc) for that just-in-time buil
 
 Environment: FASTMSC_SKIP_EXT=1 builds pure Python; MAX_JOBS caps parallel compile jobs (ninja);
 FASTMSC_NO_CUDA=1 builds the CPU kernels only even where torch has CUDA and nvcc exists.
-CUDA kernels are compiled for sm_80 and sm_90 plus compute_90 PTX (JIT-compiled by the driver on newer GPUs).
+CUDA kernels are compiled for sm_75 (T4, RTX 20xx), sm_80 (whose code also runs on sm_86/sm_89: RTX 30xx/40xx,
+A10, L4) and sm_90, plus compute_90 PTX (JIT-compiled by the driver on newer GPUs); TORCH_CUDA_ARCH_LIST, when
+set, replaces that list as in any torch extension build.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from setuptools.command.build_py import build_py
 ROOT = Path(__file__).resolve().parent
 CSRC = "csrc"
 CUDA_ARCH_FLAGS = [
+    "-gencode=arch=compute_75,code=sm_75",
     "-gencode=arch=compute_80,code=sm_80",
     "-gencode=arch=compute_90,code=sm_90",
     "-gencode=arch=compute_90,code=compute_90",
@@ -69,9 +72,11 @@ def extension_config():
     common = dict(name="fastmsc._C", include_dirs=[str(ROOT / CSRC)], extra_link_args=openmp)
     if with_cuda:
         _log(f"building the LSTM extension with CUDA kernels (nvcc from {cpp_extension.CUDA_HOME})")
+        # Without -gencode flags torch's build takes its architectures from TORCH_CUDA_ARCH_LIST.
+        arch_flags = [] if os.environ.get("TORCH_CUDA_ARCH_LIST") else CUDA_ARCH_FLAGS
         ext = cpp_extension.CUDAExtension(
             sources=sources + [f"{CSRC}/lstm_cuda.cu"],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", *CUDA_ARCH_FLAGS]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", *arch_flags]},
             **common,
         )
     else:

@@ -10,8 +10,9 @@ fp32, so an n-term dot product is off by at most about n * u32 * sum_k |a_k b_k|
 Higham, "Accuracy and Stability of Numerical Algorithms", ch. 3). sum_k |a_k b_k| is computed per output
 element by running the float64 reference on |x|, |w|, |b| and back-propagating |grad| times the largest
 slope of the activation. We allow 8x that bound, plus, for half-precision inputs, two roundings of the
-half type (the stored output / the stored pre-activation gradient; see CONVERSION_ERROR). A wrong tap, channel, time shift or
-missing term moves an element by about one average term, sum |a b| / n, far above n * u32 * sum |a b|.
+half type (the stored output / the stored pre-activation gradient; see CONVERSION_ERROR). A wrong tap,
+channel, time shift or missing term moves an element by about one average term, sum |a b| / n, far above
+n * u32 * sum |a b|.
 """
 
 from __future__ import annotations
