@@ -179,9 +179,9 @@ def test_every_op_is_registered(op_name):
 
 
 @pytest.mark.parametrize("op_name", ["multiscale_conv1d", "attention", "max_avg_pool"])
-def test_triton_ops_decline_bfloat16_on_gpus_older_than_ampere(op_name, monkeypatch):
-    """Triton's bfloat16 code needs compute capability 8.0: on a T4 (7.5) 'auto' must use torch for bf16, and
-    still take float16/float32. CUDA tensors are fake (shape only), the capability is set by hand."""
+def test_triton_ops_decline_gpus_older_than_ampere(op_name, monkeypatch):
+    """Triton supports compute capability 8.0 and newer: on a T4 (7.5) 'auto' must use torch, in every dtype.
+    CUDA tensors are fake (shape only), the capability is set by hand."""
     pytest.importorskip("triton", reason="the fused ops are Triton kernels")
     import importlib
 
@@ -191,8 +191,9 @@ def test_triton_ops_decline_bfloat16_on_gpus_older_than_ampere(op_name, monkeypa
     module = importlib.import_module(f"fastmsc.kernels.{op_name}")
     if op_name == "attention":
         monkeypatch.setattr(module, "_device_shared_bytes", lambda device: 227 * 1024)
-    for capability, dtype, declined in ((75, torch.bfloat16, True), (75, torch.float16, False),
-                                        (80, torch.bfloat16, False), (90, torch.bfloat16, False)):
+    for capability, dtype, declined in ((75, torch.bfloat16, True), (75, torch.float16, True),
+                                        (70, torch.float32, True), (80, torch.bfloat16, False),
+                                        (86, torch.float16, False), (90, torch.float32, False)):
         monkeypatch.setattr(_common, "_compute_capability", lambda device, c=capability: c)
         with FakeTensorMode():
             x = torch.empty(2, 16, 9, dtype=dtype, device="cuda")
@@ -202,6 +203,7 @@ def test_triton_ops_decline_bfloat16_on_gpus_older_than_ampere(op_name, monkeypa
                 "max_avg_pool": {"x": x, "lengths": None}}[op_name]
         reason = module.fused_unsupported("cuda", **args)
         if declined:
-            assert reason is not None and "compute capability 8.0" in reason and "is 7.5" in reason, reason
+            assert reason is not None and "compute capability 8.0" in reason, reason
+            assert f"is {capability // 10}.{capability % 10}" in reason, reason
         else:
             assert reason is None, (capability, dtype, reason)

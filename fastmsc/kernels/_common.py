@@ -50,15 +50,16 @@ def _compute_capability(device: torch.device) -> int:
     return 10 * major + minor
 
 
-def bfloat16_unsupported(tensor: torch.Tensor | None) -> str | None:
-    """Why the Triton kernels cannot take ``tensor`` because it is bfloat16 on a GPU older than Ampere, or None.
+def capability_unsupported(tensor: torch.Tensor | None) -> str | None:
+    """Why the Triton kernels cannot take ``tensor`` because it lives on a GPU older than Ampere, or None.
 
-    Triton emits bfloat16 conversions and tensor-core products that need compute capability 8.0; on older
-    GPUs (T4, V100, RTX 20xx) stock PyTorch runs bfloat16 instead."""
-    if tensor is None or tensor.device.type != "cuda" or tensor.dtype != torch.bfloat16:
+    Triton supports compute capability 8.0 and newer (its bfloat16 conversions and tensor-core products need
+    it), and the kernels' resource checks (fastmsc.kernels._aot) cover sm_80 and sm_90: on a T4, V100 or
+    RTX 20xx stock PyTorch runs these ops instead."""
+    if tensor is None or tensor.device.type != "cuda":
         return None
     capability = _compute_capability(tensor.device)
     if capability >= 80:
         return None
-    return (f"the Triton kernels take bfloat16 on GPUs of compute capability 8.0 or newer; this one is "
+    return (f"the Triton kernels need a GPU of compute capability 8.0 or newer (Ampere); this one is "
             f"{capability // 10}.{capability % 10}")

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import bfloat16_unsupported, new_output, triton_unsupported
+from ._common import capability_unsupported, new_output, triton_unsupported
 
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
@@ -611,7 +611,7 @@ def fused_unsupported(device_type: str, **call_args) -> str | None:
             return f"the attention kernels take float32, float16 or bfloat16 inputs, got {str(q.dtype)[6:]}"
         if q.shape[-1] > MAX_HEAD_DIM:
             return f"the attention kernels take head dims up to {MAX_HEAD_DIM}, got D={q.shape[-1]}"
-        if (reason := bfloat16_unsupported(q)) is not None:
+        if (reason := capability_unsupported(q)) is not None:
             return reason
         if q.device.type == "cuda":
             needed, available = shared_bytes_bound(q.dtype, q.shape[-1]), _device_shared_bytes(q.device)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import bfloat16_unsupported, new_output, triton_unsupported
+from ._common import capability_unsupported, new_output, triton_unsupported
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NO_INDEX = tl.constexpr(2147483647)  # larger than every time step: "no candidate yet" in the running first-index state
@@ -221,7 +221,7 @@ def fused_unsupported(device_type: str, **call_args) -> str | None:
     x = call_args.get("x")
     if x is not None and x.dtype not in _DTYPES:
         return f"the pooling kernels take float32, float16 or bfloat16 inputs, got {str(x.dtype)[6:]}"
-    return bfloat16_unsupported(x)
+    return capability_unsupported(x)
 
 
 # ----------------------------------------------------------------------------------------------- ahead-of-time cases

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import bfloat16_unsupported, new_output, triton_unsupported
+from ._common import capability_unsupported, new_output, triton_unsupported
 
 _ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2}
 _INT32_LIMIT = 2**31 - 1
@@ -616,7 +616,7 @@ def fused_unsupported(device_type: str, **call_args) -> str | None:
                                     for size, stride in zip(x.shape[1:], x.stride()[1:], strict=True))
         if max(per_sample, largest_stride_offset, c_total * x.shape[1] * k_max) > _INT32_LIMIT:
             return "one sample of x or of the output spans more than 2**31 elements, beyond the kernels' 32-bit offsets"
-    return bfloat16_unsupported(x)
+    return capability_unsupported(x)
 
 
 # ----------------------------------------------------------------------------------------------------------
