@@ -207,3 +207,9 @@ def test_triton_ops_decline_gpus_older_than_ampere(op_name, monkeypatch):
             assert f"is {capability // 10}.{capability % 10}" in reason, reason
         else:
             assert reason is None, (capability, dtype, reason)
+    # Asked about CUDA in general (as fastmsc.info() asks), the answer follows the current GPU.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability in (70, 75, 80, 90):
+        monkeypatch.setattr(_common, "_compute_capability", lambda device, c=capability: c)
+        general = module.fused_unsupported("cuda")
+        assert (general is not None and "compute capability 8.0" in general) == (capability < 80), general

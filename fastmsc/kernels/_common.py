@@ -34,7 +34,8 @@ def triton_unsupported(device_type: str) -> str | None:
     except Exception as exc:  # any import failure (missing, broken install) means no Triton path
         return f"triton is not importable ({type(exc).__name__}: {exc}); install it with `pip install triton`"
     if device_type == "cuda":
-        return None
+        # The current GPU, so that fastmsc.info() shows the reason; each call also checks its tensors' GPU.
+        return _capability_reason(torch.device("cuda")) if torch.cuda.is_available() else None
     if device_type == "cpu":
         if os.environ.get("TRITON_INTERPRET") == "1" and get_backend() == "fused":
             return None
@@ -58,7 +59,11 @@ def capability_unsupported(tensor: torch.Tensor | None) -> str | None:
     RTX 20xx stock PyTorch runs these ops instead."""
     if tensor is None or tensor.device.type != "cuda":
         return None
-    capability = _compute_capability(tensor.device)
+    return _capability_reason(tensor.device)
+
+
+def _capability_reason(device: torch.device) -> str | None:
+    capability = _compute_capability(device)
     if capability >= 80:
         return None
     return (f"the Triton kernels need a GPU of compute capability 8.0 or newer (Ampere); this one is "
