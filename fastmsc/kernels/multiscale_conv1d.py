@@ -100,6 +100,18 @@ def _im2col_tile(x_base, offs_r, offs_t, T, R, stride_xc, stride_xt, K_MAX: tl.c
 
 
 @triton.jit
+def _resident_x_tile(x_base, offs_t, T, R, stride_xc, stride_xt, K_MAX: tl.constexpr, BLOCK_R: tl.constexpr,
+                     X_RESIDENT: tl.constexpr, UPCAST: tl.constexpr):
+    """With X_RESIDENT the whole (BLOCK_R >= R, BLOCK_T) im2col tile of a program's time tile, gathered once for
+    every output block; otherwise a placeholder that _preactivation_tile does not read."""
+    if X_RESIDENT:
+        x_tile = _im2col_tile(x_base, tl.arange(0, BLOCK_R), offs_t, T, R, stride_xc, stride_xt, K_MAX, UPCAST)
+    else:
+        x_tile = 0.0
+    return x_tile
+
+
+@triton.jit
 def _preactivation_tile(x_tile, x_base, w_ptr, b_ptr, offs_o, offs_t, T, C_TOTAL, R, stride_xc, stride_xt,
                         HAS_BIAS: tl.constexpr, K_MAX: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr,
                         BLOCK_R: tl.constexpr, X_RESIDENT: tl.constexpr, UPCAST: tl.constexpr,
@@ -144,10 +156,7 @@ def _msc_forward_kernel(x_ptr, w_ptr, b_ptr, out_ptr, T, C_TOTAL, R, N_T,
     pid_b = pid // N_T
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     x_base = x_ptr + pid_b.to(tl.int64) * stride_xb
-    if X_RESIDENT:
-        x_tile = _im2col_tile(x_base, tl.arange(0, BLOCK_R), offs_t, T, R, stride_xc, stride_xt, K_MAX, UPCAST)
-    else:
-        x_tile = 0.0
+    x_tile = _resident_x_tile(x_base, offs_t, T, R, stride_xc, stride_xt, K_MAX, BLOCK_R, X_RESIDENT, UPCAST)
     out_base = out_ptr + pid_b.to(tl.int64) * stride_ob
     for o0 in range(0, C_TOTAL, BLOCK_O):
         offs_o = o0 + tl.arange(0, BLOCK_O)
@@ -171,10 +180,7 @@ def _msc_preactivation_grad_kernel(x_ptr, w_ptr, b_ptr, grad_ptr, gz_ptr, T, C_T
     pid_b = pid // N_T
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     x_base = x_ptr + pid_b.to(tl.int64) * stride_xb
-    if X_RESIDENT:
-        x_tile = _im2col_tile(x_base, tl.arange(0, BLOCK_R), offs_t, T, R, stride_xc, stride_xt, K_MAX, UPCAST)
-    else:
-        x_tile = 0.0
+    x_tile = _resident_x_tile(x_base, offs_t, T, R, stride_xc, stride_xt, K_MAX, BLOCK_R, X_RESIDENT, UPCAST)
     grad_base = grad_ptr + pid_b.to(tl.int64) * stride_gb
     gz_base = gz_ptr + pid_b.to(tl.int64) * C_TOTAL * T
     for o0 in range(0, C_TOTAL, BLOCK_O):
