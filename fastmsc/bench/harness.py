@@ -507,17 +507,23 @@ def _checked(workload, backend: str, options: Options) -> tuple[Result, Runner |
     return row, runner
 
 
-def _record_timing(row: Result, runner: Runner, backend: str, timing) -> None:
+def _fail(row: Result, stage: str, exc: BaseException) -> None:
+    """Mark a checked row failed at ``stage``, its note leading with the failure and keeping the runner's note."""
+    row.stats = None
+    row.status, note = _failure(row.backend, stage, exc)
+    row.note = f"{note}; {row.note}" if row.note else note
+
+
+def _record_timing(row: Result, runner: Runner, timing) -> None:
     """Put a time_interleaved result (stats and first-call time, or the exception) and the saved bytes in row."""
+    if isinstance(timing, Exception):
+        _fail(row, "timing", timing)
+        return
+    row.stats, row.first_call_s = timing
     try:
-        if isinstance(timing, Exception):
-            raise timing
-        row.stats, row.first_call_s = timing
         row.saved_bytes = runner.saved_bytes()
     except Exception as exc:
-        row.stats = None
-        row.status, note = _failure(backend, "timing", exc)
-        row.note = f"{note}; {row.note}" if row.note else note
+        _fail(row, "timing", exc)
 
 
 def measure_backends(workload, backends: Sequence[str], options: Options) -> list[Result]:
@@ -531,12 +537,11 @@ def measure_backends(workload, backends: Sequence[str], options: Options) -> lis
         try:
             steps[backend] = runner.step()
         except Exception as exc:
-            row.status, note = _failure(backend, "setting up the timed step", exc)
-            row.note = f"{note}; {row.note}" if row.note else note
+            _fail(row, "setting up the timed step", exc)
     timings = time_interleaved(steps, options.device, options.repeats, options.warmup) if steps else {}
     for backend, row, runner in checked:
         if backend in timings:
-            _record_timing(row, runner, backend, timings[backend])
+            _record_timing(row, runner, timings[backend])
     return [row for _, row, _ in checked]
 
 
