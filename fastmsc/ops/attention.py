@@ -36,13 +36,33 @@ def attention_reference(q, k, v, lengths=None, scale=None):
     return out.to(q.dtype)
 
 
+def _sdpa_arguments(q, k, v, lengths):
+    """q, k, v as 4-D (B, H, T, D) views and the key mask: SDPA's flash, memory-efficient and cuDNN kernels take
+    only 4-D inputs (3-D ones run its math path, which materialises the T x T scores)."""
+    if q.dim() == 3:
+        q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+    key_valid = None if lengths is None else time_mask(lengths, q.shape[-2])[:, None, None, :]
+    return q, k, v, key_valid
+
+
 def attention_torch(q, k, v, lengths=None, scale=None):
-    if lengths is None:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    key_valid, query_valid = _masks(lengths, q)
+    q4, k4, v4, key_valid = _sdpa_arguments(q, k, v, lengths)
     # Every row keeps key 0 (lengths >= 1), so no row is fully masked and SDPA gives no NaN.
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_valid, scale=scale)
-    return out.masked_fill(~query_valid, 0.0)
+    out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=key_valid, scale=scale)
+    if lengths is not None:
+        out = out.masked_fill(~time_mask(lengths, q.shape[-2])[:, None, :, None], 0.0)
+    return out.squeeze(1) if q.dim() == 3 else out
+
+
+def sdpa_backend(q, k, v, lengths=None, scale=None) -> str:
+    """The SDPA kernel ``attention_torch`` runs for these inputs: FLASH_ATTENTION, EFFICIENT_ATTENTION,
+    CUDNN_ATTENTION or MATH (PyTorch's own choice, asked through ``torch._fused_sdp_choice``)."""
+    q4, k4, v4, key_valid = _sdpa_arguments(q, k, v, lengths)
+    try:
+        choice = torch._fused_sdp_choice(q4, k4, v4, attn_mask=key_valid, dropout_p=0.0, is_causal=False, scale=scale)
+        return torch.nn.attention.SDPBackend(choice).name
+    except Exception as exc:  # a private API: its absence must not break a benchmark
+        return f"unknown ({type(exc).__name__})"
 
 
 OP = register(Op("attention", attention_reference, attention_torch, fused_module="fastmsc.kernels.attention"))
