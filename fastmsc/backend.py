@@ -7,7 +7,8 @@ which one runs:
 * ``reference``: plain PyTorch written straight from the math; the oracle (float64-capable).
 * ``torch``: the fastest composition of stock PyTorch ops; what a user writes without fastmsc.
 * ``fused``: Triton kernels and the compiled extension; an error if the op cannot run fused.
-* ``auto``: ``fused`` where it supports the tensors' device and arguments, else ``torch``.
+* ``auto``: ``fused`` where it supports the tensors' device and arguments and was not measured slower than
+  ``torch`` on this GPU (the dispatch table of :mod:`fastmsc.dispatch`), else ``torch``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+
+import torch
+
+from . import dispatch
 
 BACKENDS = ("reference", "torch", "fused", "auto")
 
@@ -114,6 +119,8 @@ class Op:
         return self.fused_unsupported(device_type, **call_args)
 
     def select(self, device_type: str, **call_args) -> Callable:
+        """The implementation the backend in force runs for these (validated) arguments. ``auto`` also
+        follows the measured dispatch table (fastmsc.dispatch): torch where fused was measured slower."""
         backend = get_backend()
         if backend == "reference":
             return self.reference
@@ -121,10 +128,24 @@ class Op:
             return self.torch
         reason = self.why_not_fused(device_type, **call_args)
         if reason is None:
+            if backend == "auto":
+                tensors = list(_tensors(call_args.values()))
+                entry = dispatch.lookup(self.name, tensors[0], tensors) if tensors else None
+                if entry is not None and entry.choice == "torch":
+                    return self.torch
             return self.fused
         if backend == "fused":
             raise FusedUnavailable(f"fastmsc.{self.name}: backend 'fused' cannot run this call: {reason}")
         return self.torch
+
+
+def _tensors(values) -> Iterator:
+    """The tensors among call arguments, in order, looking inside lists and tuples (weights)."""
+    for value in values:
+        if isinstance(value, (list, tuple)):
+            yield from _tensors(value)
+        elif isinstance(value, torch.Tensor):
+            yield value
 
 
 OPS: dict[str, Op] = {}

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import platform
+from dataclasses import asdict
 
 import torch
 
+from . import dispatch
+from ._device import compute_capability
 from .backend import OPS, get_backend
 
 
@@ -17,8 +20,28 @@ def _triton_version() -> str | None:
     return triton.__version__
 
 
+def _dispatch_for(op_name: str, device: str) -> tuple[list[dict], str]:
+    """The measured dispatch entries that apply to ``op_name`` on ``device`` and a sentence on where they come from."""
+    if device != "cuda":
+        return [], "no dispatch measurements on CPU: fused wherever supported"
+    if (error := dispatch.table_error()) is not None:
+        return [], f"dispatch table unreadable ({error}): fused wherever supported"
+    capability = compute_capability(torch.device("cuda"))
+    entries = dispatch.entries_for(op_name, capability)
+    if not entries:
+        return [], f"no dispatch measurements for sm_{capability} (this GPU): fused wherever supported"
+    gpus = sorted({e.gpu for e in entries})
+    return ([{**asdict(e), "why": e.why()} for e in entries],
+            f"measured on {', '.join(gpus)} (sm_{capability}): torch where fused was slower")
+
+
 def info() -> dict:
-    """A dict of versions and, for each op and device, what ``auto`` picks and why ``fused`` is not picked."""
+    """A dict of versions and, for each op and device, what ``auto`` picks and why.
+
+    Per op and device: ``auto`` (fused, torch, or "fused or torch by measurement" where the dispatch table
+    sends some calls to torch), ``fused_unavailable`` (why fused cannot run, or None), ``dispatch`` (the
+    measured entries for this GPU, each with a ``why``) and ``dispatch_note``.
+    """
     from . import __version__
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -31,13 +54,22 @@ def info() -> dict:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "cpu": platform.processor() or platform.machine(),
         "backend": get_backend(),
+        "dispatch_table": str(dispatch.TABLE_PATH),
         "ops": {},
     }
     for name, op in sorted(OPS.items()):
         per_device = {}
         for device in devices:
             reason = op.why_not_fused(device)
-            per_device[device] = {"auto": "fused" if reason is None else "torch", "fused_unavailable": reason}
+            entries, note = _dispatch_for(name, device) if reason is None else ([], "")
+            if reason is not None:
+                auto = "torch"
+            elif any(e["choice"] == "torch" for e in entries):  # unmeasured sizes still run fused
+                auto = "fused or torch by measurement"
+            else:
+                auto = "fused"
+            per_device[device] = {"auto": auto, "fused_unavailable": reason, "dispatch": entries,
+                                  "dispatch_note": note}
         result["ops"][name] = per_device
     return result
 
@@ -48,8 +80,16 @@ def format_info(data: dict | None = None) -> str:
     lines.append("ops (what backend 'auto' picks):")
     for name, per_device in data["ops"].items():
         for device, row in per_device.items():
-            why = "" if row["fused_unavailable"] is None else f"  (fused unavailable: {row['fused_unavailable']})"
+            if row["fused_unavailable"] is not None:
+                why = f"  (fused unavailable: {row['fused_unavailable']})"
+            elif device == "cuda":
+                why = f"  ({row['dispatch_note']})"
+            else:
+                why = ""
             lines.append(f"  {name:<18} {device:<5} -> {row['auto']}{why}")
+            for entry in row.get("dispatch", []):
+                lines.append(f"      {entry['dtype']} {entry['mode']} size {entry['bucket']}: {entry['choice']}  "
+                             f"({entry['why']})")
     return "\n".join(lines)
 
 

@@ -263,7 +263,7 @@ def test_calls_needing_more_shared_memory_than_the_gpu_gives_are_declined(monkey
     from fastmsc.kernels import _common
 
     monkeypatch.setattr(kernels, "_device_shared_bytes", lambda device: shared_kb * 1024)
-    monkeypatch.setattr(_common, "_compute_capability", lambda device: 86 if shared_kb == 99 else 90)
+    monkeypatch.setattr(_common, "compute_capability", lambda device: 86 if shared_kb == 99 else 90)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for head_dim in (16, 96, 97, 128, 256):
             with FakeTensorMode():

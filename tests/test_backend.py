@@ -194,7 +194,7 @@ def test_triton_ops_decline_gpus_older_than_ampere(op_name, monkeypatch):
     for capability, dtype, declined in ((75, torch.bfloat16, True), (75, torch.float16, True),
                                         (70, torch.float32, True), (80, torch.bfloat16, False),
                                         (86, torch.float16, False), (90, torch.float32, False)):
-        monkeypatch.setattr(_common, "_compute_capability", lambda device, c=capability: c)
+        monkeypatch.setattr(_common, "compute_capability", lambda device, c=capability: c)
         with FakeTensorMode():
             x = torch.empty(2, 16, 9, dtype=dtype, device="cuda")
             weights = [torch.empty(4, 16, k, dtype=dtype, device="cuda") for k in (3, 5)]
@@ -210,6 +210,6 @@ def test_triton_ops_decline_gpus_older_than_ampere(op_name, monkeypatch):
     # Asked about CUDA in general (as fastmsc.info() asks), the answer follows the current GPU.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for capability in (70, 75, 80, 90):
-        monkeypatch.setattr(_common, "_compute_capability", lambda device, c=capability: c)
+        monkeypatch.setattr(_common, "compute_capability", lambda device, c=capability: c)
         general = module.fused_unsupported("cuda")
         assert (general is not None and "compute capability 8.0" in general) == (capability < 80), general

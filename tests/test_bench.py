@@ -16,9 +16,11 @@ import torch
 import fastmsc
 from fastmsc.backend import OPS
 from fastmsc.bench import Options, run_suite, saved_tensor_bytes
+from fastmsc.bench.baselines import NAIVE
 from fastmsc.bench.cases import QUICK_CASES, Case, all_ops, default_cases, modes_for
 from fastmsc.bench.harness import ModelWorkload, OpWorkload, compare, measure
 from fastmsc.bench.report import CSV_COLUMNS, format_table, write_csv
+from fastmsc.bench.roofline import Peaks, Work, rates, work
 from fastmsc.bench.timing import Stats, time_interleaved
 from fastmsc.cli import main as cli_main
 
@@ -53,8 +55,9 @@ def test_quick_cli_prints_table_and_writes_one_csv_row_per_measurement(tmp_path)
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == CSV_COLUMNS
         rows = list(reader)
-    # One row per (op, case, mode, backend): quick runs reference, torch and fused.
-    expected = sum(len(QUICK_CASES[op]) * len(modes_for(op)) * 3 for op in all_ops() if op in QUICK_CASES)
+    # One row per (op, case, mode, backend): quick runs reference, torch and fused, plus naive for attention.
+    expected = sum(len(QUICK_CASES[op]) * len(modes_for(op)) * (3 + (op in NAIVE))
+                   for op in all_ops() if op in QUICK_CASES)
     assert len(rows) == expected
     table_lines = [line for line in proc.stdout.splitlines()
                    if line.split()[:1] and line.split()[0] in QUICK_CASES and len(line.split()) > 3]
@@ -72,12 +75,27 @@ def test_quick_cli_prints_table_and_writes_one_csv_row_per_measurement(tmp_path)
             assert float(row["max_rel_error"]) <= float(row["tolerance"]), row
             assert row["seed"].isdigit() and row["checked_on"] == "full shape", row
             assert row["speedup_vs_torch"], row
+            # Achieved rates from the op's counts, and the roofline fraction against ceilings measured in this run.
+            assert float(row["tflops"]) > 0 and float(row["gbps"]) > 0, row
+            assert 0 < float(row["pct_of_peak"]) and row["bound"] in ("mem", "math"), row
+            assert float(row["peak_copy_gbps"]) > 0 and float(row["peak_matmul_tflops"]) > 0, row
         else:
             assert row["median_ms"] == "" and row["note"], row
         if row["backend"] == "torch":
             assert row["status"] == "ok" and math.isclose(float(row["speedup_vs_torch"]), 1.0), row
+            if row["op"] == "attention":  # the SDPA kernel that ran, reached through 4-D inputs
+                assert "SDPA kernel " in row["note"] and "MATH" not in row["note"], row
         if row["status"] == "ok" and row["mode"] in ("fwd+bwd", "train step"):
             assert int(row["saved_bytes"]) > 0, row
+    # The same table again from the CSV alone (what bench/gpu_check.sh prints after a step was cut short).
+    again = subprocess.run([sys.executable, "-m", "fastmsc", "bench", "--table-from", str(csv_path)], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    again_lines = [line for line in again.stdout.splitlines()
+                   if line.split()[:1] and line.split()[0] in QUICK_CASES and len(line.split()) > 3]
+    # The same rows in the same order (numbers pass through the CSV's 6 digits, so compare the labels).
+    labels = [line.split()[:2] + [line.split()[-1]] for line in table_lines]
+    assert [line.split()[:2] + [line.split()[-1]] for line in again_lines] == labels, again.stdout
     # Without a GPU the Triton ops' fused path is unavailable and says why, instead of crashing.
     if not torch.cuda.is_available():
         for op in ("multiscale_conv1d", "attention", "max_avg_pool"):
@@ -361,3 +379,124 @@ def test_a_backend_raising_only_while_timed_is_an_error_row_and_the_others_are_t
     assert [r.backend for r in rows] == ["torch", "fused"]
     assert rows[0].status == "ok" and rows[0].stats.repeats == 2 and rows[0].speedup == 1.0
     assert rows[1].status == "error" and "while timing" in rows[1].note and "illegal memory access" in rows[1].note
+
+
+def test_bench_only_flags_are_checked_before_any_work(tmp_path, capsys):
+    assert cli_main(["bench", "--quick", "--csv", str(tmp_path / "b.csv"), "--write-dispatch",
+                     str(tmp_path / "d.json")]) == 2
+    assert "--write-dispatch records verdicts per GPU compute capability" in capsys.readouterr().err
+    assert cli_main(["bench", "--quick", "--csv", str(tmp_path / "b.csv"), "--time-budget", "0"]) == 2
+    assert "--time-budget must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "b.csv").exists() and not (tmp_path / "d.json").exists()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    assert cli_main(["bench", "--table-from", str(bad)]) == 2
+    assert "cannot be read as a fastmsc bench CSV" in capsys.readouterr().err
+
+
+# --- honest baselines, rates, rotation ------------------------------------------------------------------------
+
+
+def test_large_pooling_case_on_cuda_exceeds_a_gigabyte_in_every_half_or_single_dtype():
+    cases = default_cases("max_avg_pool", quick=False, device_type="cuda")
+    largest = max(c.batch * c.steps * c["C"] for c in cases)
+    assert largest * 2 >= 2**30  # bfloat16 / float16; float32 is twice that
+    assert all(c.batch * c.steps * c["C"] < 2**24 for c in default_cases("max_avg_pool", quick=False,
+                                                                          device_type="cpu"))
+
+
+def test_torch_attention_reaches_a_fused_sdpa_kernel_and_naive_matches_the_reference():
+    from fastmsc.ops.attention import attention_reference, attention_torch, sdpa_backend
+    B, T, D = _rand_shape(low=2, high=7, ndim=1)[0], 13, 8
+    q, k, v = (torch.randn(B, T, D, dtype=torch.float64) for _ in range(3))
+    lengths = torch.randint(1, T + 1, (B,))
+    assert sdpa_backend(q.float(), k.float(), v.float()) != "MATH"  # 3-D inputs alone would run the math path
+    for lens in (None, lengths):
+        want = attention_reference(q, k, v, lens, 0.3)
+        torch.testing.assert_close(NAIVE["attention"](q, k, v, lens, 0.3), want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(attention_torch(q, k, v, lens, 0.3), want, rtol=1e-12, atol=1e-12)
+        heads = q.view(B, T, 2, D // 2).transpose(1, 2)  # 4-D, non-contiguous
+        torch.testing.assert_close(attention_torch(heads, heads, heads, lens, 0.3),
+                                   attention_reference(heads, heads, heads, lens, 0.3), rtol=1e-12, atol=1e-12)
+
+
+def test_roofline_counts_and_fraction():
+    pool = Case("max_avg_pool", (("B", 2), ("T", 5), ("C", 3)))
+    assert work(pool, "fwd", torch.float32).bytes == 4 * (2 * 5 * 3 + 2 * 2 * 3)
+    attn = Case("attention", (("B", 2), ("T", 8), ("E", 4)))
+    fwd, both = work(attn, "fwd", torch.bfloat16), work(attn, "fwd+bwd", torch.bfloat16)
+    assert fwd.flops == 4 * 2 * 8 * 8 * 4 and both.flops == 3.5 * fwd.flops and fwd.bytes == 2 * 4 * 2 * 8 * 4
+    conv = Case("multiscale_conv1d", (("B", 2), ("C_in", 3), ("T", 7), ("C_out", 5)))
+    assert work(conv, "fwd", torch.float32).flops == 2 * 2 * 7 * 5 * 3 * (3 + 5 + 7)
+    peaks = Peaks(copy_gbps=1000.0, matmul_tflops={"float32": 10.0})
+    # 1 GB at 1000 GB/s is 1 ms: done in 2 ms that is half the memory roofline.
+    found = rates(Work(flops=1e9, bytes=1e9), 2.0, "float32", peaks)
+    assert found.bound == "mem" and found.pct_of_peak == pytest.approx(50.0) and found.gbps == pytest.approx(500.0)
+    found = rates(Work(flops=1e11, bytes=1e6), 20.0, "float32", peaks)
+    assert found.bound == "math" and found.pct_of_peak == pytest.approx(50.0) and found.tflops == pytest.approx(5.0)
+    assert rates(Work(1.0, 1.0), 1.0, "float16", peaks).pct_of_peak is None  # no ceiling measured for float16
+
+
+def test_before_each_runs_before_every_timed_call_only():
+    calls = []
+    steps = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    time_interleaved(steps, "cpu", repeats=3, warmup=2, before_each=lambda: calls.append("flush"))
+    assert calls[:4] == ["a", "b", "a", "b"]  # warm-up: no flush
+    assert calls[4:] == ["flush", "a", "flush", "b"] * 3
+
+
+def test_time_budget_skips_later_cases_and_rows_reach_on_rows_case_by_case(monkeypatch):
+    import itertools
+
+    from fastmsc.bench import harness
+    clock = itertools.count(0.0, 10.0)  # every reading of the clock is 10 s after the last
+    monkeypatch.setattr(harness.time, "monotonic", lambda: next(clock))
+    seen = []
+    cases = {"max_avg_pool": [Case("max_avg_pool", (("B", 2), ("T", t), ("C", 3))) for t in (5, 6, 7)]}
+    options = _quick_options(modes=("fwd",), time_budget=15.0, on_rows=lambda rows: seen.append(list(rows)))
+    rows = run_suite(options, ["max_avg_pool"], cases)
+    assert [len(batch) for batch in seen] == [len(options.backends)] * 3 and sum(seen, []) == rows
+    # The first case starts 10 s in, within the budget; the second would start 20 s in.
+    assert all(r.status != "skipped" for r in seen[0])
+    assert all(r.status == "skipped" and "time budget" in r.note for batch in seen[1:] for r in batch)
+
+
+def test_a_run_stopped_midway_keeps_the_rows_it_measured(monkeypatch, tmp_path):
+    from fastmsc.bench import harness
+    real, calls = harness.measure_backends, []
+
+    def stop_on_second_case(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what a time cap's signal does to a run
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "measure_backends", stop_on_second_case)
+    path = tmp_path / "b.csv"
+    with pytest.raises(KeyboardInterrupt):
+        cli_main(["bench", "--quick", "--ops", "max_avg_pool", "attention", "--modes", "fwd", "--backends", "torch",
+                  "--repeats", "1", "--warmup", "0", "--csv", str(path)])
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["op"], r["backend"], r["status"]) for r in rows] == [("max_avg_pool", "torch", "ok")]
+
+
+def test_csv_round_trip_gives_back_every_field_the_table_shows(tmp_path):
+    from fastmsc.bench.report import read_csv
+    peaks = Peaks(copy_gbps=10.0, matmul_tflops={"float32": 0.1})
+    rows = run_suite(_quick_options(modes=("fwd+bwd",), peaks=peaks), ["max_avg_pool"])
+    assert any(r.pct_of_peak is not None for r in rows)
+    env = fastmsc.bench.report.environment(torch.device("cpu"), peaks, torch.float32)
+    path = tmp_path / "out.csv"
+    write_csv(path, rows, env, warmup=0)
+    back = [result for _, result in read_csv(path)]
+    assert len(back) == len(rows)
+    for got, want in zip(back, rows, strict=True):
+        for name in ("op", "mode", "shape", "dtype", "backend", "status", "note", "bound", "seed", "saved_bytes",
+                     "checked_on", "worst"):
+            assert getattr(got, name) == getattr(want, name), name
+        for name in ("speedup", "tflops", "gbps", "pct_of_peak", "max_error", "first_call_s"):
+            value = getattr(want, name)
+            assert getattr(got, name) == (None if value is None else pytest.approx(value, rel=1e-5)), name
+        if want.stats is not None:
+            assert tuple(vars(got.stats).values()) == pytest.approx(tuple(vars(want.stats).values()), rel=1e-5)

@@ -7,7 +7,8 @@ arguments of the public op); :func:`make_model` and :func:`make_model_batch` do 
 
 Default shapes follow MSCClassifier's defaults: batch 32, in_channels 3, conv 3 branches x 64 channels
 (kernels 3/5/7) -> 192 LSTM inputs, LSTM hidden 128 bidirectional -> attention dim 256 -> pooling over
-256 channels; T in {150, 512}, plus 2048 on CUDA.
+256 channels; T in {150, 512}, plus 2048 on CUDA, where pooling also gets an input of 2^29 elements
+(LARGE_POOL_SHAPE: at least 1 GiB, far beyond L2).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ CPU_LENGTHS = (150, 512)
 CUDA_LENGTHS = (150, 512, 2048)
 # (B, T, I, H), bidirectional: short/long/very long sequences and a tiny one where launch overhead dominates.
 EXTRA_LSTM_SHAPES = ((32, 150, 192, 128), (64, 512, 96, 64), (8, 1000, 64, 64), (32, 24, 32, 32))
+# Pooling on CUDA is also measured far beyond the L2 cache (60 MB on an H200): 2^29 elements, 2 GiB in
+# float32 and 1 GiB in bfloat16, so its GB/s is HBM bandwidth, not cache bandwidth.
+LARGE_POOL_SHAPE = (512, 4096, 256)  # (B, T, C)
 
 OP_MODES = ("fwd", "fwd+bwd")  # fwd: inference under no_grad; fwd+bwd: forward then backward of every output
 MODEL_MODES = ("train step",)  # forward + cross-entropy + backward + AdamW step
@@ -91,7 +95,11 @@ def default_cases(op: str, *, quick: bool, device_type: str) -> list[Case]:
     if op == "attention":
         return [_case(op, B=BATCH, T=t, E=2 * LSTM_HIDDEN) for t in lengths]
     if op == "max_avg_pool":
-        return [_case(op, B=BATCH, T=t, C=2 * LSTM_HIDDEN) for t in lengths]
+        cases = [_case(op, B=BATCH, T=t, C=2 * LSTM_HIDDEN) for t in lengths]
+        if device_type == "cuda":
+            b, t, c = LARGE_POOL_SHAPE
+            cases.append(_case(op, B=b, T=t, C=c))
+        return cases
     if op == MODEL:
         return [_case(op, B=BATCH, C_in=IN_CHANNELS, T=t, C_conv=CONV_CHANNELS, H=LSTM_HIDDEN, F=128,
                       classes=NUM_CLASSES) for t in lengths]

@@ -7,9 +7,11 @@ import sys
 
 import torch
 
+from .. import dispatch
 from .cases import INPUT_FACTORIES, MODEL, OP_MODES, all_ops
 from .harness import BACKEND_CHOICES, FAILED, Options, run_suite
-from .report import environment, format_table, matplotlib_missing, plot, write_csv
+from .report import check_csv, environment, format_table, matplotlib_missing, plot, read_csv, write_csv
+from .roofline import measure_peaks
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_REPEATS, DEFAULT_WARMUP = 10, 3
@@ -30,8 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", nargs="+", metavar="OP",
                         help=f"ops to run (default: all): {', '.join(all_ops())}")
     parser.add_argument("--backends", nargs="+", metavar="BACKEND",
-                        help=f"backends to time: {', '.join(BACKEND_CHOICES)} (default: torch fused compile, plus "
-                             "reference with --quick; torch is always measured as the baseline)")
+                        help=f"backends to time: {', '.join(BACKEND_CHOICES)} (default: torch naive fused compile, "
+                             "plus reference with --quick; torch is always measured as the baseline; naive only "
+                             "where an op has a naive baseline: attention)")
     parser.add_argument("--modes", nargs="+", metavar="MODE",
                         help=f"op modes: {', '.join(OP_MODES)} (default: both; the model always runs its train step)")
     parser.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available, else cpu)")
@@ -49,6 +52,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--csv", default="bench_results.csv", metavar="PATH",
                         help="append one row per measurement to this CSV (default: bench_results.csv)")
     parser.add_argument("--plot", metavar="PATH", help="draw a PNG bar chart of the timings (needs matplotlib)")
+    parser.add_argument("--time-budget", type=float, metavar="SECONDS",
+                        help="cases that would start after SECONDS become 'skipped' rows (the run ends on its own)")
+    parser.add_argument("--write-dispatch", nargs="?", const=str(dispatch.TABLE_PATH), metavar="PATH",
+                        help="CUDA only: merge the measured fused-vs-torch verdicts into the dispatch table that "
+                             "backend 'auto' reads (default PATH: the package's own, "
+                             f"{dispatch.TABLE_PATH.name}; see fastmsc.dispatch)")
+    parser.add_argument("--table-from", nargs="+", metavar="CSV",
+                        help="measure nothing: print the table of the rows in these CSV files (written by --csv)")
 
 
 def _fail(message: str) -> int:
@@ -71,10 +82,69 @@ def _resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def _print_tables(paths: list[str]) -> int:
+    """The table of every run (one per timestamp and device) found in the CSV files ``paths``."""
+    runs: dict[tuple[str, str], tuple[dict, list]] = {}
+    for path in paths:
+        try:
+            rows = read_csv(path)
+        except (OSError, ValueError, KeyError) as exc:
+            return _fail(f"--table-from {path} cannot be read as a fastmsc bench CSV ({type(exc).__name__}: {exc})")
+        for env, result in rows:
+            runs.setdefault((env["timestamp"], env["device"]), (env, []))[1].append(result)
+    if not runs:
+        print(f"no benchmark rows in {', '.join(paths)}")
+        return 0
+    print("\n\n".join(format_table(results, env, f"{results[0].dtype}; rows from {', '.join(paths)}")
+                       for env, results in runs.values()))
+    return 0
+
+
+def _dispatch_rows(results, device: torch.device, env: dict) -> list[dict]:
+    """One row per (op case, mode) with a timed torch backend, for fastmsc.dispatch.verdicts."""
+    capability = 10 * torch.cuda.get_device_capability(device)[0] + torch.cuda.get_device_capability(device)[1]
+    versions = f"fastmsc {env['fastmsc']}, torch {env['torch']}, triton {env['triton'] or 'absent'}"
+    by_case: dict[tuple, dict] = {}
+    for r in results:
+        if r.op == MODEL:
+            continue
+        by_case.setdefault((r.op, r.mode, r.shape, r.dtype), {})[r.backend] = r
+    rows = []
+    for (op, mode, shape, dtype), backends in by_case.items():
+        torch_row, fused_row = backends.get("torch"), backends.get("fused")
+        if torch_row is None or torch_row.stats is None or fused_row is None or fused_row.status in (
+                "unavailable", "skipped"):
+            continue
+        dims = dict(part.split("=") for part in shape.split())
+        main = {"multiscale_conv1d": ("B", "C_in", "T"), "lstm_layer": ("B", "T", "I"), "attention": ("B", "T", "E"),
+                "max_avg_pool": ("B", "T", "C")}[op]
+        numel = 1
+        for name in main:
+            numel *= int(dims[name])
+        rows.append({"op": op, "mode": mode, "dtype": dtype, "shape": shape, "numel": numel, "capability": capability,
+                     "gpu": torch.cuda.get_device_name(device), "measured": env["timestamp"], "versions": versions,
+                     "torch_ms": torch_row.stats.median_ms,
+                     "fused_ms": fused_row.stats.median_ms if fused_row.stats else None})
+    return rows
+
+
 def run(args) -> int:
+    if args.table_from:
+        return _print_tables(args.table_from)
     try:
         device = _resolve_device(args.device)
     except ValueError as exc:
+        return _fail(str(exc))
+    if args.write_dispatch and device.type != "cuda":
+        return _fail(f"--write-dispatch records verdicts per GPU compute capability, so it needs --device cuda "
+                     f"(this run is on {device})")
+    if args.time_budget is not None and args.time_budget <= 0:
+        return _fail(f"--time-budget must be > 0 seconds, got {args.time_budget:g}")
+    try:
+        check_csv(args.csv)
+        if args.write_dispatch:
+            dispatch.read_table(args.write_dispatch)
+    except (OSError, ValueError) as exc:
         return _fail(str(exc))
     if args.plot and (missing := matplotlib_missing()):
         return _fail(missing)
@@ -105,7 +175,8 @@ def run(args) -> int:
             backends.insert(0, "torch")
             notes.append("torch added to --backends: it is the baseline of every speed-up")
     else:
-        backends = ["reference", "torch", "fused", "compile"] if args.quick else ["torch", "fused", "compile"]
+        backends = ["reference", "torch", "naive", "fused", "compile"] if args.quick else ["torch", "naive", "fused",
+                                                                                            "compile"]
     if "compile" in backends and args.no_compile:
         backends.remove("compile")
         notes.append("torch.compile skipped: --no-compile")
@@ -117,30 +188,46 @@ def run(args) -> int:
         notes.append("reference backend not timed (too slow at full size; --backends reference adds it); every "
                      "timed backend is still checked against it in float64 first")
 
+    dtype = DTYPES[args.dtype]
+    peaks = measure_peaks(device, [dtype])
+    env = environment(device, peaks, dtype)
+    written: list = []
+
+    def append_rows(rows):  # after every case, so a run stopped early keeps what it measured
+        write_csv(args.csv, rows, env, options.warmup)
+        written.extend(rows)
+
     options = Options(
-        device=device, dtype=DTYPES[args.dtype], backends=tuple(backends),
+        device=device, dtype=dtype, backends=tuple(backends),
         repeats=args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS),
         warmup=args.warmup if args.warmup is not None else (QUICK_WARMUP if args.quick else DEFAULT_WARMUP),
         quick=args.quick, compile_lstm=args.compile_lstm, modes=tuple(modes) if modes else None,
+        peaks=peaks, time_budget=args.time_budget, on_rows=append_rows,
     )
-    env = environment(device)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"fastmsc bench on {env['device_name']} ({device}), {args.dtype}, backends {', '.join(backends)}, "
-          f"{options.repeats} repeats after {options.warmup} warm-up", file=sys.stderr, flush=True)
-    results = run_suite(options, ops)
-
-    timer = "CUDA events" if device.type == "cuda" else "time.perf_counter"
-    header = (f"{args.dtype}; median and spread over {options.repeats} timed calls after {options.warmup} warm-up "
-              f"({timer}); vs torch = torch median / median; saved = activation bytes kept for backward "
-              f"(parameters excluded); max err = worst error vs the float64 reference, relative to the reference's "
-              f"largest magnitude" + "".join(f"\nnote: {n}" for n in notes))
-    print(format_table(results, env, header))
+          f"{options.repeats} repeats after {options.warmup} warm-up; {peaks.describe()}", file=sys.stderr, flush=True)
     try:
-        write_csv(args.csv, results, env, options.warmup)
+        results = run_suite(options, ops)
     except (OSError, ValueError) as exc:
         return _fail(f"could not write --csv {args.csv}: {exc}")
-    print(f"\nwrote {len(results)} rows to {args.csv}")
+
+    timer = "CUDA events, L2 evicted and inputs rotated between op calls" if device.type == "cuda" \
+        else "time.perf_counter"
+    header = (f"{args.dtype}; median and spread over {options.repeats} timed calls after {options.warmup} warm-up "
+              f"({timer}); vs torch = torch median / median; TFLOP/s, GB/s = the op's FLOPs and fewest bytes over "
+              f"the median; % peak = roofline fraction against the ceilings above (mem: copy bandwidth, math: "
+              f"matmul rate); saved = activation bytes kept for backward (parameters excluded); max err = worst "
+              f"error vs the float64 reference, relative to the reference's largest magnitude"
+              + "".join(f"\nnote: {n}" for n in notes))
+    print(format_table(results, env, header))
+    print(f"\nwrote {len(written)} rows to {args.csv}")
+    if args.write_dispatch:
+        entries = dispatch.verdicts(_dispatch_rows(results, device, env))
+        dispatch.write_table(args.write_dispatch, entries)
+        print(f"wrote {len(entries)} dispatch verdicts ({sum(e.choice == 'torch' for e in entries)} torch) to "
+              f"{args.write_dispatch}")
     if args.plot:
         bars = plot(args.plot, results, env)
         print(f"wrote {args.plot} ({bars} bars)")

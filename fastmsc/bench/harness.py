@@ -4,7 +4,10 @@ round-robin.
 Backends (``BACKEND_CHOICES``):
 
 * ``reference``: the float64-capable oracle, run at the benchmark dtype (slow: only in --quick or on request);
-* ``torch``: stock PyTorch, the baseline every speed-up is relative to;
+* ``torch``: stock PyTorch, the baseline every speed-up is relative to (attention: SDPA with 4-D inputs, its
+  row naming the SDPA kernel that ran);
+* ``naive``: for ops with a hand-written baseline in ``fastmsc.bench.baselines`` (attention: softmax(QKᵀ)V
+  with plain matmuls); no row for other ops;
 * ``fused``: the op's fused implementation when ``fastmsc.backend.OPS[op].why_not_fused`` allows it on this
   device and these arguments, else an ``unavailable`` row carrying that reason (for the model: backend
   ``auto``, i.e. fused wherever an op has a fused path);
@@ -13,6 +16,10 @@ Backends (``BACKEND_CHOICES``):
 Every backend's result (outputs, and in fwd+bwd mode the gradients of every input and parameter for a
 random upstream gradient) is compared with the reference run in float64 on the same inputs before any
 timing; a mismatch is reported with its error and seed and is not timed.
+
+On CUDA every timed call of an op reads an input set the previous call did not (two sets in rotation), and
+a write of twice the L2 cache's size runs before it, outside its timing: each call starts from a cold cache,
+as in a network where other layers ran in between, and bandwidth-bound ops are not flattered by L2.
 """
 
 from __future__ import annotations
@@ -20,9 +27,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import itertools
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -33,11 +42,16 @@ from torch import nn
 
 from ..backend import OPS, use_backend
 from ..nn import LSTM
+from ..ops.attention import sdpa_backend
+from .baselines import NAIVE
 from .cases import MODEL, Case, default_cases, make_model, make_model_batch, make_op_inputs, modes_for
 from .memory import saved_tensor_bytes
+from .roofline import Peaks, rates, work
 from .timing import Stats, time_interleaved
 
-BACKEND_CHOICES = ("reference", "torch", "fused", "compile")
+BACKEND_CHOICES = ("reference", "torch", "naive", "fused", "compile")
+# Input sets an op's timed calls rotate through on CUDA, so no call finds its inputs in L2 from the last one.
+ROTATING_INPUT_SETS = 2
 FAILED = ("mismatch", "error")
 # The float64 reference runs on at most this many (batch rows x time steps) per device type; larger cases
 # are checked on fewer batch rows, with every time step (the LSTM reference is a Python loop over time).
@@ -58,6 +72,9 @@ class Options:
     compile_lstm: bool = False
     modes: tuple[str, ...] | None = None  # None: every mode of each op
     log: Callable[[str], None] | None = None
+    peaks: Peaks | None = None  # measured ceilings for each row's achieved rate and % of peak
+    time_budget: float | None = None  # seconds: cases that would start later become skipped rows
+    on_rows: Callable[[list[Result]], None] | None = None  # called with each case's rows once measured
 
 
 @dataclass
@@ -89,6 +106,10 @@ class Result:
     seed: int | None = None
     first_call_s: float | None = None
     note: str = ""
+    tflops: float | None = None  # achieved, from fastmsc.bench.roofline's counts over the median
+    gbps: float | None = None
+    pct_of_peak: float | None = None  # roofline fraction against the ceilings measured in the same run
+    bound: str = ""  # mem | math: which ceiling the roofline fraction is taken against
 
 
 class Unavailable(NamedTuple):
@@ -241,6 +262,12 @@ class OpWorkload:
         self.op = OPS[case.op]
         self.training = mode == "fwd+bwd"
         self.inputs = make_op_inputs(case, options.device, options.dtype, self.training)
+        self.input_sets = [self.inputs]
+        self.before_each = None
+        if options.device.type == "cuda":
+            self.input_sets += [make_op_inputs(case, options.device, options.dtype, self.training)
+                                for _ in range(ROTATING_INPUT_SETS - 1)]
+            self.before_each = l2_evictor(options.device)
         self.check_seed: int | None = None
         self._reference = None
         self._upstream = None
@@ -308,8 +335,8 @@ class OpWorkload:
 
     def _runner(self, impl, note: str = "", tf32: bool | None = None) -> Runner:
         def step():
-            inputs, upstream = self.inputs, self._upstream_for_timing()
-            return lambda: self._run(impl, inputs, upstream)
+            turns, upstream = itertools.cycle(self.input_sets), self._upstream_for_timing()
+            return lambda: self._run(impl, next(turns), upstream)
 
         def saved():
             if not self.training:
@@ -318,12 +345,21 @@ class OpWorkload:
 
         return Runner(lambda: self._check(impl, tf32), step, saved, note)
 
+    def applies(self, backend: str) -> bool:
+        """Whether ``backend`` gets a row for this op (``naive`` only where a naive baseline exists)."""
+        return backend != "naive" or self.case.op in NAIVE
+
     def resolve(self, backend: str) -> Runner | Unavailable:
         device = self.options.device
         if backend == "reference":
             return self._runner(self.op.reference)
         if backend == "torch":
-            return self._runner(self.op.torch)
+            note = ""
+            if self.case.op == "attention":
+                note = f"SDPA kernel {sdpa_backend(**self.inputs.kwargs)} (4-D inputs)"
+            return self._runner(self.op.torch, note)
+        if backend == "naive":
+            return self._runner(NAIVE[self.case.op])
         if backend == "fused":
             # Asked as 'auto' would ask: the Triton interpreter (CPU, testing only) never counts as available.
             with use_backend("auto"):
@@ -347,6 +383,13 @@ class OpWorkload:
         raise ValueError(f"unknown backend {backend!r}; valid backends are {', '.join(BACKEND_CHOICES)}")
 
 
+def l2_evictor(device: torch.device) -> Callable[[], object]:
+    """A call that writes twice the GPU's L2 cache size, evicting whatever the last timed call left there."""
+    l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (64 << 20)
+    buffer = torch.empty(2 * l2_bytes, dtype=torch.uint8, device=device)
+    return buffer.zero_
+
+
 def _disable_dropout(model: nn.Module) -> nn.Module:
     """Dropout off (its masks differ between implementations and dtypes); BatchNorm stays in train mode."""
     for module in model.modules():
@@ -367,6 +410,8 @@ def compile_model(model: nn.Module, compile_lstm: bool = False) -> nn.Module:
 
 class ModelWorkload:
     """MSCClassifier's training step: forward, cross-entropy, backward, AdamW step."""
+
+    before_each = None  # a training step is timed as a network runs it: warm caches between steps
 
     def __init__(self, case: Case, mode: str, options: Options):
         self.case, self.mode, self.options = case, mode, options
@@ -431,6 +476,9 @@ class ModelWorkload:
                                           exclude=list(timed["model"].parameters()))
 
         return Runner(lambda: self._check(backend_name, build), step, saved, note)
+
+    def applies(self, backend: str) -> bool:
+        return backend != "naive"
 
     def resolve(self, backend: str) -> Runner | Unavailable:
         device = self.options.device
@@ -529,7 +577,7 @@ def _record_timing(row: Result, runner: Runner, timing) -> None:
 def measure_backends(workload, backends: Sequence[str], options: Options) -> list[Result]:
     """Check every backend on ``workload`` against the reference, then time those that agree round-robin
     (one call of each in turn, see fastmsc.bench.timing), so that their ratios share the machine's state."""
-    checked = [(backend, *_checked(workload, backend, options)) for backend in backends]
+    checked = [(backend, *_checked(workload, backend, options)) for backend in backends if workload.applies(backend)]
     steps = {}
     for backend, row, runner in checked:
         if runner is None:
@@ -538,7 +586,9 @@ def measure_backends(workload, backends: Sequence[str], options: Options) -> lis
             steps[backend] = runner.step()
         except Exception as exc:
             _fail(row, "setting up the timed step", exc)
-    timings = time_interleaved(steps, options.device, options.repeats, options.warmup) if steps else {}
+    timings = {}
+    if steps:
+        timings = time_interleaved(steps, options.device, options.repeats, options.warmup, workload.before_each)
     for backend, row, runner in checked:
         if backend in timings:
             _record_timing(row, runner, timings[backend])
@@ -558,6 +608,15 @@ def add_speedups(rows: list[Result]) -> None:
             r.speedup = baseline.stats.median_ms / r.stats.median_ms
 
 
+def add_rates(rows: list[Result], case: Case, mode: str, dtype: torch.dtype, peaks: Peaks | None) -> None:
+    """Achieved TFLOP/s, GB/s and the roofline fraction of every timed row (see fastmsc.bench.roofline)."""
+    counted = work(case, mode, dtype)
+    for r in rows:
+        if counted is not None and r.status == "ok" and r.stats:
+            found = rates(counted, r.stats.median_ms, r.dtype, peaks)
+            r.tflops, r.gbps, r.pct_of_peak, r.bound = found.tflops, found.gbps, found.pct_of_peak, found.bound
+
+
 def _release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -571,25 +630,39 @@ def run_suite(options: Options, ops: Sequence[str], cases: dict[str, list[Case]]
     """
     log = options.log or (lambda line: print(line, file=sys.stderr, flush=True))
     results: list[Result] = []
+    start = time.monotonic()
     for op in ops:
         op_cases = (cases or {}).get(op) or default_cases(op, quick=options.quick, device_type=options.device.type)
         for case in op_cases:
             modes = [m for m in modes_for(op) if options.modes is None or m in options.modes or op == MODEL]
             for mode in modes:
-                workload = make_workload(case, mode, options)
-                rows = measure_backends(workload, options.backends, options)
+                spent = time.monotonic() - start
+                if options.time_budget is not None and spent > options.time_budget:
+                    rows = _skipped_rows(case, mode, options, f"not started: the time budget of "
+                                                             f"{options.time_budget:g} s was spent ({spent:.0f} s)")
+                else:
+                    workload = make_workload(case, mode, options)
+                    rows = measure_backends(workload, options.backends, options)
+                    del workload
+                    _release(options.device)
                 for row in rows:
                     timing = f"{row.stats.median_ms:.3f} ms" if row.stats else row.note
                     log(f"  {op} {mode} [{case.shape}] {row.backend}: {row.status}  {timing}")
                 add_speedups(rows)
+                add_rates(rows, case, mode, options.dtype, options.peaks)
                 results.extend(rows)
-                del workload
-                _release(options.device)
+                if options.on_rows is not None:
+                    options.on_rows(rows)
     return results
+
+
+def _skipped_rows(case: Case, mode: str, options: Options, why: str) -> list[Result]:
+    backends = [b for b in options.backends if b != "naive" or (case.op in NAIVE)]
+    return [Result(case.op, mode, case.shape, dtype_name(options.dtype), b, "skipped", note=why) for b in backends]
 
 
 __all__ = [
     "BACKEND_CHOICES", "CheckOutcome", "ModelWorkload", "OpWorkload", "Options", "Result", "Unavailable",
-    "add_speedups", "check_threads", "compare", "compile_model", "make_workload", "measure", "measure_backends",
-    "run_suite", "tolerance",
+    "add_rates", "add_speedups", "check_threads", "compare", "compile_model", "l2_evictor", "make_workload",
+    "measure", "measure_backends", "run_suite", "tolerance",
 ]

@@ -11,11 +11,15 @@ from pathlib import Path
 import torch
 
 from .harness import Result, tf32_enabled
+from .timing import Stats
 
+ENV_COLUMNS = ("timestamp", "device", "device_name", "threads", "python", "torch", "triton", "fastmsc",
+               "peak_copy_gbps", "peak_matmul_tflops")
 CSV_COLUMNS = (
-    "timestamp", "device", "device_name", "threads", "python", "torch", "triton", "fastmsc",
+    *ENV_COLUMNS,
     "op", "mode", "shape", "dtype", "backend", "status",
     "median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms", "repeats", "warmup", "speedup_vs_torch",
+    "tflops", "gbps", "pct_of_peak", "bound",
     "saved_bytes", "max_rel_error", "tolerance", "worst", "checked_on", "first_call_s", "seed", "note",
 )
 
@@ -40,8 +44,9 @@ def _triton_version() -> str:
     return triton.__version__
 
 
-def environment(device: torch.device) -> dict:
-    """Tags written on every CSV row: device, versions and the run's ISO 8601 start time (UTC)."""
+def environment(device: torch.device, peaks=None, dtype: torch.dtype | None = None) -> dict:
+    """Tags written on every CSV row: device, versions, the run's ISO 8601 start time (UTC) and the ceilings
+    measured for it (``peaks``, a fastmsc.bench.roofline.Peaks: copy GB/s and the matmul TFLOP/s of ``dtype``)."""
     from .. import __version__
 
     if device.type == "cuda":
@@ -58,6 +63,10 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "triton": _triton_version(),
         "fastmsc": __version__,
+        "peak_copy_gbps": "" if peaks is None else f"{peaks.copy_gbps:.6g}",
+        "peak_matmul_tflops": "" if peaks is None or dtype is None
+        else f"{peaks.matmul_tflops.get(str(dtype).replace('torch.', ''), float('nan')):.6g}",
+        "peaks": "" if peaks is None else peaks.describe(),
     }
 
 
@@ -67,22 +76,24 @@ def _g(value, spec: str) -> str:
 
 def csv_row(result: Result, env: dict, warmup: int) -> dict:
     s = result.stats
-    row = dict(env)
+    row = {k: env.get(k, "") for k in ENV_COLUMNS}
     row.update(
         op=result.op, mode=result.mode, shape=result.shape, dtype=result.dtype, backend=result.backend,
         status=result.status,
         median_ms=_g(s and s.median_ms, ".6g"), q1_ms=_g(s and s.q1_ms, ".6g"), q3_ms=_g(s and s.q3_ms, ".6g"),
         min_ms=_g(s and s.min_ms, ".6g"), max_ms=_g(s and s.max_ms, ".6g"), repeats=_g(s and s.repeats, "d"),
-        warmup=warmup if s else "", speedup_vs_torch=_g(result.speedup, ".4g"),
-        saved_bytes=_g(result.saved_bytes, "d"), max_rel_error=_g(result.max_error, ".3g"),
+        warmup=warmup if s else "", speedup_vs_torch=_g(result.speedup, ".6g"),
+        tflops=_g(result.tflops, ".6g"), gbps=_g(result.gbps, ".6g"), pct_of_peak=_g(result.pct_of_peak, ".6g"),
+        bound=result.bound,
+        saved_bytes=_g(result.saved_bytes, "d"), max_rel_error=_g(result.max_error, ".6g"),
         tolerance=_g(result.tolerance, ".1g"), worst=result.worst, checked_on=result.checked_on,
         first_call_s=_g(result.first_call_s, ".3g"), seed=_g(result.seed, "d"), note=result.note,
     )
     return row
 
 
-def write_csv(path, results: list[Result], env: dict, warmup: int) -> None:
-    """Append one row per result to ``path``, writing the header first if the file is new or empty."""
+def check_csv(path) -> bool:
+    """Whether ``path`` is new (or empty); raises ValueError when it exists with other columns."""
     path = Path(path)
     if path.exists() and path.stat().st_size > 0:
         with path.open(newline="", encoding="utf-8") as f:
@@ -90,16 +101,53 @@ def write_csv(path, results: list[Result], env: dict, warmup: int) -> None:
         if tuple(header) != CSV_COLUMNS:
             raise ValueError(f"--csv {path} exists with other columns ({', '.join(header[:6])}, ...); "
                              f"pass a new file to --csv or move the old one away")
-        new = False
-    else:
+        return False
+    return True
+
+
+def write_csv(path, results: list[Result], env: dict, warmup: int) -> None:
+    """Append one row per result to ``path``, writing the header first if the file is new or empty."""
+    path = Path(path)
+    new = check_csv(path)
+    if new:
         path.parent.mkdir(parents=True, exist_ok=True)
-        new = True
     with path.open("a", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         if new:
             writer.writeheader()
         for result in results:
             writer.writerow(csv_row(result, env, warmup))
+
+
+def _number(text: str, kind=float):
+    return None if text in ("", None) else kind(float(text)) if kind is int else kind(text)
+
+
+def read_csv(path) -> list[tuple[dict, Result]]:
+    """The rows of a CSV written by :func:`write_csv`, each as (its environment tags, its Result)."""
+    path = Path(path)
+    check_csv(path)
+    rows = []
+    with path.open(newline="", encoding="utf-8") as f:
+        for line in csv.DictReader(f):
+            env = {k: line[k] for k in ENV_COLUMNS}
+            stats = None
+            if line["median_ms"]:
+                stats = Stats(*(float(line[k]) for k in ("median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms")),
+                              int(line["repeats"]))
+            rows.append((env, Result(
+                op=line["op"], mode=line["mode"], shape=line["shape"], dtype=line["dtype"], backend=line["backend"],
+                status=line["status"], stats=stats, speedup=_number(line["speedup_vs_torch"]),
+                saved_bytes=_number(line["saved_bytes"], int), max_error=_number(line["max_rel_error"]),
+                tolerance=_number(line["tolerance"]), worst=line["worst"], checked_on=line["checked_on"],
+                seed=_number(line["seed"], int), first_call_s=_number(line["first_call_s"]), note=line["note"],
+                tflops=_number(line["tflops"]), gbps=_number(line["gbps"]), pct_of_peak=_number(line["pct_of_peak"]),
+                bound=line["bound"])))
+    return rows
+
+
+def _rate(value: float | None) -> str:
+    return "" if value is None else f"{value:.3g}"
 
 
 def _ms(value: float) -> str:
@@ -116,7 +164,7 @@ def format_bytes(n: int | None) -> str:
 
 
 TABLE_COLUMNS = ("op", "mode", "shape", "backend", "status", "median ms", "IQR ms", "min-max ms", "vs torch",
-                 "saved", "max err", "checked on")
+                 "TFLOP/s", "GB/s", "% peak", "saved", "max err", "checked on")
 
 
 def _checked(result: Result) -> str:
@@ -142,7 +190,9 @@ def format_table(results: list[Result], env: dict | None = None, header: str = "
             r.op, r.mode, r.shape, r.backend, status,
             _ms(s.median_ms) if s else "", f"{_ms(s.q1_ms)}-{_ms(s.q3_ms)}" if s else "",
             f"{_ms(s.min_ms)}-{_ms(s.max_ms)}" if s else "",
-            f"{r.speedup:.2f}x" if r.speedup is not None else "", format_bytes(r.saved_bytes),
+            f"{r.speedup:.2f}x" if r.speedup is not None else "",
+            _rate(r.tflops), _rate(r.gbps),
+            f"{r.pct_of_peak:.0f}% {r.bound}" if r.pct_of_peak is not None else "", format_bytes(r.saved_bytes),
             f"{r.max_error:.1e}" if r.max_error is not None else "", _checked(r),
         ))
     widths = [max(len(c), *(len(line[i]) for line in lines)) if lines else len(c) for i, c in enumerate(TABLE_COLUMNS)]
@@ -158,6 +208,11 @@ def format_table(results: list[Result], env: dict | None = None, header: str = "
         out.append(f"device: {env['device']} ({env['device_name']}), {env['threads']} threads; torch {env['torch']}, "
                    f"triton {env['triton'] or 'absent'}, python {env['python']}, fastmsc {env['fastmsc']}; "
                    f"{env['timestamp']}")
+        if env.get("peaks"):
+            out.append(env["peaks"])
+        elif env.get("peak_copy_gbps"):
+            out.append(f"ceilings measured in this run: copy {env['peak_copy_gbps']} GB/s (read + write), matmul "
+                       f"{env['peak_matmul_tflops']} TFLOP/s")
     if header:
         out.append(header)
     out += [fmt(TABLE_COLUMNS), fmt(["-" * w for w in widths])]

@@ -41,10 +41,12 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(steps: dict[str, Callable[[], object]], device, repeats: int,
-                     warmup: int) -> dict[str, tuple[Stats, float | None] | Exception]:
+def time_interleaved(steps: dict[str, Callable[[], object]], device, repeats: int, warmup: int,
+                     before_each: Callable[[], object] | None = None,
+                     ) -> dict[str, tuple[Stats, float | None] | Exception]:
     """Warm up and time every step of ``steps`` round-robin: ``warmup`` untimed rounds, then ``repeats``
-    timed rounds, each round calling every step once in the given order.
+    timed rounds, each round calling every step once in the given order. ``before_each`` (e.g. a write
+    that evicts the GPU's L2 cache) runs before every timed call, outside its timing.
 
     Returns, per name, the stats and the wall time in seconds of its first warm-up call (which includes
     torch.compile's compilation and autotuning; None without warm-up), or the exception the step raised;
@@ -80,6 +82,8 @@ def time_interleaved(steps: dict[str, Callable[[], object]], device, repeats: in
         for _ in range(repeats):
             for name, step in list(live.items()):
                 start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                if before_each is not None:
+                    before_each()
                 start_event.record()
                 if call(name, step):
                     end_event.record()
@@ -90,6 +94,8 @@ def time_interleaved(steps: dict[str, Callable[[], object]], device, repeats: in
     else:
         for _ in range(repeats):
             for name, step in list(live.items()):
+                if before_each is not None:
+                    before_each()
                 start = time.perf_counter()
                 if call(name, step):
                     samples[name].append((time.perf_counter() - start) * 1e3)

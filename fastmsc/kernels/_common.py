@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from .._device import compute_capability
 from ..backend import get_backend
 
 
@@ -44,13 +45,6 @@ def triton_unsupported(device_type: str) -> str | None:
     return f"no Triton kernels for device type {device_type!r}"
 
 
-@torch.compiler.assume_constant_result  # a device property: torch.compile takes it as a constant, no graph break
-def _compute_capability(device: torch.device) -> int:
-    """The CUDA device's compute capability as major * 10 + minor (80 for an A100)."""
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
-
-
 def capability_unsupported(tensor: torch.Tensor | None) -> str | None:
     """Why the Triton kernels cannot take ``tensor`` because it lives on a GPU older than Ampere, or None.
 
@@ -63,7 +57,7 @@ def capability_unsupported(tensor: torch.Tensor | None) -> str | None:
 
 
 def _capability_reason(device: torch.device) -> str | None:
-    capability = _compute_capability(device)
+    capability = compute_capability(device)
     if capability >= 80:
         return None
     return (f"the Triton kernels need a GPU of compute capability 8.0 or newer (Ampere); this one is "
