@@ -175,3 +175,21 @@ def test_bench_rows_become_verdicts(monkeypatch):
     entries = dispatch.verdicts(_dispatch_rows(results, torch.device("cuda"), env))
     assert sorted((e.op, e.mode, e.choice, e.bucket, e.capability) for e in entries) == [
         ("attention", "fwd", "torch", "2^20", 90), ("attention", "fwd+bwd", "torch", "2^20", 90)]
+
+
+def test_torch_compile_traces_the_lookup_without_a_graph_break(table, monkeypatch):
+    """fullgraph=True fails on any graph break: the lookup (grad mode, dtype name, size bucket, capability) must
+    trace. On CPU the table decides nothing, so the test lets it decide CPU calls for the duration."""
+    op = OPS["max_avg_pool"]
+    monkeypatch.setattr(dispatch, "DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(op, "why_not_fused", lambda device_type, **kw: None)
+    x = torch.randn(4, 37, 16)  # 2368 elements: bucket 2^10
+    table([_entry(bucket="2^10", choice="torch")])
+    calls = []
+    monkeypatch.setattr(op, "torch", lambda x, lengths=None: calls.append("torch") or x.amax(1) * 2)
+    monkeypatch.setattr(op, "fused", lambda x, lengths=None: calls.append("fused") or x.amax(1) * 3)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: fastmsc.max_avg_pool(x), fullgraph=True, backend="eager", dynamic=False)
+    torch.testing.assert_close(compiled(x), x.amax(1) * 2)
+    assert calls == ["torch"]
+    torch._dynamo.reset()
