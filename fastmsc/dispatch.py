@@ -71,8 +71,15 @@ def size_bucket(numel: int) -> str:
     return f"2^{exponent}"
 
 
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                torch.float64: "float64"}
+# The device types whose calls the table decides (a test widens it to trace the lookup on CPU).
+DEVICE_TYPES = ("cuda",)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
+    """'float32' for torch.float32 (a dict lookup: torch.compile traces it without a graph break)."""
+    return _DTYPE_NAMES.get(dtype) or str(dtype).replace("torch.", "")
 
 
 class DispatchTableError(ValueError):
@@ -157,7 +164,7 @@ def mode_of(tensors: Iterable[torch.Tensor | None]) -> str:
 def lookup(op: str, main: torch.Tensor, tensors: Iterable[torch.Tensor | None]) -> Entry | None:
     """The measured verdict for calling ``op`` with main input ``main`` (its device, dtype and size) and the
     given tensor arguments, or None where the table has no data (always on CPU)."""
-    if main.device.type != "cuda" or not _table.by_key:
+    if main.device.type not in DEVICE_TYPES or not _table.by_key:
         return None
     key = (op, mode_of(tensors), dtype_name(main.dtype), size_bucket(main.numel()), compute_capability(main.device))
     return _table.by_key.get(key)
