@@ -407,19 +407,27 @@ def _attention_bwd_dq_kernel(
 # (BLOCK_M, BLOCK_N, D_CHUNK, num_warps, num_stages) per kernel, by BLOCK_D, for half (fp16/bf16) and fp32
 # operands. D_CHUNK = BLOCK_D holds the (BLOCK_M or BLOCK_N, BLOCK_D) operand tiles of the D-long products in
 # registers across the loop; D_CHUNK < BLOCK_D reloads them in D_CHUNK-wide column strips (see _row_dots).
-# Chosen so that no configuration spills registers on sm_80 or sm_90 (every entry is an AOT_CASES case, compiled
-# and checked with cuobjdump): 8 warps for the 64-128 row tiles of half inputs (4 warps spill at 128 x 64), and
-# small tiles for IEEE fp32, whose tl.dot runs on FMA units with each thread's operand rows and columns over the
-# whole reduction in registers: past D = 64, fp32 reads D in 32-wide strips. The fp32 tiles and warps are ones
-# that compile without spills on both architectures, some by a small margin: ptxas keeps several of these kernels
-# at 128 registers and spills (8-warp 32 x 32 tiles for BLOCK_D = 128 on sm_90, and even some 16 x 16 tiles), so
-# fp32 tiles are never shrunk for short sequences (see _blocks) and a change here needs the AOT check again.
+# Chosen so that no configuration spills registers on sm_80 or sm_90, compiled both without divisibility hints and
+# as Triton's runtime compiles fresh (16-byte aligned) tensors, with tt.divisibility hints on pointers and on
+# strides divisible by 16, which changes the generated code and its register needs. 8 warps for the 64-128 row
+# tiles of half inputs (4 warps spill at 128 x 64), and small tiles for IEEE fp32, whose tl.dot runs on FMA units
+# with each thread's operand rows and columns over the whole reduction in registers: past D = 64, fp32 reads D in
+# 32-wide strips.
+# ptxas holds some kernels at an occupancy step (128 registers for 8 warps, 64 for 16, 80 for some 8-warp half
+# kernels) and spills a few bytes rather than exceed it, so a configuration must need clearly fewer registers than
+# a step, or clearly more: the fp32 forward at BLOCK_D = 256 (with 8 warps and 2 stages the hinted
+# specialisations spilled 16-24 bytes on sm_90 and, at D = 200, 8 on sm_80; 16 warps with 2 stages sat at 64
+# registers on sm_80 and spilled 8 bytes at D = 200) runs 16 warps without software pipelining: the same 32 x 16
+# tile and grid, each thread holding half as much of the 32 x 256 accumulator, at 82-102 registers (one block per
+# SM, no K/V prefetch across key blocks); the half-precision dQ at BLOCK_D = 16 steps over 32 keys (128 x 64 score
+# tiles sat at 80 registers and spilled 8 bytes on sm_80; the same work in twice the key steps, at 64 registers).
+# fp32 tiles are never shrunk for short sequences (see _blocks), and a change here needs the AOT check again.
 _FWD_BLOCKS = {
     16: ((128, 64, 16, 8, 3), (32, 32, 16, 4, 2)),
     32: ((128, 64, 32, 8, 3), (32, 32, 32, 4, 2)),
     64: ((128, 64, 64, 8, 3), (32, 32, 64, 4, 2)),
     128: ((64, 64, 128, 8, 3), (32, 16, 32, 4, 2)),
-    256: ((32, 32, 256, 8, 2), (32, 16, 32, 8, 2)),
+    256: ((32, 32, 256, 8, 2), (32, 16, 32, 16, 1)),
 }
 # dK/dV: BLOCK_N keys per program, BLOCK_M queries per step.
 _DKDV_BLOCKS = {
@@ -431,7 +439,7 @@ _DKDV_BLOCKS = {
 }
 # dQ: BLOCK_M queries per program, BLOCK_N keys per step.
 _DQ_BLOCKS = {
-    16: ((128, 64, 16, 8, 2), (32, 32, 16, 4, 2)),
+    16: ((128, 32, 16, 8, 2), (32, 32, 16, 4, 2)),
     32: ((128, 64, 32, 8, 2), (32, 32, 32, 4, 2)),
     64: ((128, 64, 64, 8, 2), (32, 32, 64, 4, 2)),
     128: ((64, 64, 128, 8, 2), (32, 16, 32, 4, 2)),
