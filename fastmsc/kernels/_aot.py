@@ -1,9 +1,19 @@
 """Ahead-of-time compilation of the Triton kernels for chosen GPU architectures, with resource checks.
 
-Every kernel module under ``fastmsc/kernels`` lists its launch variants in ``AOT_CASES`` (one dict per
-kernel, autotune config and dtype; see :func:`validate_case`). Each case is compiled with
-``triton.compile`` for a ``GPUTarget("cuda", arch, 32)`` without a GPU, and the cubin's resource usage
-is read with ``cuobjdump --dump-resource-usage``:
+Every kernel module under ``fastmsc/kernels`` defines ``AOT_CASES``, a list of compilations (one dict each;
+see :func:`validate_case`): kernel, signature, constants, compiler attributes, warps and stages. Triton's
+runtime compiles a kernel per specialisation of its arguments: a pointer whose address is a multiple of 16
+bytes and an int divisible by 16 get a ``tt.divisibility`` hint, an int equal to 1 becomes a constant, and
+these change the generated code and its register needs. So the cases describe real launches: a module
+runs its own launch functions on meta tensors of representative shapes (the default model's, and shapes that
+reach every block configuration) under :func:`record_launches`, which stands in for its kernels and turns each
+``kernel[grid](*args, **kwargs)`` into the case the runtime would compile (:func:`specialize`, which calls
+Triton's own binder), so a change to a launcher is checked without any case to update. Identical
+specialisations are compiled once. The modules build their cases on first access (a module ``__getattr__``),
+not at import.
+
+Each case is compiled with ``triton.compile`` for a ``GPUTarget("cuda", arch, 32)`` without a GPU, and the
+cubin's resource usage is read with ``cuobjdump --dump-resource-usage``:
 
 * registers per thread (REG);
 * spilled bytes: ptxas puts register spills in the per-thread stack frame (STACK) and ``.local``
@@ -16,11 +26,12 @@ Triton picks the interpreter instead of the compiler when TRITON_INTERPRET=1 is 
 subprocesses whose environment lacks it, several at once.
 
 Command line: ``python -m fastmsc.kernels._aot [--arch 90 --arch 80] [--jobs N] [--module NAME]``
-prints one row per kernel, config, dtype and arch, and exits 1 when a kernel spills, overflows
-shared memory, fails to compile or has no case.
+prints one row per case and arch (``div16`` in the config column counts the arguments with a divisibility
+hint), and exits 1 when a kernel spills, overflows shared memory, fails to compile or has no case.
 
-Cost: a cold compile takes about 0.5-3 s per case and arch on one core (much longer for a kernel that
-spills). Triton's cache ($TRITON_CACHE_DIR, default ~/.triton/cache, outside the repository) makes an
+Cost: a cold compile takes about 0.1-10 s per case and arch on one core (the fp32 attention kernels at
+head dims 200-256 the longest; a kernel that spills takes longer); the whole check is about 490 compilations,
+5 CPU-minutes. Triton's cache ($TRITON_CACHE_DIR, default ~/.triton/cache, outside the repository) makes an
 unchanged case instant (its ``compile_s`` then reads 0.0), so CI should keep that folder between runs.
 $FASTMSC_AOT_JOBS sets the number of compiler processes (default: the CPU count, at most 8) and
 $FASTMSC_AOT_TIMEOUT the seconds allowed for a whole run (default 1200).
@@ -30,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -53,6 +65,9 @@ SHARED_LIMIT_BYTES = {90: 232448, 80: 166912, 89: 101376, 86: 101376}
 KERNELS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = KERNELS_DIR.parents[1]
 CASE_KEYS = ("name", "kernel", "signature", "constexprs", "num_warps", "num_stages")
+# The architecture whose CUDA backend specialises recorded launches (see specialize). Triton's CUDA backend
+# specialises arguments the same way for every architecture, so one is enough.
+SPECIALIZATION_ARCH = ARCHS[0]
 
 
 class CaseError(ValueError):
@@ -255,13 +270,27 @@ def _describe_dtype(signature: dict) -> str:
 
 def _describe_config(case: dict) -> str:
     parts = [f"{k}={v}" for k, v in case["constexprs"].items() if isinstance(v, (int, bool))]
-    return f"w{case['num_warps']} s{case['num_stages']} " + " ".join(parts)
+    arguments = [name for name, kind in case["signature"].items() if kind != "constexpr"]
+    hinted = [name for name in arguments if case.get("attrs", {}).get(name)]
+    return (f"w{case['num_warps']} s{case['num_stages']} " + " ".join(parts)
+            + f" div16={len(hinted)}/{len(arguments)}")
+
+
+def case_key(case: dict) -> tuple:
+    """What a compilation of ``case`` depends on: kernel, signature, constants, attributes and launch settings.
+    Two cases with the same key compile to the same binary."""
+    return (id(python_function(case["kernel"])), tuple(case["signature"].items()),
+            tuple(sorted((k, repr(v)) for k, v in case["constexprs"].items())),
+            tuple(sorted((k, repr(v)) for k, v in case.get("attrs", {}).items())),
+            case["num_warps"], case["num_stages"])
 
 
 def validate_case(case, where: str = "AOT case") -> None:
     """Check one case dict: ``name``, ``kernel`` (a @triton.jit function), ``signature`` (every parameter in
     order: "*fp32", "i32", ..., "constexpr"), ``constexprs`` (a value for every "constexpr" parameter),
-    ``num_warps`` and ``num_stages`` (ints). Raises CaseError naming the case and the problem."""
+    ``num_warps`` and ``num_stages`` (ints), and optionally ``attrs``: {parameter: [["tt.divisibility", 16]]},
+    the compiler attributes of the runtime's specialisation (see :func:`specialize`); a parameter without an
+    entry gets none. Raises CaseError naming the case and the problem."""
     if not isinstance(case, dict):
         raise CaseError(f"{where} must be a dict, got {type(case).__name__}")
     where = f"{where} {case.get('name', '<unnamed>')!r}"
@@ -289,6 +318,140 @@ def validate_case(case, where: str = "AOT case") -> None:
         value = case[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise CaseError(f"{where}: {key} must be a positive int, got {value!r}")
+    attrs = case.get("attrs", {})
+    if not isinstance(attrs, dict):
+        raise CaseError(f"{where}: attrs must be a dict {{parameter: [[attribute, value], ...]}}")
+    for name, value in attrs.items():
+        if signature.get(name) in (None, "constexpr"):
+            raise CaseError(f"{where}: attrs name {name!r}, which is not a non-constexpr parameter")
+        if not isinstance(value, (list, tuple)) or not all(
+                isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], str) for pair in value):
+            raise CaseError(f"{where}: attrs[{name!r}] must be a list of [attribute, value] pairs, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Runtime specialisation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def runtime_kernel(kernel):
+    """The JITFunction whose binder Triton's launcher runs for ``kernel`` (autotune/heuristics wrappers removed).
+    Under TRITON_INTERPRET=1 @triton.jit makes an InterpretedFunction, which has no binder: then a JITFunction
+    of the same Python function and specialisation options (nothing is compiled by building it)."""
+    fn = unwrap_kernel(kernel)
+    if hasattr(fn, "params") and hasattr(fn, "_pack_args"):
+        return fn
+    from triton.runtime.jit import JITFunction
+
+    options = getattr(fn, "kwargs", {})
+    cached = getattr(fn, "_fastmsc_runtime_kernel", None)
+    if cached is None:
+        cached = JITFunction(python_function(fn), **{k: options[k] for k in (
+            "do_not_specialize", "do_not_specialize_on_alignment") if options.get(k) is not None})
+        fn._fastmsc_runtime_kernel = cached
+    return cached
+
+
+_BINDERS: dict = {}
+
+
+def _runtime_binder(jit_fn, arch: int):
+    """(backend, binder) as JITFunction.create_binder makes them on an sm_<arch> GPU."""
+    key = (id(jit_fn), arch)
+    if key not in _BINDERS:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
+
+        backend = make_backend(GPUTarget("cuda", int(arch), 32))
+        _BINDERS[key] = (jit_fn, backend, create_function_from_signature(jit_fn.signature, jit_fn.params, backend))
+    return _BINDERS[key][1:]
+
+
+def specialize(kernel, args, kwargs, arch: int = SPECIALIZATION_ARCH) -> dict:
+    """The compilation Triton's runtime asks for when a launcher calls ``kernel[grid](*args, **kwargs)`` on an
+    sm_<arch> GPU: {"signature", "constexprs", "attrs", "num_warps", "num_stages"} as in a case dict.
+
+    This runs Triton's own code, so it cannot drift from the runtime: the binder of
+    ``triton.runtime.jit.create_function_from_signature`` (which specialises each argument with
+    ``native_specialize_impl``: a pointer whose address is a multiple of 16 bytes and an int divisible by 16 get
+    "D", an int equal to 1 becomes the constexpr 1, None a constexpr None, floats "fp32" without attributes),
+    then ``JITFunction._pack_args`` (``backend.parse_attr``: "D" -> [["tt.divisibility", 16]]). Tensors may live
+    on any device: only their dtype and address matter, and a fresh CPU, CUDA or meta tensor is 16-byte aligned
+    (a view at an offset may not be)."""
+    jit_fn = runtime_kernel(kernel)
+    backend, binder = _runtime_binder(jit_fn, arch)
+    kwargs = dict(kwargs)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = jit_fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    names = list(jit_fn.arg_names)
+    if any(len(path) != 1 for path in [*constexprs, *attrs]):
+        raise CaseError(f"{jit_fn.__name__} takes tuple arguments, which AOT cases do not describe")
+    return {"signature": dict(signature), "constexprs": {names[path[0]]: value for path, value in constexprs.items()},
+            "attrs": {names[path[0]]: value for path, value in attrs.items() if value},
+            "num_warps": options.num_warps, "num_stages": options.num_stages}
+
+
+def launch_case(name: str, kernel, args, kwargs, arch: int = SPECIALIZATION_ARCH) -> dict:
+    """A case dict for one launch ``kernel[grid](*args, **kwargs)`` (see :func:`specialize`)."""
+    return {"name": name, "kernel": unwrap_kernel(kernel), **specialize(kernel, args, kwargs, arch)}
+
+
+class LaunchLog:
+    """The cases recorded by :func:`record_launches`, without repeats: a launch whose compilation an earlier
+    one already asked for (same :func:`case_key`) adds nothing. A case is named ``<kernel>[<label>]`` after
+    the ``label`` set when it was first launched."""
+
+    def __init__(self):
+        self.cases: list[dict] = []
+        self.label = ""
+        self._keys: set = set()
+
+    def add(self, kernel, args, kwargs) -> None:
+        name = f"{unwrap_kernel(kernel).__name__.strip('_')}[{self.label}]"
+        case = launch_case(name, kernel, args, kwargs)
+        key = case_key(case)
+        if key not in self._keys:
+            self._keys.add(key)
+            self.cases.append(case)
+
+
+class _LaunchRecorder:
+    """Stands in for a kernel: ``recorder[grid](*args, **kwargs)`` records the launch instead of running it."""
+
+    def __init__(self, kernel, log: LaunchLog):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.log.add(self.kernel, args, kwargs)
+
+
+@contextlib.contextmanager
+def record_launches(module, **overrides):
+    """Run ``module``'s launcher functions without launching anything: inside the block every entry kernel of
+    ``module`` (see :func:`entry_kernels`) is replaced by a recorder, so each ``kernel[grid](*args, **kwargs)``
+    adds the case Triton's runtime would compile for it to the yielded :class:`LaunchLog`. Each keyword
+    replaces the module global of that name meanwhile, e.g. a function that asks the device, so that the
+    launchers, given meta or CPU tensors, choose as on a GPU. Everything is put back on exit.
+
+    The launchers' own code then defines the cases: a change to their arguments, layouts or heuristics is
+    compiled by the next check without any case to update. The replacement is process-wide: nothing else may
+    launch the module's kernels meanwhile (the AOT check and the tests build cases in their own processes)."""
+    log = LaunchLog()
+    saved = {}
+    try:
+        for name, value in overrides.items():
+            if not hasattr(module, name):
+                raise AttributeError(f"{module.__name__} has no global {name!r} to override")
+            saved[name] = getattr(module, name)
+            setattr(module, name, value)
+        for name in entry_kernels(module):
+            saved[name] = getattr(module, name)
+            setattr(module, name, _LaunchRecorder(saved[name], log))
+        yield log
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
 
 
 def compile_case(case: dict, arch: int, module: str = "") -> KernelResources:
@@ -303,7 +466,11 @@ def compile_case(case: dict, arch: int, module: str = "") -> KernelResources:
         raise RuntimeError("triton was imported with TRITON_INTERPRET=1, so kernels are not compilable in this "
                            "process; use collect(), which compiles in subprocesses without it")
     start = time.perf_counter()
-    source = ASTSource(fn=fn, signature=dict(case["signature"]), constexprs=dict(case["constexprs"]))
+    # The runtime's attributes (tt.divisibility of aligned pointers and ints divisible by 16), keyed by argument
+    # path as JITFunction._pack_args passes them.
+    attrs = {(fn.arg_names.index(name),): [list(pair) for pair in value]
+             for name, value in case.get("attrs", {}).items()}
+    source = ASTSource(fn=fn, signature=dict(case["signature"]), constexprs=dict(case["constexprs"]), attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", int(arch), 32),
                               options={"num_warps": case["num_warps"], "num_stages": case["num_stages"]})
     seconds = time.perf_counter() - start
@@ -329,6 +496,8 @@ def compile_case(case: dict, arch: int, module: str = "") -> KernelResources:
 
 
 def _defines(path: Path, attr: str) -> bool:
+    """Whether the module at ``path`` assigns ``attr`` at top level, or names it in a module ``__getattr__``
+    (which builds the cases on first use rather than at import)."""
     try:
         tree = ast.parse(path.read_text())
     except (OSError, SyntaxError):
@@ -338,12 +507,15 @@ def _defines(path: Path, attr: str) -> bool:
             node, (ast.AnnAssign, ast.AugAssign)) else []
         if any(isinstance(t, ast.Name) and t.id == attr for t in targets):
             return True
+        if isinstance(node, ast.FunctionDef) and node.name == "__getattr__" and any(
+                isinstance(n, ast.Constant) and n.value == attr for n in ast.walk(node)):
+            return True
     return False
 
 
 def kernel_modules(attr: str = "AOT_CASES") -> list[str]:
-    """Modules of fastmsc.kernels that assign ``attr`` at top level, found without importing them (importing
-    the extension-backed module could start a build)."""
+    """Modules of fastmsc.kernels that define ``attr`` (see :func:`_defines`), found without importing them
+    (importing the extension-backed module could start a build)."""
     return [f"fastmsc.kernels.{path.stem}" for path in sorted(KERNELS_DIR.glob("*.py"))
             if path.stem != "_aot" and _defines(path, attr)]
 
@@ -407,15 +579,13 @@ def uncovered_kernels(module, cases) -> list[str]:
 
 
 def _without_duplicates(tasks):
-    """Drop tasks that compile exactly what an earlier one compiles (same kernel, signature, constants,
-    launch settings and arch), e.g. when two autotune configs of a case list coincide."""
+    """Drop tasks that compile exactly what an earlier one compiles (same :func:`case_key` and arch), e.g. when
+    two autotune configs of a case list coincide."""
     seen, unique = set(), []
     for task in tasks:
         _, _, case, arch = task
         try:
-            key = (id(python_function(case["kernel"])), tuple(case["signature"].items()),
-                   tuple(sorted((k, repr(v)) for k, v in case["constexprs"].items())),
-                   case["num_warps"], case["num_stages"], arch)
+            key = (*case_key(case), arch)
         except (TypeError, KeyError, AttributeError):  # a malformed case: let compile_case report it
             unique.append(task)
             continue

@@ -22,6 +22,7 @@ strips loaded one at a time (``_row_dots``) instead of one dot over a register-r
 accumulators (O, dQ, dK, dV) still span the whole head dim. Every head dim from 1 to 256 runs in every dtype.
 """
 
+import functools
 import math
 import os
 
@@ -37,7 +38,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Shared memory per block the kernels need, checked for every AOT case (tests/test_triton_aot.py): the float32
 # backward with head dims above 96 stages D-wide fp32 tiles and needs up to 134 KB (sm_90), more than the 99 KB
 # that sm_86/sm_89 GPUs (RTX 30xx/40xx, A10, L4, L40S) give a block, where Triton would refuse the launch; every
-# other case fits those 99 KB. fused_unsupported declines a call whose bound exceeds the device's limit.
+# other case fits those 99 KB in the sm_80 code that those GPUs run (sm_90 code may take more, see
+# shared_bytes_bound). fused_unsupported declines a call whose bound exceeds the device's limit.
 _LARGE_SHARED_HEAD_DIM = 96
 SMALL_SHARED_BYTES = 99 * 1024
 LARGE_SHARED_BYTES = 136 * 1024
@@ -407,19 +409,29 @@ def _attention_bwd_dq_kernel(
 # (BLOCK_M, BLOCK_N, D_CHUNK, num_warps, num_stages) per kernel, by BLOCK_D, for half (fp16/bf16) and fp32
 # operands. D_CHUNK = BLOCK_D holds the (BLOCK_M or BLOCK_N, BLOCK_D) operand tiles of the D-long products in
 # registers across the loop; D_CHUNK < BLOCK_D reloads them in D_CHUNK-wide column strips (see _row_dots).
-# Chosen so that no configuration spills registers on sm_80 or sm_90 (every entry is an AOT_CASES case, compiled
-# and checked with cuobjdump): 8 warps for the 64-128 row tiles of half inputs (4 warps spill at 128 x 64), and
-# small tiles for IEEE fp32, whose tl.dot runs on FMA units with each thread's operand rows and columns over the
-# whole reduction in registers: past D = 64, fp32 reads D in 32-wide strips. The fp32 tiles and warps are ones
-# that compile without spills on both architectures, some by a small margin: ptxas keeps several of these kernels
-# at 128 registers and spills (8-warp 32 x 32 tiles for BLOCK_D = 128 on sm_90, and even some 16 x 16 tiles), so
-# fp32 tiles are never shrunk for short sequences (see _blocks) and a change here needs the AOT check again.
+# Chosen so that no configuration spills registers on sm_80 or sm_90 when compiled as the runtime compiles it:
+# Triton specialises each launch on its arguments (16-byte aligned pointers and strides divisible by 16 get
+# divisibility hints, unit strides and H = 1 become constants), which changes the generated code and its register
+# needs, so AOT_CASES records the launchers' real launches (the default model's and one per head-dim bucket) and
+# the check compiles them with that specialisation (tests/test_triton_aot.py). 8 warps for the 64-128 row tiles
+# of half inputs (4 warps spill at 128 x 64), and small tiles for IEEE fp32, whose tl.dot runs on FMA units with
+# each thread's operand rows and columns over the whole reduction in registers: past D = 64, fp32 reads D in
+# 32-wide strips.
+# ptxas holds some kernels at an occupancy step (128 registers for 8 warps, 64 for 16, 80 for some 8-warp half
+# kernels) and spills a few bytes rather than exceed it, so a configuration must need clearly fewer registers than
+# a step, or clearly more: the fp32 forward at BLOCK_D = 256 (with 8 warps and 2 stages the hinted
+# specialisations spilled 16-24 bytes on sm_90 and, at D = 200, 8 on sm_80; 16 warps with 2 stages sat at 64
+# registers on sm_80 and spilled 8 bytes at D = 200) runs 16 warps without software pipelining: the same 32 x 16
+# tile and grid, each thread holding half as much of the 32 x 256 accumulator, at 82-102 registers (one block per
+# SM, no K/V prefetch across key blocks); the half-precision dQ at BLOCK_D = 16 steps over 32 keys (128 x 64 score
+# tiles sat at 80 registers and spilled 8 bytes on sm_80; the same work in twice the key steps, at 64 registers).
+# fp32 tiles are never shrunk for short sequences (see _blocks), and a change here needs the AOT check again.
 _FWD_BLOCKS = {
     16: ((128, 64, 16, 8, 3), (32, 32, 16, 4, 2)),
     32: ((128, 64, 32, 8, 3), (32, 32, 32, 4, 2)),
     64: ((128, 64, 64, 8, 3), (32, 32, 64, 4, 2)),
     128: ((64, 64, 128, 8, 3), (32, 16, 32, 4, 2)),
-    256: ((32, 32, 256, 8, 2), (32, 16, 32, 8, 2)),
+    256: ((32, 32, 256, 8, 2), (32, 16, 32, 16, 1)),
 }
 # dK/dV: BLOCK_N keys per program, BLOCK_M queries per step.
 _DKDV_BLOCKS = {
@@ -431,7 +443,7 @@ _DKDV_BLOCKS = {
 }
 # dQ: BLOCK_M queries per program, BLOCK_N keys per step.
 _DQ_BLOCKS = {
-    16: ((128, 64, 16, 8, 2), (32, 32, 16, 4, 2)),
+    16: ((128, 32, 16, 8, 2), (32, 32, 16, 4, 2)),
     32: ((128, 64, 32, 8, 2), (32, 32, 32, 4, 2)),
     64: ((128, 64, 64, 8, 2), (32, 32, 64, 4, 2)),
     128: ((64, 64, 128, 8, 2), (32, 16, 32, 4, 2)),
@@ -623,7 +635,9 @@ def fused_unsupported(device_type: str, **call_args) -> str | None:
 
 
 def shared_bytes_bound(dtype: torch.dtype, head_dim: int) -> int:
-    """Most shared memory per block that any attention kernel takes for this dtype and head dim."""
+    """Most shared memory per block that any attention kernel takes for this dtype and head dim on GPUs before
+    Hopper (sm_80 code, which sm_86/sm_89 run too). sm_90 code stages tensor-core operands in shared memory and
+    may take more (up to 115 KB for half inputs), always within the 227 KB every sm_90 GPU gives a block."""
     large = dtype == torch.float32 and head_dim > _LARGE_SHARED_HEAD_DIM
     return LARGE_SHARED_BYTES if large else SMALL_SHARED_BYTES
 
@@ -644,53 +658,77 @@ def _device_shared_bytes(device: torch.device) -> int:
 # ----------------------------------------------------------------------------------------------- ahead-of-time cases
 
 
-def _aot_cases():
-    """Every (kernel, block configuration, dtype) the launchers pick for full-length sequences, compiled as the
-    launchers call them: unit last-dim strides (the launchers copy any other layout), so those strides are the
-    constant 1 that Triton specialises them to. Short sequences shrink the half-precision BLOCK_M/BLOCK_N with the
-    same warps and stages, i.e. smaller tiles of the same kernel (fp32 tiles never shrink); tf32 uses tensor cores
-    instead of the register-hungrier IEEE fp32 path, so the IEEE cases bound it."""
-    ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
-    stats = {"LSE": "*fp32", "DELTA": "*fp32", "LENGTHS": "*i64"}
-    cases = []
+# The default model (fastmsc.models.MSCClassifier): one head of the BiLSTM's 2 x 128 features, batches of 32.
+_AOT_MODEL_HEAD_DIM = 256
+_AOT_BATCH = 32
 
-    def add(kernel, dtype, constexprs, num_warps, num_stages):
-        constexprs = dict(constexprs)
-        signature = {}
-        for name in kernel.arg_names:
-            if name in constexprs:
-                signature[name] = "constexpr"
-            elif name.startswith("stride_") and name.endswith("d"):  # the last-dim strides: always 1
-                signature[name] = "constexpr"
-                constexprs[name] = 1
-            elif name.startswith("stride_") or name in ("H", "T"):
-                signature[name] = "i32"
-            elif name in ("qk_scale", "sm_scale"):
-                signature[name] = "fp32"
-            else:
-                signature[name] = stats.get(name, ptr[dtype])
-        blocks = "".join(f"_{k}{constexprs[k]}" for k in ("BLOCK_M", "BLOCK_N", "D_CHUNK") if k in constexprs)
-        cases.append({
-            "name": f"{kernel.__name__.strip('_')}_{str(dtype)[6:]}_D{constexprs['HEAD_DIM']}{blocks}"
-                    f"_w{num_warps}s{num_stages}",
-            "kernel": kernel, "signature": signature, "constexprs": constexprs,
-            "num_warps": num_warps, "num_stages": num_stages,
-        })
 
+def _aot_inputs(dtype, batch, steps, head_dim, heads, layout):
+    """q, k, v on the meta device (shapes, strides and alignment only) laid out as callers pass them:
+    "model" (B, T, D), what SelfAttention's projections give with one head; "heads" (B, H, T, D) views
+    (B, T, H, D).transpose(1, 2), what SelfAttention passes for several heads; "misaligned" (B, T, D) slices of one
+    (B, T, 3D + 1) buffer at element offsets 1, D + 1, 2D + 1, whose odd addresses and strides get no divisibility
+    hints (the unhinted specialisation a user's view can reach)."""
+    def empty(*shape):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    if layout == "model":
+        return empty(batch, steps, head_dim), empty(batch, steps, head_dim), empty(batch, steps, head_dim)
+    if layout == "heads":
+        return tuple(empty(batch, steps, heads * head_dim).view(batch, steps, heads, head_dim).transpose(1, 2)
+                     for _ in range(3))
+    packed = empty(batch, steps, 3 * head_dim + 1)
+    return tuple(packed[..., 1 + i * head_dim:1 + (i + 1) * head_dim] for i in range(3))
+
+
+def _aot_launches():
+    """(label, dtype, batch, steps, head_dim, heads, layout, lengths) of the calls whose launches AOT_CASES holds:
+
+    * the default model (D = 256, one head, B = 32) at T = 150 with lengths and T = 512 without, in every dtype,
+      and its misaligned-view variant;
+    * every other head-dim bucket (BLOCK_D 16, 32, 64, 128) in every dtype with four heads, T = 150 and lengths;
+      for fp32 also D = 96 (four heads) and D = 200 (one head, T = 512, no lengths: the specialisation that came
+      closest to spilling in the forward), whose last D_CHUNK-wide strip is partial.
+    T >= 128 keeps the full tiles of _FWD_BLOCKS/_DKDV_BLOCKS/_DQ_BLOCKS (shorter sequences shrink the half-precision
+    BLOCK_M/BLOCK_N: smaller tiles of the same kernels, with the same warps and stages; fp32 tiles never shrink).
+    tf32 uses tensor cores instead of the register-hungrier IEEE fp32 path, so the IEEE cases bound it."""
+    launches = []
     for dtype in _DTYPES:
-        # Every BLOCK_D: 16, 32 (24 padded), 64, 128, 256. The column-strip loop of fp32 runs cdiv(D, D_CHUNK)
-        # strips, the last one masked when D_CHUNK does not divide D: 96 and 200 compile those variants.
-        head_dims = (16, 24, 64, 96, 128, 200, 256) if dtype == torch.float32 else (16, 24, 64, 128, 256)
+        name = str(dtype)[6:]
+        for label, steps, layout, with_lengths in (("model T150 lengths", 150, "model", True),
+                                                   ("model T512", 512, "model", False),
+                                                   ("misaligned T150 lengths", 150, "misaligned", True)):
+            launches.append((f"{name} {label}", dtype, _AOT_BATCH, steps, _AOT_MODEL_HEAD_DIM, 1, layout, with_lengths))
+        head_dims = (16, 24, 64, 96, 128) if dtype == torch.float32 else (16, 24, 64, 128)
         for head_dim in head_dims:
-            common = {"HEAD_DIM": head_dim, "HAS_LENGTHS": True, "BLOCK_D": _block_d(head_dim)}
-            for kernel, table in ((_attention_fwd_kernel, _FWD_BLOCKS), (_attention_bwd_dkdv_kernel, _DKDV_BLOCKS),
-                                  (_attention_bwd_dq_kernel, _DQ_BLOCKS)):
-                block_m, block_n, d_chunk, num_warps, num_stages = _blocks(table, head_dim, dtype, 1 << 20)
-                add(kernel, dtype, {**common, "BLOCK_M": block_m, "BLOCK_N": block_n, "D_CHUNK": d_chunk,
-                                    "INPUT_PRECISION": "ieee", "DOT_FP32": False}, num_warps, num_stages)
-            add(_attention_bwd_delta_kernel, dtype, {**common, "BLOCK_M": _DELTA_TILE // _block_d(head_dim)},
-                _DELTA_NUM_WARPS, 3)
-    return cases
+            launches.append((f"{name} D{head_dim} H4 T150 lengths", dtype, _AOT_BATCH, 150, head_dim, 4, "heads", True))
+        if dtype == torch.float32:
+            launches.append((f"{name} D200 T512", dtype, _AOT_BATCH, 512, 200, 1, "model", False))
+    return launches
 
 
-AOT_CASES = _aot_cases()
+@functools.cache
+def _aot_cases():
+    """The compilations Triton's runtime makes for the launches of :func:`_aot_launches`: the launchers _forward
+    and _backward run on meta tensors while fastmsc.kernels._aot.record_launches records each kernel launch with
+    the runtime's specialisation (divisibility hints, constants such as unit strides and H = 1) and the GPU's
+    choices (no interpreter-only upcast). Built on first use, not at import."""
+    import sys
+
+    from . import _aot
+
+    with _aot.record_launches(sys.modules[__name__], _INTERPRETED=False) as log:
+        for label, dtype, batch, steps, head_dim, heads, layout, with_lengths in _aot_launches():
+            log.label = label
+            q, k, v = _aot_inputs(dtype, batch, steps, head_dim, heads, layout)
+            lengths = torch.empty(batch, dtype=torch.int64, device="meta") if with_lengths else None
+            scale = 1.0 / math.sqrt(head_dim)
+            out, lse = _forward(q, k, v, lengths, scale)
+            _backward(torch.empty_like(out), q, k, v, out, lse, lengths, scale)
+    return log.cases
+
+
+def __getattr__(name):
+    if name == "AOT_CASES":  # built on first use (by fastmsc.kernels._aot and the tests), not at import
+        return _aot_cases()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,6 +16,8 @@ a zero length gives max -inf, index -1 (no max gradient anywhere) and mean NaN (
 reduction.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -227,35 +229,54 @@ def fused_unsupported(device_type: str, **call_args) -> str | None:
 # ----------------------------------------------------------------------------------------------- ahead-of-time cases
 
 
-def _aot_cases():
-    """Every (kernel, block configuration, dtype) the launchers pick, compiled as they call them: channel strides
-    of 1 (the launchers copy other layouts), which Triton specialises to the constant 1."""
-    ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
-    cases = []
+# The default model (fastmsc.models.MSCClassifier) pools the attention output: 2 x 128 features, batches of 32.
+_AOT_MODEL_CHANNELS = 256
+_AOT_BATCH = 32
+
+
+def _aot_launches():
+    """(label, dtype, batch, steps, channels, lengths, misaligned) of the calls whose launches AOT_CASES holds:
+    the default model at T = 150 with lengths and T = 512 without, and its misaligned-view variant (x a slice
+    at element offset 1 of a wider buffer: odd address and strides, no divisibility hints); then every channel
+    block _block_c can pick: 16 (C = 12), 64 (B = 256 sets of 256 channels) and, for half inputs, 128 (B = 128,
+    C = 1024); the model's 32 is the floor of the halving. T >= 32 keeps 32-step tiles (the only other choice, 16
+    steps for T <= 16, is half that tile)."""
+    launches = []
     for dtype in _DTYPES:
-        # _block_c halves from the widest block down to 32, or drops to 16 for fewer channels
-        block_cs = [16 << i for i in range(_block_c(10 ** 6, 4096, dtype).bit_length() - 4)]
-        for kernel in (_max_avg_pool_fwd_kernel, _max_avg_pool_bwd_kernel):
-            for block_c in block_cs:
-                for block_t in (_BLOCK_T,):  # the only other choice, 16 steps, is half this tile
-                    constexprs = {"HAS_LENGTHS": True, "BLOCK_T": block_t, "BLOCK_C": block_c}
-                    signature = {}
-                    for name in kernel.arg_names:
-                        if name in constexprs:
-                            signature[name] = "constexpr"
-                        elif name.startswith("stride_") and name.endswith("c"):
-                            signature[name] = "constexpr"
-                            constexprs[name] = 1
-                        elif name.startswith("stride_") or name in ("T", "C"):
-                            signature[name] = "i32"
-                        else:
-                            signature[name] = {"IDX": "*i32", "LENGTHS": "*i64"}.get(name, ptr[dtype])
-                    cases.append({
-                        "name": f"{kernel.__name__.strip('_')}_{str(dtype)[6:]}_BLOCK_T{block_t}_BLOCK_C{block_c}",
-                        "kernel": kernel, "signature": signature, "constexprs": constexprs,
-                        "num_warps": _NUM_WARPS, "num_stages": 3,
-                    })
-    return cases
+        name = str(dtype)[6:]
+        launches += [(f"{name} model T150 lengths", dtype, _AOT_BATCH, 150, _AOT_MODEL_CHANNELS, True, False),
+                     (f"{name} model T512", dtype, _AOT_BATCH, 512, _AOT_MODEL_CHANNELS, False, False),
+                     (f"{name} misaligned T150 lengths", dtype, _AOT_BATCH, 150, _AOT_MODEL_CHANNELS, True, True),
+                     (f"{name} C12 T150 lengths", dtype, _AOT_BATCH, 150, 12, True, False),
+                     (f"{name} B256 T150 lengths", dtype, 256, 150, _AOT_MODEL_CHANNELS, True, False)]
+        if dtype != torch.float32:
+            launches.append((f"{name} B128 C1024 T150 lengths", dtype, 128, 150, 1024, True, False))
+    return launches
 
 
-AOT_CASES = _aot_cases()
+@functools.cache
+def _aot_cases():
+    """The compilations Triton's runtime makes for the calls of :func:`_aot_launches`: the launchers _forward and
+    _backward run on meta tensors while fastmsc.kernels._aot.record_launches records each kernel launch with the
+    runtime's specialisation (divisibility hints, unit channel strides as constants). Built on first use."""
+    import sys
+
+    from . import _aot
+
+    with _aot.record_launches(sys.modules[__name__]) as log:
+        for label, dtype, batch, steps, channels, with_lengths, misaligned in _aot_launches():
+            log.label = label
+            if misaligned:
+                x = torch.empty((batch, steps, channels + 1), dtype=dtype, device="meta")[..., 1:]
+            else:
+                x = torch.empty((batch, steps, channels), dtype=dtype, device="meta")
+            lengths = torch.empty(batch, dtype=torch.int64, device="meta") if with_lengths else None
+            out, idx = _forward(x, lengths)
+            _backward(torch.empty_like(out), idx, lengths, steps)
+    return log.cases
+
+
+def __getattr__(name):
+    if name == "AOT_CASES":  # built on first use (by fastmsc.kernels._aot and the tests), not at import
+        return _aot_cases()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -48,6 +48,7 @@ Design
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -402,6 +403,9 @@ def _grad_weight_config(r: int) -> dict:
 _SM_COUNTS: dict[int, int] = {}
 
 
+_PROGRAMS_PER_SM = 4
+
+
 def _parallel_programs(device: torch.device) -> int:
     """How many programs keep the device busy: 4 per SM on CUDA; a few under the interpreter, so that the
     two-stage reduction is exercised there too."""
@@ -410,7 +414,7 @@ def _parallel_programs(device: torch.device) -> int:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNTS:
         _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return 4 * _SM_COUNTS[index]
+    return _PROGRAMS_PER_SM * _SM_COUNTS[index]
 
 
 def _interpreting(device: torch.device) -> bool:
@@ -514,24 +518,14 @@ def _launch_grad_weight(gz, x, weight, with_bias: bool):
 # ----------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastmsc::multiscale_conv1d_packed", mutates_args=())
-def _packed_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    activation: str) -> torch.Tensor:
-    """x (B, C_in, T), packed weight (C_total, C_in, K_max), bias (C_total,) or None -> (B, C_total, T)."""
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """The forward op's launches: x (B, C_in, T), packed weight (C_total, C_in, K_max), bias -> (B, C_total, T)."""
     # pack_weights already returns contiguous tensors; a direct caller's strided packed weight is tiny to copy.
     return _launch_forward(x, weight.contiguous(), None if bias is None else bias.contiguous(), activation)
 
 
-@_packed_forward.register_fake
-def _(x, weight, bias, activation):
-    return x.new_empty((x.shape[0], weight.shape[0], x.shape[2]))
-
-
-@torch.library.custom_op("fastmsc::multiscale_conv1d_packed_backward", mutates_args=())
-def _packed_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     activation: str, need_input: bool, need_weight: bool,
-                     need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx (B, C_in, T), dW (C_total, C_in, K_max), db (C_total,)); a gradient not asked for is an empty (0,)."""
+def _backward_launches(grad, x, weight, bias, activation, need_input, need_weight, need_bias):
+    """The backward op's launches: (dx, dW, db), a gradient not asked for an empty (0,)."""
     empty = x.new_empty((0,))
     if grad.dtype != x.dtype:
         grad = grad.to(x.dtype)
@@ -551,6 +545,26 @@ def _packed_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
         dw = dw_full if need_weight else empty
         db = db_full if need_bias else empty
     return dx, dw, db
+
+
+@torch.library.custom_op("fastmsc::multiscale_conv1d_packed", mutates_args=())
+def _packed_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    activation: str) -> torch.Tensor:
+    """x (B, C_in, T), packed weight (C_total, C_in, K_max), bias (C_total,) or None -> (B, C_total, T)."""
+    return _forward(x, weight, bias, activation)
+
+
+@_packed_forward.register_fake
+def _(x, weight, bias, activation):
+    return x.new_empty((x.shape[0], weight.shape[0], x.shape[2]))
+
+
+@torch.library.custom_op("fastmsc::multiscale_conv1d_packed_backward", mutates_args=())
+def _packed_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     activation: str, need_input: bool, need_weight: bool,
+                     need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx (B, C_in, T), dW (C_total, C_in, K_max), db (C_total,)); a gradient not asked for is an empty (0,)."""
+    return _backward_launches(grad, x, weight, bias, activation, need_input, need_weight, need_bias)
 
 
 @_packed_backward.register_fake
@@ -626,80 +640,90 @@ def fused_unsupported(device_type: str, **call_args) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Ahead-of-time compilation cases (fastmsc.kernels._aot): every configuration the heuristics can pick
+# Ahead-of-time compilation cases (fastmsc.kernels._aot): the launches of representative calls
 # ----------------------------------------------------------------------------------------------------------
 
-_AOT_DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
-_AOT_K_MAX = 7  # the default 3/5/7 branches
+# The default model (fastmsc.models.MSCClassifier): 3 input channels, 64 channels per kernel size 3/5/7, bias,
+# no activation (BatchNorm follows), batches of 32; its input needs no gradient.
+_AOT_MODEL = {"c_in": 3, "branches": ((64, 3), (64, 5), (64, 7)), "batch": 32, "activation": "none",
+              "need_input": False}
+# SM counts of the GPUs the forward's time tiles are chosen for (it keeps 2 programs per SM): H100 SXM, A100.
+_AOT_SM_COUNTS = (132, 108)
 
 
+def _aot_launches():
+    """(label, dtype, calls) of the calls whose launches AOT_CASES holds, each call a dict of c_in, steps, batch,
+    activation, need_input and tf32 (the default model's branches and bias):
+
+    * the default model at T = 150 and T = 512;
+    * with GELU and every gradient, one call per tile the heuristics can pick: the forward / z-recomputing tile
+      (BLOCK_R, BLOCK_T, resident) for C_in = 2 (R = 14 -> 16 rows), 4 (28 -> 32), 8 (56 -> 64), 16 (112 -> 128) and
+      32 (224, streamed in 32-row chunks); T = 150 gives 32-step tiles and T = 1024 128-step ones, shrunk to 64 by
+      the tile limit (C_in = 4, 32) or by too few programs (C_in = 2 with 20 samples). Those calls also reach every
+      dW column block (16 to 128) and the dx kernel with 1 (elementwise, fp32 with C_in < 4), 16 and 64 channel
+      blocks at 32 and 128 steps;
+    * for fp32, the TF32 variant (torch.backends.cuda.matmul.allow_tf32) of the largest tiles."""
+    model = {"c_in": _AOT_MODEL["c_in"], "batch": _AOT_MODEL["batch"], "activation": _AOT_MODEL["activation"],
+             "need_input": _AOT_MODEL["need_input"], "tf32": False}
+    tiles = [(2, 150, 32), (2, 1024, 64), (2, 1024, 20), (4, 150, 32), (4, 1024, 64), (8, 150, 32), (16, 150, 32),
+             (32, 150, 32), (32, 1024, 64)]
+    launches = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        name = str(dtype)[6:]
+        launches += [(f"{name} model T{steps}", dtype, {**model, "steps": steps}) for steps in (150, 512)]
+        launches += [(f"{name} gelu C_in{c_in} T{steps} B{batch}", dtype,
+                      {"c_in": c_in, "steps": steps, "batch": batch, "activation": "gelu", "need_input": True,
+                       "tf32": False}) for c_in, steps, batch in tiles]
+        if dtype == torch.float32:
+            launches += [(f"tf32 gelu C_in{c_in} T{steps} B{batch}", dtype,
+                          {"c_in": c_in, "steps": steps, "batch": batch, "activation": "gelu", "need_input": True,
+                           "tf32": True}) for c_in, steps, batch in ((16, 150, 32), (32, 1024, 64))]
+    return launches
+
+
+def _aot_gpu(sm_count: int, tf32: bool) -> dict:
+    """Replacements for the module's device queries, so that launchers given meta tensors choose as on a GPU
+    with ``sm_count`` SMs, with torch.backends.cuda.matmul.allow_tf32 = ``tf32``."""
+    return {"_interpreting": lambda device: False,
+            "_parallel_programs": lambda device: _PROGRAMS_PER_SM * sm_count,
+            "_dot_precision": lambda dtype: "tf32" if tf32 and dtype == torch.float32 else "ieee"}
+
+
+@functools.cache
 def _aot_cases() -> list[dict]:
-    """One case per (kernel, configuration the heuristics can return, dtype), built by calling the heuristics."""
-    def signature(pointers: dict, ints: tuple, constexprs: tuple) -> dict:
-        return {**pointers, **dict.fromkeys(ints, "i32"), **dict.fromkeys(constexprs, "constexpr")}
+    """The compilations Triton's runtime makes for the calls of :func:`_aot_launches` on each GPU of
+    _AOT_SM_COUNTS: the op's own launch functions run on meta tensors while fastmsc.kernels._aot.record_launches
+    records every kernel launch with the runtime's specialisation (divisibility hints, unit strides as constants)
+    and the GPU's choices (SM count, no interpreter-only upcast). Built on first use, not at import."""
+    import sys
 
-    def case(name, kernel, sig, cfg, **constexprs):
-        cfg = dict(cfg)
-        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-        return {"name": name, "kernel": kernel, "signature": sig, "constexprs": {**constexprs, **cfg},
-                "num_warps": warps, "num_stages": stages}
+    from . import _aot
 
-    tile_constexprs = ("HAS_BIAS", "ACTIVATION", "K_MAX", "BLOCK_O", "BLOCK_T", "BLOCK_R", "X_RESIDENT", "UPCAST",
-                       "DOT_PRECISION")
-    tiles = [(block_r, block_t, resident)
-             for block_r, resident in [(r, True) for r in _RESIDENT_R_BLOCKS] + [(_STREAMED_R_BLOCK, False)]
-             for block_t in _TIME_BLOCKS if block_t <= _largest_time_block(block_r)]
-    cases = []
-    for dtype_name, ptr in _AOT_DTYPES.items():
-        common = {"K_MAX": _AOT_K_MAX, "UPCAST": False, "DOT_PRECISION": "ieee"}
-        for block_r, block_t, resident in tiles:
-            cfg = _forward_tile_config(block_r, block_t, resident)
-            tag = f"{'resident' if resident else 'streamed'}_r{block_r}_t{block_t}_{dtype_name}"
-            cases.append(case(
-                f"forward_gelu_{tag}", _msc_forward_kernel,
-                signature({"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "out_ptr": ptr},
-                          ("T", "C_TOTAL", "R", "N_T", "stride_xb", "stride_xc", "stride_xt",
-                           "stride_ob", "stride_oc", "stride_ot"), tile_constexprs),
-                cfg, HAS_BIAS=True, ACTIVATION=2, **common))
-            cases.append(case(
-                f"preactivation_grad_gelu_{tag}", _msc_preactivation_grad_kernel,
-                signature({"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "grad_ptr": ptr, "gz_ptr": ptr},
-                          ("T", "C_TOTAL", "R", "N_T", "stride_xb", "stride_xc", "stride_xt",
-                           "stride_gb", "stride_go", "stride_gt"), tile_constexprs),
-                cfg, HAS_BIAS=True, ACTIVATION=2, **common))
-        for block_t in _TIME_BLOCKS:
-            for c_in in (1, _DX_C_BLOCKS[0], _DX_C_BLOCKS[-1]):
-                cfg = _grad_input_config(block_t, c_in, tensor_cores=False)
-                cases.append(case(
-                    f"grad_input_c{cfg['BLOCK_C']}_dot{int(cfg['USE_DOT'])}_t{block_t}_{dtype_name}",
-                    _msc_grad_input_kernel,
-                    signature({"gz_ptr": ptr, "w_ptr": ptr, "dx_ptr": ptr},
-                              ("T", "C_IN", "C_TOTAL", "R", "N_C", "N_T", "stride_gb", "stride_go", "stride_gt",
-                               "stride_db", "stride_dc", "stride_dt"),
-                              ("K_MAX", "BLOCK_C", "BLOCK_Q", "BLOCK_T", "USE_DOT", "UPCAST", "DOT_PRECISION")),
-                    cfg, **common))
-        for block_r in _DW_R_BLOCKS:
-            cases.append(case(
-                f"grad_weight_partial_r{block_r}_{dtype_name}", _msc_grad_weight_partial_kernel,
-                signature({"gz_ptr": ptr, "x_ptr": ptr, "dw_part_ptr": "*fp32", "db_part_ptr": "*fp32"},
-                          ("T", "C_TOTAL", "R", "N_O", "N_R", "N_T", "N_BT", "CHUNK", "stride_gb", "stride_go",
-                           "stride_gt", "stride_xb", "stride_xc", "stride_xt"),
-                          ("HAS_BIAS", "K_MAX", "BLOCK_O", "BLOCK_R", "BLOCK_T", "UPCAST", "DOT_PRECISION")),
-                _grad_weight_config(block_r), HAS_BIAS=True, **common))
-        if dtype_name == "fp32":  # the TF32 variant (torch.backends.cuda.matmul.allow_tf32) of the largest tiles
-            for fp32_case in [c for c in cases if c["name"] in (
-                    "forward_gelu_resident_r128_t32_fp32", "preactivation_grad_gelu_streamed_r32_t64_fp32",
-                    "grad_input_c64_dot1_t128_fp32", "grad_weight_partial_r128_fp32")]:
-                cases.append({**fp32_case, "name": fp32_case["name"].replace("_fp32", "_tf32"),
-                              "constexprs": {**fp32_case["constexprs"], "DOT_PRECISION": "tf32"}})
-        cases.append(case(
-            f"sum_partials_{dtype_name}", _sum_partials_kernel,
-            signature({"part_ptr": "*fp32", "out_ptr": ptr}, ("N", "S"), ("BLOCK",)),
-            {"num_warps": 4, "num_stages": 1}, BLOCK=_SUM_BLOCK))
+    module = sys.modules[__name__]
+    cases, seen = [], set()
+    for sm_count in _AOT_SM_COUNTS:
+        for label, dtype, call in _aot_launches():
+            with _aot.record_launches(module, **_aot_gpu(sm_count, call["tf32"])) as log:
+                log.label = f"{label} {sm_count} SMs"
+                weights = [torch.empty((c_out, call["c_in"], k), dtype=dtype, device="meta")
+                           for c_out, k in _AOT_MODEL["branches"]]
+                biases = [torch.empty((c_out,), dtype=dtype, device="meta") for c_out, _ in _AOT_MODEL["branches"]]
+                weight, bias = pack_weights(weights, biases)
+                x = torch.empty((call["batch"], call["c_in"], call["steps"]), dtype=dtype, device="meta")
+                out = _forward(x, weight, bias, call["activation"])
+                _backward_launches(torch.empty_like(out), x, weight, bias, call["activation"], call["need_input"],
+                                   True, True)
+            for case in log.cases:
+                if _aot.case_key(case) not in seen:
+                    seen.add(_aot.case_key(case))
+                    cases.append(case)
     return cases
 
 
-AOT_CASES = _aot_cases()
+def __getattr__(name):
+    if name == "AOT_CASES":  # built on first use (by fastmsc.kernels._aot and the tests), not at import
+        return _aot_cases()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["AOT_CASES", "fused", "fused_unsupported", "pack_weights"]
 
+__all__ = ["fused", "fused_unsupported", "pack_weights"]
