@@ -405,7 +405,7 @@ def test_large_pooling_case_on_cuda_exceeds_a_gigabyte_in_every_half_or_single_d
                                                                           device_type="cpu"))
 
 
-def test_torch_attention_reaches_a_fused_sdpa_kernel_and_naive_matches_the_reference():
+def test_torch_attention_reaches_a_fused_sdpa_kernel_and_naive_runs_in_the_input_dtype():
     from fastmsc.ops.attention import attention_reference, attention_torch, sdpa_backend
     B, T, D = _rand_shape(low=2, high=7, ndim=1)[0], 13, 8
     q, k, v = (torch.randn(B, T, D, dtype=torch.float64) for _ in range(3))
@@ -413,7 +413,9 @@ def test_torch_attention_reaches_a_fused_sdpa_kernel_and_naive_matches_the_refer
     assert sdpa_backend(q.float(), k.float(), v.float()) != "MATH"  # 3-D inputs alone would run the math path
     for lens in (None, lengths):
         want = attention_reference(q, k, v, lens, 0.3)
-        torch.testing.assert_close(NAIVE["attention"](q, k, v, lens, 0.3), want, rtol=1e-12, atol=1e-12)
+        naive = NAIVE["attention"](q.float(), k.float(), v.float(), lens, 0.3)
+        assert naive.dtype == torch.float32  # computed in the input dtype, as a user's code would
+        torch.testing.assert_close(naive.double(), want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(attention_torch(q, k, v, lens, 0.3), want, rtol=1e-12, atol=1e-12)
         heads = q.view(B, T, 2, D // 2).transpose(1, 2)  # 4-D, non-contiguous
         torch.testing.assert_close(attention_torch(heads, heads, heads, lens, 0.3),

@@ -23,17 +23,22 @@ def _masks(lengths, q):
     return valid[..., None, :], valid[..., :, None]
 
 
-def attention_reference(q, k, v, lengths=None, scale=None):
-    work = compute_dtype(q.dtype)
-    qw, kw, vw = q.to(work), k.to(work), v.to(work)
-    scores = torch.matmul(qw, kw.transpose(-1, -2)) * scale  # (..., T, T)
+def softmax_attention(q, k, v, lengths=None, scale=None):
+    """softmax(q kᵀ · scale) v with two matmuls and a softmax in q's dtype, the (..., T, T) scores materialised:
+    the reference's math, and what a user writes by hand (the benchmark's naive baseline)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (..., T, T)
     if lengths is not None:
         key_valid, query_valid = _masks(lengths, q)
         scores = scores.masked_fill(~key_valid, float("-inf"))
-    out = torch.matmul(torch.softmax(scores, dim=-1), vw)
+    out = torch.matmul(torch.softmax(scores, dim=-1), v)
     if lengths is not None:
         out = out.masked_fill(~query_valid, 0.0)
-    return out.to(q.dtype)
+    return out
+
+
+def attention_reference(q, k, v, lengths=None, scale=None):
+    work = compute_dtype(q.dtype)
+    return softmax_attention(q.to(work), k.to(work), v.to(work), lengths, scale).to(q.dtype)
 
 
 def _sdpa_arguments(q, k, v, lengths):
