@@ -282,8 +282,53 @@ def test_swap_modules_replaces_nested_lstms_keeping_weights():
 def test_swap_modules_errors():
     with pytest.raises(TypeError, match=r"swap_modules replaces LSTMs inside a model"):
         fastmsc.swap_modules(nn.LSTM(2, 3))
-    with pytest.raises(ValueError, match=r"proj_size"):
-        fastmsc.swap_modules(nn.Sequential(nn.LSTM(2, 3, proj_size=2)))
+
+
+class ForecastingLSTM(nn.LSTM):
+    """A client library's subclass whose forward takes an extra argument (as pytorch-forecasting's does)."""
+
+    def forward(self, x, hx=None, enforce_sorted=True):
+        return super().forward(x, hx)
+
+
+class WeightDropout(nn.Module):
+    """fastai's pattern: the raw weight lives on the wrapper and the LSTM's parameter is deleted, then set as a
+    plain tensor before every forward."""
+
+    def __init__(self, lstm, p=0.5):
+        super().__init__()
+        self.module, self.p = lstm, p
+        self.weight_hh_l0_raw = nn.Parameter(lstm.weight_hh_l0.detach().clone())
+        del lstm._parameters["weight_hh_l0"]
+
+    def forward(self, x):
+        self.module.weight_hh_l0 = nn.functional.dropout(self.weight_hh_l0_raw, self.p, self.training)
+        return self.module(x)
+
+
+def test_swap_modules_leaves_subclasses_rewired_hooked_and_projected_lstms_and_says_why(caplog):
+    hooked = nn.LSTM(3, 4)
+    hooked.register_forward_hook(lambda module, args, out: out)
+    model = nn.ModuleDict({
+        "plain": nn.LSTM(3, 4), "sub": ForecastingLSTM(3, 4), "dropped": WeightDropout(nn.LSTM(3, 4)),
+        "hooked": hooked, "projected": nn.LSTM(3, 4, proj_size=2),
+    })
+    before = {name: type(module) for name, module in model.named_modules()}
+    with caplog.at_level("INFO", logger="fastmsc"):
+        assert fastmsc.swap_modules(model) is model
+    assert isinstance(model["plain"], LSTM)
+    for name in ("sub", "dropped.module", "hooked", "projected"):
+        assert type(model.get_submodule(name)) is before[name], name
+    messages = [r.getMessage() for r in caplog.records]
+    assert "swap_modules: replaced 1 torch.nn.LSTM by fastmsc.nn.LSTM: plain" in messages
+    reasons = {"sub": "subclass of torch.nn.LSTM", "dropped.module": "parameters were rewired (missing weight_hh_l0",
+               "hooked": "it has hooks (_forward_hooks)", "projected": "proj_size=2 is not supported"}
+    for path, reason in reasons.items():
+        assert any(m.startswith(f"swap_modules: left {path} as it is: ") and reason in m for m in messages), messages
+    # The models left alone still run as before.
+    x = torch.randn(5, 2, 3)
+    model["sub"](x, enforce_sorted=False)
+    model["dropped"](x)
 
 
 # ---------------------------------------------------------------- SelfAttention, MaxAvgPool1d

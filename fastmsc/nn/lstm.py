@@ -3,6 +3,7 @@ whose layers run as ``fastmsc.lstm_layer``; ``swap_modules`` puts it into an exi
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -10,6 +11,8 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from ..ops.lstm_layer import lstm_layer
+
+_LOG = logging.getLogger("fastmsc")
 
 
 class LSTM(nn.Module):
@@ -129,20 +132,61 @@ class LSTM(nn.Module):
         return s
 
 
+def _why_not_swappable(lstm: nn.LSTM) -> str | None:
+    """Why ``lstm`` must stay a torch.nn.LSTM, or None: only a plain nn.LSTM whose parameters are its own
+    standard ones, with no hooks, is replaced, since anything else may rely on what the replacement lacks."""
+    if type(lstm) is not nn.LSTM:
+        return (f"it is a {type(lstm).__module__}.{type(lstm).__qualname__}, a subclass of torch.nn.LSTM, whose "
+                f"forward or state may differ")
+    if lstm.proj_size:
+        return f"proj_size={lstm.proj_size} is not supported by fastmsc.nn.LSTM"
+    own = {name for name, _ in lstm.named_parameters(recurse=False)}
+    expected = set(lstm._flat_weights_names)
+    if own != expected:
+        missing, extra = sorted(expected - own), sorted(own - expected)
+        return (f"its parameters were rewired (missing {', '.join(missing) or 'none'}; "
+                f"extra {', '.join(extra) or 'none'}), e.g. by a weight-dropout wrapper")
+    hooks = [kind for kind in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_state_dict_hooks",
+                               "_load_state_dict_pre_hooks") if getattr(lstm, kind, None)]
+    if hooks:
+        return f"it has hooks ({', '.join(hooks)}), which the replacement would not carry"
+    return None
+
+
 def swap_modules(model: nn.Module) -> nn.Module:
-    """Replace every torch.nn.LSTM inside ``model`` (in place) by fastmsc.nn.LSTM with the same weights."""
+    """Replace every plain torch.nn.LSTM inside ``model`` (in place) by fastmsc.nn.LSTM with the same weights.
+
+    Only exact torch.nn.LSTM instances with their standard parameters and no hooks are replaced; subclasses,
+    LSTMs with rewired parameters (weight-dropout wrappers), with hooks or with ``proj_size`` are left as they
+    are. The logger ``fastmsc`` reports what was swapped (INFO) and each LSTM left alone with the reason
+    (WARNING). Returns ``model``.
+    """
     if isinstance(model, nn.LSTM):
         raise TypeError("swap_modules replaces LSTMs inside a model; wrap a bare nn.LSTM or build fastmsc.nn.LSTM")
-    for name, child in list(model.named_children()):
-        if isinstance(child, nn.LSTM):
-            if child.proj_size:
-                raise ValueError(f"cannot swap {name}: fastmsc.nn.LSTM does not support proj_size")
-            p = next(child.parameters())
-            fast = LSTM(child.input_size, child.hidden_size, child.num_layers, child.bias, child.batch_first,
-                        child.dropout, child.bidirectional, device=p.device, dtype=p.dtype)
-            fast.load_state_dict(child.state_dict())
-            fast.train(child.training)
-            setattr(model, name, fast)
-        else:
-            swap_modules(child)
+    swapped = []
+    for path, parent, name, child in _lstm_children(model, ""):
+        reason = _why_not_swappable(child)
+        if reason is not None:
+            _LOG.warning("swap_modules: left %s as it is: %s", path, reason)
+            continue
+        p = next(child.parameters())
+        fast = LSTM(child.input_size, child.hidden_size, child.num_layers, child.bias, child.batch_first,
+                    child.dropout, child.bidirectional, device=p.device, dtype=p.dtype)
+        fast.load_state_dict(child.state_dict())
+        fast.train(child.training)
+        setattr(parent, name, fast)
+        swapped.append(path)
+    _LOG.info("swap_modules: replaced %d torch.nn.LSTM by fastmsc.nn.LSTM%s", len(swapped),
+              f": {', '.join(swapped)}" if swapped else "")
     return model
+
+
+def _lstm_children(module: nn.Module, prefix: str):
+    """(dotted path, parent, attribute name, child) of every torch.nn.LSTM (subclasses too) below ``module``,
+    not looking inside an LSTM."""
+    for name, child in list(module.named_children()):
+        path = f"{prefix}{name}"
+        if isinstance(child, nn.LSTM):
+            yield path, module, name, child
+        else:
+            yield from _lstm_children(child, f"{path}.")
