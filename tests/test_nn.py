@@ -227,24 +227,85 @@ def test_lstm_dropout_only_between_layers_in_training():
     assert_close(single_fast(x)[0], single_stock(x)[0], "one layer in training mode", **TOL)
 
 
-def test_lstm_errors():
-    with pytest.raises(ValueError, match=r"proj_size"):
-        LSTM(3, 4, proj_size=2)
-    with pytest.raises(ValueError, match=r"hidden_size must be a positive int"):
-        LSTM(3, 0)
-    with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\]"):
-        LSTM(3, 4, num_layers=2, dropout=1.5)
+CONSTRUCTOR_MISUSE = [
+    dict(bias="True"), dict(batch_first="False"), dict(input_size=3.0), dict(input_size=0), dict(hidden_size=0),
+    dict(hidden_size=4.0), dict(num_layers=0), dict(num_layers=2.0), dict(dropout=1.5), dict(dropout=True),
+    dict(dropout="0.1"), dict(proj_size=-1), dict(proj_size=4),
+]
+
+
+@pytest.mark.parametrize("overrides", CONSTRUCTOR_MISUSE, ids=lambda d: ",".join(f"{k}={v!r}" for k, v in d.items()))
+def test_lstm_constructor_misuse_raises_what_torch_raises(overrides):
+    arguments = {"input_size": 3, "hidden_size": 4, **overrides}
+    with pytest.raises(Exception) as theirs:
+        nn.LSTM(**arguments)
+    with pytest.raises(theirs.type) as ours:
+        LSTM(**arguments)
+    assert type(ours.value) is theirs.type, (ours.value, theirs.value)
+
+
+def test_lstm_dropout_on_one_layer_warns_like_torch():
+    with pytest.warns(UserWarning, match="non-zero dropout expects num_layers greater than 1"):
+        LSTM(3, 4, dropout=0.5)
+
+
+FORWARD_MISUSE = {  # name -> (batch_first, input shape, hx shapes or None, input dtype, hx dtype)
+    "4-D input": (True, (1, 2, 5, 3), None, torch.float32, None),
+    "1-D input": (True, (3,), None, torch.float32, None),
+    "wrong input size": (True, (2, 5, 2), None, torch.float32, None),
+    "input dtype": (True, (2, 5, 3), None, torch.float64, None),
+    "h_0 shape": (True, (2, 5, 3), ((1, 2, 4), (2, 2, 4)), torch.float32, torch.float32),
+    "c_0 shape": (True, (2, 5, 3), ((2, 2, 4), (2, 3, 4)), torch.float32, torch.float32),
+    "2-D hx for batched input": (True, (2, 5, 3), ((2, 4), (2, 4)), torch.float32, torch.float32),
+    "3-D hx for unbatched input": (True, (5, 3), ((2, 1, 4), (2, 1, 4)), torch.float32, torch.float32),
+    "hx dtype": (True, (2, 5, 3), ((2, 2, 4), (2, 2, 4)), torch.float32, torch.float64),
+    "zero steps": (False, (0, 2, 3), None, torch.float32, None),
+}
+
+
+@pytest.mark.parametrize("misuse", list(FORWARD_MISUSE))
+@pytest.mark.parametrize("backend", MODULE_BACKENDS)
+def test_lstm_forward_misuse_raises_what_torch_raises(misuse, backend):
+    """Code written against torch.nn.LSTM catches the class torch raises; ours raises the same (with its own,
+    clearer message)."""
+    batch_first, shape, hx_shapes, dtype, hx_dtype = FORWARD_MISUSE[misuse]
+    torch_lstm = nn.LSTM(3, 4, num_layers=2, batch_first=batch_first)
+    ours_lstm = LSTM(3, 4, num_layers=2, batch_first=batch_first)
+    x = torch.randn(shape, dtype=dtype)
+    hx = None if hx_shapes is None else tuple(torch.zeros(s, dtype=hx_dtype) for s in hx_shapes)
+    with pytest.raises(Exception) as theirs:
+        torch_lstm(x, hx)
+    with fastmsc.use_backend(backend), pytest.raises(theirs.type) as ours:
+        ours_lstm(x, hx)
+    assert type(ours.value) is theirs.type, (ours.value, theirs.value)
+
+
+def test_lstm_messages_name_what_was_expected_and_given():
     lstm = LSTM(3, 4, num_layers=2, batch_first=True)
-    with pytest.raises(ValueError, match=r"input must have 3 features \(input_size\), got 2"):
+    with pytest.raises(RuntimeError, match=r"input.size\(-1\) must be equal to input_size. Expected 3, got 2"):
         lstm(torch.randn(2, 5, 2))
-    with pytest.raises(ValueError, match=r"input must be a 2-D \(unbatched\) or 3-D tensor"):
+    with pytest.raises(ValueError, match=r"expected input to be a 2-D \(unbatched\) or 3-D tensor"):
         lstm(torch.randn(5))
-    with pytest.raises(ValueError, match=r"h_0 must have shape \(2, 2, 4\)"):
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(2, 2, 4\), got \(1, 2, 4\)"):
         lstm(torch.randn(2, 5, 3), (torch.zeros(1, 2, 4), torch.zeros(2, 2, 4)))
     with pytest.raises(TypeError, match=r"hx must be a tuple \(h_0, c_0\)"):
         lstm(torch.randn(2, 5, 3), torch.zeros(2, 2, 4))
     with pytest.raises(ValueError, match=r"lengths must lie in \[1, 5\]"):
         lstm(torch.randn(2, 5, 3), lengths=[6, 1])
+    with pytest.raises(ValueError, match=r"fastmsc.nn.LSTM does not support proj_size"):
+        LSTM(3, 4, proj_size=2)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_lstm_exposes_all_weights_and_flat_weights_like_torch(bias):
+    theirs = nn.LSTM(3, 4, num_layers=2, bidirectional=True, bias=bias)
+    ours = LSTM(3, 4, num_layers=2, bidirectional=True, bias=bias)
+    ours.load_state_dict(theirs.state_dict())
+    assert ours._flat_weights_names == theirs._flat_weights_names
+    assert all(torch.equal(a, b) for a, b in zip(ours._flat_weights, theirs._flat_weights, strict=True))
+    assert [[tuple(p.shape) for p in group] for group in ours.all_weights] == \
+        [[tuple(p.shape) for p in group] for group in theirs.all_weights]
+    assert all(p is getattr(ours, name) for p, name in zip(ours._flat_weights, ours._flat_weights_names, strict=True))
 
 
 # ---------------------------------------------------------------- swap_modules

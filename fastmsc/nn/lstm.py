@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
+import warnings
 
 import torch
 from torch import nn
@@ -13,6 +15,35 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from ..ops.lstm_layer import lstm_layer
 
 _LOG = logging.getLogger("fastmsc")
+
+
+def _check_arguments(input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size) -> None:
+    """torch.nn.LSTM's constructor checks, with its exception classes (TypeError for a wrong type, ValueError for a
+    wrong value) and the same warning for dropout on a single layer."""
+    if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
+        raise ValueError(f"dropout should be a number in range [0, 1] representing the probability of an element "
+                         f"being zeroed, got {dropout!r}")
+    for name, value in (("bias", bias), ("batch_first", batch_first)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} should be of type bool, got: {type(value).__name__} ({value!r})")
+    for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers),
+                        ("proj_size", proj_size)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} should be of type int, got: {type(value).__name__} ({value!r})")
+    for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+        if value <= 0:
+            raise ValueError(f"{name} must be greater than zero, got {value}")
+    if proj_size < 0:
+        raise ValueError(f"proj_size should be a positive integer or zero to disable projections, got {proj_size}")
+    if proj_size >= hidden_size:
+        raise ValueError(f"proj_size has to be smaller than hidden_size, got proj_size={proj_size} and "
+                         f"hidden_size={hidden_size}")
+    if proj_size:
+        raise ValueError(f"fastmsc.nn.LSTM does not support proj_size (got {proj_size}); use torch.nn.LSTM")
+    if dropout > 0 and num_layers == 1:
+        warnings.warn(f"dropout option adds dropout after all but last recurrent layer, so non-zero dropout expects "
+                      f"num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}",
+                      stacklevel=3)
 
 
 class LSTM(nn.Module):
@@ -26,13 +57,7 @@ class LSTM(nn.Module):
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
                  bidirectional=False, proj_size=0, device=None, dtype=None):
         super().__init__()
-        if proj_size:
-            raise ValueError(f"fastmsc.nn.LSTM does not support proj_size (got {proj_size}); use torch.nn.LSTM")
-        if not (isinstance(dropout, (int, float)) and 0 <= dropout <= 1) or isinstance(dropout, bool):
-            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
-        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        _check_arguments(input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
         self.bidirectional, self.proj_size = bidirectional, 0
@@ -53,6 +78,26 @@ class LSTM(nn.Module):
     @property
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
+
+    @property
+    def _flat_weights_names(self) -> list[str]:
+        """Parameter names in torch.nn.LSTM's order: per layer and direction w_ih, w_hh[, b_ih, b_hh]."""
+        kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")[: 4 if self.bias else 2]
+        return [f"{kind}_l{layer}{suffix}" for layer in range(self.num_layers)
+                for suffix in ("", "_reverse")[: self.num_directions] for kind in kinds]
+
+    @property
+    def _flat_weights(self) -> list:
+        """The parameters named by ``_flat_weights_names``, as torch.nn.LSTM exposes them (read at each access, so
+        a reassigned weight is seen)."""
+        return [getattr(self, name, None) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        """Per layer and direction, [w_ih, w_hh, b_ih, b_hh] (without biases when ``bias=False``), as torch.nn.LSTM."""
+        per = 4 if self.bias else 2
+        flat = self._flat_weights
+        return [flat[i:i + per] for i in range(0, len(flat), per)]
 
     def reset_parameters(self) -> None:
         bound = 1.0 / math.sqrt(self.hidden_size)
@@ -79,25 +124,40 @@ class LSTM(nn.Module):
         else:
             if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
                 shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
-                raise ValueError(f"input must be a 2-D (unbatched) or 3-D tensor or a PackedSequence, got {shape}")
+                raise ValueError(f"LSTM: expected input to be a 2-D (unbatched) or 3-D tensor or a PackedSequence, "
+                                 f"got {shape}")
             x = input if input.dim() == 2 or self.batch_first else input.transpose(0, 1)
         unbatched = x.dim() == 2
         if unbatched:
             x = x.unsqueeze(0)
+        # The exception classes torch.nn.LSTM raises for the same misuse, so code written against it catches ours.
         if x.shape[-1] != self.input_size:
-            raise ValueError(f"input must have {self.input_size} features (input_size), got {x.shape[-1]}")
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
+                               f"got {x.shape[-1]}")
+        if x.shape[1] == 0:
+            raise RuntimeError(f"Expected sequence length to be larger than 0 in RNN, got input of shape "
+                               f"{tuple(input.shape)}")
+        weight = self.weight_ih_l0
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"LSTM input dtype ({x.dtype}) does not match weight dtype ({weight.dtype})")
         h0 = c0 = None
         if hx is not None:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise TypeError("hx must be a tuple (h_0, c_0)")
+                raise TypeError(f"hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
             h0, c0 = hx
+            wanted_dim = 2 if unbatched else 3
+            if h0.dim() != wanted_dim or c0.dim() != wanted_dim:
+                raise RuntimeError(f"For {'unbatched 2-D' if unbatched else 'batched 3-D'} input, hx and cx should "
+                                   f"also be {wanted_dim}-D but got ({h0.dim()}-D, {c0.dim()}-D) tensors")
             if unbatched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
             expected = (self.num_layers * self.num_directions, x.shape[0], self.hidden_size)
-            for name, state in (("h_0", h0), ("c_0", c0)):
+            for index, (name, state) in enumerate((("h_0", h0), ("c_0", c0))):
                 if tuple(state.shape) != expected:
-                    raise ValueError(f"{name} must have shape {expected} (layers*directions, batch, hidden), "
-                                     f"got {tuple(state.shape)}")
+                    raise RuntimeError(f"Expected hidden[{index}] size {expected}, got {tuple(state.shape)}: {name} "
+                                       f"is (layers*directions, batch, hidden)")
+                if state.dtype != x.dtype:
+                    raise RuntimeError(f"{name} has dtype {state.dtype}, the input {x.dtype}; pass one dtype")
         D = self.num_directions
         h_n, c_n = [], []
         for layer in range(self.num_layers):
