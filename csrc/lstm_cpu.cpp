@@ -409,6 +409,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_
   at::Tensor cells = training ? at::empty({B, T_, D * H}, x.options()) : at::empty({0}, x.options());
   const at::Tensor lens = present(lengths) ? lengths->contiguous() : at::Tensor();
   const int64_t* lens_ptr = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
+  // An empty batch has nothing to compute (and the step chunking divides by the batch): the outputs are empty.
+  if (B == 0) return {out, h_n, c_n, gates, cells};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmsc::lstm_fwd", [&] {
     using T = scalar_t;
     forward_impl<T>(s, x.data_ptr<T>(), w_ih.data_ptr<T>(), bias.defined() ? bias.data_ptr<T>() : nullptr,
@@ -546,6 +548,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor h0c = present(h0) ? h0->contiguous() : at::Tensor();
 
   at::Tensor h_prev;
+  if (B == 0) {
+    // An empty batch: no step to run; finish_backward's GEMMs over zero rows give zero weight gradients.
+    h_prev = at::empty({B, T_, D * H}, x.options());
+    return finish_backward(s, x, w_ih, dgates, h_prev, std::move(dh_state), std::move(dc_state), has_bias, need_dx,
+                           need_dweights, need_dstate);
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmsc::lstm_bwd", [&] {
     backward_loop<scalar_t>(s, w_hh, lens_ptr, c0c.defined() ? c0c.data_ptr<scalar_t>() : nullptr,
                             dout.defined() ? dout.data_ptr<scalar_t>() : nullptr, gates.data_ptr<scalar_t>(),

@@ -165,6 +165,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_
   const at::Tensor lens = present(lengths) ? lengths->contiguous() : at::Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = D * B * H;
+  // An empty batch: nothing to compute, and a kernel must not be launched with an empty grid.
+  if (B == 0) return {out, h_n, c_n, training ? xproj : at::empty({0}, x.options()), cells};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmsc::lstm_fwd_cuda", [&] {
     for (int64_t step = 0; step < T_; ++step) {
       const bool use_rec = step > 0 || present(h0);  // without h0 the first recurrent product is zero
@@ -215,6 +217,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = D * B * H;
   at::Tensor h_prev;
+  if (B == 0) {
+    // An empty batch: no kernel to launch (an empty grid is an error); the GEMMs over zero rows give zero
+    // weight gradients.
+    h_prev = at::empty({B, T_, D * H}, x.options());
+    return finish_backward(s, x, w_ih, dgates, h_prev, std::move(dh_state), std::move(dc_state), has_bias, need_dx,
+                           need_dweights, need_dstate);
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmsc::lstm_bwd_cuda", [&] {
     for (int64_t step = T_ - 1; step >= 0; --step) {
       backward_step_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(

@@ -502,6 +502,8 @@ def _forward(q, k, v, lengths, scale):
     B, H, T, D = q4.shape
     out = new_output(q.shape, dtype=q.dtype, device=q.device)
     lse = new_output((B, H, T), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:  # B = 0 or H = 0: nothing to compute, and an empty grid must never be launched
+        return out, lse
     o4 = _as_4d(out)
     block_m, block_n, d_chunk, num_warps, num_stages = _blocks(_FWD_BLOCKS, D, q.dtype, T)
     grid = (triton.cdiv(T, block_m) * B * H,)
@@ -518,6 +520,8 @@ def _forward(q, k, v, lengths, scale):
 
 def _backward(grad_out, q, k, v, out, lse, lengths, scale):
     grad_out = grad_out.to(q.dtype)
+    if q.numel() == 0:  # B = 0 or H = 0: the gradients are empty too
+        return tuple(q.new_empty(q.shape) for _ in range(3))
     q4, k4, v4, o4, do4 = _as_4d(q), _as_4d(k), _as_4d(v), _as_4d(out), _as_4d(grad_out)
     B, H, T, D = q4.shape
     block_d = _block_d(D)

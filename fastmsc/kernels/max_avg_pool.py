@@ -143,6 +143,8 @@ def _forward(x, lengths):
     B, T, C = x.shape
     out = new_output((B, 2 * C), dtype=x.dtype, device=x.device)
     idx = new_output((B, C), dtype=torch.int32, device=x.device)
+    if out.numel() == 0:  # B = 0 or C = 0: nothing to compute, and an empty grid must never be launched
+        return out, idx
     block_c = _block_c(B, C, x.dtype)
     _max_avg_pool_fwd_kernel[(triton.cdiv(C, block_c) * B,)](
         x, out, idx, lengths, *x.stride(), *out.stride(), T, C,
@@ -155,6 +157,8 @@ def _backward(grad, idx, lengths, steps):
     grad = _unit_last_stride(grad)
     B, C = idx.shape
     dx = new_output((B, steps, C), dtype=grad.dtype, device=grad.device)
+    if dx.numel() == 0:  # B = 0 or C = 0
+        return dx
     block_c, block_t = _block_c(B, C, grad.dtype), _block_t(steps)
     _max_avg_pool_bwd_kernel[(triton.cdiv(C, block_c) * triton.cdiv(steps, block_t) * B,)](
         grad, idx, dx, lengths, *grad.stride(), *dx.stride(), steps, C,

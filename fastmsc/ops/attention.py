@@ -77,6 +77,11 @@ def attention(q, k, v, lengths=None, scale=None):
     """Args: q, k, v (B, T, D) or (B, H, T, D); lengths None or (B,); scale None (1/sqrt(D)) or a float.
 
     Returns the same shape as q.
+
+    Empty inputs: B = 0 (or H = 0) gives an empty output and empty gradients, as
+    F.scaled_dot_product_attention does. T = 0 and D = 0 raise ValueError on every backend (SDPA returns an
+    empty result; here an empty sequence or head dimension is taken as a caller's mistake, and lengths need
+    T >= 1).
     """
     check_tensor("q", q, ndim=(3, 4))
     check_tensor("k", k, ndim=(3, 4))

@@ -77,7 +77,7 @@ def lstm_layer_torch(x, weights, h0=None, c0=None, lengths=None):
     flat, has_bias = _flat_weights(weights)
     h0 = x.new_zeros(D, B, H) if h0 is None else h0
     c0 = x.new_zeros(D, B, H) if c0 is None else c0
-    if lengths is None:
+    if lengths is None or B == 0:  # an empty batch cannot be packed; without sequences lengths change nothing
         out, h_n, c_n = torch._VF.lstm(x, (h0, c0), flat, has_bias, 1, 0.0, False, D == 2, True)
         return out, h_n, c_n
     if torch.compiler.is_compiling():
@@ -181,7 +181,9 @@ def _validate(x, weights, h0, c0):
         raise TypeError("weights must be a tuple of one or two direction tuples (w_ih, w_hh, b_ih, b_hh)")
     B, T, input_size = x.shape
     if T == 0:
-        raise ValueError(f"x must have at least one time step, got shape {tuple(x.shape)}")
+        raise ValueError(f"x must have at least one time step (T >= 1), got shape {tuple(x.shape)}")
+    if input_size == 0:
+        raise ValueError(f"x must have at least one input feature (input size >= 1), got shape {tuple(x.shape)}")
     checked = []
     H = None
     for d, params in enumerate(weights):
@@ -214,7 +216,12 @@ def _validate(x, weights, h0, c0):
 
 
 def lstm_layer(x, weights, h0=None, c0=None, lengths=None):
-    """One (bi)directional LSTM layer; see the module docstring for shapes and ``lengths``."""
+    """One (bi)directional LSTM layer; see the module docstring for shapes and ``lengths``.
+
+    Empty inputs: B = 0 gives out (0, T, D*H), h_n and c_n (D, 0, H), an empty x gradient and zero weight
+    gradients, as torch.nn.LSTM does (also with ``lengths``, which nn.LSTM cannot pack). T = 0 and an input
+    size of 0 raise ValueError on every backend, as nn.LSTM refuses both.
+    """
     weights = _validate(x, weights, h0, c0)
     lengths = check_lengths(lengths, x.shape[0], x.shape[1], x.device)
     impl = OP.select(x.device.type, x=x, weights=weights, h0=h0, c0=c0, lengths=lengths)

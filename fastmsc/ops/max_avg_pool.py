@@ -48,10 +48,14 @@ OP = register(
 
 
 def max_avg_pool(x, lengths=None):
-    """Args: x (B, T, C); lengths None or (B,) ints in [1, T]. Returns (B, 2C) = [max, mean]."""
+    """Args: x (B, T, C); lengths None or (B,) ints in [1, T]. Returns (B, 2C) = [max, mean].
+
+    Empty inputs, as ``torch.cat([x.max(1).values, x.mean(1)], -1)``: B = 0 gives (0, 2C) and C = 0 gives
+    (B, 0), with empty gradients. T = 0 raises ValueError on every backend (torch's max raises too).
+    """
     check_tensor("x", x, ndim=3)
     if x.shape[1] == 0:
-        raise ValueError(f"x must have at least one time step, got shape {tuple(x.shape)}")
+        raise ValueError(f"x must have at least one time step (T >= 1), got shape {tuple(x.shape)}")
     lengths = check_lengths(lengths, x.shape[0], x.shape[1], x.device)
     impl = OP.select(x.device.type, x=x, lengths=lengths)
     return impl(x, lengths)

@@ -64,6 +64,10 @@ def _validate(x, weights, biases, activation):
         raise TypeError("weights must be a non-empty sequence of (C_out_i, C_in, k_i) tensors")
     weights = list(weights)
     c_in = x.shape[1]
+    if c_in == 0:
+        raise ValueError(f"x must have at least one input channel (C_in >= 1), got shape {tuple(x.shape)}")
+    if x.shape[2] == 0:
+        raise ValueError(f"x must have at least one time step (T >= 1), got shape {tuple(x.shape)}")
     for i, w in enumerate(weights):
         check_tensor(f"weights[{i}]", w, ndim=3)
         check_same(f"weights[{i}]", w, "x", x)
@@ -102,6 +106,10 @@ def multiscale_conv1d(x, weights, biases=None, activation=None):
 
     Returns:
         (B, sum_i C_out_i, T).
+
+    Empty inputs: B = 0 gives a (0, sum_i C_out_i, T) output, an empty x gradient and zero weight and bias
+    gradients, as nn.Conv1d does. C_in = 0 and T = 0 raise ValueError on every backend: torch's own conv
+    returns a wrongly shaped (B, 0, T) result for C_in = 0 and a kernel-size error for T = 0.
     """
     weights, biases = _validate(x, weights, biases, activation)
     impl = OP.select(x.device.type, x=x, weights=weights, biases=biases, activation=activation)
