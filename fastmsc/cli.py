@@ -1,6 +1,7 @@
 """The ``fastmsc`` command: ``fastmsc info``, ``fastmsc train``, ``fastmsc bench``.
 
-Each subcommand lives in its own module, which defines ``add_arguments(parser)`` and ``run(args) -> int``.
+Each subcommand lives in its own module, which defines ``add_arguments(parser)`` and ``run(args) -> int``, and
+may define ``main(args) -> int``, called instead of ``run`` to report user errors as one line and exit status 2.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
-    return int(module.run(args) or 0)
+    return int(getattr(module, "main", module.run)(args) or 0)
 
 
 if __name__ == "__main__":

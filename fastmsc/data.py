@@ -10,7 +10,9 @@ length; a missing value before the last present one is an error naming the file,
 since no single imputation suits every dataset.
 
 Malformed files raise :class:`DataFormatError` (a ValueError) whose message names the file, the line
-number and what was wrong.
+number and what was wrong. Values are read as float64 and stored as float32, the dtype training uses (a
+float64 model gets them upcast exactly); an infinite value, or a finite one beyond float32's range
+(|x| > 3.4e38, which would become infinite), is such an error too, naming the channel and value position.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 
 SUFFIXES = (".ts", ".tsv")
+STORAGE_DTYPE = np.float32  # SeriesData.x of every loader
 _MISSING_TOKENS = {"?", "nan", "NaN", "NAN", ""}
 
 
@@ -123,6 +126,14 @@ def _parse_values(text: str, path, line_no: int, what: str) -> np.ndarray:
     if np.isinf(values).any():
         i = int(np.flatnonzero(np.isinf(values))[0])
         raise DataFormatError(path, line_no, f"{what}value {i + 1}: infinite value {parts[i].strip()!r}")
+    with np.errstate(over="ignore"):
+        overflow = np.isinf(values.astype(STORAGE_DTYPE))  # finite in float64, infinite once stored
+    if overflow.any():
+        i = int(np.flatnonzero(overflow)[0])
+        limit = np.finfo(STORAGE_DTYPE)
+        raise DataFormatError(path, line_no, f"{what}value {i + 1}: {parts[i].strip()!r} is beyond the range of "
+                                             f"{limit.dtype.name} (|x| <= {limit.max:.4g}), the dtype the data are "
+                                             f"stored and trained in")
     return values
 
 
@@ -315,7 +326,7 @@ def _to_series_data(raw: _RawSplit, classes: tuple[str, ...]) -> SeriesData:
                                                      f"{list(classes)}")
     num_channels = len(raw.series[0])
     max_len = max(raw.lengths)
-    x = np.zeros((len(raw.series), num_channels, max_len), dtype=np.float32)
+    x = np.zeros((len(raw.series), num_channels, max_len), dtype=STORAGE_DTYPE)
     for i, (channels, length) in enumerate(zip(raw.series, raw.lengths, strict=True)):
         for c, values in enumerate(channels):
             x[i, c, :length] = values[:length]

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import secrets
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,9 +38,31 @@ from .data import SeriesData
 CHECKPOINT_FORMAT = 1
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s")
 
-# Hyper-parameters fixed by a checkpoint: resuming with other values would not continue the same run.
+# Settings fixed by a checkpoint: resuming with other values would not continue the same run. They set the
+# optimiser, the schedule, the loss, the data order and the numerics (amp); ``model_config`` (the caller's
+# description of the model and data) and ``model_repr`` (the model's module tree, dropout rates included) too.
 _RESUME_KEYS = ("epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs", "steps_per_epoch",
-                "world_size", "seed", "label_smoothing", "grad_clip")
+                "world_size", "seed", "label_smoothing", "grad_clip", "class_weights", "amp", "train_size")
+# Recorded since the checkpoint check covers the model: older checkpoints lack them and are refused.
+_RESUME_KEYS_ADDED = ("train_size", "model_config", "model_repr")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: not a fastmsc checkpoint, or one of another run."""
+
+
+class MissingCheckpointError(CheckpointError, FileNotFoundError):
+    """The checkpoint to resume from does not exist."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """Resuming with settings other than the checkpoint's; ``differences`` maps each setting to
+    (the checkpoint's value, the value given now)."""
+
+    def __init__(self, path, differences: dict):
+        self.path, self.differences = Path(path), dict(differences)
+        listed = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in self.differences.items())
+        super().__init__(f"cannot resume from {path}: the run's settings differ ({listed})")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -196,12 +219,27 @@ def _gather_rng_states() -> list[dict]:
 
 def replace_atomically(path, write) -> None:
     """Write ``path`` as ``write(tmp)`` into a temporary file renamed over it: a reader (or a run killed
-    mid-write) never sees half a file."""
+    mid-write) never sees half a file.
+
+    The temporary file (``NAME.<pid>.<random>.tmp`` beside ``path``) is unique per process and call, so
+    concurrent writers of one path do not collide: each rename is whole and the last one wins. It is created
+    empty, with the permissions of a new file (umask applied), and removed if ``write`` or the rename fails.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    while True:
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json(path, obj) -> None:
@@ -228,14 +266,41 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     """Read a checkpoint written by :func:`fit` (tensors, numbers and strings only: loads with weights_only)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise MissingCheckpointError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # a truncated file, another pickle, a foreign format: all mean "not ours"
-        raise ValueError(f"{path} is not a fastmsc training checkpoint ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"{path} is not a fastmsc training checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a fastmsc training checkpoint (format {CHECKPOINT_FORMAT})")
+        raise CheckpointError(f"{path} is not a fastmsc training checkpoint (format {CHECKPOINT_FORMAT})")
     return state
+
+
+def _first_difference(a: str, b: str) -> tuple[str, str]:
+    """The first line where two module trees differ, each stripped (the whole texts if no line differs)."""
+    for line_a, line_b in zip(a.splitlines(), b.splitlines(), strict=False):
+        if line_a != line_b:
+            return line_a.strip(), line_b.strip()
+    return a, b
+
+
+def _check_resume(path, saved: dict, config: dict) -> None:
+    """Raise :class:`CheckpointMismatch` unless the checkpoint's settings are this run's."""
+    missing = [k for k in _RESUME_KEYS_ADDED if k not in saved]
+    if missing:
+        raise CheckpointError(f"cannot resume from {path}: the checkpoint predates the check that the model and "
+                              f"data settings are unchanged (it records no {', '.join(missing)}); start a new run")
+    different = {k: (saved.get(k), config[k]) for k in _RESUME_KEYS if saved.get(k) != config[k]}
+    if different.keys() & {"batch_size", "train_size", "world_size"}:
+        different.pop("steps_per_epoch", None)  # follows from those: naming it too would only add noise
+    saved_model, model_config = saved["model_config"] or {}, config["model_config"] or {}
+    for k in [*model_config, *(k for k in saved_model if k not in model_config)]:
+        if saved_model.get(k) != model_config.get(k):
+            different[k] = (saved_model.get(k), model_config.get(k))
+    if not different and saved["model_repr"] != config["model_repr"]:
+        different["model"] = _first_difference(saved["model_repr"], config["model_repr"])
+    if different:
+        raise CheckpointMismatch(path, different)
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -244,6 +309,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 def _write_metrics(history: list[dict], config: dict, meta: dict, json_path, csv_path) -> None:
     if json_path:
         final = history[-1] if history else {}
+        config = {k: v for k, v in config.items() if k != "model_repr"}  # in the checkpoint only: many lines
         write_json(json_path, {"meta": meta, "config": config, "epochs": history, "final": final})
     if csv_path:
         write_csv(csv_path, METRIC_COLUMNS, history)
@@ -279,7 +345,7 @@ def fit(model: nn.Module, train_data, test_data=None, *, epochs: int = 100, batc
         class_weights=None, grad_clip: float | None = 1.0, device=None, seed: int = 0, amp: bool = True,
         eval_every: int = 1, eval_batch_size: int = 256, progress: bool | None = None, log=print,
         metrics_json=None, metrics_csv=None, checkpoint=None, resume=None, stop_after: int | None = None,
-        meta: dict | None = None) -> FitResult:
+        meta: dict | None = None, model_config: dict | None = None) -> FitResult:
     """Train ``model`` on ``train_data`` and score it on ``test_data`` after every ``eval_every`` epochs.
 
     * AdamW (fused on CUDA; 1-D parameters not decayed), CosineAnnealingLR from ``lr`` to ``min_lr`` stepped per
@@ -289,9 +355,14 @@ def fit(model: nn.Module, train_data, test_data=None, *, epochs: int = 100, batc
     * ``seed`` fixes the batch order (epoch e shuffles with seed + e, as DistributedSampler does) and dropout
       (the global torch RNG is seeded with seed + rank; the model's initialisation is the caller's).
     * ``checkpoint``: a path rewritten after every epoch with the model, optimizer, scheduler, RNG states of
-      every rank, epoch and metrics; ``resume``: such a path to continue from (the run's hyper-parameters must
-      match). ``stop_after``: end this call after that epoch (the schedule still spans ``epochs``), e.g. to
-      resume later; resuming gives the same parameters as one uninterrupted run.
+      every rank, epoch and metrics; ``resume``: such a path to continue from. The run's settings must match the
+      checkpoint's (else :class:`CheckpointMismatch` names each that differs): the optimiser, schedule, loss,
+      data order and amp arguments, the training set's size, ``model_config`` (the caller's description of the
+      model and data, e.g. its constructor's arguments; numbers, strings, booleans, lists) and the model's
+      module tree (``repr(model)``, which shows dropout rates). Checkpoints written before this check covered
+      the model and data lack those records and are refused (:class:`CheckpointError`). ``stop_after``: end
+      this call after that epoch (the schedule still spans ``epochs``), e.g. to resume later; resuming gives
+      the same parameters as one uninterrupted run.
     * ``metrics_json`` / ``metrics_csv``: per-epoch metrics rewritten after every epoch. ``train_loss`` is the
       training objective (with smoothing and class weights) averaged over the epoch's batches; ``test_loss`` is
       plain cross-entropy, comparable across settings.
@@ -305,10 +376,13 @@ def fit(model: nn.Module, train_data, test_data=None, *, epochs: int = 100, batc
     for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("eval_every", eval_every, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if not lr > 0 or min_lr < 0 or weight_decay < 0 or not 0 <= label_smoothing < 1 or warmup_epochs < 0:
-        raise ValueError(f"need lr > 0, min_lr >= 0, weight_decay >= 0, 0 <= label_smoothing < 1 and "
-                         f"warmup_epochs >= 0; got lr={lr}, min_lr={min_lr}, weight_decay={weight_decay}, "
-                         f"label_smoothing={label_smoothing}, warmup_epochs={warmup_epochs}")
+    numbers = (lr, min_lr, weight_decay, label_smoothing, warmup_epochs, 0.0 if grad_clip is None else grad_clip)
+    if (not all(math.isfinite(v) for v in numbers) or not lr > 0 or min_lr < 0 or weight_decay < 0
+            or not 0 <= label_smoothing < 1 or warmup_epochs < 0 or (grad_clip is not None and grad_clip < 0)):
+        raise ValueError(f"need finite numbers with lr > 0, min_lr >= 0, weight_decay >= 0, 0 <= label_smoothing < 1, "
+                         f"warmup_epochs >= 0 and grad_clip >= 0 or None; got lr={lr}, min_lr={min_lr}, "
+                         f"weight_decay={weight_decay}, label_smoothing={label_smoothing}, "
+                         f"warmup_epochs={warmup_epochs}, grad_clip={grad_clip}")
     if stop_after is not None and not 1 <= stop_after <= epochs:
         raise ValueError(f"stop_after must be in [1, epochs={epochs}], got {stop_after}")
     if test is not None and test.num_channels != train.num_channels:
@@ -319,6 +393,12 @@ def fit(model: nn.Module, train_data, test_data=None, *, epochs: int = 100, batc
     is_main = rank == 0
     model = model.to(device)
     dtype = _param_dtype(model)
+    for what, split in (("train_data", train), ("test_data", test)):
+        bad = None if split is None else ~torch.isfinite(split.x.to(dtype))
+        if bad is not None and bool(bad.any()):
+            i, c, t = (int(v) for v in bad.nonzero()[0])
+            raise ValueError(f"{what} holds a non-finite value once in the model's dtype {dtype}: series {i}, "
+                             f"channel {c}, step {t} is {float(split.x[i, c, t])!r}")
     train_on = SeriesData(train.x.to(device), train.y.to(device),
                           None if train.lengths is None else train.lengths.to(device), train.classes, train.name)
     test_on = None if test is None else SeriesData(
@@ -347,18 +427,15 @@ def fit(model: nn.Module, train_data, test_data=None, *, epochs: int = 100, batc
               "warmup_epochs": warmup_epochs, "steps_per_epoch": steps_per_epoch, "world_size": world, "seed": seed,
               "label_smoothing": label_smoothing, "grad_clip": grad_clip,
               "class_weights": None if class_weights is None else class_weights.tolist(),
-              "amp": bool(amp and device.type == "cuda"), "device": str(device)}
+              "amp": bool(amp and device.type == "cuda"), "device": str(device), "train_size": len(train),
+              "model_config": None if model_config is None else dict(model_config), "model_repr": repr(model)}
     meta = dict(meta or {})
 
     raw_model = model
     start_epoch, history = 0, []
     if resume is not None:
         state = load_checkpoint(resume, map_location=device)
-        saved = state["config"]
-        different = {k: (saved.get(k), config[k]) for k in _RESUME_KEYS if saved.get(k) != config[k]}
-        if different:
-            listed = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in different.items())
-            raise ValueError(f"cannot resume from {resume}: the run's settings differ ({listed})")
+        _check_resume(resume, state["config"], config)
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -519,33 +596,112 @@ def _class_weights_arg(text: str | None, num_classes: int):
         weights = [float(w) for w in text.split(",")]
     except ValueError:
         weights = []
-    if len(weights) != num_classes:
-        raise ValueError(f"--class-weights must be 'balanced' or {num_classes} comma-separated numbers, got {text!r}")
+    if (len(weights) != num_classes or not all(math.isfinite(w) and w >= 0 for w in weights)
+            or not any(w > 0 for w in weights)):
+        raise UsageError(f"--class-weights must be 'balanced' or {num_classes} comma-separated finite numbers >= 0 "
+                         f"(one per class, not all 0), got {text!r}")
     return weights
 
 
+class UsageError(ValueError):
+    """A mistake in the ``fastmsc train`` command line or in what it names (data, checkpoint): :func:`main`
+    prints it as one line ``fastmsc train: error: ...`` and exits with status 2, as argparse does."""
+
+
+# Range checks of ``fastmsc train``'s numeric options. Integers: (option, lowest value). Floats, which must also be
+# finite: (option, lowest value, whether the lowest is excluded, excluded upper bound or None).
+_INT_OPTIONS = (("synthetic_train", 1), ("synthetic_test", 1), ("synthetic_length", 16), ("synthetic_classes", 2),
+                ("conv_channels", 1), ("lstm_hidden", 1), ("lstm_layers", 1), ("heads", 1), ("classifier_hidden", 1),
+                ("epochs", 1), ("batch_size", 1), ("ensemble", 1), ("threads", 0), ("eval_every", 1))
+_FLOAT_OPTIONS = (("dropout", 0.0, False, 1.0), ("lr", 0.0, True, None), ("min_lr", 0.0, False, None),
+                  ("weight_decay", 0.0, False, None), ("warmup_epochs", 0.0, False, None),
+                  ("label_smoothing", 0.0, False, 1.0), ("grad_clip", 0.0, False, None))
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def check_arguments(args) -> None:
+    """Raise :class:`UsageError` for the first numeric option out of its range (or not finite)."""
+    for dest, low in _INT_OPTIONS:
+        value = getattr(args, dest)
+        if value < low:
+            raise UsageError(f"{_flag(dest)} must be an integer >= {low}, got {value}")
+    for dest, low, low_open, high in _FLOAT_OPTIONS:
+        value = getattr(args, dest)
+        if not math.isfinite(value) or value < low or (low_open and value == low) or (high is not None
+                                                                                      and value >= high):
+            if high is not None:
+                wanted = f"in [{low:g}, {high:g})"
+            else:
+                wanted = f"{'>' if low_open else '>='} {low:g}"
+            note = " (0: off)" if dest == "grad_clip" else ""
+            raise UsageError(f"{_flag(dest)} must be a finite number {wanted}{note}, got {value:g}")
+    if args.min_lr > args.lr:
+        raise UsageError(f"--min-lr must be <= --lr (the cosine falls from --lr to --min-lr), got --min-lr "
+                         f"{args.min_lr:g} and --lr {args.lr:g}")
+    if (2 * args.lstm_hidden) % args.heads:
+        raise UsageError(f"--heads must divide 2 * --lstm-hidden = {2 * args.lstm_hidden} (the attention's width), "
+                         f"got {args.heads}")
+    if args.stop_after is not None and not 1 <= args.stop_after <= args.ensemble * args.epochs:
+        raise UsageError(f"--stop-after must be in [1, --ensemble * --epochs = {args.ensemble * args.epochs}], "
+                         f"got {args.stop_after}")
+
+
+def _resume_error(exc: CheckpointError) -> UsageError:
+    """A CheckpointMismatch with the command's option names, else the checkpoint problem as it is."""
+    if not isinstance(exc, CheckpointMismatch):
+        return UsageError(str(exc))
+    names = {"steps_per_epoch": "steps per epoch (from --batch-size, the data and the process count)",
+             "world_size": "number of processes", "train_size": "number of training series",
+             "amp": "bf16 autocast (--no-amp, CUDA only)", "model": "model", "num_channels": "number of channels",
+             "classes": "classes", "dataset": "dataset", "conv_norm": "conv norm (--no-conv-norm)"}
+    listed = "; ".join(f"{names.get(k, _flag(k))} is {b!r} but the checkpoint has {a!r}"
+                       for k, (a, b) in exc.differences.items())
+    return UsageError(f"cannot resume from {exc.path}: {listed}")
+
+
+def main(args) -> int:
+    """``run(args)`` with user errors (:class:`UsageError`) printed as one line, exit status 2."""
+    try:
+        return run(args)
+    except UsageError as exc:
+        print(f"fastmsc train: error: {exc}", file=sys.stderr)
+        return 2
+
+
 def run(args) -> int:
+    """``fastmsc train``; raises :class:`UsageError` for a mistake in the command line (see :func:`main`)."""
     from .ensemble import fit_ensemble
     from .models import MSCClassifier
 
-    if args.ensemble < 1:
-        raise ValueError(f"--ensemble must be >= 1, got {args.ensemble}")
+    check_arguments(args)
     set_backend(args.backend)
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     world_env = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:  # CUDA asked for but absent
+        raise UsageError(str(exc)) from None
+    except RuntimeError as exc:  # torch cannot parse the name
+        raise UsageError(f"--device {args.device!r}: {exc}") from None
     if world_env > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     rank, world = distributed_world()
     try:
-        train, test = _load_data(args)
+        try:
+            train, test = _load_data(args)
+        except (OSError, ValueError) as exc:  # missing or malformed files, an unknown dataset: the user's to fix
+            raise UsageError(str(exc)) from None
+        if train.num_classes < 2:
+            raise UsageError(f"the training data has {train.num_classes} class(es); a classifier needs at least 2")
+        class_weights = _class_weights_arg(args.class_weights, train.num_classes)
         if args.sync_bn and device.type != "cuda":
-            raise ValueError("--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)")
+            raise UsageError("--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)")
 
         def make_model() -> nn.Module:
             # fit_ensemble seeds torch first: the same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -562,6 +718,15 @@ def run(args) -> int:
                           "lstm_layers": args.lstm_layers, "num_heads": args.heads,
                           "classifier_hidden": args.classifier_hidden, "dropout": args.dropout,
                           "conv_norm": args.conv_norm}}
+        # What the checkpoint records of the model and data; resuming with other values is refused by name.
+        model_config = {**meta["model"], "heads": meta["model"]["num_heads"], "sync_bn": args.sync_bn,
+                        "dataset": name, "classes": list(train.classes), "num_channels": train.num_channels,
+                        "znorm": args.znorm}
+        del model_config["num_heads"]
+        if not (args.data or args.dataset):
+            model_config.update({k: getattr(args, k) for k in ("synthetic_train", "synthetic_test",
+                                                               "synthetic_length", "synthetic_classes",
+                                                               "synthetic_variable_length")})
         log = None if args.quiet or rank != 0 else print
         if log is not None:
             lengths = train.series_lengths()
@@ -571,15 +736,17 @@ def run(args) -> int:
                 f"lengths {int(lengths.min())}-{int(lengths.max())}, {train.num_classes} classes; device {device}, "
                 f"{world} process(es), {parameters} parameters per model{members}")
         cpu_started = time.process_time()
-        result = fit_ensemble(
-            make_model, train, test, members=args.ensemble, epochs=args.epochs, batch_size=args.batch_size,
-            lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-            label_smoothing=args.label_smoothing,
-            class_weights=_class_weights_arg(args.class_weights, train.num_classes),
-            grad_clip=args.grad_clip, device=device, seed=args.seed, amp=args.amp, eval_every=args.eval_every,
-            progress=False if args.quiet else None, log=log, metrics_json=args.metrics_json,
-            metrics_csv=args.metrics_csv, checkpoint=args.checkpoint, resume=args.resume, stop_after=args.stop_after,
-            meta=meta)
+        try:
+            result = fit_ensemble(
+                make_model, train, test, members=args.ensemble, epochs=args.epochs, batch_size=args.batch_size,
+                lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+                label_smoothing=args.label_smoothing, class_weights=class_weights, grad_clip=args.grad_clip,
+                device=device, seed=args.seed, amp=args.amp, eval_every=args.eval_every,
+                progress=False if args.quiet else None, log=log, metrics_json=args.metrics_json,
+                metrics_csv=args.metrics_csv, checkpoint=args.checkpoint, resume=args.resume,
+                stop_after=args.stop_after, meta=meta, model_config=model_config)
+        except CheckpointError as exc:
+            raise _resume_error(exc) from None
         if rank == 0:
             cpu = time.process_time() - cpu_started
             if args.ensemble > 1:

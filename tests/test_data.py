@@ -107,6 +107,14 @@ def test_tsv_loader(tmp_path):
     assert torch.equal(single.y, test.y)
 
 
+def test_values_near_the_float32_limit_load(tmp_path):
+    path = tmp_path / "Big_TRAIN.ts"
+    path.write_text(TS_HEADER + "@data\n3.4e38,-3.4e38,1e-50:a\n")
+    x = data.load_ts(path).x
+    assert x.dtype == torch.float32 and bool(torch.isfinite(x).all())
+    assert x[0, 0].tolist() == [np.float32(3.4e38), np.float32(-3.4e38), 0.0]
+
+
 def test_load_file_with_explicit_classes_rejects_unknown_label(tmp_path):
     path = tmp_path / "A_TEST.tsv"
     path.write_text("1\t1\t2\n3\t1\t2\n")
@@ -127,6 +135,10 @@ MALFORMED_TS = [
     (TS_HEADER + "@data\n1,2,3:\n", 7, "class label (after the last ':') is empty"),
     (TS_HEADER + "@data\n?,?,?:a\n", 7, "no values"),
     (TS_HEADER + "@data\n1,2,inf:a\n", 7, "infinite value"),
+    # finite in float64 (what the text is read as) but infinite in float32 (what training gets)
+    (TS_HEADER + "@data\n1,2,3:a\n1,1e39,3:b\n", 8, "value 2: '1e39' is beyond the range of float32"),
+    ("@problemName Bad\n@univariate false\n@classLabel true a\n@data\n1,2:3,-4e38:a\n", 5,
+     "channel 2, value 2: '-4e38' is beyond the range of float32"),
     (TS_HEADER + "1,2,3:a\n@data\n", 6, "data line before the @data header"),
     (TS_HEADER + "@data\n1,2,3:a\n@seriesLength 4\n", 8, "after @data"),
     ("@problemName Bad\n@univariate maybe\n", 2, "'true' or 'false'"),
@@ -168,6 +180,7 @@ MALFORMED_TSV = [
     ("1\t1\t2\n\t3\t4\n", 2, "missing class label"),
     ("1\t1\t2\n2\t3\tfoo\n", 2, "value 2: cannot read 'foo'"),
     ("1\t1\tNaN\t3\n", 1, "missing value inside the series"),
+    ("1\t1\t2\n2\t3\t1e39\n", 2, "value 2: '1e39' is beyond the range of float32"),
 ]
 
 

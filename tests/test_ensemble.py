@@ -155,5 +155,5 @@ def test_cli_ensemble_stops_and_resumes(tmp_path):
     assert len(lines) == 2 and lines[0].startswith("synthetic: member test accuracies"), lines
     assert "(ensemble of 2) after epoch 1/1" in lines[1], lines
     assert json.loads(metrics.read_text())["final"]["members"] == 2
-    with pytest.raises(ValueError, match="--ensemble must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="--ensemble must be an integer >= 1, got 0"):
         train.run(_parse_cli([*TINY_CLI, "--ensemble", "0"]))

@@ -10,13 +10,14 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 import torch
 
 import fastmsc
-from fastmsc import data, train
+from fastmsc import cli, data, train
 from fastmsc.models import MSCClassifier
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,9 +122,21 @@ def test_fit_rejects_bad_arguments():
         train.fit(model, train_set, epochs=2, stop_after=3)
     with pytest.raises(TypeError, match="train_data must be"):
         train.fit(model, train_set.x)
+    for bad in ({"lr": math.inf}, {"weight_decay": math.nan}, {"grad_clip": math.nan}, {"grad_clip": -1.0},
+                {"warmup_epochs": math.inf}, {"min_lr": -1e-3}):
+        with pytest.raises(ValueError, match="need finite numbers"):
+            train.fit(model, train_set, **bad)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             train.fit(model, train_set, device="cuda")
+
+
+def test_fit_rejects_non_finite_data():
+    train_set, test_set = _tiny(0)
+    x = test_set.x.clone()
+    x[3, 1, 2] = math.inf
+    with pytest.raises(ValueError, match=r"test_data holds a non-finite value .*series 3, channel 1, step 2 is inf"):
+        train.fit(_model(train_set, 0), train_set, (x, test_set.y, test_set.lengths), epochs=1, log=None)
 
 
 def test_metrics_files(tmp_path):
@@ -186,6 +199,55 @@ def test_resume_rejects_changed_settings(tmp_path):
         train.fit(_model(train_set, 0), train_set, epochs=2, resume=tmp_path / "other.pt", log=None)
     with pytest.raises(FileNotFoundError, match="absent.pt does not exist"):
         train.fit(_model(train_set, 0), train_set, epochs=2, resume=tmp_path / "absent.pt", log=None)
+    # the model: another dropout rate shows in its module tree
+    with pytest.raises(train.CheckpointMismatch, match=r"model: checkpoint .*p=0\.2.*, now .*p=0\.5"):
+        train.fit(_model(train_set, 0, dropout=0.5), train_set, epochs=2, resume=checkpoint, log=None)
+    # the data: another training set size; the caller's model_config
+    with pytest.raises(train.CheckpointMismatch, match="train_size: checkpoint 24, now 23"):
+        train.fit(_model(train_set, 0), (train_set.x[:23], train_set.y[:23]), epochs=2, resume=checkpoint, log=None)
+    with pytest.raises(train.CheckpointMismatch, match="width: checkpoint None, now 3"):
+        train.fit(_model(train_set, 0), train_set, epochs=2, resume=checkpoint, model_config={"width": 3}, log=None)
+    # a checkpoint written before the model and data were recorded is refused, saying so
+    state = train.load_checkpoint(checkpoint)
+    del state["config"]["model_repr"], state["config"]["model_config"]
+    torch.save(state, tmp_path / "old.pt")
+    with pytest.raises(train.CheckpointError, match="predates the check .* no model_config, model_repr"):
+        train.fit(_model(train_set, 0), train_set, epochs=2, resume=tmp_path / "old.pt", log=None)
+
+
+def test_concurrent_writers_of_one_path_do_not_collide(tmp_path):
+    """Threads rewriting one file (as runs sharing a --checkpoint do): every write lands whole, none fails, and
+    no temporary file is left behind."""
+    path, writers, rounds = tmp_path / "sub" / "shared.json", 8, 25
+    start, errors = threading.Barrier(writers), []
+
+    def writer(w):
+        try:
+            start.wait()
+            for r in range(rounds):
+                train.write_json(path, {"writer": w, "round": r, "payload": [w] * 2000})
+                saved = json.loads(path.read_text())  # whichever write is last: always a whole one
+                assert saved["payload"] == [saved["writer"]] * 2000
+        except BaseException as exc:  # noqa: B036 - reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["shared.json"]
+    assert json.loads(path.read_text())["round"] == rounds - 1
+    # a failing write leaves the old file and no temporary file
+    with pytest.raises(RuntimeError, match="disk full"):
+        train.replace_atomically(path, lambda tmp: (tmp.write_text("half"), (_ for _ in ()).throw(
+            RuntimeError("disk full"))))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["shared.json"] and json.loads(path.read_text())
+    # the file has a new file's permissions (the umask's), not the 0600 of a private temporary file
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def _cli_env():
@@ -223,9 +285,89 @@ def test_cli_train_one_epoch(tmp_path):
 
 
 def test_cli_reports_bad_data_folder(tmp_path):
+    """A user's mistake is one line and exit status 2, like argparse's errors, without a traceback."""
     done = subprocess.run([sys.executable, "-m", "fastmsc", "train", "--data", str(tmp_path / "nowhere")],
                           capture_output=True, text=True, timeout=300, env=_cli_env(), cwd=tmp_path)
-    assert done.returncode != 0 and "nowhere does not exist" in done.stderr
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.splitlines() == [f"fastmsc train: error: data folder {tmp_path / 'nowhere'} does not exist"]
+
+
+def _cli_main(argv, capsys):
+    """``fastmsc ARGV`` in this process: (exit status, stderr lines)."""
+    threads = torch.get_num_threads()  # run() sets its --threads default (1); put the suite's back after
+    capsys.readouterr()
+    try:
+        status = cli.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    return status, capsys.readouterr().err.splitlines()
+
+
+BAD_OPTIONS = [
+    (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    (["--lr", "0"], "--lr must be a finite number > 0, got 0"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0, got nan"),
+    (["--grad-clip", "nan"], "--grad-clip must be a finite number >= 0 (0: off), got nan"),
+    (["--grad-clip", "-1"], "--grad-clip must be a finite number >= 0 (0: off), got -1"),
+    (["--min-lr=-inf"], "--min-lr must be a finite number >= 0, got -inf"),
+    (["--min-lr", "0.1"], "--min-lr must be <= --lr (the cosine falls from --lr to --min-lr), got --min-lr 0.1 "
+                          "and --lr 0.001"),
+    (["--warmup-epochs", "-0.5"], "--warmup-epochs must be a finite number >= 0, got -0.5"),
+    (["--label-smoothing", "1"], "--label-smoothing must be a finite number in [0, 1), got 1"),
+    (["--dropout", "-0.1"], "--dropout must be a finite number in [0, 1), got -0.1"),
+    (["--epochs", "0"], "--epochs must be an integer >= 1, got 0"),
+    (["--batch-size", "-3"], "--batch-size must be an integer >= 1, got -3"),
+    (["--eval-every", "0"], "--eval-every must be an integer >= 1, got 0"),
+    (["--threads", "-1"], "--threads must be an integer >= 0, got -1"),
+    (["--ensemble", "0"], "--ensemble must be an integer >= 1, got 0"),
+    (["--synthetic-length", "8"], "--synthetic-length must be an integer >= 16, got 8"),
+    (["--lstm-layers", "0"], "--lstm-layers must be an integer >= 1, got 0"),
+    (["--heads", "5"], "--heads must divide 2 * --lstm-hidden = 12 (the attention's width), got 5"),
+    (["--stop-after", "3"], "--stop-after must be in [1, --ensemble * --epochs = 2], got 3"),
+    (["--class-weights", "1,nan,1,1"], "--class-weights must be 'balanced' or 4 comma-separated finite numbers >= 0 "
+                                       "(one per class, not all 0), got '1,nan,1,1'"),
+    (["--class-weights", "1,2"], "--class-weights must be 'balanced' or 4 comma-separated finite numbers >= 0 "
+                                 "(one per class, not all 0), got '1,2'"),
+]
+
+
+@pytest.mark.parametrize("options,message", BAD_OPTIONS, ids=[" ".join(o) for o, _ in BAD_OPTIONS])
+def test_cli_rejects_bad_options(options, message, capsys):
+    status, err = _cli_main(["train", *TINY_CLI, "--epochs", "2", "--quiet", *options], capsys)
+    assert (status, err) == (2, [f"fastmsc train: error: {message}"])
+
+
+def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
+    folder = tmp_path / "Big"
+    folder.mkdir()
+    body = "@problemName Big\n@univariate true\n@classLabel true a b\n@data\n1,2,3:a\n4,1e39,6:b\n"
+    for split in ("TRAIN", "TEST"):
+        (folder / f"Big_{split}.ts").write_text(body)
+    status, err = _cli_main(["train", *TINY_CLI, "--quiet", "--data", str(folder)], capsys)
+    assert (status, err) == (2, [f"fastmsc train: error: {folder / 'Big_TRAIN.ts'}, line 6: channel 1, value 2: "
+                                 f"'1e39' is beyond the range of float32 (|x| <= 3.403e+38), the dtype the data "
+                                 f"are stored and trained in"])
+
+
+def test_cli_resume_refuses_changed_settings(tmp_path, capsys):
+    checkpoint = tmp_path / "c.pt"
+    base = ["train", *TINY_CLI, "--epochs", "2", "--quiet", "--checkpoint", str(checkpoint)]
+    assert _cli_main(base + ["--stop-after", "1"], capsys)[0] == 0
+    for options, message in [
+        (["--dropout", "0.5"], "--dropout is 0.5 but the checkpoint has 0.3"),
+        (["--weight-decay", "0.01", "--no-conv-norm"],
+         "--weight-decay is 0.01 but the checkpoint has 0.05; conv norm (--no-conv-norm) is False but the "
+         "checkpoint has True"),
+        (["--synthetic-train", "25"], "number of training series is 25 but the checkpoint has 24; "
+                                      "--synthetic-train is 25 but the checkpoint has 24"),
+        (["--class-weights", "balanced"], "--class-weights is [1.0, 1.0, 1.0, 1.0] but the checkpoint has None"),
+    ]:
+        status, err = _cli_main(base + ["--resume", str(checkpoint), *options], capsys)
+        assert (status, err) == (2, [f"fastmsc train: error: cannot resume from {checkpoint}: {message}"])
+    status, err = _cli_main(base + ["--resume", str(tmp_path / "absent.pt")], capsys)
+    assert (status, err) == (2, [f"fastmsc train: error: checkpoint {tmp_path / 'absent.pt'} does not exist"])
+    assert _cli_main(base + ["--resume", str(checkpoint)], capsys) == (0, [])
+    assert train.load_checkpoint(checkpoint)["epoch"] == 2
 
 
 def _parse_cli(argv):
