@@ -189,7 +189,7 @@ def test_lstm_module_empty_batch(backend, batch_first, bidirectional, with_lengt
 def test_lstm_module_rejects_input_size_zero_like_torch():
     with pytest.raises(ValueError):
         torch.nn.LSTM(0, 4)
-    with pytest.raises(ValueError, match="input_size must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="input_size must be greater than zero, got 0"):
         fastmsc.nn.LSTM(0, 4)
 
 
