@@ -13,9 +13,8 @@ import fnmatch
 import pytest
 import torch
 
-from fastmsc.bench.baselines import NAIVE
 from fastmsc.bench.cases import default_cases, modes_for
-from fastmsc.bench.harness import BACKEND_CHOICES, Options, Unavailable, check_threads, make_workload
+from fastmsc.bench.harness import BACKEND_CHOICES, Options, Unavailable, applies, check_threads, make_workload
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -80,8 +79,8 @@ def pytest_generate_tests(metafunc):
     for case in default_cases(op, quick=options.quick, device_type=options.device.type):
         for mode in modes_for(op):
             for backend in options.backends:  # innermost, so one workload serves consecutive tests
-                if backend == "naive" and op not in NAIVE:
-                    continue  # a hand-written baseline exists only for some ops
+                if not applies(op, backend):
+                    continue  # a hand-written (naive) baseline exists only for some ops
                 params.append((case, mode, backend))
                 ids.append(f"{mode.replace(' ', '_')}-{case.shape.replace(' ', '-')}-{backend}")
     metafunc.parametrize("bench_target", params, ids=ids)

@@ -8,6 +8,7 @@ import sys
 import torch
 
 from .. import dispatch
+from .._device import compute_capability
 from .cases import INPUT_FACTORIES, MODEL, OP_MODES, all_ops
 from .harness import BACKEND_CHOICES, FAILED, Options, run_suite
 from .report import check_csv, environment, format_table, matplotlib_missing, plot, read_csv, write_csv
@@ -102,7 +103,7 @@ def _print_tables(paths: list[str]) -> int:
 
 def _dispatch_rows(results, device: torch.device, env: dict) -> list[dict]:
     """One row per (op case, mode) with a timed torch backend, for fastmsc.dispatch.verdicts."""
-    capability = 10 * torch.cuda.get_device_capability(device)[0] + torch.cuda.get_device_capability(device)[1]
+    capability = compute_capability(device)
     versions = f"fastmsc {env['fastmsc']}, torch {env['torch']}, triton {env['triton'] or 'absent'}"
     by_case: dict[tuple, dict] = {}
     for r in results:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backend import OPS, use_backend
+from ..dispatch import dtype_name
 from ..nn import LSTM
 from ..ops.attention import sdpa_backend
 from .baselines import NAIVE
@@ -125,10 +126,6 @@ class Runner:
     step: Callable[[], Callable[[], object]]
     saved_bytes: Callable[[], int | None]
     note: str = ""
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def tf32_enabled() -> bool:
@@ -345,10 +342,6 @@ class OpWorkload:
 
         return Runner(lambda: self._check(impl, tf32), step, saved, note)
 
-    def applies(self, backend: str) -> bool:
-        """Whether ``backend`` gets a row for this op (``naive`` only where a naive baseline exists)."""
-        return backend != "naive" or self.case.op in NAIVE
-
     def resolve(self, backend: str) -> Runner | Unavailable:
         device = self.options.device
         if backend == "reference":
@@ -381,6 +374,12 @@ class OpWorkload:
             torch._dynamo.reset()  # a fresh cache per workload: no recompile limit, no shape generalisation
             return self._runner(torch.compile(self.op.torch, dynamic=False))
         raise ValueError(f"unknown backend {backend!r}; valid backends are {', '.join(BACKEND_CHOICES)}")
+
+
+def applies(op: str, backend: str) -> bool:
+    """Whether ``backend`` gets a row for ``op`` (an OPS name or "model"): ``naive`` only where a naive baseline
+    exists."""
+    return backend != "naive" or op in NAIVE
 
 
 def l2_evictor(device: torch.device) -> Callable[[], object]:
@@ -476,9 +475,6 @@ class ModelWorkload:
                                           exclude=list(timed["model"].parameters()))
 
         return Runner(lambda: self._check(backend_name, build), step, saved, note)
-
-    def applies(self, backend: str) -> bool:
-        return backend != "naive"
 
     def resolve(self, backend: str) -> Runner | Unavailable:
         device = self.options.device
@@ -577,7 +573,8 @@ def _record_timing(row: Result, runner: Runner, timing) -> None:
 def measure_backends(workload, backends: Sequence[str], options: Options) -> list[Result]:
     """Check every backend on ``workload`` against the reference, then time those that agree round-robin
     (one call of each in turn, see fastmsc.bench.timing), so that their ratios share the machine's state."""
-    checked = [(backend, *_checked(workload, backend, options)) for backend in backends if workload.applies(backend)]
+    checked = [(backend, *_checked(workload, backend, options))
+               for backend in backends if applies(workload.case.op, backend)]
     steps = {}
     for backend, row, runner in checked:
         if runner is None:
@@ -657,12 +654,12 @@ def run_suite(options: Options, ops: Sequence[str], cases: dict[str, list[Case]]
 
 
 def _skipped_rows(case: Case, mode: str, options: Options, why: str) -> list[Result]:
-    backends = [b for b in options.backends if b != "naive" or (case.op in NAIVE)]
+    backends = [b for b in options.backends if applies(case.op, b)]
     return [Result(case.op, mode, case.shape, dtype_name(options.dtype), b, "skipped", note=why) for b in backends]
 
 
 __all__ = [
     "BACKEND_CHOICES", "CheckOutcome", "ModelWorkload", "OpWorkload", "Options", "Result", "Unavailable",
-    "add_rates", "add_speedups", "check_threads", "compare", "compile_model", "l2_evictor", "make_workload",
+    "add_rates", "add_speedups", "applies", "check_threads", "compare", "compile_model", "l2_evictor", "make_workload",
     "measure", "measure_backends", "run_suite", "tolerance",
 ]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .harness import Result, tf32_enabled
+from .harness import Result, dtype_name, tf32_enabled
 from .timing import Stats
 
 ENV_COLUMNS = ("timestamp", "device", "device_name", "threads", "python", "torch", "triton", "fastmsc",
@@ -65,7 +65,7 @@ def environment(device: torch.device, peaks=None, dtype: torch.dtype | None = No
         "fastmsc": __version__,
         "peak_copy_gbps": "" if peaks is None else f"{peaks.copy_gbps:.6g}",
         "peak_matmul_tflops": "" if peaks is None or dtype is None
-        else f"{peaks.matmul_tflops.get(str(dtype).replace('torch.', ''), float('nan')):.6g}",
+        else f"{peaks.matmul_tflops.get(dtype_name(dtype), float('nan')):.6g}",
         "peaks": "" if peaks is None else peaks.describe(),
     }
 

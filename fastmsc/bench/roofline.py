@@ -23,12 +23,13 @@ Counts per op (B batch, T steps; element size s of the dtype):
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass, field
 
 import torch
 
+from ..dispatch import dtype_name
 from .cases import KERNEL_SIZES, MODEL, Case
+from .timing import time_step
 
 
 @dataclass(frozen=True)
@@ -52,28 +53,8 @@ class Peaks:
                 f"{rates}{f' ({self.note})' if self.note else ''}")
 
 
-def _median_ms(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-    import time
-
-    times = []
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
+def _median_ms(fn, device: torch.device, repeats: int) -> float:
+    return time_step(fn, device, repeats, warmup=2)[0].median_ms
 
 
 def _copy_ms(device: torch.device, nbytes: int, repeats: int) -> float:
@@ -104,7 +85,7 @@ def measure_peaks(device: torch.device, dtypes: list[torch.dtype]) -> Peaks:
         except RuntimeError as exc:  # a dtype without a matmul on this device
             peaks.note += f"no {dtype} matmul here ({exc}); "
             continue
-        peaks.matmul_tflops[str(dtype).replace("torch.", "")] = 2 * n**3 / (ms * 1e-3) / 1e12
+        peaks.matmul_tflops[dtype_name(dtype)] = 2 * n**3 / (ms * 1e-3) / 1e12
     if cuda:
         torch.cuda.empty_cache()
         if torch.backends.cuda.matmul.allow_tf32:
