@@ -243,6 +243,52 @@ def test_lstm_lengths_equals_packing(backend, proj):
         assert_close(a, b, f"gradient {i} (input, hx, then parameters) {what}", **TOL)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("backend", MODULE_BACKENDS)
+def test_lstm_projection_loads_torch_state_and_matches_every_output_and_gradient(backend, num_layers, bidirectional):
+    """proj_size on every layer count and direction: torch's state_dict loaded into ours, then padded input with
+    hx, a PackedSequence and ``lengths`` each give torch's outputs and gradients (input, hx, every parameter)."""
+    draw = Draw()
+    H = draw.int(2, 7)
+    config = {"input_size": draw.int(1, 6), "hidden_size": H, "proj_size": draw.int(1, H - 1),
+              "num_layers": num_layers, "bidirectional": bidirectional, "batch_first": draw.choice((True, False)),
+              "bias": draw.choice((True, False))}
+    stock = nn.LSTM(**config, dtype=torch.float64)
+    fast = LSTM(**config, dtype=torch.float64)
+    fast.load_state_dict(stock.state_dict())
+    assert list(fast.state_dict()) == list(stock.state_dict()) == stock._flat_weights_names
+    B, T = draw.int(2, 5), draw.int(2, 10)
+    lengths = draw.lengths(B, T, "mixed")
+    x = draw.randn(B, T, config["input_size"])  # batch first; transposed below when the modules are not
+    hx = tuple(draw.randn(*shape) for shape in hx_shapes(config, B))
+
+    def run(module, mode):
+        leaves = [t.clone().requires_grad_() for t in (x, *hx)]
+        inp = leaves[0] if config["batch_first"] else leaves[0].transpose(0, 1)
+        with fastmsc.use_backend(backend):
+            if mode == "padded":
+                out, (h_n, c_n) = module(inp, tuple(leaves[1:]))
+            elif mode == "packed" or module is stock:
+                packed = pack_padded_sequence(inp, lengths, batch_first=config["batch_first"], enforce_sorted=False)
+                out, (h_n, c_n) = module(packed, tuple(leaves[1:]))
+                out = pad_packed_sequence(out, batch_first=config["batch_first"], total_length=T)[0]
+            else:
+                out, (h_n, c_n) = module(inp, tuple(leaves[1:]), lengths=lengths)
+        outs = (out, h_n, c_n)
+        cot = [torch.sin(torch.arange(o.numel(), dtype=o.dtype)).reshape(o.shape) for o in outs]
+        return outs, grads_of(outs, [*leaves, *module.parameters()], cot)
+
+    for mode in ("padded", "packed", "lengths"):
+        what = f"{mode} {config} lengths={lengths.tolist()} {draw.tag()}"
+        (want, want_grads), (got, got_grads) = run(stock, mode), run(fast, mode)
+        for name, a, b in zip(("output", "h_n", "c_n"), got, want, strict=True):
+            assert a.shape == b.shape, f"{name} shape {tuple(a.shape)} != {tuple(b.shape)}: {what}"
+            assert_close(a, b, f"{name} {what}", **TOL)
+        for i, (a, b) in enumerate(zip(got_grads, want_grads, strict=True)):
+            assert_close(a, b, f"gradient {i} (input, h_0, c_0, then parameters) {what}", **TOL)
+
+
 def test_lstm_dropout_only_between_layers_in_training():
     draw = Draw()
     stock, fast = lstm_pair(draw, input_size=3, hidden_size=4, num_layers=2, dropout=0.5)
