@@ -461,8 +461,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmsc::lstm_fwd", [&] {
     using T = scalar_t;
     forward_impl<T>(s, x.data_ptr<T>(), w_ih.data_ptr<T>(), bias.defined() ? bias.data_ptr<T>() : nullptr,
-                    w_hh.data_ptr<T>(), w_hr.defined() ? w_hr.data_ptr<T>() : nullptr, lens_ptr, present(h0), out.data_ptr<T>(), h_n.data_ptr<T>(),
-                    c_n.data_ptr<T>(), training ? gates.data_ptr<T>() : nullptr,
+                    w_hh.data_ptr<T>(), w_hr.defined() ? w_hr.data_ptr<T>() : nullptr, lens_ptr, present(h0),
+                    out.data_ptr<T>(), h_n.data_ptr<T>(), c_n.data_ptr<T>(), training ? gates.data_ptr<T>() : nullptr,
                     training ? cells.data_ptr<T>() : nullptr);
   });
   return {out, h_n, c_n, gates, cells};
@@ -499,12 +499,12 @@ void backward_loop(const LstmSizes& s, const at::Tensor& w_hh, const T* w_hr, co
       const int64_t t_prev = d == 0 ? t - 1 : t + 1;
       T* dg_t = dgates + t * D * G + d * G;
       T* dh_t = projected ? dh_all + t * D * R + d * R : nullptr;
-      // A row's inputs to its cell backward: the gradient dh reaching its o * tanh(c), and the carry bookkeeping.
-      // Without projection dh is dh_carry + dout, summed inside the row kernel; with it, that sum is first
-      // projected back through w_hr (below), so this pass only forms and keeps it.
+      // dh reaching h_t: from the recurrent GEMM of the step handled before, else the carried value (the h_n
+      // gradient before a sequence's last step, or a finished sequence's h0 gradient); a padded step after which
+      // the sequence is still running (the reverse direction's padding) carries the GEMM's value on.
+      // Without projection the row kernel adds dout to it; with it, dh_carry + dout must first go back through
+      // w_hr (one GEMM for all rows), so a separate pass forms that sum and keeps it for dW_hr.
       auto carry = [&](int64_t b, int64_t len, bool next_valid) -> const T* {
-        // dh reaching h_t: from the recurrent GEMM of the step handled before, else the carried value
-        // (the h_n gradient before a sequence's last step, or a finished sequence's h0 gradient).
         const T* dh_carry = next_valid ? dhr + b * R : dhs + b * R;
         if (t >= len && next_valid) std::copy(dh_carry, dh_carry + R, dhs + b * R);
         return dh_carry;

@@ -97,11 +97,10 @@ __global__ void __launch_bounds__(kThreads) project_step_kernel(const T* __restr
 // (B, T, D*P), kept for dW_hr, and dh_step (D, B, P), which the GEMM dr = dh_step · w_hr maps back to
 // o * tanh(c); both are zero past the sequence end.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) projected_dh_kernel(const T* __restrict__ dout, const T* __restrict__ dh_rec,
-                                                                T* __restrict__ dh_state, T* __restrict__ dh_all,
-                                                                T* __restrict__ dh_step,
-                                                                const int64_t* __restrict__ lens, int64_t B,
-                                                                int64_t steps, int64_t P, int64_t D, int64_t step) {
+__global__ void __launch_bounds__(kThreads)
+    projected_dh_kernel(const T* __restrict__ dout, const T* __restrict__ dh_rec, T* __restrict__ dh_state,
+                        T* __restrict__ dh_all, T* __restrict__ dh_step, const int64_t* __restrict__ lens, int64_t B,
+                        int64_t steps, int64_t P, int64_t D, int64_t step) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= D * B * P) return;
   const int64_t k = idx % P, b = (idx / P) % B, d = idx / (P * B);
@@ -294,7 +293,8 @@ LstmGrads lstm_bwd_cuda(const c10::optional<at::Tensor>& grad_out, const c10::op
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, G = 4 * H, N = B * T_, R = s.proj;
-  TORCH_CHECK(out_in.sizes() == at::IntArrayRef({B, T_, D * R}) && cells_in.sizes() == at::IntArrayRef({B, T_, D * H}) &&
+  TORCH_CHECK(out_in.sizes() == at::IntArrayRef({B, T_, D * R}) &&
+                  cells_in.sizes() == at::IntArrayRef({B, T_, D * H}) &&
                   gates_in.sizes() == at::IntArrayRef({B, T_, D * G}),
               "fastmsc::lstm_bwd: out must have shape (", B, ", ", T_, ", ", D * R, "), cells (", B, ", ", T_, ", ",
               D * H, ") and gates (", B, ", ", T_, ", ", D * G, "), got ", out_in.sizes(), ", ", cells_in.sizes(),
