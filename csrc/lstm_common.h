@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include <initializer_list>
 #include <tuple>
 #include <utility>
 
