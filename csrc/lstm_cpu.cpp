@@ -7,8 +7,12 @@
 // bias and turns the pre-activations into c and h (training also stores the activated gates and c for
 // the backward).
 // The two directions are independent recurrences and run on two threads.
+// With a projection (w_hr, torch.nn.LSTM's proj_size) the pass writes o * tanh(c) to a scratch buffer and one
+// more GEMM per step projects it to h = (o * tanh(c)) @ w_hr^T.
 // Backward: BPTT with one pass per step (gate gradients dG) and the recurrent GEMM dh = dG @ w_hh;
-// dW_ih = dG^T x, dW_hh = dG^T h_prev, the bias gradient and dx are a few large GEMMs after the loop.
+// dW_ih = dG^T x, dW_hh = dG^T h_prev, the bias gradient and dx are a few large GEMMs after the loop. With a
+// projection each step first sums the gradient reaching h (kept for dW_hr = dh^T (o * tanh(c)), whose right
+// factor is recomputed from the saved gates and cells) and maps it back through w_hr with one GEMM.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
@@ -22,6 +26,7 @@
 #include <cstring>
 #include <initializer_list>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -77,8 +82,9 @@ namespace {
 // the compiler sees no aliasing and vectorises without runtime checks.
 
 // z: the row's gate pre-activations without the bias (4 blocks of H). Training also stores the activated
-// gates (act, 4 blocks of H) and the cell state (c_out) for the backward.
-template <typename T, bool kTrain>
+// gates (act, 4 blocks of H) and the cell state (c_out) for the backward. kProj: o * tanh(c) goes to h_state
+// only (a scratch row the projection GEMM reads; h_out is unused), not yet the layer's output.
+template <typename T, bool kTrain, bool kProj>
 FASTMSC_HD void forward_row(const T* __restrict z, const T* __restrict bias, T* __restrict c_state,
                             T* __restrict h_state, T* __restrict h_out, T* __restrict c_out, T* __restrict act,
                             int64_t H) {
@@ -107,7 +113,7 @@ FASTMSC_HD void forward_row(const T* __restrict z, const T* __restrict bias, T* 
     }
     c_state[j] = c;
     h_state[j] = h;
-    h_out[j] = h;
+    if constexpr (!kProj) h_out[j] = h;
   }
 }
 
@@ -134,10 +140,18 @@ FASTMSC_HD void backward_row(const T* __restrict act, const T* __restrict c, con
 
 #define FASTMSC_ROW_VARIANTS(T, SUFFIX, CLONES)                                                               \
   CLONES void forward_row_train_##SUFFIX(const T* z, const T* b, T* cs, T* hs, T* ho, T* co, T* act, int64_t H) { \
-    forward_row<T, true>(z, b, cs, hs, ho, co, act, H);                                                       \
+    forward_row<T, true, false>(z, b, cs, hs, ho, co, act, H);                                                \
   }                                                                                                           \
   CLONES void forward_row_infer_##SUFFIX(const T* z, const T* b, T* cs, T* hs, T* ho, T* co, T* act, int64_t H) { \
-    forward_row<T, false>(z, b, cs, hs, ho, co, act, H);                                                      \
+    forward_row<T, false, false>(z, b, cs, hs, ho, co, act, H);                                               \
+  }                                                                                                           \
+  CLONES void forward_row_train_proj_##SUFFIX(const T* z, const T* b, T* cs, T* hs, T* ho, T* co, T* act,      \
+                                              int64_t H) {                                                    \
+    forward_row<T, true, true>(z, b, cs, hs, ho, co, act, H);                                                 \
+  }                                                                                                           \
+  CLONES void forward_row_infer_proj_##SUFFIX(const T* z, const T* b, T* cs, T* hs, T* ho, T* co, T* act,      \
+                                              int64_t H) {                                                    \
+    forward_row<T, false, true>(z, b, cs, hs, ho, co, act, H);                                                \
   }                                                                                                           \
   CLONES void backward_row_##SUFFIX(const T* act, const T* c, const T* cp, const T* dh, const T* dout, T* dc, \
                                     T* dgates, int64_t H) {                                                   \
@@ -153,12 +167,16 @@ template <>
 struct Rows<float> {
   static constexpr auto fwd_train = forward_row_train_f32;
   static constexpr auto fwd_infer = forward_row_infer_f32;
+  static constexpr auto fwd_train_proj = forward_row_train_proj_f32;
+  static constexpr auto fwd_infer_proj = forward_row_infer_proj_f32;
   static constexpr auto bwd = backward_row_f32;
 };
 template <>
 struct Rows<double> {
   static constexpr auto fwd_train = forward_row_train_f64;
   static constexpr auto fwd_infer = forward_row_infer_f64;
+  static constexpr auto fwd_train_proj = forward_row_train_proj_f64;
+  static constexpr auto fwd_infer_proj = forward_row_infer_proj_f64;
   static constexpr auto bwd = backward_row_f64;
 };
 
@@ -309,14 +327,15 @@ inline int64_t projection_chunk_steps(int64_t batch, int64_t steps) {
 // direction copies its chunk's inputs step-major, projects them with one GEMM into a small buffer (instead of
 // one (B, T, D*4H) GEMM for everything up front, which is written and read back through memory), then adds the
 // recurrent product step by step and applies the gates. Training (gates non-null): the activated gates
-// (B, T, D*4H) and cell states (B, T, D*H) are stored for the backward.
+// (B, T, D*4H) and cell states (B, T, D*H) are stored for the backward. w_hr (D, P, H) or null: the projection.
 template <typename T>
-void forward_impl(const LstmSizes& s, const T* x, const T* w_ih, const T* bias, const T* w_hh, const int64_t* lens,
-                  bool has_h0, T* out, T* h_state, T* c_state, T* gates, T* cells) {
-  const int64_t B = s.batch, T_ = s.steps, I = s.input, H = s.hidden, D = s.directions, G = 4 * H;
-  const int64_t ld_out = T_ * D * H, ld_gates = T_ * D * G;
-  const bool training = gates != nullptr;
-  const auto row = training ? Rows<T>::fwd_train : Rows<T>::fwd_infer;
+void forward_impl(const LstmSizes& s, const T* x, const T* w_ih, const T* bias, const T* w_hh, const T* w_hr,
+                  const int64_t* lens, bool has_h0, T* out, T* h_state, T* c_state, T* gates, T* cells) {
+  const int64_t B = s.batch, T_ = s.steps, I = s.input, H = s.hidden, D = s.directions, G = 4 * H, R = s.proj;
+  const int64_t ld_out = T_ * D * R, ld_cells = T_ * D * H, ld_gates = T_ * D * G;
+  const bool training = gates != nullptr, projected = w_hr != nullptr;
+  const auto row = training ? (projected ? Rows<T>::fwd_train_proj : Rows<T>::fwd_train)
+                            : (projected ? Rows<T>::fwd_infer_proj : Rows<T>::fwd_infer);
   const std::vector<T> zero_bias(bias == nullptr ? G : 0, T(0));
   const int64_t chunk = projection_chunk_steps(B, T_);
   // With more threads than directions the projections run between the chunks' recurrences, each GEMM on all
@@ -325,12 +344,23 @@ void forward_impl(const LstmSizes& s, const T* x, const T* w_ih, const T* bias, 
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   const at::Tensor x_chunks = at::empty({D, chunk * B, I}, options);
   const at::Tensor z_chunks = at::empty({D, chunk * B, G}, options);
-  std::vector<PackedWeightGemm<T>> projections, recurrents;
+  std::vector<PackedWeightGemm<T>> projections, recurrents, hidden_projections;
   projections.reserve(D);
   recurrents.reserve(D);
   for (int64_t d = 0; d < D; ++d) {
     projections.emplace_back(chunk * B, G, I, w_ih + d * G * I, I, /*w_transposed=*/true, G);
-    recurrents.emplace_back(B, G, H, w_hh + d * G * H, H, /*w_transposed=*/true, G);
+    recurrents.emplace_back(B, G, R, w_hh + d * G * R, R, /*w_transposed=*/true, G);
+  }
+  // With the projection: o * tanh(c) of the step (D, B, H) and its projection (D, B, R), copied to the state and
+  // the output of the rows still running. Zeroed so that finished rows, which the pass skips, hold finite values.
+  at::Tensor unprojected, projected_h;
+  if (projected) {
+    unprojected = at::zeros({D, B, H}, options);
+    projected_h = at::empty({D, B, R}, options);
+    hidden_projections.reserve(D);
+    for (int64_t d = 0; d < D; ++d) {
+      hidden_projections.emplace_back(B, R, H, w_hr + d * R * H, H, /*w_transposed=*/true, R);
+    }
   }
 
   auto time_of = [&](int64_t d, int64_t step) { return d == 0 ? step : T_ - 1 - step; };
@@ -349,32 +379,48 @@ void forward_impl(const LstmSizes& s, const T* x, const T* w_ih, const T* bias, 
     }
   };
   auto recur = [&](int64_t d, int64_t first, int64_t n) {
-    T* hs = h_state + d * B * H;
+    T* hs = h_state + d * B * R;
     T* cs = c_state + d * B * H;
+    T* unprojected_d = projected ? unprojected.data_ptr<T>() + d * B * H : nullptr;
     const T* bias_d = bias != nullptr ? bias + d * G : zero_bias.data();
     for (int64_t k = 0; k < n; ++k) {
       const int64_t step = first + k, t = time_of(d, step);
       T* z = z_chunks.data_ptr<T>() + (d * chunk + k) * B * G;  // (B, 4H) pre-activations of this step
       // Without h0 the first recurrent product is zero.
-      if (step > 0 || has_h0) recurrents[d].run(hs, H, T(1), z, G);
+      if (step > 0 || has_h0) recurrents[d].run(hs, R, T(1), z, G);
       at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
-          const int64_t offset = b * ld_out + t * D * H + d * H;
+          const int64_t out_at = b * ld_out + t * D * R + d * R;
           T* act = training ? gates + b * ld_gates + t * D * G + d * G : nullptr;
-          T* c_out = training ? cells + offset : nullptr;
+          T* c_out = training ? cells + b * ld_cells + t * D * H + d * H : nullptr;
           if (lens != nullptr && t >= lens[b]) {
             // Past this sequence's end: output zero, state carried unchanged (as packing gives). The saved
             // gates and cells there are never read; zeros keep the returned tensors free of stale memory.
-            std::fill(out + offset, out + offset + H, T(0));
+            std::fill(out + out_at, out + out_at + R, T(0));
             if (training) {
               std::fill(act, act + G, T(0));
               std::fill(c_out, c_out + H, T(0));
             }
             continue;
           }
-          row(z + b * G, bias_d, cs + b * H, hs + b * H, out + offset, c_out, act, H);
+          if (projected) {
+            row(z + b * G, bias_d, cs + b * H, unprojected_d + b * H, nullptr, c_out, act, H);
+          } else {
+            row(z + b * G, bias_d, cs + b * H, hs + b * H, out + out_at, c_out, act, H);
+          }
         }
       });
+      if (projected) {
+        T* h_new = projected_h.data_ptr<T>() + d * B * R;
+        hidden_projections[d].run(unprojected_d, H, T(0), h_new, R);
+        at::parallel_for(0, B, row_grain(R), [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b) {
+            if (lens != nullptr && t >= lens[b]) continue;
+            std::copy(h_new + b * R, h_new + (b + 1) * R, hs + b * R);
+            std::copy(h_new + b * R, h_new + (b + 1) * R, out + b * ld_out + t * D * R + d * R);
+          }
+        });
+      }
     }
   };
 
@@ -393,19 +439,20 @@ void forward_impl(const LstmSizes& s, const T* x, const T* w_ih, const T* bias, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_cpu(
     const at::Tensor& x_in, const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
     const c10::optional<at::Tensor>& bias_in, const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& c0,
-    const c10::optional<at::Tensor>& lengths, bool training) {
-  const LstmSizes s = check_lstm_args(x_in, w_ih_in, w_hh_in, bias_in, h0, c0, lengths);
+    const c10::optional<at::Tensor>& lengths, bool training, const c10::optional<at::Tensor>& w_hr_in) {
+  const LstmSizes s = check_lstm_args(x_in, w_ih_in, w_hh_in, bias_in, h0, c0, lengths, w_hr_in);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions;
+  const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, R = s.proj;
   const at::Tensor x = x_in.contiguous();
   const at::Tensor w_hh = w_hh_in.contiguous();
   const at::Tensor w_ih = w_ih_in.contiguous();
   const at::Tensor bias = present(bias_in) ? bias_in->contiguous() : at::Tensor();
+  const at::Tensor w_hr = s.projected ? w_hr_in->contiguous() : at::Tensor();
   // The activated gates for the backward, written by the forward pass.
   at::Tensor gates = training ? at::empty({B, T_, D * 4 * H}, x.options()) : at::empty({0}, x.options());
-  at::Tensor out = at::empty({B, T_, D * H}, x.options());
-  at::Tensor h_n = state_or_zeros(h0, s, x);
-  at::Tensor c_n = state_or_zeros(c0, s, x);
+  at::Tensor out = at::empty({B, T_, D * R}, x.options());
+  at::Tensor h_n = state_or_zeros(h0, s, R, x);
+  at::Tensor c_n = state_or_zeros(c0, s, H, x);
   at::Tensor cells = training ? at::empty({B, T_, D * H}, x.options()) : at::empty({0}, x.options());
   const at::Tensor lens = present(lengths) ? lengths->contiguous() : at::Tensor();
   const int64_t* lens_ptr = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
@@ -414,8 +461,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmsc::lstm_fwd", [&] {
     using T = scalar_t;
     forward_impl<T>(s, x.data_ptr<T>(), w_ih.data_ptr<T>(), bias.defined() ? bias.data_ptr<T>() : nullptr,
-                    w_hh.data_ptr<T>(), lens_ptr, present(h0), out.data_ptr<T>(), h_n.data_ptr<T>(),
-                    c_n.data_ptr<T>(), training ? gates.data_ptr<T>() : nullptr,
+                    w_hh.data_ptr<T>(), w_hr.defined() ? w_hr.data_ptr<T>() : nullptr, lens_ptr, present(h0),
+                    out.data_ptr<T>(), h_n.data_ptr<T>(), c_n.data_ptr<T>(), training ? gates.data_ptr<T>() : nullptr,
                     training ? cells.data_ptr<T>() : nullptr);
   });
   return {out, h_n, c_n, gates, cells};
@@ -423,20 +470,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_
 
 // ---------------------------------------------------------------------------------------------------
 
+// dh_all (B, T, D*P), with the projection only: the gradient reaching each step's h (zero at padded steps), the
+// left factor of dW_hr; w_hr (D, P, H) maps it back to o * tanh(c) through one GEMM per step (into dr, (D, B, H)).
 template <typename T>
-void backward_loop(const LstmSizes& s, const at::Tensor& w_hh, const int64_t* lens, const T* c0, const T* dout,
-                   const T* gates, const T* cells, bool need_dstate, T* dgates, T* dh_state, T* dh_rec, T* dc_state) {
-  const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, G = 4 * H;
-  const int64_t ld_gates = T_ * D * G, ld_state = T_ * D * H;
-  std::vector<T> zeros(H, T(0));
+void backward_loop(const LstmSizes& s, const at::Tensor& w_hh, const T* w_hr, const int64_t* lens, const T* c0,
+                   const T* dout, const T* gates, const T* cells, bool need_dstate, T* dgates, T* dh_state, T* dh_rec,
+                   T* dc_state, T* dh_all, T* dr) {
+  const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, G = 4 * H, R = s.proj;
+  const int64_t ld_gates = T_ * D * G, ld_state = T_ * D * H, ld_out = T_ * D * R;
+  const bool projected = w_hr != nullptr;
+  std::vector<T> zeros(std::max(H, R), T(0));
   const T* zero_row = zeros.data();
 
   for_each_direction(D, [&](int64_t d) {
-    const T* w = w_hh.data_ptr<T>() + d * G * H;
-    T* dhs = dh_state + d * B * H;
-    T* dhr = dh_rec + d * B * H;
+    const T* w = w_hh.data_ptr<T>() + d * G * R;
+    T* dhs = dh_state + d * B * R;
+    T* dhr = dh_rec + d * B * R;
     T* dcs = dc_state + d * B * H;
-    const PackedWeightGemm<T> recurrent(B, H, G, w, H, /*w_transposed=*/false, ld_gates);
+    T* dr_d = projected ? dr + d * B * H : nullptr;
+    const PackedWeightGemm<T> recurrent(B, R, G, w, R, /*w_transposed=*/false, ld_gates);
+    std::optional<PackedWeightGemm<T>> unproject;
+    if (projected) unproject.emplace(B, H, R, w_hr + d * R * H, H, /*w_transposed=*/false, ld_out);
     // Backward walks the forward order in reverse. "next" is the step the forward ran after t (handled
     // just before in this loop), "prev" the one it ran before t.
     for (int64_t step = T_ - 1; step >= 0; --step) {
@@ -444,30 +498,56 @@ void backward_loop(const LstmSizes& s, const at::Tensor& w_hh, const int64_t* le
       const int64_t t_next = d == 0 ? t + 1 : t - 1;
       const int64_t t_prev = d == 0 ? t - 1 : t + 1;
       T* dg_t = dgates + t * D * G + d * G;
+      T* dh_t = projected ? dh_all + t * D * R + d * R : nullptr;
+      // dh reaching h_t: from the recurrent GEMM of the step handled before, else the carried value (the h_n
+      // gradient before a sequence's last step, or a finished sequence's h0 gradient); a padded step after which
+      // the sequence is still running (the reverse direction's padding) carries the GEMM's value on.
+      // Without projection the row kernel adds dout to it; with it, dh_carry + dout must first go back through
+      // w_hr (one GEMM for all rows), so a separate pass forms that sum and keeps it for dW_hr.
+      auto carry = [&](int64_t b, int64_t len, bool next_valid) -> const T* {
+        const T* dh_carry = next_valid ? dhr + b * R : dhs + b * R;
+        if (t >= len && next_valid) std::copy(dh_carry, dh_carry + R, dhs + b * R);
+        return dh_carry;
+      };
+      if (projected) {
+        at::parallel_for(0, B, row_grain(R), [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b) {
+            const int64_t len = lens != nullptr ? lens[b] : T_;
+            const bool next_valid = step < T_ - 1 && t_next >= 0 && t_next < len;
+            const T* dh_carry = carry(b, len, next_valid);
+            T* dh_row = dh_t + b * ld_out;
+            if (t >= len) {
+              std::fill(dh_row, dh_row + R, T(0));
+              continue;
+            }
+            const T* dout_row = dout != nullptr ? dout + b * ld_out + t * D * R + d * R : zero_row;
+            for (int64_t j = 0; j < R; ++j) dh_row[j] = dh_carry[j] + dout_row[j];
+          }
+        });
+        unproject->run(dh_t, ld_out, T(0), dr_d, H);
+      }
       at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t len = lens != nullptr ? lens[b] : T_;
           const bool next_valid = step < T_ - 1 && t_next >= 0 && t_next < len;
-          // dh reaching h_t: from the recurrent GEMM of the step handled before, else the carried value
-          // (the h_n gradient before a sequence's last step, or a finished sequence's h0 gradient).
-          const T* dh_carry = next_valid ? dhr + b * H : dhs + b * H;
           T* dg_row = dg_t + b * ld_gates;
           if (t >= len) {
             std::fill(dg_row, dg_row + G, T(0));
-            if (next_valid) std::copy(dh_carry, dh_carry + H, dhs + b * H);
+            if (!projected) carry(b, len, next_valid);
             continue;
           }
           const bool first = d == 0 ? t == 0 : t == len - 1;
           const int64_t offset = b * ld_state + d * H;
           const T* c_prev = first ? (c0 != nullptr ? c0 + (d * B + b) * H : zero_row) : cells + offset + t_prev * D * H;
-          const T* dout_row = dout != nullptr ? dout + offset + t * D * H : zero_row;
-          Rows<T>::bwd(gates + b * ld_gates + t * D * G + d * G, cells + offset + t * D * H, c_prev, dh_carry,
-                       dout_row, dcs + b * H, dg_row, H);
+          const T* dh = projected ? dr_d + b * H : carry(b, len, next_valid);
+          const T* dout_row = projected || dout == nullptr ? zero_row : dout + b * ld_out + t * D * R + d * R;
+          Rows<T>::bwd(gates + b * ld_gates + t * D * G + d * G, cells + offset + t * D * H, c_prev, dh, dout_row,
+                       dcs + b * H, dg_row, H);
         }
       });
       // dh_{t_prev} = dG_t @ w_hh; the very last one is the h0 gradient, needed only when asked for.
       if (step > 0 || need_dstate) {
-        recurrent.run(dg_t, ld_gates, T(0), dhr, H);
+        recurrent.run(dg_t, ld_gates, T(0), dhr, R);
       }
     }
     if (need_dstate) {
@@ -476,39 +556,61 @@ void backward_loop(const LstmSizes& s, const at::Tensor& w_hh, const int64_t* le
       const int64_t t_first = d == 0 ? 0 : T_ - 1;
       for (int64_t b = 0; b < B; ++b) {
         const int64_t len = lens != nullptr ? lens[b] : T_;
-        if (t_first < len) std::copy(dhr + b * H, dhr + (b + 1) * H, dhs + b * H);
+        if (t_first < len) std::copy(dhr + b * R, dhr + (b + 1) * R, dhs + b * R);
       }
     }
   });
 }
 
-// h_prev for every (b, t, d): the hidden state each step's recurrent GEMM used (h0 or zero at a
+// With the projection, for dW_hr: o * tanh(c) of every (b, t, d), the value the forward projected, recomputed
+// from the saved gates and cells (with the forward's tanh); zero at padded steps.
+template <typename T>
+void fill_unprojected(const LstmSizes& s, const int64_t* lens, const T* gates, const T* cells, T* hidden) {
+  const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, G = 4 * H;
+  at::parallel_for(0, B * T_, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / T_, t = i % T_;
+      T* dst = hidden + i * D * H;
+      if (lens != nullptr && t >= lens[b]) {
+        std::fill(dst, dst + D * H, T(0));
+        continue;
+      }
+      for (int64_t d = 0; d < D; ++d) {
+        const T* o = gates + i * D * G + d * G + 3 * H;
+        const T* c = cells + i * D * H + d * H;
+        for (int64_t j = 0; j < H; ++j) dst[d * H + j] = o[j] * tanh_(c[j]);
+      }
+    }
+  });
+}
+
+// h_prev for every (b, t, d): the hidden state (R wide) each step's recurrent GEMM used (h0 or zero at a
 // sequence's first step), zero at padded steps so that dW_hh = dG^T h_prev is one GEMM per direction.
 template <typename T>
 void fill_h_prev(const LstmSizes& s, const int64_t* lens, const T* out, const T* h0, T* h_prev) {
-  const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions;
-  const int64_t ld = T_ * D * H;
+  const int64_t B = s.batch, T_ = s.steps, R = s.proj, D = s.directions;
+  const int64_t ld = T_ * D * R;
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t len = lens != nullptr ? lens[b] : T_;
       for (int64_t t = 0; t < T_; ++t) {
         for (int64_t d = 0; d < D; ++d) {
-          T* dst = h_prev + b * ld + t * D * H + d * H;
+          T* dst = h_prev + b * ld + t * D * R + d * R;
           if (t >= len) {
-            std::fill(dst, dst + H, T(0));
+            std::fill(dst, dst + R, T(0));
             continue;
           }
           const bool first = d == 0 ? t == 0 : t == len - 1;
           if (first) {
             if (h0 != nullptr) {
-              std::copy(h0 + (d * B + b) * H, h0 + (d * B + b + 1) * H, dst);
+              std::copy(h0 + (d * B + b) * R, h0 + (d * B + b + 1) * R, dst);
             } else {
-              std::fill(dst, dst + H, T(0));
+              std::fill(dst, dst + R, T(0));
             }
           } else {
             const int64_t t_prev = d == 0 ? t - 1 : t + 1;
-            const T* src = out + b * ld + t_prev * D * H + d * H;
-            std::copy(src, src + H, dst);
+            const T* src = out + b * ld + t_prev * D * R + d * R;
+            std::copy(src, src + R, dst);
           }
         }
       }
@@ -516,58 +618,70 @@ void fill_h_prev(const LstmSizes& s, const int64_t* lens, const T* out, const T*
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_bwd_cpu(
-    const c10::optional<at::Tensor>& grad_out, const c10::optional<at::Tensor>& grad_h_n,
-    const c10::optional<at::Tensor>& grad_c_n, const at::Tensor& x_in, const at::Tensor& w_ih,
-    const at::Tensor& w_hh_in, bool has_bias, const c10::optional<at::Tensor>& h0,
-    const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths, const at::Tensor& out_in,
-    const at::Tensor& gates_in, const at::Tensor& cells_in, bool need_dx, bool need_dweights, bool need_dstate) {
-  const LstmSizes s = check_lstm_args(x_in, w_ih, w_hh_in, c10::nullopt, h0, c0, lengths);
+LstmGrads lstm_bwd_cpu(const c10::optional<at::Tensor>& grad_out, const c10::optional<at::Tensor>& grad_h_n,
+                       const c10::optional<at::Tensor>& grad_c_n, const at::Tensor& x_in, const at::Tensor& w_ih,
+                       const at::Tensor& w_hh_in, bool has_bias, const c10::optional<at::Tensor>& h0,
+                       const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths,
+                       const at::Tensor& out_in, const at::Tensor& gates_in, const at::Tensor& cells_in, bool need_dx,
+                       bool need_dweights, bool need_dstate, const c10::optional<at::Tensor>& w_hr_in) {
+  const LstmSizes s = check_lstm_args(x_in, w_ih, w_hh_in, c10::nullopt, h0, c0, lengths, w_hr_in);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions;
-  const std::vector<int64_t> seq_shape{B, T_, D * H};
-  TORCH_CHECK(out_in.sizes() == at::IntArrayRef(seq_shape) && cells_in.sizes() == out_in.sizes(),
-              "fastmsc::lstm_bwd: out and cells must have shape ", at::IntArrayRef(seq_shape), ", got ",
-              out_in.sizes(), " and ", cells_in.sizes(), " (was the forward run with training=True?)");
+  const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, R = s.proj;
+  const std::vector<int64_t> out_shape{B, T_, D * R}, cells_shape{B, T_, D * H};
+  TORCH_CHECK(out_in.sizes() == at::IntArrayRef(out_shape) && cells_in.sizes() == at::IntArrayRef(cells_shape),
+              "fastmsc::lstm_bwd: out and cells must have shapes ", at::IntArrayRef(out_shape), " and ",
+              at::IntArrayRef(cells_shape), ", got ", out_in.sizes(), " and ", cells_in.sizes(),
+              " (was the forward run with training=True?)");
   TORCH_CHECK(gates_in.sizes() == at::IntArrayRef({B, T_, D * 4 * H}), "fastmsc::lstm_bwd: gates must have shape (",
               B, ", ", T_, ", ", D * 4 * H, "), got ", gates_in.sizes());
   const at::Tensor x = x_in.contiguous(), w_hh = w_hh_in.contiguous(), out = out_in.contiguous();
   const at::Tensor gates = gates_in.contiguous(), cells = cells_in.contiguous();
+  const at::Tensor w_hr = s.projected ? w_hr_in->contiguous() : at::Tensor();
   const at::Tensor dout = present(grad_out) ? grad_out->contiguous() : at::Tensor();
   if (dout.defined()) {
     TORCH_CHECK(dout.sizes() == out.sizes(), "fastmsc::lstm_bwd: grad_out must have shape ", out.sizes(), ", got ",
                 dout.sizes());
   }
-  at::Tensor dh_state = state_or_zeros(grad_h_n, s, x);
-  at::Tensor dc_state = state_or_zeros(grad_c_n, s, x);
-  at::Tensor dh_rec = at::empty({D, B, H}, x.options());
+  at::Tensor dh_state = state_or_zeros(grad_h_n, s, R, x);
+  at::Tensor dc_state = state_or_zeros(grad_c_n, s, H, x);
+  at::Tensor dh_rec = at::empty({D, B, R}, x.options());
   at::Tensor dgates = at::empty({B, T_, D * 4 * H}, x.options());
+  // With the projection: the gradient reaching each step's h (for dW_hr) and its image through w_hr per step.
+  at::Tensor dh_all = s.projected ? at::empty({B, T_, D * R}, x.options()) : at::Tensor();
+  at::Tensor dr = s.projected ? at::empty({D, B, H}, x.options()) : at::Tensor();
   const at::Tensor lens = present(lengths) ? lengths->contiguous() : at::Tensor();
   const int64_t* lens_ptr = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
   const at::Tensor c0c = present(c0) ? c0->contiguous() : at::Tensor();
   const at::Tensor h0c = present(h0) ? h0->contiguous() : at::Tensor();
 
-  at::Tensor h_prev;
+  at::Tensor h_prev, unprojected;
   if (B == 0) {
     // An empty batch: no step to run; finish_backward's GEMMs over zero rows give zero weight gradients.
-    h_prev = at::empty({B, T_, D * H}, x.options());
+    h_prev = at::empty({B, T_, D * R}, x.options());
+    unprojected = at::empty({B, T_, D * H}, x.options());
     return finish_backward(s, x, w_ih, dgates, h_prev, std::move(dh_state), std::move(dc_state), has_bias, need_dx,
-                           need_dweights, need_dstate);
+                           need_dweights, need_dstate, dh_all, unprojected);
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmsc::lstm_bwd", [&] {
-    backward_loop<scalar_t>(s, w_hh, lens_ptr, c0c.defined() ? c0c.data_ptr<scalar_t>() : nullptr,
-                            dout.defined() ? dout.data_ptr<scalar_t>() : nullptr, gates.data_ptr<scalar_t>(),
-                            cells.data_ptr<scalar_t>(), need_dstate, dgates.data_ptr<scalar_t>(),
-                            dh_state.data_ptr<scalar_t>(), dh_rec.data_ptr<scalar_t>(), dc_state.data_ptr<scalar_t>());
+    using T = scalar_t;
+    backward_loop<T>(s, w_hh, s.projected ? w_hr.data_ptr<T>() : nullptr, lens_ptr,
+                     c0c.defined() ? c0c.data_ptr<T>() : nullptr, dout.defined() ? dout.data_ptr<T>() : nullptr,
+                     gates.data_ptr<T>(), cells.data_ptr<T>(), need_dstate, dgates.data_ptr<T>(),
+                     dh_state.data_ptr<T>(), dh_rec.data_ptr<T>(), dc_state.data_ptr<T>(),
+                     s.projected ? dh_all.data_ptr<T>() : nullptr, s.projected ? dr.data_ptr<T>() : nullptr);
     if (need_dweights) {
-      h_prev = at::empty({B, T_, D * H}, x.options());
-      fill_h_prev<scalar_t>(s, lens_ptr, out.data_ptr<scalar_t>(), h0c.defined() ? h0c.data_ptr<scalar_t>() : nullptr,
-                            h_prev.data_ptr<scalar_t>());
+      h_prev = at::empty({B, T_, D * R}, x.options());
+      fill_h_prev<T>(s, lens_ptr, out.data_ptr<T>(), h0c.defined() ? h0c.data_ptr<T>() : nullptr,
+                     h_prev.data_ptr<T>());
+      if (s.projected) {
+        unprojected = at::empty({B, T_, D * H}, x.options());
+        fill_unprojected<T>(s, lens_ptr, gates.data_ptr<T>(), cells.data_ptr<T>(), unprojected.data_ptr<T>());
+      }
     }
   });
 
   return finish_backward(s, x, w_ih, dgates, h_prev, std::move(dh_state), std::move(dc_state), has_bias, need_dx,
-                         need_dweights, need_dstate);
+                         need_dweights, need_dstate, dh_all, unprojected);
 }
 
 }  // namespace
@@ -576,12 +690,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 TORCH_LIBRARY(fastmsc, m) {
   m.def(
       "lstm_fwd(Tensor x, Tensor w_ih, Tensor w_hh, Tensor? bias, Tensor? h0, Tensor? c0, Tensor? lengths, "
-      "bool training) -> (Tensor out, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
+      "bool training, Tensor? w_hr=None) -> (Tensor out, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
   m.def(
       "lstm_bwd(Tensor? grad_out, Tensor? grad_h_n, Tensor? grad_c_n, Tensor x, Tensor w_ih, Tensor w_hh, "
       "bool has_bias, Tensor? h0, Tensor? c0, Tensor? lengths, Tensor out, Tensor gates, Tensor cells, "
-      "bool need_dx, bool need_dweights, bool need_dstate) -> "
-      "(Tensor dx, Tensor dw_ih, Tensor dw_hh, Tensor dbias, Tensor dh0, Tensor dc0)");
+      "bool need_dx, bool need_dweights, bool need_dstate, Tensor? w_hr=None) -> "
+      "(Tensor dx, Tensor dw_ih, Tensor dw_hh, Tensor dbias, Tensor dh0, Tensor dc0, Tensor dw_hr)");
 }
 
 TORCH_LIBRARY_IMPL(fastmsc, CPU, m) {

@@ -3,7 +3,10 @@
 // Same algorithm as the CPU path: one cuBLAS GEMM for the input projections of all steps and both
 // directions; per step one batched GEMM (both directions) for the recurrent term and one fused kernel
 // for the gates and the cell/hidden update; backward per step one fused kernel and one batched GEMM,
-// then the weight gradients and dx as a few large GEMMs. Everything runs on torch's current stream,
+// then the weight gradients and dx as a few large GEMMs. With a projection (w_hr) the gate kernel writes
+// o * tanh(c) to a scratch buffer, one more batched GEMM projects it and a small kernel stores the result as
+// state and output; the backward forms the gradient reaching h per step, maps it back through w_hr with one
+// batched GEMM and keeps it for dW_hr. Everything runs on torch's current stream,
 // lengths are read on the device only, and nothing synchronises with the host or allocates inside the
 // time loop, so the layer can be captured in a CUDA graph.
 #include <ATen/ATen.h>
@@ -26,7 +29,9 @@ constexpr int kThreads = 256;
 inline unsigned int blocks_for(int64_t n) { return static_cast<unsigned int>((n + kThreads - 1) / kThreads); }
 
 // One thread per (direction d, batch row b, hidden unit j) of step `step` (forward order of each direction).
-template <typename T, bool kTrain>
+// kProj: h_state is the (D, B, H) scratch of o * tanh(c) that project_step_kernel turns into state and output;
+// out is not touched here.
+template <typename T, bool kTrain, bool kProj>
 __global__ void __launch_bounds__(kThreads) forward_step_kernel(T* __restrict__ xproj, const T* __restrict__ rec,
                                                                 T* __restrict__ h_state, T* __restrict__ c_state,
                                                                 T* __restrict__ out, T* __restrict__ cells,
@@ -39,7 +44,7 @@ __global__ void __launch_bounds__(kThreads) forward_step_kernel(T* __restrict__ 
   const int64_t t = d == 0 ? step : steps - 1 - step;
   const int64_t out_at = (b * steps + t) * D * H + d * H + j;
   if (lens != nullptr && t >= lens[b]) {  // past the sequence end: zero output, state carried
-    out[out_at] = T(0);
+    if (!kProj) out[out_at] = T(0);
     return;
   }
   T* z = xproj + (b * steps + t) * D * G + d * G + j;
@@ -63,11 +68,59 @@ __global__ void __launch_bounds__(kThreads) forward_step_kernel(T* __restrict__ 
   }
   c_state[state_at] = c;
   h_state[state_at] = h;
+  if (!kProj) out[out_at] = h;
+}
+
+// With the projection, after the GEMM h_new (D, B, P) = (o * tanh(c)) · w_hrᵀ: one thread per (d, b, k) stores
+// h_new as state and output where step `step` is valid, and a zero output past the sequence end.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) project_step_kernel(const T* __restrict__ h_new, T* __restrict__ h_state,
+                                                                T* __restrict__ out,
+                                                                const int64_t* __restrict__ lens, int64_t B,
+                                                                int64_t steps, int64_t P, int64_t D, int64_t step) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= D * B * P) return;
+  const int64_t k = idx % P, b = (idx / P) % B, d = idx / (P * B);
+  const int64_t t = d == 0 ? step : steps - 1 - step;
+  const int64_t out_at = (b * steps + t) * D * P + d * P + k;
+  if (lens != nullptr && t >= lens[b]) {
+    out[out_at] = T(0);
+    return;
+  }
+  const T h = h_new[idx];
+  h_state[idx] = h;
   out[out_at] = h;
 }
 
-// Backward of step `step` for both directions; see backward_loop in lstm_cpu.cpp for the carry logic.
+// With the projection, first part of the backward of step `step`: one thread per (d, b, k) forms the gradient
+// reaching h (carry + output gradient; see backward_loop in lstm_cpu.cpp for the carry logic) into dh_all
+// (B, T, D*P), kept for dW_hr, and dh_step (D, B, P), which the GEMM dr = dh_step · w_hr maps back to
+// o * tanh(c); both are zero past the sequence end.
 template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    projected_dh_kernel(const T* __restrict__ dout, const T* __restrict__ dh_rec, T* __restrict__ dh_state,
+                        T* __restrict__ dh_all, T* __restrict__ dh_step, const int64_t* __restrict__ lens, int64_t B,
+                        int64_t steps, int64_t P, int64_t D, int64_t step) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= D * B * P) return;
+  const int64_t k = idx % P, b = (idx / P) % B, d = idx / (P * B);
+  const int64_t t = d == 0 ? step : steps - 1 - step;
+  const int64_t t_next = d == 0 ? t + 1 : t - 1;
+  const int64_t len = lens != nullptr ? lens[b] : steps;
+  const bool next_valid = step < steps - 1 && t_next >= 0 && t_next < len;
+  const T dh_carry = next_valid ? dh_rec[idx] : dh_state[idx];
+  const int64_t seq_at = (b * steps + t) * D * P + d * P + k;
+  if (t >= len) {
+    dh_all[seq_at] = dh_step[idx] = T(0);
+    if (next_valid) dh_state[idx] = dh_carry;
+    return;
+  }
+  dh_all[seq_at] = dh_step[idx] = dh_carry + (dout != nullptr ? dout[seq_at] : T(0));
+}
+
+// Backward of step `step` for both directions; see backward_loop in lstm_cpu.cpp for the carry logic.
+// kProj: dh_rec is dr (D, B, H), the whole gradient reaching o * tanh(c) (projected_dh_kernel did the carry).
+template <typename T, bool kProj>
 __global__ void __launch_bounds__(kThreads) backward_step_kernel(
     const T* __restrict__ gates, const T* __restrict__ cells, const T* __restrict__ c0, const T* __restrict__ dout,
     const T* __restrict__ dh_rec, T* __restrict__ dh_state, T* __restrict__ dc_state, T* __restrict__ dgates,
@@ -83,19 +136,21 @@ __global__ void __launch_bounds__(kThreads) backward_step_kernel(
   const int64_t len = lens != nullptr ? lens[b] : steps;
   const int64_t state_at = (d * B + b) * H + j;
   const bool next_valid = step < steps - 1 && t_next >= 0 && t_next < len;
-  const T dh_carry = next_valid ? dh_rec[state_at] : dh_state[state_at];
+  // With the projection dh_state is P wide and not read here.
+  T dh_carry = T(0);
+  if (!kProj) dh_carry = next_valid ? dh_rec[state_at] : dh_state[state_at];
   T* dg = dgates + (b * steps + t) * D * G + d * G + j;
   T* dgs = dg_step + (d * B + b) * G + j;
   if (t >= len) {
     dg[0] = dg[H] = dg[2 * H] = dg[3 * H] = T(0);
     dgs[0] = dgs[H] = dgs[2 * H] = dgs[3 * H] = T(0);
-    if (next_valid) dh_state[state_at] = dh_carry;
+    if (!kProj && next_valid) dh_state[state_at] = dh_carry;
     return;
   }
   const bool first = d == 0 ? t == 0 : t == len - 1;
   const int64_t seq_at = b * steps * D * H + d * H + j;
   const T c_prev = first ? (c0 != nullptr ? c0[state_at] : T(0)) : cells[seq_at + t_prev * D * H];
-  const T dh = dh_carry + (dout != nullptr ? dout[seq_at + t * D * H] : T(0));
+  const T dh = kProj ? dh_rec[state_at] : dh_carry + (dout != nullptr ? dout[seq_at + t * D * H] : T(0));
   const T* a = gates + (b * steps + t) * D * G + d * G + j;
   T dzi, dzf, dzg, dzo, dc_prev;
   cell_backward(a[0], a[H], a[2 * H], a[3 * H], cells[seq_at + t * D * H], c_prev, dh, dc_state[state_at], dzi, dzf,
@@ -141,6 +196,24 @@ __global__ void __launch_bounds__(kThreads) fill_h_prev_kernel(const T* __restri
   h_prev[idx] = value;
 }
 
+// With the projection, for dW_hr: o * tanh(c) (B, T, D*H) of every step, recomputed from the saved gates and
+// cells as the forward computed it; zero past the sequence end (where the forward wrote neither).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) fill_unprojected_kernel(const T* __restrict__ gates,
+                                                                    const T* __restrict__ cells, T* __restrict__ hidden,
+                                                                    const int64_t* __restrict__ lens, int64_t B,
+                                                                    int64_t steps, int64_t H, int64_t D) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= B * steps * D * H) return;
+  const int64_t j = idx % H, d = (idx / H) % D, t = (idx / (H * D)) % steps, b = idx / (H * D * steps);
+  T value = T(0);
+  if (lens == nullptr || t < lens[b]) {
+    const T o = gates[(b * steps + t) * D * 4 * H + d * 4 * H + 3 * H + j];
+    value = o * tanh_(cells[idx]);
+  }
+  hidden[idx] = value;
+}
+
 template <typename T>
 const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
@@ -149,37 +222,59 @@ const T* ptr_or_null(const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_cuda(
     const at::Tensor& x_in, const at::Tensor& w_ih, const at::Tensor& w_hh_in, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& c0,
-    const c10::optional<at::Tensor>& lengths, bool training) {
-  const LstmSizes s = check_lstm_args(x_in, w_ih, w_hh_in, bias, h0, c0, lengths);
+    const c10::optional<at::Tensor>& lengths, bool training, const c10::optional<at::Tensor>& w_hr_in) {
+  const LstmSizes s = check_lstm_args(x_in, w_ih, w_hh_in, bias, h0, c0, lengths, w_hr_in);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, G = 4 * H;
+  const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, G = 4 * H, R = s.proj;
   const at::Tensor x = x_in.contiguous(), w_hh = w_hh_in.contiguous();
   at::Tensor xproj = input_projection(s, x, w_ih, bias);
-  at::Tensor out = at::empty({B, T_, D * H}, x.options());
-  at::Tensor h_n = state_or_zeros(h0, s, x);
-  at::Tensor c_n = state_or_zeros(c0, s, x);
+  at::Tensor out = at::empty({B, T_, D * R}, x.options());
+  at::Tensor h_n = state_or_zeros(h0, s, R, x);
+  at::Tensor c_n = state_or_zeros(c0, s, H, x);
   at::Tensor cells = training ? at::empty({B, T_, D * H}, x.options()) : at::empty({0}, x.options());
   at::Tensor rec = at::empty({D, B, G}, x.options());
   const at::Tensor w_hh_t = w_hh.transpose(1, 2);
+  // With the projection: o * tanh(c) of the step (D, B, H), zeroed so that rows past their end stay finite in
+  // the GEMM, and its projection (D, B, P) through w_hrᵀ (D, H, P).
+  const at::Tensor w_hr_t = s.projected ? w_hr_in->transpose(1, 2) : at::Tensor();
+  at::Tensor unprojected = s.projected ? at::zeros({D, B, H}, x.options()) : at::Tensor();
+  at::Tensor h_new = s.projected ? at::empty({D, B, R}, x.options()) : at::Tensor();
   const at::Tensor lens = present(lengths) ? lengths->contiguous() : at::Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = D * B * H;
   // An empty batch: nothing to compute, and a kernel must not be launched with an empty grid.
   if (B == 0) return {out, h_n, c_n, training ? xproj : at::empty({0}, x.options()), cells};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmsc::lstm_fwd_cuda", [&] {
+    using T = scalar_t;
+    const int64_t* lens_ptr = ptr_or_null<int64_t>(lens);
     for (int64_t step = 0; step < T_; ++step) {
       const bool use_rec = step > 0 || present(h0);  // without h0 the first recurrent product is zero
       if (use_rec) at::bmm_out(rec, h_n, w_hh_t);
-      const scalar_t* rec_ptr = use_rec ? rec.data_ptr<scalar_t>() : nullptr;
-      if (training) {
-        forward_step_kernel<scalar_t, true><<<blocks_for(n), kThreads, 0, stream>>>(
-            xproj.data_ptr<scalar_t>(), rec_ptr, h_n.data_ptr<scalar_t>(), c_n.data_ptr<scalar_t>(),
-            out.data_ptr<scalar_t>(), cells.data_ptr<scalar_t>(), ptr_or_null<int64_t>(lens), B, T_, H, D, step);
+      const T* rec_ptr = use_rec ? rec.data_ptr<T>() : nullptr;
+      T* cells_ptr = training ? cells.data_ptr<T>() : nullptr;
+      if (s.projected) {
+        if (training) {
+          forward_step_kernel<T, true, true><<<blocks_for(n), kThreads, 0, stream>>>(
+              xproj.data_ptr<T>(), rec_ptr, unprojected.data_ptr<T>(), c_n.data_ptr<T>(), nullptr, cells_ptr,
+              lens_ptr, B, T_, H, D, step);
+        } else {
+          forward_step_kernel<T, false, true><<<blocks_for(n), kThreads, 0, stream>>>(
+              xproj.data_ptr<T>(), rec_ptr, unprojected.data_ptr<T>(), c_n.data_ptr<T>(), nullptr, nullptr,
+              lens_ptr, B, T_, H, D, step);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        at::bmm_out(h_new, unprojected, w_hr_t);
+        project_step_kernel<T><<<blocks_for(D * B * R), kThreads, 0, stream>>>(
+            h_new.data_ptr<T>(), h_n.data_ptr<T>(), out.data_ptr<T>(), lens_ptr, B, T_, R, D, step);
+      } else if (training) {
+        forward_step_kernel<T, true, false><<<blocks_for(n), kThreads, 0, stream>>>(
+            xproj.data_ptr<T>(), rec_ptr, h_n.data_ptr<T>(), c_n.data_ptr<T>(), out.data_ptr<T>(), cells_ptr,
+            lens_ptr, B, T_, H, D, step);
       } else {
-        forward_step_kernel<scalar_t, false><<<blocks_for(n), kThreads, 0, stream>>>(
-            xproj.data_ptr<scalar_t>(), rec_ptr, h_n.data_ptr<scalar_t>(), c_n.data_ptr<scalar_t>(),
-            out.data_ptr<scalar_t>(), nullptr, ptr_or_null<int64_t>(lens), B, T_, H, D, step);
+        forward_step_kernel<T, false, false><<<blocks_for(n), kThreads, 0, stream>>>(
+            xproj.data_ptr<T>(), rec_ptr, h_n.data_ptr<T>(), c_n.data_ptr<T>(), out.data_ptr<T>(), nullptr,
+            lens_ptr, B, T_, H, D, step);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -188,67 +283,93 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_
   return {out, h_n, c_n, gates, cells};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_bwd_cuda(
-    const c10::optional<at::Tensor>& grad_out, const c10::optional<at::Tensor>& grad_h_n,
-    const c10::optional<at::Tensor>& grad_c_n, const at::Tensor& x_in, const at::Tensor& w_ih,
-    const at::Tensor& w_hh_in, bool has_bias, const c10::optional<at::Tensor>& h0,
-    const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths, const at::Tensor& out_in,
-    const at::Tensor& gates_in, const at::Tensor& cells_in, bool need_dx, bool need_dweights, bool need_dstate) {
-  const LstmSizes s = check_lstm_args(x_in, w_ih, w_hh_in, c10::nullopt, h0, c0, lengths);
+LstmGrads lstm_bwd_cuda(const c10::optional<at::Tensor>& grad_out, const c10::optional<at::Tensor>& grad_h_n,
+                        const c10::optional<at::Tensor>& grad_c_n, const at::Tensor& x_in, const at::Tensor& w_ih,
+                        const at::Tensor& w_hh_in, bool has_bias, const c10::optional<at::Tensor>& h0,
+                        const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths,
+                        const at::Tensor& out_in, const at::Tensor& gates_in, const at::Tensor& cells_in, bool need_dx,
+                        bool need_dweights, bool need_dstate, const c10::optional<at::Tensor>& w_hr_in) {
+  const LstmSizes s = check_lstm_args(x_in, w_ih, w_hh_in, c10::nullopt, h0, c0, lengths, w_hr_in);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, G = 4 * H, N = B * T_;
-  TORCH_CHECK(out_in.sizes() == at::IntArrayRef({B, T_, D * H}) && cells_in.sizes() == out_in.sizes() &&
+  const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, G = 4 * H, N = B * T_, R = s.proj;
+  TORCH_CHECK(out_in.sizes() == at::IntArrayRef({B, T_, D * R}) &&
+                  cells_in.sizes() == at::IntArrayRef({B, T_, D * H}) &&
                   gates_in.sizes() == at::IntArrayRef({B, T_, D * G}),
-              "fastmsc::lstm_bwd: out/cells must have shape (", B, ", ", T_, ", ", D * H, ") and gates (", B, ", ", T_,
-              ", ", D * G, "), got ", out_in.sizes(), ", ", cells_in.sizes(), ", ", gates_in.sizes(),
-              " (was the forward run with training=True?)");
+              "fastmsc::lstm_bwd: out must have shape (", B, ", ", T_, ", ", D * R, "), cells (", B, ", ", T_, ", ",
+              D * H, ") and gates (", B, ", ", T_, ", ", D * G, "), got ", out_in.sizes(), ", ", cells_in.sizes(),
+              ", ", gates_in.sizes(), " (was the forward run with training=True?)");
   const at::Tensor x = x_in.contiguous(), w_hh = w_hh_in.contiguous(), out = out_in.contiguous();
   const at::Tensor gates = gates_in.contiguous(), cells = cells_in.contiguous();
   const at::Tensor dout = present(grad_out) ? grad_out->contiguous() : at::Tensor();
-  at::Tensor dh_state = state_or_zeros(grad_h_n, s, x);
-  at::Tensor dc_state = state_or_zeros(grad_c_n, s, x);
-  at::Tensor dh_rec = at::empty({D, B, H}, x.options());
+  at::Tensor dh_state = state_or_zeros(grad_h_n, s, R, x);
+  at::Tensor dc_state = state_or_zeros(grad_c_n, s, H, x);
+  at::Tensor dh_rec = at::empty({D, B, R}, x.options());
   at::Tensor dgates = at::empty({B, T_, D * G}, x.options());
   at::Tensor dg_step = at::empty({D, B, G}, x.options());
+  // With the projection: the gradient reaching each step's h (B, T, D*P), kept for dW_hr, the same of one step
+  // (D, B, P) and its image dr (D, B, H) through w_hr.
+  const at::Tensor w_hr = s.projected ? w_hr_in->contiguous() : at::Tensor();
+  at::Tensor dh_all = s.projected ? at::empty({B, T_, D * R}, x.options()) : at::Tensor();
+  at::Tensor dh_step = s.projected ? at::empty({D, B, R}, x.options()) : at::Tensor();
+  at::Tensor dr = s.projected ? at::empty({D, B, H}, x.options()) : at::Tensor();
   const at::Tensor lens = present(lengths) ? lengths->contiguous() : at::Tensor();
   const at::Tensor c0c = present(c0) ? c0->contiguous() : at::Tensor();
   const at::Tensor h0c = present(h0) ? h0->contiguous() : at::Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t n = D * B * H;
-  at::Tensor h_prev;
+  const int64_t n = D * B * H, n_state = D * B * R;
+  at::Tensor h_prev, unprojected;
   if (B == 0) {
     // An empty batch: no kernel to launch (an empty grid is an error); the GEMMs over zero rows give zero
     // weight gradients.
-    h_prev = at::empty({B, T_, D * H}, x.options());
+    h_prev = at::empty({B, T_, D * R}, x.options());
+    unprojected = at::empty({B, T_, D * H}, x.options());
     return finish_backward(s, x, w_ih, dgates, h_prev, std::move(dh_state), std::move(dc_state), has_bias, need_dx,
-                           need_dweights, need_dstate);
+                           need_dweights, need_dstate, dh_all, unprojected);
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmsc::lstm_bwd_cuda", [&] {
+    using T = scalar_t;
+    const int64_t* lens_ptr = ptr_or_null<int64_t>(lens);
     for (int64_t step = T_ - 1; step >= 0; --step) {
-      backward_step_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-          gates.data_ptr<scalar_t>(), cells.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(c0c),
-          ptr_or_null<scalar_t>(dout), dh_rec.data_ptr<scalar_t>(), dh_state.data_ptr<scalar_t>(),
-          dc_state.data_ptr<scalar_t>(), dgates.data_ptr<scalar_t>(), dg_step.data_ptr<scalar_t>(),
-          ptr_or_null<int64_t>(lens), B, T_, H, D, step);
+      if (s.projected) {
+        projected_dh_kernel<T><<<blocks_for(n_state), kThreads, 0, stream>>>(
+            ptr_or_null<T>(dout), dh_rec.data_ptr<T>(), dh_state.data_ptr<T>(), dh_all.data_ptr<T>(),
+            dh_step.data_ptr<T>(), lens_ptr, B, T_, R, D, step);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        at::bmm_out(dr, dh_step, w_hr);
+        backward_step_kernel<T, true><<<blocks_for(n), kThreads, 0, stream>>>(
+            gates.data_ptr<T>(), cells.data_ptr<T>(), ptr_or_null<T>(c0c), nullptr, dr.data_ptr<T>(), nullptr,
+            dc_state.data_ptr<T>(), dgates.data_ptr<T>(), dg_step.data_ptr<T>(), lens_ptr, B, T_, H, D, step);
+      } else {
+        backward_step_kernel<T, false><<<blocks_for(n), kThreads, 0, stream>>>(
+            gates.data_ptr<T>(), cells.data_ptr<T>(), ptr_or_null<T>(c0c), ptr_or_null<T>(dout),
+            dh_rec.data_ptr<T>(), dh_state.data_ptr<T>(), dc_state.data_ptr<T>(), dgates.data_ptr<T>(),
+            dg_step.data_ptr<T>(), lens_ptr, B, T_, H, D, step);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (step > 0 || need_dstate) at::bmm_out(dh_rec, dg_step, w_hh);
     }
     if (need_dstate) {
-      finish_dh0_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-          dh_rec.data_ptr<scalar_t>(), dh_state.data_ptr<scalar_t>(), ptr_or_null<int64_t>(lens), B, T_, H, D);
+      // Indexed by (d, b, k) over the R-wide h state.
+      finish_dh0_kernel<T><<<blocks_for(n_state), kThreads, 0, stream>>>(
+          dh_rec.data_ptr<T>(), dh_state.data_ptr<T>(), lens_ptr, B, T_, R, D);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (need_dweights) {
-      h_prev = at::empty({B, T_, D * H}, x.options());
-      fill_h_prev_kernel<scalar_t><<<blocks_for(N * D * H), kThreads, 0, stream>>>(
-          out.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(h0c), h_prev.data_ptr<scalar_t>(),
-          ptr_or_null<int64_t>(lens), B, T_, H, D);
+      h_prev = at::empty({B, T_, D * R}, x.options());
+      fill_h_prev_kernel<T><<<blocks_for(N * D * R), kThreads, 0, stream>>>(
+          out.data_ptr<T>(), ptr_or_null<T>(h0c), h_prev.data_ptr<T>(), lens_ptr, B, T_, R, D);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (s.projected) {
+        unprojected = at::empty({B, T_, D * H}, x.options());
+        fill_unprojected_kernel<T><<<blocks_for(N * D * H), kThreads, 0, stream>>>(
+            gates.data_ptr<T>(), cells.data_ptr<T>(), unprojected.data_ptr<T>(), lens_ptr, B, T_, H, D);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
     }
   });
   return finish_backward(s, x, w_ih, dgates, h_prev, std::move(dh_state), std::move(dc_state), has_bias, need_dx,
-                         need_dweights, need_dstate);
+                         need_dweights, need_dstate, dh_all, unprojected);
 }
 
 }  // namespace

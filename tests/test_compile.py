@@ -77,14 +77,17 @@ def _lengths(draw, batch, steps):
     return torch.tensor(values, dtype=torch.int64)
 
 
-def test_compiled_lstm_alone_matches_eager_and_reference():
-    """fastmsc.nn.LSTM (2 layers, bidirectional) under backend 'torch': the lengths path goes through the
-    fastmsc::lstm_layer_packed custom op instead of breaking the graph at pack_padded_sequence."""
+@pytest.mark.parametrize("proj", [False, True], ids=["plain", "proj_size"])
+def test_compiled_lstm_alone_matches_eager_and_reference(proj):
+    """fastmsc.nn.LSTM (2 layers, bidirectional, with or without proj_size) under backend 'torch': the lengths
+    path goes through the fastmsc::lstm_layer_packed custom op instead of breaking the graph at
+    pack_padded_sequence."""
     draw = Draw()
     B, T, F, H = draw.int(3, 5), draw.int(5, 8), draw.int(2, 5), draw.int(3, 6)
-    model = LSTM(F, H, num_layers=2, batch_first=True, bidirectional=True, dtype=torch.float64)
+    P = draw.int(1, H - 1) if proj else 0
+    model = LSTM(F, H, num_layers=2, batch_first=True, bidirectional=True, proj_size=P, dtype=torch.float64)
     x = draw.randn(B, T, F).requires_grad_()
-    h0 = draw.randn(4, B, H).requires_grad_()
+    h0 = draw.randn(4, B, P or H).requires_grad_()
     c0 = draw.randn(4, B, H).requires_grad_()
     params = list(model.parameters())
     names = ["x", "h0", "c0"] + [n for n, _ in model.named_parameters()]
@@ -102,7 +105,7 @@ def test_compiled_lstm_alone_matches_eager_and_reference():
     compiled = torch.compile(wrapper, fullgraph=True, backend=_graph_recorder(graphs), dynamic=False)
     start = time.perf_counter()
     for lengths in (_lengths(draw, B, T), None):
-        what = f"LSTM B={B} T={T} F={F} H={H} lengths={lengths}, {draw.tag()}"
+        what = f"LSTM B={B} T={T} F={F} H={H} P={P} lengths={lengths}, {draw.tag()}"
         with fastmsc.use_backend("torch"):
             got = _run(compiled, x, lengths, [x, h0, c0, *params])
             eager = _run(wrapper, x, lengths, [x, h0, c0, *params])

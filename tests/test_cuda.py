@@ -1,6 +1,6 @@
 """CUDA-only checks of the fused ops: every op against the float64 reference (forward and every gradient)
-in float32/float16/bfloat16, ``auto`` choosing the fused path, torch.compile(fullgraph=True) of
-MSCClassifier on the fused backend, and CUDA-graph capture of the LSTM op.
+in float32/float16/bfloat16 (the LSTM also with a projection, torch's proj_size), ``auto`` choosing the fused
+path, torch.compile(fullgraph=True) of MSCClassifier on the fused backend, and CUDA-graph capture of the LSTM op.
 
 All skip with "needs a CUDA GPU" on machines without one; bench/gpu_check.sh runs them on a GPU.
 """
@@ -156,29 +156,38 @@ def _skip_without_lstm_extension() -> None:
 LSTM_SHAPES = [(3, 7, 5, 6), (5, 40, 24, 64)]
 
 
-def _lstm_values(draw, shape, directions=2):
+def _lstm_values(draw, shape, directions=2, proj=False):
+    """Layer inputs; ``proj``: with a projection w_hr (P, H), P = H // 3 (odd-sized for the shapes here)."""
     B, T, F, H = shape
-    values = {"x": draw.randn(B, T, F), "h0": draw.randn(directions, B, H), "c0": draw.randn(directions, B, H)}
+    P = max(1, H // 3) if proj else 0
+    values = {"x": draw.randn(B, T, F), "h0": draw.randn(directions, B, P or H), "c0": draw.randn(directions, B, H)}
     for d in range(directions):
         values[f"w_ih{d}"] = draw.randn(4 * H, F, scale=H**-0.5)
-        values[f"w_hh{d}"] = draw.randn(4 * H, H, scale=H**-0.5)
+        values[f"w_hh{d}"] = draw.randn(4 * H, P or H, scale=H**-0.5)
         values[f"b_ih{d}"] = draw.randn(4 * H, scale=0.1)
         values[f"b_hh{d}"] = draw.randn(4 * H, scale=0.1)
+        if proj:
+            values[f"w_hr{d}"] = draw.randn(P, H, scale=H**-0.5)
     return values
 
 
+def _lstm_weights(t, directions=2):
+    names = ("w_ih", "w_hh", "b_ih", "b_hh") + (("w_hr",) if "w_hr0" in t else ())
+    return tuple(tuple(t[f"{name}{d}"] for name in names) for d in range(directions))
+
+
 def _lstm_call(t, lengths, directions=2):
-    weights = tuple((t[f"w_ih{d}"], t[f"w_hh{d}"], t[f"b_ih{d}"], t[f"b_hh{d}"]) for d in range(directions))
-    return fastmsc.lstm_layer(t["x"], weights, t["h0"], t["c0"], lengths)
+    return fastmsc.lstm_layer(t["x"], _lstm_weights(t, directions), t["h0"], t["c0"], lengths)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", LSTM_SHAPES, ids=str)
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
-def test_lstm_layer_fused_matches_reference(shape, dtype, with_lengths):
+@pytest.mark.parametrize("proj", [False, True], ids=["plain", "proj"])
+def test_lstm_layer_fused_matches_reference(shape, dtype, with_lengths, proj):
     _skip_without_lstm_extension()
     draw = Draw()
-    values = _lstm_values(draw, shape)
+    values = _lstm_values(draw, shape, proj=proj)
     lengths = _mixed_lengths(draw, shape[0], shape[1]) if with_lengths else None
     _check_against_reference(_lstm_call, values, lengths, dtype, draw, f"lstm_layer {shape}",
                              strided=("x",) if shape[1] > 20 else ())
@@ -248,22 +257,21 @@ def test_compiled_classifier_on_fused_backend_matches_eager(with_lengths):
 
 
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
-def test_lstm_fused_is_cuda_graph_capturable(with_lengths):
+@pytest.mark.parametrize("proj", [False, True], ids=["plain", "proj"])
+def test_lstm_fused_is_cuda_graph_capturable(with_lengths, proj):
     """Forward and backward of the fused LSTM captured in a CUDA graph, then replayed on new inputs,
     give what eager mode gives: no host sync, no allocation outside the graph pool in the launch path."""
     _skip_without_lstm_extension()
     draw = Draw()
     shape = (4, 12, 8, 32)
-    values = _lstm_values(draw, shape)
+    values = _lstm_values(draw, shape, proj=proj)
     static = {n: v.float().to(DEVICE).requires_grad_() for n, v in values.items()}
     lengths = _mixed_lengths(draw, shape[0], shape[1]).to(DEVICE) if with_lengths else None
-    grad_out = torch.randn(shape[0], shape[1], 2 * shape[3], device=DEVICE)
+    grad_out = torch.randn(shape[0], shape[1], 2 * static["h0"].shape[-1], device=DEVICE)
     fused = OPS["lstm_layer"].fused  # the public op reads lengths on the host to validate them
 
     def step():
-        weights = tuple((static[f"w_ih{d}"], static[f"w_hh{d}"], static[f"b_ih{d}"], static[f"b_hh{d}"])
-                        for d in range(2))
-        out, _, _ = fused(static["x"], weights, static["h0"], static["c0"], lengths)
+        out, _, _ = fused(static["x"], _lstm_weights(static), static["h0"], static["c0"], lengths)
         return (out, *torch.autograd.grad(out, list(static.values()), grad_out))
 
     side = torch.cuda.Stream()

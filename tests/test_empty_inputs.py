@@ -68,19 +68,23 @@ def test_multiscale_conv1d_empty_batch(backend, activation):
 @pytest.mark.parametrize("directions", (1, 2))
 @pytest.mark.parametrize("with_lengths", (False, True))
 @pytest.mark.parametrize("with_state", (False, True))
-def test_lstm_layer_empty_batch(backend, directions, with_lengths, with_state):
+@pytest.mark.parametrize("proj", (0, 2))
+def test_lstm_layer_empty_batch(backend, directions, with_lengths, with_state, proj):
     _backend(backend, ["lstm_layer"])
     H, n_in, T = 4, 3, 5
+    R = proj or H
     x = _leaf(0, T, n_in)
-    weights = tuple((_leaf(4 * H, n_in), _leaf(4 * H, H), _leaf(4 * H), _leaf(4 * H)) for _ in range(directions))
-    h0, c0 = (_leaf(directions, 0, H), _leaf(directions, 0, H)) if with_state else (None, None)
+    weights = tuple((_leaf(4 * H, n_in), _leaf(4 * H, R), _leaf(4 * H), _leaf(4 * H), *([_leaf(R, H)] if proj else []))
+                    for _ in range(directions))
+    h0, c0 = (_leaf(directions, 0, R), _leaf(directions, 0, H)) if with_state else (None, None)
     lengths = torch.zeros(0, dtype=torch.int64) if with_lengths else None
     with use_backend(backend):
         out, h_n, c_n = fastmsc.lstm_layer(x, weights, h0, c0, lengths)
-    ref = torch.nn.LSTM(n_in, H, batch_first=True, bidirectional=directions == 2)
+    ref = torch.nn.LSTM(n_in, H, batch_first=True, bidirectional=directions == 2, proj_size=proj)
     ref_out, (ref_h, ref_c) = ref(x.detach())
-    assert out.shape == ref_out.shape == (0, T, directions * H)
-    assert h_n.shape == c_n.shape == ref_h.shape == ref_c.shape == (directions, 0, H)
+    assert out.shape == ref_out.shape == (0, T, directions * R)
+    assert h_n.shape == ref_h.shape == (directions, 0, R)
+    assert c_n.shape == ref_c.shape == (directions, 0, H)
     (out.sum() + h_n.sum() + c_n.sum()).backward()
     _check_grads([x] + ([h0, c0] if with_state else []), [p for params in weights for p in params])
 
@@ -267,7 +271,17 @@ _EXTENSION_EMPTY_BATCH = textwrap.dedent("""
         grads = torch.ops.fastmsc.lstm_bwd(out, h_n, c_n, x, w_ih, w_hh, True, None, None, lens, out, gates, cells,
                                           True, True, True)
         assert [tuple(g.shape) for g in grads] == [(B, T, I), (D * 4 * H, I), (D, 4 * H, H), (D * 4 * H,),
-                                                   (D, B, H), (D, B, H)], [g.shape for g in grads]
+                                                   (D, B, H), (D, B, H), (0,)], [g.shape for g in grads]
+        assert all(torch.count_nonzero(g) == 0 for g in grads)
+        # With a projection to P: h (and w_hh's last size) P wide, and the w_hr gradient.
+        P = 2
+        w_hh_p, w_hr = torch.randn(D, 4 * H, P), torch.randn(D, P, H)
+        out, h_n, c_n, gates, cells = torch.ops.fastmsc.lstm_fwd(x, w_ih, w_hh_p, bias, None, None, lens, True, w_hr)
+        assert out.shape == (B, T, D * P) and h_n.shape == (D, B, P) and c_n.shape == (D, B, H)
+        grads = torch.ops.fastmsc.lstm_bwd(out, h_n, c_n, x, w_ih, w_hh_p, True, None, None, lens, out, gates, cells,
+                                          True, True, True, w_hr)
+        assert [tuple(g.shape) for g in grads] == [(B, T, I), (D * 4 * H, I), (D, 4 * H, P), (D * 4 * H,),
+                                                   (D, B, P), (D, B, H), (D, P, H)], [g.shape for g in grads]
         assert all(torch.count_nonzero(g) == 0 for g in grads)
     with fastmsc.use_backend("fused"):
         y, (h, c) = fastmsc.nn.LSTM(I, H, batch_first=True, bidirectional=True)(x.requires_grad_())

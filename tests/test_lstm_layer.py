@@ -1,6 +1,6 @@
 """fastmsc.lstm_layer: every backend against the float64 reference (outputs, h_n, c_n and the gradients
 of x, all weights, biases, h0, c0), the reference against pack_padded_sequence + torch.nn.LSTM,
-low precision, and argument errors."""
+low precision, projections (torch.nn.LSTM's proj_size), and argument errors."""
 
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ BACKENDS = ("torch", "fused")
 REGIMES = ("batch1_time1", "all_length1", "full_length", "mixed_lengths", "input1_odd_hidden", "random")
 
 
-def draw_case(draw: Draw, regime: str) -> dict:
-    B, T, n_in, H = draw.int(1, 4), draw.int(2, 40), draw.int(1, 16), draw.int(1, 16)
+def draw_case(draw: Draw, regime: str, proj: bool = False) -> dict:
+    """A case of ``regime``; ``proj``: with a projection w_hr (P, H), 1 <= P < H (so H >= 2)."""
+    B, T, n_in, H = draw.int(1, 4), draw.int(2, 40), draw.int(1, 16), draw.int(2 if proj else 1, 16)
     lengths = draw.choice((None, "mixed"))
     if regime == "batch1_time1":
         B, T = 1, 1
@@ -36,7 +37,7 @@ def draw_case(draw: Draw, regime: str) -> dict:
     if H % 8 == 0 and regime != "random":
         H += 1  # most regimes keep H off multiples of 8, where vectorised kernels have tails
     return {
-        "B": B, "T": T, "I": n_in, "H": H,
+        "B": B, "T": T, "I": n_in, "H": H, "P": draw.int(1, H - 1) if proj else 0,
         "directions": draw.choice((1, 2)) if regime != "mixed_lengths" else 2,
         "bias": draw.choice(("both", "none", "ih_only")),
         "state": draw.choice(("none", "both", "h0_only")),
@@ -48,23 +49,27 @@ def draw_case(draw: Draw, regime: str) -> dict:
 
 
 def build_args(draw: Draw, case: dict) -> tuple[dict[str, Arg | None], torch.Tensor | None]:
-    B, T, n_in, H = case["B"], case["T"], case["I"], case["H"]
+    B, T, n_in, H, P = case["B"], case["T"], case["I"], case["H"], case.get("P", 0)
+    R = P or H  # the size of h
     bound = 1 / math.sqrt(H)
     args = {"x": Arg(draw.randn(B, T, n_in), case["x_layout"])}
     for d in range(case["directions"]):
         args[f"w_ih{d}"] = Arg(draw.randn(4 * H, n_in, scale=bound), case["w_layout"])
-        args[f"w_hh{d}"] = Arg(draw.randn(4 * H, H, scale=bound), case["w_layout"])
+        args[f"w_hh{d}"] = Arg(draw.randn(4 * H, R, scale=bound), case["w_layout"])
         args[f"b_ih{d}"] = None if case["bias"] == "none" else Arg(draw.randn(4 * H, scale=bound))
         args[f"b_hh{d}"] = Arg(draw.randn(4 * H, scale=bound)) if case["bias"] == "both" else None
+        if P:
+            args[f"w_hr{d}"] = Arg(draw.randn(P, H, scale=bound), case["w_layout"])
     D = case["directions"]
-    args["h0"] = None if case["state"] == "none" else Arg(draw.randn(D, B, H), case["state_layout"])
+    args["h0"] = None if case["state"] == "none" else Arg(draw.randn(D, B, R), case["state_layout"])
     args["c0"] = Arg(draw.randn(D, B, H), case["state_layout"]) if case["state"] == "both" else None
     return args, draw.lengths(B, T, case["lengths"])
 
 
 def call(case: dict, lengths) -> callable:
     def fn(x, h0, c0, **p):
-        weights = tuple((p[f"w_ih{d}"], p[f"w_hh{d}"], p[f"b_ih{d}"], p[f"b_hh{d}"]) for d in range(case["directions"]))
+        names = ("w_ih", "w_hh", "b_ih", "b_hh") + (("w_hr",) if case.get("P") else ())
+        weights = tuple(tuple(p[f"{name}{d}"] for name in names) for d in range(case["directions"]))
         return fastmsc.lstm_layer(x, weights, h0, c0, lengths)
 
     return fn
@@ -117,6 +122,36 @@ def test_half_precision_matches_float64_reference(backend, dtype):
                            dtype, LOW_PRECISION_TOL)
 
 
+@pytest.mark.parametrize("backend", (*BACKENDS, "auto"))
+def test_projection_matches_reference_forward_and_all_gradients(backend):
+    """With w_hr (proj_size): outputs and every gradient, w_hr's included, in float64 over every regime, then
+    float32 on two of them."""
+    if backend == "fused":
+        require_fused("lstm_layer")
+    draw = Draw()
+    for regime in REGIMES:
+        case = draw_case(draw, regime, proj=True)
+        args, lengths = build_args(draw, case)
+        compare_with_reference(backend, call(case, lengths), args, draw, describe(regime, case, lengths))
+    for regime in ("mixed_lengths", "random"):
+        case = draw_case(draw, regime, proj=True)
+        args, lengths = build_args(draw, case)
+        compare_with_reference(backend, call(case, lengths), args, draw, describe(regime, case, lengths), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("backend", ("reference", *BACKENDS))
+def test_projection_half_precision_matches_float64_reference(backend, dtype):
+    if backend == "fused":
+        require_fused("lstm_layer")
+    draw = Draw()
+    case = draw_case(draw, "mixed_lengths", proj=True)
+    case["T"] = min(case["T"], 16)
+    args, lengths = build_args(draw, case)
+    compare_with_reference(backend, call(case, lengths), args, draw, describe("mixed_lengths", case, lengths),
+                           dtype, LOW_PRECISION_TOL)
+
+
 def _outputs_and_gradients(fn, lstm, inputs, cotangents):
     """fn(lstm, lengths, x, h0, c0) and the gradients of x, h0, c0 and lstm's parameters."""
     *tensors, lengths = inputs
@@ -133,7 +168,7 @@ def _packed_nn_lstm(lstm, lengths, x, h0, c0):
 
 def _fastmsc_with_lstm_weights(backend):
     def fn(lstm, lengths, x, h0, c0):
-        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") + (("weight_hr",) if lstm.proj_size else ())
         suffixes = ("", "_reverse") if lstm.bidirectional else ("",)
         weights = tuple(tuple(getattr(lstm, f"{name}_l0{suffix}") for name in names) for suffix in suffixes)
         with fastmsc.use_backend(backend):
@@ -147,14 +182,16 @@ def test_matches_packed_torch_nn_lstm(backend):
     """The definition of ``lengths``: pack_padded_sequence + torch.nn.LSTM, outputs padded with zeros
     to T, h_n/c_n at each sequence's last valid step; gradients of x, h0, c0 and every parameter."""
     draw = Draw()
-    for bidirectional in (True, False):
-        B, T, n_in, H = draw.int(2, 5), draw.int(2, 20), draw.int(1, 7), draw.int(1, 9)
+    for bidirectional, proj in ((True, False), (False, False), (True, True), (False, True)):
+        B, T, n_in, H = draw.int(2, 5), draw.int(2, 20), draw.int(1, 7), draw.int(2 if proj else 1, 9)
+        P = draw.int(1, H - 1) if proj else 0
+        R = P or H
         D = 2 if bidirectional else 1
-        lstm = torch.nn.LSTM(n_in, H, batch_first=True, bidirectional=bidirectional, dtype=torch.float64)
+        lstm = torch.nn.LSTM(n_in, H, batch_first=True, bidirectional=bidirectional, proj_size=P, dtype=torch.float64)
         lengths = draw.lengths(B, T, "mixed")
-        inputs = (draw.randn(B, T, n_in), draw.randn(D, B, H), draw.randn(D, B, H), lengths)
-        cotangents = (draw.randn(B, T, D * H), draw.randn(D, B, H), draw.randn(D, B, H))
-        what = f"B={B} T={T} I={n_in} H={H} D={D} lengths={lengths.tolist()} {draw.tag()}"
+        inputs = (draw.randn(B, T, n_in), draw.randn(D, B, R), draw.randn(D, B, H), lengths)
+        cotangents = (draw.randn(B, T, D * R), draw.randn(D, B, R), draw.randn(D, B, H))
+        what = f"B={B} T={T} I={n_in} H={H} P={P} D={D} lengths={lengths.tolist()} {draw.tag()}"
         want, want_grads = _outputs_and_gradients(_packed_nn_lstm, lstm, inputs, cotangents)
         got, got_grads = _outputs_and_gradients(_fastmsc_with_lstm_weights(backend), lstm, inputs, cotangents)
         for name, a, b in zip(("out", "h_n", "c_n"), got, want, strict=True):
@@ -183,6 +220,12 @@ def _inputs():
 
 def _with(direction, index, value):
     return tuple(value if i == index else p for i, p in enumerate(direction))
+
+
+def _projected(x, w, h, c, P=2):
+    """The _inputs layer (H = 4) with a projection to P: w_hh (4H, P), w_hr (P, H), h0 (2, B, P)."""
+    direction = (w[0][0], torch.randn(16, P), w[0][2], w[0][3], torch.randn(P, 4))
+    return (direction, direction), torch.zeros(2, 2, P), c
 
 
 BAD_CALLS = [
@@ -222,6 +265,27 @@ BAD_CALLS = [
      r"lengths must have shape \(2,\)"),
     ("lengths not numbers", lambda x, w, h, c: dict(x=x, weights=w, lengths="long"), TypeError,
      r"lengths must be a sequence of ints"),
+    ("direction of 6", lambda x, w, h, c: dict(x=x, weights=(w[0] + (None, None),)), TypeError,
+     r"weights\[0\] must be a tuple \(w_ih, w_hh, b_ih, b_hh\) or \(w_ih, w_hh, b_ih, b_hh, w_hr\), got a tuple of 6"),
+    ("w_hr in one direction only", lambda x, w, h, c: dict(x=x, weights=(_projected(x, w, h, c)[0][0], w[1])),
+     ValueError, r"w_hr \(the projection\) must be given for both directions or for none; weights\[0\] has w_hr"),
+    ("w_hr not smaller than H", lambda x, w, h, c: dict(x=x, weights=(w[0] + (torch.randn(4, 4),),)),
+     ValueError, r"weights\[0\]\.w_hr must have shape \(P, H\) with 1 <= P < H .*got \(4, 4\)"),
+    ("w_hr of the other direction", lambda x, w, h, c: dict(
+        x=x, weights=(_projected(x, w, h, c)[0][0], _with(_projected(x, w, h, c)[0][1], 4, torch.randn(3, 4)))),
+     ValueError, r"weights\[1\]\.w_hr must have shape \(2, 4\) \(proj size x hidden\), got \(3, 4\)"),
+    ("w_hr 1-D", lambda x, w, h, c: dict(x=x, weights=(w[0] + (torch.randn(4),),)), ValueError,
+     r"weights\[0\]\.w_hr must be 2-D"),
+    ("w_hr dtype mismatch", lambda x, w, h, c: dict(x=x, weights=(_with(_projected(x, w, h, c)[0][0], 4,
+                                                                          torch.randn(2, 4).double()),)),
+     TypeError, r"weights\[0\]\.w_hr has dtype float64 but x has float32"),
+    ("w_hh not 4H x P", lambda x, w, h, c: dict(x=x, weights=(w[0] + (torch.randn(2, 4),),)), ValueError,
+     r"weights\[0\]\.w_hh must have shape \(16, 2\) \(4H x proj size\), got \(16, 4\)"),
+    ("h0 hidden wide with w_hr", lambda x, w, h, c: dict(x=x, weights=_projected(x, w, h, c)[0], h0=h, c0=c),
+     ValueError, r"h0 must have shape \(2, 2, 2\) \(directions x batch x proj size\), got \(2, 2, 4\)"),
+    ("c0 proj wide with w_hr", lambda x, w, h, c: dict(x=x, weights=_projected(x, w, h, c)[0],
+                                                          h0=_projected(x, w, h, c)[1], c0=c[..., :2]),
+     ValueError, r"c0 must have shape \(2, 2, 4\) \(directions x batch x hidden\), got \(2, 2, 2\)"),
 ]
 
 

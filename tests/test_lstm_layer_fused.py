@@ -37,12 +37,15 @@ def rng():
     return random.Random(seed), seed
 
 
-def _weights(D, n_in, H, dtype, bias=True, one_bias=False):
+def _weights(D, n_in, H, dtype, bias=True, one_bias=False, P=0):
+    """Direction tuples; with P > 0 a projection w_hr (P, H) as fifth element and w_hh (4H, P)."""
     weights = []
     for _ in range(D):
-        params = [torch.randn(4 * H, n_in, dtype=dtype) * 0.4, torch.randn(4 * H, H, dtype=dtype) * 0.4]
+        params = [torch.randn(4 * H, n_in, dtype=dtype) * 0.4, torch.randn(4 * H, P or H, dtype=dtype) * 0.4]
         params.append(torch.randn(4 * H, dtype=dtype) if bias else None)
         params.append(torch.randn(4 * H, dtype=dtype) if bias and not one_bias else None)
+        if P:
+            params.append(torch.randn(P, H, dtype=dtype) * 0.4)
         weights.append(tuple(None if p is None else p.requires_grad_() for p in params))
     return tuple(weights)
 
@@ -56,20 +59,23 @@ def _run_with_grads(fn, x, weights, h0, c0, lengths, upstream):
     return [out, h_n, c_n, *torch.autograd.grad(loss, leaves)]
 
 
-def _random_case(r, dtype, D, with_lengths, with_state, bias=True, non_contiguous=False):
-    B, T, n_in, H = r.randint(1, 5), r.randint(1, 9), r.randint(1, 7), r.randint(1, 11)
+def _random_case(r, dtype, D, with_lengths, with_state, bias=True, non_contiguous=False, proj=False):
+    B, T, n_in, H = r.randint(1, 5), r.randint(1, 9), r.randint(1, 7), r.randint(2 if proj else 1, 11)
+    P = r.randint(1, H - 1) if proj else 0
+    R = P or H  # the size of h
     if non_contiguous:  # x as a transposed view of a (T, B, n_in) tensor
         x = torch.randn(T, B, n_in, dtype=dtype).transpose(0, 1)
     else:
         x = torch.randn(B, T, n_in, dtype=dtype)
     x.requires_grad_()
-    weights = _weights(D, n_in, H, dtype, bias=bias, one_bias=r.random() < 0.3)
-    h0 = torch.randn(D, B, H, dtype=dtype, requires_grad=True) if with_state else None
+    weights = _weights(D, n_in, H, dtype, bias=bias, one_bias=r.random() < 0.3, P=P)
+    h0 = torch.randn(D, B, R, dtype=dtype, requires_grad=True) if with_state else None
     c0 = torch.randn(D, B, H, dtype=dtype, requires_grad=True) if with_state else None
     lengths = torch.tensor([r.randint(1, T) for _ in range(B)]) if with_lengths else None
-    upstream = (torch.randn(B, T, D * H, dtype=dtype), torch.randn(D, B, H, dtype=dtype),
+    upstream = (torch.randn(B, T, D * R, dtype=dtype), torch.randn(D, B, R, dtype=dtype),
                 torch.randn(D, B, H, dtype=dtype))
-    return (x, weights, h0, c0, lengths), upstream, (B, T, n_in, H)
+    shape = (B, T, n_in, H, P) if proj else (B, T, n_in, H)
+    return (x, weights, h0, c0, lengths), upstream, shape
 
 
 def _assert_close(got, expected, rtol, atol, context):
@@ -92,6 +98,44 @@ def test_matches_reference_float64(rng, D, with_lengths, with_state):
                           f"seed {seed}, trial {trial}, (B,T,I,H)={shape}, lengths={args[4]}, tensor #{k}")
 
 
+@pytest.mark.parametrize("D", [1, 2])
+@pytest.mark.parametrize("with_lengths", [False, True])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_projection_matches_reference_float64(rng, D, with_lengths, with_state):
+    """With w_hr (proj_size): outputs and every gradient (dW_hr included), with and without bias, x strided."""
+    r, seed = rng
+    for trial in range(4):
+        args, upstream, shape = _random_case(r, torch.float64, D, with_lengths, with_state, bias=trial != 3,
+                                             non_contiguous=trial == 2, proj=True)
+        expected = _run_with_grads(lstm_layer_reference, *args, upstream)
+        got = _run_with_grads(fused_module.fused, *args, upstream)
+        assert len(got) == len(expected)
+        for k, (g, e) in enumerate(zip(got, expected, strict=True)):
+            _assert_close(g, e, 1e-10, 1e-10,
+                          f"seed {seed}, trial {trial}, (B,T,I,H,P)={shape}, lengths={args[4]}, tensor #{k}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_projection_only_some_gradients(rng, dtype):
+    """Asking for the w_hr gradient alone, or for everything but the weights, gives the same values as the full
+    backward (the op skips the weight GEMMs and the recomputation of o * tanh(c) when not needed)."""
+    r, seed = rng
+    args, upstream, shape = _random_case(r, dtype, 2, True, True, proj=True)
+    x, weights, h0, c0, lengths = args
+    full = _run_with_grads(fused_module.fused, *args, upstream)
+    out, h_n, c_n = fused_module.fused(*args)
+    loss = sum((o * g).sum() for o, g in zip((out, h_n, c_n), upstream, strict=True))
+    w_hr_only = torch.autograd.grad(loss, [weights[0][4], weights[1][4]], retain_graph=True)
+    no_weights = torch.autograd.grad(loss, [x, h0, c0])
+    tol = 1e-12 if dtype == torch.float64 else 1e-6  # the same arithmetic either way; the margin is for BLAS
+    named = [("x", x), ("h0", h0), ("c0", c0)] + [
+        (f"{name}[{d}]", p) for d in range(2) for name, p in zip(("w_ih", "w_hh", "b_ih", "b_hh", "w_hr"), weights[d],
+                                                                 strict=True)]
+    grads = dict(zip([name for name, t in named if t is not None], full[3:], strict=True))  # None: a missing b_hh
+    for name, g in zip(("w_hr[0]", "w_hr[1]", "x", "h0", "c0"), (*w_hr_only, *no_weights), strict=True):
+        _assert_close(g, grads[name], tol, tol, f"seed {seed}, (B,T,I,H,P)={shape}, {name}")
+
+
 def test_edge_shapes_float64(rng):
     """T=1, B=1, every sequence of length 1, and full-length sequences with lengths given."""
     r, seed = rng
@@ -111,26 +155,27 @@ def test_edge_shapes_float64(rng):
 
 def test_gradcheck_float64(rng):
     r, seed = rng
-    for D, with_lengths in ((1, False), (2, True)):
+    for D, with_lengths, P in ((1, False, 0), (2, True, 0), (1, True, 2), (2, False, 1)):
         B, T, n_in, H = 2, 3, 2, 3
         x = torch.randn(B, T, n_in, dtype=torch.float64, requires_grad=True)
-        weights = _weights(D, n_in, H, torch.float64)
-        h0 = torch.randn(D, B, H, dtype=torch.float64, requires_grad=True)
+        weights = _weights(D, n_in, H, torch.float64, P=P)
+        h0 = torch.randn(D, B, P or H, dtype=torch.float64, requires_grad=True)
         c0 = torch.randn(D, B, H, dtype=torch.float64, requires_grad=True)
         lengths = torch.tensor([3, 2]) if with_lengths else None
         flat = [p for params in weights for p in params]
+        per = len(weights[0])
 
-        def fn(x, h0, c0, *flat, D=D, lengths=lengths):
-            ws = tuple(tuple(flat[4 * d: 4 * d + 4]) for d in range(D))
+        def fn(x, h0, c0, *flat, D=D, lengths=lengths, per=per):
+            ws = tuple(tuple(flat[per * d: per * d + per]) for d in range(D))
             return fused_module.fused(x, ws, h0, c0, lengths)
 
-        assert torch.autograd.gradcheck(fn, (x, h0, c0, *flat)), f"seed {seed}, D={D}"
+        assert torch.autograd.gradcheck(fn, (x, h0, c0, *flat)), f"seed {seed}, D={D}, P={P}"
 
 
-def _nn_pair(r, layers, D, n_in, H):
+def _nn_pair(r, layers, D, n_in, H, P=0):
     """torch.nn.LSTM and fastmsc.nn.LSTM with the same weights, loaded in a random direction."""
-    ref = torch.nn.LSTM(n_in, H, num_layers=layers, bidirectional=D == 2, batch_first=True)
-    fast = LSTM(n_in, H, num_layers=layers, bidirectional=D == 2, batch_first=True)
+    ref = torch.nn.LSTM(n_in, H, num_layers=layers, bidirectional=D == 2, batch_first=True, proj_size=P)
+    fast = LSTM(n_in, H, num_layers=layers, bidirectional=D == 2, batch_first=True, proj_size=P)
     if r.random() < 0.5:
         fast.load_state_dict(ref.state_dict())
     else:
@@ -141,7 +186,8 @@ def _nn_pair(r, layers, D, n_in, H):
 @pytest.mark.parametrize("layers", [1, 2, 3])
 @pytest.mark.parametrize("D", [1, 2])
 @pytest.mark.parametrize("with_lengths", [False, True])
-def test_nn_lstm_float32(rng, layers, D, with_lengths):
+@pytest.mark.parametrize("proj", [False, True])
+def test_nn_lstm_float32(rng, layers, D, with_lengths, proj):
     """fastmsc.nn.LSTM on backend fused against torch.nn.LSTM (packed for lengths) in float32.
 
     Tolerance: both compute in float32 with differently rounded transcendental functions and GEMM
@@ -149,13 +195,14 @@ def test_nn_lstm_float32(rng, layers, D, with_lengths):
     """
     r, seed = rng
     B, T, n_in, H = r.randint(1, 6), r.randint(1, 10), r.randint(1, 9), r.choice([3, 5, 7, 12, 13])
-    ref, fast = _nn_pair(r, layers, D, n_in, H)
+    P = r.randint(1, H - 1) if proj else 0
+    ref, fast = _nn_pair(r, layers, D, n_in, H, P)
     x = torch.randn(B, T, n_in)
     lengths = torch.tensor([r.randint(1, T) for _ in range(B)]) if with_lengths else None
-    h0 = torch.randn(layers * D, B, H)
+    h0 = torch.randn(layers * D, B, P or H)
     c0 = torch.randn(layers * D, B, H)
-    g_out = torch.randn(B, T, D * H)
-    g_h, g_c = torch.randn(layers * D, B, H), torch.randn(layers * D, B, H)
+    g_out = torch.randn(B, T, D * (P or H))
+    g_h, g_c = torch.randn(layers * D, B, P or H), torch.randn(layers * D, B, H)
 
     def run(model, use_fastmsc):
         xi, h, c = (t.clone().requires_grad_() for t in (x, h0, c0))
@@ -176,7 +223,7 @@ def test_nn_lstm_float32(rng, layers, D, with_lengths):
     assert [n for n, _ in ref.named_parameters()] == [n for n, _ in fast.named_parameters()]
     for name, g, e in zip(names, run(fast, True), run(ref, False), strict=True):
         _assert_close(g, e, 1e-4, 3e-5,
-                      f"seed {seed}, layers={layers} D={D} (B,T,I,H)={(B, T, n_in, H)} lengths={lengths}, {name}")
+                      f"seed {seed}, layers={layers} D={D} (B,T,I,H,P)={(B, T, n_in, H, P)} lengths={lengths}, {name}")
 
 
 def test_float32_against_float64_reference(rng):
@@ -208,23 +255,26 @@ def test_half_inputs_compute_in_float32(rng, dtype):
         torch.testing.assert_close(g.float(), e.float(), rtol=1e-2, atol=1e-2, msg=lambda m: f"seed {seed}: {m}")
 
 
-def _half_case(r, dtype, weight_scale):
+def _half_case(r, dtype, weight_scale, proj=False):
     """Half inputs for a bidirectional layer with lengths and initial state, x a non-contiguous view (as the
     model's transposed conv output); weights U(-1/sqrt(H), 1/sqrt(H)) as torch.nn.LSTM initialises them
-    (``weight_scale`` "init") or N(0, 0.4^2) (``"large"``, where gradients grow back through time)."""
+    (``weight_scale`` "init") or N(0, 0.4^2) (``"large"``, where gradients grow back through time). ``proj``:
+    with a projection w_hr (P, H)."""
     B, T, n_in, H = r.randint(1, 5), r.randint(20, 100), r.randint(1, 9), r.randint(2, 17)
+    P = r.randint(1, H - 1) if proj else 0
+    R = P or H
     half = lambda t: t.to(dtype)
     if weight_scale == "init":
         draw = lambda *shape: torch.empty(shape).uniform_(-H ** -0.5, H ** -0.5)
     else:
         draw = lambda *shape: torch.randn(shape) * (0.4 if len(shape) == 2 else 1.0)
-    weights = tuple(tuple(half(draw(*shape)) for shape in ((4 * H, n_in), (4 * H, H), (4 * H,), (4 * H,)))
-                    for _ in range(2))
+    shapes = ((4 * H, n_in), (4 * H, R), (4 * H,), (4 * H,)) + (((P, H),) if proj else ())
+    weights = tuple(tuple(half(draw(*shape)) for shape in shapes) for _ in range(2))
     x = half(torch.randn(T, B, n_in)).transpose(0, 1)
-    h0, c0 = half(torch.randn(2, B, H)), half(torch.randn(2, B, H))
+    h0, c0 = half(torch.randn(2, B, R)), half(torch.randn(2, B, H))
     lengths = torch.tensor([T] + [r.randint(1, T) for _ in range(B - 1)])
-    upstream = tuple(half(torch.randn(shape)) for shape in ((B, T, 2 * H), (2, B, H), (2, B, H)))
-    return (x, weights, h0, c0, lengths), upstream, (B, T, n_in, H)
+    upstream = tuple(half(torch.randn(shape)) for shape in ((B, T, 2 * R), (2, B, R), (2, B, H)))
+    return (x, weights, h0, c0, lengths), upstream, (B, T, n_in, H, P) if proj else (B, T, n_in, H)
 
 
 def _leaves_as(args, dtype):
@@ -233,12 +283,14 @@ def _leaves_as(args, dtype):
     return leaf(x), tuple(tuple(leaf(p) for p in params) for params in weights), leaf(h0), leaf(c0), lengths
 
 
-_HALF_NAMES = ["out", "h_n", "c_n", "grad x", "grad h0", "grad c0"] + [
-    f"grad {n}[{d}]" for d in range(2) for n in ("w_ih", "w_hh", "b_ih", "b_hh")]
+def _half_names(proj):
+    params = ("w_ih", "w_hh", "b_ih", "b_hh") + (("w_hr",) if proj else ())
+    return ["out", "h_n", "c_n", "grad x", "grad h0", "grad c0"] + [f"grad {n}[{d}]" for d in range(2) for n in params]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_inputs_gradients_against_float64_reference(rng, dtype):
+@pytest.mark.parametrize("proj", [False, True])
+def test_half_inputs_gradients_against_float64_reference(rng, dtype, proj):
     """Outputs and every gradient of half inputs against the float64 reference on the same rounded values.
 
     Error per tensor relative to its largest reference magnitude, in units of the dtype's unit roundoff u
@@ -252,11 +304,11 @@ def test_half_inputs_gradients_against_float64_reference(rng, dtype):
     """
     r, seed = rng
     u = 2.0 ** -11 if dtype == torch.float16 else 2.0 ** -8
-    args, upstream, shape = _half_case(r, dtype, "init")
+    args, upstream, shape = _half_case(r, dtype, "init", proj)
     got = _run_with_grads(fused_module.fused, *_leaves_as(args, dtype), upstream)
     expected = _run_with_grads(lstm_layer_reference, *_leaves_as(args, torch.float64),
                                tuple(g.double() for g in upstream))
-    for name, g, e in zip(_HALF_NAMES, got, expected, strict=True):
+    for name, g, e in zip(_half_names(proj), got, expected, strict=True):
         assert g.dtype == dtype, f"{name} came back as {g.dtype}"
         g, e = g.detach().double(), e.detach()
         error = float((g - e).abs().max() / e.abs().max().clamp_min(1e-30)) / u
@@ -266,12 +318,13 @@ def test_half_inputs_gradients_against_float64_reference(rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_inputs_match_float32_ops_on_rounded_state(rng, dtype):
+@pytest.mark.parametrize("proj", [False, True])
+def test_half_inputs_match_float32_ops_on_rounded_state(rng, dtype, proj):
     """For any weights, half inputs give exactly what the float32 ops give on the widened inputs when the
     state kept for backward (input, output, gates, cells) is rounded to the input dtype in between: the
     half path differs from float32 by that rounding and the final casts, nothing else."""
     r, seed = rng
-    args, upstream, shape = _half_case(r, dtype, "large")
+    args, upstream, shape = _half_case(r, dtype, "large", proj)
     x, weights, h0, c0, lengths = _leaves_as(args, dtype)
     got = _run_with_grads(fused_module.fused, x, weights, h0, c0, lengths, upstream)
 
@@ -279,30 +332,34 @@ def test_half_inputs_match_float32_ops_on_rounded_state(rng, dtype):
     w_ih = torch.cat([wide(p[0]) for p in weights])
     w_hh = torch.stack([wide(p[1]) for p in weights])
     bias = torch.cat([wide(p[2]) + wide(p[3]) for p in weights])
+    w_hr = torch.stack([wide(p[4]) for p in weights]) if proj else None
     out, h_n, c_n, gates, cells = torch.ops.fastmsc.lstm_fwd(wide(x), w_ih, w_hh, bias, wide(h0), wide(c0), lengths,
-                                                             True)
+                                                             True, w_hr)
     kept = lambda t: t.to(dtype).float()
-    dx, dw_ih, dw_hh, dbias, dh0, dc0 = torch.ops.fastmsc.lstm_bwd(
+    dx, dw_ih, dw_hh, dbias, dh0, dc0, dw_hr = torch.ops.fastmsc.lstm_bwd(
         *(kept(g) for g in upstream), kept(x), w_ih, w_hh, True, wide(h0), wide(c0), lengths, kept(out),
-        kept(gates), kept(cells), True, True, True)
-    H = w_hh.shape[-1]
+        kept(gates), kept(cells), True, True, True, w_hr)
+    H = w_hh.shape[1] // 4
     param_grads = []
     for d in range(2):
         db = dbias[4 * H * d: 4 * H * (d + 1)]
-        param_grads += [dw_ih[4 * H * d: 4 * H * (d + 1)], dw_hh[d], db, db]
+        param_grads += [dw_ih[4 * H * d: 4 * H * (d + 1)], dw_hh[d], db, db] + ([dw_hr[d]] if proj else [])
     expected = [t.to(dtype) for t in (out, h_n, c_n, dx, dh0, dc0, *param_grads)]
-    for name, g, e in zip(_HALF_NAMES, got, expected, strict=True):
+    for name, g, e in zip(_half_names(proj), got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=0, atol=0,
                                    msg=lambda m, name=name: f"seed {seed}, {dtype}, (B,T,I,H)={shape}, {name}: {m}")
 
 
-def test_inference_saves_nothing_and_matches(rng):
+@pytest.mark.parametrize("proj", [False, True])
+def test_inference_saves_nothing_and_matches(rng, proj):
     r, seed = rng
-    args, _, _ = _random_case(r, torch.float32, 2, True, True)
+    args, _, _ = _random_case(r, torch.float32, 2, True, True, proj=proj)
+    w_hr = torch.stack([p[4] for p in args[1]]) if proj else None
     with torch.no_grad():
         got = fused_module.fused(*args)
         raw = torch.ops.fastmsc.lstm_fwd(args[0], torch.cat([p[0] for p in args[1]]),
-                                         torch.stack([p[1] for p in args[1]]), None, args[2], args[3], args[4], False)
+                                         torch.stack([p[1] for p in args[1]]), None, args[2], args[3], args[4], False,
+                                         w_hr)
     assert raw[3].numel() == 0 and raw[4].numel() == 0, "inference must not keep gates or cell states"
     expected = fused_module.fused(*args)
     for g, e in zip(got, expected, strict=True):
@@ -317,9 +374,10 @@ def test_auto_picks_the_extension_on_cpu():
     assert row["auto"] == "fused" and row["fused_unavailable"] is None and row["dispatch"] == []
 
 
-def test_torch_compile_fullgraph_no_graph_break(rng):
+@pytest.mark.parametrize("proj_size", [0, 4])
+def test_torch_compile_fullgraph_no_graph_break(rng, proj_size):
     r, seed = rng
-    model = LSTM(5, 6, num_layers=2, bidirectional=True, batch_first=True)
+    model = LSTM(5, 6, num_layers=2, bidirectional=True, batch_first=True, proj_size=proj_size)
     x = torch.randn(3, 4, 5, requires_grad=True)
     lengths = torch.tensor([4, 2, 3])
 
@@ -349,6 +407,10 @@ def test_op_rejects_bad_arguments():
         op(x, w_ih, w_hh, None, torch.randn(2, 3, 5), None, None, False)
     with pytest.raises(RuntimeError, match="lengths must be an int64"):
         op(x, w_ih, w_hh, None, None, None, torch.tensor([1.0, 2.0]), False)
+    with pytest.raises(RuntimeError, match=r"w_hr must have shape \(2, 5, 5\) \(directions, proj size, hidden\), got"):
+        op(x, w_ih, w_hh, None, None, None, None, False, torch.randn(2, 4, 5))
+    with pytest.raises(RuntimeError, match=r"h0 must have shape \(2, 2, 3\) \(directions, batch, proj size\)"):
+        op(x, w_ih, torch.randn(2, 20, 3), None, torch.randn(2, 2, 5), None, None, False, torch.randn(2, 3, 5))
     with pytest.raises(RuntimeError, match="float32 or float64"):
         op(x.half(), w_ih.half(), w_hh.half(), None, None, None, None, False)
     with pytest.raises(RuntimeError, match="training=True"):

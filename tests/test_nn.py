@@ -93,12 +93,15 @@ def lstm_pair(draw: Draw, **config):
     return stock, fast
 
 
-def draw_config(draw: Draw, **fixed) -> dict:
+def draw_config(draw: Draw, proj: bool = False, **fixed) -> dict:
+    """Random constructor arguments; ``proj``: with proj_size in [1, hidden_size)."""
     config = {
-        "input_size": draw.int(1, 6), "hidden_size": draw.int(1, 7), "num_layers": draw.int(1, 3),
+        "input_size": draw.int(1, 6), "hidden_size": draw.int(2 if proj else 1, 7), "num_layers": draw.int(1, 3),
         "bias": draw.choice((True, False)), "batch_first": draw.choice((True, False)),
         "dropout": draw.choice((0.0, 0.4)), "bidirectional": draw.choice((True, False)),
     }
+    if proj:
+        config["proj_size"] = draw.int(1, config["hidden_size"] - 1)
     config.update(fixed)
     if config["num_layers"] == 1:
         config["dropout"] = 0.0  # torch.nn.LSTM warns about dropout with one layer
@@ -108,11 +111,15 @@ def draw_config(draw: Draw, **fixed) -> dict:
 @pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_lstm_parameters_and_state_dict_match_torch(num_layers, bidirectional, bias):
+@pytest.mark.parametrize("proj_size", [0, 2])
+def test_lstm_parameters_and_state_dict_match_torch(num_layers, bidirectional, bias, proj_size):
     config = {"input_size": 3, "hidden_size": 5, "num_layers": num_layers, "bias": bias,
-              "bidirectional": bidirectional}
+              "bidirectional": bidirectional, "proj_size": proj_size}
     stock, fast = nn.LSTM(**config), LSTM(**config)
     assert [(n, p.shape) for n, p in fast.named_parameters()] == [(n, p.shape) for n, p in stock.named_parameters()]
+    assert [(k, v.shape) for k, v in fast.state_dict().items()] == \
+        [(k, v.shape) for k, v in stock.state_dict().items()]
+    assert fast.extra_repr().startswith(f"3, 5, proj_size={proj_size}" if proj_size else "3, 5, num_layers"), repr(fast)
     fast.load_state_dict(stock.state_dict())
     stock.load_state_dict(fast.state_dict())
     for name, param in stock.named_parameters():
@@ -124,22 +131,29 @@ def test_lstm_parameters_and_state_dict_match_torch(num_layers, bidirectional, b
     assert all(p.abs().max() <= bound for p in LSTM(**config).parameters()), "init must match nn.LSTM's range"
 
 
+def hx_shapes(config, *batch):
+    """(h_0 shape, c_0 shape) for ``config``; ``batch`` is (B,) or () for unbatched input."""
+    states = config["num_layers"] * (2 if config["bidirectional"] else 1)
+    return (states, *batch, config.get("proj_size") or config["hidden_size"]), (states, *batch, config["hidden_size"])
+
+
+@pytest.mark.parametrize("proj", [False, True])
 @pytest.mark.parametrize("backend", MODULE_BACKENDS)
-def test_lstm_forward_and_gradients_match_torch(backend):
-    """Batched (both layouts), unbatched, with and without hx, 1-3 layers, dropout in eval mode."""
+def test_lstm_forward_and_gradients_match_torch(backend, proj):
+    """Batched (both layouts), unbatched, with and without hx, 1-3 layers, dropout in eval mode; with ``proj`` a
+    proj_size (torch's weights loaded, every gradient weight_hr's included)."""
     draw = Draw()
     for unbatched in (False, True, False):
-        config = draw_config(draw)
+        config = draw_config(draw, proj)
         stock, fast = lstm_pair(draw, **config)
         stock.eval(), fast.eval()
         B, T = draw.int(1, 4), draw.int(1, 12)
-        states = config["num_layers"] * (2 if config["bidirectional"] else 1)
         if unbatched:
-            x, hx_shape = draw.randn(T, config["input_size"]), (states, config["hidden_size"])
+            x, (h_shape, c_shape) = draw.randn(T, config["input_size"]), hx_shapes(config)
         else:
             shape = (B, T) if config["batch_first"] else (T, B)
-            x, hx_shape = draw.randn(*shape, config["input_size"]), (states, B, config["hidden_size"])
-        hx = draw.choice((None, (draw.randn(*hx_shape), draw.randn(*hx_shape))))
+            x, (h_shape, c_shape) = draw.randn(*shape, config["input_size"]), hx_shapes(config, B)
+        hx = draw.choice((None, (draw.randn(*h_shape), draw.randn(*c_shape))))
         what = f"{config} unbatched={unbatched} x={tuple(x.shape)} hx={hx is not None} {draw.tag()}"
 
         def run(module, x=x, hx=hx):
@@ -158,11 +172,12 @@ def test_lstm_forward_and_gradients_match_torch(backend):
             assert_close(a, b, f"gradient {i} (input, hx, then parameters) {what}", **TOL)
 
 
+@pytest.mark.parametrize("proj", [False, True])
 @pytest.mark.parametrize("enforce_sorted", [False, True])
 @pytest.mark.parametrize("backend", MODULE_BACKENDS)
-def test_lstm_packed_sequence_in_packed_sequence_out(backend, enforce_sorted):
+def test_lstm_packed_sequence_in_packed_sequence_out(backend, enforce_sorted, proj):
     draw = Draw()
-    config = draw_config(draw, batch_first=draw.choice((True, False)))
+    config = draw_config(draw, proj, batch_first=draw.choice((True, False)))
     stock, fast = lstm_pair(draw, **config)
     stock.eval(), fast.eval()
     B, T = draw.int(2, 5), draw.int(2, 12)
@@ -170,8 +185,8 @@ def test_lstm_packed_sequence_in_packed_sequence_out(backend, enforce_sorted):
     if enforce_sorted:
         lengths = lengths.sort(descending=True).values
     x = draw.randn(B, T, config["input_size"])
-    states = (config["num_layers"] * (2 if config["bidirectional"] else 1), B, config["hidden_size"])
-    hx = draw.choice((None, (draw.randn(*states), draw.randn(*states))))  # in the caller's batch order
+    h_shape, c_shape = hx_shapes(config, B)
+    hx = draw.choice((None, (draw.randn(*h_shape), draw.randn(*c_shape))))  # in the caller's batch order
     what = f"{config} lengths={lengths.tolist()} enforce_sorted={enforce_sorted} hx={hx is not None} {draw.tag()}"
 
     def run(module):
@@ -195,22 +210,83 @@ def test_lstm_packed_sequence_in_packed_sequence_out(backend, enforce_sorted):
         assert_close(a, b, f"gradient {i} (input, hx, then parameters) {what}", **TOL)
 
 
+@pytest.mark.parametrize("proj", [False, True])
 @pytest.mark.parametrize("backend", MODULE_BACKENDS)
-def test_lstm_lengths_equals_packing(backend):
-    """forward(padded, lengths=L) gives nn.LSTM's packed result, padded with zeros."""
+def test_lstm_lengths_equals_packing(backend, proj):
+    """forward(padded, lengths=L) gives nn.LSTM's packed result, padded with zeros; outputs and every gradient."""
     draw = Draw()
-    config = draw_config(draw, batch_first=True, num_layers=2, bidirectional=True)
+    config = draw_config(draw, proj, batch_first=True, num_layers=2, bidirectional=True)
     stock, fast = lstm_pair(draw, **config)
     stock.eval(), fast.eval()
     B, T = draw.int(2, 5), draw.int(2, 12)
     lengths, x = draw.lengths(B, T, "mixed"), draw.randn(B, T, config["input_size"])
-    packed_out, (h_want, c_want) = stock(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
-    want = pad_packed_sequence(packed_out, batch_first=True, total_length=T)[0]
-    with fastmsc.use_backend(backend):
-        got, (h_got, c_got) = fast(x, lengths=lengths)
+    h_shape, c_shape = hx_shapes(config, B)
+    hx = (draw.randn(*h_shape), draw.randn(*c_shape))
+
+    def run(module, packed):
+        leaves = [t.clone().requires_grad_() for t in (x, *hx)]
+        if packed:
+            out, (h_n, c_n) = module(pack_padded_sequence(leaves[0], lengths, batch_first=True, enforce_sorted=False),
+                                     tuple(leaves[1:]))
+            out = pad_packed_sequence(out, batch_first=True, total_length=T)[0]
+        else:
+            with fastmsc.use_backend(backend):
+                out, (h_n, c_n) = module(leaves[0], tuple(leaves[1:]), lengths=lengths)
+        cot = [torch.cos(torch.arange(o.numel(), dtype=o.dtype)).reshape(o.shape) for o in (out, h_n, c_n)]
+        return (out, h_n, c_n), grads_of((out, h_n, c_n), [*leaves, *module.parameters()], cot)
+
+    (want, want_grads), (got, got_grads) = run(stock, True), run(fast, False)
     what = f"{config} lengths={lengths.tolist()} {draw.tag()}"
-    for name, a, b in (("output", got, want), ("h_n", h_got, h_want), ("c_n", c_got, c_want)):
+    for name, a, b in zip(("output", "h_n", "c_n"), got, want, strict=True):
         assert_close(a, b, f"{name} {what}", **TOL)
+    for i, (a, b) in enumerate(zip(got_grads, want_grads, strict=True)):
+        assert_close(a, b, f"gradient {i} (input, hx, then parameters) {what}", **TOL)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("backend", MODULE_BACKENDS)
+def test_lstm_projection_loads_torch_state_and_matches_every_output_and_gradient(backend, num_layers, bidirectional):
+    """proj_size on every layer count and direction: torch's state_dict loaded into ours, then padded input with
+    hx, a PackedSequence and ``lengths`` each give torch's outputs and gradients (input, hx, every parameter)."""
+    draw = Draw()
+    H = draw.int(2, 7)
+    config = {"input_size": draw.int(1, 6), "hidden_size": H, "proj_size": draw.int(1, H - 1),
+              "num_layers": num_layers, "bidirectional": bidirectional, "batch_first": draw.choice((True, False)),
+              "bias": draw.choice((True, False))}
+    stock = nn.LSTM(**config, dtype=torch.float64)
+    fast = LSTM(**config, dtype=torch.float64)
+    fast.load_state_dict(stock.state_dict())
+    assert list(fast.state_dict()) == list(stock.state_dict()) == stock._flat_weights_names
+    B, T = draw.int(2, 5), draw.int(2, 10)
+    lengths = draw.lengths(B, T, "mixed")
+    x = draw.randn(B, T, config["input_size"])  # batch first; transposed below when the modules are not
+    hx = tuple(draw.randn(*shape) for shape in hx_shapes(config, B))
+
+    def run(module, mode):
+        leaves = [t.clone().requires_grad_() for t in (x, *hx)]
+        inp = leaves[0] if config["batch_first"] else leaves[0].transpose(0, 1)
+        with fastmsc.use_backend(backend):
+            if mode == "padded":
+                out, (h_n, c_n) = module(inp, tuple(leaves[1:]))
+            elif mode == "packed" or module is stock:
+                packed = pack_padded_sequence(inp, lengths, batch_first=config["batch_first"], enforce_sorted=False)
+                out, (h_n, c_n) = module(packed, tuple(leaves[1:]))
+                out = pad_packed_sequence(out, batch_first=config["batch_first"], total_length=T)[0]
+            else:
+                out, (h_n, c_n) = module(inp, tuple(leaves[1:]), lengths=lengths)
+        outs = (out, h_n, c_n)
+        cot = [torch.sin(torch.arange(o.numel(), dtype=o.dtype)).reshape(o.shape) for o in outs]
+        return outs, grads_of(outs, [*leaves, *module.parameters()], cot)
+
+    for mode in ("padded", "packed", "lengths"):
+        what = f"{mode} {config} lengths={lengths.tolist()} {draw.tag()}"
+        (want, want_grads), (got, got_grads) = run(stock, mode), run(fast, mode)
+        for name, a, b in zip(("output", "h_n", "c_n"), got, want, strict=True):
+            assert a.shape == b.shape, f"{name} shape {tuple(a.shape)} != {tuple(b.shape)}: {what}"
+            assert_close(a, b, f"{name} {what}", **TOL)
+        for i, (a, b) in enumerate(zip(got_grads, want_grads, strict=True)):
+            assert_close(a, b, f"gradient {i} (input, h_0, c_0, then parameters) {what}", **TOL)
 
 
 def test_lstm_dropout_only_between_layers_in_training():
@@ -292,14 +368,19 @@ def test_lstm_messages_name_what_was_expected_and_given():
         lstm(torch.randn(2, 5, 3), torch.zeros(2, 2, 4))
     with pytest.raises(ValueError, match=r"lengths must lie in \[1, 5\]"):
         lstm(torch.randn(2, 5, 3), lengths=[6, 1])
-    with pytest.raises(ValueError, match=r"fastmsc.nn.LSTM does not support proj_size"):
-        LSTM(3, 4, proj_size=2)
+    projected = LSTM(3, 4, num_layers=2, batch_first=True, proj_size=2)
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(2, 2, 2\), got \(2, 2, 4\): h_0 is "
+                                           r"\(layers\*directions, batch, proj_size\)"):
+        projected(torch.randn(2, 5, 3), (torch.zeros(2, 2, 4), torch.zeros(2, 2, 4)))
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[1\] size \(2, 2, 4\), got \(2, 2, 2\)"):
+        projected(torch.randn(2, 5, 3), (torch.zeros(2, 2, 2), torch.zeros(2, 2, 2)))
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_lstm_exposes_all_weights_and_flat_weights_like_torch(bias):
-    theirs = nn.LSTM(3, 4, num_layers=2, bidirectional=True, bias=bias)
-    ours = LSTM(3, 4, num_layers=2, bidirectional=True, bias=bias)
+@pytest.mark.parametrize("proj_size", [0, 3])
+def test_lstm_exposes_all_weights_and_flat_weights_like_torch(bias, proj_size):
+    theirs = nn.LSTM(3, 4, num_layers=2, bidirectional=True, bias=bias, proj_size=proj_size)
+    ours = LSTM(3, 4, num_layers=2, bidirectional=True, bias=bias, proj_size=proj_size)
     ours.load_state_dict(theirs.state_dict())
     assert ours._flat_weights_names == theirs._flat_weights_names
     assert all(torch.equal(a, b) for a, b in zip(ours._flat_weights, theirs._flat_weights, strict=True))
@@ -340,6 +421,24 @@ def test_swap_modules_replaces_nested_lstms_keeping_weights():
             assert_close(model(x), before, f"swapped model, backend {backend} {draw.tag()}", **TOL)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_swap_modules_replaces_projected_lstms_keeping_weights_and_results(bidirectional):
+    draw = Draw()
+    stock = nn.LSTM(3, 5, num_layers=2, proj_size=2, bidirectional=bidirectional, dtype=torch.float64)
+    model = nn.Sequential(stock)
+    x = draw.randn(6, 2, 3)
+    before, state = stock(x), {k: v.clone() for k, v in stock.state_dict().items()}
+    fastmsc.swap_modules(model)
+    fast = model[0]
+    assert isinstance(fast, LSTM) and fast.proj_size == 2, fast
+    assert list(fast.state_dict()) == list(state)
+    assert all(torch.equal(fast.state_dict()[k], v) for k, v in state.items())
+    after = fast(x)
+    for name, a, b in (("output", after[0], before[0]), ("h_n", after[1][0], before[1][0]),
+                       ("c_n", after[1][1], before[1][1])):
+        assert_close(a, b, f"{name} bidirectional={bidirectional} {draw.tag()}", **TOL)
+
+
 def test_swap_modules_errors():
     with pytest.raises(TypeError, match=r"swap_modules replaces LSTMs inside a model"):
         fastmsc.swap_modules(nn.LSTM(2, 3))
@@ -367,7 +466,7 @@ class WeightDropout(nn.Module):
         return self.module(x)
 
 
-def test_swap_modules_leaves_subclasses_rewired_hooked_and_projected_lstms_and_says_why(caplog):
+def test_swap_modules_leaves_subclasses_rewired_and_hooked_lstms_and_says_why(caplog):
     hooked = nn.LSTM(3, 4)
     hooked.register_forward_hook(lambda module, args, out: out)
     model = nn.ModuleDict({
@@ -377,13 +476,13 @@ def test_swap_modules_leaves_subclasses_rewired_hooked_and_projected_lstms_and_s
     before = {name: type(module) for name, module in model.named_modules()}
     with caplog.at_level("INFO", logger="fastmsc"):
         assert fastmsc.swap_modules(model) is model
-    assert isinstance(model["plain"], LSTM)
-    for name in ("sub", "dropped.module", "hooked", "projected"):
+    assert isinstance(model["plain"], LSTM) and isinstance(model["projected"], LSTM)
+    for name in ("sub", "dropped.module", "hooked"):
         assert type(model.get_submodule(name)) is before[name], name
     messages = [r.getMessage() for r in caplog.records]
-    assert "swap_modules: replaced 1 torch.nn.LSTM by fastmsc.nn.LSTM: plain" in messages
+    assert "swap_modules: replaced 2 torch.nn.LSTM by fastmsc.nn.LSTM: plain, projected" in messages
     reasons = {"sub": "subclass of torch.nn.LSTM", "dropped.module": "parameters were rewired (missing weight_hh_l0",
-               "hooked": "it has hooks (_forward_hooks)", "projected": "proj_size=2 is not supported"}
+               "hooked": "it has hooks (_forward_hooks)"}
     for path, reason in reasons.items():
         assert any(m.startswith(f"swap_modules: left {path} as it is: ") and reason in m for m in messages), messages
     # The models left alone still run as before.

@@ -1,8 +1,9 @@
 """Fused LSTM layer: the compiled extension's ``fastmsc::lstm_fwd`` / ``fastmsc::lstm_bwd`` ops with autograd.
 
 Same call as :func:`fastmsc.ops.lstm_layer.lstm_layer_reference`: x (B, T, I), weights one or two
-direction tuples ``(w_ih (4H, I), w_hh (4H, H), b_ih (4H,) | None, b_hh (4H,) | None)``, h0/c0
-(D, B, H) or None, lengths (B,) int64 on x's device or None; returns out (B, T, D*H), h_n, c_n (D, B, H).
+direction tuples ``(w_ih (4H, I), w_hh (4H, R), b_ih (4H,) | None, b_hh (4H,) | None[, w_hr (P, H)])``,
+h0 (D, B, R) and c0 (D, B, H) or None, lengths (B,) int64 on x's device or None; returns out (B, T, D*R),
+h_n (D, B, R), c_n (D, B, H), where R is P with the projection w_hr and H without.
 
 The extension works in float32 (float64 for float64 inputs). float16/bfloat16 inputs go through
 ``fastmsc::lstm_fwd_half``: it widens them, runs the extension and returns out, h_n, c_n and the state the
@@ -39,65 +40,75 @@ def _to(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.to(dtype)
 
 
-def _fake_forward(x, w_ih, w_hh, bias, h0, c0, lengths, training):
+def _fake_forward(x, w_ih, w_hh, bias, h0, c0, lengths, training, w_hr=None):
     B, T, _ = x.shape
-    D, G, H = w_hh.shape
+    D, G, R = w_hh.shape
+    H = G // 4
     saved = (B, T, D * G) if training else (0,)
-    return (x.new_empty(B, T, D * H), x.new_empty(D, B, H), x.new_empty(D, B, H), x.new_empty(saved),
+    return (x.new_empty(B, T, D * R), x.new_empty(D, B, R), x.new_empty(D, B, H), x.new_empty(saved),
             x.new_empty((B, T, D * H) if training else (0,)))
 
 
 def _fake_backward(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, has_bias, h0, c0, lengths, out, gates, cells,
-                   need_dx, need_dweights, need_dstate):
+                   need_dx, need_dweights, need_dstate, w_hr=None):
     B, T, n_in = x.shape
-    D, G, H = w_hh.shape
+    D, G, R = w_hh.shape
+    H = G // 4
     empty = x.new_empty(0)
     return (
         x.new_empty(B, T, n_in) if need_dx else empty,
         x.new_empty(D * G, n_in) if need_dweights else empty,
-        x.new_empty(D, G, H) if need_dweights else empty,
+        x.new_empty(D, G, R) if need_dweights else empty,
         x.new_empty(D * G) if need_dweights and has_bias else empty,
+        x.new_empty(D, B, R) if need_dstate else empty,
         x.new_empty(D, B, H) if need_dstate else empty,
-        x.new_empty(D, B, H) if need_dstate else empty,
+        x.new_empty(D, R, H) if need_dweights and w_hr is not None else empty,
     )
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_ih, w_hh, bias, h0, c0, lengths, training = inputs
+    x, w_ih, w_hh, bias, h0, c0, lengths, training, *rest = inputs
+    w_hr = rest[0] if rest else None
     out, _, _, gates, cells = output
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(gates, cells)
     # Unused outputs get None, not zero tensors: gates and cells never receive a gradient, and zero-filling
     # their (B, T, D*4H) and (B, T, D*H) grads cost more than the rest of the backward's pointwise work.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, w_ih, w_hh, h0, c0, lengths, out, gates, cells)
+    ctx.save_for_backward(x, w_ih, w_hh, h0, c0, lengths, out, gates, cells, w_hr)
 
 
 def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     """Shared by lstm_fwd and lstm_fwd_half: saved half tensors are widened to float32 for lstm_bwd (exact),
     and each gradient is returned in the dtype of its input."""
-    x, w_ih, w_hh, h0, c0, lengths, out, gates, cells = ctx.saved_tensors
+    x, w_ih, w_hh, h0, c0, lengths, out, gates, cells, w_hr = ctx.saved_tensors
     work = _work_dtype(x.dtype)
+    # One flag per argument the call passed: the dispatcher drops a trailing w_hr left at its default (None).
     needs = ctx.needs_input_grad
-    need_dx, need_dweights, need_dstate = needs[0], any(needs[1:4]), needs[4] or needs[5]
-    dx, dw_ih, dw_hh, dbias, dh0, dc0 = torch.ops.fastmsc.lstm_bwd(
+    need_dw_hr = w_hr is not None and needs[8]
+    need_dx, need_dweights, need_dstate = needs[0], any(needs[1:4]) or need_dw_hr, needs[4] or needs[5]
+    dx, dw_ih, dw_hh, dbias, dh0, dc0, dw_hr = torch.ops.fastmsc.lstm_bwd(
         _to(grad_out, work), _to(grad_h_n, work), _to(grad_c_n, work), x.to(work), w_ih.to(work), w_hh.to(work),
         ctx.has_bias, _to(h0, work), _to(c0, work), lengths, out.to(work), gates.to(work), cells.to(work),
-        need_dx, need_dweights, need_dstate)
-    return (dx.to(x.dtype) if need_dx else None, dw_ih.to(w_ih.dtype) if needs[1] else None,
-            dw_hh.to(w_hh.dtype) if needs[2] else None, dbias if needs[3] else None,
-            dh0.to(h0.dtype) if needs[4] else None, dc0.to(c0.dtype) if needs[5] else None, None, None)
+        need_dx, need_dweights, need_dstate, _to(w_hr, work))
+    grads = (dx.to(x.dtype) if need_dx else None, dw_ih.to(w_ih.dtype) if needs[1] else None,
+             dw_hh.to(w_hh.dtype) if needs[2] else None, dbias if needs[3] else None,
+             dh0.to(h0.dtype) if needs[4] else None, dc0.to(c0.dtype) if needs[5] else None, None, None,
+             dw_hr.to(w_hr.dtype) if need_dw_hr else None)
+    return grads[:len(needs)]
 
 
 @torch.library.custom_op("fastmsc::lstm_fwd_half", mutates_args=())
 def _lstm_fwd_half(x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, bias: torch.Tensor | None,
-                   h0: torch.Tensor | None, c0: torch.Tensor | None, lengths: torch.Tensor | None, training: bool
+                   h0: torch.Tensor | None, c0: torch.Tensor | None, lengths: torch.Tensor | None, training: bool,
+                   w_hr: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fastmsc::lstm_fwd for float16/bfloat16 x, w_ih (D*4H, I), w_hh (D, 4H, H), h0, c0 (D, B, H) and a
-    float32 bias (D*4H,) (b_ih + b_hh summed unrounded): the layer runs in float32 and out (B, T, D*H),
-    h_n, c_n (D, B, H), gates (B, T, D*4H) and cells (B, T, D*H) come back in x's dtype."""
+    """fastmsc::lstm_fwd for float16/bfloat16 x, w_ih (D*4H, I), w_hh (D, 4H, R), h0 (D, B, R), c0 (D, B, H),
+    w_hr (D, P, H) or None and a float32 bias (D*4H,) (b_ih + b_hh summed unrounded): the layer runs in float32
+    and out (B, T, D*R), h_n (D, B, R), c_n (D, B, H), gates (B, T, D*4H) and cells (B, T, D*H) come back in
+    x's dtype."""
     outputs = torch.ops.fastmsc.lstm_fwd(x.float(), w_ih.float(), w_hh.float(), bias, _to(h0, torch.float32),
-                                         _to(c0, torch.float32), lengths, training)
+                                         _to(c0, torch.float32), lengths, training, _to(w_hr, torch.float32))
     return tuple(t.to(x.dtype) for t in outputs)
 
 
@@ -144,10 +155,10 @@ def fused_unsupported(device_type: str, **call_args) -> str | None:
 
 def _combined_bias(weights, dtype):
     """b_ih + b_hh per direction, stacked to (D*4H,); None when the layer has no bias at all."""
-    if all(b is None for params in weights for b in params[2:]):
+    if all(b is None for params in weights for b in params[2:4]):
         return None
     parts = []
-    for w_ih, _, b_ih, b_hh in weights:
+    for w_ih, _, b_ih, b_hh, *_ in weights:
         present = [b.to(dtype) for b in (b_ih, b_hh) if b is not None]
         if not present:
             parts.append(w_ih.new_zeros(w_ih.shape[0], dtype=dtype))
@@ -164,9 +175,14 @@ def fused(x, weights, h0=None, c0=None, lengths=None):
     weight_dtype = x.dtype if half else work
     w_ih = torch.cat([p[0].to(weight_dtype) for p in weights]) if len(weights) == 2 else weights[0][0].to(weight_dtype)
     w_hh = torch.stack([p[1].to(weight_dtype) for p in weights])
+    projected = len(weights[0]) > 4 and weights[0][4] is not None
+    w_hr = torch.stack([p[4].to(weight_dtype) for p in weights]) if projected else None
     bias = _combined_bias(weights, work)
     tensors = [x, h0, c0, *(t for params in weights for t in params)]
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     forward = torch.ops.fastmsc.lstm_fwd_half if half else torch.ops.fastmsc.lstm_fwd
-    out, h_n, c_n, _, _ = forward(x, w_ih, w_hh, bias, h0, c0, lengths, training)
+    if projected:
+        out, h_n, c_n, _, _ = forward(x, w_ih, w_hh, bias, h0, c0, lengths, training, w_hr)
+    else:  # the call without projection keeps its original arguments (and traced graphs their original form)
+        out, h_n, c_n, _, _ = forward(x, w_ih, w_hh, bias, h0, c0, lengths, training)
     return out, h_n, c_n

@@ -38,8 +38,6 @@ def _check_arguments(input_size, hidden_size, num_layers, bias, batch_first, dro
     if proj_size >= hidden_size:
         raise ValueError(f"proj_size has to be smaller than hidden_size, got proj_size={proj_size} and "
                          f"hidden_size={hidden_size}")
-    if proj_size:
-        raise ValueError(f"fastmsc.nn.LSTM does not support proj_size (got {proj_size}); use torch.nn.LSTM")
     if dropout > 0 and num_layers == 1:
         warnings.warn(f"dropout option adds dropout after all but last recurrent layer, so non-zero dropout expects "
                       f"num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}",
@@ -47,11 +45,15 @@ def _check_arguments(input_size, hidden_size, num_layers, bias, batch_first, dro
 
 
 class LSTM(nn.Module):
-    """Same arguments as torch.nn.LSTM (``proj_size`` is not supported).
+    """Same arguments as torch.nn.LSTM, ``proj_size`` included.
 
     forward(input, hx=None, lengths=None) -> (output, (h_n, c_n)). ``input`` is (T, B, I), (B, T, I)
     with ``batch_first``, (T, I) unbatched, or a PackedSequence (then ``output`` is one too).
     ``lengths`` (B,) marks the valid steps of a padded batch, as packing would.
+
+    With ``proj_size`` P > 0 each layer projects its hidden state, h_t = W_hr (o_t * tanh(c_t)), with the
+    parameters ``weight_hr_l{k}[_reverse]`` (P, H), exactly as torch.nn.LSTM: h_0 and h_n are
+    (layers*directions, B, P), c_0 and c_n (layers*directions, B, H), the output's last size is directions*P.
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
@@ -60,19 +62,23 @@ class LSTM(nn.Module):
         _check_arguments(input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
-        self.bidirectional, self.proj_size = bidirectional, 0
+        self.bidirectional, self.proj_size = bidirectional, proj_size
         factory = {"device": device, "dtype": dtype}
         directions = 2 if bidirectional else 1
+        state_size = proj_size or hidden_size  # the size of h: what the next layer and the recurrence read
         for layer in range(num_layers):
-            layer_in = input_size if layer == 0 else hidden_size * directions
+            layer_in = input_size if layer == 0 else state_size * directions
             for suffix in ("", "_reverse")[:directions]:
                 tag = f"l{layer}{suffix}"
                 gates = 4 * hidden_size
                 self.register_parameter(f"weight_ih_{tag}", nn.Parameter(torch.empty(gates, layer_in, **factory)))
-                self.register_parameter(f"weight_hh_{tag}", nn.Parameter(torch.empty(gates, hidden_size, **factory)))
+                self.register_parameter(f"weight_hh_{tag}", nn.Parameter(torch.empty(gates, state_size, **factory)))
                 if bias:
                     self.register_parameter(f"bias_ih_{tag}", nn.Parameter(torch.empty(4 * hidden_size, **factory)))
                     self.register_parameter(f"bias_hh_{tag}", nn.Parameter(torch.empty(4 * hidden_size, **factory)))
+                if proj_size:
+                    self.register_parameter(f"weight_hr_{tag}",
+                                            nn.Parameter(torch.empty(proj_size, hidden_size, **factory)))
         self.reset_parameters()
 
     @property
@@ -81,8 +87,10 @@ class LSTM(nn.Module):
 
     @property
     def _flat_weights_names(self) -> list[str]:
-        """Parameter names in torch.nn.LSTM's order: per layer and direction w_ih, w_hh[, b_ih, b_hh]."""
+        """Parameter names in torch.nn.LSTM's order: per layer and direction w_ih, w_hh[, b_ih, b_hh][, w_hr]."""
         kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")[: 4 if self.bias else 2]
+        if self.proj_size:
+            kinds += ("weight_hr",)
         return [f"{kind}_l{layer}{suffix}" for layer in range(self.num_layers)
                 for suffix in ("", "_reverse")[: self.num_directions] for kind in kinds]
 
@@ -94,8 +102,9 @@ class LSTM(nn.Module):
 
     @property
     def all_weights(self) -> list[list[nn.Parameter]]:
-        """Per layer and direction, [w_ih, w_hh, b_ih, b_hh] (without biases when ``bias=False``), as torch.nn.LSTM."""
-        per = 4 if self.bias else 2
+        """Per layer and direction, [w_ih, w_hh, b_ih, b_hh, w_hr] (without biases when ``bias=False``, without w_hr
+        when ``proj_size=0``), as torch.nn.LSTM."""
+        per = (4 if self.bias else 2) + (1 if self.proj_size else 0)
         flat = self._flat_weights
         return [flat[i:i + per] for i in range(0, len(flat), per)]
 
@@ -112,7 +121,8 @@ class LSTM(nn.Module):
         def direction(suffix):
             tag = f"l{layer}{suffix}"
             get = lambda name: getattr(self, f"{name}_{tag}", None)  # noqa: E731
-            return (get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"))
+            params = (get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"))
+            return (*params, get("weight_hr")) if self.proj_size else params
         return tuple(direction(s) for s in ("", "_reverse")[: self.num_directions])
 
     def forward(self, input, hx=None, lengths=None):
@@ -151,11 +161,14 @@ class LSTM(nn.Module):
                                    f"also be {wanted_dim}-D but got ({h0.dim()}-D, {c0.dim()}-D) tensors")
             if unbatched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-            expected = (self.num_layers * self.num_directions, x.shape[0], self.hidden_size)
-            for index, (name, state) in enumerate((("h_0", h0), ("c_0", c0))):
+            states = (self.num_layers * self.num_directions, x.shape[0])
+            h_what = "proj_size" if self.proj_size else "hidden"
+            for index, (name, state, size, what) in enumerate((("h_0", h0, self.proj_size or self.hidden_size, h_what),
+                                                               ("c_0", c0, self.hidden_size, "hidden"))):
+                expected = (*states, size)
                 if tuple(state.shape) != expected:
                     raise RuntimeError(f"Expected hidden[{index}] size {expected}, got {tuple(state.shape)}: {name} "
-                                       f"is (layers*directions, batch, hidden)")
+                                       f"is (layers*directions, batch, {what})")
                 if state.dtype != x.dtype:
                     raise RuntimeError(f"{name} has dtype {state.dtype}, the input {x.dtype}; pass one dtype")
         D = self.num_directions
@@ -180,7 +193,10 @@ class LSTM(nn.Module):
         return (x if self.batch_first else x.transpose(0, 1)), (h_n, c_n)
 
     def extra_repr(self) -> str:
-        s = f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size:
+            s += f", proj_size={self.proj_size}"
+        s += f", num_layers={self.num_layers}"
         if not self.bias:
             s += ", bias=False"
         if self.batch_first:
@@ -198,8 +214,6 @@ def _why_not_swappable(lstm: nn.LSTM) -> str | None:
     if type(lstm) is not nn.LSTM:
         return (f"it is a {type(lstm).__module__}.{type(lstm).__qualname__}, a subclass of torch.nn.LSTM, whose "
                 f"forward or state may differ")
-    if lstm.proj_size:
-        return f"proj_size={lstm.proj_size} is not supported by fastmsc.nn.LSTM"
     own = {name for name, _ in lstm.named_parameters(recurse=False)}
     expected = set(lstm._flat_weights_names)
     if own != expected:
@@ -216,8 +230,8 @@ def _why_not_swappable(lstm: nn.LSTM) -> str | None:
 def swap_modules(model: nn.Module) -> nn.Module:
     """Replace every plain torch.nn.LSTM inside ``model`` (in place) by fastmsc.nn.LSTM with the same weights.
 
-    Only exact torch.nn.LSTM instances with their standard parameters and no hooks are replaced; subclasses,
-    LSTMs with rewired parameters (weight-dropout wrappers), with hooks or with ``proj_size`` are left as they
+    Only exact torch.nn.LSTM instances with their standard parameters and no hooks are replaced (``proj_size``
+    included); subclasses, LSTMs with rewired parameters (weight-dropout wrappers) or with hooks are left as they
     are. The logger ``fastmsc`` reports what was swapped (INFO) and each LSTM left alone with the reason
     (WARNING). Returns ``model``.
     """
@@ -231,7 +245,7 @@ def swap_modules(model: nn.Module) -> nn.Module:
             continue
         p = next(child.parameters())
         fast = LSTM(child.input_size, child.hidden_size, child.num_layers, child.bias, child.batch_first,
-                    child.dropout, child.bidirectional, device=p.device, dtype=p.dtype)
+                    child.dropout, child.bidirectional, child.proj_size, device=p.device, dtype=p.dtype)
         fast.load_state_dict(child.state_dict())
         fast.train(child.training)
         setattr(parent, name, fast)

@@ -1,8 +1,11 @@
 """One LSTM layer, batch first, one or two directions; gate order i, f, g, o as in torch.nn.LSTM.
 
-Shapes: x (B, T, I); weights a tuple of one or two direction tuples ``(w_ih (4H, I), w_hh (4H, H),
-b_ih (4H,) | None, b_hh (4H,) | None)``, the second one the reverse direction; h0, c0 (D, B, H).
-Returns out (B, T, D*H), h_n (D, B, H), c_n (D, B, H).
+Shapes: x (B, T, I); weights a tuple of one or two direction tuples ``(w_ih (4H, I), w_hh (4H, R),
+b_ih (4H,) | None, b_hh (4H,) | None[, w_hr (P, H)])``, the second one the reverse direction; h0 (D, B, R),
+c0 (D, B, H). Returns out (B, T, D*R), h_n (D, B, R), c_n (D, B, H).
+
+R is the size of the hidden state h: H without projection, P with ``w_hr`` (torch.nn.LSTM's ``proj_size``,
+1 <= P < H, given for both directions or for none): then h_t = w_hr · (o_t ⊙ tanh(c_t)).
 
 With ``lengths`` (B,), sequence b is processed over its first lengths[b] steps only: the reverse
 direction starts at step lengths[b] - 1, outputs past the length are zero and h_n/c_n are taken at
@@ -18,8 +21,13 @@ from ..backend import Op, register
 from ._checks import check_lengths, check_same, check_shape, check_tensor, compute_dtype, time_mask
 
 
-def lstm_cell_reference(x_t, h, c, w_ih, w_hh, b_ih, b_hh):
-    """One step: x_t (B, I), h and c (B, H) -> (h', c')."""
+def direction_params(params):
+    """(w_ih, w_hh, b_ih, b_hh, w_hr or None) of a direction tuple of 4 or 5."""
+    return (*params[:4], params[4] if len(params) > 4 else None)
+
+
+def lstm_cell_reference(x_t, h, c, w_ih, w_hh, b_ih, b_hh, w_hr=None):
+    """One step: x_t (B, I), h (B, R), c (B, H) -> (h', c'); R = P with the projection w_hr (P, H), else H."""
     gates = x_t @ w_ih.t() + h @ w_hh.t()
     if b_ih is not None:
         gates = gates + b_ih
@@ -27,23 +35,26 @@ def lstm_cell_reference(x_t, h, c, w_ih, w_hh, b_ih, b_hh):
         gates = gates + b_hh
     i, f, g, o = gates.chunk(4, dim=1)
     c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(c_next), c_next
+    h_next = torch.sigmoid(o) * torch.tanh(c_next)
+    if w_hr is not None:
+        h_next = h_next @ w_hr.t()
+    return h_next, c_next
 
 
 def lstm_layer_reference(x, weights, h0=None, c0=None, lengths=None):
     work = compute_dtype(x.dtype)
     B, T, _ = x.shape
-    H = weights[0][1].shape[1]
+    H, R = weights[0][1].shape[0] // 4, weights[0][1].shape[1]
     valid = None if lengths is None else time_mask(lengths, T)
     outputs, h_last, c_last = [], [], []
     for d, params in enumerate(weights):
-        w_ih, w_hh, b_ih, b_hh = (None if p is None else p.to(work) for p in params)
-        h = x.new_zeros(B, H, dtype=work) if h0 is None else h0[d].to(work)
+        w_ih, w_hh, b_ih, b_hh, w_hr = (None if p is None else p.to(work) for p in direction_params(params))
+        h = x.new_zeros(B, R, dtype=work) if h0 is None else h0[d].to(work)
         c = x.new_zeros(B, H, dtype=work) if c0 is None else c0[d].to(work)
         steps = range(T) if d == 0 else range(T - 1, -1, -1)
         out = [None] * T
         for t in steps:
-            h_next, c_next = lstm_cell_reference(x[:, t].to(work), h, c, w_ih, w_hh, b_ih, b_hh)
+            h_next, c_next = lstm_cell_reference(x[:, t].to(work), h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
             if valid is None:
                 h, c = h_next, c_next
                 out[t] = h
@@ -59,23 +70,28 @@ def lstm_layer_reference(x, weights, h0=None, c0=None, lengths=None):
 
 
 def _flat_weights(weights):
-    """nn.LSTM's flat weight list; a missing bias among present ones becomes zeros."""
-    has_bias = any(b is not None for params in weights for b in params[2:])
+    """nn.LSTM's flat weight list (w_ih, w_hh[, b_ih, b_hh][, w_hr] per direction); a missing bias among present
+    ones becomes zeros."""
+    weights = [direction_params(params) for params in weights]
+    has_bias = any(b is not None for params in weights for b in params[2:4])
     flat = []
-    for w_ih, w_hh, b_ih, b_hh in weights:
+    for w_ih, w_hh, b_ih, b_hh, w_hr in weights:
         flat += [w_ih, w_hh]
         if has_bias:
             zeros = w_ih.new_zeros(w_ih.shape[0])
             flat += [zeros if b_ih is None else b_ih, zeros if b_hh is None else b_hh]
+        if w_hr is not None:
+            flat.append(w_hr)
     return flat, has_bias
 
 
 def lstm_layer_torch(x, weights, h0=None, c0=None, lengths=None):
     """torch.nn.LSTM's own kernel (cuDNN on CUDA, oneDNN/ATen on CPU); packed sequences for ``lengths``."""
     B = x.shape[0]
-    D, H = len(weights), weights[0][1].shape[1]
+    D, H, R = len(weights), weights[0][1].shape[0] // 4, weights[0][1].shape[1]
     flat, has_bias = _flat_weights(weights)
-    h0 = x.new_zeros(D, B, H) if h0 is None else h0
+    # The kernel tells a projected layer (one more weight per direction) by h0's last size differing from c0's.
+    h0 = x.new_zeros(D, B, R) if h0 is None else h0
     c0 = x.new_zeros(D, B, H) if c0 is None else c0
     if lengths is None or B == 0:  # an empty batch cannot be packed; without sequences lengths change nothing
         out, h_n, c_n = torch._VF.lstm(x, (h0, c0), flat, has_bias, 1, 0.0, False, D == 2, True)
@@ -89,7 +105,8 @@ def lstm_layer_torch(x, weights, h0=None, c0=None, lengths=None):
 
 
 def _lstm_packed(x, flat, h0, c0, lengths, has_bias, bidirectional):
-    """nn.LSTM's kernel on a packed batch: x (B, T, I), lengths (B,) -> out (B, T, D*H), h_n, c_n (D, B, H)."""
+    """nn.LSTM's kernel on a packed batch: x (B, T, I), lengths (B,) -> out (B, T, D*R), h_n (D, B, R),
+    c_n (D, B, H)."""
     packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
     order, unorder = packed.sorted_indices, packed.unsorted_indices
     hx = (h0.index_select(1, order), c0.index_select(1, order))
@@ -116,8 +133,8 @@ def _lstm_packed_op(x: torch.Tensor, flat: list[torch.Tensor], h0: torch.Tensor,
 
 @_lstm_packed_op.register_fake
 def _(x, flat, h0, c0, lengths, has_bias, bidirectional):
-    D, B, H = h0.shape
-    return x.new_empty(B, x.shape[1], D * H), h0.new_empty(D, B, H), c0.new_empty(D, B, H)
+    D, B, R = h0.shape
+    return x.new_empty(B, x.shape[1], D * R), h0.new_empty(D, B, R), c0.new_empty(c0.shape)
 
 
 def _autograd_recording():
@@ -175,27 +192,48 @@ _lstm_packed_op.register_autograd(_lstm_packed_backward, setup_context=_lstm_pac
 OP = register(Op("lstm_layer", lstm_layer_reference, lstm_layer_torch, fused_module="fastmsc.kernels.lstm_layer"))
 
 
+_DIRECTION = "(w_ih, w_hh, b_ih, b_hh) or (w_ih, w_hh, b_ih, b_hh, w_hr)"
+
+
 def _validate(x, weights, h0, c0):
     check_tensor("x", x, ndim=3)
     if isinstance(weights, torch.Tensor) or not isinstance(weights, (tuple, list)) or len(weights) not in (1, 2):
-        raise TypeError("weights must be a tuple of one or two direction tuples (w_ih, w_hh, b_ih, b_hh)")
+        raise TypeError(f"weights must be a tuple of one or two direction tuples {_DIRECTION}")
     B, T, input_size = x.shape
     if T == 0:
         raise ValueError(f"x must have at least one time step (T >= 1), got shape {tuple(x.shape)}")
     if input_size == 0:
         raise ValueError(f"x must have at least one input feature (input size >= 1), got shape {tuple(x.shape)}")
     checked = []
-    H = None
+    H = R = None
     for d, params in enumerate(weights):
-        if not isinstance(params, (tuple, list)) or len(params) != 4:
-            raise TypeError(f"weights[{d}] must be a tuple (w_ih, w_hh, b_ih, b_hh), got {type(params).__name__}")
-        w_ih, w_hh, b_ih, b_hh = params
+        if not isinstance(params, (tuple, list)) or len(params) not in (4, 5):
+            kind = f"a {type(params).__name__} of {len(params)}" if isinstance(params, (tuple, list)) else \
+                type(params).__name__
+            raise TypeError(f"weights[{d}] must be a tuple {_DIRECTION}, got {kind}")
+        w_ih, w_hh, b_ih, b_hh, w_hr = direction_params(params)
+        if d == 1 and (w_hr is None) != (checked[0][4] is None):
+            given = "weights[1] has w_hr and weights[0] has none" if w_hr is not None else \
+                "weights[0] has w_hr and weights[1] has none"
+            raise ValueError(f"w_hr (the projection) must be given for both directions or for none; {given}")
+        if w_hr is not None:
+            check_tensor(f"weights[{d}].w_hr", w_hr, ndim=2)
+            check_same(f"weights[{d}].w_hr", w_hr, "x", x)
+            if H is None:
+                R, H = w_hr.shape
+                if not 1 <= R < H:
+                    raise ValueError(f"weights[{d}].w_hr must have shape (P, H) with 1 <= P < H (proj size smaller "
+                                     f"than the hidden size, as torch.nn.LSTM requires), got {tuple(w_hr.shape)}")
+            check_shape(f"weights[{d}].w_hr", w_hr, (R, H), "proj size x hidden")
         check_tensor(f"weights[{d}].w_hh", w_hh, ndim=2)
         if H is None:
-            H = w_hh.shape[1]
+            H = R = w_hh.shape[1]
             if H == 0:
                 raise ValueError("the hidden size (w_hh.shape[1]) must be >= 1")
-        check_shape(f"weights[{d}].w_hh", w_hh, (4 * H, H), "4H x H")
+        if w_hr is None:
+            check_shape(f"weights[{d}].w_hh", w_hh, (4 * H, H), "4H x H")
+        else:
+            check_shape(f"weights[{d}].w_hh", w_hh, (4 * H, R), "4H x proj size")
         check_tensor(f"weights[{d}].w_ih", w_ih, ndim=2)
         check_shape(f"weights[{d}].w_ih", w_ih, (4 * H, input_size), "4H x input size")
         for name, p in ((f"weights[{d}].w_ih", w_ih), (f"weights[{d}].w_hh", w_hh)):
@@ -205,20 +243,21 @@ def _validate(x, weights, h0, c0):
                 check_tensor(name, b, ndim=1)
                 check_same(name, b, "x", x)
                 check_shape(name, b, (4 * H,))
-        checked.append((w_ih, w_hh, b_ih, b_hh))
+        checked.append((w_ih, w_hh, b_ih, b_hh, w_hr))
     D = len(checked)
-    for name, state in (("h0", h0), ("c0", c0)):
+    for name, state, size, what in (("h0", h0, R, "proj size" if R != H else "hidden"), ("c0", c0, H, "hidden")):
         if state is not None:
             check_tensor(name, state, ndim=3)
             check_same(name, state, "x", x)
-            check_shape(name, state, (D, B, H), "directions x batch x hidden")
-    return tuple(checked)
+            check_shape(name, state, (D, B, size), f"directions x batch x {what}")
+    # Layers without projection keep their 4-tuples, so every backend sees what it saw before projections existed.
+    return tuple(params if params[4] is not None else params[:4] for params in checked)
 
 
 def lstm_layer(x, weights, h0=None, c0=None, lengths=None):
     """One (bi)directional LSTM layer; see the module docstring for shapes and ``lengths``.
 
-    Empty inputs: B = 0 gives out (0, T, D*H), h_n and c_n (D, 0, H), an empty x gradient and zero weight
+    Empty inputs: B = 0 gives out (0, T, D*R), h_n (D, 0, R) and c_n (D, 0, H), an empty x gradient and zero weight
     gradients, as torch.nn.LSTM does (also with ``lengths``, which nn.LSTM cannot pack). T = 0 and an input
     size of 0 raise ValueError on every backend, as nn.LSTM refuses both.
     """
