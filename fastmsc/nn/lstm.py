@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from ..ops.lstm_layer import lstm_layer
+from ._torchscript import NotScriptable
 
 _LOG = logging.getLogger("fastmsc")
 
@@ -46,7 +47,7 @@ def _check_arguments(input_size, hidden_size, num_layers, bias, batch_first, dro
                       stacklevel=3)
 
 
-class LSTM(nn.Module):
+class LSTM(NotScriptable, nn.Module):
     """Same arguments as torch.nn.LSTM (``proj_size`` is not supported).
 
     forward(input, hx=None, lengths=None) -> (output, (h_n, c_n)). ``input`` is (T, B, I), (B, T, I)
