@@ -288,8 +288,10 @@ def test_lstm_messages_name_what_was_expected_and_given():
         lstm(torch.randn(5))
     with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(2, 2, 4\), got \(1, 2, 4\)"):
         lstm(torch.randn(2, 5, 3), (torch.zeros(1, 2, 4), torch.zeros(2, 2, 4)))
-    with pytest.raises(TypeError, match=r"hx must be a tuple \(h_0, c_0\)"):
+    with pytest.raises(RuntimeError, match=r"hx should be a tuple \(h_0, c_0\), not one tensor"):
         lstm(torch.randn(2, 5, 3), torch.zeros(2, 2, 4))
+    with pytest.raises(IndexError, match=r"hx should be a tuple \(h_0, c_0\) of two tensors, got a tuple of 1"):
+        lstm(torch.randn(2, 5, 3), (torch.zeros(2, 2, 4),))
     with pytest.raises(ValueError, match=r"lengths must lie in \[1, 5\]"):
         lstm(torch.randn(2, 5, 3), lengths=[6, 1])
     with pytest.raises(ValueError, match=r"fastmsc.nn.LSTM does not support proj_size"):
