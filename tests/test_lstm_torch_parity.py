@@ -394,6 +394,13 @@ def test_parameters_are_torchs(cls, bias):
     assert all(float(p.detach().abs().max()) <= bound for p in module.parameters()), "init U(-1/sqrt(H), 1/sqrt(H))"
 
 
+@pytest.mark.parametrize("cls", classes())
+def test_repr_names_the_arguments_that_differ_from_their_defaults(cls):
+    assert repr(cls(3, 4)) == "LSTM(3, 4)"
+    module = cls(3, 4, num_layers=2, bias=False, batch_first=True, dropout=0.5, bidirectional=True)
+    assert repr(module) == "LSTM(3, 4, num_layers=2, bias=False, batch_first=True, dropout=0.5, bidirectional=True)"
+
+
 # ---------------------------------------------------------------- forward: values and gradients
 
 
