@@ -474,6 +474,56 @@ def test_layers_and_directions(impl, num_layers, bidirectional, bias):
     check_case(impl, Case(config, "batched", [T] * B, with_hx=draw.choice((False, True))), draw)
 
 
+@pytest.mark.parametrize("impl", impls())
+def test_non_contiguous_input_and_states(impl):
+    """Strided views (a permuted input, transposed states) give the results of their contiguous copies."""
+    draw = Draw()
+    module = randomize(impl.build(3, 4, num_layers=2, bidirectional=True, dtype=F64), draw)
+    x = draw.randn(3, 5, 2).permute(1, 2, 0)  # (T=5, B=2, I=3), not contiguous
+    h0, c0 = draw.randn(4, 4, 2).transpose(1, 2), draw.randn(4, 4, 2).transpose(1, 2)  # (L*D, B, H)
+    assert not (x.is_contiguous() or h0.is_contiguous() or c0.is_contiguous())
+    got = impl(module, x, (h0, c0))
+    want = impl(module, x.contiguous(), (h0.contiguous(), c0.contiguous()))
+    for name, a, b in (("output", got[0], want[0]), ("h_n", got[1][0], want[1][0]), ("c_n", got[1][1], want[1][1])):
+        assert_close(a, b, f"{name} of strided vs contiguous inputs, {impl.name} [{draw.tag()}]", **TOL)
+
+
+@pytest.mark.parametrize("impl", impls())
+def test_backward_twice_with_retain_graph_and_frozen_weights(impl):
+    draw = Draw()
+    module = randomize(impl.build(3, 4, num_layers=2, dtype=F64), draw).requires_grad_(False)
+    x = draw.randn(5, 2, 3).requires_grad_()
+    out, (h_n, c_n) = impl(module, x)
+    loss = out.sum() + h_n.sum() + c_n.sum()
+    first = torch.autograd.grad(loss, x, retain_graph=True)[0]
+    second = torch.autograd.grad(loss, x)[0]
+    assert torch.equal(first, second), f"{impl.name}: a retained graph gives the same gradient twice"
+    assert all(p.grad is None for p in module.parameters())
+
+
+@pytest.mark.parametrize("impl", impls())
+def test_weight_norm_parametrization_matches_torch(impl):
+    """torch.nn.utils.parametrizations.weight_norm on a recurrent weight: same outputs and gradients of the
+    parametrization's tensors as torch.nn.LSTM with the same parametrization."""
+    draw = Draw()
+    theirs = randomize(nn.LSTM(3, 4, num_layers=2, dtype=F64), draw)
+    ours = impl.build(3, 4, num_layers=2, dtype=F64)
+    ours.load_state_dict(theirs.state_dict())
+    for module in (theirs, ours):
+        torch.nn.utils.parametrizations.weight_norm(module, "weight_hh_l0")
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    x = draw.randn(5, 2, 3)
+    results = []
+    for target, module in ((impl, ours), (TORCH, theirs)):
+        out = target(module, x)[0]
+        originals = list(module.parametrizations.weight_hh_l0.parameters())
+        results.append((out, torch.autograd.grad((out * torch.cos(out)).sum(), originals)))
+    (got, got_grads), (want, want_grads) = results
+    assert_close(got, want, f"output with weight_norm, {impl.name} [{draw.tag()}]", **TOL)
+    for i, (a, b) in enumerate(zip(got_grads, want_grads, strict=True)):
+        assert_close(a, b, f"gradient of weight_norm tensor {i}, {impl.name} [{draw.tag()}]", **TOL)
+
+
 # ---------------------------------------------------------------- dropout
 
 
@@ -489,6 +539,23 @@ def test_dropout_one_zeroes_what_the_next_layer_sees_in_training_only(impl):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the warning about dropout on one layer, tested with the constructor
         check_case(impl, Case(drawn_config(draw, num_layers=1, dropout=0.5), "batched", [T] * B, train=True), draw)
+
+
+@pytest.mark.parametrize("impl", impls())
+def test_dropout_set_after_construction_takes_effect(impl):
+    """The dropout attribute is read at each call: set to 1 on a module built without dropout, the second
+    layer sees zeros in training mode and everything in eval mode."""
+    draw = Draw()
+    module = randomize(impl.build(3, 4, num_layers=2, dtype=F64), draw)
+    params = {n: p.detach() for n, p in module.named_parameters()}
+    config = {"input_size": 3, "hidden_size": 4, "num_layers": 2}
+    x = draw.randn(5, 2, 3)
+    module.dropout = 1.0
+    for train in (True, False):
+        want = torch.stack(spec_lstm(params, config, [x[:, b] for b in range(2)], drop_between=train)[0], 1)
+        with torch.no_grad():
+            got = impl(module.train(train), x)[0]
+        assert_close(got, want, f"dropout=1 set later, train={train}, {impl.name} [{draw.tag()}]", **TOL)
 
 
 def _revealing_lstm(impl: Impl, draw: Draw, p: float, input_size: int, hidden: int) -> nn.Module:
