@@ -6,10 +6,11 @@ import torch
 from torch import nn
 
 from .nn import LSTM, MaxAvgPool1d, MultiScaleConv1d, SelfAttention
+from .nn._torchscript import NotScriptable
 from .ops._checks import check_lengths
 
 
-class MSCClassifier(nn.Module):
+class MSCClassifier(NotScriptable, nn.Module):
     """forward(x (B, C_in, T), lengths=None) -> logits (B, num_classes).
 
     Every stage calls a fastmsc op, so the backend switch changes the whole model. The conv branches

@@ -13,38 +13,76 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from ..ops.lstm_layer import lstm_layer
+from ._torchscript import NotScriptable
 
 _LOG = logging.getLogger("fastmsc")
 
 
 def _check_arguments(input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size) -> None:
-    """torch.nn.LSTM's constructor checks, with its exception classes (TypeError for a wrong type, ValueError for a
-    wrong value) and the same warning for dropout on a single layer."""
+    """torch.nn.LSTM's constructor checks, in its order and with its exception classes (TypeError for a wrong
+    type, ValueError for a wrong value) and the same warning for dropout on a single layer."""
+    try:
+        float(dropout)  # torch converts dropout first, so an object float() refuses raises float()'s class
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"dropout should be a number in range [0, 1] representing the probability of an element "
+                        f"being zeroed, got {type(dropout).__name__} ({dropout!r})") from None
     if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
         raise ValueError(f"dropout should be a number in range [0, 1] representing the probability of an element "
                          f"being zeroed, got {dropout!r}")
+    if dropout > 0 and num_layers == 1:
+        warnings.warn(f"dropout option adds dropout after all but last recurrent layer, so non-zero dropout expects "
+                      f"num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}",
+                      stacklevel=3)
     for name, value in (("bias", bias), ("batch_first", batch_first)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} should be of type bool, got: {type(value).__name__} ({value!r})")
-    for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers),
-                        ("proj_size", proj_size)):
-        if not isinstance(value, int) or isinstance(value, bool):
+    # bool passes as int, as in torch: input_size=True is one feature there too.
+    for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
+        if not isinstance(value, int):
             raise TypeError(f"{name} should be of type int, got: {type(value).__name__} ({value!r})")
-    for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
         if value <= 0:
             raise ValueError(f"{name} must be greater than zero, got {value}")
+    # torch compares num_layers and proj_size before it uses them as sizes: a non-positive float is a wrong
+    # value (ValueError), a positive one a wrong type (TypeError), and proj_size=0.0 disables projections.
+    for name, value in (("num_layers", num_layers), ("proj_size", proj_size)):
+        if not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} should be of type int, got: {type(value).__name__} ({value!r})")
+    if num_layers <= 0:
+        raise ValueError(f"num_layers must be greater than zero, got {num_layers}")
     if proj_size < 0:
         raise ValueError(f"proj_size should be a positive integer or zero to disable projections, got {proj_size}")
     if proj_size >= hidden_size:
         raise ValueError(f"proj_size has to be smaller than hidden_size, got proj_size={proj_size} and "
                          f"hidden_size={hidden_size}")
-    if dropout > 0 and num_layers == 1:
-        warnings.warn(f"dropout option adds dropout after all but last recurrent layer, so non-zero dropout expects "
-                      f"num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}",
-                      stacklevel=3)
+    for name, value in (("num_layers", num_layers), ("proj_size", proj_size)):
+        if not isinstance(value, numbers.Integral) and value != 0:
+            raise TypeError(f"{name} should be of type int, got: {type(value).__name__} ({value!r})")
 
 
-class LSTM(nn.Module):
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)} element(s)"
+    return f"{type(value).__name__} ({value!r})"
+
+
+def _hidden_pair(hx):
+    """(h_0, c_0) read as hx[0] and hx[1], as torch.nn.LSTM reads them, so misuse raises its classes: IndexError
+    for a single tensor or a tuple of fewer than two, TypeError for an object without items, AttributeError for
+    an item that is not a tensor."""
+    try:
+        h0, c0 = hx[0], hx[1]
+    except (IndexError, TypeError) as exc:
+        raise type(exc)(f"hx should be a tuple (h_0, c_0) of two tensors, got {_describe(hx)}") from None
+    for name, state in (("h_0", h0), ("c_0", c0)):
+        if not isinstance(state, torch.Tensor):
+            raise AttributeError(f"hx should be a tuple (h_0, c_0) of two tensors, got {name} of type "
+                                 f"{type(state).__name__}")
+    return h0, c0
+
+
+class LSTM(NotScriptable, nn.Module):
     """Same arguments as torch.nn.LSTM, ``proj_size`` included.
 
     forward(input, hx=None, lengths=None) -> (output, (h_n, c_n)). ``input`` is (T, B, I), (B, T, I)
@@ -126,41 +164,50 @@ class LSTM(nn.Module):
         return tuple(direction(s) for s in ("", "_reverse")[: self.num_directions])
 
     def forward(self, input, hx=None, lengths=None):
+        # Misuse raises the exception class torch.nn.LSTM raises, checked in torch's order (where two checks
+        # fail, the first one's class), so code written against torch.nn.LSTM catches ours; the messages say more.
         packed = isinstance(input, PackedSequence)
         if packed:
             if lengths is not None:
                 raise ValueError("pass lengths only with a padded tensor, not with a PackedSequence")
             x, lengths = pad_packed_sequence(input, batch_first=True)
         else:
-            if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
-                shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
+            if not isinstance(input, torch.Tensor):
+                raise AttributeError(f"LSTM: expected input to be a tensor or a PackedSequence, got "
+                                     f"{type(input).__name__}")
+            if input.dim() not in (2, 3):
                 raise ValueError(f"LSTM: expected input to be a 2-D (unbatched) or 3-D tensor or a PackedSequence, "
-                                 f"got {shape}")
+                                 f"got {tuple(input.shape)}")
             x = input if input.dim() == 2 or self.batch_first else input.transpose(0, 1)
         unbatched = x.dim() == 2
         if unbatched:
             x = x.unsqueeze(0)
-        # The exception classes torch.nn.LSTM raises for the same misuse, so code written against it catches ours.
+        h0 = c0 = None
+        if hx is not None:
+            h0, c0 = _hidden_pair(hx)
+            wanted_dim = 2 if unbatched else 3
+            if h0.dim() != wanted_dim or c0.dim() != wanted_dim:
+                hint = "; hx should be a tuple (h_0, c_0), not one tensor" if isinstance(hx, torch.Tensor) else ""
+                if packed:
+                    # torch does not check the states of a packed input; its kernel reports the missing
+                    # dimension as IndexError.
+                    raise IndexError(f"For a PackedSequence input, hx and cx should be 3-D (layers*directions, "
+                                     f"batch, hidden) but got ({h0.dim()}-D, {c0.dim()}-D) tensors{hint}")
+                raise RuntimeError(f"For {'unbatched 2-D' if unbatched else 'batched 3-D'} input, hx and cx should "
+                                   f"also be {wanted_dim}-D but got ({h0.dim()}-D, {c0.dim()}-D) tensors{hint}")
+            if unbatched:
+                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+        weight = self.weight_ih_l0
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            # torch checks the dtype of a tensor input in Python (ValueError) and meets that of a packed one
+            # only in its kernel (RuntimeError).
+            raise (RuntimeError if packed else ValueError)(
+                f"LSTM input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}); convert the input "
+                f"(input.to({weight.dtype})) or the module (module.to({x.dtype}))")
         if x.shape[-1] != self.input_size:
             raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
                                f"got {x.shape[-1]}")
-        if x.shape[1] == 0:
-            raise RuntimeError(f"Expected sequence length to be larger than 0 in RNN, got input of shape "
-                               f"{tuple(input.shape)}")
-        weight = self.weight_ih_l0
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise ValueError(f"LSTM input dtype ({x.dtype}) does not match weight dtype ({weight.dtype})")
-        h0 = c0 = None
         if hx is not None:
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise TypeError(f"hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
-            h0, c0 = hx
-            wanted_dim = 2 if unbatched else 3
-            if h0.dim() != wanted_dim or c0.dim() != wanted_dim:
-                raise RuntimeError(f"For {'unbatched 2-D' if unbatched else 'batched 3-D'} input, hx and cx should "
-                                   f"also be {wanted_dim}-D but got ({h0.dim()}-D, {c0.dim()}-D) tensors")
-            if unbatched:
-                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
             states = (self.num_layers * self.num_directions, x.shape[0])
             h_what = "proj_size" if self.proj_size else "hidden"
             for index, (name, state, size, what) in enumerate((("h_0", h0, self.proj_size or self.hidden_size, h_what),
@@ -169,8 +216,24 @@ class LSTM(nn.Module):
                 if tuple(state.shape) != expected:
                     raise RuntimeError(f"Expected hidden[{index}] size {expected}, got {tuple(state.shape)}: {name} "
                                        f"is (layers*directions, batch, {what})")
-                if state.dtype != x.dtype:
-                    raise RuntimeError(f"{name} has dtype {state.dtype}, the input {x.dtype}; pass one dtype")
+            # torch's kernel refuses these after the checks above, with these classes.
+            if isinstance(hx, torch.Tensor):
+                raise TypeError(f"hx should be a tuple (h_0, c_0) of two tensors, got {_describe(hx)}")
+            if len(hx) != 2:
+                raise RuntimeError(f"hx should be a tuple (h_0, c_0) of two tensors, got {_describe(hx)}")
+        if x.device != weight.device:
+            raise RuntimeError(f"Input and parameter tensors are not at the same device, found input tensor at "
+                               f"{x.device} and parameter tensor at {weight.device}; move them to one device")
+        for name, state in (("h_0", h0), ("c_0", c0)):
+            if state is not None and state.device != x.device:
+                raise RuntimeError(f"Input and hidden tensors are not at the same device, found input tensor at "
+                                   f"{x.device} and hidden tensor {name} at {state.device}; move them to one device")
+        if x.shape[1] == 0:
+            raise RuntimeError(f"Expected sequence length to be larger than 0 in RNN, got input of shape "
+                               f"{tuple(input.shape)}")
+        for name, state in (("h_0", h0), ("c_0", c0)):
+            if state is not None and state.dtype != x.dtype:
+                raise RuntimeError(f"{name} has dtype {state.dtype}, the input {x.dtype}; pass one dtype")
         D = self.num_directions
         h_n, c_n = [], []
         for layer in range(self.num_layers):
@@ -193,18 +256,20 @@ class LSTM(nn.Module):
         return (x if self.batch_first else x.transpose(0, 1)), (h_n, c_n)
 
     def extra_repr(self) -> str:
+        # torch.nn.LSTM's repr: the sizes, then only the arguments that differ from their defaults.
         s = f"{self.input_size}, {self.hidden_size}"
-        if self.proj_size:
+        if self.proj_size != 0:
             s += f", proj_size={self.proj_size}"
-        s += f", num_layers={self.num_layers}"
-        if not self.bias:
-            s += ", bias=False"
-        if self.batch_first:
-            s += ", batch_first=True"
-        if self.dropout:
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if self.bias is not True:
+            s += f", bias={self.bias}"
+        if self.batch_first is not False:
+            s += f", batch_first={self.batch_first}"
+        if self.dropout != 0:
             s += f", dropout={self.dropout}"
-        if self.bidirectional:
-            s += ", bidirectional=True"
+        if self.bidirectional is not False:
+            s += f", bidirectional={self.bidirectional}"
         return s
 
 

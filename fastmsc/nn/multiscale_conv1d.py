@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from ..ops.multiscale_conv1d import ACTIVATIONS, multiscale_conv1d
+from ._torchscript import NotScriptable
 
 
-class MultiScaleConv1d(nn.Module):
+class MultiScaleConv1d(NotScriptable, nn.Module):
     """(B, C_in, T) -> (B, sum(out_channels), T).
 
     Branches are standard ``nn.Conv1d`` modules in ``self.branches``, so weights load from models that

@@ -5,9 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 from ..ops.attention import attention
+from ._torchscript import NotScriptable
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(NotScriptable, nn.Module):
     """forward(x (B, T, E), lengths=None) -> (B, T, E); query rows past lengths[b] are zero."""
 
     def __init__(self, embed_dim: int, num_heads: int = 1, bias: bool = True, out_proj: bool = False):
