@@ -22,6 +22,8 @@ import warnings
 import torch
 
 from .. import _extension
+from .._double_backward import graph_wanted, recomputed_grads
+from ..ops.lstm_layer import lstm_layer_reference
 
 _registered = False
 _register_lock = threading.Lock()
@@ -70,15 +72,20 @@ def _setup_context(ctx, inputs, output):
     # Unused outputs get None, not zero tensors: gates and cells never receive a gradient, and zero-filling
     # their (B, T, D*4H) and (B, T, D*H) grads cost more than the rest of the backward's pointwise work.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, w_ih, w_hh, h0, c0, lengths, out, gates, cells)
+    # The bias only for double backward, which recomputes the layer (first order reads the saved gates).
+    ctx.save_for_backward(x, w_ih, w_hh, h0, c0, lengths, out, gates, cells, bias)
 
 
 def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     """Shared by lstm_fwd and lstm_fwd_half: saved half tensors are widened to float32 for lstm_bwd (exact),
     and each gradient is returned in the dtype of its input."""
-    x, w_ih, w_hh, h0, c0, lengths, out, gates, cells = ctx.saved_tensors
-    work = _work_dtype(x.dtype)
+    x, w_ih, w_hh, h0, c0, lengths, out, gates, cells, bias = ctx.saved_tensors
     needs = ctx.needs_input_grad
+    if graph_wanted(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, bias, h0, c0):
+        grads = recomputed_grads(_reference_packed, (x, w_ih, w_hh, bias, h0, c0, lengths), needs[:7],
+                                 (grad_out, grad_h_n, grad_c_n))
+        return (*grads, None)
+    work = _work_dtype(x.dtype)
     need_dx, need_dweights, need_dstate = needs[0], any(needs[1:4]), needs[4] or needs[5]
     dx, dw_ih, dw_hh, dbias, dh0, dc0 = torch.ops.fastmsc.lstm_bwd(
         _to(grad_out, work), _to(grad_h_n, work), _to(grad_c_n, work), x.to(work), w_ih.to(work), w_hh.to(work),
@@ -87,6 +94,15 @@ def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     return (dx.to(x.dtype) if need_dx else None, dw_ih.to(w_ih.dtype) if needs[1] else None,
             dw_hh.to(w_hh.dtype) if needs[2] else None, dbias if needs[3] else None,
             dh0.to(h0.dtype) if needs[4] else None, dc0.to(c0.dtype) if needs[5] else None, None, None)
+
+
+def _reference_packed(x, w_ih, w_hh, bias, h0, c0, lengths):
+    """The layer of lstm_fwd's packed arguments (w_ih (D*4H, I), w_hh (D, 4H, H), bias (D*4H,) or None) through
+    the reference's differentiable math; bias enters as b_ih, b_hh as None (lstm_fwd takes their sum)."""
+    D, G = w_hh.shape[0], w_hh.shape[1]
+    weights = tuple((w_ih[d * G:(d + 1) * G], w_hh[d], None if bias is None else bias[d * G:(d + 1) * G], None)
+                    for d in range(D))
+    return lstm_layer_reference(x, weights, h0, c0, lengths)
 
 
 @torch.library.custom_op("fastmsc::lstm_fwd_half", mutates_args=())
