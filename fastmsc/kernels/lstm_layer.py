@@ -78,7 +78,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     """Shared by lstm_fwd and lstm_fwd_half: saved half tensors are widened to float32 for lstm_bwd (exact),
-    and each gradient is returned in the dtype of its input."""
+    and each gradient is returned in the dtype of its input. lstm_bwd's result carries no graph, so for
+    create_graph=True the gradients come from the reference layer recomputed on the saved inputs instead."""
     x, w_ih, w_hh, h0, c0, lengths, out, gates, cells, bias = ctx.saved_tensors
     needs = ctx.needs_input_grad
     if graph_wanted(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, bias, h0, c0):
