@@ -7,11 +7,14 @@ direction tuples ``(w_ih (4H, I), w_hh (4H, H), b_ih (4H,) | None, b_hh (4H,) | 
 The extension works in float32 (float64 for float64 inputs). float16/bfloat16 inputs go through
 ``fastmsc::lstm_fwd_half``: it widens them, runs the extension and returns out, h_n, c_n and the state the
 backward reads (activated gates, cell states) in the input dtype, as stock PyTorch's half-precision LSTMs
-keep theirs. A half training step thus keeps half tensors only (its input, the output it returns, which the
-next layer keeps anyway, gates and cells) instead of float32 copies of them; the backward widens them again,
+keep theirs. A half training step thus keeps half tensors (its input, the output it returns, which the
+next layer keeps anyway, gates and cells) instead of float32 copies of them, besides the (D*4H,) float32 bias
+that only double backward reads; the backward widens them again,
 so its gradients carry the rounding of that state (a few units of the half type's roundoff, checked in
 tests/test_lstm_layer_fused.py). The autograd formula and the fake (shape-only) implementations are
-registered with torch.library, so torch.compile(fullgraph=True) traces the layer as opaque ops.
+registered with torch.library, so torch.compile(fullgraph=True) traces the layer as opaque ops. Double
+backward (create_graph=True) differentiates the reference layer recomputed on the saved inputs, since
+lstm_bwd's gradients carry no graph.
 """
 
 from __future__ import annotations
