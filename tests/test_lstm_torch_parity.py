@@ -6,9 +6,6 @@ Every test runs once per implementation: ``torch.nn`` (so each expectation here 
 float64 with ``spec_lstm``, torch's documented equations written out one sequence at a time, on the outputs and
 on the gradient of the input, the initial states and every parameter; the fastmsc implementations are also
 compared with torch.nn.LSTM itself on the same weights (loaded with load_state_dict) and inputs.
-
-What fastmsc cannot do yet is tested all the same and marked as a strict xfail for exactly the implementations
-that fail, so the change that adds it turns the mark into a failure that asks for its removal.
 """
 
 from __future__ import annotations
@@ -23,7 +20,6 @@ import torch
 from _helpers import Draw, assert_close
 from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
-from torch.autograd.gradcheck import GradcheckError
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import fastmsc
@@ -33,8 +29,6 @@ F64 = torch.float64
 TOL = {"rtol": 1e-9, "atol": 1e-11}  # float64 on both sides: a few hundred rounding steps stay far below this
 
 BACKENDS = ("reference", "torch", "fused", "auto")
-DOUBLE_BACKWARD_XFAIL = ("the fused LSTM's backward is not differentiable: its double backward is silently zero "
-                         "(torch warns that fastmsc::lstm_bwd has no autograd kernel)")
 
 
 @dataclass(frozen=True)
@@ -66,18 +60,9 @@ TORCH = Impl(None)
 ALL = (TORCH, *(Impl(b) for b in BACKENDS))
 
 
-def impls(xfail: dict[str, tuple[type[Exception], str]] | None = None) -> list:
-    """One pytest param per implementation; those named in ``xfail`` (implementation name -> (the exception
-    expected today, reason)) are strict xfails: another exception is a plain failure, and a pass fails too."""
-    xfail = xfail or {}
-    params = []
-    for impl in ALL:
-        marks = []
-        if impl.name in xfail:
-            raises, reason = xfail[impl.name]
-            marks.append(pytest.mark.xfail(strict=True, raises=raises, reason=reason))
-        params.append(pytest.param(impl, id=impl.name, marks=marks))
-    return params
+def impls() -> list:
+    """One pytest param per implementation."""
+    return [pytest.param(impl, id=impl.name) for impl in ALL]
 
 
 def classes() -> list:
@@ -632,7 +617,6 @@ def _grad_inputs(impl: Impl, draw: Draw, config: dict, T: int, B: int):
     return module, [t.requires_grad_() for t in tensors]
 
 
-GRADGRAD_XFAIL = {name: (GradcheckError, DOUBLE_BACKWARD_XFAIL) for name in ("fastmsc-fused", "fastmsc-auto")}
 SMALL = ({"input_size": 1, "hidden_size": 1, "num_layers": 1, "bidirectional": True}, 2, 1)  # config, T, B
 LARGER = ({"input_size": 2, "hidden_size": 2, "num_layers": 2, "bidirectional": True}, 3, 2)
 
@@ -657,7 +641,7 @@ def test_gradcheck(impl, form):
     _check_gradients(gradcheck, impl, form, LARGER, fast_mode=True)
 
 
-@pytest.mark.parametrize("impl", impls(GRADGRAD_XFAIL))
+@pytest.mark.parametrize("impl", impls())
 def test_gradgradcheck(impl):
     _check_gradients(gradgradcheck, impl, "batched", SMALL, fast_mode=False)
 
@@ -670,7 +654,7 @@ def test_gradcheck_full_jacobian(impl, form):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("impl", impls(GRADGRAD_XFAIL))
+@pytest.mark.parametrize("impl", impls())
 @pytest.mark.parametrize("form", ["batched", "packed"])
 def test_gradgradcheck_larger(impl, form):
     _check_gradients(gradgradcheck, impl, form, LARGER, fast_mode=False)

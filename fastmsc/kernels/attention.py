@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._double_backward import graph_wanted, recomputed_grads
+from ..ops.attention import attention_reference
 from ._common import capability_unsupported, new_output, triton_unsupported
 
 MAX_HEAD_DIM = 256
@@ -599,6 +601,10 @@ def _setup_context(ctx, inputs, output):
 
 def _attention_autograd(ctx, grad_out, grad_lse):
     q, k, v, out, lse, lengths = ctx.saved_tensors
+    if graph_wanted(grad_out, q, k, v):
+        dq, dk, dv = recomputed_grads(lambda q, k, v: attention_reference(q, k, v, lengths, ctx.scale), (q, k, v),
+                                      ctx.needs_input_grad[:3], (grad_out,))
+        return dq, dk, dv, None, None
     dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, lengths, ctx.scale)
     return dq, dk, dv, None, None
 

@@ -8,11 +8,14 @@ h_n (D, B, R), c_n (D, B, H), where R is P with the projection w_hr and H withou
 The extension works in float32 (float64 for float64 inputs). float16/bfloat16 inputs go through
 ``fastmsc::lstm_fwd_half``: it widens them, runs the extension and returns out, h_n, c_n and the state the
 backward reads (activated gates, cell states) in the input dtype, as stock PyTorch's half-precision LSTMs
-keep theirs. A half training step thus keeps half tensors only (its input, the output it returns, which the
-next layer keeps anyway, gates and cells) instead of float32 copies of them; the backward widens them again,
+keep theirs. A half training step thus keeps half tensors (its input, the output it returns, which the
+next layer keeps anyway, gates and cells) instead of float32 copies of them, besides the (D*4H,) float32 bias
+that only double backward reads; the backward widens them again,
 so its gradients carry the rounding of that state (a few units of the half type's roundoff, checked in
 tests/test_lstm_layer_fused.py). The autograd formula and the fake (shape-only) implementations are
-registered with torch.library, so torch.compile(fullgraph=True) traces the layer as opaque ops.
+registered with torch.library, so torch.compile(fullgraph=True) traces the layer as opaque ops. Double
+backward (create_graph=True) differentiates the reference layer recomputed on the saved inputs, since
+lstm_bwd's gradients carry no graph.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import warnings
 import torch
 
 from .. import _extension
+from .._double_backward import graph_wanted, recomputed_grads
+from ..ops.lstm_layer import lstm_layer_reference
 
 _registered = False
 _register_lock = threading.Lock()
@@ -75,16 +80,24 @@ def _setup_context(ctx, inputs, output):
     # Unused outputs get None, not zero tensors: gates and cells never receive a gradient, and zero-filling
     # their (B, T, D*4H) and (B, T, D*H) grads cost more than the rest of the backward's pointwise work.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, w_ih, w_hh, h0, c0, lengths, out, gates, cells, w_hr)
+    # The bias only for double backward, which recomputes the layer (first order reads the saved gates).
+    ctx.save_for_backward(x, w_ih, w_hh, h0, c0, lengths, out, gates, cells, w_hr, bias)
 
 
 def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     """Shared by lstm_fwd and lstm_fwd_half: saved half tensors are widened to float32 for lstm_bwd (exact),
-    and each gradient is returned in the dtype of its input."""
-    x, w_ih, w_hh, h0, c0, lengths, out, gates, cells, w_hr = ctx.saved_tensors
-    work = _work_dtype(x.dtype)
+    and each gradient is returned in the dtype of its input. lstm_bwd's result carries no graph, so for
+    create_graph=True the gradients come from the reference layer recomputed on the saved inputs instead."""
+    x, w_ih, w_hh, h0, c0, lengths, out, gates, cells, w_hr, bias = ctx.saved_tensors
     # One flag per argument the call passed: the dispatcher drops a trailing w_hr left at its default (None).
     needs = ctx.needs_input_grad
+    if graph_wanted(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, bias, h0, c0, w_hr):
+        inputs, wanted = (x, w_ih, w_hh, bias, h0, c0, lengths), needs[:7]
+        if w_hr is not None:
+            inputs, wanted = (*inputs, w_hr), (*wanted, needs[8])
+        grads = recomputed_grads(_reference_packed, inputs, wanted, (grad_out, grad_h_n, grad_c_n))
+        return (*grads[:7], None, *grads[7:])
+    work = _work_dtype(x.dtype)
     need_dw_hr = w_hr is not None and needs[8]
     need_dx, need_dweights, need_dstate = needs[0], any(needs[1:4]) or need_dw_hr, needs[4] or needs[5]
     dx, dw_ih, dw_hh, dbias, dh0, dc0, dw_hr = torch.ops.fastmsc.lstm_bwd(
@@ -96,6 +109,17 @@ def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
              dh0.to(h0.dtype) if needs[4] else None, dc0.to(c0.dtype) if needs[5] else None, None, None,
              dw_hr.to(w_hr.dtype) if need_dw_hr else None)
     return grads[:len(needs)]
+
+
+def _reference_packed(x, w_ih, w_hh, bias, h0, c0, lengths, w_hr=None):
+    """The layer of lstm_fwd's packed arguments (w_ih (D*4H, I), w_hh (D, 4H, R), bias (D*4H,) or None, w_hr
+    (D, P, H) or None) through the reference's differentiable math; bias enters as b_ih, b_hh as None (lstm_fwd
+    takes their sum)."""
+    D, G = w_hh.shape[0], w_hh.shape[1]
+    weights = tuple((w_ih[d * G:(d + 1) * G], w_hh[d], None if bias is None else bias[d * G:(d + 1) * G], None,
+                     *(() if w_hr is None else (w_hr[d],)))
+                    for d in range(D))
+    return lstm_layer_reference(x, weights, h0, c0, lengths)
 
 
 @torch.library.custom_op("fastmsc::lstm_fwd_half", mutates_args=())

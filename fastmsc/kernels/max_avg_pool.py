@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._double_backward import graph_wanted
 from ._common import capability_unsupported, new_output, triton_unsupported
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -205,7 +206,30 @@ def _setup_context(ctx, inputs, output):
 
 def _pool_autograd(ctx, grad_out, grad_index):
     index, lengths = ctx.saved_tensors
+    if graph_wanted(grad_out):
+        return _differentiable_backward(grad_out, index, lengths, ctx.steps), None
     return max_avg_pool_backward(grad_out, index, lengths, ctx.steps), None
+
+
+def _differentiable_backward(grad, index, lengths, steps):
+    """The backward kernel's dx (B, steps, C) from grad (B, 2C), index (B, C) and lengths, in torch ops.
+
+    For double backward: dx is linear in grad and, away from ties, independent of x (the index is piecewise
+    constant), so recording how it depends on grad is the whole second-order graph."""
+    B, C = index.shape
+    work = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    g_max, g_mean = grad.to(work).split(C, dim=1)
+    if lengths is None:
+        valid = torch.ones(B, steps, dtype=torch.bool, device=grad.device)
+        count = torch.full((B,), steps, dtype=work, device=grad.device)
+    else:
+        valid = torch.arange(steps, device=grad.device)[None, :] < lengths[:, None]
+        count = lengths.clamp(1, steps).to(work)
+    dx = (g_mean / count[:, None])[:, None, :] * valid[:, :, None]
+    found = index >= 0  # -1: an empty sequence (only reachable by a direct call), no maximum to route to
+    at = index.clamp_min(0).long()[:, None, :]
+    dx = dx.scatter_add(1, at, torch.where(found, g_max, torch.zeros_like(g_max))[:, None, :])
+    return dx.to(grad.dtype)
 
 
 max_avg_pool_forward.register_autograd(_pool_autograd, setup_context=_setup_context)

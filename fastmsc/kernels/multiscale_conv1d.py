@@ -56,6 +56,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .._double_backward import graph_wanted, recomputed_grads
+from ..ops.multiscale_conv1d import multiscale_conv1d_reference
 from ._common import capability_unsupported, new_output, triton_unsupported
 
 _ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2}
@@ -581,8 +583,18 @@ def _setup_context(ctx, inputs, output):
     ctx.activation = activation
 
 
+def _reference_packed(x, weight, bias, activation):
+    """The layer as one K_max "same" conv of the packed weight, through the reference's differentiable math."""
+    return multiscale_conv1d_reference(x, [weight], None if bias is None else [bias],
+                                       None if activation == "none" else activation)
+
+
 def _backward(ctx, grad):
     x, weight, bias = ctx.saved_tensors
+    if graph_wanted(grad, x, weight, bias):
+        dx, dw, db = recomputed_grads(lambda x, w, b: _reference_packed(x, w, b, ctx.activation), (x, weight, bias),
+                                      ctx.needs_input_grad[:3], (grad,))
+        return dx, dw, db, None
     need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_bias = bias is not None and ctx.needs_input_grad[2]
     dx, dw, db = _packed_backward(grad, x, weight, bias, ctx.activation, need_input, need_weight, need_bias)

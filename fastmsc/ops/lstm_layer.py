@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from .._double_backward import graph_wanted, recomputed_grads
 from ..backend import Op, register
 from ._checks import check_lengths, check_same, check_shape, check_tensor, compute_dtype, time_mask
 
@@ -120,7 +121,8 @@ def _lstm_packed(x, flat, h0, c0, lengths, has_bias, bidirectional):
 # torch.compile path for lengths: the eager packed kernel wrapped as custom ops, opaque to the compiler.
 # The backward op recomputes the packed forward under autograd and differentiates it, so a compiled
 # training step runs the LSTM forward twice (about +50% LSTM time); eager mode keeps nn.LSTM's own
-# single-forward autograd. Double backward through the compiled path is not supported.
+# single-forward autograd. Double backward (eager create_graph=True) differentiates the recomputed reference
+# layer instead; torch.compile itself does not compile double backward.
 
 
 @torch.library.custom_op("fastmsc::lstm_layer_packed", mutates_args=())
@@ -180,10 +182,29 @@ def _lstm_packed_backward(ctx, grad_out, grad_h_n, grad_c_n):
         grad_out = x.new_zeros(x.shape[0], x.shape[1], h0.shape[0] * h0.shape[2])
     grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
     grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n
+    if graph_wanted(grad_out, grad_h_n, grad_c_n, x, h0, c0, *flat):
+        return _lstm_packed_recorded_backward(ctx, grad_out, grad_h_n, grad_c_n, x, flat, h0, c0, lengths)
     grads = torch.ops.fastmsc.lstm_layer_packed_backward(grad_out, grad_h_n, grad_c_n, x, flat, h0, c0, lengths,
                                                          ctx.has_bias, ctx.bidirectional)
     grad_x, grad_h0, grad_c0, grad_flat = grads[0], grads[1], grads[2], list(grads[3:])
     return grad_x, grad_flat, grad_h0, grad_c0, None, None, None
+
+
+def _lstm_packed_recorded_backward(ctx, grad_out, grad_h_n, grad_c_n, x, flat, h0, c0, lengths):
+    """_lstm_packed_backward's gradients as a graph (create_graph=True): the reference layer recomputed on the
+    saved inputs and differentiated, since the backward op's result carries no graph."""
+    projected = h0.shape[-1] != c0.shape[-1]  # as torch's kernel tells a projected layer
+    per = (4 if ctx.has_bias else 2) + projected
+
+    def forward(x, h0, c0, *flat):
+        weights = tuple((*flat[i:i + 2], *(flat[i + 2:i + 4] if ctx.has_bias else (None, None)),
+                         *((flat[i + per - 1],) if projected else ()))
+                        for i in range(0, len(flat), per))
+        return lstm_layer_reference(x, weights, h0, c0, lengths)
+
+    inputs = (x, h0, c0, *flat)
+    grads = recomputed_grads(forward, inputs, [t.requires_grad for t in inputs], (grad_out, grad_h_n, grad_c_n))
+    return grads[0], list(grads[3:]), grads[1], grads[2], None, None, None
 
 
 _lstm_packed_op.register_autograd(_lstm_packed_backward, setup_context=_lstm_packed_setup_context)
