@@ -22,6 +22,7 @@ import warnings
 import torch
 
 from .. import _extension
+from ..ops._checks import time_mask
 
 _registered = False
 _register_lock = threading.Lock()
@@ -73,6 +74,15 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, w_ih, w_hh, h0, c0, lengths, out, gates, cells)
 
 
+def _zero_past_lengths(seq: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """seq (B, T, F) with its steps t >= lengths[b] set to 0. The extension's weight gradient dW_ih = dGᵀ x and
+    its dx = dG W_ih run over every step, padded ones with dG = 0, and 0 * NaN would carry a non-finite
+    padded input (or weight) into them; torch.nn.LSTM on packed sequences never reads the padding."""
+    if lengths is None:
+        return seq
+    return seq.masked_fill(~time_mask(lengths, seq.shape[1])[:, :, None], 0.0)
+
+
 def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     """Shared by lstm_fwd and lstm_fwd_half: saved half tensors are widened to float32 for lstm_bwd (exact),
     and each gradient is returned in the dtype of its input."""
@@ -81,9 +91,11 @@ def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     needs = ctx.needs_input_grad
     need_dx, need_dweights, need_dstate = needs[0], any(needs[1:4]), needs[4] or needs[5]
     dx, dw_ih, dw_hh, dbias, dh0, dc0 = torch.ops.fastmsc.lstm_bwd(
-        _to(grad_out, work), _to(grad_h_n, work), _to(grad_c_n, work), x.to(work), w_ih.to(work), w_hh.to(work),
+        _to(grad_out, work), _to(grad_h_n, work), _to(grad_c_n, work), _zero_past_lengths(x, lengths).to(work),
+        w_ih.to(work), w_hh.to(work),
         ctx.has_bias, _to(h0, work), _to(c0, work), lengths, out.to(work), gates.to(work), cells.to(work),
         need_dx, need_dweights, need_dstate)
+    dx = _zero_past_lengths(dx, lengths) if need_dx else dx
     return (dx.to(x.dtype) if need_dx else None, dw_ih.to(w_ih.dtype) if needs[1] else None,
             dw_hh.to(w_hh.dtype) if needs[2] else None, dbias if needs[3] else None,
             dh0.to(h0.dtype) if needs[4] else None, dc0.to(c0.dtype) if needs[5] else None, None, None)
