@@ -5,9 +5,14 @@ registers to BLOCK_D = next power of two >= 16 with masked loads). ``lengths`` (
 
 Forward (one program per BLOCK_M query rows of one (batch, head)): streams key/value blocks with the online
 softmax and keeps only the output O (B, H, T, D) and the per-row log-sum-exp LSE (B, H, T) in fp32, in base-2
-units of the scaled scores, so no T x T tensor ever exists. Query rows at t >= lengths[b], and rows whose keys are
-all masked, get O = 0 and LSE = +inf: every backward kernel then computes p = exp2(s - LSE) = 0 for them, which
+units of the scaled scores, so no T x T tensor ever exists. Query rows at t >= lengths[b], and rows whose scores
+are all -inf, get O = 0 and LSE = +inf: every backward kernel then computes p = exp2(s - LSE) = 0 for them, which
 gives them zero gradients and removes them from dK/dV without any further masking.
+
+NaN/Inf: a row whose softmax is NaN (a NaN score, or inf - inf) gets O = NaN and LSE = NaN, so its NaN reaches
+the gradients as in F.scaled_dot_product_attention. Keys and values at t >= lengths[b] are masked loads, query rows
+past the length are kept out of dK/dV and written as zeros in O and dQ, so a non-finite value in the padding
+changes nothing.
 
 Backward: a pre-pass writes delta = rowsum(dO * O) (B, H, T) fp32; then one kernel owns BLOCK_N keys and loops over
 query blocks to accumulate dK and dV, and another owns BLOCK_M queries and loops over key blocks to accumulate dQ.
@@ -172,7 +177,9 @@ def _attention_fwd_kernel(
                                        d_ok, True, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNK, INPUT_PRECISION,
                                        DOT_FP32)
 
-    row_ok = (offs_m < seq_len) & (l_i > 0.0)
+    # l_i = 0 only where every score of the row is -inf: zeros then, as SDPA gives; a NaN l_i (a NaN or an
+    # inf - inf among the scores) must stay NaN in O and in the LSE, which carries it into the gradients.
+    row_ok = (offs_m < seq_len) & (l_i != 0.0)
     l_safe = tl.where(row_ok, l_i, 1.0)
     out = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)
     lse = tl.where(row_ok, m_i + tl.log2(l_safe), float("inf"))
@@ -278,8 +285,9 @@ def _attention_bwd_dkdv_kernel(
                             BLOCK_M, HEAD_DIM, D_CHUNK, INPUT_PRECISION, DOT_FP32)
         else:
             s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)
-        # Rows with LSE = +inf (past the length, or no valid key) get p = 0 and so contribute nothing.
-        p_t = tl.exp2(s_t * qk_scale - lse[None, :])
+        # Rows with LSE = +inf (past the length, or no valid key) get p = 0 and so contribute nothing; a row past
+        # the length is selected away as well, as its zero-loaded q meets an infinite key as 0 * inf = NaN.
+        p_t = tl.where(row_ok[None, :], tl.exp2(s_t * qk_scale - lse[None, :]), 0.0)
         p_op = p_t.to(DO.dtype.element_ty)
         if DOT_FP32:
             p_op = p_op.to(tl.float32)
@@ -402,8 +410,13 @@ def _attention_bwd_dq_kernel(
                            qk_scale, offs_n, offs_d, d_ok, True, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNK,
                            INPUT_PRECISION, DOT_FP32)
     dq = dq * sm_scale
-    tl.store(DQ + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
-             mask=row_in[:, None] & d_ok[None, :])
+    # Rows past the length get zeros, stored apart from the computed rows: there p = 0, but p * (dp - delta) is
+    # NaN when a valid key or value (read by dp = dO vᵀ) or the row's own padded query is non-finite. (Selecting
+    # the zeros into dq instead costs registers the float16/bfloat16 and float32 variants do not have.)
+    dq_ptrs = DQ + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(dq_ptrs, tl.zeros([BLOCK_M, BLOCK_D], dtype=DQ.dtype.element_ty),
+             mask=(row_in & ~row_ok)[:, None] & d_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------- launch settings

@@ -27,6 +27,7 @@ import torch
 
 from .. import _extension
 from .._double_backward import graph_wanted, recomputed_grads
+from ..ops._checks import time_mask
 from ..ops.lstm_layer import lstm_layer_reference
 
 _registered = False
@@ -84,6 +85,15 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, w_ih, w_hh, h0, c0, lengths, out, gates, cells, w_hr, bias)
 
 
+def _zero_past_lengths(seq: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """seq (B, T, F) with its steps t >= lengths[b] set to 0. The extension's weight gradient dW_ih = dGᵀ x and
+    its dx = dG W_ih run over every step, padded ones with dG = 0, and 0 * NaN would carry a non-finite
+    padded input (or weight) into them; torch.nn.LSTM on packed sequences never reads the padding."""
+    if lengths is None:
+        return seq
+    return seq.masked_fill(~time_mask(lengths, seq.shape[1])[:, :, None], 0.0)
+
+
 def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     """Shared by lstm_fwd and lstm_fwd_half: saved half tensors are widened to float32 for lstm_bwd (exact),
     and each gradient is returned in the dtype of its input. lstm_bwd's result carries no graph, so for
@@ -101,9 +111,11 @@ def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     need_dw_hr = w_hr is not None and needs[8]
     need_dx, need_dweights, need_dstate = needs[0], any(needs[1:4]) or need_dw_hr, needs[4] or needs[5]
     dx, dw_ih, dw_hh, dbias, dh0, dc0, dw_hr = torch.ops.fastmsc.lstm_bwd(
-        _to(grad_out, work), _to(grad_h_n, work), _to(grad_c_n, work), x.to(work), w_ih.to(work), w_hh.to(work),
+        _to(grad_out, work), _to(grad_h_n, work), _to(grad_c_n, work),
+        _zero_past_lengths(x, lengths).to(work), w_ih.to(work), w_hh.to(work),
         ctx.has_bias, _to(h0, work), _to(c0, work), lengths, out.to(work), gates.to(work), cells.to(work),
         need_dx, need_dweights, need_dstate, _to(w_hr, work))
+    dx = _zero_past_lengths(dx, lengths) if need_dx else dx
     grads = (dx.to(x.dtype) if need_dx else None, dw_ih.to(w_ih.dtype) if needs[1] else None,
              dw_hh.to(w_hh.dtype) if needs[2] else None, dbias if needs[3] else None,
              dh0.to(h0.dtype) if needs[4] else None, dc0.to(c0.dtype) if needs[5] else None, None, None,

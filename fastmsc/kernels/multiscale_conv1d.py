@@ -11,7 +11,10 @@ Design
   The packed tensor is tiny next to the activations (C_total * C_in * K_max elements), one compiled
   kernel then serves any number of branches and kernel sizes, and autograd carries the packed
   weight's gradient back to each branch through the pad/cat ops. Biases are packed the same way
-  (zeros for a branch without one).
+  (zeros for a branch without one). A zero padding tap must still never meet a NaN or inf input
+  (0 * NaN = NaN would widen the branch's receptive field): the reductions read non-finite x as 0 and
+  add their products back for each channel's own taps only (``branch_taps``), and the dx kernel reads
+  gz only at a channel's own taps. dW at the padding taps may turn NaN; the pad's backward drops it.
 * Forward. A program owns one BLOCK_T time tile of one batch element and computes every output channel
   of every branch, in BLOCK_O = 64 channel blocks, so the input tile is read from memory once for all
   branches. The reduction runs over r = c * K_max + j (channel, tap) flattened: the x operand is the
@@ -49,6 +52,7 @@ Design
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 
 import torch
@@ -72,7 +76,7 @@ _INT32_LIMIT = 2**31 - 1
 @triton.jit
 def _activate(z, ACTIVATION: tl.constexpr):
     if ACTIVATION == 1:
-        z = tl.maximum(z, 0.0)
+        z = tl.where(z < 0.0, 0.0, z)  # NaN stays NaN, as torch.relu (tl.maximum may drop it on the GPU)
     elif ACTIVATION == 2:
         z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     return z
@@ -80,9 +84,9 @@ def _activate(z, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def _activation_slope(z, ACTIVATION: tl.constexpr):
-    """d act / d z at z (ReLU: 0 at z == 0, as torch's threshold_backward)."""
+    """d act / d z at z (ReLU: 0 at z <= 0 and 1 elsewhere, NaN included, as torch's threshold_backward)."""
     if ACTIVATION == 1:
-        slope = tl.where(z > 0.0, 1.0, 0.0)
+        slope = tl.where(z <= 0.0, 0.0, 1.0)
     else:
         cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
         slope = cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
@@ -90,8 +94,33 @@ def _activation_slope(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def _finite(x):
+    return tl.abs(x) < float("inf")  # false for NaN too
+
+
+@triton.jit
+def _add_non_finite_terms(acc, x_base, w_ptr, o_taps, offs_o, o_mask, offs_t, T, R, stride_xc, stride_xt,
+                          K_MAX: tl.constexpr):
+    """acc[o, t] + sum over the taps j of o's own branch of W[o, c, j] x[b, c, t + j - K_MAX // 2] for the non-finite
+    x only. The tl.dot reductions see non-finite x as 0, because a branch's zero padding taps would otherwise
+    multiply them (0 * NaN = NaN, 0 * inf = NaN) and spread them past the branch's receptive field; this adds
+    their exact products (NaN, ±inf, or NaN for inf - inf or 0 * inf) back, one tap at a time."""
+    for r in range(0, R):
+        channel = r // K_MAX
+        tap = r % K_MAX
+        src_t = offs_t + (tap - K_MAX // 2)
+        xs = tl.load(x_base + channel * stride_xc + src_t * stride_xt, mask=(src_t >= 0) & (src_t < T),
+                     other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs_o * R + r, mask=o_mask, other=0.0).to(tl.float32)
+        own_tap = tl.abs(tap - K_MAX // 2) <= o_taps // 2
+        acc += tl.where(own_tap[:, None] & ~_finite(xs)[None, :], w[:, None] * xs[None, :], 0.0)
+    return acc
+
+
+@triton.jit
 def _im2col_tile(x_base, offs_r, offs_t, T, R, stride_xc, stride_xt, K_MAX: tl.constexpr, UPCAST: tl.constexpr):
-    """x[b, c, t + j - K_MAX // 2] for r = c * K_MAX + j in offs_r (rows) and t in offs_t (columns), 0 outside."""
+    """x[b, c, t + j - K_MAX // 2] for r = c * K_MAX + j in offs_r (rows) and t in offs_t (columns), 0 outside.
+    Not finite-filtered: callers replace non-finite values before a reduction (see _preactivation_tile)."""
     channel = offs_r // K_MAX
     tap = offs_r % K_MAX
     src_t = offs_t[None, :] + (tap[:, None] - K_MAX // 2)
@@ -106,23 +135,31 @@ def _im2col_tile(x_base, offs_r, offs_t, T, R, stride_xc, stride_xt, K_MAX: tl.c
 def _resident_x_tile(x_base, offs_t, T, R, stride_xc, stride_xt, K_MAX: tl.constexpr, BLOCK_R: tl.constexpr,
                      X_RESIDENT: tl.constexpr, UPCAST: tl.constexpr):
     """With X_RESIDENT the whole (BLOCK_R >= R, BLOCK_T) im2col tile of a program's time tile, gathered once for
-    every output block; otherwise a placeholder that _preactivation_tile does not read."""
+    every output block, with its non-finite values read as 0, and whether it held any (see _preactivation_tile);
+    otherwise placeholders that _preactivation_tile does not read."""
     if X_RESIDENT:
         x_tile = _im2col_tile(x_base, tl.arange(0, BLOCK_R), offs_t, T, R, stride_xc, stride_xt, K_MAX, UPCAST)
+        finite = _finite(x_tile)
+        non_finite = tl.max(tl.max(tl.where(finite, 0, 1), 1), 0)
+        x_tile = tl.where(finite, x_tile, 0.0)
     else:
         x_tile = 0.0
-    return x_tile
+        non_finite = 0
+    return x_tile, non_finite
 
 
 @triton.jit
-def _preactivation_tile(x_tile, x_base, w_ptr, b_ptr, offs_o, offs_t, T, C_TOTAL, R, stride_xc, stride_xt,
-                        HAS_BIAS: tl.constexpr, K_MAX: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr,
-                        BLOCK_R: tl.constexpr, X_RESIDENT: tl.constexpr, UPCAST: tl.constexpr,
+def _preactivation_tile(x_tile, x_non_finite, x_base, w_ptr, b_ptr, taps_ptr, offs_o, offs_t, T, C_TOTAL, R, stride_xc,
+                        stride_xt, HAS_BIAS: tl.constexpr, K_MAX: tl.constexpr, BLOCK_O: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, X_RESIDENT: tl.constexpr, UPCAST: tl.constexpr,
                         DOT_PRECISION: tl.constexpr):
     """z[o, t] = bias[o] + sum_{c, j} W[o, c, j] x[b, c, t + j - K_MAX // 2] for a (BLOCK_O, BLOCK_T) tile, fp32.
 
     With X_RESIDENT the whole reduction is the one (BLOCK_R >= R, BLOCK_T) im2col tile ``x_tile`` the caller
-    loaded; otherwise the tile is gathered from ``x_base`` in BLOCK_R chunks."""
+    loaded (non-finite values already read as 0, ``x_non_finite`` whether it held any); otherwise the tile is
+    gathered from ``x_base`` in BLOCK_R chunks. The dots read non-finite x as 0, and _add_non_finite_terms adds
+    those terms for the taps of each channel's own branch (``taps_ptr``: its kernel size), only when the time
+    tile holds any."""
     o_mask = offs_o < C_TOTAL
     acc = tl.zeros((BLOCK_O, BLOCK_T), dtype=tl.float32)
     if X_RESIDENT:
@@ -131,8 +168,10 @@ def _preactivation_tile(x_tile, x_base, w_ptr, b_ptr, offs_o, offs_t, T, C_TOTAL
                     other=0.0)
         if UPCAST:
             w = w.to(tl.float32)
+        non_finite = x_non_finite
         acc = tl.dot(w, x_tile, acc, input_precision=DOT_PRECISION)
     else:
+        non_finite = 0
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             w = tl.load(w_ptr + offs_o[:, None] * R + offs_r[None, :],
@@ -140,14 +179,20 @@ def _preactivation_tile(x_tile, x_base, w_ptr, b_ptr, offs_o, offs_t, T, C_TOTAL
             if UPCAST:
                 w = w.to(tl.float32)
             xs = _im2col_tile(x_base, offs_r, offs_t, T, R, stride_xc, stride_xt, K_MAX, UPCAST)
-            acc = tl.dot(w, xs, acc, input_precision=DOT_PRECISION)
+            finite = _finite(xs)
+            non_finite = tl.maximum(non_finite, tl.max(tl.max(tl.where(finite, 0, 1), 1), 0))
+            acc = tl.dot(w, tl.where(finite, xs, 0.0), acc, input_precision=DOT_PRECISION)
+    if non_finite > 0:
+        o_taps = tl.load(taps_ptr + offs_o, mask=o_mask, other=K_MAX)
+        acc = _add_non_finite_terms(acc, x_base, w_ptr, o_taps, offs_o, o_mask, offs_t, T, R, stride_xc, stride_xt,
+                                    K_MAX)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[:, None]
     return acc
 
 
 @triton.jit
-def _msc_forward_kernel(x_ptr, w_ptr, b_ptr, out_ptr, T, C_TOTAL, R, N_T,
+def _msc_forward_kernel(x_ptr, w_ptr, b_ptr, taps_ptr, out_ptr, T, C_TOTAL, R, N_T,
                         stride_xb, stride_xc, stride_xt, stride_ob, stride_oc, stride_ot,
                         HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, K_MAX: tl.constexpr,
                         BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -159,19 +204,21 @@ def _msc_forward_kernel(x_ptr, w_ptr, b_ptr, out_ptr, T, C_TOTAL, R, N_T,
     pid_b = pid // N_T
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     x_base = x_ptr + pid_b.to(tl.int64) * stride_xb
-    x_tile = _resident_x_tile(x_base, offs_t, T, R, stride_xc, stride_xt, K_MAX, BLOCK_R, X_RESIDENT, UPCAST)
+    x_tile, x_non_finite = _resident_x_tile(x_base, offs_t, T, R, stride_xc, stride_xt, K_MAX, BLOCK_R, X_RESIDENT,
+                                            UPCAST)
     out_base = out_ptr + pid_b.to(tl.int64) * stride_ob
     for o0 in range(0, C_TOTAL, BLOCK_O):
         offs_o = o0 + tl.arange(0, BLOCK_O)
-        z = _preactivation_tile(x_tile, x_base, w_ptr, b_ptr, offs_o, offs_t, T, C_TOTAL, R, stride_xc, stride_xt,
-                                HAS_BIAS, K_MAX, BLOCK_O, BLOCK_T, BLOCK_R, X_RESIDENT, UPCAST, DOT_PRECISION)
+        z = _preactivation_tile(x_tile, x_non_finite, x_base, w_ptr, b_ptr, taps_ptr, offs_o, offs_t, T, C_TOTAL, R,
+                                stride_xc, stride_xt, HAS_BIAS, K_MAX, BLOCK_O, BLOCK_T, BLOCK_R, X_RESIDENT, UPCAST,
+                                DOT_PRECISION)
         y = _activate(z, ACTIVATION)
         out = out_base + offs_o[:, None] * stride_oc + offs_t[None, :] * stride_ot
         tl.store(out, y.to(out_ptr.dtype.element_ty), mask=(offs_o[:, None] < C_TOTAL) & (offs_t[None, :] < T))
 
 
 @triton.jit
-def _msc_preactivation_grad_kernel(x_ptr, w_ptr, b_ptr, grad_ptr, gz_ptr, T, C_TOTAL, R, N_T,
+def _msc_preactivation_grad_kernel(x_ptr, w_ptr, b_ptr, taps_ptr, grad_ptr, gz_ptr, T, C_TOTAL, R, N_T,
                                    stride_xb, stride_xc, stride_xt, stride_gb, stride_go, stride_gt,
                                    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, K_MAX: tl.constexpr,
                                    BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -183,13 +230,15 @@ def _msc_preactivation_grad_kernel(x_ptr, w_ptr, b_ptr, grad_ptr, gz_ptr, T, C_T
     pid_b = pid // N_T
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     x_base = x_ptr + pid_b.to(tl.int64) * stride_xb
-    x_tile = _resident_x_tile(x_base, offs_t, T, R, stride_xc, stride_xt, K_MAX, BLOCK_R, X_RESIDENT, UPCAST)
+    x_tile, x_non_finite = _resident_x_tile(x_base, offs_t, T, R, stride_xc, stride_xt, K_MAX, BLOCK_R, X_RESIDENT,
+                                            UPCAST)
     grad_base = grad_ptr + pid_b.to(tl.int64) * stride_gb
     gz_base = gz_ptr + pid_b.to(tl.int64) * C_TOTAL * T
     for o0 in range(0, C_TOTAL, BLOCK_O):
         offs_o = o0 + tl.arange(0, BLOCK_O)
-        z = _preactivation_tile(x_tile, x_base, w_ptr, b_ptr, offs_o, offs_t, T, C_TOTAL, R, stride_xc, stride_xt,
-                                HAS_BIAS, K_MAX, BLOCK_O, BLOCK_T, BLOCK_R, X_RESIDENT, UPCAST, DOT_PRECISION)
+        z = _preactivation_tile(x_tile, x_non_finite, x_base, w_ptr, b_ptr, taps_ptr, offs_o, offs_t, T, C_TOTAL, R,
+                                stride_xc, stride_xt, HAS_BIAS, K_MAX, BLOCK_O, BLOCK_T, BLOCK_R, X_RESIDENT, UPCAST,
+                                DOT_PRECISION)
         mask = (offs_o[:, None] < C_TOTAL) & (offs_t[None, :] < T)
         grad = tl.load(grad_base + offs_o[:, None] * stride_go + offs_t[None, :] * stride_gt,
                        mask=mask, other=0.0).to(tl.float32)
@@ -198,14 +247,16 @@ def _msc_preactivation_grad_kernel(x_ptr, w_ptr, b_ptr, grad_ptr, gz_ptr, T, C_T
 
 
 @triton.jit
-def _msc_grad_input_kernel(gz_ptr, w_ptr, dx_ptr, T, C_IN, C_TOTAL, R, N_C, N_T,
+def _msc_grad_input_kernel(gz_ptr, w_ptr, taps_ptr, dx_ptr, T, C_IN, C_TOTAL, R, N_C, N_T,
                            stride_gb, stride_go, stride_gt, stride_db, stride_dc, stride_dt,
                            K_MAX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr,
                            USE_DOT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dx[b, c, t] = sum_{o, j} W[o, c, j] gz[b, o, t + K_MAX // 2 - j] for a (BLOCK_C, BLOCK_T) tile.
 
     The reduction runs over q = o * K_MAX + j. Without tl.dot (small C_in) one program covers every
-    input channel (N_C == 1) and accumulates products elementwise, one channel at a time.
+    input channel (N_C == 1) and accumulates products elementwise, one channel at a time. gz is read only at
+    the taps of o's own branch (``taps_ptr``: its kernel size): at a zero padding tap a NaN or inf in gz (GELU's
+    slope at a non-finite z) would still give 0 * NaN = NaN.
     """
     HALF: tl.constexpr = K_MAX // 2
     pid = tl.program_id(0)
@@ -228,9 +279,10 @@ def _msc_grad_input_kernel(gz_ptr, w_ptr, dx_ptr, T, C_IN, C_TOTAL, R, N_C, N_T,
             tap = offs_q % K_MAX
             w = tl.load(w_ptr + out_channel[None, :] * R + offs_c[:, None] * K_MAX + tap[None, :],
                         mask=c_mask[:, None] & q_mask[None, :], other=0.0)
+            own_tap = tl.abs(tap - HALF) <= tl.load(taps_ptr + out_channel, mask=q_mask, other=0) // 2
             src_t = offs_t[None, :] + (HALF - tap[:, None])
             g = tl.load(gz_base + out_channel[:, None] * stride_go + src_t * stride_gt,
-                        mask=q_mask[:, None] & (src_t >= 0) & (src_t < T), other=0.0)
+                        mask=(q_mask & own_tap)[:, None] & (src_t >= 0) & (src_t < T), other=0.0)
             if UPCAST:
                 w = w.to(tl.float32)
                 g = g.to(tl.float32)
@@ -246,9 +298,10 @@ def _msc_grad_input_kernel(gz_ptr, w_ptr, dx_ptr, T, C_IN, C_TOTAL, R, N_C, N_T,
                 out_channel = offs_q // K_MAX
                 tap = offs_q % K_MAX
                 w = tl.load(w_ptr + out_channel * R + c * K_MAX + tap, mask=q_mask, other=0.0).to(tl.float32)
+                own_tap = tl.abs(tap - HALF) <= tl.load(taps_ptr + out_channel, mask=q_mask, other=0) // 2
                 src_t = offs_t[None, :] + (HALF - tap[:, None])
                 g = tl.load(gz_base + out_channel[:, None] * stride_go + src_t * stride_gt,
-                            mask=q_mask[:, None] & (src_t >= 0) & (src_t < T), other=0.0).to(tl.float32)
+                            mask=(q_mask & own_tap)[:, None] & (src_t >= 0) & (src_t < T), other=0.0).to(tl.float32)
                 acc += w[:, None] * g
             row = tl.sum(acc, axis=0)
             tl.store(dx_base + c * stride_dc + offs_t * stride_dt, row.to(dx_ptr.dtype.element_ty), mask=t_mask)
@@ -386,8 +439,10 @@ def _grad_input_config(T: int, c_in: int, tensor_cores: bool = True) -> dict:
     use_dot = tensor_cores or c_in >= _DX_DOT_MIN_CHANNELS
     block_c = _smallest_block_covering(c_in, _DX_C_BLOCKS) if use_dot else 1
     block_t = _time_block(T)
-    # (BLOCK_Q, BLOCK_T) pairs without spills on sm_80/sm_90 in fp32/fp16/bf16 (checked through AOT_CASES).
-    block_q = 32 if (use_dot and block_t > 32) else 64
+    # (BLOCK_Q, BLOCK_T) pairs without spills on sm_80/sm_90 in fp32/fp16/bf16 (checked through AOT_CASES); the
+    # IEEE fp32 dot over 128 steps takes 16-row chunks, as 32 spilled on sm_80 once gz reads only a channel's own
+    # taps.
+    block_q = (32 if tensor_cores else 16) if (use_dot and block_t > 32) else 64
     return {"BLOCK_C": block_c, "BLOCK_Q": block_q, "BLOCK_T": block_t, "USE_DOT": use_dot,
             "num_warps": 8 if (block_t > 32 or block_c > 16) else 4, "num_stages": 2}
 
@@ -438,7 +493,8 @@ def _common_constexprs(dtype: torch.dtype, device: torch.device) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _launch_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+def _launch_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
+                    taps: torch.Tensor) -> torch.Tensor:
     B, c_in, T = x.shape
     c_total, _, k_max = weight.shape
     r = c_in * k_max
@@ -448,14 +504,14 @@ def _launch_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     cfg = _forward_config(T, r, B, _parallel_programs(x.device) // 2)
     n_t = triton.cdiv(T, cfg["BLOCK_T"])
     _msc_forward_kernel[(n_t * B,)](
-        x, weight, weight if bias is None else bias, out, T, c_total, r, n_t,
+        x, weight, weight if bias is None else bias, taps, out, T, c_total, r, n_t,
         *x.stride(), *out.stride(),
         HAS_BIAS=bias is not None, ACTIVATION=_ACTIVATION_CODES[activation], K_MAX=k_max,
         **cfg, **_common_constexprs(x.dtype, x.device))
     return out
 
 
-def _launch_preactivation_grad(grad, x, weight, bias, activation) -> torch.Tensor:
+def _launch_preactivation_grad(grad, x, weight, bias, activation, taps) -> torch.Tensor:
     B, c_in, T = x.shape
     c_total, _, k_max = weight.shape
     r = c_in * k_max
@@ -463,14 +519,14 @@ def _launch_preactivation_grad(grad, x, weight, bias, activation) -> torch.Tenso
     cfg = _forward_config(T, r, B, _parallel_programs(x.device) // 2)
     n_t = triton.cdiv(T, cfg["BLOCK_T"])
     _msc_preactivation_grad_kernel[(n_t * B,)](
-        x, weight, weight if bias is None else bias, grad, gz, T, c_total, r, n_t,
+        x, weight, weight if bias is None else bias, taps, grad, gz, T, c_total, r, n_t,
         *x.stride(), *grad.stride(),
         HAS_BIAS=bias is not None, ACTIVATION=_ACTIVATION_CODES[activation], K_MAX=k_max,
         **cfg, **_common_constexprs(x.dtype, x.device))
     return gz
 
 
-def _launch_grad_input(gz, weight, x_shape, dtype) -> torch.Tensor:
+def _launch_grad_input(gz, weight, taps, x_shape, dtype) -> torch.Tensor:
     B, c_in, T = x_shape
     c_total, _, k_max = weight.shape
     dx = new_output((B, c_in, T), dtype=dtype, device=gz.device)
@@ -478,7 +534,7 @@ def _launch_grad_input(gz, weight, x_shape, dtype) -> torch.Tensor:
     n_c = triton.cdiv(c_in, cfg["BLOCK_C"]) if cfg["USE_DOT"] else 1
     n_t = triton.cdiv(T, cfg["BLOCK_T"])
     _msc_grad_input_kernel[(n_c * n_t * B,)](
-        gz, weight, dx, T, c_in, c_total, c_in * k_max, n_c, n_t, *gz.stride(), *dx.stride(),
+        gz, weight, taps, dx, T, c_in, c_total, c_in * k_max, n_c, n_t, *gz.stride(), *dx.stride(),
         K_MAX=k_max, **cfg, **_common_constexprs(dtype, gz.device))
     return dx
 
@@ -520,15 +576,25 @@ def _launch_grad_weight(gz, x, weight, with_bias: bool):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+def _channel_taps(weight: torch.Tensor, taps: torch.Tensor | None) -> torch.Tensor:
+    """Each packed output channel's own kernel size, int32 (C_total,); without ``taps`` every channel has K_max."""
+    if taps is None:
+        return torch.full((weight.shape[0],), weight.shape[-1], dtype=torch.int32, device=weight.device)
+    return taps.to(device=weight.device, dtype=torch.int32).contiguous()
+
+
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
+             taps: torch.Tensor | None = None) -> torch.Tensor:
     """The forward op's launches: x (B, C_in, T), packed weight (C_total, C_in, K_max), bias -> (B, C_total, T)."""
     # pack_weights already returns contiguous tensors; a direct caller's strided packed weight is tiny to copy.
-    return _launch_forward(x, weight.contiguous(), None if bias is None else bias.contiguous(), activation)
+    return _launch_forward(x, weight.contiguous(), None if bias is None else bias.contiguous(), activation,
+                           _channel_taps(weight, taps))
 
 
-def _backward_launches(grad, x, weight, bias, activation, need_input, need_weight, need_bias):
+def _backward_launches(grad, x, weight, bias, activation, need_input, need_weight, need_bias, taps=None):
     """The backward op's launches: (dx, dW, db), a gradient not asked for an empty (0,)."""
     empty = x.new_empty((0,))
+    taps = _channel_taps(weight, taps)
     if grad.dtype != x.dtype:
         grad = grad.to(x.dtype)
     weight = weight.contiguous()
@@ -539,8 +605,8 @@ def _backward_launches(grad, x, weight, bias, activation, need_input, need_weigh
         dw = torch.zeros_like(weight) if need_weight else empty
         db = torch.zeros_like(bias) if need_bias else empty
         return dx, dw, db
-    gz = grad if activation == "none" else _launch_preactivation_grad(grad, x, weight, bias, activation)
-    dx = _launch_grad_input(gz, weight, x.shape, x.dtype) if need_input else empty
+    gz = grad if activation == "none" else _launch_preactivation_grad(grad, x, weight, bias, activation, taps)
+    dx = _launch_grad_input(gz, weight, taps, x.shape, x.dtype) if need_input else empty
     dw, db = empty, empty
     if need_weight or need_bias:
         dw_full, db_full = _launch_grad_weight(gz, x, weight, need_bias)
@@ -551,26 +617,27 @@ def _backward_launches(grad, x, weight, bias, activation, need_input, need_weigh
 
 @torch.library.custom_op("fastmsc::multiscale_conv1d_packed", mutates_args=())
 def _packed_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    activation: str) -> torch.Tensor:
-    """x (B, C_in, T), packed weight (C_total, C_in, K_max), bias (C_total,) or None -> (B, C_total, T)."""
-    return _forward(x, weight, bias, activation)
+                    activation: str, taps: torch.Tensor | None = None) -> torch.Tensor:
+    """x (B, C_in, T), packed weight (C_total, C_in, K_max), bias (C_total,) or None -> (B, C_total, T); taps
+    (C_total,) each channel's own kernel size (``branch_taps``), None for K_max everywhere."""
+    return _forward(x, weight, bias, activation, taps)
 
 
 @_packed_forward.register_fake
-def _(x, weight, bias, activation):
+def _(x, weight, bias, activation, taps=None):
     return x.new_empty((x.shape[0], weight.shape[0], x.shape[2]))
 
 
 @torch.library.custom_op("fastmsc::multiscale_conv1d_packed_backward", mutates_args=())
 def _packed_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     activation: str, need_input: bool, need_weight: bool,
-                     need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     activation: str, need_input: bool, need_weight: bool, need_bias: bool,
+                     taps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx (B, C_in, T), dW (C_total, C_in, K_max), db (C_total,)); a gradient not asked for is an empty (0,)."""
-    return _backward_launches(grad, x, weight, bias, activation, need_input, need_weight, need_bias)
+    return _backward_launches(grad, x, weight, bias, activation, need_input, need_weight, need_bias, taps)
 
 
 @_packed_backward.register_fake
-def _(grad, x, weight, bias, activation, need_input, need_weight, need_bias):
+def _(grad, x, weight, bias, activation, need_input, need_weight, need_bias, taps=None):
     empty = x.new_empty((0,))
     return (x.new_empty(x.shape) if need_input else empty,
             weight.new_empty(weight.shape) if need_weight else empty,
@@ -578,27 +645,38 @@ def _(grad, x, weight, bias, activation, need_input, need_weight, need_bias):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, activation = inputs
-    ctx.save_for_backward(x, weight, bias)
+    x, weight, bias, activation, taps = inputs
+    ctx.save_for_backward(x, weight, bias, taps)
     ctx.activation = activation
 
 
-def _reference_packed(x, weight, bias, activation):
-    """The layer as one K_max "same" conv of the packed weight, through the reference's differentiable math."""
-    return multiscale_conv1d_reference(x, [weight], None if bias is None else [bias],
+def _reference_packed(x, weight, bias, activation, taps):
+    """The layer through the reference's differentiable math, each branch (a run of channels with one kernel size in
+    ``taps``) on its own taps of the packed weight: a zero padding tap would carry a non-finite x beyond the
+    branch's receptive field (0 * NaN)."""
+    k_max = weight.shape[-1]
+    sizes = [k_max] * weight.shape[0] if taps is None else taps.tolist()  # a host sync, on this path only
+    weights, biases, start = [], [], 0
+    for k, run in itertools.groupby(sizes):
+        n, pad = len(list(run)), (k_max - k) // 2
+        weights.append(weight[start:start + n, :, pad:k_max - pad])
+        biases.append(None if bias is None else bias[start:start + n])
+        start += n
+    return multiscale_conv1d_reference(x, weights, None if bias is None else biases,
                                        None if activation == "none" else activation)
 
 
 def _backward(ctx, grad):
-    x, weight, bias = ctx.saved_tensors
+    x, weight, bias, taps = ctx.saved_tensors
+    needs = ctx.needs_input_grad  # 4 or 5 flags: the dispatcher drops a trailing taps left at its default
     if graph_wanted(grad, x, weight, bias):
-        dx, dw, db = recomputed_grads(lambda x, w, b: _reference_packed(x, w, b, ctx.activation), (x, weight, bias),
-                                      ctx.needs_input_grad[:3], (grad,))
-        return dx, dw, db, None
-    need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    need_bias = bias is not None and ctx.needs_input_grad[2]
-    dx, dw, db = _packed_backward(grad, x, weight, bias, ctx.activation, need_input, need_weight, need_bias)
-    return (dx if need_input else None, dw if need_weight else None, db if need_bias else None, None)
+        dx, dw, db = recomputed_grads(lambda x, w, b: _reference_packed(x, w, b, ctx.activation, taps),
+                                      (x, weight, bias), needs[:3], (grad,))
+        return (dx, dw, db, None, None)[:len(needs)]
+    need_input, need_weight = needs[0], needs[1]
+    need_bias = bias is not None and needs[2]
+    dx, dw, db = _packed_backward(grad, x, weight, bias, ctx.activation, need_input, need_weight, need_bias, taps)
+    return (dx if need_input else None, dw if need_weight else None, db if need_bias else None, None, None)[:len(needs)]
 
 
 _packed_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -623,11 +701,18 @@ def pack_weights(weights, biases):
     return packed_weight, packed_bias
 
 
+def branch_taps(weights) -> torch.Tensor:
+    """Each packed output channel's own kernel size k_i, int32 (C_total,): the kernels multiply only those taps
+    of a channel, never its zero padding, so a NaN or inf input stays within each branch's receptive field."""
+    return torch.cat([torch.full((w.shape[0],), w.shape[-1], dtype=torch.int32, device=w.device) for w in weights])
+
+
 def fused(x, weights, biases=None, activation=None):
     """Multi-scale "same" Conv1d + concat: x (B, C_in, T) -> (B, sum_i C_out_i, T); arguments validated by
     fastmsc.ops.multiscale_conv1d (weights[i] (C_out_i, C_in, k_i), k_i odd; biases None or per branch)."""
     packed_weight, packed_bias = pack_weights(weights, biases)
-    return _packed_forward(x, packed_weight, packed_bias, "none" if activation is None else activation)
+    return _packed_forward(x, packed_weight, packed_bias, "none" if activation is None else activation,
+                           branch_taps(weights))
 
 
 def fused_unsupported(device_type: str, **call_args) -> str | None:
@@ -721,10 +806,11 @@ def _aot_cases() -> list[dict]:
                            for c_out, k in _AOT_MODEL["branches"]]
                 biases = [torch.empty((c_out,), dtype=dtype, device="meta") for c_out, _ in _AOT_MODEL["branches"]]
                 weight, bias = pack_weights(weights, biases)
+                taps = branch_taps(weights)
                 x = torch.empty((call["batch"], call["c_in"], call["steps"]), dtype=dtype, device="meta")
-                out = _forward(x, weight, bias, call["activation"])
+                out = _forward(x, weight, bias, call["activation"], taps)
                 _backward_launches(torch.empty_like(out), x, weight, bias, call["activation"], call["need_input"],
-                                   True, True)
+                                   True, True, taps)
             for case in log.cases:
                 if _aot.case_key(case) not in seen:
                     seen.add(_aot.case_key(case))
@@ -738,4 +824,4 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["fused", "fused_unsupported", "pack_weights"]
+__all__ = ["branch_taps", "fused", "fused_unsupported", "pack_weights"]

@@ -2,6 +2,11 @@
 
 Shapes: q, k, v (B, T, D) or (B, H, T, D); scale defaults to 1/sqrt(D). With ``lengths`` (B,), keys
 at t >= lengths[b] are ignored and query rows at t >= lengths[b] are zero.
+
+NaN/Inf, on every backend as F.scaled_dot_product_attention on each sequence's valid steps: a NaN in a valid
+query row makes that output row NaN, one in a valid key makes every valid row NaN, one in a valid value makes
+that column NaN; ±Inf scores give NaN rows (inf - inf in the softmax) and a row whose scores are all -inf gives
+zeros, as SDPA does. Values at t >= lengths[b] (queries, keys, values) never reach an output or a gradient.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ def _masks(lengths, q):
 
 def softmax_attention(q, k, v, lengths=None, scale=None):
     """softmax(q kᵀ · scale) v with two matmuls and a softmax in q's dtype, the (..., T, T) scores materialised:
-    the reference's math, and what a user writes by hand (the benchmark's naive baseline)."""
+    what a user writes by hand (the benchmark's naive baseline); the reference adds the handling of non-finite
+    padding and of rows whose scores are all -inf."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (..., T, T)
     if lengths is not None:
         key_valid, query_valid = _masks(lengths, q)
@@ -36,9 +42,33 @@ def softmax_attention(q, k, v, lengths=None, scale=None):
     return out
 
 
+def _zero_padding(lengths, *tensors):
+    """The tensors with their steps past the length set to 0: a masked score still multiplies its value
+    (0 * NaN = NaN), so padding must not hold non-finite values once it enters the math."""
+    valid = time_mask(lengths, tensors[0].shape[-2])
+    valid = (valid[:, None] if tensors[0].dim() == 4 else valid)[..., None]
+    return tuple(torch.where(valid, t, 0.0) for t in tensors)
+
+
 def attention_reference(q, k, v, lengths=None, scale=None):
-    work = compute_dtype(q.dtype)
-    return softmax_attention(q.to(work), k.to(work), v.to(work), lengths, scale).to(q.dtype)
+    dtype, work = q.dtype, compute_dtype(q.dtype)
+    q, k, v = q.to(work), k.to(work), v.to(work)
+    if lengths is not None:
+        q, k, v = _zero_padding(lengths, q, k, v)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if lengths is not None:
+        # Query rows past the length are masked whole: their zero output gradient would still meet the values in
+        # the softmax's backward (0 * inf = NaN) and reach the keys through their probabilities.
+        key_valid, query_valid = _masks(lengths, q)
+        scores = scores.masked_fill(~(key_valid & query_valid), float("-inf"))
+    # SDPA's convention for a row whose scores are all -inf (padded rows, or -inf scores): zeros, not softmax's
+    # 0/0 = NaN, and zero gradients (so the softmax must not see the -inf row).
+    empty = (scores == float("-inf")).all(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    out = torch.matmul(probs, v)
+    if lengths is not None:
+        out = out.masked_fill(~query_valid, 0.0)
+    return out.to(dtype)
 
 
 def _sdpa_arguments(q, k, v, lengths):
@@ -51,9 +81,14 @@ def _sdpa_arguments(q, k, v, lengths):
 
 
 def attention_torch(q, k, v, lengths=None, scale=None):
+    if lengths is not None:
+        q, k, v = _zero_padding(lengths, q, k, v)
     q4, k4, v4, key_valid = _sdpa_arguments(q, k, v, lengths)
     # Every row keeps key 0 (lengths >= 1), so no row is fully masked and SDPA gives no NaN.
     out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=key_valid, scale=scale)
+    # PyTorch's CPU flash kernel returns 0 rather than NaN for a query row holding a NaN (its backward does give
+    # NaN, as the math path does): adding each row's NaN back costs O(T D), nothing next to the attention itself.
+    out = out + torch.where(torch.isnan(q4), q4, 0.0).sum(-1, keepdim=True)
     if lengths is not None:
         out = out.masked_fill(~time_mask(lengths, q.shape[-2])[:, None, :, None], 0.0)
     return out.squeeze(1) if q.dim() == 3 else out

@@ -10,6 +10,11 @@ R is the size of the hidden state h: H without projection, P with ``w_hr`` (torc
 With ``lengths`` (B,), sequence b is processed over its first lengths[b] steps only: the reverse
 direction starts at step lengths[b] - 1, outputs past the length are zero and h_n/c_n are taken at
 each sequence's last valid step, as pack_padded_sequence + nn.LSTM gives.
+
+NaN/Inf as nn.LSTM on packed sequences, on every backend: a non-finite input at a valid step of sequence b
+reaches that sequence's outputs from that step on (in the scan's direction), its h_n/c_n, and the gradients
+that flow through them; other sequences stay finite, and values at t >= lengths[b] never reach an output
+or a gradient.
 """
 
 from __future__ import annotations
@@ -47,6 +52,12 @@ def lstm_layer_reference(x, weights, h0=None, c0=None, lengths=None):
     B, T, _ = x.shape
     H, R = weights[0][1].shape[0] // 4, weights[0][1].shape[1]
     valid = None if lengths is None else time_mask(lengths, T)
+    if valid is not None:
+        # Padded steps still run through the cell (torch.where discards their results), and the cell's backward
+        # multiplies their zero gradients by its inputs: a non-finite padded x, or a carried state that is
+        # infinite, would give 0 * inf = NaN there and reach the weight and earlier-step gradients. The cell
+        # therefore sees zeros at padded steps, for x here and for the carried state below.
+        x = torch.where(valid[:, :, None], x, 0.0)
     outputs, h_last, c_last = [], [], []
     for d, params in enumerate(weights):
         w_ih, w_hh, b_ih, b_hh, w_hr = (None if p is None else p.to(work) for p in direction_params(params))
@@ -55,7 +66,8 @@ def lstm_layer_reference(x, weights, h0=None, c0=None, lengths=None):
         steps = range(T) if d == 0 else range(T - 1, -1, -1)
         out = [None] * T
         for t in steps:
-            h_next, c_next = lstm_cell_reference(x[:, t].to(work), h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
+            h_in, c_in = (h, c) if valid is None else (torch.where(valid[:, t, None], s, 0.0) for s in (h, c))
+            h_next, c_next = lstm_cell_reference(x[:, t].to(work), h_in, c_in, w_ih, w_hh, b_ih, b_hh, w_hr)
             if valid is None:
                 h, c = h_next, c_next
                 out[t] = h

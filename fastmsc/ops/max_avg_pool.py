@@ -2,6 +2,10 @@
 
 With ``lengths`` (B,) only t < lengths[b] counts. The max gradient goes to one position per (b, c):
 the first maximal one.
+
+NaN/Inf as torch.max and torch.mean over the valid steps, on every backend: a NaN among a channel's valid
+steps makes its max and mean NaN and the max gradient goes to the first NaN step; +Inf is a maximum like any
+other, and +Inf with -Inf makes the mean NaN. Values at t >= lengths[b] never reach an output or a gradient.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ def max_avg_pool_reference(x, lengths=None):
     valid = valid[:, :, None]
     with torch.no_grad():
         peak = xw.masked_fill(~valid, float("-inf")).amax(dim=1, keepdim=True)
-        first_peak = ((xw == peak) & valid).to(torch.int8).argmax(dim=1, keepdim=True)  # first True
+        # A NaN peak means a NaN among the valid steps, and torch.max then picks the first NaN step.
+        hit = (xw == peak) | (torch.isnan(xw) & torch.isnan(peak))
+        first_peak = (hit & valid).to(torch.int8).argmax(dim=1, keepdim=True)  # first True
     maximum = xw.gather(1, first_peak).squeeze(1)
     mean = xw.masked_fill(~valid, 0.0).sum(dim=1) / count[:, None]
     return torch.cat([maximum, mean], dim=-1).to(x.dtype)

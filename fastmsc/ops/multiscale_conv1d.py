@@ -2,6 +2,11 @@
 
 Shapes: x (B, C_in, T); weights[i] (C_out_i, C_in, k_i) with odd k_i; biases[i] (C_out_i,) or None.
 Output (B, sum C_out_i, T), same dtype as x.
+
+NaN/Inf as the per-branch F.conv1d composition, on every backend: a non-finite x[b, c, t] makes branch i's
+outputs non-finite only within its own receptive field (t - k_i // 2 .. t + k_i // 2), never the wider one of
+another branch, and reaches the gradients only where that math reads it. ReLU keeps NaN (and passes its
+gradient, as torch.relu does). The fused kernels' erf GELU gives +inf at +inf where torch's CPU GELU gives NaN.
 """
 
 from __future__ import annotations
