@@ -9,8 +9,9 @@ counted with :func:`saved_tensor_bytes`. A table is printed and one CSV row per 
 tagged with the device and versions.
 
 Modules: ``cases`` (shapes and input factories, shared with the ``bench/`` pytest-benchmark suite),
-``memory`` (saved_tensor_bytes), ``timing``, ``harness`` (check and measure), ``report`` (table, CSV,
-chart). The command line is :mod:`fastmsc.commands.bench`.
+``memory`` (saved_tensor_bytes), ``timing``, ``rows`` (Options, Result), ``checks`` (against the reference),
+``workloads`` (each backend made ready per case and mode), ``harness`` (check, time, run the suite), ``report``
+(table, CSV, chart). The command line is :mod:`fastmsc.commands.bench`.
 """
 
 from .cases import Case, OpInputs, default_cases, make_model, make_model_batch, make_op_inputs

@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 
 from .._version import __version__
-from .harness import Result, dtype_name, tf32_enabled
+from ..dispatch import dtype_name
+from .checks import tf32_enabled
+from .rows import Result
 from .timing import Stats
 
 ENV_COLUMNS = ("timestamp", "device", "device_name", "threads", "python", "torch", "triton", "fastmsc",
