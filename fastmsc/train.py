@@ -186,7 +186,6 @@ def fit(model: nn.Module, train_data, test_data=None, *, epochs: int = 100, batc
     * ``progress``: a tqdm bar per epoch (default: when stderr is a terminal); ``log``: called with one line per
       epoch (None: silent).
     """
-
     train = as_series_data(train_data, "train_data")
     test = None if test_data is None else as_series_data(test_data, "test_data")
     _check_settings(epochs=epochs, batch_size=batch_size, eval_every=eval_every, lr=lr, min_lr=min_lr,
