@@ -1,7 +1,8 @@
 """The ``fastmsc`` command: ``fastmsc info``, ``fastmsc train``, ``fastmsc bench``.
 
-Each subcommand lives in its own module, which defines ``add_arguments(parser)`` and ``run(args) -> int``, and
-may define ``main(args) -> int``, called instead of ``run`` to report user errors as one line and exit status 2.
+Each subcommand lives in its own module of :mod:`fastmsc.commands`, which defines ``add_arguments(parser)`` and
+``run(args) -> int``, and may define ``main(args) -> int``, called instead of ``run`` to report user errors as one
+line and exit status 2.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "info": ("fastmsc.info", "print versions and which backend each op uses per device"),
-    "train": ("fastmsc.train", "train MSCClassifier on a UCR/UEA dataset or the built-in synthetic one"),
-    "bench": ("fastmsc.bench", "time every backend of every op and the model's training step"),
+    "info": ("fastmsc.commands.info", "print versions and which backend each op uses per device"),
+    "train": ("fastmsc.commands.train", "train MSCClassifier on a UCR/UEA dataset or the built-in synthetic one"),
+    "bench": ("fastmsc.commands.bench", "time every backend of every op and the model's training step"),
 }
 
 

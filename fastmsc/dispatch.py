@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ._device import compute_capability
+from ._files import write_json
 
 TABLE_VERSION = 1
 TABLE_PATH = Path(__file__).resolve().with_name("dispatch_table.json")
@@ -119,8 +120,6 @@ def read_table(path) -> list[Entry]:
 def write_table(path, new_entries: Iterable[Entry]) -> list[Entry]:
     """Merge ``new_entries`` into the table at ``path`` (an entry replaces the one with the same key) and write
     it atomically, sorted. Returns the merged entries."""
-    from .train import write_json
-
     merged = {entry.key: entry for entry in read_table(path)}
     merged.update({entry.key: entry for entry in new_entries})
     entries = sorted(merged.values(), key=lambda e: (e.op, e.capability, e.dtype, e.mode, int(e.bucket[2:])))

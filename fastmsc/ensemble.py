@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from . import train as train_module
+from ._files import write_csv, write_json
+from .metrics import METRIC_COLUMNS
 
 MEMBER_SEED_STRIDE = 1000
 
@@ -139,7 +141,7 @@ def _ensemble_of(results) -> nn.Module:
 def _write_summary(results, final: dict, seed: int, meta: dict, json_path, csv_path) -> None:
     """The run's JSON/CSV files of an ensemble: every member's per-epoch rows, then the ensemble's result."""
     if json_path:
-        train_module.write_json(json_path, {
+        write_json(json_path, {
             "meta": meta,
             "members": [{"member": m, "seed": member_seed(seed, m), "epochs": r.history, "final": r.final}
                         for m, r in enumerate(results)],
@@ -148,4 +150,4 @@ def _write_summary(results, final: dict, seed: int, meta: dict, json_path, csv_p
         rows = [{"member": m, **row} for m, r in enumerate(results) for row in r.history]
         rows.append({"member": "ensemble", "epoch": final["epoch"], "test_loss": final.get("test_loss"),
                      "test_acc": final.get("test_acc")})
-        train_module.write_csv(csv_path, ("member", *train_module.METRIC_COLUMNS), rows)
+        write_csv(csv_path, ("member", *METRIC_COLUMNS), rows)

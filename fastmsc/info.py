@@ -9,6 +9,7 @@ import torch
 
 from . import dispatch
 from ._device import compute_capability
+from ._version import __version__
 from .backend import OPS, get_backend
 
 
@@ -42,8 +43,6 @@ def info() -> dict:
     sends some calls to torch), ``fused_unavailable`` (why fused cannot run, or None), ``dispatch`` (the
     measured entries for this GPU, each with a ``why``) and ``dispatch_note``.
     """
-    from . import __version__
-
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     result = {
         "fastmsc": __version__,
@@ -91,17 +90,3 @@ def format_info(data: dict | None = None) -> str:
                 lines.append(f"      {entry['dtype']} {entry['mode']} size {entry['bucket']}: {entry['choice']}  "
                              f"({entry['why']})")
     return "\n".join(lines)
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--json", action="store_true", help="print the info as JSON")
-
-
-def run(args) -> int:
-    if args.json:
-        import json
-
-        print(json.dumps(info(), indent=2))
-    else:
-        print(format_info())
-    return 0

@@ -272,7 +272,7 @@ def test_model_fused_row_lists_why_every_op_lacks_a_fused_path(monkeypatch):
 
 
 def test_compile_of_a_long_lstm_in_training_is_skipped_with_its_reason(monkeypatch):
-    monkeypatch.setattr(fastmsc.bench.harness, "compile_unavailable", lambda device: None)
+    monkeypatch.setattr(fastmsc.bench.workloads, "compile_unavailable", lambda device: None)
     case = Case("lstm_layer", (("B", 2), ("T", 150), ("I", 3), ("H", 4)))
     row = measure(OpWorkload(case, "fwd+bwd", _quick_options()), "compile", _quick_options())
     assert row.status == "skipped" and "unrolls the LSTM" in row.note and "--compile-lstm" in row.note

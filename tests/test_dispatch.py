@@ -157,7 +157,7 @@ def test_info_shows_the_measured_choices_for_this_gpu(table, monkeypatch):
 
 
 def test_bench_rows_become_verdicts(monkeypatch):
-    from fastmsc.bench.command import _dispatch_rows
+    from fastmsc.commands.bench import _dispatch_rows
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     stats = {ms: Stats(ms, ms, ms, ms, ms, 10) for ms in (1.0, 2.0)}

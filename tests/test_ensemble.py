@@ -15,6 +15,7 @@ from test_train import TINY_CLI, _cli_env, _parse_cli
 
 import fastmsc
 from fastmsc import data, train
+from fastmsc.commands import train as train_command
 from fastmsc.ensemble import Ensemble, fit_ensemble, member_path, member_seed
 from fastmsc.models import MSCClassifier
 
@@ -156,4 +157,4 @@ def test_cli_ensemble_stops_and_resumes(tmp_path):
     assert "(ensemble of 2) after epoch 1/1" in lines[1], lines
     assert json.loads(metrics.read_text())["final"]["members"] == 2
     with pytest.raises(ValueError, match="--ensemble must be an integer >= 1, got 0"):
-        train.run(_parse_cli([*TINY_CLI, "--ensemble", "0"]))
+        train_command.run(_parse_cli([*TINY_CLI, "--ensemble", "0"]))

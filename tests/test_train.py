@@ -1,4 +1,5 @@
-"""fastmsc.train: fit(), schedule, metrics files, checkpoint resume, the `fastmsc train` command, accuracy."""
+"""fastmsc.train: fit(), schedule, metrics files, checkpoint resume; the `fastmsc train` command
+(fastmsc.commands.train); accuracy."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 
 import fastmsc
 from fastmsc import cli, data, train
+from fastmsc.commands import train as train_command
 from fastmsc.models import MSCClassifier
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -372,7 +374,7 @@ def test_cli_resume_refuses_changed_settings(tmp_path, capsys):
 
 def _parse_cli(argv):
     parser = argparse.ArgumentParser()
-    train.add_arguments(parser)
+    train_command.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -382,8 +384,9 @@ def _train_to_accuracy(shared_data, name, tmp_path, capsys, *options):
     threads = torch.get_num_threads()  # run() sets its --threads default (1); put the suite's back after
     started, cpu_started = time.perf_counter(), time.process_time()
     try:
-        assert train.run(_parse_cli(["--data", str(shared_data / name), "--device", "cpu", "--backend", "torch",
-                                     "--quiet", "--metrics-json", str(metrics), *options])) == 0
+        argv = ["--data", str(shared_data / name), "--device", "cpu", "--backend", "torch", "--quiet",
+                "--metrics-json", str(metrics), *options]
+        assert train_command.run(_parse_cli(argv)) == 0
     finally:
         torch.set_num_threads(threads)
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started

@@ -9,18 +9,18 @@ counted with :func:`saved_tensor_bytes`. A table is printed and one CSV row per 
 tagged with the device and versions.
 
 Modules: ``cases`` (shapes and input factories, shared with the ``bench/`` pytest-benchmark suite),
-``memory`` (saved_tensor_bytes), ``timing``, ``harness`` (check and measure), ``report`` (table, CSV,
-chart), ``command`` (the CLI: ``add_arguments(parser)``, ``run(args) -> int``).
+``memory`` (saved_tensor_bytes), ``timing``, ``rows`` (Options, Result), ``checks`` (against the reference),
+``workloads`` (each backend made ready per case and mode), ``harness`` (check, time, run the suite), ``report``
+(table, CSV, chart). The command line is :mod:`fastmsc.commands.bench`.
 """
 
 from .cases import Case, OpInputs, default_cases, make_model, make_model_batch, make_op_inputs
-from .command import add_arguments, run
 from .harness import BACKEND_CHOICES, Options, Result, measure, run_suite
 from .memory import saved_tensor_bytes
 from .timing import Stats, time_interleaved, time_step
 
 __all__ = [
-    "BACKEND_CHOICES", "Case", "OpInputs", "Options", "Result", "Stats", "add_arguments", "default_cases",
-    "make_model", "make_model_batch", "make_op_inputs", "measure", "run", "run_suite", "saved_tensor_bytes",
+    "BACKEND_CHOICES", "Case", "OpInputs", "Options", "Result", "Stats", "default_cases",
+    "make_model", "make_model_batch", "make_op_inputs", "measure", "run_suite", "saved_tensor_bytes",
     "time_interleaved", "time_step",
 ]

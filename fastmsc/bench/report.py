@@ -10,7 +10,10 @@ from pathlib import Path
 
 import torch
 
-from .harness import Result, dtype_name, tf32_enabled
+from .._version import __version__
+from ..dispatch import dtype_name
+from .checks import tf32_enabled
+from .rows import Result
 from .timing import Stats
 
 ENV_COLUMNS = ("timestamp", "device", "device_name", "threads", "python", "torch", "triton", "fastmsc",
@@ -47,8 +50,6 @@ def _triton_version() -> str:
 def environment(device: torch.device, peaks=None, dtype: torch.dtype | None = None) -> dict:
     """Tags written on every CSV row: device, versions, the run's ISO 8601 start time (UTC) and the ceilings
     measured for it (``peaks``, a fastmsc.bench.roofline.Peaks: copy GB/s and the matmul TFLOP/s of ``dtype``)."""
-    from .. import __version__
-
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         name += ", TF32 on" if tf32_enabled() else ", TF32 off"

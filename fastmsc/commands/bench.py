@@ -1,4 +1,7 @@
-"""``fastmsc bench``: argument parsing and the run that prints the table, appends the CSV and draws the chart."""
+"""``fastmsc bench``: argument parsing and the run that prints the table, appends the CSV and draws the chart.
+
+The measuring itself is :mod:`fastmsc.bench`'s; see that package for what is checked and timed.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +12,10 @@ import torch
 
 from .. import dispatch
 from .._device import compute_capability
-from .cases import INPUT_FACTORIES, MODEL, OP_MODES, all_ops
-from .harness import BACKEND_CHOICES, FAILED, Options, run_suite
-from .report import check_csv, environment, format_table, matplotlib_missing, plot, read_csv, write_csv
-from .roofline import measure_peaks
+from ..bench.cases import INPUT_FACTORIES, MODEL, OP_MODES, all_ops
+from ..bench.harness import BACKEND_CHOICES, FAILED, Options, run_suite
+from ..bench.report import check_csv, environment, format_table, matplotlib_missing, plot, read_csv, write_csv
+from ..bench.roofline import measure_peaks
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_REPEATS, DEFAULT_WARMUP = 10, 3
