@@ -339,6 +339,17 @@ def test_cli_rejects_bad_options(options, message, capsys):
     assert (status, err) == (2, [f"fastmsc train: error: {message}"])
 
 
+@pytest.mark.parametrize("option", ["--checkpoint", "--metrics-json", "--metrics-csv"])
+def test_cli_refuses_an_unwritable_output_path_before_training(option, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    status, err = _cli_main(["train", *TINY_CLI, "--quiet", option, str(blocker / "sub" / "out")], capsys)
+    assert status == 2 and err == [f"fastmsc train: error: {option} {blocker / 'sub' / 'out'}: {blocker} is not a "
+                                   f"folder, so the file cannot be created"], err
+    status, err = _cli_main(["train", *TINY_CLI, "--quiet", option, str(tmp_path)], capsys)
+    assert status == 2 and err == [f"fastmsc train: error: {option} {tmp_path} is a folder; give a file path"], err
+
+
 def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
     folder = tmp_path / "Big"
     folder.mkdir()

@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -166,6 +167,24 @@ def check_arguments(args) -> None:
     if args.stop_after is not None and not 1 <= args.stop_after <= args.ensemble * args.epochs:
         raise UsageError(f"--stop-after must be in [1, --ensemble * --epochs = {args.ensemble * args.epochs}], "
                          f"got {args.stop_after}")
+    for dest in ("checkpoint", "metrics_json", "metrics_csv"):
+        if getattr(args, dest) is not None:
+            _check_writable(_flag(dest), Path(getattr(args, dest)))
+
+
+def _check_writable(flag: str, path: Path) -> None:
+    """Raise :class:`UsageError` unless ``path`` can be written: checked before training, so that a mistyped
+    folder fails at once with one line rather than after the first epoch with a traceback. The missing folders
+    of the path are created when it is written, so the nearest existing one must be a writable folder."""
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file path")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: {parent} is not a folder, so the file cannot be created")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: the folder {parent} is not writable")
 
 
 def _resume_error(exc: CheckpointError) -> UsageError:
@@ -182,12 +201,16 @@ def _resume_error(exc: CheckpointError) -> UsageError:
 
 
 def main(args) -> int:
-    """``run(args)`` with user errors (:class:`UsageError`) printed as one line, exit status 2."""
+    """``run(args)`` with user errors (:class:`UsageError`) printed as one line, exit status 2, and a file that
+    could not be written during the run as one line, exit status 1."""
     try:
         return run(args)
     except UsageError as exc:
         print(f"fastmsc train: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file that could not be written during the run (disk full, a folder removed)
+        print(f"fastmsc train: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def run(args) -> int:
