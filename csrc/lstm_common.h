@@ -1,4 +1,5 @@
-// Argument checks and sizes shared by the CPU and CUDA implementations of fastmsc::lstm_fwd/lstm_bwd.
+// The host side of fastmsc::lstm_fwd/lstm_bwd, shared by the CPU and CUDA implementations: argument checks, sizes,
+// buffers, the GEMMs around the recurrence and the op entry points. Each backend adds only its recurrence loops.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -7,6 +8,7 @@
 #include <initializer_list>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 namespace fastmsc {
 
@@ -91,6 +93,12 @@ inline LstmSizes check_lstm_args(const at::Tensor& x, const at::Tensor& w_ih, co
   return s;
 }
 
+// A raw pointer to the data of a tensor that is undefined where its argument was absent: the kernels take null.
+template <typename T>
+T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
 // A copy of state (D, B, size) to update in place, or zeros.
 inline at::Tensor state_or_zeros(const c10::optional<at::Tensor>& state, const LstmSizes& s, int64_t size,
                                  const at::Tensor& like) {
@@ -113,46 +121,185 @@ inline at::Tensor input_projection(const LstmSizes& s, const at::Tensor& x, cons
   return xproj;
 }
 
+// The tensors of one forward call that both devices allocate alike; each backend adds its own gate buffer.
+struct LstmForward {
+  at::Tensor x, w_hh, lens;  // contiguous; lens undefined without lengths
+  at::Tensor out, h_n, c_n;  // (B, T, D*R); the final states, started from h0/c0 (or zeros) and updated in place
+  at::Tensor cells;          // (B, T, D*H) for the backward when training, else empty
+};
+
+// Called once the arguments are checked and the device guard is set.
+inline LstmForward prepare_forward(const LstmSizes& s, const at::Tensor& x_in, const at::Tensor& w_hh_in,
+                                   const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& c0,
+                                   const c10::optional<at::Tensor>& lengths, bool training) {
+  LstmForward f;
+  f.x = x_in.contiguous();
+  f.w_hh = w_hh_in.contiguous();
+  f.lens = present(lengths) ? lengths->contiguous() : at::Tensor();
+  const at::TensorOptions options = f.x.options();
+  f.out = at::empty({s.batch, s.steps, s.directions * s.proj}, options);
+  f.h_n = state_or_zeros(h0, s, s.proj, f.x);
+  f.c_n = state_or_zeros(c0, s, s.hidden, f.x);
+  f.cells = training ? at::empty({s.batch, s.steps, s.directions * s.hidden}, options) : at::empty({0}, options);
+  return f;
+}
+
+// One backward call's inputs and buffers, host-side and the same on both devices; the backend runs the BPTT loop
+// over them (adding its own per-step scratch), then fills h_prev and unprojected, and finish_backward turns the
+// result into the gradients.
+struct LstmBackward {
+  LstmSizes s;
+  bool has_bias, need_dx, need_dweights, need_dstate;
+  at::Tensor w_ih;  // as given: only the GEMMs after the loop read it
+  // Contiguous; w_hr, dout, lens, h0 and c0 undefined where absent.
+  at::Tensor x, w_hh, w_hr, out, gates, cells, dout, lens, h0, c0;
+  // dh_state (D, B, R) and dc_state (D, B, H): the gradients carried along the recurrence, those of h_n and c_n on
+  // entry (zeros where absent), those of h0 and c0 on exit. dh_rec (D, B, R): each step's dG · w_hh.
+  at::Tensor dh_state, dc_state, dh_rec;
+  at::Tensor dgates;  // (B, T, D*4H), the gate pre-activation gradients of every step
+  // With the projection only: dh_all (B, T, D*P) the gradient reaching each step's h (zero at padded steps), the
+  // left factor of dW_hr, and dr (D, B, H) one step's image of it through w_hr.
+  at::Tensor dh_all, dr;
+  // The right factors of dW_hh and dW_hr; see allocate_weight_inputs.
+  at::Tensor h_prev, unprojected;
+};
+
+// Called once the arguments are checked and the device guard is set; checks the shapes of what the training forward
+// saved.
+inline LstmBackward prepare_backward(const LstmSizes& s, const c10::optional<at::Tensor>& grad_out,
+                                     const c10::optional<at::Tensor>& grad_h_n,
+                                     const c10::optional<at::Tensor>& grad_c_n, const at::Tensor& x_in,
+                                     const at::Tensor& w_ih, const at::Tensor& w_hh_in, bool has_bias,
+                                     const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& c0,
+                                     const c10::optional<at::Tensor>& lengths, const at::Tensor& out_in,
+                                     const at::Tensor& gates_in, const at::Tensor& cells_in, bool need_dx,
+                                     bool need_dweights, bool need_dstate, const c10::optional<at::Tensor>& w_hr_in) {
+  const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, R = s.proj;
+  const std::vector<int64_t> out_shape{B, T_, D * R}, cells_shape{B, T_, D * H};
+  TORCH_CHECK(out_in.sizes() == at::IntArrayRef(out_shape) && cells_in.sizes() == at::IntArrayRef(cells_shape),
+              "fastmsc::lstm_bwd: out and cells must have shapes ", at::IntArrayRef(out_shape), " and ",
+              at::IntArrayRef(cells_shape), ", got ", out_in.sizes(), " and ", cells_in.sizes(),
+              " (was the forward run with training=True?)");
+  TORCH_CHECK(gates_in.sizes() == at::IntArrayRef({B, T_, D * 4 * H}), "fastmsc::lstm_bwd: gates must have shape (",
+              B, ", ", T_, ", ", D * 4 * H, "), got ", gates_in.sizes());
+  LstmBackward bw;
+  bw.s = s;
+  bw.has_bias = has_bias;
+  bw.need_dx = need_dx;
+  bw.need_dweights = need_dweights;
+  bw.need_dstate = need_dstate;
+  bw.w_ih = w_ih;
+  bw.x = x_in.contiguous();
+  bw.w_hh = w_hh_in.contiguous();
+  bw.out = out_in.contiguous();
+  bw.gates = gates_in.contiguous();
+  bw.cells = cells_in.contiguous();
+  bw.w_hr = s.projected ? w_hr_in->contiguous() : at::Tensor();
+  bw.dout = present(grad_out) ? grad_out->contiguous() : at::Tensor();
+  if (bw.dout.defined()) {
+    TORCH_CHECK(bw.dout.sizes() == bw.out.sizes(), "fastmsc::lstm_bwd: grad_out must have shape ", bw.out.sizes(),
+                ", got ", bw.dout.sizes());
+  }
+  bw.lens = present(lengths) ? lengths->contiguous() : at::Tensor();
+  bw.h0 = present(h0) ? h0->contiguous() : at::Tensor();
+  bw.c0 = present(c0) ? c0->contiguous() : at::Tensor();
+  const at::TensorOptions options = bw.x.options();
+  bw.dh_state = state_or_zeros(grad_h_n, s, R, bw.x);
+  bw.dc_state = state_or_zeros(grad_c_n, s, H, bw.x);
+  bw.dh_rec = at::empty({D, B, R}, options);
+  bw.dgates = at::empty({B, T_, D * 4 * H}, options);
+  bw.dh_all = s.projected ? at::empty({B, T_, D * R}, options) : at::Tensor();
+  bw.dr = s.projected ? at::empty({D, B, H}, options) : at::Tensor();
+  return bw;
+}
+
+// h_prev (B, T, D*R), the hidden state each step's recurrent GEMM used, and with the projection unprojected
+// (B, T, D*H), the o ⊙ tanh(c) each step projected; both zero at padded steps. Allocated only after the BPTT loop,
+// and only when weight gradients are asked for, so that they hold no memory during the loop.
+inline void allocate_weight_inputs(LstmBackward& bw) {
+  const LstmSizes& s = bw.s;
+  bw.h_prev = at::empty({s.batch, s.steps, s.directions * s.proj}, bw.x.options());
+  if (s.projected) bw.unprojected = at::empty({s.batch, s.steps, s.directions * s.hidden}, bw.x.options());
+}
+
 using LstmGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// After the BPTT loop, on either device: dx and the weight gradients as a few large GEMMs over every step.
-// dgates (B, T, D*4H) gradients of the gate pre-activations; h_prev (B, T, D*R) the hidden state each step started
-// from. With the projection: dh (B, T, D*P) the gradient reaching each step's h, and hidden (B, T, D*H) the
-// unprojected o ⊙ tanh(c) it was projected from (both zero at padded steps), so dW_hr = dhᵀ · hidden.
+// After the BPTT loop, on either device: dx and the weight gradients as a few large GEMMs over every step, from
+// dgates, h_prev and, with the projection, dh_all and unprojected (dW_hr = dh_allᵀ · unprojected).
 // Returns (dx, dw_ih, dw_hh, dbias, dh0, dc0, dw_hr), an empty tensor for each gradient not asked for.
-inline LstmGrads finish_backward(const LstmSizes& s, const at::Tensor& x, const at::Tensor& w_ih,
-                                 const at::Tensor& dgates, const at::Tensor& h_prev, at::Tensor dh_state,
-                                 at::Tensor dc_state, bool has_bias, bool need_dx, bool need_dweights,
-                                 bool need_dstate, const at::Tensor& dh = at::Tensor(),
-                                 const at::Tensor& hidden = at::Tensor()) {
+inline LstmGrads finish_backward(LstmBackward& bw) {
+  const LstmSizes& s = bw.s;
   const int64_t N = s.batch * s.steps, D = s.directions, H = s.hidden, G = 4 * H, R = s.proj;
+  // An empty batch skips the loop and fills nothing: the GEMMs over zero rows give zero weight gradients.
+  if (s.batch == 0 && bw.need_dweights && !bw.h_prev.defined()) allocate_weight_inputs(bw);
+  const at::Tensor& x = bw.x;
   const at::Tensor empty = at::empty({0}, x.options());
-  const at::Tensor dg2d = dgates.view({N, D * G});
-  at::Tensor dx = need_dx ? at::mm(dg2d, w_ih).view({s.batch, s.steps, s.input}) : empty;
+  const at::Tensor dg2d = bw.dgates.view({N, D * G});
+  at::Tensor dx = bw.need_dx ? at::mm(dg2d, bw.w_ih).view({s.batch, s.steps, s.input}) : empty;
   at::Tensor dw_ih = empty, dw_hh = empty, dbias = empty, dw_hr = empty;
-  if (need_dweights) {
+  if (bw.need_dweights) {
     dw_ih = at::mm(dg2d.t(), x.view({N, s.input}));
     dw_hh = at::empty({D, G, R}, x.options());
-    const at::Tensor h_prev2d = h_prev.view({N, D * R});
+    const at::Tensor h_prev2d = bw.h_prev.view({N, D * R});
     for (int64_t d = 0; d < D; ++d) {
       at::Tensor dw_d = dw_hh.select(0, d);
       at::mm_out(dw_d, dg2d.narrow(1, d * G, G).t(), h_prev2d.narrow(1, d * R, R));
     }
-    if (has_bias) dbias = dg2d.sum(0);
+    if (bw.has_bias) dbias = dg2d.sum(0);
     if (s.projected) {
       dw_hr = at::empty({D, R, H}, x.options());
-      const at::Tensor dh2d = dh.view({N, D * R}), hidden2d = hidden.view({N, D * H});
+      const at::Tensor dh2d = bw.dh_all.view({N, D * R}), hidden2d = bw.unprojected.view({N, D * H});
       for (int64_t d = 0; d < D; ++d) {
         at::Tensor dw_d = dw_hr.select(0, d);
         at::mm_out(dw_d, dh2d.narrow(1, d * R, R).t(), hidden2d.narrow(1, d * H, H));
       }
     }
   }
-  if (!need_dstate) {
-    dh_state = empty;
-    dc_state = empty;
-  }
-  return {dx, dw_ih, dw_hh, dbias, dh_state, dc_state, dw_hr};
+  at::Tensor dh0 = bw.need_dstate ? std::move(bw.dh_state) : empty;
+  at::Tensor dc0 = bw.need_dstate ? std::move(bw.dc_state) : empty;
+  return {dx, dw_ih, dw_hh, dbias, dh0, dc0, dw_hr};
+}
+
+// The entry points of the ops fastmsc::lstm_fwd and fastmsc::lstm_bwd (schemas in lstm_cpu.cpp), one template for
+// both devices so that the argument checks, buffers and gradient bookkeeping cannot drift apart. Backend supplies:
+//   Guard: constructed from x's device once the checks have confirmed every tensor is on it;
+//   forward(s, f, w_ih, bias, h0, training, w_hr): runs the layer into f and returns the saved gates (empty when
+//     not training);
+//   backward(bw): the BPTT loop into bw's buffers, then h_prev and unprojected when bw.need_dweights.
+// backward is skipped for an empty batch; forward is not, and must return without computing (or launching) anything.
+struct NoDeviceGuard {
+  explicit NoDeviceGuard(const c10::Device&) {}
+};
+
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
+    const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& c0,
+    const c10::optional<at::Tensor>& lengths, bool training, const c10::optional<at::Tensor>& w_hr) {
+  const LstmSizes s = check_lstm_args(x, w_ih, w_hh, bias, h0, c0, lengths, w_hr);
+  const typename Backend::Guard device_guard(x.device());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  LstmForward f = prepare_forward(s, x, w_hh, h0, c0, lengths, training);
+  at::Tensor gates = Backend::forward(s, f, w_ih, bias, h0, training, w_hr);
+  return {f.out, f.h_n, f.c_n, gates, f.cells};
+}
+
+template <typename Backend>
+LstmGrads lstm_bwd(const c10::optional<at::Tensor>& grad_out, const c10::optional<at::Tensor>& grad_h_n,
+                   const c10::optional<at::Tensor>& grad_c_n, const at::Tensor& x, const at::Tensor& w_ih,
+                   const at::Tensor& w_hh, bool has_bias, const c10::optional<at::Tensor>& h0,
+                   const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths,
+                   const at::Tensor& out, const at::Tensor& gates, const at::Tensor& cells, bool need_dx,
+                   bool need_dweights, bool need_dstate, const c10::optional<at::Tensor>& w_hr) {
+  const LstmSizes s = check_lstm_args(x, w_ih, w_hh, c10::nullopt, h0, c0, lengths, w_hr);
+  const typename Backend::Guard device_guard(x.device());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  LstmBackward bw = prepare_backward(s, grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, has_bias, h0, c0, lengths, out,
+                                     gates, cells, need_dx, need_dweights, need_dstate, w_hr);
+  // An empty batch has no step to run (and a CUDA kernel must not be launched with an empty grid); the GEMMs over
+  // zero rows still give the zero weight gradients.
+  if (s.batch != 0) Backend::backward(bw);
+  return finish_backward(bw);
 }
 
 }  // namespace fastmsc

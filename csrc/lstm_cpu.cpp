@@ -81,6 +81,17 @@ namespace {
 // Pointwise row kernels: one batch row, H hidden units. Separate restrict pointers per gate block so
 // the compiler sees no aliasing and vectorises without runtime checks.
 
+// A row of 4H values split into its gate blocks i, f, g, o.
+template <typename P>
+struct GateBlocks {
+  P i, f, g, o;
+};
+
+template <typename T>
+FASTMSC_HD GateBlocks<T* __restrict> gate_blocks(T* row, int64_t H) {
+  return {row, row + H, row + 2 * H, row + 3 * H};
+}
+
 // z: the row's gate pre-activations without the bias (4 blocks of H). Training also stores the activated
 // gates (act, 4 blocks of H) and the cell state (c_out) for the backward. kProj: o * tanh(c) goes to h_state
 // only (a scratch row the projection GEMM reads; h_out is unused), not yet the layer's output.
@@ -88,18 +99,9 @@ template <typename T, bool kTrain, bool kProj>
 FASTMSC_HD void forward_row(const T* __restrict z, const T* __restrict bias, T* __restrict c_state,
                             T* __restrict h_state, T* __restrict h_out, T* __restrict c_out, T* __restrict act,
                             int64_t H) {
-  const T* __restrict zi = z;
-  const T* __restrict zf = z + H;
-  const T* __restrict zg = z + 2 * H;
-  const T* __restrict zo = z + 3 * H;
-  const T* __restrict bi = bias;
-  const T* __restrict bf = bias + H;
-  const T* __restrict bg = bias + 2 * H;
-  const T* __restrict bo = bias + 3 * H;
-  T* __restrict ai = act;
-  T* __restrict af = act + H;
-  T* __restrict ag = act + 2 * H;
-  T* __restrict ao = act + 3 * H;
+  const auto [zi, zf, zg, zo] = gate_blocks(z, H);
+  const auto [bi, bf, bg, bo] = gate_blocks(bias, H);
+  const auto [ai, af, ag, ao] = gate_blocks(act, H);
 #pragma GCC ivdep
   for (int64_t j = 0; j < H; ++j) {
     T i, f, g, o, c, h;
@@ -121,14 +123,8 @@ template <typename T>
 FASTMSC_HD void backward_row(const T* __restrict act, const T* __restrict c, const T* __restrict c_prev,
                              const T* __restrict dh_carry, const T* __restrict dout, T* __restrict dc_state,
                              T* __restrict dgates, int64_t H) {
-  const T* __restrict ai = act;
-  const T* __restrict af = act + H;
-  const T* __restrict ag = act + 2 * H;
-  const T* __restrict ao = act + 3 * H;
-  T* __restrict di = dgates;
-  T* __restrict df = dgates + H;
-  T* __restrict dg = dgates + 2 * H;
-  T* __restrict dq = dgates + 3 * H;
+  const auto [ai, af, ag, ao] = gate_blocks(act, H);
+  const auto [di, df, dg, dq] = gate_blocks(dgates, H);
 #pragma GCC ivdep
   for (int64_t j = 0; j < H; ++j) {
     T dc_prev;
@@ -137,6 +133,10 @@ FASTMSC_HD void backward_row(const T* __restrict act, const T* __restrict c, con
     dc_state[j] = dc_prev;
   }
 }
+
+// The row kernels of one dtype, each compiled once per ISA variant, and Rows<T> to pick them by dtype.
+template <typename T>
+struct Rows;
 
 #define FASTMSC_ROW_VARIANTS(T, SUFFIX, CLONES)                                                               \
   CLONES void forward_row_train_##SUFFIX(const T* z, const T* b, T* cs, T* hs, T* ho, T* co, T* act, int64_t H) { \
@@ -156,29 +156,18 @@ FASTMSC_HD void backward_row(const T* __restrict act, const T* __restrict c, con
   CLONES void backward_row_##SUFFIX(const T* act, const T* c, const T* cp, const T* dh, const T* dout, T* dc, \
                                     T* dgates, int64_t H) {                                                   \
     backward_row<T>(act, c, cp, dh, dout, dc, dgates, H);                                                     \
-  }
+  }                                                                                                           \
+  template <>                                                                                                 \
+  struct Rows<T> {                                                                                            \
+    static constexpr auto fwd_train = forward_row_train_##SUFFIX;                                             \
+    static constexpr auto fwd_infer = forward_row_infer_##SUFFIX;                                             \
+    static constexpr auto fwd_train_proj = forward_row_train_proj_##SUFFIX;                                   \
+    static constexpr auto fwd_infer_proj = forward_row_infer_proj_##SUFFIX;                                   \
+    static constexpr auto bwd = backward_row_##SUFFIX;                                                        \
+  };
 
 FASTMSC_ROW_VARIANTS(float, f32, FASTMSC_CLONES)
 FASTMSC_ROW_VARIANTS(double, f64, )  // float64 is the checking dtype: exp is libm's, no variants needed
-
-template <typename T>
-struct Rows;
-template <>
-struct Rows<float> {
-  static constexpr auto fwd_train = forward_row_train_f32;
-  static constexpr auto fwd_infer = forward_row_infer_f32;
-  static constexpr auto fwd_train_proj = forward_row_train_proj_f32;
-  static constexpr auto fwd_infer_proj = forward_row_infer_proj_f32;
-  static constexpr auto bwd = backward_row_f32;
-};
-template <>
-struct Rows<double> {
-  static constexpr auto fwd_train = forward_row_train_f64;
-  static constexpr auto fwd_infer = forward_row_infer_f64;
-  static constexpr auto fwd_train_proj = forward_row_train_proj_f64;
-  static constexpr auto fwd_infer_proj = forward_row_infer_proj_f64;
-  static constexpr auto bwd = backward_row_f64;
-};
 
 // C (m x n, row stride ldc) = beta*C + A (m x k, row stride lda) @ op(B), B given row-major as (k x n)
 // or, with b_transposed, as (n x k). at::cpu::addmm_out calls torch's CPU BLAS (MKL/OpenBLAS) without
@@ -436,36 +425,34 @@ void forward_impl(const LstmSizes& s, const T* x, const T* w_ih, const T* bias, 
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_cpu(
-    const at::Tensor& x_in, const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
-    const c10::optional<at::Tensor>& bias_in, const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& c0,
-    const c10::optional<at::Tensor>& lengths, bool training, const c10::optional<at::Tensor>& w_hr_in) {
-  const LstmSizes s = check_lstm_args(x_in, w_ih_in, w_hh_in, bias_in, h0, c0, lengths, w_hr_in);
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, R = s.proj;
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor w_hh = w_hh_in.contiguous();
+struct CpuBackend {
+  using Guard = NoDeviceGuard;
+  static at::Tensor forward(const LstmSizes& s, const LstmForward& f, const at::Tensor& w_ih_in,
+                            const c10::optional<at::Tensor>& bias_in, const c10::optional<at::Tensor>& h0,
+                            bool training, const c10::optional<at::Tensor>& w_hr_in);
+  static void backward(LstmBackward& bw);
+};
+
+at::Tensor CpuBackend::forward(const LstmSizes& s, const LstmForward& f, const at::Tensor& w_ih_in,
+                               const c10::optional<at::Tensor>& bias_in, const c10::optional<at::Tensor>& h0,
+                               bool training, const c10::optional<at::Tensor>& w_hr_in) {
   const at::Tensor w_ih = w_ih_in.contiguous();
   const at::Tensor bias = present(bias_in) ? bias_in->contiguous() : at::Tensor();
   const at::Tensor w_hr = s.projected ? w_hr_in->contiguous() : at::Tensor();
   // The activated gates for the backward, written by the forward pass.
-  at::Tensor gates = training ? at::empty({B, T_, D * 4 * H}, x.options()) : at::empty({0}, x.options());
-  at::Tensor out = at::empty({B, T_, D * R}, x.options());
-  at::Tensor h_n = state_or_zeros(h0, s, R, x);
-  at::Tensor c_n = state_or_zeros(c0, s, H, x);
-  at::Tensor cells = training ? at::empty({B, T_, D * H}, x.options()) : at::empty({0}, x.options());
-  const at::Tensor lens = present(lengths) ? lengths->contiguous() : at::Tensor();
-  const int64_t* lens_ptr = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
+  const at::Tensor gates = training ? at::empty({s.batch, s.steps, s.directions * 4 * s.hidden}, f.x.options())
+                                    : at::empty({0}, f.x.options());
+  const int64_t* lens_ptr = ptr_or_null<int64_t>(f.lens);
   // An empty batch has nothing to compute (and the step chunking divides by the batch): the outputs are empty.
-  if (B == 0) return {out, h_n, c_n, gates, cells};
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmsc::lstm_fwd", [&] {
+  if (s.batch == 0) return gates;
+  AT_DISPATCH_FLOATING_TYPES(f.x.scalar_type(), "fastmsc::lstm_fwd", [&] {
     using T = scalar_t;
-    forward_impl<T>(s, x.data_ptr<T>(), w_ih.data_ptr<T>(), bias.defined() ? bias.data_ptr<T>() : nullptr,
-                    w_hh.data_ptr<T>(), w_hr.defined() ? w_hr.data_ptr<T>() : nullptr, lens_ptr, present(h0),
-                    out.data_ptr<T>(), h_n.data_ptr<T>(), c_n.data_ptr<T>(), training ? gates.data_ptr<T>() : nullptr,
-                    training ? cells.data_ptr<T>() : nullptr);
+    forward_impl<T>(s, f.x.data_ptr<T>(), w_ih.data_ptr<T>(), ptr_or_null<T>(bias), f.w_hh.data_ptr<T>(),
+                    ptr_or_null<T>(w_hr), lens_ptr, present(h0), f.out.data_ptr<T>(), f.h_n.data_ptr<T>(),
+                    f.c_n.data_ptr<T>(), training ? gates.data_ptr<T>() : nullptr,
+                    training ? f.cells.data_ptr<T>() : nullptr);
   });
-  return {out, h_n, c_n, gates, cells};
+  return gates;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -618,70 +605,25 @@ void fill_h_prev(const LstmSizes& s, const int64_t* lens, const T* out, const T*
   });
 }
 
-LstmGrads lstm_bwd_cpu(const c10::optional<at::Tensor>& grad_out, const c10::optional<at::Tensor>& grad_h_n,
-                       const c10::optional<at::Tensor>& grad_c_n, const at::Tensor& x_in, const at::Tensor& w_ih,
-                       const at::Tensor& w_hh_in, bool has_bias, const c10::optional<at::Tensor>& h0,
-                       const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths,
-                       const at::Tensor& out_in, const at::Tensor& gates_in, const at::Tensor& cells_in, bool need_dx,
-                       bool need_dweights, bool need_dstate, const c10::optional<at::Tensor>& w_hr_in) {
-  const LstmSizes s = check_lstm_args(x_in, w_ih, w_hh_in, c10::nullopt, h0, c0, lengths, w_hr_in);
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, R = s.proj;
-  const std::vector<int64_t> out_shape{B, T_, D * R}, cells_shape{B, T_, D * H};
-  TORCH_CHECK(out_in.sizes() == at::IntArrayRef(out_shape) && cells_in.sizes() == at::IntArrayRef(cells_shape),
-              "fastmsc::lstm_bwd: out and cells must have shapes ", at::IntArrayRef(out_shape), " and ",
-              at::IntArrayRef(cells_shape), ", got ", out_in.sizes(), " and ", cells_in.sizes(),
-              " (was the forward run with training=True?)");
-  TORCH_CHECK(gates_in.sizes() == at::IntArrayRef({B, T_, D * 4 * H}), "fastmsc::lstm_bwd: gates must have shape (",
-              B, ", ", T_, ", ", D * 4 * H, "), got ", gates_in.sizes());
-  const at::Tensor x = x_in.contiguous(), w_hh = w_hh_in.contiguous(), out = out_in.contiguous();
-  const at::Tensor gates = gates_in.contiguous(), cells = cells_in.contiguous();
-  const at::Tensor w_hr = s.projected ? w_hr_in->contiguous() : at::Tensor();
-  const at::Tensor dout = present(grad_out) ? grad_out->contiguous() : at::Tensor();
-  if (dout.defined()) {
-    TORCH_CHECK(dout.sizes() == out.sizes(), "fastmsc::lstm_bwd: grad_out must have shape ", out.sizes(), ", got ",
-                dout.sizes());
-  }
-  at::Tensor dh_state = state_or_zeros(grad_h_n, s, R, x);
-  at::Tensor dc_state = state_or_zeros(grad_c_n, s, H, x);
-  at::Tensor dh_rec = at::empty({D, B, R}, x.options());
-  at::Tensor dgates = at::empty({B, T_, D * 4 * H}, x.options());
-  // With the projection: the gradient reaching each step's h (for dW_hr) and its image through w_hr per step.
-  at::Tensor dh_all = s.projected ? at::empty({B, T_, D * R}, x.options()) : at::Tensor();
-  at::Tensor dr = s.projected ? at::empty({D, B, H}, x.options()) : at::Tensor();
-  const at::Tensor lens = present(lengths) ? lengths->contiguous() : at::Tensor();
-  const int64_t* lens_ptr = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
-  const at::Tensor c0c = present(c0) ? c0->contiguous() : at::Tensor();
-  const at::Tensor h0c = present(h0) ? h0->contiguous() : at::Tensor();
-
-  at::Tensor h_prev, unprojected;
-  if (B == 0) {
-    // An empty batch: no step to run; finish_backward's GEMMs over zero rows give zero weight gradients.
-    h_prev = at::empty({B, T_, D * R}, x.options());
-    unprojected = at::empty({B, T_, D * H}, x.options());
-    return finish_backward(s, x, w_ih, dgates, h_prev, std::move(dh_state), std::move(dc_state), has_bias, need_dx,
-                           need_dweights, need_dstate, dh_all, unprojected);
-  }
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmsc::lstm_bwd", [&] {
+void CpuBackend::backward(LstmBackward& bw) {
+  const LstmSizes& s = bw.s;
+  const bool need_dstate = bw.need_dstate, need_dweights = bw.need_dweights;
+  const int64_t* lens_ptr = ptr_or_null<int64_t>(bw.lens);
+  AT_DISPATCH_FLOATING_TYPES(bw.x.scalar_type(), "fastmsc::lstm_bwd", [&] {
     using T = scalar_t;
-    backward_loop<T>(s, w_hh, s.projected ? w_hr.data_ptr<T>() : nullptr, lens_ptr,
-                     c0c.defined() ? c0c.data_ptr<T>() : nullptr, dout.defined() ? dout.data_ptr<T>() : nullptr,
-                     gates.data_ptr<T>(), cells.data_ptr<T>(), need_dstate, dgates.data_ptr<T>(),
-                     dh_state.data_ptr<T>(), dh_rec.data_ptr<T>(), dc_state.data_ptr<T>(),
-                     s.projected ? dh_all.data_ptr<T>() : nullptr, s.projected ? dr.data_ptr<T>() : nullptr);
+    backward_loop<T>(s, bw.w_hh, ptr_or_null<T>(bw.w_hr), lens_ptr, ptr_or_null<T>(bw.c0), ptr_or_null<T>(bw.dout),
+                     bw.gates.data_ptr<T>(), bw.cells.data_ptr<T>(), need_dstate, bw.dgates.data_ptr<T>(),
+                     bw.dh_state.data_ptr<T>(), bw.dh_rec.data_ptr<T>(), bw.dc_state.data_ptr<T>(),
+                     ptr_or_null<T>(bw.dh_all), ptr_or_null<T>(bw.dr));
     if (need_dweights) {
-      h_prev = at::empty({B, T_, D * R}, x.options());
-      fill_h_prev<T>(s, lens_ptr, out.data_ptr<T>(), h0c.defined() ? h0c.data_ptr<T>() : nullptr,
-                     h_prev.data_ptr<T>());
+      allocate_weight_inputs(bw);
+      fill_h_prev<T>(s, lens_ptr, bw.out.data_ptr<T>(), ptr_or_null<T>(bw.h0), bw.h_prev.data_ptr<T>());
       if (s.projected) {
-        unprojected = at::empty({B, T_, D * H}, x.options());
-        fill_unprojected<T>(s, lens_ptr, gates.data_ptr<T>(), cells.data_ptr<T>(), unprojected.data_ptr<T>());
+        fill_unprojected<T>(s, lens_ptr, bw.gates.data_ptr<T>(), bw.cells.data_ptr<T>(),
+                            bw.unprojected.data_ptr<T>());
       }
     }
   });
-
-  return finish_backward(s, x, w_ih, dgates, h_prev, std::move(dh_state), std::move(dc_state), has_bias, need_dx,
-                         need_dweights, need_dstate, dh_all, unprojected);
 }
 
 }  // namespace
@@ -699,6 +641,6 @@ TORCH_LIBRARY(fastmsc, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastmsc, CPU, m) {
-  m.impl("lstm_fwd", &fastmsc::lstm_fwd_cpu);
-  m.impl("lstm_bwd", &fastmsc::lstm_bwd_cpu);
+  m.impl("lstm_fwd", &fastmsc::lstm_fwd<fastmsc::CpuBackend>);
+  m.impl("lstm_bwd", &fastmsc::lstm_bwd<fastmsc::CpuBackend>);
 }

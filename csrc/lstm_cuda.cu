@@ -214,25 +214,21 @@ __global__ void __launch_bounds__(kThreads) fill_unprojected_kernel(const T* __r
   hidden[idx] = value;
 }
 
-template <typename T>
-const T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
+struct CudaBackend {
+  using Guard = c10::cuda::CUDAGuard;
+  static at::Tensor forward(const LstmSizes& s, const LstmForward& f, const at::Tensor& w_ih,
+                            const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& h0, bool training,
+                            const c10::optional<at::Tensor>& w_hr_in);
+  static void backward(LstmBackward& bw);
+};
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_cuda(
-    const at::Tensor& x_in, const at::Tensor& w_ih, const at::Tensor& w_hh_in, const c10::optional<at::Tensor>& bias,
-    const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& c0,
-    const c10::optional<at::Tensor>& lengths, bool training, const c10::optional<at::Tensor>& w_hr_in) {
-  const LstmSizes s = check_lstm_args(x_in, w_ih, w_hh_in, bias, h0, c0, lengths, w_hr_in);
-  const c10::cuda::CUDAGuard device_guard(x_in.device());
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
+at::Tensor CudaBackend::forward(const LstmSizes& s, const LstmForward& f, const at::Tensor& w_ih,
+                                const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& h0,
+                                bool training, const c10::optional<at::Tensor>& w_hr_in) {
   const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, G = 4 * H, R = s.proj;
-  const at::Tensor x = x_in.contiguous(), w_hh = w_hh_in.contiguous();
+  const at::Tensor &x = f.x, &w_hh = f.w_hh, &lens = f.lens, &out = f.out, &h_n = f.h_n, &c_n = f.c_n,
+                   &cells = f.cells;
   at::Tensor xproj = input_projection(s, x, w_ih, bias);
-  at::Tensor out = at::empty({B, T_, D * R}, x.options());
-  at::Tensor h_n = state_or_zeros(h0, s, R, x);
-  at::Tensor c_n = state_or_zeros(c0, s, H, x);
-  at::Tensor cells = training ? at::empty({B, T_, D * H}, x.options()) : at::empty({0}, x.options());
   at::Tensor rec = at::empty({D, B, G}, x.options());
   const at::Tensor w_hh_t = w_hh.transpose(1, 2);
   // With the projection: o * tanh(c) of the step (D, B, H), zeroed so that rows past their end stay finite in
@@ -240,11 +236,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_
   const at::Tensor w_hr_t = s.projected ? w_hr_in->transpose(1, 2) : at::Tensor();
   at::Tensor unprojected = s.projected ? at::zeros({D, B, H}, x.options()) : at::Tensor();
   at::Tensor h_new = s.projected ? at::empty({D, B, R}, x.options()) : at::Tensor();
-  const at::Tensor lens = present(lengths) ? lengths->contiguous() : at::Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = D * B * H;
   // An empty batch: nothing to compute, and a kernel must not be launched with an empty grid.
-  if (B == 0) return {out, h_n, c_n, training ? xproj : at::empty({0}, x.options()), cells};
+  if (B == 0) return training ? xproj : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmsc::lstm_fwd_cuda", [&] {
     using T = scalar_t;
     const int64_t* lens_ptr = ptr_or_null<int64_t>(lens);
@@ -279,54 +274,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  at::Tensor gates = training ? xproj : at::empty({0}, x.options());
-  return {out, h_n, c_n, gates, cells};
+  return training ? xproj : at::empty({0}, x.options());
 }
 
-LstmGrads lstm_bwd_cuda(const c10::optional<at::Tensor>& grad_out, const c10::optional<at::Tensor>& grad_h_n,
-                        const c10::optional<at::Tensor>& grad_c_n, const at::Tensor& x_in, const at::Tensor& w_ih,
-                        const at::Tensor& w_hh_in, bool has_bias, const c10::optional<at::Tensor>& h0,
-                        const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths,
-                        const at::Tensor& out_in, const at::Tensor& gates_in, const at::Tensor& cells_in, bool need_dx,
-                        bool need_dweights, bool need_dstate, const c10::optional<at::Tensor>& w_hr_in) {
-  const LstmSizes s = check_lstm_args(x_in, w_ih, w_hh_in, c10::nullopt, h0, c0, lengths, w_hr_in);
-  const c10::cuda::CUDAGuard device_guard(x_in.device());
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
+void CudaBackend::backward(LstmBackward& bw) {
+  const LstmSizes& s = bw.s;
+  const bool need_dstate = bw.need_dstate, need_dweights = bw.need_dweights;
   const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, G = 4 * H, N = B * T_, R = s.proj;
-  TORCH_CHECK(out_in.sizes() == at::IntArrayRef({B, T_, D * R}) &&
-                  cells_in.sizes() == at::IntArrayRef({B, T_, D * H}) &&
-                  gates_in.sizes() == at::IntArrayRef({B, T_, D * G}),
-              "fastmsc::lstm_bwd: out must have shape (", B, ", ", T_, ", ", D * R, "), cells (", B, ", ", T_, ", ",
-              D * H, ") and gates (", B, ", ", T_, ", ", D * G, "), got ", out_in.sizes(), ", ", cells_in.sizes(),
-              ", ", gates_in.sizes(), " (was the forward run with training=True?)");
-  const at::Tensor x = x_in.contiguous(), w_hh = w_hh_in.contiguous(), out = out_in.contiguous();
-  const at::Tensor gates = gates_in.contiguous(), cells = cells_in.contiguous();
-  const at::Tensor dout = present(grad_out) ? grad_out->contiguous() : at::Tensor();
-  at::Tensor dh_state = state_or_zeros(grad_h_n, s, R, x);
-  at::Tensor dc_state = state_or_zeros(grad_c_n, s, H, x);
-  at::Tensor dh_rec = at::empty({D, B, R}, x.options());
-  at::Tensor dgates = at::empty({B, T_, D * G}, x.options());
+  const at::Tensor &x = bw.x, &w_hh = bw.w_hh, &w_hr = bw.w_hr, &out = bw.out, &gates = bw.gates, &cells = bw.cells;
+  const at::Tensor &dout = bw.dout, &lens = bw.lens, &c0c = bw.c0, &h0c = bw.h0;
+  at::Tensor &dh_state = bw.dh_state, &dc_state = bw.dc_state, &dh_rec = bw.dh_rec, &dgates = bw.dgates;
+  at::Tensor &dh_all = bw.dh_all, &dr = bw.dr, &h_prev = bw.h_prev, &unprojected = bw.unprojected;
   at::Tensor dg_step = at::empty({D, B, G}, x.options());
-  // With the projection: the gradient reaching each step's h (B, T, D*P), kept for dW_hr, the same of one step
-  // (D, B, P) and its image dr (D, B, H) through w_hr.
-  const at::Tensor w_hr = s.projected ? w_hr_in->contiguous() : at::Tensor();
-  at::Tensor dh_all = s.projected ? at::empty({B, T_, D * R}, x.options()) : at::Tensor();
+  // With the projection: the gradient reaching h of one step (D, B, P), mapped back through w_hr into dr.
   at::Tensor dh_step = s.projected ? at::empty({D, B, R}, x.options()) : at::Tensor();
-  at::Tensor dr = s.projected ? at::empty({D, B, H}, x.options()) : at::Tensor();
-  const at::Tensor lens = present(lengths) ? lengths->contiguous() : at::Tensor();
-  const at::Tensor c0c = present(c0) ? c0->contiguous() : at::Tensor();
-  const at::Tensor h0c = present(h0) ? h0->contiguous() : at::Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = D * B * H, n_state = D * B * R;
-  at::Tensor h_prev, unprojected;
-  if (B == 0) {
-    // An empty batch: no kernel to launch (an empty grid is an error); the GEMMs over zero rows give zero
-    // weight gradients.
-    h_prev = at::empty({B, T_, D * R}, x.options());
-    unprojected = at::empty({B, T_, D * H}, x.options());
-    return finish_backward(s, x, w_ih, dgates, h_prev, std::move(dh_state), std::move(dc_state), has_bias, need_dx,
-                           need_dweights, need_dstate, dh_all, unprojected);
-  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmsc::lstm_bwd_cuda", [&] {
     using T = scalar_t;
     const int64_t* lens_ptr = ptr_or_null<int64_t>(lens);
@@ -356,26 +319,23 @@ LstmGrads lstm_bwd_cuda(const c10::optional<at::Tensor>& grad_out, const c10::op
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (need_dweights) {
-      h_prev = at::empty({B, T_, D * R}, x.options());
+      allocate_weight_inputs(bw);
       fill_h_prev_kernel<T><<<blocks_for(N * D * R), kThreads, 0, stream>>>(
           out.data_ptr<T>(), ptr_or_null<T>(h0c), h_prev.data_ptr<T>(), lens_ptr, B, T_, R, D);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (s.projected) {
-        unprojected = at::empty({B, T_, D * H}, x.options());
         fill_unprojected_kernel<T><<<blocks_for(N * D * H), kThreads, 0, stream>>>(
             gates.data_ptr<T>(), cells.data_ptr<T>(), unprojected.data_ptr<T>(), lens_ptr, B, T_, H, D);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }
   });
-  return finish_backward(s, x, w_ih, dgates, h_prev, std::move(dh_state), std::move(dc_state), has_bias, need_dx,
-                         need_dweights, need_dstate, dh_all, unprojected);
 }
 
 }  // namespace
 }  // namespace fastmsc
 
 TORCH_LIBRARY_IMPL(fastmsc, CUDA, m) {
-  m.impl("lstm_fwd", &fastmsc::lstm_fwd_cuda);
-  m.impl("lstm_bwd", &fastmsc::lstm_bwd_cuda);
+  m.impl("lstm_fwd", &fastmsc::lstm_fwd<fastmsc::CudaBackend>);
+  m.impl("lstm_bwd", &fastmsc::lstm_bwd<fastmsc::CudaBackend>);
 }
