@@ -66,6 +66,8 @@ def _conv_tile(B, C_in, T, branches, activation, x_layout="contiguous", w_layout
 
 # Shapes that reach the fused conv kernels' tile variants (see test_forward_tiles_of_the_edge_cases).
 CONV_TILE_CASES = {
+    # T = 1: every tap but the centre reads padding; C_in = 1: tl.dot pads the (channel, tap) reduction.
+    "tile_t1_cin1": _conv_tile(2, 1, 1, [(3, 3), (4, 5), (2, 7)], "gelu"),
     # C_in >= 8 takes the tl.dot path of dx; odd T spans two 32-step tiles; strided x and weights.
     "tile_cin17_strided": _conv_tile(2, 17, 37, [(10, 3), (9, 5), (8, 7)], "relu", "transposed", "sliced", "some"),
     # C_in = 1 over several time tiles, one bias-less branch of two, more taps than steps.
