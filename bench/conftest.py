@@ -1,5 +1,6 @@
-"""pytest-benchmark suite: one file per op (bench_<op>.py) plus bench_model.py, on the shapes and inputs of
-``fastmsc.bench.cases`` (the ones ``fastmsc bench`` uses). See bench/README.md for the commands.
+"""pytest-benchmark suite: bench_ops.py, parametrised here over every op of ``fastmsc.bench.cases.all_ops`` (the
+ops of fastmsc.backend.OPS and MSCClassifier's training step), on the shapes and inputs of ``fastmsc.bench.cases``
+(the ones ``fastmsc bench`` uses). ``--bench-ops`` or ``-k <op>`` selects ops. See bench/README.md for the commands.
 
 Each benchmark first checks its backend against the float64 reference (a mismatch fails the test) and
 skips, with the reason, a backend that cannot run here (fused without a GPU, torch.compile without a
@@ -13,7 +14,7 @@ import fnmatch
 import pytest
 import torch
 
-from fastmsc.bench.cases import default_cases, modes_for
+from fastmsc.bench.cases import all_ops, default_cases, modes_for
 from fastmsc.bench.harness import BACKEND_CHOICES, Options, Unavailable, applies, check_threads, make_workload
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -37,6 +38,8 @@ def pytest_addoption(parser):
     group.addoption("--bench-rounds", type=int, default=None,
                     help="timed rounds of one call each (default 10; 3 with --bench-quick); fixed rather than "
                          "calibrated, so a run's length does not depend on how busy the machine is")
+    group.addoption("--bench-ops", default=",".join(all_ops()),
+                    help=f"comma-separated, from {','.join(all_ops())} (default: all)")
     group.addoption("--bench-compile-lstm", action="store_true",
                     help="let torch.compile unroll long LSTMs (compile time grows with T)")
 
@@ -74,15 +77,19 @@ def pytest_generate_tests(metafunc):
     if "bench_target" not in metafunc.fixturenames:
         return
     options = _options(metafunc.config)
-    op = metafunc.module.OP
+    ops = tuple(o for o in metafunc.config.getoption("--bench-ops").split(",") if o)
+    bad = [o for o in ops if o not in all_ops()]
+    if bad:
+        raise pytest.UsageError(f"--bench-ops got {', '.join(bad)}; valid: {', '.join(all_ops())}")
     params, ids = [], []
-    for case in default_cases(op, quick=options.quick, device_type=options.device.type):
-        for mode in modes_for(op):
-            for backend in options.backends:  # innermost, so one workload serves consecutive tests
-                if not applies(op, backend):
-                    continue  # a hand-written (naive) baseline exists only for some ops
-                params.append((case, mode, backend))
-                ids.append(f"{mode.replace(' ', '_')}-{case.shape.replace(' ', '-')}-{backend}")
+    for op in ops:
+        for case in default_cases(op, quick=options.quick, device_type=options.device.type):
+            for mode in modes_for(op):
+                for backend in options.backends:  # innermost, so one workload serves consecutive tests
+                    if not applies(op, backend):
+                        continue  # a hand-written (naive) baseline exists only for some ops
+                    params.append((case, mode, backend))
+                    ids.append(f"{op}-{mode.replace(' ', '_')}-{case.shape.replace(' ', '-')}-{backend}")
     metafunc.parametrize("bench_target", params, ids=ids)
 
 

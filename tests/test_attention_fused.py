@@ -1,8 +1,10 @@
-"""The Triton attention kernels specifically (fastmsc.kernels.attention): forward and every gradient against
-the float64 reference over awkward shapes, fp16/bf16, what autograd saves (no T x T tensor), rows without a
-valid key, gradients of masked rows, the torch.library registration (opcheck, torch.compile) and the fallback
-reasons. On a machine without a GPU the kernels run in the Triton interpreter (tests/conftest.py), with every
-kernel output poisoned with NaN before the launch, so an element a kernel forgets to write fails."""
+"""The Triton attention kernels specifically (fastmsc.kernels.attention): the column-strip launch tables, bitwise
+reproducible backward, TF32, what autograd saves (no T x T tensor), rows without a valid key, gradients of masked
+rows, the fallback reasons and shared-memory limits, AOT cases for every fp32 launch configuration. The forward
+and every gradient against the float64 reference (the kernels' block and strip regimes among the shapes), opcheck,
+torch.compile and auto's choice are in tests/test_op_contract.py. On a machine without a GPU the kernels run in
+the Triton interpreter (tests/conftest.py), with every kernel output poisoned with NaN before the launch, so an
+element a kernel forgets to write fails."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import math
 
 import pytest
 import torch
-from _helpers import LAYOUTS, Arg, Draw, assert_close, compare_with_reference, require_fused
+from _helpers import Draw, assert_close, require_fused
+from test_attention import TOL
 
 import fastmsc
 from fastmsc.backend import FusedUnavailable
@@ -19,76 +22,10 @@ from fastmsc.ops.attention import attention_reference
 
 kernels = pytest.importorskip("fastmsc.kernels.attention", reason="the fused attention module needs triton")
 
-# fp32 kernel vs float64 reference on the same (fp32-exact) inputs. Each score is a dot product of D <= 256 terms
-# (summed over 32-wide column strips for wide heads) and each output a softmax-weighted sum of T <= 70 rows of O(1)
-# values, accumulated in fp32 (unit roundoff 6e-8); the gradients add one more such sum. With the default scale
-# 1/sqrt(D) (scores of O(1) whatever D) observed errors stay around 1e-6 absolute or below (D = 256: at most 0.16
-# of the bound below), so rtol 2e-5 / atol 5e-6 leaves a margin of about 5x while any masking or indexing bug
-# (errors of O(0.1)) fails. A larger scale makes the scores (and their rounding errors, which reach the gradients
-# linearly) |scale| * sqrt(D) times larger: _tol32 widens the bounds by that factor.
-TOL32 = {torch.float32: {"rtol": 2e-5, "atol": 5e-6}}
-
-
-def _tol32(scale, D):
-    growth = 1.0 if scale is None else max(1.0, abs(scale) * math.sqrt(D))
-    return {torch.float32: {"rtol": 2e-5 * growth, "atol": 5e-6 * growth}}
-# Half inputs: both sides start from the same rounded values; the kernel rounds the softmax weights and dS to the
-# input dtype before the second matmuls and rounds its outputs, each a relative error of one unit roundoff
-# (fp16 2^-11, bf16 2^-8) on O(1) values, summed over a row. 8 unit roundoffs relative and absolute.
-TOL_HALF = {
-    torch.float16: {"rtol": 8 * 2**-11, "atol": 8 * 2**-11},
-    torch.bfloat16: {"rtol": 8 * 2**-8, "atol": 8 * 2**-8},
-}
-
-
 @pytest.fixture(autouse=True)
 def _fused_attention():
     require_fused("attention")
     assert poison_enabled(), "tests/conftest.py must set FASTMSC_POISON=1 so unwritten outputs show up as NaN"
-
-
-def _case(draw: Draw, B: int, heads, T: int, D: int, lengths_mode, layouts=None, scale=None):
-    shape = (B, *(() if heads is None else (heads,)), T, D)
-    layouts = layouts or [draw.choice(LAYOUTS) for _ in range(3)]
-    args = {name: Arg(draw.randn(*shape), layout) for name, layout in zip("qkv", layouts, strict=True)}
-    lengths = draw.lengths(B, T, lengths_mode)
-    what = (f"B={B} heads={heads} T={T} D={D} layouts={layouts} scale={scale} "
-            f"lengths={None if lengths is None else lengths.tolist()}")
-    return args, lengths, (lambda q, k, v: fastmsc.attention(q, k, v, lengths, scale)), what, _tol32(scale, D)
-
-
-def _regime(draw: Draw, regime: str):
-    if regime == "time1":
-        return _case(draw, draw.int(1, 2), draw.choice((None, 2)), 1, draw.choice((16, 24)),
-                     draw.choice((None, "ones")))
-    if regime == "odd_time_heads_lengths_d24":
-        return _case(draw, draw.int(2, 3), draw.int(2, 3), draw.odd(3, 69), 24, "mixed")
-    if regime == "several_key_blocks_d16":  # T past one 64-key block and not a multiple of 16, 32 or 64
-        return _case(draw, 2, draw.choice((None, 2)), draw.choice((65, 67, 69, 70)), 16, draw.choice((None, "mixed")))
-    if regime == "d64_lengths_scale":
-        return _case(draw, draw.int(1, 2), draw.choice((None, 2)), draw.int(17, 47), 64, "mixed",
-                     scale=draw.choice((0.05, -0.2, 1.3)))
-    if regime == "small_odd_d":  # padded to BLOCK_D = 16 with masked loads
-        return _case(draw, 2, None, draw.int(2, 33), draw.choice((1, 5, 8, 13)), draw.choice((None, "mixed")))
-    # Head dims past 64: fp32 sums the D-long products over column strips in every kernel.
-    if regime == "d96_padded_strips_heads_lengths":  # BLOCK_D = 128, the last strip ends at D
-        return _case(draw, 2, draw.int(2, 3), draw.choice((1, 37)), 96, "mixed")
-    if regime == "d128_odd_time_lengths":  # T = 37: one full and one partial block of every kernel
-        return _case(draw, 2, draw.choice((None, 2)), 37, 128, "mixed")
-    if regime == "d256_time1_heads":  # the default MSCClassifier head: one head of D = 256
-        return _case(draw, draw.int(1, 2), draw.choice((None, 2)), 1, 256, draw.choice((None, "ones")))
-    if regime == "d256_odd_time_heads_lengths_scale":
-        return _case(draw, 2, 2, draw.choice((19, 37)), 256, "mixed", scale=draw.choice((None, 0.02)))
-    raise AssertionError(regime)
-
-
-@pytest.mark.parametrize("regime", ["time1", "odd_time_heads_lengths_d24", "several_key_blocks_d16",
-                                    "d64_lengths_scale", "small_odd_d", "d96_padded_strips_heads_lengths",
-                                    "d128_odd_time_lengths", "d256_time1_heads", "d256_odd_time_heads_lengths_scale"])
-def test_float32_forward_and_gradients_match_float64_reference(regime):
-    draw = Draw()
-    args, lengths, fn, what, tol = _regime(draw, regime)
-    compare_with_reference("fused", fn, args, draw, f"{regime}: {what}", torch.float32, tol)
 
 
 WIDE_HEAD_DIMS = (96, 128, 200, 256)
@@ -96,7 +33,8 @@ WIDE_HEAD_DIMS = (96, 128, 200, 256)
 
 @pytest.mark.parametrize("head_dim", WIDE_HEAD_DIMS)
 def test_float32_wide_head_dims_take_the_column_strip_path(head_dim):
-    """The wide-D fp32 regimes above test the strip loop only while the launch tables pick it: every kernel
+    """The wide-D fp32 regimes of tests/test_op_contract.py test the strip loop only while the launch tables pick it:
+    every kernel
     must read D in strips narrower than BLOCK_D for fp32 (and keep whole-row tiles for half inputs)."""
     block_d = kernels._block_d(head_dim)
     for table in (kernels._FWD_BLOCKS, kernels._DKDV_BLOCKS, kernels._DQ_BLOCKS):
@@ -130,22 +68,6 @@ def test_tf32_only_when_torch_allows_it():
         assert kernels._input_precision(torch.float16) == "ieee"  # half operands never go through tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32 = flag
-
-
-def test_head_dim_256_with_few_steps():
-    """D = 256 in half precision (the float32 regimes above cover it in float32)."""
-    draw = Draw()
-    args, lengths, fn, what, _ = _case(draw, 1, draw.choice((None, 2)), draw.int(1, 3), 256,
-                                       draw.choice((None, "mixed")))
-    compare_with_reference("fused", fn, args, draw, f"D=256: {what}", torch.float16, TOL_HALF)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_half_inputs_match_float64_reference(dtype):
-    draw = Draw()
-    args, lengths, fn, what, _ = _case(draw, 2, draw.choice((None, 2)), draw.int(20, 70), draw.choice((16, 24, 64)),
-                                    "mixed")
-    compare_with_reference("fused", fn, args, draw, f"half: {what}", dtype, TOL_HALF)
 
 
 def test_outputs_keep_the_input_dtype_and_shape():
@@ -196,10 +118,10 @@ def test_rows_without_valid_key_give_zero_never_nan():
         assert torch.isfinite(g).all(), f"d{name} is not finite: {what}"
     q64, k64, v64 = (t.detach()[1:].double().requires_grad_() for t in (q, k, v))
     ref = attention_reference(q64, k64, v64, lengths[1:], 0.25)
-    assert_close(out[1:].double(), ref, f"batch 1 output {what}", **TOL32[torch.float32])
+    assert_close(out[1:].double(), ref, f"batch 1 output {what}", **TOL[torch.float32])
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad_out[1:].double())
     for name, g, r in zip("qkv", grads, ref_grads, strict=True):
-        assert_close(g[1:].double(), r, f"batch 1 d{name} {what}", **TOL32[torch.float32])
+        assert_close(g[1:].double(), r, f"batch 1 d{name} {what}", **TOL[torch.float32])
 
 
 def test_masked_query_rows_are_exact_zeros_and_ignore_their_output_gradient():
@@ -221,17 +143,8 @@ def test_masked_query_rows_are_exact_zeros_and_ignore_their_output_gradient():
     ref = attention_reference(q64, k64, v64, lengths, 1 / math.sqrt(D))
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), torch.nan_to_num(grad_out.double(), nan=0.0))
     for name, g, r in zip("qkv", grads, ref_grads, strict=True):
-        assert_close(g.double(), r, f"d{name} {what}", **TOL32[torch.float32])
+        assert_close(g.double(), r, f"d{name} {what}", **TOL[torch.float32])
     assert torch.all(grads[0][0, L:] == 0), f"dq of masked rows must be exactly 0: {what}"
-
-
-def test_auto_on_cpu_does_not_pick_the_interpreter():
-    row = fastmsc.info()["ops"]["attention"]["cpu"]
-    assert row["auto"] == "torch", row
-    assert "interpreter" in row["fused_unavailable"], row
-    q = torch.randn(1, 3, 16)
-    with fastmsc.use_backend("auto"):
-        assert kernels.fused_unsupported("cpu", q=q, k=q, v=q, lengths=None, scale=0.25) is not None
 
 
 def test_unsupported_arguments_name_the_reason():
@@ -276,50 +189,8 @@ def test_calls_needing_more_shared_memory_than_the_gpu_gives_are_declined(monkey
                 assert reason is None, (dtype, head_dim, shared_kb, reason)
 
 
-def test_library_ops_pass_opcheck():
-    """Schema, fake (meta) kernels against the real outputs' shapes/dtypes/strides, autograd registration and
-    AOT dispatch of both custom ops."""
-    draw = Draw()
-    T = draw.int(2, 9)
-    q, k, v = (draw.randn(2, 2, T, 16).float().requires_grad_() for _ in range(3))
-    lengths = torch.tensor([1, T])
-    with fastmsc.use_backend("fused"):
-        torch.library.opcheck(kernels.attention_forward, (q, k, v, lengths, 0.25))
-        torch.library.opcheck(kernels.attention_forward, (q[:, 0], k[:, 0].transpose(0, 1).contiguous()
-                                                          .transpose(0, 1), v[:, 0], None, -0.5))
-        out, lse = kernels.attention_forward(q, k, v, lengths, 0.25)
-        grad_out = draw.randn(*out.shape).float()
-        torch.library.opcheck(kernels.attention_backward,
-                              (grad_out, q.detach(), k.detach(), v.detach(), out.detach(), lse, lengths, 0.25))
-
-
-def test_compiles_fullgraph():
-    """torch.compile(fullgraph=True) traces the op without a graph break (aot_eager backend: the fake kernels
-    and the autograd formula are what matter here; Inductor on CPU adds only C++ build time)."""
-    draw = Draw()
-    T = draw.int(3, 12)
-    q, k, v = (draw.randn(2, 3, T, 16).float().requires_grad_() for _ in range(3))
-    lengths = torch.tensor([2, T])
-
-    def step(q, k, v, lengths):
-        return (fastmsc.attention(q, k, v, lengths) * 2).sum()
-
-    with fastmsc.use_backend("fused"):
-        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-        loss = compiled(q, k, v, lengths)
-        grads = torch.autograd.grad(loss, (q, k, v))
-        expected = step(q, k, v, lengths)
-        expected_grads = torch.autograd.grad(expected, (q, k, v))
-    assert_close(loss, expected, f"compiled loss {draw.tag()}", rtol=0, atol=0)
-    for g, e in zip(grads, expected_grads, strict=True):
-        assert_close(g, e, f"compiled gradient {draw.tag()}", rtol=0, atol=0)
-
-
-def test_aot_cases_cover_every_kernel_and_head_dim():
-    names = {case["kernel"].__name__ if hasattr(case["kernel"], "__name__") else case["kernel"].fn.__name__
-             for case in kernels.AOT_CASES}
-    assert names == {"_attention_fwd_kernel", "_attention_bwd_delta_kernel", "_attention_bwd_dkdv_kernel",
-                     "_attention_bwd_dq_kernel"}
+def test_aot_cases_cover_every_head_dim_block():
+    """Every BLOCK_D in every dtype (tests/test_op_contract.py checks that every kernel has valid cases)."""
     for block_d in (16, 32, 64, 128, 256):
         for dtype in ("*fp16", "*bf16", "*fp32"):
             assert any(case["constexprs"]["BLOCK_D"] == block_d and case["signature"]["Q" if "Q" in case["signature"]

@@ -18,6 +18,7 @@ from fastmsc.backend import OPS
 from fastmsc.bench import Options, run_suite, saved_tensor_bytes
 from fastmsc.bench.baselines import NAIVE
 from fastmsc.bench.cases import QUICK_CASES, Case, all_ops, default_cases, modes_for
+from fastmsc.bench.checks import mismatch
 from fastmsc.bench.harness import ModelWorkload, OpWorkload, compare, measure
 from fastmsc.bench.report import CSV_COLUMNS, format_table, write_csv
 from fastmsc.bench.roofline import Peaks, Work, rates, work
@@ -247,6 +248,32 @@ def test_compare_flags_nan_shape_and_missing_gradient():
     error, worst = compare([("a", want[:3], want)])
     assert error == float("inf") and "shape" in worst
     assert compare([("g", None, want)])[0] == pytest.approx(1.0)  # a missing gradient counts as zeros
+
+
+def test_mismatch_bounds_each_element_and_finds_the_worst():
+    """The one comparison the tests (tests/_helpers.assert_close) and the benchmark share."""
+    want = torch.tensor([[1.0, -2.0, 0.0], [4.0, 8.0, 0.5]], dtype=torch.float64)
+    assert mismatch(want.clone(), want, rtol=0, atol=0) == (0.0, (0, 0), 0)
+    got = want.clone()
+    got[1, 1] += 0.08  # allowed: atol 0.01 + rtol 0.01 * 8 = 0.09
+    got[0, 2] += 0.02  # allowed: 0.01 only: twice over
+    ratio, index, bad = mismatch(got, want, rtol=0.01, atol=0.01)
+    assert index == (0, 2) and bad == 1 and ratio == pytest.approx(2.0)
+    # atol_per_max adds a fraction of max|want| (8) to every element's bound: 0.02 <= 0.01 + 0.01 * 8.
+    assert mismatch(got, want, rtol=0.01, atol=0.01, atol_per_max=0.01)[2] == 0
+    per_element = torch.full_like(want, 1e-3)
+    per_element[0, 2] = 0.05
+    assert mismatch(got, want, atol=per_element)[1] == (1, 1)
+    for bad_value in (float("nan"), float("inf")):
+        broken = want.clone()
+        broken[1, 0] = bad_value
+        assert mismatch(broken, want, rtol=1.0, atol=1.0)[:2] == (float("inf"), (1, 0))
+    infinite = want.clone()
+    infinite[0, 0] = float("-inf")
+    assert mismatch(infinite, infinite.clone(), atol=0)[0] == 0.0  # equal infinities match
+    assert mismatch(infinite.new_full((2, 3), float("nan")), infinite.new_full((2, 3), float("nan")))[0] == math.inf
+    with pytest.raises(ValueError, match="shape"):
+        mismatch(want[:1], want)
 
 
 # --- cases, unavailable rows, compile policy -----------------------------------------------------------------

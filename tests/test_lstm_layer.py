@@ -1,6 +1,7 @@
-"""fastmsc.lstm_layer: every backend against the float64 reference (outputs, h_n, c_n and the gradients
-of x, all weights, biases, h0, c0), the reference against pack_padded_sequence + torch.nn.LSTM,
-low precision, projections (torch.nn.LSTM's proj_size), and argument errors."""
+"""fastmsc.lstm_layer: the shapes (projections, torch.nn.LSTM's proj_size, included) and the tolerance table that
+tests/test_op_contract.py checks every backend with (outputs, h_n, c_n and the gradients of x, all weights,
+biases, h0, c0), the definition (pack_padded_sequence + torch.nn.LSTM) the reference is checked against,
+lengths as lists, and argument errors."""
 
 from __future__ import annotations
 
@@ -8,12 +9,10 @@ import math
 
 import pytest
 import torch
-from _helpers import LAYOUTS, Arg, Draw, assert_close, compare_with_reference, describe, require_fused
+from _helpers import LAYOUTS, TOL_FLOAT32, TOL_FLOAT64, Arg, Draw, assert_close
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastmsc
-
-BACKENDS = ("torch", "fused")
 
 # Shape regimes every run covers; the sizes inside each are drawn fresh and kept small (T <= 40,
 # sizes <= 16) for the fused path on CPU.
@@ -75,81 +74,19 @@ def call(case: dict, lengths) -> callable:
     return fn
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_reference_forward_and_all_gradients(backend):
-    if backend == "fused":
-        require_fused("lstm_layer")
-    draw = Draw()
-    for regime in REGIMES:
-        case = draw_case(draw, regime)
-        args, lengths = build_args(draw, case)
-        compare_with_reference(backend, call(case, lengths), args, draw, describe(regime, case, lengths))
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_float32_matches_float64_reference(backend):
-    if backend == "fused":
-        require_fused("lstm_layer")
-    draw = Draw()
-    for regime in ("mixed_lengths", "random"):
-        case = draw_case(draw, regime)
-        args, lengths = build_args(draw, case)
-        compare_with_reference(backend, call(case, lengths), args, draw, describe(regime, case, lengths), torch.float32)
-
-
-# The recurrence runs up to 40 steps; gates saturate (|tanh|, sigmoid <= 1) so rounding does not grow
-# step over step, but each step adds a few output roundings (fp16 unit roundoff 2^-11, bf16 2^-8).
-# 16 unit roundoffs bound the measured error with margin; a wrong gate or step is off by O(0.1). The input
-# gradient sums the four gates' terms (dx = dG w_ih), which can cancel to an element well below the terms it
-# rounded: its error follows the tensor's largest values, hence the same 16 roundoffs of max|expected|
-# (stock nn.LSTM in fp16 exceeded the elementwise bound by 15% on one H=1 case).
-LOW_PRECISION_TOL = {
+# The one tolerance table of this op (every backend, against the float64 reference on the same rounded inputs).
+# float64, float32: tests/_helpers.py. Half (unit roundoff u: fp16 2^-11, bf16 2^-8), T <= 16: gates saturate
+# (|tanh|, sigmoid <= 1) so rounding does not grow step over step, but each step adds a few output roundings;
+# 16u bounds the measured error with margin; a wrong gate or step is off by O(0.1). The input gradient sums the
+# four gates' terms (dx = dG w_ih), which can cancel to an element well below the terms it rounded: its error
+# follows the tensor's largest values, hence the same 16u of max|expected| (stock nn.LSTM in fp16 exceeded the
+# elementwise bound by 15% on one H=1 case).
+TOL = {
+    torch.float64: TOL_FLOAT64,
+    torch.float32: TOL_FLOAT32,
     torch.float16: {"rtol": 16 * 2**-11, "atol": 16 * 2**-11, "atol_per_max": 16 * 2**-11},
     torch.bfloat16: {"rtol": 16 * 2**-8, "atol": 16 * 2**-8, "atol_per_max": 16 * 2**-8},
 }
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("backend", ("reference", *BACKENDS))
-def test_half_precision_matches_float64_reference(backend, dtype):
-    if backend == "fused":
-        require_fused("lstm_layer")
-    draw = Draw()
-    case = draw_case(draw, "mixed_lengths")
-    case["T"] = min(case["T"], 16)
-    args, lengths = build_args(draw, case)
-    compare_with_reference(backend, call(case, lengths), args, draw, describe("mixed_lengths", case, lengths),
-                           dtype, LOW_PRECISION_TOL)
-
-
-@pytest.mark.parametrize("backend", (*BACKENDS, "auto"))
-def test_projection_matches_reference_forward_and_all_gradients(backend):
-    """With w_hr (proj_size): outputs and every gradient, w_hr's included, in float64 over every regime, then
-    float32 on two of them."""
-    if backend == "fused":
-        require_fused("lstm_layer")
-    draw = Draw()
-    for regime in REGIMES:
-        case = draw_case(draw, regime, proj=True)
-        args, lengths = build_args(draw, case)
-        compare_with_reference(backend, call(case, lengths), args, draw, describe(regime, case, lengths))
-    for regime in ("mixed_lengths", "random"):
-        case = draw_case(draw, regime, proj=True)
-        args, lengths = build_args(draw, case)
-        compare_with_reference(backend, call(case, lengths), args, draw, describe(regime, case, lengths), torch.float32)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("backend", ("reference", *BACKENDS))
-def test_projection_half_precision_matches_float64_reference(backend, dtype):
-    if backend == "fused":
-        require_fused("lstm_layer")
-    draw = Draw()
-    case = draw_case(draw, "mixed_lengths", proj=True)
-    case["T"] = min(case["T"], 16)
-    args, lengths = build_args(draw, case)
-    compare_with_reference(backend, call(case, lengths), args, draw, describe("mixed_lengths", case, lengths),
-                           dtype, LOW_PRECISION_TOL)
 
 
 def _outputs_and_gradients(fn, lstm, inputs, cotangents):
@@ -177,11 +114,9 @@ def _fastmsc_with_lstm_weights(backend):
     return fn
 
 
-@pytest.mark.parametrize("backend", ("reference", "torch"))
-def test_matches_packed_torch_nn_lstm(backend):
+def check_reference_against_oracle(backend: str, draw: Draw) -> None:
     """The definition of ``lengths``: pack_padded_sequence + torch.nn.LSTM, outputs padded with zeros
     to T, h_n/c_n at each sequence's last valid step; gradients of x, h0, c0 and every parameter."""
-    draw = Draw()
     for bidirectional, proj in ((True, False), (False, False), (True, True), (False, True)):
         B, T, n_in, H = draw.int(2, 5), draw.int(2, 20), draw.int(1, 7), draw.int(2 if proj else 1, 9)
         P = draw.int(1, H - 1) if proj else 0

@@ -1,4 +1,8 @@
-"""The compiled LSTM extension (fastmsc._C / JIT build) against the float64 reference and torch.nn.LSTM.
+"""The compiled LSTM extension (fastmsc._C / JIT build) specifically: gradcheck, fastmsc.nn.LSTM against
+torch.nn.LSTM, partial gradients, half inputs over long sequences and what they round, inference saving nothing,
+torch.compile of the module, the raw ops' argument checks and the fallback when the extension fails to load. The
+op against the float64 reference in every dtype, opcheck, torch.compile of the op and auto's choice are in
+tests/test_op_contract.py.
 
 Random shapes and values are drawn fresh each run; every failure message carries the seed
 (reproduce with FASTMSC_TEST_SEED=<seed>). The extension is built once per session if needed.
@@ -18,7 +22,7 @@ import fastmsc
 from fastmsc import _extension
 from fastmsc.kernels import lstm_layer as fused_module
 from fastmsc.nn import LSTM
-from fastmsc.ops.lstm_layer import OP, lstm_layer_reference
+from fastmsc.ops.lstm_layer import lstm_layer_reference
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -82,39 +86,6 @@ def _assert_close(got, expected, rtol, atol, context):
     torch.testing.assert_close(got, expected, rtol=rtol, atol=atol, msg=lambda m: f"{context}: {m}")
 
 
-@pytest.mark.parametrize("D", [1, 2])
-@pytest.mark.parametrize("with_lengths", [False, True])
-@pytest.mark.parametrize("with_state", [False, True])
-def test_matches_reference_float64(rng, D, with_lengths, with_state):
-    r, seed = rng
-    for trial in range(4):
-        args, upstream, shape = _random_case(r, torch.float64, D, with_lengths, with_state, bias=trial != 3,
-                                             non_contiguous=trial == 2)
-        expected = _run_with_grads(lstm_layer_reference, *args, upstream)
-        got = _run_with_grads(fused_module.fused, *args, upstream)
-        assert len(got) == len(expected)
-        for k, (g, e) in enumerate(zip(got, expected, strict=True)):
-            _assert_close(g, e, 1e-10, 1e-10,
-                          f"seed {seed}, trial {trial}, (B,T,I,H)={shape}, lengths={args[4]}, tensor #{k}")
-
-
-@pytest.mark.parametrize("D", [1, 2])
-@pytest.mark.parametrize("with_lengths", [False, True])
-@pytest.mark.parametrize("with_state", [False, True])
-def test_projection_matches_reference_float64(rng, D, with_lengths, with_state):
-    """With w_hr (proj_size): outputs and every gradient (dW_hr included), with and without bias, x strided."""
-    r, seed = rng
-    for trial in range(4):
-        args, upstream, shape = _random_case(r, torch.float64, D, with_lengths, with_state, bias=trial != 3,
-                                             non_contiguous=trial == 2, proj=True)
-        expected = _run_with_grads(lstm_layer_reference, *args, upstream)
-        got = _run_with_grads(fused_module.fused, *args, upstream)
-        assert len(got) == len(expected)
-        for k, (g, e) in enumerate(zip(got, expected, strict=True)):
-            _assert_close(g, e, 1e-10, 1e-10,
-                          f"seed {seed}, trial {trial}, (B,T,I,H,P)={shape}, lengths={args[4]}, tensor #{k}")
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_projection_only_some_gradients(rng, dtype):
     """Asking for the w_hr gradient alone, or for everything but the weights, gives the same values as the full
@@ -134,23 +105,6 @@ def test_projection_only_some_gradients(rng, dtype):
     grads = dict(zip([name for name, t in named if t is not None], full[3:], strict=True))  # None: a missing b_hh
     for name, g in zip(("w_hr[0]", "w_hr[1]", "x", "h0", "c0"), (*w_hr_only, *no_weights), strict=True):
         _assert_close(g, grads[name], tol, tol, f"seed {seed}, (B,T,I,H,P)={shape}, {name}")
-
-
-def test_edge_shapes_float64(rng):
-    """T=1, B=1, every sequence of length 1, and full-length sequences with lengths given."""
-    r, seed = rng
-    for B, T, lengths in ((1, 1, None), (1, 1, [1]), (3, 4, [1, 1, 1]), (2, 3, [3, 3])):
-        x = torch.randn(B, T, 3, dtype=torch.float64, requires_grad=True)
-        weights = _weights(2, 3, 5, torch.float64)
-        h0 = torch.randn(2, B, 5, dtype=torch.float64, requires_grad=True)
-        c0 = torch.randn(2, B, 5, dtype=torch.float64, requires_grad=True)
-        lens = None if lengths is None else torch.tensor(lengths)
-        upstream = (torch.randn(B, T, 10, dtype=torch.float64), torch.randn(2, B, 5, dtype=torch.float64),
-                    torch.randn(2, B, 5, dtype=torch.float64))
-        expected = _run_with_grads(lstm_layer_reference, x, weights, h0, c0, lens, upstream)
-        got = _run_with_grads(fused_module.fused, x, weights, h0, c0, lens, upstream)
-        for k, (g, e) in enumerate(zip(got, expected, strict=True)):
-            _assert_close(g, e, 1e-10, 1e-10, f"seed {seed}, B={B} T={T} lengths={lengths}, tensor #{k}")
 
 
 def test_gradcheck_float64(rng):
@@ -224,19 +178,6 @@ def test_nn_lstm_float32(rng, layers, D, with_lengths, proj):
     for name, g, e in zip(names, run(fast, True), run(ref, False), strict=True):
         _assert_close(g, e, 1e-4, 3e-5,
                       f"seed {seed}, layers={layers} D={D} (B,T,I,H,P)={(B, T, n_in, H, P)} lengths={lengths}, {name}")
-
-
-def test_float32_against_float64_reference(rng):
-    """Absolute float32 accuracy of the kernels' exp/tanh: compare with the float64 reference."""
-    r, seed = rng
-    args, upstream, shape = _random_case(r, torch.float64, 2, True, True)
-    expected = _run_with_grads(lstm_layer_reference, *args, upstream)
-    x, weights, h0, c0, lengths = args
-    f32 = lambda t: None if t is None else t.detach().float().requires_grad_()
-    args32 = (f32(x), tuple(tuple(f32(p) for p in params) for params in weights), f32(h0), f32(c0), lengths)
-    got = _run_with_grads(fused_module.fused, *args32, tuple(u.float() for u in upstream))
-    for k, (g, e) in enumerate(zip(got, expected, strict=True)):
-        _assert_close(g.double(), e, 1e-5, 1e-5, f"seed {seed}, (B,T,I,H)={shape}, tensor #{k}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -364,14 +305,6 @@ def test_inference_saves_nothing_and_matches(rng, proj):
     expected = fused_module.fused(*args)
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e.detach(), rtol=0, atol=0, msg=lambda m: f"seed {seed}: {m}")
-
-
-def test_auto_picks_the_extension_on_cpu():
-    assert OP.why_not_fused("cpu") is None
-    x = torch.randn(2, 3, 4)
-    assert OP.select("cpu", x=x) is fused_module.fused
-    row = fastmsc.info()["ops"]["lstm_layer"]["cpu"]
-    assert row["auto"] == "fused" and row["fused_unavailable"] is None and row["dispatch"] == []
 
 
 @pytest.mark.parametrize("proj_size", [0, 4])

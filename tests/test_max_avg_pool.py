@@ -1,17 +1,15 @@
-"""fastmsc.max_avg_pool: every backend against the float64 reference (output and x's gradient), the
-max gradient going to the first maximal step under ties, padding that must not count, low precision
-and argument errors."""
+"""fastmsc.max_avg_pool: the shapes and the tolerance table that tests/test_op_contract.py checks every backend
+with (output and x's gradient), the definition it checks the reference against (the max gradient going to the
+first maximal step under ties, padding that must not count), and argument errors."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import LAYOUTS, Arg, Draw, assert_close, compare_with_reference, describe, require_fused
+from _helpers import LAYOUTS, TOL_FLOAT64, Draw, assert_close, describe, require_fused
 
 import fastmsc
 from fastmsc.backend import FusedUnavailable
-
-BACKENDS = ("torch", "fused")
 
 # Shape regimes every run covers; sizes inside each are drawn fresh and small for the interpreter.
 REGIMES = ("batch1_time1", "channels1_odd_time", "all_length1", "full_length", "mixed_lengths_ties", "random")
@@ -51,52 +49,18 @@ def pool_with(lengths):
     return lambda x: fastmsc.max_avg_pool(x, lengths)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_reference_forward_and_gradient(backend):
-    if backend == "fused":
-        require_fused("max_avg_pool")
-    draw = Draw()
-    for regime in REGIMES:
-        case = draw_case(draw, regime)
-        lengths = draw.lengths(case["B"], case["T"], case["lengths"])
-        args = {"x": Arg(draw_values(draw, case, lengths), case["layout"])}
-        compare_with_reference(backend, pool_with(lengths), args, draw,
-                               describe(regime, case, lengths))
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_float32_matches_float64_reference(backend):
-    if backend == "fused":
-        require_fused("max_avg_pool")
-    draw = Draw()
-    for regime in ("mixed_lengths_ties", "random"):
-        case = draw_case(draw, regime)
-        lengths = draw.lengths(case["B"], case["T"], case["lengths"])
-        args = {"x": Arg(draw_values(draw, case, lengths), case["layout"])}
-        compare_with_reference(backend, pool_with(lengths), args, draw,
-                               describe(regime, case, lengths), torch.float32)
-
-
-# Max is exact in any dtype; the mean of O(1) values rounds at unit roundoff (fp16 2^-11, bf16 2^-8),
-# and padding values near 100 must not enter it. 4 unit roundoffs cover the rounding of the mean and
-# the cast of the gradient (1/L times the cotangent).
-LOW_PRECISION_TOL = {
+# The one tolerance table of this op (every backend, against the float64 reference on the same rounded inputs).
+# float32: the max is exact (a copy of an input), the mean an fp32 sum of T <= 70 O(1) terms (error <= T * 6e-8
+# relative), and the gradient one fp32 division and at most one addition per element: 1e-6 is 5-10x the worst
+# observed error; any wrong index or mask is O(1). Half (unit roundoff u: fp16 2^-11, bf16 2^-8): the max is
+# exact; the mean and the gradient (1/L times the cotangent) round once to the output dtype, and padding values
+# near 100 must not enter the mean: 4u.
+TOL = {
+    torch.float64: TOL_FLOAT64,
+    torch.float32: {"rtol": 1e-6, "atol": 1e-6},
     torch.float16: {"rtol": 4 * 2**-11, "atol": 4 * 2**-11},
     torch.bfloat16: {"rtol": 4 * 2**-8, "atol": 4 * 2**-8},
 }
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("backend", ("reference", *BACKENDS))
-def test_half_precision_matches_float64_reference(backend, dtype):
-    if backend == "fused":
-        require_fused("max_avg_pool")
-    draw = Draw()
-    case = draw_case(draw, "mixed_lengths_ties")
-    lengths = draw.lengths(case["B"], case["T"], case["lengths"])
-    args = {"x": Arg(draw_values(draw, case, lengths), case["layout"])}
-    compare_with_reference(backend, pool_with(lengths), args, draw,
-                           describe("half", case, lengths), dtype, LOW_PRECISION_TOL)
 
 
 def run_allowing_float32(backend, x, lengths):
@@ -112,13 +76,11 @@ def run_allowing_float32(backend, x, lengths):
     pytest.skip(f"fused max_avg_pool declines these arguments: {reason}")
 
 
-@pytest.mark.parametrize("backend", ("reference", "torch", "fused"))
-def test_max_gradient_goes_to_first_maximal_step(backend):
+def check_reference_against_oracle(backend: str, draw: Draw) -> None:
     """Expected gradient built by hand: the max cotangent to the first t < L where x is maximal, the
     mean cotangent / L to every t < L, nothing to padding."""
     if backend == "fused":
         require_fused("max_avg_pool")
-    draw = Draw()
     for lengths_mode in (None, "mixed", "ones"):
         case = draw_case(draw, "mixed_lengths_ties")
         lengths = draw.lengths(case["B"], case["T"], lengths_mode)

@@ -1,13 +1,15 @@
-"""The Triton max + average pooling kernels specifically (fastmsc.kernels.max_avg_pool): forward and gradient
-against the float64 reference over awkward shapes and layouts, fp16/bf16, what autograd saves (int32 indices, not
-x), NaN and -inf inputs, zero lengths, the torch.library registration (opcheck, torch.compile) and the fallback
-reasons. Without a GPU the kernels run in the Triton interpreter (tests/conftest.py) with poisoned outputs."""
+"""The Triton max + average pooling kernels specifically (fastmsc.kernels.max_avg_pool): output dtypes, what
+autograd saves (int32 indices, not x), NaN and -inf inputs, zero lengths and the float64 refusal. The forward and
+gradient against the float64 reference (several time blocks, many channels, ties among the shapes), opcheck,
+torch.compile, auto's choice and the AOT cases are in tests/test_op_contract.py. Without a GPU the kernels run
+in the Triton interpreter (tests/conftest.py) with poisoned outputs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import LAYOUTS, Arg, Draw, assert_close, compare_with_reference, require_fused
+from _helpers import Draw, assert_close, require_fused
+from test_max_avg_pool import TOL
 
 import fastmsc
 from fastmsc.backend import FusedUnavailable
@@ -16,64 +18,10 @@ from fastmsc.ops.max_avg_pool import max_avg_pool_reference
 
 kernels = pytest.importorskip("fastmsc.kernels.max_avg_pool", reason="the fused pooling module needs triton")
 
-# fp32 kernel vs float64 reference on the same fp32-exact inputs: the max is exact (a copy of an input), the mean
-# an fp32 sum of T <= 70 O(1) terms (error <= T * 6e-8 relative), and the gradient one fp32 division and at most
-# one addition per element. rtol/atol 1e-6 is 5-10x the worst observed error; any wrong index or mask is O(1).
-TOL32 = {torch.float32: {"rtol": 1e-6, "atol": 1e-6}}
-# Half inputs: the max is exact; the mean and the gradient round once to the output dtype (unit roundoff fp16
-# 2^-11, bf16 2^-8) after fp32 accumulation: 2 unit roundoffs relative and absolute.
-TOL_HALF = {
-    torch.float16: {"rtol": 2 * 2**-11, "atol": 2 * 2**-11},
-    torch.bfloat16: {"rtol": 2 * 2**-8, "atol": 2 * 2**-8},
-}
-
-
 @pytest.fixture(autouse=True)
 def _fused_pool():
     require_fused("max_avg_pool")
     assert poison_enabled(), "tests/conftest.py must set FASTMSC_POISON=1 so unwritten outputs show up as NaN"
-
-
-def _case(draw: Draw, B: int, T: int, C: int, lengths_mode, ties: bool, layout=None):
-    lengths = draw.lengths(B, T, lengths_mode)
-    if ties:  # small integers: maxima repeat, so the first-index rule is exercised
-        values = torch.randint(-2, 3, (B, T, C), generator=draw.gen).double()
-    else:
-        values = draw.randn(B, T, C)
-    if lengths is not None:  # padding above every valid value: any leak into the max or the mean shows
-        past = torch.arange(T)[None, :, None] >= lengths[:, None, None]
-        values = torch.where(past, 50 + draw.randn(B, T, C).abs(), values)
-    layout = layout or draw.choice(LAYOUTS)
-    what = f"B={B} T={T} C={C} ties={ties} layout={layout} lengths={None if lengths is None else lengths.tolist()}"
-    return {"x": Arg(values, layout)}, (lambda x: fastmsc.max_avg_pool(x, lengths)), what
-
-
-def _regime(draw: Draw, regime: str):
-    if regime == "time1":
-        return _case(draw, draw.int(1, 3), 1, draw.int(1, 40), draw.choice((None, "ones")), False)
-    if regime == "several_time_blocks_ties":  # T over two 32-step blocks, lengths inside each block
-        return _case(draw, draw.int(3, 4), draw.int(65, 70), draw.int(1, 20), "mixed", True)
-    if regime == "odd_time_many_channels":  # C over one channel block and not a multiple of it
-        return _case(draw, 2, draw.odd(3, 35), draw.choice((33, 65, 67, 70)), draw.choice((None, "mixed")),
-                     draw.choice((True, False)))
-    if regime == "random":
-        return _case(draw, draw.int(1, 4), draw.int(2, 40), draw.int(1, 16), draw.choice((None, "mixed", "full")),
-                     draw.choice((True, False)))
-    raise AssertionError(regime)
-
-
-@pytest.mark.parametrize("regime", ["time1", "several_time_blocks_ties", "odd_time_many_channels", "random"])
-def test_float32_forward_and_gradient_match_float64_reference(regime):
-    draw = Draw()
-    args, fn, what = _regime(draw, regime)
-    compare_with_reference("fused", fn, args, draw, f"{regime}: {what}", torch.float32, TOL32)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_half_inputs_match_float64_reference(dtype):
-    draw = Draw()
-    args, fn, what = _case(draw, draw.int(2, 4), draw.int(20, 70), draw.int(1, 40), "mixed", draw.choice((True, False)))
-    compare_with_reference("fused", fn, args, draw, f"half: {what}", dtype, TOL_HALF)
 
 
 def test_outputs_keep_the_input_dtype():
@@ -157,8 +105,8 @@ def test_all_minus_infinity_channel_picks_its_first_valid_step():
     (dx,) = torch.autograd.grad(out, x, grad_out)
     (ref_dx,) = torch.autograd.grad(ref, x64, grad_out.double())
     what = f"-inf channel T={T} {draw.tag()}"
-    assert_close(out.double(), ref, f"output {what}", **TOL32[torch.float32])
-    assert_close(dx.double(), ref_dx, f"gradient {what}", **TOL32[torch.float32])
+    assert_close(out.double(), ref, f"output {what}", **TOL[torch.float32])
+    assert_close(dx.double(), ref_dx, f"gradient {what}", **TOL[torch.float32])
     assert out[0, 0] == float("-inf") and dx[0, 0, 0] == grad_out[0, 0] + grad_out[0, 2] / (T - 1)
 
 
@@ -175,56 +123,9 @@ def test_zero_length_gives_no_max_gradient_and_no_crash():
     assert torch.all(dx[0] == 0) and torch.isfinite(dx).all()
 
 
-def test_auto_on_cpu_does_not_pick_the_interpreter():
-    row = fastmsc.info()["ops"]["max_avg_pool"]["cpu"]
-    assert row["auto"] == "torch", row
-    assert "interpreter" in row["fused_unavailable"], row
-
-
 def test_float64_is_refused_with_the_reason():
     x = torch.randn(1, 3, 4, dtype=torch.float64)
     with fastmsc.use_backend("fused"), pytest.raises(FusedUnavailable, match="float64"):
         fastmsc.max_avg_pool(x)
     with fastmsc.use_backend("auto"):
         assert fastmsc.max_avg_pool(x).dtype == torch.float64
-
-
-def test_library_ops_pass_opcheck():
-    draw = Draw()
-    T, C = draw.int(2, 9), draw.int(1, 7)
-    x = draw.randn(3, T, C).float().requires_grad_()
-    lengths = torch.tensor([1, T, max(1, T - 1)])
-    with fastmsc.use_backend("fused"):
-        torch.library.opcheck(kernels.max_avg_pool_forward, (x, lengths))
-        torch.library.opcheck(kernels.max_avg_pool_forward, (x.detach().transpose(1, 2).contiguous().transpose(1, 2)
-                                                             .requires_grad_(), None))
-        out, index = kernels.max_avg_pool_forward(x, lengths)
-        grad = draw.randn(3, 2 * C).float()
-        torch.library.opcheck(kernels.max_avg_pool_backward, (grad, index, lengths, T))
-
-
-def test_compiles_fullgraph():
-    draw = Draw()
-    T, C = draw.int(3, 12), draw.int(2, 9)
-    x = draw.randn(2, T, C).float().requires_grad_()
-    lengths = torch.tensor([2, T])
-
-    def step(x, lengths):
-        return (fastmsc.max_avg_pool(x, lengths) ** 2).sum()
-
-    with fastmsc.use_backend("fused"):
-        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-        loss = compiled(x, lengths)
-        (grad,) = torch.autograd.grad(loss, x)
-        expected = step(x, lengths)
-        (expected_grad,) = torch.autograd.grad(expected, x)
-    assert_close(loss, expected, f"compiled loss {draw.tag()}", rtol=0, atol=0)
-    assert_close(grad, expected_grad, f"compiled gradient {draw.tag()}", rtol=0, atol=0)
-
-
-def test_aot_cases_cover_both_kernels_and_dtypes():
-    seen = {(case["kernel"].__name__ if hasattr(case["kernel"], "__name__") else case["kernel"].fn.__name__,
-             case["signature"]["X" if "X" in case["signature"] else "G"]) for case in kernels.AOT_CASES}
-    for name in ("_max_avg_pool_fwd_kernel", "_max_avg_pool_bwd_kernel"):
-        for dtype in ("*fp16", "*bf16", "*fp32"):
-            assert (name, dtype) in seen, (name, dtype)

@@ -1,5 +1,5 @@
-"""fastmsc.multiscale_conv1d: every backend against the float64 reference (outputs and all gradients),
-the reference against F.conv1d, low precision, and argument errors."""
+"""fastmsc.multiscale_conv1d: the shapes and the tolerance table that tests/test_op_contract.py checks every
+backend with, the definition (F.conv1d) the reference is checked against, half inputs, argument errors."""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import LAYOUTS, Arg, Draw, assert_close, compare_with_reference, require_fused, rounded
+from _helpers import LAYOUTS, TOL_FLOAT32, TOL_FLOAT64, Arg, Draw, assert_close, rounded
 
 import fastmsc
-
-BACKENDS = ("torch", "fused")
 
 # Shape regimes every run covers; the sizes inside each are drawn fresh. Sizes stay small because
 # the fused kernels run in the Triton interpreter on CPU.
@@ -60,53 +58,23 @@ def call(case: dict) -> callable:
     return fn
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_reference_forward_and_all_gradients(backend):
-    if backend == "fused":
-        require_fused("multiscale_conv1d")
-    draw = Draw()
-    for regime in REGIMES:
-        case = draw_case(draw, regime)
-        compare_with_reference(backend, call(case), build_args(draw, case), draw, f"{regime} {case}")
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_float32_matches_float64_reference(backend):
-    if backend == "fused":
-        require_fused("multiscale_conv1d")
-    draw = Draw()
-    for regime in ("random", "cin1_odd_time"):
-        case = draw_case(draw, regime)
-        compare_with_reference(backend, call(case), build_args(draw, case), draw, f"{regime} {case}", torch.float32)
-
-
-# fp16 unit roundoff u is 2^-11 = 4.9e-4 and bf16's 2^-8 = 3.9e-3. Inputs are rounded before both sides
-# see them; the fused kernels then round only the O(1) output and each gradient (8u relative covers it).
-# Eager torch also rounds its intermediates to the half type: the conv output before the activation and
-# the activation's gradient, each term of the weight and bias gradients, which sum B*T <= 120 such terms:
-# a random walk of roundings of ~u/2 each, up to ~9u absolute on a small element and ~1.3u of the largest
-# (measured over 6000 seeds per dtype), whatever the element's own size. 16u absolute plus 4u of
-# max|expected| gives ~2x margin; a wrong index or missed term is off by O(0.1) still.
-LOW_PRECISION_TOL = {
+# The one tolerance table of this op (every backend, against the float64 reference on the same rounded inputs).
+# float64, float32: tests/_helpers.py. Half (unit roundoff u: fp16 2^-11, bf16 2^-8): the fused kernels round only
+# the O(1) output and each gradient (8u relative). Eager torch also rounds its intermediates to the half type:
+# the conv output before the activation and the activation's gradient, each term of the weight and bias
+# gradients, which sum B*T <= 120 such terms: a random walk of roundings of ~u/2 each, up to ~9u absolute on a
+# small element and ~1.3u of the largest (measured over 6000 seeds per dtype), whatever the element's own size.
+# 16u absolute plus 4u of max|expected| gives ~2x margin; a wrong index or missed term is off by O(0.1) still.
+TOL = {
+    torch.float64: TOL_FLOAT64,
+    torch.float32: TOL_FLOAT32,
     torch.float16: {"rtol": 8 * 2**-11, "atol": 16 * 2**-11, "atol_per_max": 4 * 2**-11},
     torch.bfloat16: {"rtol": 8 * 2**-8, "atol": 16 * 2**-8, "atol_per_max": 4 * 2**-8},
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("backend", ("reference", *BACKENDS))
-def test_half_precision_matches_float64_reference(backend, dtype):
-    if backend == "fused":
-        require_fused("multiscale_conv1d")
-    draw = Draw()
-    case = draw_case(draw, "random")
-    compare_with_reference(backend, call(case), build_args(draw, case), draw, str(case), dtype, LOW_PRECISION_TOL)
-
-
-@pytest.mark.parametrize("backend", ("reference", "torch"))
-def test_matches_f_conv1d_and_exact_gelu(backend):
+def check_reference_against_oracle(backend: str, draw: Draw) -> None:
     """The definition: per-branch F.conv1d with padding k//2, the activation (GELU in its erf form), concat."""
-    draw = Draw()
     for activation in (None, "relu", "gelu"):
         B, C_in, T = draw.int(1, 3), draw.int(1, 5), draw.int(1, 30)
         weights = [draw.randn(draw.int(1, 5), C_in, k) for k in (3, 5, 7)]

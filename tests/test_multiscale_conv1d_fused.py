@@ -1,18 +1,11 @@
-"""Checks specific to the Triton multiscale_conv1d kernels (fastmsc.kernels.multiscale_conv1d).
+"""Checks specific to the Triton multiscale_conv1d kernels (fastmsc.kernels.multiscale_conv1d): which tiles the
+launch heuristics pick, gradients only for what requires them, determinism, empty batches, the ReLU kink, the
+reasons a call is declined, and AOT cases for every configuration the heuristics can pick. The forward and every
+gradient against the float64 reference (shapes reaching every tile variant among them), opcheck and
+torch.compile are in tests/test_op_contract.py.
 
-Every check runs the public op with backend 'fused' forced (on CPU through the Triton interpreter, which
-tests/conftest.py selects) and compares the forward and every gradient with the float64 reference on
-upcast copies of the same inputs. Shapes are drawn fresh each run; a failure prints the seed, and
-FASTMSC_TEST_SEED=<seed> replays it.
-
-Tolerances are bounds, not guesses. The kernels multiply exactly-representable inputs and accumulate in
-fp32, so an n-term dot product is off by at most about n * u32 * sum_k |a_k b_k| (u32 = 2**-24; see
-Higham, "Accuracy and Stability of Numerical Algorithms", ch. 3). sum_k |a_k b_k| is computed per output
-element by running the float64 reference on |x|, |w|, |b| and back-propagating |grad| times the largest
-slope of the activation. We allow 8x that bound, plus, for half-precision inputs, two roundings of the
-half type (the stored output / the stored pre-activation gradient; see CONVERSION_ERROR). A wrong tap,
-channel, time shift or missing term moves an element by about one average term, sum |a b| / n, far above
-n * u32 * sum |a b|.
+On CPU the kernels run through the Triton interpreter (tests/conftest.py). Shapes are drawn fresh each run; a
+failure prints the seed, and FASTMSC_TEST_SEED=<seed> replays it.
 """
 
 from __future__ import annotations
@@ -22,6 +15,8 @@ import random
 
 import pytest
 import torch
+from _helpers import LAYOUTS, Draw, compare_with_reference
+from test_multiscale_conv1d import TOL, build_args, call
 
 import fastmsc
 from fastmsc.backend import FusedUnavailable
@@ -33,15 +28,6 @@ kernels = pytest.importorskip("fastmsc.kernels.multiscale_conv1d", reason="the T
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not 1, so the Triton kernels cannot run here", allow_module_level=True)
-
-U32 = 2.0**-24
-UNIT_ROUNDOFF = {torch.float32: U32, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-# Error of one conversion of an fp32 value to the half type: the unit roundoff on the GPU (round to nearest),
-# but the Triton interpreter converts fp32 to bf16 by truncation (toward zero), which is off by up to one ulp.
-CONVERSION_ERROR = {**UNIT_ROUNDOFF, torch.bfloat16: 2.0**-8 * (2 if DEVICE == "cpu" else 1)}
-MAX_SLOPE = {None: 1.0, "relu": 1.0, "gelu": 1.13}  # max of d/dz z * Phi(z) is 1.1289 at z = sqrt(2)
-MAX_CURVATURE = {None: 0.0, "relu": 0.0, "gelu": 0.8}  # max |gelu''(z)| = 2 phi(0) = 0.798
-
 
 def _seed() -> int:
     value = os.environ.get("FASTMSC_TEST_SEED")
@@ -77,140 +63,9 @@ def _make_inputs(rng: random.Random, gen: torch.Generator, *, batch, c_in, steps
     return x, weights, biases
 
 
-def _leaves(x, weights, biases):
-    named = [("x", x)] + [(f"weights[{i}]", w) for i, w in enumerate(weights)]
-    named += [(f"biases[{i}]", b) for i, b in enumerate(biases or []) if b is not None]
-    return [(name, t) for name, t in named if t.requires_grad]
-
-
-def _float64_copies(x, weights, biases, transform=lambda t: t):
-    def copy(t):
-        return None if t is None else transform(t.detach().double()).requires_grad_(t.requires_grad)
-    return copy(x), [copy(w) for w in weights], None if biases is None else [copy(b) for b in biases]
-
-
-def _check_against_reference(x, weights, biases, activation, *, seed, what):
-    """Fused forward and every gradient vs the float64 reference, within the bounds of the module docstring."""
-    context = f"seed={seed} ({what}; x {tuple(x.shape)} {x.dtype}, activation={activation!r})"
-    dtype = x.dtype
-    c_in, steps, batch = x.shape[1], x.shape[2], x.shape[0]
-    k_max = max(w.shape[-1] for w in weights)
-    c_total = sum(w.shape[0] for w in weights)
-    half_roundoff = 0.0 if dtype == torch.float32 else CONVERSION_ERROR[dtype]
-
-    # Magnitude bounds in float64: sum |w||x| + |b| per output element; its max feeds the error of z.
-    ax, aws, abs_ = _float64_copies(x, weights, biases, torch.abs)
-    forward_bound = multiscale_conv1d_reference(ax, aws, abs_, None).detach()
-    n_forward = c_in * k_max
-    z_error = 8 * n_forward * U32 * forward_bound
-
-    x64, ws64, bs64 = _float64_copies(x, weights, biases)
-    z64 = multiscale_conv1d_reference(x64.detach(), [w.detach() for w in ws64],
-                                      None if bs64 is None else [None if b is None else b.detach() for b in bs64], None)
-    grad_gen = torch.Generator().manual_seed(seed + 1)
-    grad = torch.randn(z64.shape, dtype=torch.float64, generator=grad_gen).to(device=DEVICE, dtype=dtype).double()
-    if activation == "relu":
-        # Where |z| is within the forward's rounding bound fp32 may legitimately take the other side of the kink;
-        # the gradient there is not a continuous function of the inputs, so it is not compared.
-        grad = torch.where(z64.abs() <= z_error, torch.zeros_like(grad), grad)
-
-    with fastmsc.use_backend("fused"):
-        out = fastmsc.multiscale_conv1d(x, weights, biases, activation)
-    expected = multiscale_conv1d_reference(x64, ws64, bs64, activation)
-    assert out.shape == expected.shape and out.dtype == dtype, context
-    _assert_within(out, expected, (8 * n_forward * U32 + 2 * half_roundoff) * forward_bound, f"output, {context}")
-
-    leaves = _leaves(x, weights, biases)
-    if not leaves:
-        return
-    grads = torch.autograd.grad(out, [t for _, t in leaves], grad.to(dtype))
-    leaves64 = _leaves(x64, ws64, bs64)
-    expected_grads = torch.autograd.grad(expected, [t for _, t in leaves64], grad)
-    # sum |W||gz|, sum |gz||x|, sum |gz|: the reference without activation, backward of |grad| * max slope.
-    ax, aws, abs_ = _float64_copies(x, weights, biases, torch.abs)
-    abs_leaves = _leaves(ax, aws, abs_)
-    grad_bounds = torch.autograd.grad(multiscale_conv1d_reference(ax, aws, abs_, None), [t for _, t in abs_leaves],
-                                      grad.abs() * MAX_SLOPE[activation])
-    # An error dz in z moves gz = grad * act'(z) by up to |grad| * max|act''| * dz.
-    z_scale = MAX_CURVATURE[activation] * float(forward_bound.max()) if forward_bound.numel() else 0.0
-    for (name, _), got, want, bound in zip(leaves, grads, expected_grads, grad_bounds, strict=True):
-        n_backward = c_total * k_max if name == "x" else batch * steps
-        terms = 8 * (n_backward + n_forward * max(1.0, z_scale)) * U32 + 3 * half_roundoff
-        assert got.shape == want.shape and got.dtype == dtype, f"d{name}: {context}"
-        _assert_within(got, want, terms * bound, f"d{name}, {context}")
-
-
-def _assert_within(actual, expected, tolerance, what):
-    actual = actual.detach().double()
-    expected = expected.detach()
-    tolerance = tolerance.detach() + 1e-30  # elements whose every term is zero must come out exactly zero
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values (an element left unwritten?)"
-    error = (actual - expected).abs()
-    bad = error > tolerance
-    if bad.any():
-        worst = int((error / tolerance).flatten().argmax())
-        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), error.shape))
-        raise AssertionError(f"{what}: {int(bad.sum())} of {error.numel()} elements off; worst at {index}: "
-                             f"got {actual[index].item():.8g}, expected {expected[index].item():.8g}, "
-                             f"allowed {tolerance[index].item():.3g}")
-
-
-def _random_shape(rng: random.Random, kernel_sizes):
-    return {
-        "batch": rng.randint(1, 3),
-        "c_in": rng.choice([1, rng.randint(2, 20)]),
-        "steps": rng.choice([1, rng.randint(2, 40)]),
-        "kernel_sizes": kernel_sizes,
-        "out_channels": [rng.randint(1, 10) for _ in kernel_sizes],
-    }
-
-
-@pytest.mark.parametrize(("kernel_sizes", "activation"), [
-    ((3, 5, 7), None), ((3, 5, 7), "relu"), ((3, 5, 7), "gelu"), ((1,), "relu"), ((3, 9), "gelu"), ((7, 3), None),
-], ids=["357-none", "357-relu", "357-gelu", "1-relu", "39-gelu", "73-none"])
-def test_random_shapes_match_reference(kernel_sizes, activation):
-    seed = _seed()
-    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    shape = _random_shape(rng, kernel_sizes)
-    x, weights, biases = _make_inputs(rng, gen, **shape, x_transposed=rng.random() < 0.3,
-                                      weights_noncontiguous=rng.random() < 0.3)
-    _check_against_reference(x, weights, biases, activation, seed=seed, what=f"random {shape}")
-
-
-@pytest.mark.parametrize(("case", "activation"), [
-    # T = 1: every tap but the centre reads padding; C_in = 1: tl.dot pads the (channel, tap) reduction.
-    ({"batch": 2, "c_in": 1, "steps": 1, "kernel_sizes": (3, 5, 7), "out_channels": (3, 4, 2)}, "gelu"),
-    # C_in >= 8 takes the tl.dot path of dx; odd T spans two 32-step tiles; transposed x and weights.
-    ({"batch": 2, "c_in": 17, "steps": 37, "kernel_sizes": (3, 5, 7), "out_channels": (10, 9, 8),
-      "x_transposed": True, "weights_noncontiguous": True, "bias_pattern": "some"}, "relu"),
-    # C_in = 1 over several time tiles, one bias-less branch of two, more taps than steps.
-    ({"batch": 3, "c_in": 1, "steps": 5, "kernel_sizes": (9, 3), "out_channels": (7, 10), "bias_pattern": "some"},
-     None),
-    # 75 output channels: the forward programs loop over two 64-channel blocks reusing one im2col tile.
-    ({"batch": 2, "c_in": 3, "steps": 45, "kernel_sizes": (3, 5, 7), "out_channels": (25, 30, 20)}, "gelu"),
-    # C_in * K_max = 140 > 128: the im2col tile is streamed in 32-row chunks for every output block.
-    ({"batch": 2, "c_in": 20, "steps": 33, "kernel_sizes": (3, 5, 7), "out_channels": (30, 20, 25)}, "gelu"),
-    # One sample of 128 steps: the time tile halves to 64 so that two programs share the work.
-    ({"batch": 1, "c_in": 2, "steps": 128, "kernel_sizes": (3, 5, 7), "out_channels": (4, 3, 5)}, "relu"),
-], ids=["T1-Cin1", "Cin17-strided", "Cin1-taps-exceed-T", "Cout75-two-blocks", "Cin20-streamed", "T128-tile64"])
-def test_edge_shapes_match_reference(case, activation):
-    seed = _seed()
-    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    x, weights, biases = _make_inputs(rng, gen, **case)
-    _check_against_reference(x, weights, biases, activation, seed=seed, what=f"edge case {case}")
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_half_precision_inputs_match_upcast_reference(dtype):
-    seed = _seed()
-    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    shape = _random_shape(rng, (3, 5, 7))
-    x, weights, biases = _make_inputs(rng, gen, **shape, dtype=dtype, bias_pattern="all")
-    _check_against_reference(x, weights, biases, "gelu", seed=seed, what=f"{dtype} {shape}")
-
-
 def test_forward_tiles_of_the_edge_cases():
-    """The edge cases above reach the tile variants they name (the interpreter asks for 2 programs)."""
+    """The tile cases of tests/test_op_contract.py (CONV_TILE_CASES) reach the variants they name (the interpreter
+    asks for 2 programs)."""
     config = kernels._forward_config
     assert config(T=45, r=3 * 7, batch=2, programs_wanted=2)["X_RESIDENT"]
     streamed = config(T=33, r=20 * 7, batch=2, programs_wanted=2)
@@ -226,12 +81,18 @@ def test_forward_tiles_of_the_edge_cases():
 
 
 def test_gradients_only_for_what_requires_them():
+    """x and one weight frozen: the other gradients still match the reference, and none appears for those two."""
+    draw = Draw()
+    case = {"B": 2, "C_in": 3, "T": draw.odd(9, 31), "branches": [(4, 3), (6, 5)], "bias": "all",
+            "activation": "gelu", "x_layout": draw.choice(LAYOUTS), "w_layout": "contiguous"}
+    args = build_args(draw, case)
+    args["x"].grad = args["w1"].grad = False
+    compare_with_reference("fused", call(case), args, draw, f"x and w1 frozen {case}", torch.float32, TOL)
     seed = _seed()
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     x, weights, biases = _make_inputs(rng, gen, batch=2, c_in=3, steps=21, kernel_sizes=(3, 5), out_channels=(4, 6),
                                       bias_pattern="all", x_grad=False)
     weights[1].requires_grad_(False)
-    _check_against_reference(x, weights, biases, "gelu", seed=seed, what="x and weights[1] frozen")
     with fastmsc.use_backend("fused"):
         out = fastmsc.multiscale_conv1d(x, weights, biases, "gelu")
     out.sum().backward()
@@ -267,45 +128,6 @@ def test_empty_batch_gives_empty_output_and_zero_weight_gradients():
     assert torch.equal(biases[0].grad, torch.zeros_like(biases[0]))
 
 
-def test_custom_ops_pass_opcheck():
-    """Schema, fake (meta) implementations and autograd registration, as torch.compile relies on them."""
-    gen = torch.Generator().manual_seed(_seed())
-    x = torch.randn(2, 3, 11, generator=gen).to(DEVICE).requires_grad_()
-    weight, bias = kernels.pack_weights([torch.randn(4, 3, 3, generator=gen), torch.randn(2, 3, 5, generator=gen)],
-                                        [torch.randn(4, generator=gen), None])
-    weight, bias = weight.to(DEVICE).requires_grad_(), bias.to(DEVICE).requires_grad_()
-    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
-    with fastmsc.use_backend("fused"):
-        torch.library.opcheck(torch.ops.fastmsc.multiscale_conv1d_packed.default, (x, weight, bias, "gelu"),
-                              test_utils=utils)
-        grad = torch.randn(2, 6, 11, generator=gen).to(DEVICE)
-        torch.library.opcheck(torch.ops.fastmsc.multiscale_conv1d_packed_backward.default,
-                              (grad, x.detach(), weight.detach(), bias.detach(), "gelu", True, True, True),
-                              test_utils=("test_schema", "test_faketensor"))
-
-
-def test_torch_compile_fullgraph_through_packing_and_custom_op():
-    seed = _seed()
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 3, 13, generator=gen).to(DEVICE).requires_grad_()
-    weights = [torch.randn(c, 3, k, generator=gen).to(DEVICE).requires_grad_() for c, k in ((3, 3), (2, 7))]
-    biases = [None, torch.randn(2, generator=gen).to(DEVICE).requires_grad_()]
-
-    def layer(x, weights, biases):
-        return fastmsc.multiscale_conv1d(x, weights, biases, "gelu")
-
-    with fastmsc.use_backend("fused"):
-        eager = layer(x, weights, biases)
-        eager_grads = torch.autograd.grad(eager.square().sum(), [x, *weights, biases[1]])
-        # aot_eager traces the autograd graph (fake tensors, the backward op) without needing a GPU compiler.
-        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
-        out = compiled(x, weights, biases)
-        grads = torch.autograd.grad(out.square().sum(), [x, *weights, biases[1]])
-    assert torch.equal(out, eager), f"seed={seed}"
-    for got, want in zip(grads, eager_grads, strict=True):
-        assert torch.equal(got, want), f"seed={seed}"
-
-
 def test_unsupported_arguments_are_explained():
     assert kernels.fused_unsupported("mps") is not None
     x64 = torch.randn(1, 2, 5, dtype=torch.float64, device=DEVICE)
@@ -335,8 +157,9 @@ def test_relu_gradient_at_exact_zero_follows_torch():
 
 
 def test_aot_cases_reach_every_configuration_the_heuristics_pick():
-    """AOT_CASES records the launches of representative calls (fastmsc.kernels._aot.record_launches); those calls
-    must reach every tile the heuristics can return, in every dtype, or a configuration would go unchecked."""
+    """AOT_CASES records the launches of representative calls; those calls must reach every tile the heuristics
+    can return, in every dtype, or a configuration would go unchecked (tests/test_op_contract.py checks that
+    the cases are valid and cover every kernel)."""
     def config(case, *names):
         constexprs = case["constexprs"]
         ptr = next(kind for kind in case["signature"].values() if kind.startswith("*"))  # x or gz: the dtype

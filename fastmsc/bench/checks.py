@@ -8,6 +8,7 @@ upstream gradient) is compared with the reference run in float64 on the same inp
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,6 +60,39 @@ def tolerance(dtype: torch.dtype, device: torch.device, model: bool = False, tf3
     return 2e-2 if dtype == torch.float16 else 6e-2
 
 
+def mismatch(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float = 0.0, atol: float | torch.Tensor = 0.0,
+             atol_per_max: float = 0.0) -> tuple[float, tuple[int, ...] | None, int]:
+    """How far ``actual`` is from ``expected``, element by element, in units of the allowed error
+    ``atol + atol_per_max * max|expected| + rtol * |expected|`` (``atol`` may be a tensor of per-element bounds).
+
+    Returns (worst ratio, index of the worst element or None, number of elements with ratio > 1); a ratio <= 1
+    everywhere passes. Equal elements (infinities of the same sign included) count 0; NaN on either side, or an
+    infinity against anything else, counts as infinite. ``atol_per_max`` serves low-precision results, whose
+    rounded intermediates (products, partial sums) follow the tensor's largest values, not each element's.
+    The one comparison of a backend against the float64 reference: the tests and the benchmark both use it.
+    """
+    got = actual.detach().to("cpu", torch.float64)
+    want = expected.detach().to("cpu", torch.float64)
+    if got.shape != want.shape:
+        raise ValueError(f"shape {tuple(got.shape)} against expected {tuple(want.shape)}")
+    if not got.numel():
+        return 0.0, None, 0
+    largest = float(want.abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).max()) if atol_per_max else 0.0
+    if isinstance(atol, torch.Tensor):
+        atol = atol.detach().to("cpu", torch.float64)
+    allowed = atol + atol_per_max * largest + rtol * want.abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    allowed = torch.broadcast_to(torch.as_tensor(allowed, dtype=torch.float64), got.shape)
+    with torch.no_grad():
+        error = (got - want).abs()
+        ratio = torch.where(allowed > 0, error / allowed.clamp_min(torch.finfo(torch.float64).tiny),
+                            torch.where(error > 0, float("inf"), 0.0))
+        ratio = torch.where(got == want, 0.0, ratio.nan_to_num(nan=math.inf, posinf=math.inf))
+        ratio = torch.where(got.isnan() | want.isnan(), math.inf, ratio)
+    flat = int(ratio.flatten().argmax())
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), ratio.shape))
+    return float(ratio.flatten()[flat]), index, int((ratio > 1).sum())
+
+
 def compare(pairs: Sequence[tuple[str, torch.Tensor | None, torch.Tensor]]) -> tuple[float, str]:
     """Worst error over (name, got, reference) pairs: max|got - ref| / max|ref|, as float64.
 
@@ -76,8 +110,7 @@ def compare(pairs: Sequence[tuple[str, torch.Tensor | None, torch.Tensor]]) -> t
             return float("inf"), f"{name} has shape {tuple(got.shape)}, reference {tuple(want.shape)}"
         if got.numel() == 0:
             continue
-        got = got.detach().to(torch.float64)
-        error = float("inf") if not torch.isfinite(got).all() else float((got - want).abs().max()) / max(scale, floor)
+        error, _, _ = mismatch(got, want, atol=max(scale, floor))
         if error > worst or not worst_name:
             worst, worst_name = error, name
     return worst, worst_name
