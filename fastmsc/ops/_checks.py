@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .._device import dtype_name
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -16,8 +18,8 @@ def check_tensor(name: str, t, ndim: int | tuple[int, ...] | None = None, dtypes
             want = " or ".join(f"{d}-D" for d in allowed)
             raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+        names = ", ".join(dtype_name(d) for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {dtype_name(t.dtype)}")
     return t
 
 
@@ -26,8 +28,8 @@ def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> 
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device")
     if t.dtype != ref.dtype:
         raise TypeError(
-            f"{name} has dtype {str(t.dtype).replace('torch.', '')} but {ref_name} has "
-            f"{str(ref.dtype).replace('torch.', '')}; use one dtype"
+            f"{name} has dtype {dtype_name(t.dtype)} but {ref_name} has "
+            f"{dtype_name(ref.dtype)}; use one dtype"
         )
 
 
@@ -51,7 +53,7 @@ def check_lengths(lengths, batch: int, max_len: int, device: torch.device) -> to
         except (TypeError, ValueError, RuntimeError) as exc:
             raise TypeError(f"lengths must be a sequence of ints or an integer tensor, got {lengths!r}") from exc
     if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-        raise TypeError(f"lengths must hold integers, got dtype {str(lengths.dtype).replace('torch.', '')}")
+        raise TypeError(f"lengths must hold integers, got dtype {dtype_name(lengths.dtype)}")
     if lengths.dim() != 1 or lengths.shape[0] != batch:
         raise ValueError(f"lengths must have shape ({batch},) (one per batch element), got {tuple(lengths.shape)}")
     capturing = lengths.is_cuda and torch.cuda.is_current_stream_capturing()  # reading values would sync

@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..backend import Op, register
+from ..backend import Op, import_failure, register
 from ._checks import check_lengths, check_same, check_tensor, compute_dtype, time_mask
 
 
@@ -105,7 +105,19 @@ def sdpa_backend(q, k, v, lengths=None, scale=None) -> str:
         return f"unknown ({type(exc).__name__})"
 
 
-OP = register(Op("attention", attention_reference, attention_torch, fused_module="fastmsc.kernels.attention"))
+# The fused path, imported here and not at the top: fastmsc.kernels.attention imports this module's
+# reference (its double backward differentiates it), defined by now. A failed import (no triton, a broken install)
+# is recorded in the op, shown by `fastmsc info`, and never raised at `import fastmsc`.
+try:
+    from ..kernels import attention as _kernels
+except Exception as exc:
+    _kernels, _kernels_error = None, import_failure("fastmsc.kernels.attention", exc)
+else:
+    _kernels_error = None
+
+OP = register(Op("attention", attention_reference, attention_torch,
+                 fused=getattr(_kernels, "fused", None), fused_unsupported=getattr(_kernels, "fused_unsupported", None),
+                 load_error=_kernels_error))
 
 
 def attention(q, k, v, lengths=None, scale=None):

@@ -23,7 +23,7 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .._double_backward import graph_wanted, recomputed_grads
-from ..backend import Op, register
+from ..backend import Op, import_failure, register
 from ._checks import check_lengths, check_same, check_shape, check_tensor, compute_dtype, time_mask
 
 
@@ -222,7 +222,20 @@ def _lstm_packed_recorded_backward(ctx, grad_out, grad_h_n, grad_c_n, x, flat, h
 _lstm_packed_op.register_autograd(_lstm_packed_backward, setup_context=_lstm_packed_setup_context)
 
 
-OP = register(Op("lstm_layer", lstm_layer_reference, lstm_layer_torch, fused_module="fastmsc.kernels.lstm_layer"))
+# The fused path, imported here and not at the top: fastmsc.kernels.lstm_layer imports this module's
+# reference (its double backward differentiates it), defined by now. A failed import (a broken torch.library
+# registration) is recorded in the op, shown by `fastmsc info`, and never raised at `import fastmsc`.
+try:
+    from ..kernels import lstm_layer as _kernels
+except Exception as exc:
+    _kernels, _kernels_error = None, import_failure("fastmsc.kernels.lstm_layer", exc)
+else:
+    _kernels_error = None
+
+OP = register(Op("lstm_layer", lstm_layer_reference, lstm_layer_torch,
+                 fused=getattr(_kernels, "fused", None), fused_unsupported=getattr(_kernels, "fused_unsupported", None),
+                 fused_prepare=getattr(_kernels, "prepare", None),
+                 load_error=_kernels_error))
 
 
 _DIRECTION = "(w_ih, w_hh, b_ih, b_hh) or (w_ih, w_hh, b_ih, b_hh, w_hr)"

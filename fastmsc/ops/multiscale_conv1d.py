@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..backend import Op, register
+from ..backend import Op, import_failure, register
 from ._checks import check_same, check_tensor, compute_dtype
 
 ACTIVATIONS = (None, "relu", "gelu")
@@ -55,10 +55,19 @@ def multiscale_conv1d_torch(x, weights, biases=None, activation=None):
     return torch.cat(outs, dim=1)
 
 
-OP = register(
-    Op("multiscale_conv1d", multiscale_conv1d_reference, multiscale_conv1d_torch,
-       fused_module="fastmsc.kernels.multiscale_conv1d")
-)
+# The fused path, imported here and not at the top: fastmsc.kernels.multiscale_conv1d imports this module's
+# reference (its double backward differentiates it), defined by now. A failed import (no triton, a broken install)
+# is recorded in the op, shown by `fastmsc info`, and never raised at `import fastmsc`.
+try:
+    from ..kernels import multiscale_conv1d as _kernels
+except Exception as exc:
+    _kernels, _kernels_error = None, import_failure("fastmsc.kernels.multiscale_conv1d", exc)
+else:
+    _kernels_error = None
+
+OP = register(Op("multiscale_conv1d", multiscale_conv1d_reference, multiscale_conv1d_torch,
+                 fused=getattr(_kernels, "fused", None), fused_unsupported=getattr(_kernels, "fused_unsupported", None),
+                 load_error=_kernels_error))
 
 
 def _validate(x, weights, biases, activation):
