@@ -5,13 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .nn import LSTM, MaxAvgPool1d, MultiScaleConv1d, SelfAttention
-from .nn._torchscript import NotScriptable
+from .nn import LSTM, MaxAvgPool1d, MultiScaleConv1d, NotScriptable, SelfAttention
 from .ops import time_mask, validate_lengths
 
 
 class MSCClassifier(NotScriptable, nn.Module):
-    """forward(x (B, C_in, T), lengths=None) -> logits (B, num_classes).
+    """forward(x (B, C_in, T), lengths=None) -> logits (B, num_classes); lengths None or (B,) ints in [1, T].
 
     Every stage calls a fastmsc op, so the backend switch changes the whole model. The conv branches
     are followed by BatchNorm (``conv_norm``, one BatchNorm1d over the concatenated channels, which is
