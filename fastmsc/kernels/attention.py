@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .._double_backward import graph_wanted, recomputed_grads
-from ..ops.attention import attention_reference
+from ..ops.reference import attention_reference
 from ._common import INTERPRETED, dtype_name, new_output, triton_call_unsupported
 from ._common import dot_precision as _input_precision
 

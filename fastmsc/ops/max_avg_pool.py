@@ -15,6 +15,15 @@ import torch
 from ..backend import Op, import_failure, register
 from ._checks import check_lengths, check_tensor, compute_dtype, time_mask
 
+# The fused path. A failed import (no triton, a broken install) is recorded in the op, shown by `fastmsc info`,
+# and never raised at `import fastmsc`.
+try:
+    from ..kernels import max_avg_pool as _kernels
+except Exception as exc:
+    _kernels, _kernels_error = None, import_failure("fastmsc.kernels.max_avg_pool", exc)
+else:
+    _kernels_error = None
+
 
 def max_avg_pool_reference(x, lengths=None):
     work = compute_dtype(x.dtype)
@@ -47,16 +56,6 @@ def max_avg_pool_torch(x, lengths=None):
         mean = x.masked_fill(invalid, 0.0).sum(dim=1) / lengths[:, None].to(x.dtype)
     return torch.cat([maximum, mean], dim=-1)
 
-
-# The fused path, imported here and not at the top: fastmsc.kernels.max_avg_pool imports this module's
-# reference (its double backward differentiates it), defined by now. A failed import (no triton, a broken install)
-# is recorded in the op, shown by `fastmsc info`, and never raised at `import fastmsc`.
-try:
-    from ..kernels import max_avg_pool as _kernels
-except Exception as exc:
-    _kernels, _kernels_error = None, import_failure("fastmsc.kernels.max_avg_pool", exc)
-else:
-    _kernels_error = None
 
 OP = register(Op("max_avg_pool", max_avg_pool_reference, max_avg_pool_torch,
                  fused=getattr(_kernels, "fused", None), fused_unsupported=getattr(_kernels, "fused_unsupported", None),
