@@ -8,16 +8,19 @@ Order of attempts, first success wins, the outcome is cached for the process:
    the sources, so a new torch or edited sources rebuild and an unchanged setup loads in milliseconds.
 
 ``load()`` returns None on success and raises :class:`ExtensionUnavailable` (with the reason and how to
-fix it) otherwise; :func:`unavailable_reason` gives the same as a string. Nothing here runs at
-``import fastmsc``: the backend imports this module on the first LSTM call or ``fastmsc.info()``.
+fix it) otherwise; :func:`unavailable_reason` gives the same as a string. Both may build (minutes), so
+the question "can the fused LSTM run?" asks :func:`availability` instead, which never builds, loads or
+warns: the first real fused call loads (or builds) the extension. Nothing here runs at ``import fastmsc``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import logging
 import os
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -171,3 +174,83 @@ def unavailable_reason() -> str | None:
 def origin() -> str | None:
     """Where the loaded ops came from ("fastmsc._C" or the JIT build folder); None before loading."""
     return _state["origin"]
+
+
+@torch.compiler.assume_constant_result  # file-system probes Dynamo cannot trace; fixed while it traces
+def availability() -> str | None:
+    """None when the extension is loaded or can be loaded on first use, else why not; never builds or loads.
+
+    Loadable means: a prebuilt ``fastmsc._C`` is installed, or a JIT build of these sources for this torch is
+    cached, or one can be built (the sources, a C++ compiler and ninja are present). Once a load was attempted
+    its outcome is the answer, so a build that failed is reported from then on.
+    """
+    if _state["done"]:
+        return _state["error"]
+    if ops_registered() or importlib.util.find_spec("fastmsc._C") is not None:
+        return None
+    src = source_dir()
+    if src is None:
+        return "the compiled LSTM extension is unavailable: no prebuilt fastmsc._C and no C++ sources to build"
+    if _cached_build(src) is not None:
+        return None
+    return _build_tools_missing()
+
+
+def _cached_build(src: Path) -> Path | None:
+    """The cache folder of a finished JIT build of the sources in ``src`` for this torch, or None."""
+    with_cuda = _jit_wants_cuda() and (src / "lstm_cuda.cu").is_file()
+    key = _build_key([src / name for name in _SOURCE_NAMES if (src / name).is_file()], with_cuda)
+    build_dir = cache_dir() / key
+    return build_dir if any(build_dir.glob("*.so")) else None
+
+
+_tools_missing: list[str | None] = []
+
+
+def _build_tools_missing() -> str | None:
+    """Why a JIT build cannot start (no C++ compiler, no ninja), or None; probed once per process."""
+    if not _tools_missing:
+        compiler = os.environ.get("CXX", "c++")
+        ninja = shutil.which("ninja") or shutil.which("ninja", path=str(Path(sys.executable).parent))
+        missing = [what for what, found in ((f"the C++ compiler {compiler!r}", shutil.which(compiler)),
+                                            ("ninja", ninja)) if not found]
+        _tools_missing.append(
+            None if not missing else
+            f"the compiled LSTM extension is unavailable: no prebuilt fastmsc._C, and {' and '.join(missing)} "
+            "needed to build it just in time not found. Fix: install a C++ compiler and ninja, or reinstall with "
+            "`pip install --no-build-isolation .` against the torch you run")
+    return _tools_missing[0]
+
+
+def describe() -> str:
+    """Where the extension comes from, for ``fastmsc info``: the loaded build, or what the first use will do
+    (never builds or loads)."""
+    if origin() is not None:
+        return f"loaded ({origin()})"
+    if _state["done"]:
+        return f"unavailable ({_state['error']})"
+    if ops_registered():
+        return "loaded (already registered)"
+    if importlib.util.find_spec("fastmsc._C") is not None:
+        return "prebuilt fastmsc._C, loaded on first use"
+    src = source_dir()
+    if src is None:
+        return "unavailable (no prebuilt fastmsc._C and no C++ sources)"
+    cached = _cached_build(src)
+    if cached is not None:
+        return f"cached JIT build in {cached}, loaded on first use"
+    missing = _build_tools_missing()
+    if missing is not None:
+        return f"unavailable ({missing})"
+    return f"built just in time on first use (about a minute per source file) into {cache_dir()}"
+
+
+def cuda_kernels_expected() -> bool:
+    """Whether the build in use has, or the build the first use will load is expected to have, CUDA kernels;
+    never builds or loads (a prebuilt fastmsc._C is taken to have them, as setup.py builds them with nvcc)."""
+    if ops_registered():
+        return has_cuda_kernels()
+    if importlib.util.find_spec("fastmsc._C") is not None:
+        return True
+    src = source_dir()
+    return src is not None and _jit_wants_cuda() and (src / "lstm_cuda.cu").is_file()

@@ -14,7 +14,6 @@ which one runs:
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -69,54 +68,49 @@ class FusedUnavailable(RuntimeError):
     """Raised when backend ``fused`` is forced for arguments no fused kernel supports."""
 
 
+def import_failure(module: str, exc: BaseException) -> str:
+    """The reason an op records when its fused module (``fastmsc.kernels.<op>``) failed to import."""
+    return f"{module} could not be imported ({type(exc).__name__}: {exc})"
+
+
 @dataclass
 class Op:
-    """One public op and its implementations.
+    """One public op and its implementations, declared by the op's module (``fastmsc.ops.<op>``).
 
-    The fused path lives in ``fused_module`` (``fastmsc.kernels.<op>``), imported by
-    :func:`load_fused_modules` when ``fastmsc`` is imported (torch.compile cannot trace an import, so
-    it must not happen on the first call); a failed import is recorded, never raised, so ``import
-    fastmsc`` never needs triton or the compiled extension. That module defines
-    ``fused`` (same signature as ``reference``) and ``fused_unsupported(device_type, **call_args)``,
-    which returns ``None`` when the fused path can run those arguments on that device, else a
-    sentence saying why not; called with only the device type it answers for the device in general
-    (used by :func:`fastmsc.info`).
+    ``reference`` and ``torch`` take the op's validated arguments. The fused path comes from the op's kernel
+    module (``fastmsc.kernels.<op>``), which the op's module imports itself when ``fastmsc`` is imported
+    (torch.compile cannot trace an import, so none may happen on a first call), guarded: a failed import (no
+    triton, a broken extension) leaves ``fused`` None and its reason in ``load_error``, shown by
+    :func:`fastmsc.info` and never raised at ``import fastmsc``. The kernel module provides
+
+    * ``fused``: same signature as ``reference``;
+    * ``fused_unsupported(device_type, *, allow_interpreter=False, **call_args)``: None when the fused path can
+      run those arguments on that device, else a sentence saying why not; called with only the device type it
+      answers for the device in general (used by :func:`fastmsc.info`). A question only: cheap, it never
+      compiles, loads or warns. ``allow_interpreter`` is the backend policy passed down: whether CPU tensors may
+      run Triton kernels in the interpreter (only when the user forced backend 'fused');
+    * optionally ``prepare(*, fallback)``: readies the fused path for a call about to run it (loading or building
+      a compiled extension), returns None or why it cannot run; ``fallback`` says the caller then runs ``torch``.
     """
 
     name: str
     reference: Callable
     torch: Callable
-    fused_module: str | None = None
     fused: Callable | None = None
     fused_unsupported: Callable[..., str | None] | None = None
+    fused_prepare: Callable[..., str | None] | None = None
     load_error: str | None = field(default=None, repr=False)
-    _loaded: bool = field(default=False, repr=False)
 
-    def _load_fused(self) -> None:
-        if self._loaded:
-            return
-        self._loaded = True
-        if self.fused_module is None:
-            return
-        try:
-            module = importlib.import_module(self.fused_module)
-        except ModuleNotFoundError as exc:
-            if exc.name != self.fused_module:
-                self.load_error = f"{self.fused_module} could not be imported (ModuleNotFoundError: {exc})"
-            return
-        except Exception as exc:  # missing triton, a broken extension: report it, never fail the import
-            self.load_error = f"{self.fused_module} could not be imported ({type(exc).__name__}: {exc})"
-            return
-        self.fused = module.fused
-        self.fused_unsupported = getattr(module, "fused_unsupported", None)
-
-    def why_not_fused(self, device_type: str, **call_args) -> str | None:
-        self._load_fused()
+    def why_not_fused(self, device_type: str, *, allow_interpreter: bool | None = None, **call_args) -> str | None:
+        """Why the fused path cannot run these arguments on ``device_type``, or None. ``allow_interpreter`` None
+        follows the backend in force (the interpreter only under 'fused')."""
         if self.fused is None:
             return self.load_error or "no fused implementation exists for this op yet"
         if self.fused_unsupported is None:
             return None
-        return self.fused_unsupported(device_type, **call_args)
+        if allow_interpreter is None:
+            allow_interpreter = get_backend() == "fused"
+        return self.fused_unsupported(device_type, allow_interpreter=allow_interpreter, **call_args)
 
     def select(self, device_type: str, **call_args) -> Callable:
         """The implementation the backend in force runs for these (validated) arguments. ``auto`` also
@@ -126,7 +120,9 @@ class Op:
             return self.reference
         if backend == "torch":
             return self.torch
-        reason = self.why_not_fused(device_type, **call_args)
+        if self.fused is not None and self.fused_prepare is not None:
+            self.fused_prepare(fallback=backend == "auto")  # a failure is recorded: the question below reports it
+        reason = self.why_not_fused(device_type, allow_interpreter=backend == "fused", **call_args)
         if reason is None:
             if backend == "auto":
                 tensors = list(_tensors(call_args.values()))
@@ -154,9 +150,3 @@ OPS: dict[str, Op] = {}
 def register(op: Op) -> Op:
     OPS[op.name] = op
     return op
-
-
-def load_fused_modules() -> None:
-    """Import every op's fused module now (failures are recorded in the op and shown by fastmsc.info)."""
-    for op in OPS.values():
-        op._load_fused()

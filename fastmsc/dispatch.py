@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ._device import compute_capability
+from ._device import compute_capability, dtype_name
 from ._files import write_json
 
 TABLE_VERSION = 1
@@ -72,15 +72,8 @@ def size_bucket(numel: int) -> str:
     return f"2^{exponent}"
 
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
-                torch.float64: "float64"}
 # The device types whose calls the table decides (a test widens it to trace the lookup on CPU).
 DEVICE_TYPES = ("cuda",)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """'float32' for torch.float32 (a dict lookup: torch.compile traces it without a graph break)."""
-    return _DTYPE_NAMES.get(dtype) or str(dtype).replace("torch.", "")
 
 
 class DispatchTableError(ValueError):

@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import torch
 
-from . import dispatch
+from . import _extension, dispatch
 from ._device import compute_capability
 from ._version import __version__
 from .backend import OPS, get_backend
@@ -53,6 +53,7 @@ def info() -> dict:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "cpu": platform.processor() or platform.machine(),
         "backend": get_backend(),
+        "lstm_extension": _extension.describe(),
         "dispatch_table": str(dispatch.TABLE_PATH),
         "ops": {},
     }
@@ -75,7 +76,8 @@ def info() -> dict:
 
 def format_info(data: dict | None = None) -> str:
     data = info() if data is None else data
-    lines = [f"{key}: {data[key]}" for key in ("fastmsc", "python", "torch", "triton", "cuda", "gpu", "cpu", "backend")]
+    lines = [f"{key}: {data[key]}" for key in ("fastmsc", "python", "torch", "triton", "cuda", "gpu", "cpu", "backend",
+                                                   "lstm_extension")]
     lines.append("ops (what backend 'auto' picks):")
     for name, per_device in data["ops"].items():
         for device, row in per_device.items():

@@ -5,13 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .nn import LSTM, MaxAvgPool1d, MultiScaleConv1d, SelfAttention
-from .nn._torchscript import NotScriptable
-from .ops._checks import check_lengths
+from .nn import LSTM, MaxAvgPool1d, MultiScaleConv1d, NotScriptable, SelfAttention
+from .ops import time_mask, validate_lengths
 
 
 class MSCClassifier(NotScriptable, nn.Module):
-    """forward(x (B, C_in, T), lengths=None) -> logits (B, num_classes).
+    """forward(x (B, C_in, T), lengths=None) -> logits (B, num_classes); lengths None or (B,) ints in [1, T].
 
     Every stage calls a fastmsc op, so the backend switch changes the whole model. The conv branches
     are followed by BatchNorm (``conv_norm``, one BatchNorm1d over the concatenated channels, which is
@@ -42,10 +41,12 @@ class MSCClassifier(NotScriptable, nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != self.in_channels:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must have shape (B, {self.in_channels}, T), got {got}")
-        lengths = check_lengths(lengths, x.shape[0], x.shape[2], x.device)
+        # Validated once here (at most one host read of the values); the stages below get a ValidLengths and
+        # read no value of it again.
+        lengths = validate_lengths(lengths, x.shape[0], x.shape[2], x.device)
         if lengths is not None:
             # Values past a sequence's end must not leak into its last valid conv outputs.
-            x = x * (torch.arange(x.shape[2], device=x.device) < lengths[:, None])[:, None, :].to(x.dtype)
+            x = x * time_mask(lengths.tensor, x.shape[2])[:, None, :].to(x.dtype)
         h = self.conv(x)
         if self.conv_norm is not None:
             h = nn.functional.gelu(self.conv_norm(h))

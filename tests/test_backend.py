@@ -11,7 +11,16 @@ import pytest
 import torch
 
 import fastmsc
-from fastmsc.backend import BACKENDS, OPS, FusedUnavailable, Op, get_backend, set_backend, use_backend
+from fastmsc.backend import (
+    BACKENDS,
+    OPS,
+    FusedUnavailable,
+    Op,
+    get_backend,
+    import_failure,
+    set_backend,
+    use_backend,
+)
 
 VALID_LIST = r"valid backends are reference, torch, fused, auto"
 
@@ -91,7 +100,8 @@ def test_unknown_environment_backend_fails_the_import_clearly():
     assert "unknown fastmsc backend 'gpu'" in result.stderr and "reference, torch, fused, auto" in result.stderr
 
 
-# What each op passes to fused_unsupported(device_type, **call_args): the fused kernels rely on these names.
+# What each op passes to fused_unsupported(device_type, *, allow_interpreter, **call_args): the fused kernels rely
+# on these names.
 CALLS = {
     "multiscale_conv1d": (lambda: fastmsc.multiscale_conv1d(torch.randn(2, 3, 6), [torch.randn(4, 3, 3)], None),
                           {"x", "weights", "biases", "activation"}),
@@ -115,18 +125,20 @@ class _Spy:
 @pytest.fixture
 def spied_ops(monkeypatch):
     """Every op's implementations replaced by spies that log which one ran; fused_unsupported answers
-    from ``refuse`` (None: the fused path accepts)."""
+    from ``refuse`` (None: the fused path accepts) and records the policy passed down (``allowed``)."""
     log, refuse, seen_args = [], {"reason": None}, []
+    refuse["allowed"] = []
 
-    def fused_unsupported(device_type, **call_args):
+    def fused_unsupported(device_type, *, allow_interpreter, **call_args):
         seen_args.append((device_type, set(call_args)))
+        refuse["allowed"].append(allow_interpreter)
         return refuse["reason"]
 
     for op in OPS.values():
         for impl in ("reference", "torch", "fused"):
             monkeypatch.setattr(op, impl, _Spy(impl, log))
         monkeypatch.setattr(op, "fused_unsupported", fused_unsupported)
-        monkeypatch.setattr(op, "_loaded", True)
+        monkeypatch.setattr(op, "fused_prepare", None)
     return log, refuse, seen_args
 
 
@@ -139,6 +151,7 @@ def test_each_backend_runs_its_implementation(op_name, spied_ops):
             assert call() == "spied"
     assert log == ["reference", "torch", "fused", "fused"]
     assert seen_args == [("cpu", expected_args)] * 2
+    assert refuse["allowed"] == [True, False], "the interpreter is allowed only where 'fused' is forced"
 
     refuse["reason"] = "the kernel needs a full moon"
     with use_backend("auto"):
@@ -155,12 +168,11 @@ def test_the_global_setting_reaches_the_ops(spied_ops):
     assert log == ["reference"]
 
 
-def test_missing_and_broken_fused_modules_are_reported(tmp_path, monkeypatch):
-    (tmp_path / "fastmsc_test_broken_kernel.py").write_text("raise ImportError('needs a newer triton')\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+def test_missing_and_broken_fused_modules_are_reported():
     ref = lambda x: "reference"
-    missing = Op("demo", ref, lambda x: "torch", fused_module="fastmsc_test_no_such_kernel")
-    broken = Op("demo", ref, lambda x: "torch", fused_module="fastmsc_test_broken_kernel")
+    missing = Op("demo", ref, lambda x: "torch")
+    broken = Op("demo", ref, lambda x: "torch",
+                load_error=import_failure("fastmsc_test_broken_kernel", ImportError("needs a newer triton")))
     assert missing.why_not_fused("cpu") == "no fused implementation exists for this op yet"
     reason = broken.why_not_fused("cpu")
     assert "fastmsc_test_broken_kernel could not be imported" in reason and "needs a newer triton" in reason
@@ -174,8 +186,11 @@ def test_missing_and_broken_fused_modules_are_reported(tmp_path, monkeypatch):
 @pytest.mark.parametrize("op_name", sorted(CALLS))
 def test_every_op_is_registered(op_name):
     op = OPS[op_name]
-    assert op.name == op_name and op.fused_module == f"fastmsc.kernels.{op_name}"
-    assert callable(op.reference) and callable(op.torch)
+    assert op.name == op_name and callable(op.reference) and callable(op.torch)
+    if op.fused is not None:  # declared by the op from its own kernel module
+        assert op.fused.__module__ == f"fastmsc.kernels.{op_name}" and op.load_error is None
+    else:
+        assert op.load_error is not None and f"fastmsc.kernels.{op_name}" in op.load_error
 
 
 @pytest.mark.parametrize("op_name", ["multiscale_conv1d", "attention", "max_avg_pool"])

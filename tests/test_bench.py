@@ -158,7 +158,7 @@ def test_saved_tensor_bytes_sees_custom_autograd_functions():
 def _register_fused(monkeypatch, op_name, fused):
     """Make ``fused`` the op's fused path on every device, as a later kernel module would."""
     op = OPS[op_name]
-    monkeypatch.setattr(op, "_loaded", True)
+    monkeypatch.setattr(op, "fused_prepare", None)
     monkeypatch.setattr(op, "fused", fused)
     monkeypatch.setattr(op, "fused_unsupported", None)
 

@@ -132,13 +132,16 @@ def test_unsupported_arguments_are_explained():
     assert kernels.fused_unsupported("mps") is not None
     x64 = torch.randn(1, 2, 5, dtype=torch.float64, device=DEVICE)
     weights64 = [torch.randn(3, 2, 3, dtype=torch.float64, device=DEVICE)]
+    # allow_interpreter: the policy backend 'fused' passes down (Op.select), asked of the kernels directly here.
     with fastmsc.use_backend("fused"):
-        reason = kernels.fused_unsupported(DEVICE, x=x64, weights=weights64, biases=None, activation=None)
+        reason = kernels.fused_unsupported(DEVICE, allow_interpreter=True, x=x64, weights=weights64, biases=None,
+                                           activation=None)
         assert reason is not None and "float64" in reason
         with pytest.raises(FusedUnavailable, match="float64"):
             fastmsc.multiscale_conv1d(x64, weights64)
         x32, weights32 = x64.float(), [w.float() for w in weights64]
-        assert kernels.fused_unsupported(DEVICE, x=x32, weights=weights32, biases=None, activation="gelu") is None
+        assert kernels.fused_unsupported(DEVICE, allow_interpreter=True, x=x32, weights=weights32, biases=None,
+                                         activation="gelu") is None
     # 'auto' on float64 falls back to stock torch with the same result as the reference.
     out = fastmsc.multiscale_conv1d(x64, weights64)
     torch.testing.assert_close(out, multiscale_conv1d_reference(x64, weights64), rtol=1e-12, atol=1e-12)

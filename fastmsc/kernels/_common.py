@@ -1,4 +1,10 @@
-"""Helpers shared by the Triton-backed fused ops."""
+"""Triton platform facts and helpers shared by the Triton-backed fused ops.
+
+The one home of what the kernels ask about the platform: whether launches run in the Triton interpreter,
+the precision of ``tl.dot`` on float32, the GPU's compute capability, dtype names, and the checks every
+op's ``fused_unsupported`` opens with. Nothing here reads the backend policy: the caller passes it
+(``allow_interpreter``), so kernels never depend on :mod:`fastmsc.backend`.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,32 @@ import os
 
 import torch
 
-from .._device import compute_capability
-from ..backend import get_backend
+from .._device import compute_capability, dtype_name
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when the kernel modules are imported
+# (just after this one): read once here, the answer matches how every kernel of the process was built.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# The dtypes every Triton kernel takes (no float64: the GPUs' fp64 dot throughput makes torch the better path).
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+__all__ = ["INTERPRETED", "TRITON_DTYPES", "capability_unsupported", "compute_capability", "dot_precision",
+           "dtype_name", "interpreting", "new_output", "poison_enabled", "triton_call_unsupported",
+           "triton_unsupported"]
+
+
+def interpreting(device: torch.device | None = None) -> bool:
+    """Whether kernel launches run in the Triton interpreter. The device does not change the answer: under
+    TRITON_INTERPRET=1 every launch is interpreted, and without it a CPU tensor is never launched on."""
+    return INTERPRETED
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision for operands of ``dtype``: "tf32" for float32 when PyTorch's own float32
+    matmuls may use TF32 (torch.backends.cuda.matmul.allow_tf32), else "ieee" (half operands never use tf32)."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
 
 
 def poison_enabled() -> bool:
@@ -24,11 +54,12 @@ def new_output(shape, *, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.full(shape, fill, dtype=dtype, device=device)
 
 
-def triton_unsupported(device_type: str) -> str | None:
+def triton_unsupported(device_type: str, *, allow_interpreter: bool = False) -> str | None:
     """Why a Triton kernel cannot run on ``device_type`` now, or None.
 
     On CPU the kernels run only through the Triton interpreter (TRITON_INTERPRET=1), which is a test
-    tool, not a fast path: it is used only when backend 'fused' is forced, never picked by 'auto'.
+    tool, not a fast path: the caller allows it (``allow_interpreter``) only where the user forced the
+    fused path (backend 'fused'), never where 'auto' chooses.
     """
     try:
         import triton  # noqa: F401
@@ -38,11 +69,24 @@ def triton_unsupported(device_type: str) -> str | None:
         # The current GPU, so that fastmsc.info() shows the reason; each call also checks its tensors' GPU.
         return _capability_reason(torch.device("cuda")) if torch.cuda.is_available() else None
     if device_type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") == "1" and get_backend() == "fused":
+        if INTERPRETED and allow_interpreter:
             return None
         return ("Triton kernels run on CUDA tensors; CPU tensors run them only in the Triton interpreter "
                 "(TRITON_INTERPRET=1 with backend 'fused'), which is for testing")
     return f"no Triton kernels for device type {device_type!r}"
+
+
+def triton_call_unsupported(device_type: str, main: torch.Tensor | None, *, kernels: str,
+                            allow_interpreter: bool = False) -> str | None:
+    """The opening every Triton op's ``fused_unsupported`` shares: the platform (:func:`triton_unsupported`),
+    then, for a call (``main`` its main input tensor, None when asked about the device in general), the dtype
+    and the tensor's GPU. ``kernels`` names the kernels in the reason ("the attention kernels")."""
+    reason = triton_unsupported(device_type, allow_interpreter=allow_interpreter)
+    if reason is not None or main is None:
+        return reason
+    if main.dtype not in TRITON_DTYPES:
+        return f"{kernels} take float32, float16 or bfloat16 inputs, got {dtype_name(main.dtype)}"
+    return capability_unsupported(main)
 
 
 def capability_unsupported(tensor: torch.Tensor | None) -> str | None:

@@ -29,15 +29,15 @@ accumulators (O, dQ, dK, dV) still span the whole head dim. Every head dim from 
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .._double_backward import graph_wanted, recomputed_grads
-from ..ops.attention import attention_reference
-from ._common import capability_unsupported, new_output, triton_unsupported
+from ..ops.reference import attention_reference
+from ._common import INTERPRETED, dtype_name, new_output, triton_call_unsupported
+from ._common import dot_precision as _input_precision
 
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
@@ -52,7 +52,7 @@ SMALL_SHARED_BYTES = 99 * 1024
 LARGE_SHARED_BYTES = 136 * 1024
 # The interpreter has no bf16 arithmetic: there the kernels upcast bf16 tiles to fp32 right after loading (and
 # round the probabilities through bf16 first, so the numerics still follow the GPU path).
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRETED = INTERPRETED
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -487,12 +487,6 @@ def _blocks(table, head_dim: int, dtype: torch.dtype, seq: int):
     return block_m, block_n, d_chunk, num_warps, num_stages
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
 def _dot_fp32(dtype: torch.dtype) -> bool:
     return _INTERPRETED and dtype == torch.bfloat16
 
@@ -635,25 +629,22 @@ def fused(q, k, v, lengths=None, scale=None):
     return attention_forward(q, k, v, lengths, float(scale))[0]
 
 
-def fused_unsupported(device_type: str, **call_args) -> str | None:
-    """None when the kernels can run these arguments on ``device_type``, else why not."""
-    reason = triton_unsupported(device_type)
-    if reason is not None or not call_args:
-        return reason
+def fused_unsupported(device_type: str, *, allow_interpreter: bool = False, **call_args) -> str | None:
+    """None when the kernels can run these arguments on ``device_type``, else why not; ``allow_interpreter``:
+    whether CPU tensors may run in the Triton interpreter (the caller's policy, see fastmsc.kernels._common)."""
     q = call_args.get("q")
-    if q is not None:
-        if q.dtype not in _DTYPES:
-            return f"the attention kernels take float32, float16 or bfloat16 inputs, got {str(q.dtype)[6:]}"
-        if q.shape[-1] > MAX_HEAD_DIM:
-            return f"the attention kernels take head dims up to {MAX_HEAD_DIM}, got D={q.shape[-1]}"
-        if (reason := capability_unsupported(q)) is not None:
-            return reason
-        if q.device.type == "cuda":
-            needed, available = shared_bytes_bound(q.dtype, q.shape[-1]), _device_shared_bytes(q.device)
-            if needed > available:
-                return (f"{str(q.dtype)[6:]} attention with head dim {q.shape[-1]} needs up to {needed // 1024} KB of "
-                        f"shared memory per block, and this GPU gives a block {available // 1024} KB (float16/bfloat16 "
-                        f"inputs, or float32 with head dims up to {_LARGE_SHARED_HEAD_DIM}, fit)")
+    reason = triton_call_unsupported(device_type, q, kernels="the attention kernels",
+                                     allow_interpreter=allow_interpreter)
+    if reason is not None or q is None:
+        return reason
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"the attention kernels take head dims up to {MAX_HEAD_DIM}, got D={q.shape[-1]}"
+    if q.device.type == "cuda":
+        needed, available = shared_bytes_bound(q.dtype, q.shape[-1]), _device_shared_bytes(q.device)
+        if needed > available:
+            return (f"{dtype_name(q.dtype)} attention with head dim {q.shape[-1]} needs up to {needed // 1024} KB "
+                    f"of shared memory per block, and this GPU gives a block {available // 1024} KB "
+                    f"(float16/bfloat16 inputs, or float32 with head dims up to {_LARGE_SHARED_HEAD_DIM}, fit)")
     return None
 
 

@@ -1,6 +1,6 @@
 """Fused LSTM layer: the compiled extension's ``fastmsc::lstm_fwd`` / ``fastmsc::lstm_bwd`` ops with autograd.
 
-Same call as :func:`fastmsc.ops.lstm_layer.lstm_layer_reference`: x (B, T, I), weights one or two
+Same call as :func:`fastmsc.ops.reference.lstm_layer_reference`: x (B, T, I), weights one or two
 direction tuples ``(w_ih (4H, I), w_hh (4H, R), b_ih (4H,) | None, b_hh (4H,) | None[, w_hr (P, H)])``,
 h0 (D, B, R) and c0 (D, B, H) or None, lengths (B,) int64 on x's device or None; returns out (B, T, D*R),
 h_n (D, B, R), c_n (D, B, H), where R is P with the projection w_hr and H without.
@@ -27,8 +27,8 @@ import torch
 
 from .. import _extension
 from .._double_backward import graph_wanted, recomputed_grads
-from ..ops._checks import time_mask
-from ..ops.lstm_layer import lstm_layer_reference
+from ..ops._checks import compute_dtype, time_mask
+from ..ops.reference import lstm_layer_reference
 
 _registered = False
 _register_lock = threading.Lock()
@@ -36,10 +36,6 @@ _warned = False
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _to(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -107,7 +103,7 @@ def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
             inputs, wanted = (*inputs, w_hr), (*wanted, needs[8])
         grads = recomputed_grads(_reference_packed, inputs, wanted, (grad_out, grad_h_n, grad_c_n))
         return (*grads[:7], None, *grads[7:])
-    work = _work_dtype(x.dtype)
+    work = compute_dtype(x.dtype)
     need_dw_hr = w_hr is not None and needs[8]
     need_dx, need_dweights, need_dstate = needs[0], any(needs[1:4]) or need_dw_hr, needs[4] or needs[5]
     dx, dw_ih, dw_hh, dbias, dh0, dc0, dw_hr = torch.ops.fastmsc.lstm_bwd(
@@ -171,17 +167,28 @@ def _warn_once(reason: str) -> None:
     global _warned
     if not _warned:
         _warned = True
-        warnings.warn(f"fastmsc.lstm_layer runs on the torch backend: {reason}", RuntimeWarning, stacklevel=4)
+        warnings.warn(f"fastmsc.lstm_layer runs on the torch backend: {reason}", RuntimeWarning, stacklevel=5)
 
 
-def fused_unsupported(device_type: str, **call_args) -> str | None:
-    """None when the extension can run this call on ``device_type``, else why not (warned once)."""
+def prepare(*, fallback: bool) -> str | None:
+    """Load the extension for a call about to run (the first one may build it, about a minute per source file);
+    None when loaded, else why not. ``fallback``: the caller then runs stock PyTorch instead (backend 'auto'),
+    which is warned once with the reason."""
     reason = _extension.unavailable_reason()
-    if reason is not None:
+    if reason is not None and fallback:
         _warn_once(reason)
+    return reason
+
+
+def fused_unsupported(device_type: str, *, allow_interpreter: bool = False, **call_args) -> str | None:
+    """None when the extension can run this call on ``device_type`` (loaded, or loadable on first use), else why
+    not. A question only: it never builds, loads or warns (see :func:`prepare`). ``allow_interpreter`` concerns
+    Triton ops and is ignored."""
+    reason = _extension.availability()
+    if reason is not None:
         return reason
     if device_type == "cuda":
-        if not _extension.has_cuda_kernels():
+        if not _extension.cuda_kernels_expected():
             return ("the LSTM extension was built without CUDA kernels (torch without CUDA or no nvcc at build "
                     "time); rebuild it with nvcc available")
     elif device_type != "cpu":
@@ -205,7 +212,7 @@ def _combined_bias(weights, dtype):
 
 def fused(x, weights, h0=None, c0=None, lengths=None):
     _ensure_registered()
-    work = _work_dtype(x.dtype)
+    work = compute_dtype(x.dtype)
     half = x.dtype in HALF_DTYPES
     # Half weights stay half (float32 copies of them would be what backward keeps); the op widens them.
     weight_dtype = x.dtype if half else work

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .._double_backward import graph_wanted
-from ._common import capability_unsupported, new_output, triton_unsupported
+from ._common import new_output, triton_call_unsupported
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NO_INDEX = tl.constexpr(2147483647)  # larger than every time step: "no candidate yet" in the running first-index state
@@ -243,15 +243,11 @@ def fused(x, lengths=None):
     return max_avg_pool_forward(x, lengths)[0]
 
 
-def fused_unsupported(device_type: str, **call_args) -> str | None:
-    """None when the kernels can run these arguments on ``device_type``, else why not."""
-    reason = triton_unsupported(device_type)
-    if reason is not None or not call_args:
-        return reason
-    x = call_args.get("x")
-    if x is not None and x.dtype not in _DTYPES:
-        return f"the pooling kernels take float32, float16 or bfloat16 inputs, got {str(x.dtype)[6:]}"
-    return capability_unsupported(x)
+def fused_unsupported(device_type: str, *, allow_interpreter: bool = False, **call_args) -> str | None:
+    """None when the kernels can run these arguments on ``device_type``, else why not; ``allow_interpreter``:
+    whether CPU tensors may run in the Triton interpreter (the caller's policy, see fastmsc.kernels._common)."""
+    return triton_call_unsupported(device_type, call_args.get("x"), kernels="the pooling kernels",
+                                   allow_interpreter=allow_interpreter)
 
 
 # ----------------------------------------------------------------------------------------------- ahead-of-time cases

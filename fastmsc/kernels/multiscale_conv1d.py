@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +60,10 @@ import triton
 import triton.language as tl
 
 from .._double_backward import graph_wanted, recomputed_grads
-from ..ops.multiscale_conv1d import multiscale_conv1d_reference
-from ._common import capability_unsupported, new_output, triton_unsupported
+from ..ops.reference import multiscale_conv1d_reference
+from ._common import dot_precision as _dot_precision
+from ._common import interpreting as _interpreting
+from ._common import new_output, triton_call_unsupported
 
 _ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2}
 _INT32_LIMIT = 2**31 - 1
@@ -474,16 +475,6 @@ def _parallel_programs(device: torch.device) -> int:
     return _PROGRAMS_PER_SM * _SM_COUNTS[index]
 
 
-def _interpreting(device: torch.device) -> bool:
-    return device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
 def _common_constexprs(dtype: torch.dtype, device: torch.device) -> dict:
     return {"UPCAST": _interpreting(device) and dtype != torch.float32, "DOT_PRECISION": _dot_precision(dtype)}
 
@@ -715,25 +706,23 @@ def fused(x, weights, biases=None, activation=None):
                            branch_taps(weights))
 
 
-def fused_unsupported(device_type: str, **call_args) -> str | None:
-    """None when the fused kernels can run these arguments on ``device_type``, else the reason."""
-    reason = triton_unsupported(device_type)
-    if reason is not None or not call_args:
-        return reason
+def fused_unsupported(device_type: str, *, allow_interpreter: bool = False, **call_args) -> str | None:
+    """None when the fused kernels can run these arguments on ``device_type``, else the reason;
+    ``allow_interpreter``: whether CPU tensors may run in the Triton interpreter (the caller's policy, see
+    fastmsc.kernels._common)."""
     x = call_args.get("x")
+    reason = triton_call_unsupported(device_type, x, kernels="the fused kernels", allow_interpreter=allow_interpreter)
+    if reason is not None or x is None:
+        return reason
     weights = call_args.get("weights") or ()
-    if x is not None:
-        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            given = str(x.dtype).replace("torch.", "")
-            return f"the fused kernels take float32, float16 or bfloat16 inputs, got {given}"
-        c_total = sum(w.shape[0] for w in weights)
-        k_max = max([w.shape[-1] for w in weights] or [1])
-        per_sample = max(x.shape[1], c_total) * x.shape[2]
-        largest_stride_offset = sum((size - 1) * abs(stride)
-                                    for size, stride in zip(x.shape[1:], x.stride()[1:], strict=True))
-        if max(per_sample, largest_stride_offset, c_total * x.shape[1] * k_max) > _INT32_LIMIT:
-            return "one sample of x or of the output spans more than 2**31 elements, beyond the kernels' 32-bit offsets"
-    return capability_unsupported(x)
+    c_total = sum(w.shape[0] for w in weights)
+    k_max = max([w.shape[-1] for w in weights] or [1])
+    per_sample = max(x.shape[1], c_total) * x.shape[2]
+    largest_stride_offset = sum((size - 1) * abs(stride)
+                                for size, stride in zip(x.shape[1:], x.stride()[1:], strict=True))
+    if max(per_sample, largest_stride_offset, c_total * x.shape[1] * k_max) > _INT32_LIMIT:
+        return "one sample of x or of the output spans more than 2**31 elements, beyond the kernels' 32-bit offsets"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from ..ops import validate_lengths
 from ..ops.lstm_layer import lstm_layer
 from ._torchscript import NotScriptable
 
@@ -235,13 +236,16 @@ class LSTM(NotScriptable, nn.Module):
             if state is not None and state.dtype != x.dtype:
                 raise RuntimeError(f"{name} has dtype {state.dtype}, the input {x.dtype}; pass one dtype")
         D = self.num_directions
+        # Validated once for all layers: each layer then compares only its shape, never reads its values again.
+        valid_lengths = validate_lengths(lengths, x.shape[0], x.shape[1], x.device)
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0 and self.training:
                 x = nn.functional.dropout(x, self.dropout, training=True)
             states = slice(layer * D, (layer + 1) * D)
             x, h, c = lstm_layer(x, self.layer_weights(layer),
-                                 None if h0 is None else h0[states], None if c0 is None else c0[states], lengths)
+                                 None if h0 is None else h0[states], None if c0 is None else c0[states],
+                                 valid_lengths)
             h_n.append(h)
             c_n.append(c)
         h_n, c_n = torch.cat(h_n), torch.cat(c_n)

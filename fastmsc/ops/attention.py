@@ -16,16 +16,18 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..backend import Op, register
-from ._checks import check_lengths, check_same, check_tensor, compute_dtype, time_mask
+from ..backend import Op, import_failure, register
+from ._checks import check_lengths, check_same, check_tensor, time_mask
+from .reference import attention_masks, attention_reference, zero_padding
 
-
-def _masks(lengths, q):
-    """Key mask (B, [1,] 1, T) and query mask (B, [1,] T, 1), True where t < lengths[b]."""
-    valid = time_mask(lengths, q.shape[-2])
-    if q.dim() == 4:
-        valid = valid[:, None]
-    return valid[..., None, :], valid[..., :, None]
+# The fused path. A failed import (no triton, a broken install) is recorded in the op, shown by
+# `fastmsc info`, and never raised at `import fastmsc`.
+try:
+    from ..kernels import attention as _kernels
+except Exception as exc:
+    _kernels, _kernels_error = None, import_failure("fastmsc.kernels.attention", exc)
+else:
+    _kernels_error = None
 
 
 def softmax_attention(q, k, v, lengths=None, scale=None):
@@ -34,41 +36,12 @@ def softmax_attention(q, k, v, lengths=None, scale=None):
     padding and of rows whose scores are all -inf."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (..., T, T)
     if lengths is not None:
-        key_valid, query_valid = _masks(lengths, q)
+        key_valid, query_valid = attention_masks(lengths, q)
         scores = scores.masked_fill(~key_valid, float("-inf"))
     out = torch.matmul(torch.softmax(scores, dim=-1), v)
     if lengths is not None:
         out = out.masked_fill(~query_valid, 0.0)
     return out
-
-
-def _zero_padding(lengths, *tensors):
-    """The tensors with their steps past the length set to 0: a masked score still multiplies its value
-    (0 * NaN = NaN), so padding must not hold non-finite values once it enters the math."""
-    valid = time_mask(lengths, tensors[0].shape[-2])
-    valid = (valid[:, None] if tensors[0].dim() == 4 else valid)[..., None]
-    return tuple(torch.where(valid, t, 0.0) for t in tensors)
-
-
-def attention_reference(q, k, v, lengths=None, scale=None):
-    dtype, work = q.dtype, compute_dtype(q.dtype)
-    q, k, v = q.to(work), k.to(work), v.to(work)
-    if lengths is not None:
-        q, k, v = _zero_padding(lengths, q, k, v)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if lengths is not None:
-        # Query rows past the length are masked whole: their zero output gradient would still meet the values in
-        # the softmax's backward (0 * inf = NaN) and reach the keys through their probabilities.
-        key_valid, query_valid = _masks(lengths, q)
-        scores = scores.masked_fill(~(key_valid & query_valid), float("-inf"))
-    # SDPA's convention for a row whose scores are all -inf (padded rows, or -inf scores): zeros, not softmax's
-    # 0/0 = NaN, and zero gradients (so the softmax must not see the -inf row).
-    empty = (scores == float("-inf")).all(-1, keepdim=True)
-    probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
-    out = torch.matmul(probs, v)
-    if lengths is not None:
-        out = out.masked_fill(~query_valid, 0.0)
-    return out.to(dtype)
 
 
 def _sdpa_arguments(q, k, v, lengths):
@@ -82,7 +55,7 @@ def _sdpa_arguments(q, k, v, lengths):
 
 def attention_torch(q, k, v, lengths=None, scale=None):
     if lengths is not None:
-        q, k, v = _zero_padding(lengths, q, k, v)
+        q, k, v = zero_padding(lengths, q, k, v)
     q4, k4, v4, key_valid = _sdpa_arguments(q, k, v, lengths)
     # Every row keeps key 0 (lengths >= 1), so no row is fully masked and SDPA gives no NaN.
     out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=key_valid, scale=scale)
@@ -105,7 +78,9 @@ def sdpa_backend(q, k, v, lengths=None, scale=None) -> str:
         return f"unknown ({type(exc).__name__})"
 
 
-OP = register(Op("attention", attention_reference, attention_torch, fused_module="fastmsc.kernels.attention"))
+OP = register(Op("attention", attention_reference, attention_torch,
+                 fused=getattr(_kernels, "fused", None), fused_unsupported=getattr(_kernels, "fused_unsupported", None),
+                 load_error=_kernels_error))
 
 
 def attention(q, k, v, lengths=None, scale=None):

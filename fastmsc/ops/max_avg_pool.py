@@ -12,8 +12,17 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import Op, register
+from ..backend import Op, import_failure, register
 from ._checks import check_lengths, check_tensor, compute_dtype, time_mask
+
+# The fused path. A failed import (no triton, a broken install) is recorded in the op, shown by `fastmsc info`,
+# and never raised at `import fastmsc`.
+try:
+    from ..kernels import max_avg_pool as _kernels
+except Exception as exc:
+    _kernels, _kernels_error = None, import_failure("fastmsc.kernels.max_avg_pool", exc)
+else:
+    _kernels_error = None
 
 
 def max_avg_pool_reference(x, lengths=None):
@@ -48,9 +57,9 @@ def max_avg_pool_torch(x, lengths=None):
     return torch.cat([maximum, mean], dim=-1)
 
 
-OP = register(
-    Op("max_avg_pool", max_avg_pool_reference, max_avg_pool_torch, fused_module="fastmsc.kernels.max_avg_pool")
-)
+OP = register(Op("max_avg_pool", max_avg_pool_reference, max_avg_pool_torch,
+                 fused=getattr(_kernels, "fused", None), fused_unsupported=getattr(_kernels, "fused_unsupported", None),
+                 load_error=_kernels_error))
 
 
 def max_avg_pool(x, lengths=None):

@@ -16,34 +16,20 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..backend import Op, register
-from ._checks import check_same, check_tensor, compute_dtype
+from ..backend import Op, import_failure, register
+from ._checks import check_same, check_tensor
+from .reference import activate, multiscale_conv1d_reference
+
+# The fused path. A failed import (no triton, a broken install) is recorded in the op, shown by
+# `fastmsc info`, and never raised at `import fastmsc`.
+try:
+    from ..kernels import multiscale_conv1d as _kernels
+except Exception as exc:
+    _kernels, _kernels_error = None, import_failure("fastmsc.kernels.multiscale_conv1d", exc)
+else:
+    _kernels_error = None
 
 ACTIVATIONS = (None, "relu", "gelu")
-
-
-def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
-    if activation == "relu":
-        return torch.relu(y)
-    if activation == "gelu":
-        return F.gelu(y)  # exact erf form
-    return y
-
-
-def multiscale_conv1d_reference(x, weights, biases=None, activation=None):
-    """Straight from the definition of cross-correlation: out[b, o, t] = sum_{c, j} w[o, c, j] x[b, c, t + j - k//2]."""
-    work = compute_dtype(x.dtype)
-    xw = x.to(work)
-    outs = []
-    for i, w in enumerate(weights):
-        k = w.shape[-1]
-        padded = F.pad(xw, (k // 2, k // 2))
-        windows = padded.unfold(2, k, 1)  # (B, C_in, T, k)
-        y = torch.einsum("bctj,ocj->bot", windows, w.to(work))
-        if biases is not None and biases[i] is not None:
-            y = y + biases[i].to(work)[None, :, None]
-        outs.append(_activate(y, activation))
-    return torch.cat(outs, dim=1).to(x.dtype)
 
 
 def multiscale_conv1d_torch(x, weights, biases=None, activation=None):
@@ -51,14 +37,13 @@ def multiscale_conv1d_torch(x, weights, biases=None, activation=None):
     outs = []
     for i, w in enumerate(weights):
         b = None if biases is None else biases[i]
-        outs.append(_activate(F.conv1d(x, w, b, padding=w.shape[-1] // 2), activation))
+        outs.append(activate(F.conv1d(x, w, b, padding=w.shape[-1] // 2), activation))
     return torch.cat(outs, dim=1)
 
 
-OP = register(
-    Op("multiscale_conv1d", multiscale_conv1d_reference, multiscale_conv1d_torch,
-       fused_module="fastmsc.kernels.multiscale_conv1d")
-)
+OP = register(Op("multiscale_conv1d", multiscale_conv1d_reference, multiscale_conv1d_torch,
+                 fused=getattr(_kernels, "fused", None), fused_unsupported=getattr(_kernels, "fused_unsupported", None),
+                 load_error=_kernels_error))
 
 
 def _validate(x, weights, biases, activation):
