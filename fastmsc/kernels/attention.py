@@ -27,7 +27,6 @@ strips loaded one at a time (``_row_dots``) instead of one dot over a register-r
 accumulators (O, dQ, dK, dV) still span the whole head dim. Every head dim from 1 to 256 runs in every dtype.
 """
 
-import functools
 import math
 import os
 
@@ -427,7 +426,7 @@ def _attention_bwd_dq_kernel(
 # Chosen so that no configuration spills registers on sm_80 or sm_90 when compiled as the runtime compiles it:
 # Triton specialises each launch on its arguments (16-byte aligned pointers and strides divisible by 16 get
 # divisibility hints, unit strides and H = 1 become constants), which changes the generated code and its register
-# needs, so AOT_CASES records the launchers' real launches (the default model's and one per head-dim bucket) and
+# needs, so attention_aot records the launchers' real launches (the default model's and one per head-dim bucket) and
 # the check compiles them with that specialisation (tests/test_triton_aot.py). 8 warps for the 64-128 row tiles
 # of half inputs (4 warps spill at 128 x 64), and small tiles for IEEE fp32, whose tl.dot runs on FMA units with
 # each thread's operand rows and columns over the whole reduction in registers: past D = 64, fp32 reads D in
@@ -499,7 +498,7 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
     """A (B, H, T, D) view with a unit stride along D: other layouts are copied, so that the kernels always run
-    their vectorised unit-stride specialisation (the one AOT_CASES checks) instead of element-wise loads."""
+    their vectorised unit-stride specialisation (the one attention_aot checks) instead of element-wise loads."""
     if t.stride(-1) != 1 and t.shape[-1] > 1:
         t = t.contiguous()
     return t if t.dim() == 4 else t.unsqueeze(1)
@@ -676,82 +675,3 @@ def _device_shared_bytes(device: torch.device) -> int:
         properties = triton.runtime.driver.active.utils.get_device_properties(index)
         _SHARED_BYTES_PER_DEVICE[index] = int(properties["max_shared_mem"])
     return _SHARED_BYTES_PER_DEVICE[index]
-
-
-# ----------------------------------------------------------------------------------------------- ahead-of-time cases
-
-
-# The default model (fastmsc.models.MSCClassifier): one head of the BiLSTM's 2 x 128 features, batches of 32.
-_AOT_MODEL_HEAD_DIM = 256
-_AOT_BATCH = 32
-
-
-def _aot_inputs(dtype, batch, steps, head_dim, heads, layout):
-    """q, k, v on the meta device (shapes, strides and alignment only) laid out as callers pass them:
-    "model" (B, T, D), what SelfAttention's projections give with one head; "heads" (B, H, T, D) views
-    (B, T, H, D).transpose(1, 2), what SelfAttention passes for several heads; "misaligned" (B, T, D) slices of one
-    (B, T, 3D + 1) buffer at element offsets 1, D + 1, 2D + 1, whose odd addresses and strides get no divisibility
-    hints (the unhinted specialisation a user's view can reach)."""
-    def empty(*shape):
-        return torch.empty(shape, dtype=dtype, device="meta")
-
-    if layout == "model":
-        return empty(batch, steps, head_dim), empty(batch, steps, head_dim), empty(batch, steps, head_dim)
-    if layout == "heads":
-        return tuple(empty(batch, steps, heads * head_dim).view(batch, steps, heads, head_dim).transpose(1, 2)
-                     for _ in range(3))
-    packed = empty(batch, steps, 3 * head_dim + 1)
-    return tuple(packed[..., 1 + i * head_dim:1 + (i + 1) * head_dim] for i in range(3))
-
-
-def _aot_launches():
-    """(label, dtype, batch, steps, head_dim, heads, layout, lengths) of the calls whose launches AOT_CASES holds:
-
-    * the default model (D = 256, one head, B = 32) at T = 150 with lengths and T = 512 without, in every dtype,
-      and its misaligned-view variant;
-    * every other head-dim bucket (BLOCK_D 16, 32, 64, 128) in every dtype with four heads, T = 150 and lengths;
-      for fp32 also D = 96 (four heads) and D = 200 (one head, T = 512, no lengths: the specialisation that came
-      closest to spilling in the forward), whose last D_CHUNK-wide strip is partial.
-    T >= 128 keeps the full tiles of _FWD_BLOCKS/_DKDV_BLOCKS/_DQ_BLOCKS (shorter sequences shrink the half-precision
-    BLOCK_M/BLOCK_N: smaller tiles of the same kernels, with the same warps and stages; fp32 tiles never shrink).
-    tf32 uses tensor cores instead of the register-hungrier IEEE fp32 path, so the IEEE cases bound it."""
-    launches = []
-    for dtype in _DTYPES:
-        name = str(dtype)[6:]
-        for label, steps, layout, with_lengths in (("model T150 lengths", 150, "model", True),
-                                                   ("model T512", 512, "model", False),
-                                                   ("misaligned T150 lengths", 150, "misaligned", True)):
-            launches.append((f"{name} {label}", dtype, _AOT_BATCH, steps, _AOT_MODEL_HEAD_DIM, 1, layout, with_lengths))
-        head_dims = (16, 24, 64, 96, 128) if dtype == torch.float32 else (16, 24, 64, 128)
-        for head_dim in head_dims:
-            launches.append((f"{name} D{head_dim} H4 T150 lengths", dtype, _AOT_BATCH, 150, head_dim, 4, "heads", True))
-        if dtype == torch.float32:
-            launches.append((f"{name} D200 T512", dtype, _AOT_BATCH, 512, 200, 1, "model", False))
-    return launches
-
-
-@functools.cache
-def _aot_cases():
-    """The compilations Triton's runtime makes for the launches of :func:`_aot_launches`: the launchers _forward
-    and _backward run on meta tensors while fastmsc.kernels._aot.record_launches records each kernel launch with
-    the runtime's specialisation (divisibility hints, constants such as unit strides and H = 1) and the GPU's
-    choices (no interpreter-only upcast). Built on first use, not at import."""
-    import sys
-
-    from . import _aot
-
-    with _aot.record_launches(sys.modules[__name__], _INTERPRETED=False) as log:
-        for label, dtype, batch, steps, head_dim, heads, layout, with_lengths in _aot_launches():
-            log.label = label
-            q, k, v = _aot_inputs(dtype, batch, steps, head_dim, heads, layout)
-            lengths = torch.empty(batch, dtype=torch.int64, device="meta") if with_lengths else None
-            scale = 1.0 / math.sqrt(head_dim)
-            out, lse = _forward(q, k, v, lengths, scale)
-            _backward(torch.empty_like(out), q, k, v, out, lse, lengths, scale)
-    return log.cases
-
-
-def __getattr__(name):
-    if name == "AOT_CASES":  # built on first use (by fastmsc.kernels._aot and the tests), not at import
-        return _aot_cases()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

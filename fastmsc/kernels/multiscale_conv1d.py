@@ -51,7 +51,6 @@ Design
 
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 
@@ -370,7 +369,7 @@ def _sum_partials_kernel(part_ptr, out_ptr, N, S, BLOCK: tl.constexpr):
 # Launch configuration
 # ----------------------------------------------------------------------------------------------------------
 
-# Every configuration the heuristics below can pick; AOT_CASES compiles each of them.
+# Every configuration the heuristics below can pick; multiscale_conv1d_aot compiles each of them.
 _TIME_BLOCKS = (32, 64, 128)
 _FORWARD_O_BLOCK = 64
 _RESIDENT_R_BLOCKS = (16, 32, 64, 128)  # an im2col tile this tall stays in registers for every output block
@@ -403,7 +402,7 @@ def _largest_time_block(block_r: int) -> int:
 
 
 def _forward_tile_config(block_r: int, block_t: int, resident: bool) -> dict:
-    """Launch settings of the forward / z-recomputing kernels for one tile shape (checked through AOT_CASES):
+    """Launch settings of the forward / z-recomputing kernels for one tile shape (checked by the AOT tool):
     8 warps from 64 steps or a 4096-element gathered tile on, where 4 warps need over 200 registers per
     thread for fp32 on sm_80 (no tensor cores for IEEE fp32 products); one stage, because software-pipelining
     the nested output-block / reduction loops spills fp32 tiles on sm_80."""
@@ -439,7 +438,7 @@ def _grad_input_config(T: int, c_in: int, tensor_cores: bool = True) -> dict:
     use_dot = tensor_cores or c_in >= _DX_DOT_MIN_CHANNELS
     block_c = _smallest_block_covering(c_in, _DX_C_BLOCKS) if use_dot else 1
     block_t = _time_block(T)
-    # (BLOCK_Q, BLOCK_T) pairs without spills on sm_80/sm_90 in fp32/fp16/bf16 (checked through AOT_CASES); the
+    # (BLOCK_Q, BLOCK_T) pairs without spills on sm_80/sm_90 in fp32/fp16/bf16 (checked by the AOT tool); the
     # IEEE fp32 dot over 128 steps takes 16-row chunks, as 32 spilled on sm_80 once gz reads only a channel's own
     # taps.
     block_q = (32 if tensor_cores else 16) if (use_dot and block_t > 32) else 64
@@ -734,94 +733,6 @@ def fused_unsupported(device_type: str, **call_args) -> str | None:
         if max(per_sample, largest_stride_offset, c_total * x.shape[1] * k_max) > _INT32_LIMIT:
             return "one sample of x or of the output spans more than 2**31 elements, beyond the kernels' 32-bit offsets"
     return capability_unsupported(x)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Ahead-of-time compilation cases (fastmsc.kernels._aot): the launches of representative calls
-# ----------------------------------------------------------------------------------------------------------
-
-# The default model (fastmsc.models.MSCClassifier): 3 input channels, 64 channels per kernel size 3/5/7, bias,
-# no activation (BatchNorm follows), batches of 32; its input needs no gradient.
-_AOT_MODEL = {"c_in": 3, "branches": ((64, 3), (64, 5), (64, 7)), "batch": 32, "activation": "none",
-              "need_input": False}
-# SM counts of the GPUs the forward's time tiles are chosen for (it keeps 2 programs per SM): H100 SXM, A100.
-_AOT_SM_COUNTS = (132, 108)
-
-
-def _aot_launches():
-    """(label, dtype, calls) of the calls whose launches AOT_CASES holds, each call a dict of c_in, steps, batch,
-    activation, need_input and tf32 (the default model's branches and bias):
-
-    * the default model at T = 150 and T = 512;
-    * with GELU and every gradient, one call per tile the heuristics can pick: the forward / z-recomputing tile
-      (BLOCK_R, BLOCK_T, resident) for C_in = 2 (R = 14 -> 16 rows), 4 (28 -> 32), 8 (56 -> 64), 16 (112 -> 128) and
-      32 (224, streamed in 32-row chunks); T = 150 gives 32-step tiles and T = 1024 128-step ones, shrunk to 64 by
-      the tile limit (C_in = 4, 32) or by too few programs (C_in = 2 with 20 samples). Those calls also reach every
-      dW column block (16 to 128) and the dx kernel with 1 (elementwise, fp32 with C_in < 4), 16 and 64 channel
-      blocks at 32 and 128 steps;
-    * for fp32, the TF32 variant (torch.backends.cuda.matmul.allow_tf32) of the largest tiles."""
-    model = {"c_in": _AOT_MODEL["c_in"], "batch": _AOT_MODEL["batch"], "activation": _AOT_MODEL["activation"],
-             "need_input": _AOT_MODEL["need_input"], "tf32": False}
-    tiles = [(2, 150, 32), (2, 1024, 64), (2, 1024, 20), (4, 150, 32), (4, 1024, 64), (8, 150, 32), (16, 150, 32),
-             (32, 150, 32), (32, 1024, 64)]
-    launches = []
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        name = str(dtype)[6:]
-        launches += [(f"{name} model T{steps}", dtype, {**model, "steps": steps}) for steps in (150, 512)]
-        launches += [(f"{name} gelu C_in{c_in} T{steps} B{batch}", dtype,
-                      {"c_in": c_in, "steps": steps, "batch": batch, "activation": "gelu", "need_input": True,
-                       "tf32": False}) for c_in, steps, batch in tiles]
-        if dtype == torch.float32:
-            launches += [(f"tf32 gelu C_in{c_in} T{steps} B{batch}", dtype,
-                          {"c_in": c_in, "steps": steps, "batch": batch, "activation": "gelu", "need_input": True,
-                           "tf32": True}) for c_in, steps, batch in ((16, 150, 32), (32, 1024, 64))]
-    return launches
-
-
-def _aot_gpu(sm_count: int, tf32: bool) -> dict:
-    """Replacements for the module's device queries, so that launchers given meta tensors choose as on a GPU
-    with ``sm_count`` SMs, with torch.backends.cuda.matmul.allow_tf32 = ``tf32``."""
-    return {"_interpreting": lambda device: False,
-            "_parallel_programs": lambda device: _PROGRAMS_PER_SM * sm_count,
-            "_dot_precision": lambda dtype: "tf32" if tf32 and dtype == torch.float32 else "ieee"}
-
-
-@functools.cache
-def _aot_cases() -> list[dict]:
-    """The compilations Triton's runtime makes for the calls of :func:`_aot_launches` on each GPU of
-    _AOT_SM_COUNTS: the op's own launch functions run on meta tensors while fastmsc.kernels._aot.record_launches
-    records every kernel launch with the runtime's specialisation (divisibility hints, unit strides as constants)
-    and the GPU's choices (SM count, no interpreter-only upcast). Built on first use, not at import."""
-    import sys
-
-    from . import _aot
-
-    module = sys.modules[__name__]
-    cases, seen = [], set()
-    for sm_count in _AOT_SM_COUNTS:
-        for label, dtype, call in _aot_launches():
-            with _aot.record_launches(module, **_aot_gpu(sm_count, call["tf32"])) as log:
-                log.label = f"{label} {sm_count} SMs"
-                weights = [torch.empty((c_out, call["c_in"], k), dtype=dtype, device="meta")
-                           for c_out, k in _AOT_MODEL["branches"]]
-                biases = [torch.empty((c_out,), dtype=dtype, device="meta") for c_out, _ in _AOT_MODEL["branches"]]
-                weight, bias = pack_weights(weights, biases)
-                taps = branch_taps(weights)
-                x = torch.empty((call["batch"], call["c_in"], call["steps"]), dtype=dtype, device="meta")
-                out = _forward(x, weight, bias, call["activation"], taps)
-                _backward_launches(torch.empty_like(out), x, weight, bias, call["activation"], call["need_input"],
-                                   True, True, taps)
-            for case in log.cases:
-                if _aot.case_key(case) not in seen:
-                    seen.add(_aot.case_key(case))
-                    cases.append(case)
-    return cases
-
-
-def __getattr__(name):
-    if name == "AOT_CASES":  # built on first use (by fastmsc.kernels._aot and the tests), not at import
-        return _aot_cases()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["branch_taps", "fused", "fused_unsupported", "pack_weights"]

@@ -1,16 +1,10 @@
 """Ahead-of-time compilation of the Triton kernels for chosen GPU architectures, with resource checks.
 
-Every kernel module under ``fastmsc/kernels`` defines ``AOT_CASES``, a list of compilations (one dict each;
-see :func:`validate_case`): kernel, signature, constants, compiler attributes, warps and stages. Triton's
-runtime compiles a kernel per specialisation of its arguments: a pointer whose address is a multiple of 16
-bytes and an int divisible by 16 get a ``tt.divisibility`` hint, an int equal to 1 becomes a constant, and
-these change the generated code and its register needs. So the cases describe real launches: a module
-runs its own launch functions on meta tensors of representative shapes (the default model's, and shapes that
-reach every block configuration) under :func:`record_launches`, which stands in for its kernels and turns each
-``kernel[grid](*args, **kwargs)`` into the case the runtime would compile (:func:`specialize`, which calls
-Triton's own binder), so a change to a launcher is checked without any case to update. Identical
-specialisations are compiled once. The modules build their cases on first access (a module ``__getattr__``),
-not at import.
+Each op with Triton kernels declares its compilations in ``fastmsc/kernels/<op>_aot.py``: ``aot_cases()`` returns
+the case dicts (see :mod:`fastmsc.tools.aot_cases`) recorded from the op's own launchers on meta tensors, and
+``KERNELS`` is the module that defines the op's @triton.jit kernels, each of which needs a case. Those modules
+are imported only here, so nothing of this runs when fastmsc or a kernel module is imported. Identical
+specialisations are compiled once.
 
 Each case is compiled with ``triton.compile`` for a ``GPUTarget("cuda", arch, 32)`` without a GPU, and the
 cubin's resource usage is read with ``cuobjdump --dump-resource-usage``:
@@ -25,7 +19,7 @@ Triton picks the interpreter instead of the compiler when TRITON_INTERPRET=1 is 
 (the test suite sets it on machines without a GPU), so :func:`collect` always compiles in worker
 subprocesses whose environment lacks it, several at once.
 
-Command line: ``python -m fastmsc.kernels._aot [--arch 90 --arch 80] [--jobs N] [--module NAME]``
+Command line: ``python -m fastmsc.tools.aot [--arch 90 --arch 80] [--jobs N] [--module NAME] [--json]``
 prints one row per case and arch (``div16`` in the config column counts the arguments with a divisibility
 hint), and exits 1 when a kernel spills, overflows shared memory, fails to compile or has no case.
 
@@ -40,21 +34,28 @@ $FASTMSC_AOT_TIMEOUT the seconds allowed for a whole run (default 1200).
 from __future__ import annotations
 
 import argparse
-import ast
-import contextlib
-import importlib
-import importlib.util
-import inspect
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from .aot_cases import (  # noqa: F401  (the case helpers are part of the tool's interface)
+    CaseError,
+    case_key,
+    entry_kernels,
+    launch_case,
+    load_module,
+    record_launches,
+    specialize,
+    uncovered_kernels,
+    unwrap_kernel,
+    validate_case,
+)
 
 ARCHS = (90, 80)
 
@@ -62,16 +63,8 @@ ARCHS = (90, 80)
 # 227 KiB on sm_90 (H100), 163 KiB on sm_80 (A100).
 SHARED_LIMIT_BYTES = {90: 232448, 80: 166912, 89: 101376, 86: 101376}
 
-KERNELS_DIR = Path(__file__).resolve().parent
-REPO_ROOT = KERNELS_DIR.parents[1]
-CASE_KEYS = ("name", "kernel", "signature", "constexprs", "num_warps", "num_stages")
-# The architecture whose CUDA backend specialises recorded launches (see specialize). Triton's CUDA backend
-# specialises arguments the same way for every architecture, so one is enough.
-SPECIALIZATION_ARCH = ARCHS[0]
-
-
-class CaseError(ValueError):
-    """An AOT case dict that does not describe its kernel."""
+REPO_ROOT = Path(__file__).resolve().parents[2]
+KERNELS_DIR = REPO_ROOT / "fastmsc" / "kernels"
 
 
 @dataclass(frozen=True)
@@ -123,12 +116,11 @@ class AotReport:
     errors: list[str] = field(default_factory=list)  # cases that did not compile, broken case dicts
     uncovered: dict[str, list[str]] = field(default_factory=dict)  # module -> kernels without a case
     seconds: float = 0.0
-    attr: str = "AOT_CASES"
 
     def problems(self) -> list[str]:
         found = [p for r in self.results for p in r.problems()] + list(self.errors)
         for module, names in sorted(self.uncovered.items()):
-            found.append(f"{module}: kernels without an entry in {self.attr}: {', '.join(names)}")
+            found.append(f"{module}: kernels without a case: {', '.join(names)}")
         return found
 
 
@@ -217,47 +209,8 @@ def cubin_resources(cubin: bytes) -> dict[str, dict[str, int]]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Cases
+# Compiling
 # ----------------------------------------------------------------------------------------------------------
-
-
-def unwrap_kernel(obj):
-    """The JITFunction under autotune/heuristics wrappers (or the interpreter's stand-in)."""
-    seen = 0
-    while not hasattr(obj, "arg_names") or type(obj).__name__ in ("Autotuner", "Heuristics"):
-        obj = getattr(obj, "fn", None)
-        seen += 1
-        if obj is None or seen > 16:
-            raise CaseError("kernel is not a @triton.jit function (nor autotune/heuristics around one)")
-    return obj
-
-
-def python_function(obj):
-    """The plain Python function under any Triton wrappers."""
-    seen = 0
-    while not inspect.isfunction(obj):
-        obj = getattr(obj, "fn", None)
-        seen += 1
-        if obj is None or seen > 16:
-            return None
-    return obj
-
-
-def _is_triton_kernel_object(obj) -> bool:
-    try:
-        from triton.runtime.autotuner import Autotuner, Heuristics
-        from triton.runtime.jit import JITFunction
-    except Exception:
-        return False
-    kinds = [JITFunction, Autotuner, Heuristics]
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        kinds.append(InterpretedFunction)
-    except Exception:
-        pass
-    return isinstance(obj, tuple(kinds))
-
 
 def _describe_dtype(signature: dict) -> str:
     floats = []
@@ -274,184 +227,6 @@ def _describe_config(case: dict) -> str:
     hinted = [name for name in arguments if case.get("attrs", {}).get(name)]
     return (f"w{case['num_warps']} s{case['num_stages']} " + " ".join(parts)
             + f" div16={len(hinted)}/{len(arguments)}")
-
-
-def case_key(case: dict) -> tuple:
-    """What a compilation of ``case`` depends on: kernel, signature, constants, attributes and launch settings.
-    Two cases with the same key compile to the same binary."""
-    return (id(python_function(case["kernel"])), tuple(case["signature"].items()),
-            tuple(sorted((k, repr(v)) for k, v in case["constexprs"].items())),
-            tuple(sorted((k, repr(v)) for k, v in case.get("attrs", {}).items())),
-            case["num_warps"], case["num_stages"])
-
-
-def validate_case(case, where: str = "AOT case") -> None:
-    """Check one case dict: ``name``, ``kernel`` (a @triton.jit function), ``signature`` (every parameter in
-    order: "*fp32", "i32", ..., "constexpr"), ``constexprs`` (a value for every "constexpr" parameter),
-    ``num_warps`` and ``num_stages`` (ints), and optionally ``attrs``: {parameter: [["tt.divisibility", 16]]},
-    the compiler attributes of the runtime's specialisation (see :func:`specialize`); a parameter without an
-    entry gets none. Raises CaseError naming the case and the problem."""
-    if not isinstance(case, dict):
-        raise CaseError(f"{where} must be a dict, got {type(case).__name__}")
-    where = f"{where} {case.get('name', '<unnamed>')!r}"
-    missing = [k for k in CASE_KEYS if k not in case]
-    if missing:
-        raise CaseError(f"{where} lacks keys {missing}; expected {list(CASE_KEYS)}")
-    try:
-        fn = unwrap_kernel(case["kernel"])
-    except CaseError as exc:
-        raise CaseError(f"{where}: {exc}") from None
-    signature, constexprs = case["signature"], case["constexprs"]
-    if not isinstance(signature, dict) or not isinstance(constexprs, dict):
-        raise CaseError(f"{where}: signature and constexprs must be dicts")
-    if list(signature) != list(fn.arg_names):
-        raise CaseError(f"{where}: signature must name every parameter of {fn.__name__} in order "
-                        f"{list(fn.arg_names)}, got {list(signature)}")
-    wanted = [name for name, kind in signature.items() if kind == "constexpr"]
-    if sorted(constexprs) != sorted(wanted):
-        raise CaseError(f"{where}: constexprs must give exactly the constexpr parameters {wanted}, "
-                        f"got {list(constexprs)}")
-    bad = {name: kind for name, kind in signature.items() if not isinstance(kind, str) or not kind}
-    if bad:
-        raise CaseError(f"{where}: signature types must be strings like '*fp32', 'i32' or 'constexpr', got {bad}")
-    for key in ("num_warps", "num_stages"):
-        value = case[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise CaseError(f"{where}: {key} must be a positive int, got {value!r}")
-    attrs = case.get("attrs", {})
-    if not isinstance(attrs, dict):
-        raise CaseError(f"{where}: attrs must be a dict {{parameter: [[attribute, value], ...]}}")
-    for name, value in attrs.items():
-        if signature.get(name) in (None, "constexpr"):
-            raise CaseError(f"{where}: attrs name {name!r}, which is not a non-constexpr parameter")
-        if not isinstance(value, (list, tuple)) or not all(
-                isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], str) for pair in value):
-            raise CaseError(f"{where}: attrs[{name!r}] must be a list of [attribute, value] pairs, got {value!r}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Runtime specialisation
-# ----------------------------------------------------------------------------------------------------------
-
-
-def runtime_kernel(kernel):
-    """The JITFunction whose binder Triton's launcher runs for ``kernel`` (autotune/heuristics wrappers removed).
-    Under TRITON_INTERPRET=1 @triton.jit makes an InterpretedFunction, which has no binder: then a JITFunction
-    of the same Python function and specialisation options (nothing is compiled by building it)."""
-    fn = unwrap_kernel(kernel)
-    if hasattr(fn, "params") and hasattr(fn, "_pack_args"):
-        return fn
-    from triton.runtime.jit import JITFunction
-
-    options = getattr(fn, "kwargs", {})
-    cached = getattr(fn, "_fastmsc_runtime_kernel", None)
-    if cached is None:
-        cached = JITFunction(python_function(fn), **{k: options[k] for k in (
-            "do_not_specialize", "do_not_specialize_on_alignment") if options.get(k) is not None})
-        fn._fastmsc_runtime_kernel = cached
-    return cached
-
-
-_BINDERS: dict = {}
-
-
-def _runtime_binder(jit_fn, arch: int):
-    """(backend, binder) as JITFunction.create_binder makes them on an sm_<arch> GPU."""
-    key = (id(jit_fn), arch)
-    if key not in _BINDERS:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import make_backend
-        from triton.runtime.jit import create_function_from_signature
-
-        backend = make_backend(GPUTarget("cuda", int(arch), 32))
-        _BINDERS[key] = (jit_fn, backend, create_function_from_signature(jit_fn.signature, jit_fn.params, backend))
-    return _BINDERS[key][1:]
-
-
-def specialize(kernel, args, kwargs, arch: int = SPECIALIZATION_ARCH) -> dict:
-    """The compilation Triton's runtime asks for when a launcher calls ``kernel[grid](*args, **kwargs)`` on an
-    sm_<arch> GPU: {"signature", "constexprs", "attrs", "num_warps", "num_stages"} as in a case dict.
-
-    This runs Triton's own code, so it cannot drift from the runtime: the binder of
-    ``triton.runtime.jit.create_function_from_signature`` (which specialises each argument with
-    ``native_specialize_impl``: a pointer whose address is a multiple of 16 bytes and an int divisible by 16 get
-    "D", an int equal to 1 becomes the constexpr 1, None a constexpr None, floats "fp32" without attributes),
-    then ``JITFunction._pack_args`` (``backend.parse_attr``: "D" -> [["tt.divisibility", 16]]). Tensors may live
-    on any device: only their dtype and address matter, and a fresh CPU, CUDA or meta tensor is 16-byte aligned
-    (a view at an offset may not be)."""
-    jit_fn = runtime_kernel(kernel)
-    backend, binder = _runtime_binder(jit_fn, arch)
-    kwargs = dict(kwargs)
-    bound_args, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = jit_fn._pack_args(backend, kwargs, bound_args, specialization, options)
-    names = list(jit_fn.arg_names)
-    if any(len(path) != 1 for path in [*constexprs, *attrs]):
-        raise CaseError(f"{jit_fn.__name__} takes tuple arguments, which AOT cases do not describe")
-    return {"signature": dict(signature), "constexprs": {names[path[0]]: value for path, value in constexprs.items()},
-            "attrs": {names[path[0]]: value for path, value in attrs.items() if value},
-            "num_warps": options.num_warps, "num_stages": options.num_stages}
-
-
-def launch_case(name: str, kernel, args, kwargs, arch: int = SPECIALIZATION_ARCH) -> dict:
-    """A case dict for one launch ``kernel[grid](*args, **kwargs)`` (see :func:`specialize`)."""
-    return {"name": name, "kernel": unwrap_kernel(kernel), **specialize(kernel, args, kwargs, arch)}
-
-
-class LaunchLog:
-    """The cases recorded by :func:`record_launches`, without repeats: a launch whose compilation an earlier
-    one already asked for (same :func:`case_key`) adds nothing. A case is named ``<kernel>[<label>]`` after
-    the ``label`` set when it was first launched."""
-
-    def __init__(self):
-        self.cases: list[dict] = []
-        self.label = ""
-        self._keys: set = set()
-
-    def add(self, kernel, args, kwargs) -> None:
-        name = f"{unwrap_kernel(kernel).__name__.strip('_')}[{self.label}]"
-        case = launch_case(name, kernel, args, kwargs)
-        key = case_key(case)
-        if key not in self._keys:
-            self._keys.add(key)
-            self.cases.append(case)
-
-
-class _LaunchRecorder:
-    """Stands in for a kernel: ``recorder[grid](*args, **kwargs)`` records the launch instead of running it."""
-
-    def __init__(self, kernel, log: LaunchLog):
-        self.kernel, self.log = kernel, log
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.log.add(self.kernel, args, kwargs)
-
-
-@contextlib.contextmanager
-def record_launches(module, **overrides):
-    """Run ``module``'s launcher functions without launching anything: inside the block every entry kernel of
-    ``module`` (see :func:`entry_kernels`) is replaced by a recorder, so each ``kernel[grid](*args, **kwargs)``
-    adds the case Triton's runtime would compile for it to the yielded :class:`LaunchLog`. Each keyword
-    replaces the module global of that name meanwhile, e.g. a function that asks the device, so that the
-    launchers, given meta or CPU tensors, choose as on a GPU. Everything is put back on exit.
-
-    The launchers' own code then defines the cases: a change to their arguments, layouts or heuristics is
-    compiled by the next check without any case to update. The replacement is process-wide: nothing else may
-    launch the module's kernels meanwhile (the AOT check and the tests build cases in their own processes)."""
-    log = LaunchLog()
-    saved = {}
-    try:
-        for name, value in overrides.items():
-            if not hasattr(module, name):
-                raise AttributeError(f"{module.__name__} has no global {name!r} to override")
-            saved[name] = getattr(module, name)
-            setattr(module, name, value)
-        for name in entry_kernels(module):
-            saved[name] = getattr(module, name)
-            setattr(module, name, _LaunchRecorder(saved[name], log))
-        yield log
-    finally:
-        for name, value in saved.items():
-            setattr(module, name, value)
 
 
 def compile_case(case: dict, arch: int, module: str = "") -> KernelResources:
@@ -495,82 +270,9 @@ def compile_case(case: dict, arch: int, module: str = "") -> KernelResources:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _defines(path: Path, attr: str) -> bool:
-    """Whether the module at ``path`` assigns ``attr`` at top level, or names it in a module ``__getattr__``
-    (which builds the cases on first use rather than at import)."""
-    try:
-        tree = ast.parse(path.read_text())
-    except (OSError, SyntaxError):
-        return False
-    for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
-            node, (ast.AnnAssign, ast.AugAssign)) else []
-        if any(isinstance(t, ast.Name) and t.id == attr for t in targets):
-            return True
-        if isinstance(node, ast.FunctionDef) and node.name == "__getattr__" and any(
-                isinstance(n, ast.Constant) and n.value == attr for n in ast.walk(node)):
-            return True
-    return False
-
-
-def kernel_modules(attr: str = "AOT_CASES") -> list[str]:
-    """Modules of fastmsc.kernels that define ``attr`` (see :func:`_defines`), found without importing them
-    (importing the extension-backed module could start a build)."""
-    return [f"fastmsc.kernels.{path.stem}" for path in sorted(KERNELS_DIR.glob("*.py"))
-            if path.stem != "_aot" and _defines(path, attr)]
-
-
-def load_module(spec: str):
-    """Import a module by dotted name, or from a .py file path."""
-    if spec.endswith(".py"):
-        path = Path(spec).resolve()
-        name = f"_fastmsc_aot_{path.stem}"
-        if name in sys.modules:
-            return sys.modules[name]
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module
-        module_spec.loader.exec_module(module)
-        return module
-    return importlib.import_module(spec)
-
-
-def _referenced_names(func) -> set[str]:
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(func)))
-    except (OSError, TypeError, SyntaxError):
-        return set()
-    body = tree.body[0].body if tree.body and hasattr(tree.body[0], "body") else []
-    return {node.id for stmt in body for node in ast.walk(stmt) if isinstance(node, ast.Name)}
-
-
-def entry_kernels(module) -> dict[str, object]:
-    """The @triton.jit functions defined in ``module`` that are launched from Python, by global name.
-
-    A jit function another jit function of the module calls is a device helper, inlined into its
-    callers and compiled with them, so it needs no case of its own.
-    """
-    jitted = {}
-    for name, obj in vars(module).items():
-        if _is_triton_kernel_object(obj):
-            base = python_function(obj)
-            if base is not None and base.__module__ == module.__name__:
-                jitted[name] = base
-    called = set()
-    for name, base in jitted.items():
-        called |= _referenced_names(base) - {name}
-    return {name: base for name, base in jitted.items() if name not in called}
-
-
-def uncovered_kernels(module, cases) -> list[str]:
-    """Entry kernels of ``module`` that no case compiles."""
-    covered = set()
-    for case in cases:
-        if isinstance(case, dict) and "kernel" in case:
-            base = python_function(case["kernel"])
-            if base is not None:
-                covered.add(base)
-    return sorted(name for name, base in entry_kernels(module).items() if base not in covered)
+def kernel_modules() -> list[str]:
+    """The ``fastmsc.kernels.<op>_aot`` modules that declare the ops' compilations, found without importing them."""
+    return [f"fastmsc.kernels.{path.stem}" for path in sorted(KERNELS_DIR.glob("*_aot.py"))]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -595,7 +297,7 @@ def _without_duplicates(tasks):
     return unique
 
 
-def _worker(modules: list[str], archs: list[int], attr: str, shard: int, shards: int) -> int:
+def _worker(modules: list[str], archs: list[int], shard: int, shards: int) -> int:
     """Compile this shard's (module, case, arch) tasks; print one JSON record per line."""
     def emit(record):
         print(json.dumps(record), flush=True)
@@ -604,15 +306,15 @@ def _worker(modules: list[str], archs: list[int], attr: str, shard: int, shards:
     for spec in modules:
         try:
             module = load_module(spec)
-            cases = getattr(module, attr)
+            cases = module.aot_cases()
             if not isinstance(cases, (list, tuple)):
-                raise CaseError(f"{attr} must be a list of case dicts, got {type(cases).__name__}")
+                raise CaseError(f"aot_cases() must return a list of case dicts, got {type(cases).__name__}")
         except Exception as exc:
             if shard == 0:
-                emit({"error": f"{spec}: cannot load {attr} ({type(exc).__name__}: {exc})"})
+                emit({"error": f"{spec}: cannot build its cases ({type(exc).__name__}: {exc})"})
             continue
         if shard == 0:
-            emit({"uncovered": uncovered_kernels(module, cases), "module": spec})
+            emit({"uncovered": uncovered_kernels(module.KERNELS, cases), "module": spec})
         tasks += [(spec, index, case, arch) for index, case in enumerate(cases) for arch in archs]
     tasks = _without_duplicates(tasks)
     for spec, index, case, arch in tasks[shard::shards]:
@@ -644,14 +346,14 @@ def default_timeout() -> float:
     return float(os.environ.get("FASTMSC_AOT_TIMEOUT") or 1200.0)
 
 
-def collect(modules: list[str] | None = None, archs=ARCHS, attr: str = "AOT_CASES", jobs: int | None = None,
+def collect(modules: list[str] | None = None, archs=ARCHS, jobs: int | None = None,
             timeout: float | None = None) -> AotReport:
     """Compile every case of ``modules`` (dotted names or .py paths; default: all kernel modules) for every
     arch in ``jobs`` worker subprocesses without TRITON_INTERPRET. A case that fails to compile, or the
     ``timeout`` (seconds for the whole run) expiring, becomes an entry of ``errors``; a worker that dies
     raises RuntimeError."""
-    modules = kernel_modules(attr) if modules is None else list(modules)
-    report = AotReport(attr=attr)
+    modules = kernel_modules() if modules is None else list(modules)
+    report = AotReport()
     if not modules:
         return report
     jobs = default_jobs() if jobs is None else max(1, jobs)
@@ -659,8 +361,8 @@ def collect(modules: list[str] | None = None, archs=ARCHS, attr: str = "AOT_CASE
     start = time.perf_counter()
     workers = []
     for shard in range(jobs):
-        command = [sys.executable, "-m", "fastmsc.kernels._aot", "--worker", f"--shard={shard}", f"--shards={jobs}",
-                   f"--attr={attr}"] + [f"--arch={a}" for a in archs] + [f"--module={m}" for m in modules]
+        command = [sys.executable, "-m", "fastmsc.tools.aot", "--worker", f"--shard={shard}", f"--shards={jobs}",
+                   *[f"--arch={a}" for a in archs], *[f"--module={m}" for m in modules]]
         workers.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                         env=_clean_env(), cwd=str(REPO_ROOT)))
     deadline = time.monotonic() + timeout
@@ -718,12 +420,11 @@ def format_table(results: list[KernelResources]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastmsc.kernels._aot", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fastmsc.tools.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (repeatable; "
                         "default 90 and 80)")
     parser.add_argument("--module", action="append", help="kernel module (dotted name or .py path; repeatable; "
-                        "default: every fastmsc.kernels module with AOT_CASES)")
-    parser.add_argument("--attr", default="AOT_CASES", help="name of the case list in the modules")
+                        "default: every fastmsc/kernels/<op>_aot.py)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiler processes")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -732,16 +433,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     archs = args.arch or list(ARCHS)
     if args.worker:
-        return _worker(args.module or [], archs, args.attr, args.shard, args.shards)
+        return _worker(args.module or [], archs, args.shard, args.shards)
     reason = toolchain_unavailable()
     if reason is not None:
         print(f"cannot compile ahead of time: {reason}", file=sys.stderr)
         return 2
-    modules = args.module or kernel_modules(args.attr)
+    modules = args.module or kernel_modules()
     if not modules:
-        print(f"no module under {KERNELS_DIR} defines {args.attr}", file=sys.stderr)
+        print(f"no <op>_aot.py under {KERNELS_DIR}", file=sys.stderr)
         return 0
-    report = collect(modules, archs, args.attr, args.jobs)
+    report = collect(modules, archs, args.jobs)
     if args.json:
         print(json.dumps([asdict(r) for r in report.results], indent=2))
     else:
