@@ -8,9 +8,9 @@ import math
 import torch
 
 from ..tools.aot_cases import record_launches
-from . import attention
+from . import _attention_triton, attention
 
-KERNELS = attention  # the module whose @triton.jit kernels need a case each
+KERNELS = _attention_triton  # the module whose @triton.jit kernels need a case each
 
 # The default model (fastmsc.models.MSCClassifier): one head of the BiLSTM's 2 x 128 features, batches of 32.
 MODEL_HEAD_DIM = 256

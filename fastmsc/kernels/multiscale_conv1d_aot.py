@@ -9,9 +9,10 @@ import functools
 import torch
 
 from ..tools.aot_cases import case_key, record_launches
+from . import _multiscale_conv1d_triton
 from . import multiscale_conv1d as msc
 
-KERNELS = msc  # the module whose @triton.jit kernels need a case each
+KERNELS = _multiscale_conv1d_triton  # the module whose @triton.jit kernels need a case each
 
 # The default model (fastmsc.models.MSCClassifier): 3 input channels, 64 channels per kernel size 3/5/7, bias,
 # no activation (BatchNorm follows), batches of 32; its input needs no gradient.
