@@ -23,12 +23,11 @@ Command line: ``python -m fastmsc.tools.aot [--arch 90 --arch 80] [--jobs N] [--
 prints one row per case and arch (``div16`` in the config column counts the arguments with a divisibility
 hint), and exits 1 when a kernel spills, overflows shared memory, fails to compile or has no case.
 
-Cost: a cold compile takes about 0.1-10 s per case and arch on one core (the fp32 attention kernels at
-head dims 200-256 the longest; a kernel that spills takes longer); the whole check is about 490 compilations,
-5 CPU-minutes. Triton's cache ($TRITON_CACHE_DIR, default ~/.triton/cache, outside the repository) makes an
-unchanged case instant (its ``compile_s`` then reads 0.0), so CI should keep that folder between runs.
-$FASTMSC_AOT_JOBS sets the number of compiler processes (default: the CPU count, at most 8) and
-$FASTMSC_AOT_TIMEOUT the seconds allowed for a whole run (default 1200).
+Cost: a cold compile takes 0.1-10 s per case and arch on one core (the fp32 attention kernels at head dims
+200-256 the longest); the whole check is about 490 compilations, 5 CPU-minutes. Triton's cache ($TRITON_CACHE_DIR,
+default ~/.triton/cache) makes an unchanged case instant (``compile_s`` 0.0; its key includes line numbers, so a
+moved kernel compiles again), so CI should keep that folder. $FASTMSC_AOT_JOBS sets the number of compiler
+processes (default: the CPU count, at most 8), $FASTMSC_AOT_TIMEOUT the seconds allowed for a run (default 1200).
 """
 
 from __future__ import annotations
@@ -266,7 +265,7 @@ def compile_case(case: dict, arch: int, module: str = "") -> KernelResources:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Modules
+# Workers
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -275,14 +274,9 @@ def kernel_modules() -> list[str]:
     return [f"fastmsc.kernels.{path.stem}" for path in sorted(KERNELS_DIR.glob("*_aot.py"))]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Workers
-# ----------------------------------------------------------------------------------------------------------
-
-
 def _without_duplicates(tasks):
     """Drop tasks that compile exactly what an earlier one compiles (same :func:`case_key` and arch), e.g. when
-    two autotune configs of a case list coincide."""
+    two ops' recorded launches coincide."""
     seen, unique = set(), []
     for task in tasks:
         _, _, case, arch = task
