@@ -7,6 +7,36 @@ import triton.language as tl
 
 
 @triton.jit
+def _program(T, H, LENGTHS, BLOCK: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    """(block index along T, b * H + h, b, h, valid length) of this program: the grid runs over (b, h, block) with
+    the block fastest; the length is lengths[b] clamped to T (T without lengths)."""
+    num_blocks = tl.cdiv(T, BLOCK)
+    pid = tl.program_id(0)
+    pid_bh = pid // num_blocks
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    seq_len = T
+    if HAS_LENGTHS:
+        seq_len = tl.minimum(tl.load(LENGTHS + b).to(tl.int32), T)
+    return pid % num_blocks, pid_bh, b, h, seq_len
+
+
+@triton.jit
+def _load_tile(PTR, rows, row_ok, stride_t, cols, col_ok, stride_d):
+    """PTR[rows, cols] as a (len(rows), len(cols)) tile; entries outside row_ok x col_ok load as zeros."""
+    return tl.load(PTR + rows[:, None] * stride_t + cols[None, :] * stride_d, mask=row_ok[:, None] & col_ok[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _dot_operand(x, DOT_FP32: tl.constexpr):
+    """x as the kernels' tl.dot takes it: upcast to fp32 where they multiply in fp32 (DOT_FP32)."""
+    if DOT_FP32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _row_dots(A, rows_a, a_ok, stride_at, stride_ad, B, rows_b, b_ok, stride_bt, stride_bd,
               ROWS_A: tl.constexpr, ROWS_B: tl.constexpr, HEAD_DIM: tl.constexpr, D_CHUNK: tl.constexpr,
               INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
@@ -19,13 +49,8 @@ def _row_dots(A, rows_a, a_ok, stride_at, stride_ad, B, rows_b, b_ok, stride_bt,
     for start_d in tl.static_range(0, HEAD_DIM, D_CHUNK):
         cols = start_d + offs_c
         col_ok = cols < HEAD_DIM
-        a = tl.load(A + rows_a[:, None] * stride_at + cols[None, :] * stride_ad,
-                    mask=a_ok[:, None] & col_ok[None, :], other=0.0)
-        b = tl.load(B + rows_b[:, None] * stride_bt + cols[None, :] * stride_bd,
-                    mask=b_ok[:, None] & col_ok[None, :], other=0.0)
-        if DOT_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
+        a = _dot_operand(_load_tile(A, rows_a, a_ok, stride_at, cols, col_ok, stride_ad), DOT_FP32)
+        b = _dot_operand(_load_tile(B, rows_b, b_ok, stride_bt, cols, col_ok, stride_bd), DOT_FP32)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION)
     return acc
 
@@ -40,18 +65,15 @@ def _fwd_key_block(acc, l_i, m_i, q, Q, K, V, offs_m, row_in, stride_qt, stride_
     are loop-invariant loads, which the compiler may stage once in shared memory)."""
     cols = start_n + offs_n
     key_ok = cols < seq_len
-    kv_mask = key_ok[:, None] & d_ok[None, :]
     if D_CHUNK < BLOCK_D:
         s = _row_dots(Q, offs_m, row_in, stride_qt, stride_qd, K, cols, key_ok, stride_kt, stride_kd, BLOCK_M,
                       BLOCK_N, HEAD_DIM, D_CHUNK, INPUT_PRECISION, DOT_FP32) * qk_scale
-        v = tl.load(V + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        v = _load_tile(V, cols, key_ok, stride_vt, offs_d, d_ok, stride_vd)
     else:
         # k and v issued together, ahead of the first dot: the software pipeliner then stages both.
-        k = tl.load(K + cols[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(V + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        k = _load_tile(K, cols, key_ok, stride_kt, offs_d, d_ok, stride_kd)
+        v = _load_tile(V, cols, key_ok, stride_vt, offs_d, d_ok, stride_vd)
+        s = tl.dot(q, tl.trans(_dot_operand(k, DOT_FP32)), input_precision=INPUT_PRECISION) * qk_scale
     if MASK_KEYS:
         s = tl.where(key_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -61,11 +83,8 @@ def _fwd_key_block(acc, l_i, m_i, q, Q, K, V, offs_m, row_in, stride_qt, stride_
     alpha = tl.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    p_op = p.to(V.dtype.element_ty)
-    if DOT_FP32:
-        p_op = p_op.to(tl.float32)
-        v = v.to(tl.float32)
-    acc = tl.dot(p_op, v, acc, input_precision=INPUT_PRECISION)
+    p_op = _dot_operand(p.to(V.dtype.element_ty), DOT_FP32)
+    acc = tl.dot(p_op, _dot_operand(v, DOT_FP32), acc, input_precision=INPUT_PRECISION)
     return acc, l_i, m_new
 
 
@@ -80,20 +99,12 @@ def _attention_fwd_kernel(
     HEAD_DIM: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    num_m = tl.cdiv(T, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = pid % num_m
-    pid_bh = pid // num_m
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_m, pid_bh, b, h, seq_len = _program(T, H, LENGTHS, BLOCK_M, HAS_LENGTHS)
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
     OUT += b * stride_ob + h * stride_oh
     LSE += pid_bh.to(tl.int64) * T
-    seq_len = T
-    if HAS_LENGTHS:
-        seq_len = tl.minimum(tl.load(LENGTHS + b).to(tl.int32), T)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -103,10 +114,7 @@ def _attention_fwd_kernel(
     if D_CHUNK < BLOCK_D:
         q = 0.0  # the scores reload q strip by strip
     else:
-        q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                    mask=row_in[:, None] & d_ok[None, :], other=0.0)
-        if DOT_FP32:
-            q = q.to(tl.float32)
+        q = _dot_operand(_load_tile(Q, offs_m, row_in, stride_qt, offs_d, d_ok, stride_qd), DOT_FP32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -145,22 +153,15 @@ def _attention_bwd_delta_kernel(
     HEAD_DIM: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta[b, h, t] = sum_d dO * O over valid rows (0 past the length, where dO is ignored)."""
-    num_m = tl.cdiv(T, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = pid % num_m
-    pid_bh = pid // num_m
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    seq_len = T
-    if HAS_LENGTHS:
-        seq_len = tl.minimum(tl.load(LENGTHS + b).to(tl.int32), T)
+    pid_m, pid_bh, b, h, seq_len = _program(T, H, LENGTHS, BLOCK_M, HAS_LENGTHS)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < seq_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                 mask=mask, other=0.0).to(tl.float32)
+    row_ok = offs_m < seq_len
+    d_ok = offs_d < HEAD_DIM
+    o = _load_tile(OUT + b * stride_ob + h * stride_oh, offs_m, row_ok, stride_ot, offs_d, d_ok,
+                   stride_od).to(tl.float32)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh, offs_m, row_ok, stride_dot, offs_d, d_ok,
+                    stride_dod).to(tl.float32)
     tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
 
 
@@ -180,12 +181,7 @@ def _attention_bwd_dkdv_kernel(
     """dK and dV for BLOCK_N keys of one (batch, head), looping over the query blocks (transposed scores).
     With D_CHUNK < BLOCK_D, k and v are not held in registers: the two D-long products read k, v, q and dO in
     column strips, and only the dK/dV accumulators span the whole head dim."""
-    num_n = tl.cdiv(T, BLOCK_N)
-    pid = tl.program_id(0)
-    pid_n = pid % num_n
-    pid_bh = pid // num_n
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_n, pid_bh, b, h, seq_len = _program(T, H, LENGTHS, BLOCK_N, HAS_LENGTHS)
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
@@ -194,9 +190,6 @@ def _attention_bwd_dkdv_kernel(
     DV += b * stride_dvb + h * stride_dvh
     LSE += pid_bh.to(tl.int64) * T
     DELTA += pid_bh.to(tl.int64) * T
-    seq_len = T
-    if HAS_LENGTHS:
-        seq_len = tl.minimum(tl.load(LENGTHS + b).to(tl.int32), T)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -206,13 +199,8 @@ def _attention_bwd_dkdv_kernel(
     key_ok = offs_n < seq_len
     # Keys past the length load as zeros: their (discarded) rows of dK/dV then stay finite.
     if D_CHUNK == BLOCK_D:
-        k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-                    mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                    mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _dot_operand(_load_tile(K, offs_n, key_ok, stride_kt, offs_d, d_ok, stride_kd), DOT_FP32)
+        v = _dot_operand(_load_tile(V, offs_n, key_ok, stride_vt, offs_d, d_ok, stride_vd), DOT_FP32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # Only query rows below the length see any key; keys past the length get zero gradients (stored below).
@@ -220,14 +208,12 @@ def _attention_bwd_dkdv_kernel(
     for start_m in range(0, q_end, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < seq_len
-        qd_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + rows[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
-        do = tl.load(DO + rows[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)
+        q = _load_tile(Q, rows, row_ok, stride_qt, offs_d, d_ok, stride_qd)
+        do = _load_tile(DO, rows, row_ok, stride_dot, offs_d, d_ok, stride_dod)
         lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
-        if DOT_FP32:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q = _dot_operand(q, DOT_FP32)
+        do = _dot_operand(do, DOT_FP32)
         if D_CHUNK < BLOCK_D:
             s_t = _row_dots(K, offs_n, key_ok, stride_kt, stride_kd, Q, rows, row_ok, stride_qt, stride_qd, BLOCK_N,
                             BLOCK_M, HEAD_DIM, D_CHUNK, INPUT_PRECISION, DOT_FP32)
@@ -236,9 +222,7 @@ def _attention_bwd_dkdv_kernel(
         # Rows with LSE = +inf (past the length, or no valid key) get p = 0 and so contribute nothing; a row past
         # the length is selected away as well, as its zero-loaded q meets an infinite key as 0 * inf = NaN.
         p_t = tl.where(row_ok[None, :], tl.exp2(s_t * qk_scale - lse[None, :]), 0.0)
-        p_op = p_t.to(DO.dtype.element_ty)
-        if DOT_FP32:
-            p_op = p_op.to(tl.float32)
+        p_op = _dot_operand(p_t.to(DO.dtype.element_ty), DOT_FP32)
         dv = tl.dot(p_op, do, dv, input_precision=INPUT_PRECISION)
         if D_CHUNK < BLOCK_D:
             dp_t = _row_dots(V, offs_n, key_ok, stride_vt, stride_vd, DO, rows, row_ok, stride_dot, stride_dod,
@@ -246,9 +230,7 @@ def _attention_bwd_dkdv_kernel(
         else:
             dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        ds_op = ds_t.to(Q.dtype.element_ty)
-        if DOT_FP32:
-            ds_op = ds_op.to(tl.float32)
+        ds_op = _dot_operand(ds_t.to(Q.dtype.element_ty), DOT_FP32)
         dk = tl.dot(ds_op, q, dk, input_precision=INPUT_PRECISION)
 
     # Row j of dK/dV depends only on key j, so keys past the length (never masked above) are zeroed here.

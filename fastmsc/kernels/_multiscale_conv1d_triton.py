@@ -84,6 +84,39 @@ def _resident_x_tile(x_base, offs_t, T, R, stride_xc, stride_xt, K_MAX: tl.const
 
 
 @triton.jit
+def _time_tile(x_ptr, N_T, T, R, stride_xb, stride_xc, stride_xt, K_MAX: tl.constexpr, BLOCK_T: tl.constexpr,
+               BLOCK_R: tl.constexpr, X_RESIDENT: tl.constexpr, UPCAST: tl.constexpr):
+    """(batch index, time offsets, x[b] base pointer, im2col tile and its non-finite flag from _resident_x_tile) of
+    a program of the forward-shaped kernels, whose grid runs over (b, time tile) with the time tile fastest."""
+    pid = tl.program_id(0)
+    pid_b = pid // N_T
+    offs_t = (pid % N_T) * BLOCK_T + tl.arange(0, BLOCK_T)
+    x_base = x_ptr + pid_b.to(tl.int64) * stride_xb
+    x_tile, x_non_finite = _resident_x_tile(x_base, offs_t, T, R, stride_xc, stride_xt, K_MAX, BLOCK_R, X_RESIDENT,
+                                            UPCAST)
+    return pid_b, offs_t, x_base, x_tile, x_non_finite
+
+
+@triton.jit
+def _weight_tile(w_ptr, offs_o, o_mask, offs_r, R, UPCAST: tl.constexpr):
+    """The (len(offs_o), len(offs_r)) slice W[o, r] of the packed (C_TOTAL, R) weight, 0 outside o_mask x r < R."""
+    w = tl.load(w_ptr + offs_o[:, None] * R + offs_r[None, :], mask=o_mask[:, None] & (offs_r < R)[None, :], other=0.0)
+    if UPCAST:
+        w = w.to(tl.float32)
+    return w
+
+
+@triton.jit
+def _own_tap_gz(gz_base, out_channel, tap, q_mask, taps_ptr, offs_t, T, stride_go, stride_gt, K_MAX: tl.constexpr):
+    """gz[b, o, t + K_MAX // 2 - j] as a (len(q), len(offs_t)) tile for q = o * K_MAX + j, read only at the taps j of
+    o's own branch (``taps_ptr``: its kernel size) and 0 elsewhere, not upcast."""
+    own_tap = tl.abs(tap - K_MAX // 2) <= tl.load(taps_ptr + out_channel, mask=q_mask, other=0) // 2
+    src_t = offs_t[None, :] + (K_MAX // 2 - tap[:, None])
+    return tl.load(gz_base + out_channel[:, None] * stride_go + src_t * stride_gt,
+                   mask=(q_mask & own_tap)[:, None] & (src_t >= 0) & (src_t < T), other=0.0)
+
+
+@triton.jit
 def _preactivation_tile(x_tile, x_non_finite, x_base, w_ptr, b_ptr, taps_ptr, offs_o, offs_t, T, C_TOTAL, R, stride_xc,
                         stride_xt, HAS_BIAS: tl.constexpr, K_MAX: tl.constexpr, BLOCK_O: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, X_RESIDENT: tl.constexpr, UPCAST: tl.constexpr,
@@ -98,21 +131,14 @@ def _preactivation_tile(x_tile, x_non_finite, x_base, w_ptr, b_ptr, taps_ptr, of
     o_mask = offs_o < C_TOTAL
     acc = tl.zeros((BLOCK_O, BLOCK_T), dtype=tl.float32)
     if X_RESIDENT:
-        offs_r = tl.arange(0, BLOCK_R)
-        w = tl.load(w_ptr + offs_o[:, None] * R + offs_r[None, :], mask=o_mask[:, None] & (offs_r < R)[None, :],
-                    other=0.0)
-        if UPCAST:
-            w = w.to(tl.float32)
+        w = _weight_tile(w_ptr, offs_o, o_mask, tl.arange(0, BLOCK_R), R, UPCAST)
         non_finite = x_non_finite
         acc = tl.dot(w, x_tile, acc, input_precision=DOT_PRECISION)
     else:
         non_finite = 0
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
-            w = tl.load(w_ptr + offs_o[:, None] * R + offs_r[None, :],
-                        mask=o_mask[:, None] & (offs_r < R)[None, :], other=0.0)
-            if UPCAST:
-                w = w.to(tl.float32)
+            w = _weight_tile(w_ptr, offs_o, o_mask, offs_r, R, UPCAST)
             xs = _im2col_tile(x_base, offs_r, offs_t, T, R, stride_xc, stride_xt, K_MAX, UPCAST)
             finite = _finite(xs)
             non_finite = tl.maximum(non_finite, tl.max(tl.max(tl.where(finite, 0, 1), 1), 0))
@@ -134,13 +160,8 @@ def _msc_forward_kernel(x_ptr, w_ptr, b_ptr, taps_ptr, out_ptr, T, C_TOTAL, R, N
                         X_RESIDENT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """out[b, o, :] = act(z[b, o, :]) over one BLOCK_T time tile of one batch element, every output channel
     (all branches) in BLOCK_O blocks."""
-    pid = tl.program_id(0)
-    pid_t = pid % N_T
-    pid_b = pid // N_T
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    x_base = x_ptr + pid_b.to(tl.int64) * stride_xb
-    x_tile, x_non_finite = _resident_x_tile(x_base, offs_t, T, R, stride_xc, stride_xt, K_MAX, BLOCK_R, X_RESIDENT,
-                                            UPCAST)
+    pid_b, offs_t, x_base, x_tile, x_non_finite = _time_tile(x_ptr, N_T, T, R, stride_xb, stride_xc, stride_xt, K_MAX,
+                                                             BLOCK_T, BLOCK_R, X_RESIDENT, UPCAST)
     out_base = out_ptr + pid_b.to(tl.int64) * stride_ob
     for o0 in range(0, C_TOTAL, BLOCK_O):
         offs_o = o0 + tl.arange(0, BLOCK_O)
@@ -160,13 +181,8 @@ def _msc_preactivation_grad_kernel(x_ptr, w_ptr, b_ptr, taps_ptr, grad_ptr, gz_p
                                    X_RESIDENT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """gz[b, o, t] = grad[b, o, t] * act'(z[b, o, t]), z recomputed from x with the forward's tiles;
     gz is contiguous (B, C_TOTAL, T)."""
-    pid = tl.program_id(0)
-    pid_t = pid % N_T
-    pid_b = pid // N_T
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    x_base = x_ptr + pid_b.to(tl.int64) * stride_xb
-    x_tile, x_non_finite = _resident_x_tile(x_base, offs_t, T, R, stride_xc, stride_xt, K_MAX, BLOCK_R, X_RESIDENT,
-                                            UPCAST)
+    pid_b, offs_t, x_base, x_tile, x_non_finite = _time_tile(x_ptr, N_T, T, R, stride_xb, stride_xc, stride_xt, K_MAX,
+                                                             BLOCK_T, BLOCK_R, X_RESIDENT, UPCAST)
     grad_base = grad_ptr + pid_b.to(tl.int64) * stride_gb
     gz_base = gz_ptr + pid_b.to(tl.int64) * C_TOTAL * T
     for o0 in range(0, C_TOTAL, BLOCK_O):
@@ -193,7 +209,6 @@ def _msc_grad_input_kernel(gz_ptr, w_ptr, taps_ptr, dx_ptr, T, C_IN, C_TOTAL, R,
     the taps of o's own branch (``taps_ptr``: its kernel size): at a zero padding tap a NaN or inf in gz (GELU's
     slope at a non-finite z) would still give 0 * NaN = NaN.
     """
-    HALF: tl.constexpr = K_MAX // 2
     pid = tl.program_id(0)
     pid_c = pid % N_C
     pid_t = (pid // N_C) % N_T
@@ -214,10 +229,7 @@ def _msc_grad_input_kernel(gz_ptr, w_ptr, taps_ptr, dx_ptr, T, C_IN, C_TOTAL, R,
             tap = offs_q % K_MAX
             w = tl.load(w_ptr + out_channel[None, :] * R + offs_c[:, None] * K_MAX + tap[None, :],
                         mask=c_mask[:, None] & q_mask[None, :], other=0.0)
-            own_tap = tl.abs(tap - HALF) <= tl.load(taps_ptr + out_channel, mask=q_mask, other=0) // 2
-            src_t = offs_t[None, :] + (HALF - tap[:, None])
-            g = tl.load(gz_base + out_channel[:, None] * stride_go + src_t * stride_gt,
-                        mask=(q_mask & own_tap)[:, None] & (src_t >= 0) & (src_t < T), other=0.0)
+            g = _own_tap_gz(gz_base, out_channel, tap, q_mask, taps_ptr, offs_t, T, stride_go, stride_gt, K_MAX)
             if UPCAST:
                 w = w.to(tl.float32)
                 g = g.to(tl.float32)
@@ -233,10 +245,8 @@ def _msc_grad_input_kernel(gz_ptr, w_ptr, taps_ptr, dx_ptr, T, C_IN, C_TOTAL, R,
                 out_channel = offs_q // K_MAX
                 tap = offs_q % K_MAX
                 w = tl.load(w_ptr + out_channel * R + c * K_MAX + tap, mask=q_mask, other=0.0).to(tl.float32)
-                own_tap = tl.abs(tap - HALF) <= tl.load(taps_ptr + out_channel, mask=q_mask, other=0) // 2
-                src_t = offs_t[None, :] + (HALF - tap[:, None])
-                g = tl.load(gz_base + out_channel[:, None] * stride_go + src_t * stride_gt,
-                            mask=(q_mask & own_tap)[:, None] & (src_t >= 0) & (src_t < T), other=0.0).to(tl.float32)
+                g = _own_tap_gz(gz_base, out_channel, tap, q_mask, taps_ptr, offs_t, T, stride_go, stride_gt,
+                                K_MAX).to(tl.float32)
                 acc += w[:, None] * g
             row = tl.sum(acc, axis=0)
             tl.store(dx_base + c * stride_dc + offs_t * stride_dt, row.to(dx_ptr.dtype.element_ty), mask=t_mask)
