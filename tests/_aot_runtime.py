@@ -1,11 +1,11 @@
-"""What Triton's runtime asks its compiler for, captured without a GPU, to check fastmsc.kernels._aot against.
+"""What Triton's runtime asks its compiler for, captured without a GPU, to check fastmsc.tools.aot against.
 
 Run as ``python tests/_aot_runtime.py`` without TRITON_INTERPRET (the interpreter has no binder): it makes a
 stand-in driver for an sm_90 GPU the active one and replaces ``_do_compile`` of each JITFunction it watches, so
 ``kernel[grid](*args, **kwargs)`` goes through ``JITFunction.run`` (binder, ``_pack_args``) and stops where the
 runtime would compile. It prints one JSON object: {"sample": [...], "model": [...]}, each item
 {"kernel", "signature", "constexprs", "attrs", "num_warps", "num_stages"} (names for argument paths, attributes
-only where not empty), and for "sample" also "specialize", what fastmsc.kernels._aot.specialize made of the
+only where not empty), and for "sample" also "specialize", what fastmsc.tools.aot.specialize made of the
 same launch.
 
 * "sample": tests/_aot_sample.py's _scale_kernel launched with aligned and misaligned tensors and ints that
@@ -61,7 +61,7 @@ def _watch(jit_fn, captured: list) -> None:
 
 
 def sample_launches() -> list[dict]:
-    from fastmsc.kernels import _aot
+    from fastmsc.tools import aot as _aot
 
     sample = _aot.load_module(str(TESTS / "_aot_sample.py"))
     captured: list = []
@@ -84,7 +84,8 @@ def sample_launches() -> list[dict]:
 
 
 def model_launches() -> list[dict]:
-    from fastmsc.kernels import _aot, attention, max_avg_pool, multiscale_conv1d
+    from fastmsc.kernels import attention, max_avg_pool, multiscale_conv1d
+    from fastmsc.tools import aot as _aot
 
     captured: list = []
     for module in (attention, multiscale_conv1d, max_avg_pool):

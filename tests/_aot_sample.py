@@ -1,10 +1,13 @@
-"""Small Triton kernels that exercise fastmsc.kernels._aot: an elementwise kernel with a device helper,
-an autotuned tl.dot kernel (uses shared memory), and a kernel built to spill registers.
+"""Small Triton kernels that exercise fastmsc.tools.aot: an elementwise kernel with a device helper,
+a tl.dot kernel (uses shared memory), and a kernel built to spill registers.
 
-``AOT_CASES`` covers the well-behaved kernels; ``SPILL_CASES`` holds the spilling one; ``ALL_CASES`` both.
+``AOT_CASES`` covers the well-behaved kernels; ``SPILL_CASES`` holds the spilling one; ``ALL_CASES`` both, which
+``aot_cases()`` returns as an ``<op>_aot.py`` module does for the tool.
 """
 
 from __future__ import annotations
+
+import sys
 
 import triton
 import triton.language as tl
@@ -24,8 +27,6 @@ def _scale_kernel(x_ptr, y_ptr, n, scale, BLOCK: tl.constexpr):
     tl.store(y_ptr + offsets, _squash(x * scale).to(y_ptr.dtype.element_ty), mask=inside)
 
 
-@triton.autotune(configs=[triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3)],
-                 key=["K"])
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows, cols, inner = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
@@ -55,7 +56,7 @@ AOT_CASES = [
      "constexprs": {"BLOCK": 1024}, "num_warps": 4, "num_stages": 1}
     for dtype in ("fp32", "fp16", "bf16")
 ] + [
-    {"name": "matmul_fp16", "kernel": _matmul_kernel.fn,
+    {"name": "matmul_fp16", "kernel": _matmul_kernel,
      "signature": {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32", "K": "i32", "BLOCK_M": "constexpr",
                    "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
      "constexprs": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, "num_warps": 4, "num_stages": 3},
@@ -68,3 +69,8 @@ SPILL_CASES = [
 ]
 
 ALL_CASES = AOT_CASES + SPILL_CASES
+KERNELS = sys.modules[__name__]
+
+
+def aot_cases():
+    return ALL_CASES

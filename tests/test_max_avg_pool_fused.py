@@ -17,6 +17,7 @@ from fastmsc.kernels._common import poison_enabled
 from fastmsc.ops.max_avg_pool import max_avg_pool_reference
 
 kernels = pytest.importorskip("fastmsc.kernels.max_avg_pool", reason="the fused pooling module needs triton")
+max_avg_pool_aot = pytest.importorskip("fastmsc.kernels.max_avg_pool_aot", reason="the AOT declarations need triton")
 
 @pytest.fixture(autouse=True)
 def _fused_pool():

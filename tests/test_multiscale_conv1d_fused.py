@@ -24,6 +24,8 @@ from fastmsc.ops.multiscale_conv1d import multiscale_conv1d_reference
 
 pytest.importorskip("triton", reason="the fused multiscale_conv1d kernels are Triton kernels; triton is not installed")
 kernels = pytest.importorskip("fastmsc.kernels.multiscale_conv1d", reason="the Triton kernel module failed to import")
+multiscale_conv1d_aot = pytest.importorskip("fastmsc.kernels.multiscale_conv1d_aot",
+                                            reason="the AOT declarations need triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -160,9 +162,9 @@ def test_relu_gradient_at_exact_zero_follows_torch():
 
 
 def test_aot_cases_reach_every_configuration_the_heuristics_pick():
-    """AOT_CASES records the launches of representative calls; those calls must reach every tile the heuristics
-    can return, in every dtype, or a configuration would go unchecked (tests/test_op_contract.py checks that
-    the cases are valid and cover every kernel)."""
+    """multiscale_conv1d_aot.aot_cases() records the launches of representative calls; those calls must reach every
+    tile the heuristics can return, in every dtype, or a configuration would go unchecked (tests/test_op_contract.py
+    checks that the cases are valid and cover every kernel)."""
     def config(case, *names):
         constexprs = case["constexprs"]
         ptr = next(kind for kind in case["signature"].values() if kind.startswith("*"))  # x or gz: the dtype
@@ -173,7 +175,7 @@ def test_aot_cases_reach_every_configuration_the_heuristics_pick():
     dx_tile = ("BLOCK_C", "BLOCK_Q", "BLOCK_T", "USE_DOT", "DOT_PRECISION")
     dw_tile = ("BLOCK_O", "BLOCK_R", "BLOCK_T", "DOT_PRECISION")
     compiled = set()
-    for case in kernels.AOT_CASES:
+    for case in multiscale_conv1d_aot.aot_cases():
         names = {"_msc_forward_kernel": tile, "_msc_preactivation_grad_kernel": tile, "_msc_grad_input_kernel": dx_tile,
                  "_msc_grad_weight_partial_kernel": dw_tile}.get(case["kernel"].__name__)
         if names:

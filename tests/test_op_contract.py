@@ -27,17 +27,14 @@ from _helpers import Arg, Draw, assert_close, compare_with_reference, describe, 
 
 import fastmsc
 from fastmsc.backend import OPS
+from fastmsc.tools import aot, aot_cases
 
 
-def aot_tools():
-    """The AOT helpers (case validation, kernel coverage), wherever the package keeps them."""
-    for name in ("fastmsc.tools.aot", "fastmsc.kernels._aot"):
-        try:
-            return importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name is None or not name.startswith(exc.name):
-                raise  # the module exists but something it imports is missing: a real failure
-    raise ModuleNotFoundError("neither fastmsc.tools.aot nor fastmsc.kernels._aot exists")
+def aot_module(op: str):
+    """fastmsc.kernels.<op>_aot, which declares the compilations of the op's Triton kernels, or None for an op
+    without Triton kernels (the LSTM's fused path is the compiled extension)."""
+    name = f"fastmsc.kernels.{op}_aot"
+    return importlib.import_module(name) if name in aot.kernel_modules() else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -346,7 +343,7 @@ def test_compiles_fullgraph_to_the_eager_values(op):
 
 
 def _is_triton_op(op: str) -> bool:
-    return OPS[op].fused_module in aot_tools().kernel_modules()
+    return aot_module(op) is not None
 
 
 @pytest.mark.parametrize("dtype", ("float32", "float64", "bf16"))
@@ -381,20 +378,21 @@ def test_auto_never_runs_the_interpreter(op, dtype, monkeypatch):
 
 @pytest.mark.parametrize("op", sorted(SPECS))
 def test_aot_cases_cover_every_kernel_in_every_dtype(op):
-    aot = aot_tools()
     require_fused(op)
-    module = importlib.import_module(OPS[op].fused_module)
-    if not _is_triton_op(op):
-        assert aot.entry_kernels(module) == {}, f"{module.__name__} defines Triton kernels but no AOT_CASES"
+    declared = aot_module(op)
+    if declared is None:
+        kernels = importlib.import_module(f"fastmsc.kernels.{op}")
+        assert aot_cases.entry_kernels(kernels) == {}, f"{kernels.__name__} defines Triton kernels but no AOT cases"
         return
-    assert module.AOT_CASES, f"{module.__name__} lists no AOT cases"
-    for case in module.AOT_CASES:
-        aot.validate_case(case)
-    assert aot.uncovered_kernels(module, module.AOT_CASES) == []
+    cases = declared.aot_cases()
+    assert cases, f"{declared.__name__} lists no AOT cases"
+    for case in cases:
+        aot_cases.validate_case(case)
+    assert aot_cases.uncovered_kernels(declared.KERNELS, cases) == []
     seen = set()
-    for case in module.AOT_CASES:
-        kernel = case["kernel"] if isinstance(case["kernel"], str) else aot.unwrap_kernel(case["kernel"]).__name__
+    for case in cases:
+        kernel = case["kernel"] if isinstance(case["kernel"], str) else aot_cases.unwrap_kernel(case["kernel"]).__name__
         seen.update((kernel, kind) for kind in case["signature"].values() if isinstance(kind, str))
-    missing = [(kernel, kind) for kernel in aot.entry_kernels(module) for kind in ("*fp32", "*fp16", "*bf16")
-               if (kernel, kind) not in seen]
+    missing = [(kernel, kind) for kernel in aot_cases.entry_kernels(declared.KERNELS)
+               for kind in ("*fp32", "*fp16", "*bf16") if (kernel, kind) not in seen]
     assert missing == [], f"kernels never compiled for a dtype: {missing}"

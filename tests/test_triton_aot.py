@@ -3,7 +3,7 @@ memory, shared memory within the SM's per-block limit, and a case for every kern
 the specialisation Triton's runtime gives the launch it records.
 
 No GPU is needed: triton.compile targets an architecture and cuobjdump reads the cubin. The compiles run
-in subprocesses without TRITON_INTERPRET (see fastmsc.kernels._aot.collect). Run with ``-s`` or ``-rA``
+in subprocesses without TRITON_INTERPRET (see fastmsc.tools.aot.collect). Run with ``-s`` or ``-rA``
 to see the resource table.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastmsc.kernels import _aot
+from fastmsc.tools import aot as _aot
 
 SAMPLE = Path(__file__).with_name("_aot_sample.py")
 RUNTIME_PROBE = Path(__file__).with_name("_aot_runtime.py")
@@ -159,7 +159,7 @@ def runtime_launches() -> dict:
 
 @needs_cuda_backend
 def test_specialize_is_what_the_runtime_compiles(runtime_launches):
-    """fastmsc.kernels._aot.specialize gives, for the sample kernel's launches, exactly the signature,
+    """fastmsc.tools.aot_cases.specialize gives, for the sample kernel's launches, exactly the signature,
     constants, attributes and launch settings that JITFunction.run hands to its compile step."""
     launches = runtime_launches["sample"]
     assert len(launches) == 4
@@ -190,7 +190,7 @@ def test_cases_hold_the_default_models_launches_as_the_runtime_specialises_them(
     kernels_seen = {launch["kernel"] for launch in launches}
     compiled = {}
     for module in _aot.kernel_modules():
-        for case in importlib.import_module(module).AOT_CASES:
+        for case in importlib.import_module(module).aot_cases():
             compiled[_comparable(case)] = case["name"]
     missing = [launch for launch in launches if _comparable(launch) not in compiled]
     assert missing == [], f"{len(missing)} of {len(launches)} launches have no case, e.g. {missing[0]}"
@@ -214,7 +214,7 @@ def test_coverage_ignores_device_helpers_and_finds_missing_kernels():
 
 @needs_toolchain
 def test_machinery_measures_sample_kernels_and_detects_a_spill():
-    report = _aot.collect([str(SAMPLE)], attr="ALL_CASES", jobs=2)
+    report = _aot.collect([str(SAMPLE)], jobs=2)
     print(f"\nsample kernels ({report.seconds:.1f} s):\n{_aot.format_table(report.results)}")
     assert report.errors == [] and report.uncovered == {}
     by_case = {(r.case, r.arch): r for r in report.results}
@@ -244,16 +244,17 @@ def _modules_with_triton_kernels() -> list[str]:
     return found
 
 
-def test_every_module_with_triton_kernels_lists_aot_cases():
-    missing = sorted(set(_modules_with_triton_kernels()) - set(_aot.kernel_modules()))
-    assert missing == [], f"these kernel modules define @triton.jit kernels but no AOT_CASES: {missing}"
+def test_every_module_with_triton_kernels_has_aot_cases():
+    declared = {importlib.import_module(module).KERNELS.__name__ for module in _aot.kernel_modules()}
+    missing = sorted(set(_modules_with_triton_kernels()) - declared)
+    assert missing == [], f"these kernel modules define @triton.jit kernels but no <op>_aot.py declares them: {missing}"
 
 
 @needs_toolchain
 def test_every_kernel_compiles_for_sm90_and_sm80_without_spills():
     modules = _aot.kernel_modules()
     if not modules:
-        pytest.skip("no module in fastmsc/kernels defines AOT_CASES yet")
+        pytest.skip("no fastmsc/kernels/<op>_aot.py yet")
     report = _aot.collect(modules, archs=_aot.ARCHS)
     table = _aot.format_table(report.results)
     print(f"\nAOT resource usage of {', '.join(modules)} ({len(report.results)} compilations, {report.seconds:.1f} s):"
@@ -270,9 +271,9 @@ def test_attention_cases_fit_the_shared_memory_bound_its_dispatch_assumes():
     Triton gives sm_86/sm_89 the sm_80 code (the same shared memory, checked when this bound was set); sm_90 code
     stages wgmma operands in shared memory and may take more (115 KB for the half forward at head dim 128), which
     the 227 KB of every sm_90 GPU holds (checked by the spill test's shared-memory limit)."""
-    from fastmsc.kernels import attention
-    module = "fastmsc.kernels.attention"
-    cases = {case["name"]: case for case in attention.AOT_CASES}
+    from fastmsc.kernels import attention, attention_aot
+    module = "fastmsc.kernels.attention_aot"
+    cases = {case["name"]: case for case in attention_aot.aot_cases()}
     report = _aot.collect([module], archs=_aot.ARCHS)
     assert report.errors == [] and len(report.results) == len(cases) * len(_aot.ARCHS)
     pointer = {"*fp32": torch.float32, "*fp16": torch.float16, "*bf16": torch.bfloat16}

@@ -93,7 +93,7 @@ def capability_unsupported(tensor: torch.Tensor | None) -> str | None:
     """Why the Triton kernels cannot take ``tensor`` because it lives on a GPU older than Ampere, or None.
 
     Triton supports compute capability 8.0 and newer (its bfloat16 conversions and tensor-core products need
-    it), and the kernels' resource checks (fastmsc.kernels._aot) cover sm_80 and sm_90: on a T4, V100 or
+    it), and the kernels' resource checks (fastmsc.tools.aot) cover sm_80 and sm_90: on a T4, V100 or
     RTX 20xx stock PyTorch runs these ops instead."""
     if tensor is None or tensor.device.type != "cuda":
         return None

@@ -16,7 +16,6 @@ a zero length gives max -inf, index -1 (no max gradient anywhere) and mean NaN (
 reduction.
 """
 
-import functools
 
 import torch
 import triton
@@ -135,7 +134,7 @@ def _block_t(steps: int) -> int:
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     """Copy a layout whose channels are not adjacent, so the kernels always run their coalesced unit-stride
-    specialisation (the one AOT_CASES checks); reading such a layout channel-wise would be uncoalesced anyway."""
+    specialisation (the one max_avg_pool_aot checks); reading such a layout channel-wise would be uncoalesced anyway."""
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
@@ -248,59 +247,3 @@ def fused_unsupported(device_type: str, *, allow_interpreter: bool = False, **ca
     whether CPU tensors may run in the Triton interpreter (the caller's policy, see fastmsc.kernels._common)."""
     return triton_call_unsupported(device_type, call_args.get("x"), kernels="the pooling kernels",
                                    allow_interpreter=allow_interpreter)
-
-
-# ----------------------------------------------------------------------------------------------- ahead-of-time cases
-
-
-# The default model (fastmsc.models.MSCClassifier) pools the attention output: 2 x 128 features, batches of 32.
-_AOT_MODEL_CHANNELS = 256
-_AOT_BATCH = 32
-
-
-def _aot_launches():
-    """(label, dtype, batch, steps, channels, lengths, misaligned) of the calls whose launches AOT_CASES holds:
-    the default model at T = 150 with lengths and T = 512 without, and its misaligned-view variant (x a slice
-    at element offset 1 of a wider buffer: odd address and strides, no divisibility hints); then every channel
-    block _block_c can pick: 16 (C = 12), 64 (B = 256 sets of 256 channels) and, for half inputs, 128 (B = 128,
-    C = 1024); the model's 32 is the floor of the halving. T >= 32 keeps 32-step tiles (the only other choice, 16
-    steps for T <= 16, is half that tile)."""
-    launches = []
-    for dtype in _DTYPES:
-        name = str(dtype)[6:]
-        launches += [(f"{name} model T150 lengths", dtype, _AOT_BATCH, 150, _AOT_MODEL_CHANNELS, True, False),
-                     (f"{name} model T512", dtype, _AOT_BATCH, 512, _AOT_MODEL_CHANNELS, False, False),
-                     (f"{name} misaligned T150 lengths", dtype, _AOT_BATCH, 150, _AOT_MODEL_CHANNELS, True, True),
-                     (f"{name} C12 T150 lengths", dtype, _AOT_BATCH, 150, 12, True, False),
-                     (f"{name} B256 T150 lengths", dtype, 256, 150, _AOT_MODEL_CHANNELS, True, False)]
-        if dtype != torch.float32:
-            launches.append((f"{name} B128 C1024 T150 lengths", dtype, 128, 150, 1024, True, False))
-    return launches
-
-
-@functools.cache
-def _aot_cases():
-    """The compilations Triton's runtime makes for the calls of :func:`_aot_launches`: the launchers _forward and
-    _backward run on meta tensors while fastmsc.kernels._aot.record_launches records each kernel launch with the
-    runtime's specialisation (divisibility hints, unit channel strides as constants). Built on first use."""
-    import sys
-
-    from . import _aot
-
-    with _aot.record_launches(sys.modules[__name__]) as log:
-        for label, dtype, batch, steps, channels, with_lengths, misaligned in _aot_launches():
-            log.label = label
-            if misaligned:
-                x = torch.empty((batch, steps, channels + 1), dtype=dtype, device="meta")[..., 1:]
-            else:
-                x = torch.empty((batch, steps, channels), dtype=dtype, device="meta")
-            lengths = torch.empty(batch, dtype=torch.int64, device="meta") if with_lengths else None
-            out, idx = _forward(x, lengths)
-            _backward(torch.empty_like(out), idx, lengths, steps)
-    return log.cases
-
-
-def __getattr__(name):
-    if name == "AOT_CASES":  # built on first use (by fastmsc.kernels._aot and the tests), not at import
-        return _aot_cases()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -51,327 +51,34 @@ Design
 
 from __future__ import annotations
 
-import functools
 import itertools
 
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 
 from .._double_backward import graph_wanted, recomputed_grads
 from ..ops.reference import multiscale_conv1d_reference
 from ._common import dot_precision as _dot_precision
 from ._common import interpreting as _interpreting
 from ._common import new_output, triton_call_unsupported
+from ._multiscale_conv1d_triton import (
+    _msc_forward_kernel,
+    _msc_grad_input_kernel,
+    _msc_grad_weight_partial_kernel,
+    _msc_preactivation_grad_kernel,
+    _sum_partials_kernel,
+)
 
 _ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2}
 _INT32_LIMIT = 2**31 - 1
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Kernels
-# ----------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _activate(z, ACTIVATION: tl.constexpr):
-    if ACTIVATION == 1:
-        z = tl.where(z < 0.0, 0.0, z)  # NaN stays NaN, as torch.relu (tl.maximum may drop it on the GPU)
-    elif ACTIVATION == 2:
-        z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    return z
-
-
-@triton.jit
-def _activation_slope(z, ACTIVATION: tl.constexpr):
-    """d act / d z at z (ReLU: 0 at z <= 0 and 1 elsewhere, NaN included, as torch's threshold_backward)."""
-    if ACTIVATION == 1:
-        slope = tl.where(z <= 0.0, 0.0, 1.0)
-    else:
-        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-        slope = cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
-    return slope
-
-
-@triton.jit
-def _finite(x):
-    return tl.abs(x) < float("inf")  # false for NaN too
-
-
-@triton.jit
-def _add_non_finite_terms(acc, x_base, w_ptr, o_taps, offs_o, o_mask, offs_t, T, R, stride_xc, stride_xt,
-                          K_MAX: tl.constexpr):
-    """acc[o, t] + sum over the taps j of o's own branch of W[o, c, j] x[b, c, t + j - K_MAX // 2] for the non-finite
-    x only. The tl.dot reductions see non-finite x as 0, because a branch's zero padding taps would otherwise
-    multiply them (0 * NaN = NaN, 0 * inf = NaN) and spread them past the branch's receptive field; this adds
-    their exact products (NaN, ±inf, or NaN for inf - inf or 0 * inf) back, one tap at a time."""
-    for r in range(0, R):
-        channel = r // K_MAX
-        tap = r % K_MAX
-        src_t = offs_t + (tap - K_MAX // 2)
-        xs = tl.load(x_base + channel * stride_xc + src_t * stride_xt, mask=(src_t >= 0) & (src_t < T),
-                     other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + offs_o * R + r, mask=o_mask, other=0.0).to(tl.float32)
-        own_tap = tl.abs(tap - K_MAX // 2) <= o_taps // 2
-        acc += tl.where(own_tap[:, None] & ~_finite(xs)[None, :], w[:, None] * xs[None, :], 0.0)
-    return acc
-
-
-@triton.jit
-def _im2col_tile(x_base, offs_r, offs_t, T, R, stride_xc, stride_xt, K_MAX: tl.constexpr, UPCAST: tl.constexpr):
-    """x[b, c, t + j - K_MAX // 2] for r = c * K_MAX + j in offs_r (rows) and t in offs_t (columns), 0 outside.
-    Not finite-filtered: callers replace non-finite values before a reduction (see _preactivation_tile)."""
-    channel = offs_r // K_MAX
-    tap = offs_r % K_MAX
-    src_t = offs_t[None, :] + (tap[:, None] - K_MAX // 2)
-    mask = (offs_r < R)[:, None] & (src_t >= 0) & (src_t < T)
-    xs = tl.load(x_base + channel[:, None] * stride_xc + src_t * stride_xt, mask=mask, other=0.0)
-    if UPCAST:
-        xs = xs.to(tl.float32)
-    return xs
-
-
-@triton.jit
-def _resident_x_tile(x_base, offs_t, T, R, stride_xc, stride_xt, K_MAX: tl.constexpr, BLOCK_R: tl.constexpr,
-                     X_RESIDENT: tl.constexpr, UPCAST: tl.constexpr):
-    """With X_RESIDENT the whole (BLOCK_R >= R, BLOCK_T) im2col tile of a program's time tile, gathered once for
-    every output block, with its non-finite values read as 0, and whether it held any (see _preactivation_tile);
-    otherwise placeholders that _preactivation_tile does not read."""
-    if X_RESIDENT:
-        x_tile = _im2col_tile(x_base, tl.arange(0, BLOCK_R), offs_t, T, R, stride_xc, stride_xt, K_MAX, UPCAST)
-        finite = _finite(x_tile)
-        non_finite = tl.max(tl.max(tl.where(finite, 0, 1), 1), 0)
-        x_tile = tl.where(finite, x_tile, 0.0)
-    else:
-        x_tile = 0.0
-        non_finite = 0
-    return x_tile, non_finite
-
-
-@triton.jit
-def _preactivation_tile(x_tile, x_non_finite, x_base, w_ptr, b_ptr, taps_ptr, offs_o, offs_t, T, C_TOTAL, R, stride_xc,
-                        stride_xt, HAS_BIAS: tl.constexpr, K_MAX: tl.constexpr, BLOCK_O: tl.constexpr,
-                        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, X_RESIDENT: tl.constexpr, UPCAST: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
-    """z[o, t] = bias[o] + sum_{c, j} W[o, c, j] x[b, c, t + j - K_MAX // 2] for a (BLOCK_O, BLOCK_T) tile, fp32.
-
-    With X_RESIDENT the whole reduction is the one (BLOCK_R >= R, BLOCK_T) im2col tile ``x_tile`` the caller
-    loaded (non-finite values already read as 0, ``x_non_finite`` whether it held any); otherwise the tile is
-    gathered from ``x_base`` in BLOCK_R chunks. The dots read non-finite x as 0, and _add_non_finite_terms adds
-    those terms for the taps of each channel's own branch (``taps_ptr``: its kernel size), only when the time
-    tile holds any."""
-    o_mask = offs_o < C_TOTAL
-    acc = tl.zeros((BLOCK_O, BLOCK_T), dtype=tl.float32)
-    if X_RESIDENT:
-        offs_r = tl.arange(0, BLOCK_R)
-        w = tl.load(w_ptr + offs_o[:, None] * R + offs_r[None, :], mask=o_mask[:, None] & (offs_r < R)[None, :],
-                    other=0.0)
-        if UPCAST:
-            w = w.to(tl.float32)
-        non_finite = x_non_finite
-        acc = tl.dot(w, x_tile, acc, input_precision=DOT_PRECISION)
-    else:
-        non_finite = 0
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            w = tl.load(w_ptr + offs_o[:, None] * R + offs_r[None, :],
-                        mask=o_mask[:, None] & (offs_r < R)[None, :], other=0.0)
-            if UPCAST:
-                w = w.to(tl.float32)
-            xs = _im2col_tile(x_base, offs_r, offs_t, T, R, stride_xc, stride_xt, K_MAX, UPCAST)
-            finite = _finite(xs)
-            non_finite = tl.maximum(non_finite, tl.max(tl.max(tl.where(finite, 0, 1), 1), 0))
-            acc = tl.dot(w, tl.where(finite, xs, 0.0), acc, input_precision=DOT_PRECISION)
-    if non_finite > 0:
-        o_taps = tl.load(taps_ptr + offs_o, mask=o_mask, other=K_MAX)
-        acc = _add_non_finite_terms(acc, x_base, w_ptr, o_taps, offs_o, o_mask, offs_t, T, R, stride_xc, stride_xt,
-                                    K_MAX)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[:, None]
-    return acc
-
-
-@triton.jit
-def _msc_forward_kernel(x_ptr, w_ptr, b_ptr, taps_ptr, out_ptr, T, C_TOTAL, R, N_T,
-                        stride_xb, stride_xc, stride_xt, stride_ob, stride_oc, stride_ot,
-                        HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, K_MAX: tl.constexpr,
-                        BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
-                        X_RESIDENT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """out[b, o, :] = act(z[b, o, :]) over one BLOCK_T time tile of one batch element, every output channel
-    (all branches) in BLOCK_O blocks."""
-    pid = tl.program_id(0)
-    pid_t = pid % N_T
-    pid_b = pid // N_T
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    x_base = x_ptr + pid_b.to(tl.int64) * stride_xb
-    x_tile, x_non_finite = _resident_x_tile(x_base, offs_t, T, R, stride_xc, stride_xt, K_MAX, BLOCK_R, X_RESIDENT,
-                                            UPCAST)
-    out_base = out_ptr + pid_b.to(tl.int64) * stride_ob
-    for o0 in range(0, C_TOTAL, BLOCK_O):
-        offs_o = o0 + tl.arange(0, BLOCK_O)
-        z = _preactivation_tile(x_tile, x_non_finite, x_base, w_ptr, b_ptr, taps_ptr, offs_o, offs_t, T, C_TOTAL, R,
-                                stride_xc, stride_xt, HAS_BIAS, K_MAX, BLOCK_O, BLOCK_T, BLOCK_R, X_RESIDENT, UPCAST,
-                                DOT_PRECISION)
-        y = _activate(z, ACTIVATION)
-        out = out_base + offs_o[:, None] * stride_oc + offs_t[None, :] * stride_ot
-        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=(offs_o[:, None] < C_TOTAL) & (offs_t[None, :] < T))
-
-
-@triton.jit
-def _msc_preactivation_grad_kernel(x_ptr, w_ptr, b_ptr, taps_ptr, grad_ptr, gz_ptr, T, C_TOTAL, R, N_T,
-                                   stride_xb, stride_xc, stride_xt, stride_gb, stride_go, stride_gt,
-                                   HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, K_MAX: tl.constexpr,
-                                   BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
-                                   X_RESIDENT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """gz[b, o, t] = grad[b, o, t] * act'(z[b, o, t]), z recomputed from x with the forward's tiles;
-    gz is contiguous (B, C_TOTAL, T)."""
-    pid = tl.program_id(0)
-    pid_t = pid % N_T
-    pid_b = pid // N_T
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    x_base = x_ptr + pid_b.to(tl.int64) * stride_xb
-    x_tile, x_non_finite = _resident_x_tile(x_base, offs_t, T, R, stride_xc, stride_xt, K_MAX, BLOCK_R, X_RESIDENT,
-                                            UPCAST)
-    grad_base = grad_ptr + pid_b.to(tl.int64) * stride_gb
-    gz_base = gz_ptr + pid_b.to(tl.int64) * C_TOTAL * T
-    for o0 in range(0, C_TOTAL, BLOCK_O):
-        offs_o = o0 + tl.arange(0, BLOCK_O)
-        z = _preactivation_tile(x_tile, x_non_finite, x_base, w_ptr, b_ptr, taps_ptr, offs_o, offs_t, T, C_TOTAL, R,
-                                stride_xc, stride_xt, HAS_BIAS, K_MAX, BLOCK_O, BLOCK_T, BLOCK_R, X_RESIDENT, UPCAST,
-                                DOT_PRECISION)
-        mask = (offs_o[:, None] < C_TOTAL) & (offs_t[None, :] < T)
-        grad = tl.load(grad_base + offs_o[:, None] * stride_go + offs_t[None, :] * stride_gt,
-                       mask=mask, other=0.0).to(tl.float32)
-        gz = grad * _activation_slope(z, ACTIVATION)
-        tl.store(gz_base + offs_o[:, None] * T + offs_t[None, :], gz.to(gz_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _msc_grad_input_kernel(gz_ptr, w_ptr, taps_ptr, dx_ptr, T, C_IN, C_TOTAL, R, N_C, N_T,
-                           stride_gb, stride_go, stride_gt, stride_db, stride_dc, stride_dt,
-                           K_MAX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr,
-                           USE_DOT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dx[b, c, t] = sum_{o, j} W[o, c, j] gz[b, o, t + K_MAX // 2 - j] for a (BLOCK_C, BLOCK_T) tile.
-
-    The reduction runs over q = o * K_MAX + j. Without tl.dot (small C_in) one program covers every
-    input channel (N_C == 1) and accumulates products elementwise, one channel at a time. gz is read only at
-    the taps of o's own branch (``taps_ptr``: its kernel size): at a zero padding tap a NaN or inf in gz (GELU's
-    slope at a non-finite z) would still give 0 * NaN = NaN.
-    """
-    HALF: tl.constexpr = K_MAX // 2
-    pid = tl.program_id(0)
-    pid_c = pid % N_C
-    pid_t = (pid // N_C) % N_T
-    pid_b = pid // (N_C * N_T)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_mask = offs_t < T
-    gz_base = gz_ptr + pid_b.to(tl.int64) * stride_gb
-    dx_base = dx_ptr + pid_b.to(tl.int64) * stride_db
-    Q = C_TOTAL * K_MAX
-    if USE_DOT:
-        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_mask = offs_c < C_IN
-        acc = tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32)
-        for q0 in range(0, Q, BLOCK_Q):
-            offs_q = q0 + tl.arange(0, BLOCK_Q)
-            q_mask = offs_q < Q
-            out_channel = offs_q // K_MAX
-            tap = offs_q % K_MAX
-            w = tl.load(w_ptr + out_channel[None, :] * R + offs_c[:, None] * K_MAX + tap[None, :],
-                        mask=c_mask[:, None] & q_mask[None, :], other=0.0)
-            own_tap = tl.abs(tap - HALF) <= tl.load(taps_ptr + out_channel, mask=q_mask, other=0) // 2
-            src_t = offs_t[None, :] + (HALF - tap[:, None])
-            g = tl.load(gz_base + out_channel[:, None] * stride_go + src_t * stride_gt,
-                        mask=(q_mask & own_tap)[:, None] & (src_t >= 0) & (src_t < T), other=0.0)
-            if UPCAST:
-                w = w.to(tl.float32)
-                g = g.to(tl.float32)
-            acc = tl.dot(w, g, acc, input_precision=DOT_PRECISION)
-        dx = dx_base + offs_c[:, None] * stride_dc + offs_t[None, :] * stride_dt
-        tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=c_mask[:, None] & t_mask[None, :])
-    else:
-        for c in range(0, C_IN):
-            acc = tl.zeros((BLOCK_Q, BLOCK_T), dtype=tl.float32)
-            for q0 in range(0, Q, BLOCK_Q):
-                offs_q = q0 + tl.arange(0, BLOCK_Q)
-                q_mask = offs_q < Q
-                out_channel = offs_q // K_MAX
-                tap = offs_q % K_MAX
-                w = tl.load(w_ptr + out_channel * R + c * K_MAX + tap, mask=q_mask, other=0.0).to(tl.float32)
-                own_tap = tl.abs(tap - HALF) <= tl.load(taps_ptr + out_channel, mask=q_mask, other=0) // 2
-                src_t = offs_t[None, :] + (HALF - tap[:, None])
-                g = tl.load(gz_base + out_channel[:, None] * stride_go + src_t * stride_gt,
-                            mask=(q_mask & own_tap)[:, None] & (src_t >= 0) & (src_t < T), other=0.0).to(tl.float32)
-                acc += w[:, None] * g
-            row = tl.sum(acc, axis=0)
-            tl.store(dx_base + c * stride_dc + offs_t * stride_dt, row.to(dx_ptr.dtype.element_ty), mask=t_mask)
-
-
-@triton.jit
-def _msc_grad_weight_partial_kernel(gz_ptr, x_ptr, dw_part_ptr, db_part_ptr, T, C_TOTAL, R, N_O, N_R, N_T, N_BT,
-                                    CHUNK, stride_gb, stride_go, stride_gt, stride_xb, stride_xc, stride_xt,
-                                    HAS_BIAS: tl.constexpr, K_MAX: tl.constexpr, BLOCK_O: tl.constexpr,
-                                    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, UPCAST: tl.constexpr,
-                                    DOT_PRECISION: tl.constexpr):
-    """Partial sums of dW[o, r] = sum_{b, t} gz[b, o, t] x[b, c, t + j - K_MAX // 2] (r = c * K_MAX + j) and
-    db[o] = sum_{b, t} gz[b, o, t] over the (b, time tile) pairs [s * CHUNK, (s + 1) * CHUNK) of split s.
-
-    Writes dw_part[s, o, r] (fp32, (S, C_TOTAL, R)) and, from the r-block 0 programs, db_part[s, o]."""
-    HALF: tl.constexpr = K_MAX // 2
-    pid = tl.program_id(0)
-    pid_o = pid % N_O
-    pid_r = (pid // N_O) % N_R
-    pid_s = pid // (N_O * N_R)
-    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    o_mask = offs_o < C_TOTAL
-    r_mask = offs_r < R
-    channel = offs_r // K_MAX
-    tap = offs_r % K_MAX
-    acc = tl.zeros((BLOCK_O, BLOCK_R), dtype=tl.float32)
-    bias_acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
-    start = pid_s * CHUNK
-    end = tl.minimum(start + CHUNK, N_BT)
-    for n in range(start, end):
-        b = n // N_T
-        offs_t = (n % N_T) * BLOCK_T + tl.arange(0, BLOCK_T)
-        g = tl.load(gz_ptr + b.to(tl.int64) * stride_gb + offs_o[:, None] * stride_go + offs_t[None, :] * stride_gt,
-                    mask=o_mask[:, None] & (offs_t[None, :] < T), other=0.0)
-        src_t = offs_t[:, None] + (tap[None, :] - HALF)
-        xs = tl.load(x_ptr + b.to(tl.int64) * stride_xb + channel[None, :] * stride_xc + src_t * stride_xt,
-                     mask=r_mask[None, :] & (src_t >= 0) & (src_t < T) & (offs_t[:, None] < T), other=0.0)
-        if UPCAST:
-            g = g.to(tl.float32)
-            xs = xs.to(tl.float32)
-        acc = tl.dot(g, xs, acc, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            bias_acc += tl.sum(g.to(tl.float32), axis=1)
-    part = dw_part_ptr + pid_s.to(tl.int64) * C_TOTAL * R + offs_o[:, None] * R + offs_r[None, :]
-    tl.store(part, acc, mask=o_mask[:, None] & r_mask[None, :])
-    if HAS_BIAS:
-        if pid_r == 0:
-            tl.store(db_part_ptr + pid_s.to(tl.int64) * C_TOTAL + offs_o, bias_acc, mask=o_mask)
-
-
-@triton.jit
-def _sum_partials_kernel(part_ptr, out_ptr, N, S, BLOCK: tl.constexpr):
-    """out[i] = sum_{s < S} part[s, i] in order s = 0, 1, ... (part is contiguous fp32 (S, N))."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    part = part_ptr + offs
-    for _ in range(0, S):
-        acc += tl.load(part, mask=mask, other=0.0)
-        part += N
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Launch configuration
 # ----------------------------------------------------------------------------------------------------------
 
-# Every configuration the heuristics below can pick; AOT_CASES compiles each of them.
+# Every configuration the heuristics below can pick; multiscale_conv1d_aot compiles each of them.
 _TIME_BLOCKS = (32, 64, 128)
 _FORWARD_O_BLOCK = 64
 _RESIDENT_R_BLOCKS = (16, 32, 64, 128)  # an im2col tile this tall stays in registers for every output block
@@ -404,7 +111,7 @@ def _largest_time_block(block_r: int) -> int:
 
 
 def _forward_tile_config(block_r: int, block_t: int, resident: bool) -> dict:
-    """Launch settings of the forward / z-recomputing kernels for one tile shape (checked through AOT_CASES):
+    """Launch settings of the forward / z-recomputing kernels for one tile shape (checked by the AOT tool):
     8 warps from 64 steps or a 4096-element gathered tile on, where 4 warps need over 200 registers per
     thread for fp32 on sm_80 (no tensor cores for IEEE fp32 products); one stage, because software-pipelining
     the nested output-block / reduction loops spills fp32 tiles on sm_80."""
@@ -440,7 +147,7 @@ def _grad_input_config(T: int, c_in: int, tensor_cores: bool = True) -> dict:
     use_dot = tensor_cores or c_in >= _DX_DOT_MIN_CHANNELS
     block_c = _smallest_block_covering(c_in, _DX_C_BLOCKS) if use_dot else 1
     block_t = _time_block(T)
-    # (BLOCK_Q, BLOCK_T) pairs without spills on sm_80/sm_90 in fp32/fp16/bf16 (checked through AOT_CASES); the
+    # (BLOCK_Q, BLOCK_T) pairs without spills on sm_80/sm_90 in fp32/fp16/bf16 (checked by the AOT tool); the
     # IEEE fp32 dot over 128 steps takes 16-row chunks, as 32 spilled on sm_80 once gz reads only a channel's own
     # taps.
     block_q = (32 if tensor_cores else 16) if (use_dot and block_t > 32) else 64
@@ -723,94 +430,6 @@ def fused_unsupported(device_type: str, *, allow_interpreter: bool = False, **ca
     if max(per_sample, largest_stride_offset, c_total * x.shape[1] * k_max) > _INT32_LIMIT:
         return "one sample of x or of the output spans more than 2**31 elements, beyond the kernels' 32-bit offsets"
     return None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Ahead-of-time compilation cases (fastmsc.kernels._aot): the launches of representative calls
-# ----------------------------------------------------------------------------------------------------------
-
-# The default model (fastmsc.models.MSCClassifier): 3 input channels, 64 channels per kernel size 3/5/7, bias,
-# no activation (BatchNorm follows), batches of 32; its input needs no gradient.
-_AOT_MODEL = {"c_in": 3, "branches": ((64, 3), (64, 5), (64, 7)), "batch": 32, "activation": "none",
-              "need_input": False}
-# SM counts of the GPUs the forward's time tiles are chosen for (it keeps 2 programs per SM): H100 SXM, A100.
-_AOT_SM_COUNTS = (132, 108)
-
-
-def _aot_launches():
-    """(label, dtype, calls) of the calls whose launches AOT_CASES holds, each call a dict of c_in, steps, batch,
-    activation, need_input and tf32 (the default model's branches and bias):
-
-    * the default model at T = 150 and T = 512;
-    * with GELU and every gradient, one call per tile the heuristics can pick: the forward / z-recomputing tile
-      (BLOCK_R, BLOCK_T, resident) for C_in = 2 (R = 14 -> 16 rows), 4 (28 -> 32), 8 (56 -> 64), 16 (112 -> 128) and
-      32 (224, streamed in 32-row chunks); T = 150 gives 32-step tiles and T = 1024 128-step ones, shrunk to 64 by
-      the tile limit (C_in = 4, 32) or by too few programs (C_in = 2 with 20 samples). Those calls also reach every
-      dW column block (16 to 128) and the dx kernel with 1 (elementwise, fp32 with C_in < 4), 16 and 64 channel
-      blocks at 32 and 128 steps;
-    * for fp32, the TF32 variant (torch.backends.cuda.matmul.allow_tf32) of the largest tiles."""
-    model = {"c_in": _AOT_MODEL["c_in"], "batch": _AOT_MODEL["batch"], "activation": _AOT_MODEL["activation"],
-             "need_input": _AOT_MODEL["need_input"], "tf32": False}
-    tiles = [(2, 150, 32), (2, 1024, 64), (2, 1024, 20), (4, 150, 32), (4, 1024, 64), (8, 150, 32), (16, 150, 32),
-             (32, 150, 32), (32, 1024, 64)]
-    launches = []
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        name = str(dtype)[6:]
-        launches += [(f"{name} model T{steps}", dtype, {**model, "steps": steps}) for steps in (150, 512)]
-        launches += [(f"{name} gelu C_in{c_in} T{steps} B{batch}", dtype,
-                      {"c_in": c_in, "steps": steps, "batch": batch, "activation": "gelu", "need_input": True,
-                       "tf32": False}) for c_in, steps, batch in tiles]
-        if dtype == torch.float32:
-            launches += [(f"tf32 gelu C_in{c_in} T{steps} B{batch}", dtype,
-                          {"c_in": c_in, "steps": steps, "batch": batch, "activation": "gelu", "need_input": True,
-                           "tf32": True}) for c_in, steps, batch in ((16, 150, 32), (32, 1024, 64))]
-    return launches
-
-
-def _aot_gpu(sm_count: int, tf32: bool) -> dict:
-    """Replacements for the module's device queries, so that launchers given meta tensors choose as on a GPU
-    with ``sm_count`` SMs, with torch.backends.cuda.matmul.allow_tf32 = ``tf32``."""
-    return {"_interpreting": lambda device: False,
-            "_parallel_programs": lambda device: _PROGRAMS_PER_SM * sm_count,
-            "_dot_precision": lambda dtype: "tf32" if tf32 and dtype == torch.float32 else "ieee"}
-
-
-@functools.cache
-def _aot_cases() -> list[dict]:
-    """The compilations Triton's runtime makes for the calls of :func:`_aot_launches` on each GPU of
-    _AOT_SM_COUNTS: the op's own launch functions run on meta tensors while fastmsc.kernels._aot.record_launches
-    records every kernel launch with the runtime's specialisation (divisibility hints, unit strides as constants)
-    and the GPU's choices (SM count, no interpreter-only upcast). Built on first use, not at import."""
-    import sys
-
-    from . import _aot
-
-    module = sys.modules[__name__]
-    cases, seen = [], set()
-    for sm_count in _AOT_SM_COUNTS:
-        for label, dtype, call in _aot_launches():
-            with _aot.record_launches(module, **_aot_gpu(sm_count, call["tf32"])) as log:
-                log.label = f"{label} {sm_count} SMs"
-                weights = [torch.empty((c_out, call["c_in"], k), dtype=dtype, device="meta")
-                           for c_out, k in _AOT_MODEL["branches"]]
-                biases = [torch.empty((c_out,), dtype=dtype, device="meta") for c_out, _ in _AOT_MODEL["branches"]]
-                weight, bias = pack_weights(weights, biases)
-                taps = branch_taps(weights)
-                x = torch.empty((call["batch"], call["c_in"], call["steps"]), dtype=dtype, device="meta")
-                out = _forward(x, weight, bias, call["activation"], taps)
-                _backward_launches(torch.empty_like(out), x, weight, bias, call["activation"], call["need_input"],
-                                   True, True, taps)
-            for case in log.cases:
-                if _aot.case_key(case) not in seen:
-                    seen.add(_aot.case_key(case))
-                    cases.append(case)
-    return cases
-
-
-def __getattr__(name):
-    if name == "AOT_CASES":  # built on first use (by fastmsc.kernels._aot and the tests), not at import
-        return _aot_cases()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["branch_taps", "fused", "fused_unsupported", "pack_weights"]
