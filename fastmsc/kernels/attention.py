@@ -33,7 +33,7 @@ import torch
 import triton
 
 from .._double_backward import graph_wanted, recomputed_grads
-from ..ops.reference import attention_reference
+from ..ops.reference.attention import attention_reference
 from ._attention_triton import (
     _attention_bwd_delta_kernel,
     _attention_bwd_dkdv_kernel,

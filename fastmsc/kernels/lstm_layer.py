@@ -1,6 +1,6 @@
 """Fused LSTM layer: the compiled extension's ``fastmsc::lstm_fwd`` / ``fastmsc::lstm_bwd`` ops with autograd.
 
-Same call as :func:`fastmsc.ops.reference.lstm_layer_reference`: x (B, T, I), weights one or two
+Same call as :func:`fastmsc.ops.reference.lstm_layer.lstm_layer_reference`: x (B, T, I), weights one or two
 direction tuples ``(w_ih (4H, I), w_hh (4H, R), b_ih (4H,) | None, b_hh (4H,) | None[, w_hr (P, H)])``,
 h0 (D, B, R) and c0 (D, B, H) or None, lengths (B,) int64 on x's device or None; returns out (B, T, D*R),
 h_n (D, B, R), c_n (D, B, H), where R is P with the projection w_hr and H without.
@@ -28,7 +28,7 @@ import torch
 from .. import _extension
 from .._double_backward import graph_wanted, recomputed_grads
 from ..ops._checks import compute_dtype, time_mask
-from ..ops.reference import lstm_layer_reference
+from ..ops.reference.lstm_layer import lstm_layer_reference
 
 _registered = False
 _register_lock = threading.Lock()

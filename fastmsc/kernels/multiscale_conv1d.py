@@ -58,7 +58,7 @@ import torch.nn.functional as F
 import triton
 
 from .._double_backward import graph_wanted, recomputed_grads
-from ..ops.reference import multiscale_conv1d_reference
+from ..ops.reference.multiscale_conv1d import multiscale_conv1d_reference
 from ._common import dot_precision as _dot_precision
 from ._common import interpreting as _interpreting
 from ._common import new_output, triton_call_unsupported

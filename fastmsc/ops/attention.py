@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..backend import Op, import_failure, register
 from ._checks import check_lengths, check_same, check_tensor, time_mask
-from .reference import attention_masks, attention_reference, zero_padding
+from .reference.attention import attention_masks, attention_reference, zero_padding
 
 # The fused path. A failed import (no triton, a broken install) is recorded in the op, shown by
 # `fastmsc info`, and never raised at `import fastmsc`.

@@ -25,7 +25,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from .._double_backward import graph_wanted, recomputed_grads
 from ..backend import Op, import_failure, register
 from ._checks import check_lengths, check_same, check_shape, check_tensor
-from .reference import direction_params, lstm_layer_reference
+from .reference.lstm_layer import direction_params, lstm_layer_reference
 
 # The fused path. A failed import (a broken torch.library registration) is recorded in the op, shown by
 # `fastmsc info`, and never raised at `import fastmsc`.

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..backend import Op, import_failure, register
 from ._checks import check_same, check_tensor
-from .reference import activate, multiscale_conv1d_reference
+from .reference.multiscale_conv1d import activate, multiscale_conv1d_reference
 
 # The fused path. A failed import (no triton, a broken install) is recorded in the op, shown by
 # `fastmsc info`, and never raised at `import fastmsc`.
