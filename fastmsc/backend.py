@@ -112,6 +112,13 @@ class Op:
             allow_interpreter = get_backend() == "fused"
         return self.fused_unsupported(device_type, allow_interpreter=allow_interpreter, **call_args)
 
+    def prepare_fused(self, *, fallback: bool) -> None:
+        """Ready the fused path for a call about to run it (``fused_prepare``: e.g. load or build a compiled
+        extension). A failure is recorded, so :meth:`why_not_fused` reports it from then on; ``fallback``: the
+        caller then runs ``torch`` (warned once)."""
+        if self.fused is not None and self.fused_prepare is not None:
+            self.fused_prepare(fallback=fallback)
+
     def select(self, device_type: str, **call_args) -> Callable:
         """The implementation the backend in force runs for these (validated) arguments. ``auto`` also
         follows the measured dispatch table (fastmsc.dispatch): torch where fused was measured slower."""
@@ -120,8 +127,7 @@ class Op:
             return self.reference
         if backend == "torch":
             return self.torch
-        if self.fused is not None and self.fused_prepare is not None:
-            self.fused_prepare(fallback=backend == "auto")  # a failure is recorded: the question below reports it
+        self.prepare_fused(fallback=backend == "auto")
         reason = self.why_not_fused(device_type, allow_interpreter=backend == "fused", **call_args)
         if reason is None:
             if backend == "auto":

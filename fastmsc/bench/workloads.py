@@ -187,6 +187,9 @@ class OpWorkload:
             return self._runner(NAIVE[self.case.op])
         if backend == "fused":
             # Asked as 'auto' would ask: the Triton interpreter (CPU, testing only) never counts as available.
+            # Readied as a call would be (the LSTM extension loads or builds here, not inside the timing), so a
+            # failed build reads as unavailable, as it would for a user.
+            self.op.prepare_fused(fallback=False)
             with use_backend("auto"):
                 reason = self.op.why_not_fused(device.type, **self.inputs.kwargs)
             if reason is not None:
