@@ -190,8 +190,7 @@ class OpWorkload:
             # Readied as a call would be (the LSTM extension loads or builds here, not inside the timing), so a
             # failed build reads as unavailable, as it would for a user.
             self.op.prepare_fused(fallback=False)
-            with use_backend("auto"):
-                reason = self.op.why_not_fused(device.type, **self.inputs.kwargs)
+            reason = self.op.why_not_fused(device.type, allow_interpreter=False, **self.inputs.kwargs)
             if reason is not None:
                 return Unavailable("unavailable", f"fused unavailable: {reason}")
             # Fused kernels use TF32 only when torch.backends.cuda.matmul.allow_tf32 asks for it, so they are
@@ -316,8 +315,7 @@ class ModelWorkload:
         if backend in ("reference", "torch"):
             return self._runner(backend, lambda m: m)
         if backend == "fused":
-            with use_backend("auto"):
-                missing = {name: op.why_not_fused(device.type) for name, op in OPS.items()}
+            missing = {name: op.why_not_fused(device.type, allow_interpreter=False) for name, op in OPS.items()}
             missing = {name: reason for name, reason in missing.items() if reason is not None}
             by_reason: dict[str, list[str]] = {}
             for name, reason in missing.items():

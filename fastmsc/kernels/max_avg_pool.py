@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .._double_backward import graph_wanted
+from ..ops._checks import compute_dtype, time_mask
 from ._common import new_output, triton_call_unsupported
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -216,13 +217,13 @@ def _differentiable_backward(grad, index, lengths, steps):
     For double backward: dx is linear in grad and, away from ties, independent of x (the index is piecewise
     constant), so recording how it depends on grad is the whole second-order graph."""
     B, C = index.shape
-    work = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    work = compute_dtype(grad.dtype)
     g_max, g_mean = grad.to(work).split(C, dim=1)
     if lengths is None:
         valid = torch.ones(B, steps, dtype=torch.bool, device=grad.device)
         count = torch.full((B,), steps, dtype=work, device=grad.device)
     else:
-        valid = torch.arange(steps, device=grad.device)[None, :] < lengths[:, None]
+        valid = time_mask(lengths, steps)
         count = lengths.clamp(1, steps).to(work)
     dx = (g_mean / count[:, None])[:, None, :] * valid[:, :, None]
     found = index >= 0  # -1: an empty sequence (only reachable by a direct call), no maximum to route to
