@@ -1,4 +1,4 @@
-"""The ``fastmsc`` command: ``fastmsc info``, ``fastmsc train``, ``fastmsc bench``.
+"""The ``fastmsc`` command: ``fastmsc info``, ``train``, ``predict``, ``evaluate``, ``bench``.
 
 Each subcommand lives in its own module of :mod:`fastmsc.commands`, which defines ``add_arguments(parser)`` and
 ``run(args) -> int``, and may define ``main(args) -> int``, called instead of ``run`` to report user errors as one
@@ -14,6 +14,10 @@ import sys
 SUBCOMMANDS = {
     "info": ("fastmsc.commands.info", "print versions and which backend each op uses per device"),
     "train": ("fastmsc.commands.train", "train MSCClassifier on a UCR/UEA dataset or the built-in synthetic one"),
+    "predict": ("fastmsc.commands.predict", "classify the series of a .ts/.tsv file or dataset folder with a trained "
+                                            "model (a run folder of `fastmsc train`)"),
+    "evaluate": ("fastmsc.commands.evaluate", "score a trained model on labelled series: accuracy, per-class "
+                                              "precision and recall, confusion matrix"),
     "bench": ("fastmsc.commands.bench", "time every backend of every op and the model's training step"),
 }
 

@@ -1,5 +1,5 @@
-"""Ensembles of independently trained models: :class:`Ensemble` and :func:`fit_ensemble` (``fastmsc train
---ensemble M``).
+"""Training ensembles of independently trained models: :func:`fit_ensemble` (``fastmsc train --ensemble M``); the
+module that averages them is :class:`fastmsc.models.Ensemble`.
 
 On small training sets (GunPoint has 50 series) every run fits the training data exactly and the test accuracy
 depends on which of many exact fits a seed lands in; averaging the class probabilities of a few independently
@@ -13,7 +13,6 @@ ensemble's summary.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,29 +24,9 @@ from torch import nn
 from . import train as train_module
 from ._files import write_csv, write_json
 from .metrics import METRIC_COLUMNS
+from .models import Ensemble
 
 MEMBER_SEED_STRIDE = 1000
-
-
-class Ensemble(nn.Module):
-    """forward(x (B, C_in, T), lengths=None) -> (B, K): the log of the mean of the members' softmax.
-
-    Log-probabilities are valid logits: their argmax is the ensemble's class and cross-entropy on them is the
-    negative log-likelihood of the averaged probabilities. Members are any modules called as
-    ``member(x, lengths) -> logits (B, K)``.
-    """
-
-    def __init__(self, members):
-        super().__init__()
-        self.members = nn.ModuleList(members)
-        if len(self.members) == 0:
-            raise ValueError("an Ensemble needs at least one member")
-
-    def forward(self, x: torch.Tensor, lengths=None) -> torch.Tensor:
-        # bf16/fp16 logits (autocast) are upcast before the softmax, as for the training loss.
-        log_probs = torch.stack([torch.log_softmax(train_module.loss_input(member(x, lengths)), dim=-1)
-                                 for member in self.members])
-        return torch.logsumexp(log_probs, dim=0) - math.log(len(self.members))
 
 
 def member_seed(seed: int, member: int) -> int:

@@ -108,6 +108,9 @@ def test_torchrun_cli_two_processes(tmp_path):
     assert "(ensemble of 2)" in done.stdout, done.stdout
     summary = json.loads(metrics.read_text())
     assert summary["final"]["epoch"] == 1 and 0 <= summary["final"]["test_acc"] <= 1
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1, f"rank 0 alone writes the run folder: {runs}"
+    assert len(fastmsc.models.load(runs[0]).members) == 2
     saved = json.loads((tmp_path / "m.member1.json").read_text())
     assert saved["config"]["world_size"] == WORLD and saved["config"]["steps_per_epoch"] == 2
     state = train.load_checkpoint(tmp_path / "c.member1.pt")

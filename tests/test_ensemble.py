@@ -153,7 +153,8 @@ def test_cli_ensemble_stops_and_resumes(tmp_path):
                           timeout=300, env=_cli_env(), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
-    assert len(lines) == 2 and lines[0].startswith("synthetic: member test accuracies"), lines
+    assert len(lines) == 3 and lines[0].startswith("synthetic: member test accuracies"), lines
+    assert lines[2].startswith("saved the model in runs/synthetic-"), lines
     assert "(ensemble of 2) after epoch 1/1" in lines[1], lines
     assert json.loads(metrics.read_text())["final"]["members"] == 2
     with pytest.raises(ValueError, match="--ensemble must be an integer >= 1, got 0"):

@@ -12,7 +12,7 @@ from _helpers import Draw, assert_close
 from torch import nn
 
 import fastmsc
-from fastmsc.models import MSCClassifier
+from fastmsc.models import Classifier, MSCClassifier
 from fastmsc.nn import LSTM, MaxAvgPool1d, MultiScaleConv1d, SelfAttention
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -23,7 +23,9 @@ MODULES = {
     "SelfAttention": (lambda: SelfAttention(4, 2), "fastmsc.nn.self_attention.SelfAttention"),
     "MaxAvgPool1d": (lambda: MaxAvgPool1d(), "fastmsc.nn.max_avg_pool.MaxAvgPool1d"),
     "MSCClassifier": (lambda: MSCClassifier(3, 2, conv_channels=4, lstm_hidden=4, classifier_hidden=4),
-                      "fastmsc.models.MSCClassifier"),
+                      "fastmsc.models.msc_classifier.MSCClassifier"),
+    "Classifier": (lambda: Classifier(MSCClassifier(3, 2, conv_channels=4, lstm_hidden=4, classifier_hidden=4),
+                                      ("a", "b")), "fastmsc.models.classifier.Classifier"),
     # A model of the user's own with a fastmsc module inside (as swap_modules leaves it) names the fastmsc one.
     "inside nn.Sequential": (lambda: nn.Sequential(nn.Linear(3, 3), fastmsc.swap_modules(
         nn.ModuleDict({"rnn": nn.LSTM(3, 4)}))["rnn"]), "fastmsc.nn.lstm.LSTM"),

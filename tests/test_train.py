@@ -27,9 +27,11 @@ TINY_MODEL = {"conv_channels": 4, "lstm_hidden": 6, "classifier_hidden": 8}
 
 
 @pytest.fixture(autouse=True)
-def _torch_backend():
-    """Training tests run the stock-PyTorch ops (what 'auto' picks on CPU), whatever the environment says."""
+def _torch_backend(tmp_path, monkeypatch):
+    """Training tests run the stock-PyTorch ops (what 'auto' picks on CPU), whatever the environment says, in a
+    fresh working directory (`fastmsc train` writes its run folder under runs/ there)."""
     fastmsc.set_backend("torch")
+    monkeypatch.chdir(tmp_path)
     yield
 
 
@@ -277,12 +279,13 @@ def test_cli_train_one_epoch(tmp_path):
     assert len(saved["epochs"]) == 1 and saved["meta"]["dataset"] == "synthetic"
     assert saved["meta"]["model"]["conv_channels"] == 4
     assert (tmp_path / "m.csv").read_text().startswith(",".join(train.METRIC_COLUMNS))
-    # resume for the second epoch; --quiet leaves only the final line
+    # resume for the second epoch; --quiet leaves only the result and where the model was saved
     done = subprocess.run(base + ["--resume", str(checkpoint), "--quiet"], capture_output=True, text=True,
                           timeout=300, env=_cli_env(), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("synthetic: test accuracy") and "after epoch 2/2" in lines[0]
+    assert len(lines) == 2 and lines[0].startswith("synthetic: test accuracy") and "after epoch 2/2" in lines[0]
+    assert lines[1].startswith("saved the model in runs/synthetic-"), lines
     assert [row["epoch"] for row in json.loads(metrics.read_text())["epochs"]] == [1, 2]
 
 

@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -25,7 +26,10 @@ from ..backend import BACKENDS, set_backend
 from ..checkpoint import CheckpointError, CheckpointMismatch
 from ..data import SeriesData
 from ..ensemble import fit_ensemble
-from ..models import MSCClassifier
+from ..metrics import plot_learning_curves
+from ..models import MODEL_FILE, Classifier, MSCClassifier
+from ..models import save as save_model
+from ._usage import UsageError, check_writable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,8 +91,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     runtime.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
 
     output = parser.add_argument_group("output")
-    output.add_argument("--metrics-json", metavar="PATH", help="write per-epoch metrics as JSON")
-    output.add_argument("--metrics-csv", metavar="PATH", help="write per-epoch metrics as CSV")
+    output.add_argument("--out", metavar="DIR",
+                        help="the run folder: the trained model (every ensemble member, its configuration, class "
+                             "labels and input normalisation; read by `fastmsc predict` and fastmsc.models.load), "
+                             "metrics as JSON and CSV, and a plot of the learning curves (with matplotlib). Default: "
+                             "runs/<dataset>-<YYYYmmdd-HHMMSS>")
+    output.add_argument("--metrics-json", metavar="PATH", help="write per-epoch metrics as JSON (default: in --out)")
+    output.add_argument("--metrics-csv", metavar="PATH", help="write per-epoch metrics as CSV (default: in --out)")
     output.add_argument("--checkpoint", metavar="PATH", help="save a resumable checkpoint after every epoch")
     output.add_argument("--resume", metavar="PATH", help="continue the run saved in this checkpoint")
     output.add_argument("--stop-after", type=int, metavar="E",
@@ -121,11 +130,6 @@ def _class_weights_arg(text: str | None, num_classes: int):
         raise UsageError(f"--class-weights must be 'balanced' or {num_classes} comma-separated finite numbers >= 0 "
                          f"(one per class, not all 0), got {text!r}")
     return weights
-
-
-class UsageError(ValueError):
-    """A mistake in the ``fastmsc train`` command line or in what it names (data, checkpoint): :func:`main`
-    prints it as one line ``fastmsc train: error: ...`` and exits with status 2, as argparse does."""
 
 
 # Range checks of ``fastmsc train``'s numeric options. Integers: (option, lowest value). Floats, which must also be
@@ -169,22 +173,19 @@ def check_arguments(args) -> None:
                          f"got {args.stop_after}")
     for dest in ("checkpoint", "metrics_json", "metrics_csv"):
         if getattr(args, dest) is not None:
-            _check_writable(_flag(dest), Path(getattr(args, dest)))
+            check_writable(_flag(dest), Path(getattr(args, dest)))
+    if args.out is not None:
+        _check_run_folder("--out", Path(args.out))
 
 
-def _check_writable(flag: str, path: Path) -> None:
-    """Raise :class:`UsageError` unless ``path`` can be written: checked before training, so that a mistyped
-    folder fails at once with one line rather than after the first epoch with a traceback. The missing folders
-    of the path are created when it is written, so the nearest existing one must be a writable folder."""
-    if path.is_dir():
-        raise UsageError(f"{flag} {path} is a folder; give a file path")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UsageError(f"{flag} {path}: {parent} is not a folder, so the file cannot be created")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path}: the folder {parent} is not writable")
+def _check_run_folder(flag: str, path: Path) -> None:
+    """Raise :class:`UsageError` unless ``path`` can become the run folder: a new or existing writable folder
+    that holds no trained model yet (a finished run is never overwritten)."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path} is a file; give a folder")
+    if (path / MODEL_FILE).exists():
+        raise UsageError(f"{flag} {path} already holds a trained model ({MODEL_FILE}); choose another folder")
+    check_writable(flag, path / MODEL_FILE)
 
 
 def _resume_error(exc: CheckpointError) -> UsageError:
@@ -235,6 +236,9 @@ def run(args) -> int:
         make_model = _model_maker(args, train)
         meta, model_config = _run_records(args, train, test)
         name = meta["dataset"]
+        out = Path(args.out) if args.out is not None else _default_run_folder(name)
+        metrics_json = args.metrics_json or out / "metrics.json"
+        metrics_csv = args.metrics_csv or out / "metrics.csv"
         log = None if args.quiet or rank != 0 else print
         if log is not None:
             lengths = train.series_lengths()
@@ -250,17 +254,46 @@ def run(args) -> int:
                 lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                 label_smoothing=args.label_smoothing, class_weights=class_weights, grad_clip=args.grad_clip,
                 device=device, seed=args.seed, amp=args.amp, eval_every=args.eval_every,
-                progress=False if args.quiet else None, log=log, metrics_json=args.metrics_json,
-                metrics_csv=args.metrics_csv, checkpoint=args.checkpoint, resume=args.resume,
+                progress=False if args.quiet else None, log=log, metrics_json=metrics_json,
+                metrics_csv=metrics_csv, checkpoint=args.checkpoint, resume=args.resume,
                 stop_after=args.stop_after, meta=meta, model_config=model_config)
         except CheckpointError as exc:
             raise _resume_error(exc) from None
         if rank == 0:
             _print_result(args, name, result, time.process_time() - cpu_started)
+            _save_run(args, out, train, result)
     finally:
         if world > 1:
             dist.destroy_process_group()
     return 0
+
+
+def _default_run_folder(dataset: str) -> Path:
+    """runs/<dataset>-<YYYYmmdd-HHMMSS>, with -2, -3, ... added when a run of the same second has it."""
+    stem = Path("runs") / f"{dataset}-{datetime.now():%Y%m%d-%H%M%S}"
+    path, n = stem, 1
+    while path.exists():
+        n += 1
+        path = stem.with_name(f"{stem.name}-{n}")
+    _check_run_folder("the run folder", path)
+    return path
+
+
+def _save_run(args, out: Path, train: SeriesData, result) -> None:
+    """The trained model and the learning curves into the run folder (the metrics are there already); a run
+    stopped before the end (--stop-after) leaves its metrics only."""
+    if not result.complete:
+        print(f"metrics in {out}; no model saved: training stopped before the end "
+              f"(continue it with --resume{f' {args.checkpoint}' if args.checkpoint else ''} --out {out})")
+        return
+    classifier = Classifier([r.model for r in result.members], train.classes, "znorm" if args.znorm else "none")
+    options = {k: v for k, v in vars(args).items() if k != "command"}
+    save_model(classifier, out, training={"dataset": train.name or "synthetic", "options": options,
+                                          "final": result.final})
+    title = f"{train.name or 'synthetic'}: {len(result.members)} member(s)"
+    if not plot_learning_curves([r.history for r in result.members], out / "learning_curves.png", title):
+        print("matplotlib is not installed: no learning_curves.png (pip install matplotlib)")
+    print(f"saved the model in {out}; classify new series with: fastmsc predict {out} --data PATH")
 
 
 def _device_and_process_group(args) -> torch.device:

@@ -19,11 +19,12 @@ Modules: ``_series`` (SeriesData, from_tensors, znormalise_series), ``_formats``
 """
 
 from ._folders import find_dataset, load_dataset, load_split, split_files
-from ._formats import SUFFIXES, load_file, load_ts, load_tsv
-from ._series import STORAGE_DTYPE, DataFormatError, SeriesData, from_tensors, znormalise_series
+from ._formats import SUFFIXES, SeriesInputs, load_file, load_inputs, load_ts, load_tsv
+from ._series import STORAGE_DTYPE, DataFormatError, SeriesData, from_tensors, znormalise, znormalise_series
 from ._synthetic import synthetic
 
 __all__ = [
-    "STORAGE_DTYPE", "SUFFIXES", "DataFormatError", "SeriesData", "find_dataset", "from_tensors", "load_dataset",
-    "load_file", "load_split", "load_ts", "load_tsv", "split_files", "synthetic", "znormalise_series",
+    "STORAGE_DTYPE", "SUFFIXES", "DataFormatError", "SeriesData", "SeriesInputs", "find_dataset", "from_tensors",
+    "load_dataset", "load_file", "load_inputs", "load_split", "load_ts", "load_tsv", "split_files", "synthetic",
+    "znormalise", "znormalise_series",
 ]

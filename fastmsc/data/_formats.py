@@ -85,8 +85,8 @@ class _RawSplit:
     path: Path
     series: list[list[np.ndarray]]
     lengths: list[int]
-    labels: list[str]
-    label_lines: list[int]
+    labels: list[str] | None  # None: an unlabelled file (read only for prediction)
+    label_lines: list[int]  # the line of each series
     declared_classes: tuple[str, ...] | None
     name: str
 
@@ -117,7 +117,9 @@ def _header_int(path, line_no, key, value) -> int:
     return number
 
 
-def _parse_ts(path: Path) -> _RawSplit:
+def _parse_ts(path: Path, require_labels: bool = True) -> _RawSplit:
+    """``require_labels=False`` also reads unlabelled files (``@classLabel false``: every field of a data line
+    is a channel); their split has ``labels`` None."""
     header: dict[str, object] = {}
     declared_classes = None
     series, lengths, labels, label_lines = [], [], [], []
@@ -133,7 +135,8 @@ def _parse_ts(path: Path) -> _RawSplit:
             key, _, value = line[1:].partition(" ")
             key, value = key.lower(), value.strip()
             if key == "data":
-                if header.get("classlabel") is not True:
+                if header.get("classlabel") is not True and not (header.get("classlabel") is False
+                                                                 and not require_labels):
                     if "targetlabel" in header:
                         raise DataFormatError(path, line_no, "this is a regression problem (@targetLabel); "
                                                              "fastmsc trains classifiers and needs @classLabel true")
@@ -161,15 +164,18 @@ def _parse_ts(path: Path) -> _RawSplit:
         if not in_data:
             raise DataFormatError(path, line_no, "data line before the @data header")
         fields = line.split(":")
-        if len(fields) < 2:
-            raise DataFormatError(path, line_no, "expected values then ':' then the class label, found no ':'")
-        label = fields[-1].strip()
-        if not label:
-            raise DataFormatError(path, line_no, "the class label (after the last ':') is empty")
-        if declared_classes is not None and label not in declared_classes:
-            raise DataFormatError(path, line_no, f"class label {label!r} is not among the @classLabel labels "
-                                                 f"{list(declared_classes)}")
-        channels = [_parse_values(text, path, line_no, f"channel {c + 1}, ") for c, text in enumerate(fields[:-1])]
+        labelled = header.get("classlabel") is True
+        if labelled:
+            if len(fields) < 2:
+                raise DataFormatError(path, line_no, "expected values then ':' then the class label, found no ':'")
+            label = fields[-1].strip()
+            if not label:
+                raise DataFormatError(path, line_no, "the class label (after the last ':') is empty")
+            if declared_classes is not None and label not in declared_classes:
+                raise DataFormatError(path, line_no, f"class label {label!r} is not among the @classLabel labels "
+                                                     f"{list(declared_classes)}")
+            fields = fields[:-1]
+        channels = [_parse_values(text, path, line_no, f"channel {c + 1}, ") for c, text in enumerate(fields)]
         if num_channels is None:
             num_channels = len(channels)
             expected = 1 if header.get("univariate") is True else header.get("dimensions")
@@ -185,14 +191,15 @@ def _parse_ts(path: Path) -> _RawSplit:
                                                  f"true, @seriesLength {header['serieslength']}")
         series.append(channels)
         lengths.append(length)
-        labels.append(label)
+        if labelled:
+            labels.append(label)
         label_lines.append(line_no)
     if not in_data:
         raise DataFormatError(path, None, "no @data header: not a .ts file")
     if not series:
         raise DataFormatError(path, None, "no series after @data")
     name = str(header.get("problemname") or path.stem.rsplit("_", 1)[0])
-    return _RawSplit(path, series, lengths, labels, label_lines, declared_classes, name)
+    return _RawSplit(path, series, lengths, labels if labelled else None, label_lines, declared_classes, name)
 
 
 def _parse_tsv(path: Path) -> _RawSplit:
@@ -233,6 +240,18 @@ def _to_series_data(raw: _RawSplit, classes: tuple[str, ...]) -> SeriesData:
         if label not in index:
             raise DataFormatError(raw.path, line_no, f"class label {label!r} is not among the dataset's classes "
                                                      f"{list(classes)}")
+    x, lengths = _padded(raw)
+    return SeriesData(
+        x=x,
+        y=torch.tensor([index[label] for label in raw.labels], dtype=torch.int64),
+        lengths=lengths,
+        classes=classes,
+        name=raw.name,
+    )
+
+
+def _padded(raw: _RawSplit) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x (N, C, T) zero-padded past each series' end, and lengths (N,), None when every series spans T."""
     num_channels = len(raw.series[0])
     max_len = max(raw.lengths)
     x = np.zeros((len(raw.series), num_channels, max_len), dtype=STORAGE_DTYPE)
@@ -240,21 +259,15 @@ def _to_series_data(raw: _RawSplit, classes: tuple[str, ...]) -> SeriesData:
         for c, values in enumerate(channels):
             x[i, c, :length] = values[:length]
     lengths = torch.tensor(raw.lengths, dtype=torch.int64)
-    return SeriesData(
-        x=torch.from_numpy(x),
-        y=torch.tensor([index[label] for label in raw.labels], dtype=torch.int64),
-        lengths=None if bool((lengths == max_len).all()) else lengths,
-        classes=classes,
-        name=raw.name,
-    )
+    return torch.from_numpy(x), None if bool((lengths == max_len).all()) else lengths
 
 
-def _parse(path) -> _RawSplit:
+def _parse(path, require_labels: bool = True) -> _RawSplit:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     if path.suffix.lower() == ".ts":
-        return _parse_ts(path)
+        return _parse_ts(path, require_labels)
     if path.suffix.lower() == ".tsv":
         return _parse_tsv(path)
     raise ValueError(f"unknown data file type {path.name!r}: expected a .ts (UCR/UEA) or .tsv (UCR) file")
@@ -290,3 +303,25 @@ def load_tsv(path, classes: Sequence[str] | None = None) -> SeriesData:
     if Path(path).suffix.lower() != ".tsv":
         raise ValueError(f"load_tsv reads .tsv files, got {path}")
     return load_file(path, classes)
+
+
+@dataclass(frozen=True)
+class SeriesInputs:
+    """Series to classify, as read by :func:`load_inputs`: ``x`` (N, C, T) float32 zero-padded past each series'
+    end, ``lengths`` (N,) int64 or None when every series spans T, ``labels`` the N label strings as written in
+    the file, or None for an unlabelled file."""
+
+    x: torch.Tensor
+    lengths: torch.Tensor | None
+    labels: tuple[str, ...] | None
+    name: str
+    path: Path
+
+
+def load_inputs(path) -> SeriesInputs:
+    """Read one ``.ts`` or ``.tsv`` file for prediction: labels are optional (``@classLabel false`` in a ``.ts``
+    file) and need not belong to any class list; everything else is checked as :func:`load_file` checks it."""
+    raw = _parse(path, require_labels=False)
+    x, lengths = _padded(raw)
+    labels = None if raw.labels is None else tuple(raw.labels)
+    return SeriesInputs(x, lengths, labels, raw.name, raw.path)

@@ -86,17 +86,24 @@ def from_tensors(x, y, lengths=None, classes: Sequence[str] | None = None, name:
     return SeriesData(x, y, lengths, tuple(classes), name)
 
 
-def znormalise_series(data: SeriesData, eps: float = 1e-8) -> SeriesData:
-    """Per series and channel: subtract the mean and divide by the standard deviation over the valid steps.
+def znormalise(x: torch.Tensor, lengths: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
+    """x (N, C, T) -> same shape and dtype: per series and channel, the mean subtracted and the result divided
+    by the standard deviation, both over the valid steps (``lengths`` (N,), None: all T). Computed in float64.
 
-    A constant channel (std < eps) becomes zeros. Padding stays zero.
+    A constant channel (std < eps) becomes zeros. Padding becomes zero.
     """
-    lengths = data.series_lengths()
-    valid = (torch.arange(data.x.shape[2])[None, :] < lengths[:, None])[:, None, :]  # (N, 1, T)
-    x = data.x.double()
+    steps = torch.arange(x.shape[2], device=x.device)
+    lengths = torch.full((x.shape[0],), x.shape[2], device=x.device) if lengths is None else lengths.to(x.device)
+    valid = (steps[None, :] < lengths[:, None])[:, None, :]  # (N, 1, T)
+    wide = x.double()
     count = lengths.double()[:, None, None]
-    mean = (x * valid).sum(-1, keepdim=True) / count
-    var = (((x - mean) * valid) ** 2).sum(-1, keepdim=True) / count
+    mean = (wide * valid).sum(-1, keepdim=True) / count
+    var = (((wide - mean) * valid) ** 2).sum(-1, keepdim=True) / count
     std = var.sqrt()
-    normalised = torch.where(std < eps, torch.zeros_like(x), (x - mean) / std.clamp_min(eps)) * valid
-    return replace(data, x=normalised.float())
+    normalised = torch.where(std < eps, torch.zeros_like(wide), (wide - mean) / std.clamp_min(eps)) * valid
+    return normalised.to(x.dtype)
+
+
+def znormalise_series(data: SeriesData, eps: float = 1e-8) -> SeriesData:
+    """``data`` with x z-normalised per series and channel over the valid steps (:func:`znormalise`)."""
+    return replace(data, x=znormalise(data.x, data.series_lengths(), eps).float())

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .nn import LSTM, MaxAvgPool1d, MultiScaleConv1d, NotScriptable, SelfAttention
-from .ops import time_mask, validate_lengths
+from ..nn import LSTM, MaxAvgPool1d, MultiScaleConv1d, NotScriptable, SelfAttention
+from ..ops import time_mask, validate_lengths
 
 
 class MSCClassifier(NotScriptable, nn.Module):
@@ -23,6 +23,11 @@ class MSCClassifier(NotScriptable, nn.Module):
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         self.in_channels, self.num_classes = in_channels, num_classes
+        # The constructor's arguments, as plain values: what a saved model records to be built again.
+        self.config = {"in_channels": in_channels, "num_classes": num_classes, "conv_channels": conv_channels,
+                       "kernel_sizes": list(kernel_sizes), "lstm_hidden": lstm_hidden, "lstm_layers": lstm_layers,
+                       "num_heads": num_heads, "classifier_hidden": classifier_hidden, "dropout": dropout,
+                       "conv_norm": conv_norm}
         self.conv = MultiScaleConv1d(in_channels, conv_channels, kernel_sizes, activation=None if conv_norm else "gelu")
         self.conv_norm = nn.BatchNorm1d(self.conv.out_channels) if conv_norm else None
         self.lstm = LSTM(self.conv.out_channels, lstm_hidden, lstm_layers, batch_first=True, bidirectional=True,
