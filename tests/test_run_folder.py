@@ -254,3 +254,22 @@ def test_crafted_pickle_is_refused_without_running_it(tmp_path):
     # The payload is live: a plain unpickling runs it (so the check above can fail)
     torch.load(run_dir / "model.pt", weights_only=False)
     assert marker.exists()
+
+
+@pytest.mark.parametrize("normalisation", ["none", "znorm"])
+def test_padding_never_matters_and_non_finite_series_are_refused(normalisation):
+    seed = random.randrange(2**31)
+    _, test_set = _tiny(seed)
+    assert test_set.lengths is not None and bool((test_set.lengths < test_set.x.shape[2]).any())
+    classifier = Classifier(_members(2, seed), test_set.classes, normalisation)
+    expected = classifier.predict_proba(test_set)
+    valid = torch.arange(test_set.x.shape[2])[None, None, :] < test_set.lengths[:, None, None]
+    for fill in (float("nan"), float("inf"), 1e30):
+        padded = torch.where(valid, test_set.x, fill)
+        torch.testing.assert_close(classifier.predict_proba(padded, test_set.lengths), expected, rtol=0, atol=0,
+                                   msg=f"padding filled with {fill} changed the result")
+    broken = test_set.x.clone()
+    broken[3, 1, 0] = float("nan")
+    broken[7, 0, int(test_set.lengths[7]) - 1] = float("-inf")
+    with pytest.raises(ValueError, match=r"NaN or infinite values within the valid steps of 2 series \(3, 7\)"):
+        classifier.predict(broken, test_set.lengths)

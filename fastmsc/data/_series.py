@@ -95,13 +95,14 @@ def znormalise(x: torch.Tensor, lengths: torch.Tensor | None = None, eps: float 
     steps = torch.arange(x.shape[2], device=x.device)
     lengths = torch.full((x.shape[0],), x.shape[2], device=x.device) if lengths is None else lengths.to(x.device)
     valid = (steps[None, :] < lengths[:, None])[:, None, :]  # (N, 1, T)
-    wide = x.double()
+    # where, not a product with the mask: whatever the padding holds (NaN included) must not reach the result
+    wide = torch.where(valid, x.double(), 0.0)
     count = lengths.double()[:, None, None]
-    mean = (wide * valid).sum(-1, keepdim=True) / count
-    var = (((wide - mean) * valid) ** 2).sum(-1, keepdim=True) / count
+    mean = wide.sum(-1, keepdim=True) / count
+    var = torch.where(valid, (wide - mean) ** 2, 0.0).sum(-1, keepdim=True) / count
     std = var.sqrt()
-    normalised = torch.where(std < eps, torch.zeros_like(wide), (wide - mean) / std.clamp_min(eps)) * valid
-    return normalised.to(x.dtype)
+    normalised = torch.where(std < eps, torch.zeros_like(wide), (wide - mean) / std.clamp_min(eps))
+    return torch.where(valid, normalised, 0.0).to(x.dtype)
 
 
 def znormalise_series(data: SeriesData, eps: float = 1e-8) -> SeriesData:

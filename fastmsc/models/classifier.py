@@ -88,6 +88,8 @@ class Classifier(NotScriptable, nn.Module):
         if lengths is not None:
             lengths = torch.as_tensor(lengths)
             lengths = validate_lengths(lengths, x.shape[0], x.shape[2], x.device).tensor if x.dim() == 3 else lengths
+        if x.dim() == 3 and x.shape[1] == self.in_channels:
+            _check_finite(x, lengths)
         was_training = self.training
         self.eval()
         try:
@@ -107,3 +109,15 @@ class Classifier(NotScriptable, nn.Module):
         :meth:`predict_proba`)."""
         probabilities = self.predict_proba(x, lengths, batch_size)
         return np.asarray(self.classes, dtype=object)[probabilities.argmax(dim=1).numpy()].astype(str)
+
+
+def _check_finite(x: torch.Tensor, lengths: torch.Tensor | None) -> None:
+    """ValueError naming the series whose valid steps hold NaN or infinity: their class would be meaningless."""
+    finite = torch.isfinite(x)
+    if lengths is not None:
+        finite |= (torch.arange(x.shape[2], device=x.device)[None, :] >= lengths[:, None])[:, None, :]
+    bad = (~finite).flatten(1).any(1).nonzero().flatten().tolist()
+    if bad:
+        listed = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        raise ValueError(f"x holds NaN or infinite values within the valid steps of {len(bad)} series ({listed}); "
+                         f"no class can be predicted for them")

@@ -50,8 +50,9 @@ class MSCClassifier(NotScriptable, nn.Module):
         # read no value of it again.
         lengths = validate_lengths(lengths, x.shape[0], x.shape[2], x.device)
         if lengths is not None:
-            # Values past a sequence's end must not leak into its last valid conv outputs.
-            x = x * time_mask(lengths.tensor, x.shape[2])[:, None, :].to(x.dtype)
+            # Values past a sequence's end must not leak into its last valid conv outputs (where, not a product:
+            # NaN padding too).
+            x = torch.where(time_mask(lengths.tensor, x.shape[2])[:, None, :], x, 0.0)
         h = self.conv(x)
         if self.conv_norm is not None:
             h = nn.functional.gelu(self.conv_norm(h))
