@@ -315,12 +315,11 @@ def describe() -> str:
         mismatch = _prebuilt_mismatch(info)
         if mismatch is None:
             return f"prebuilt fastmsc._C ({_describe_build(info)}), loaded on first use"
-        prebuilt = (f"prebuilt fastmsc._C {mismatch}: it will likely fail to load, then the extension is "
-                    "built just in time; ")
+        prebuilt = f"prebuilt fastmsc._C {mismatch}, so it will likely fail to load and the JIT build is used instead: "
     src = source_dir()
     if src is None:
         if prebuilt is not None:
-            return prebuilt + "but the C++ sources to build it are not in this installation"
+            return prebuilt + "unavailable (the C++ sources to build it are not in this installation)"
         return "unavailable (no prebuilt fastmsc._C and no C++ sources)"
     prebuilt = prebuilt or ""
     cached = _cached_build(src)
