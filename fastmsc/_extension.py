@@ -19,7 +19,8 @@ versions and CUDA architectures it was built for), read only by :func:`describe`
 The JIT build holds an OS lock on ``<build folder>/fastmsc.build.lock``: torch's own marker file ``lock``
 outlives a build process that was killed and then makes every later load wait forever, whereas the kernel
 releases the OS lock with the process. Under that lock no other fastmsc build of the folder runs, so a
-``lock`` found there is stale and is removed.
+``lock`` found there is stale and is removed. Without fcntl (Windows) there is no OS lock and torch's file rules
+alone, as before.
 """
 
 from __future__ import annotations
@@ -103,17 +104,18 @@ def _build_key(sources: list[Path], with_cuda: bool) -> str:
 
 
 @contextlib.contextmanager
-def _build_lock(build_dir: Path) -> Iterator[None]:
-    """Hold the OS lock of ``build_dir`` (waiting for another process's build to finish); a no-op without fcntl."""
+def _build_lock(build_dir: Path) -> Iterator[bool]:
+    """Hold the OS lock of ``build_dir``, waiting while another process builds there; yields whether it is held
+    (False without fcntl: Windows)."""
     try:
         import fcntl
-    except ImportError:  # Windows: torch's marker file alone, as before
-        yield
+    except ImportError:
+        yield False
         return
     with open(build_dir / _OS_LOCK_NAME, "a") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
@@ -124,9 +126,10 @@ def load_locked(build_dir: Path, **load_args) -> object:
     from torch.utils.cpp_extension import load
 
     build_dir.mkdir(parents=True, exist_ok=True)
-    with _build_lock(build_dir):
+    with _build_lock(build_dir) as held:
         stale = build_dir / _TORCH_LOCK_NAME
-        if stale.exists():
+        # Without the OS lock a `lock` may belong to a build running now: torch's own waiting is all there is.
+        if held and stale.exists():
             _LOG.warning("fastmsc: removing %s, left by an extension build that did not finish", stale)
             stale.unlink(missing_ok=True)
         return load(build_directory=str(build_dir), **load_args)

@@ -18,7 +18,12 @@ import torch
 
 from fastmsc import _extension
 
-fcntl = pytest.importorskip("fcntl", reason="the JIT build's OS lock needs fcntl (not on Windows)")
+try:
+    import fcntl
+except ImportError:  # Windows: no OS lock, torch's lock file alone
+    fcntl = None
+
+needs_fcntl = pytest.mark.skipif(fcntl is None, reason="the JIT build's OS lock needs fcntl (not on Windows)")
 
 PROBE_SOURCE = 'extern "C" int fastmsc_lock_probe() { return 42; }\n'
 PROBE_LOAD = (
@@ -96,6 +101,7 @@ def _finish(process: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:
     return out, err
 
 
+@needs_fcntl
 def test_stale_torch_lock_is_removed(probe):
     build_dir, source = probe
     (build_dir / "lock").touch()  # what a build process killed mid-build leaves behind
@@ -106,6 +112,7 @@ def test_stale_torch_lock_is_removed(probe):
     assert list(build_dir.glob("*.so")), "nothing was built"
 
 
+@needs_fcntl
 def test_live_build_is_waited_for(probe):
     """While another process builds (holding the OS lock, its torch ``lock`` present) a load waits, leaves that
     ``lock`` alone, and goes on once the build is done."""
@@ -122,3 +129,17 @@ def test_live_build_is_waited_for(probe):
     out, err = _finish(process)
     assert out.strip() == "loaded"
     assert "did not finish" not in err
+
+
+def test_without_fcntl_a_lock_file_is_left_to_torch(monkeypatch, tmp_path):
+    """Without an OS lock (Windows) a ``lock`` may be a running build's: it stays, and load() still runs."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # `import fcntl` raises ImportError
+    calls = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: calls.append(kwargs))
+    (tmp_path / "lock").touch()
+    _extension.load_locked(tmp_path, name="probe", sources=[])
+    assert (tmp_path / "lock").exists()
+    assert calls == [{"build_directory": str(tmp_path), "name": "probe", "sources": []}]
+    assert not (tmp_path / "fastmsc.build.lock").exists()
