@@ -11,24 +11,40 @@ Order of attempts, first success wins, the outcome is cached for the process:
 fix it) otherwise; :func:`unavailable_reason` gives the same as a string. Both may build (minutes), so
 the question "can the fused LSTM run?" asks :func:`availability` instead, which never builds, loads or
 warns: the first real fused call loads (or builds) the extension. Nothing here runs at ``import fastmsc``.
+
+A compiled ``fastmsc._C`` comes with ``_build_info.json`` beside it (written by setup.py: the torch and CUDA
+versions and CUDA architectures it was built for), read only by :func:`describe` and
+:func:`cuda_kernels_expected`.
+
+The JIT build holds an OS lock on ``<build folder>/fastmsc.build.lock``: torch's own marker file ``lock``
+outlives a build process that was killed and then makes every later load wait forever, whereas the kernel
+releases the OS lock with the process. Under that lock no other fastmsc build of the folder runs, so a
+``lock`` found there is stale and is removed. Without fcntl (Windows) there is no OS lock and torch's file rules
+alone, as before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 _LOG = logging.getLogger("fastmsc")
 _SOURCE_NAMES = ("lstm_cpu.cpp", "lstm_cuda.cu", "lstm_gates.h", "lstm_common.h")
+_BUILD_INFO_NAME = "_build_info.json"
+_OS_LOCK_NAME = "fastmsc.build.lock"
+_TORCH_LOCK_NAME = "lock"  # torch.utils.cpp_extension's FileBaton in the build folder
 _lock = threading.Lock()
 _state: dict = {"done": False, "error": None, "origin": None}
 
@@ -87,10 +103,40 @@ def _build_key(sources: list[Path], with_cuda: bool) -> str:
     return f"torch{version}_{digest.hexdigest()[:16]}"
 
 
-def jit_build(verbose: bool = False) -> Path:
-    """Build (or reuse the cached build of) the extension and load it into torch.ops; returns the build folder."""
+@contextlib.contextmanager
+def _build_lock(build_dir: Path) -> Iterator[bool]:
+    """Hold the OS lock of ``build_dir``, waiting while another process builds there; yields whether it is held
+    (False without fcntl: Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield False
+        return
+    with open(build_dir / _OS_LOCK_NAME, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def load_locked(build_dir: Path, **load_args) -> object:
+    """``torch.utils.cpp_extension.load(build_directory=build_dir, **load_args)`` under the OS lock of
+    ``build_dir``, after removing a stale torch ``lock`` file left there by a build process that was killed."""
     from torch.utils.cpp_extension import load
 
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with _build_lock(build_dir) as held:
+        stale = build_dir / _TORCH_LOCK_NAME
+        # Without the OS lock a `lock` may belong to a build running now: torch's own waiting is all there is.
+        if held and stale.exists():
+            _LOG.warning("fastmsc: removing %s, left by an extension build that did not finish", stale)
+            stale.unlink(missing_ok=True)
+        return load(build_directory=str(build_dir), **load_args)
+
+
+def jit_build(verbose: bool = False) -> Path:
+    """Build (or reuse the cached build of) the extension and load it into torch.ops; returns the build folder."""
     src = source_dir()
     if src is None:
         raise ExtensionUnavailable("the C++ sources (csrc/lstm_cpu.cpp) are not in this installation")
@@ -102,14 +148,14 @@ def jit_build(verbose: bool = False) -> Path:
     if not any(build_dir.glob("*.so")):
         _LOG.warning("fastmsc: compiling the LSTM extension once into %s (about a minute per source file)", build_dir)
     cuda_flags = ["-O3", "--use_fast_math"] if with_cuda else None
-    load(
+    load_locked(
+        build_dir,
         name=f"fastmsc_lstm_{key.rsplit('_', 1)[-1]}",
         sources=[str(p) for p in sources],
         extra_cflags=["-O3", *_openmp_flags()],
         extra_cuda_cflags=cuda_flags,
         extra_ldflags=_openmp_flags(),
         extra_include_paths=[str(src)],
-        build_directory=str(build_dir),
         with_cuda=with_cuda,
         is_python_module=False,
         verbose=verbose,
@@ -222,6 +268,41 @@ def _build_tools_missing() -> str | None:
     return _tools_missing[0]
 
 
+def _prebuilt_origin() -> str | None:
+    """Where the prebuilt fastmsc._C lies (without importing it), or None when there is none."""
+    spec = importlib.util.find_spec("fastmsc._C")
+    return None if spec is None else spec.origin
+
+
+def build_info() -> dict | None:
+    """What the prebuilt fastmsc._C was built against (``torch``, ``cuda`` or None, ``cuda_archs`` or None), as
+    setup.py recorded it; None when there is no prebuilt extension or no readable record of it."""
+    prebuilt = _prebuilt_origin()
+    if prebuilt is None:
+        return None
+    try:
+        info = json.loads((Path(prebuilt).parent / _BUILD_INFO_NAME).read_text())
+    except (OSError, ValueError):  # built before builds were recorded, or the record is damaged
+        return None
+    return info if isinstance(info, dict) and isinstance(info.get("torch"), str) else None
+
+
+def _prebuilt_mismatch(info: dict | None) -> str | None:
+    """Why the prebuilt fastmsc._C will likely fail to load under the running torch, or None."""
+    if info is None or info["torch"] == torch.__version__:
+        return None
+    return f"built for torch {info['torch']}, this is torch {torch.__version__}"
+
+
+def _describe_build(info: dict | None) -> str:
+    if info is None:
+        return "no build record"
+    if info.get("cuda") is None:
+        return f"built for torch {info['torch']}, CPU"
+    archs = info.get("cuda_archs") or []
+    return f"built for torch {info['torch']}, CUDA {info['cuda']}" + (f", {' '.join(archs)}" if archs else "")
+
+
 def describe() -> str:
     """Where the extension comes from, for ``fastmsc info``: the loaded build, or what the first use will do
     (never builds or loads)."""
@@ -231,26 +312,40 @@ def describe() -> str:
         return f"unavailable ({_state['error']})"
     if ops_registered():
         return "loaded (already registered)"
-    if importlib.util.find_spec("fastmsc._C") is not None:
-        return "prebuilt fastmsc._C, loaded on first use"
+    prebuilt = None
+    if _prebuilt_origin() is not None:
+        info = build_info()
+        mismatch = _prebuilt_mismatch(info)
+        if mismatch is None:
+            return f"prebuilt fastmsc._C ({_describe_build(info)}), loaded on first use"
+        prebuilt = f"prebuilt fastmsc._C {mismatch}, so it will likely fail to load and the JIT build is used instead: "
     src = source_dir()
     if src is None:
+        if prebuilt is not None:
+            return prebuilt + "unavailable (the C++ sources to build it are not in this installation)"
         return "unavailable (no prebuilt fastmsc._C and no C++ sources)"
+    prebuilt = prebuilt or ""
     cached = _cached_build(src)
     if cached is not None:
-        return f"cached JIT build in {cached}, loaded on first use"
+        return f"{prebuilt}cached JIT build in {cached}, loaded on first use"
     missing = _build_tools_missing()
     if missing is not None:
-        return f"unavailable ({missing})"
-    return f"built just in time on first use (about a minute per source file) into {cache_dir()}"
+        return f"{prebuilt}unavailable ({missing})"
+    return f"{prebuilt}built just in time on first use (about a minute per source file) into {cache_dir()}"
 
 
 def cuda_kernels_expected() -> bool:
     """Whether the build in use has, or the build the first use will load is expected to have, CUDA kernels;
-    never builds or loads (a prebuilt fastmsc._C is taken to have them, as setup.py builds them with nvcc)."""
+    never builds or loads. A prebuilt fastmsc._C has them when its build record says so (one without a record is
+    taken to have them, as setup.py builds them wherever nvcc exists); one built for another torch will likely
+    fail to load, so the JIT build's answer counts then."""
     if ops_registered():
         return has_cuda_kernels()
-    if importlib.util.find_spec("fastmsc._C") is not None:
-        return True
+    if _prebuilt_origin() is not None:
+        info = build_info()
+        if info is None:
+            return True
+        if _prebuilt_mismatch(info) is None:
+            return info.get("cuda") is not None
     src = source_dir()
     return src is not None and _jit_wants_cuda() and (src / "lstm_cuda.cu").is_file()

@@ -1,6 +1,7 @@
 """The compiled LSTM extension (fastmsc._C / JIT build) specifically: gradcheck, fastmsc.nn.LSTM against
 torch.nn.LSTM, partial gradients, half inputs over long sequences and what they round, inference saving nothing,
-torch.compile of the module, the raw ops' argument checks and the fallback when the extension fails to load. The
+torch.compile of the module, the raw ops' argument checks, the fallback when the extension fails to load and a
+stale build lock in the JIT build's cache folder (tests/test_extension_build.py has the lock's details). The
 op against the float64 reference in every dtype, opcheck, torch.compile of the op and auto's choice are in
 tests/test_op_contract.py.
 
@@ -12,7 +13,11 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -369,3 +374,25 @@ def test_load_failure_falls_back_to_torch_with_one_warning(monkeypatch):
     torch.testing.assert_close(out, lstm_layer_reference(x, weights)[0], rtol=1e-5, atol=1e-6)
     with fastmsc.use_backend("fused"), pytest.raises(fastmsc.backend.FusedUnavailable, match="simulated"):
         fastmsc.lstm_layer(x, weights)
+
+
+def test_stale_lock_in_cached_jit_build_does_not_block_loading(tmp_path):
+    """A build process killed mid-way leaves torch's ``lock`` file in the cache folder; a later process must still
+    load the cached build rather than wait forever. A copy of this session's build keeps it cheap: nothing to
+    compile."""
+    origin = _extension.origin() or ""
+    if not origin.startswith("JIT build in "):
+        pytest.skip(f"the extension came from {origin!r}, not from a JIT build folder to copy")
+    cached = Path(origin.removeprefix("JIT build in "))
+    build_dir = tmp_path / "ext" / cached.name
+    shutil.copytree(cached, build_dir, ignore=shutil.ignore_patterns("lock", "fastmsc.build.lock"))
+    (build_dir / "lock").touch()
+    code = "from fastmsc import _extension\n_extension.load()\nprint(_extension.origin())"
+    env = {**os.environ, "FASTMSC_EXT_DIR": str(tmp_path / "ext")}
+    try:
+        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"loading with a stale lock in {build_dir} still waited after {exc.timeout} s")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"JIT build in {build_dir}", result.stdout
+    assert not (build_dir / "lock").exists()
