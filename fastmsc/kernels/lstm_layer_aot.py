@@ -19,9 +19,10 @@ def launches():
     bidirectional layer with lengths and initial state (forward with saved state, backward) plus the inference
     forward: every tile width the kernel has, H = 64 (the largest it takes), 32 and 16, each in float32 (which
     multiplies as 3xTF32, in 16-wide chunks, 8-wide in the backward) and bfloat16 (32-wide chunks, 16-wide in the
-    backward). fp16 compiles as bf16 does (same tiles and dot width); other H round up to one of these tiles."""
+    backward); float16 (which has bf16's tiles and dot width) at H = 64. Other H round up to one of these tiles."""
     return [(f"{name} H{hidden}", dtype, hidden) for hidden in (64, 32, 16)
-            for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))]
+            for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))] + [
+        ("float16 H64", torch.float16, 64)]
 
 
 @functools.cache
