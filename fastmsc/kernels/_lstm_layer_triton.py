@@ -1,24 +1,25 @@
 """Triton bodies of the persistent LSTM recurrence (launchers and autograd: :mod:`fastmsc.kernels.lstm_persistent`).
 
 One program owns one (batch tile, direction) and loops over every time step of its sequences, the cell state c
-held in registers in float32 and the recurrent weights read by every step (W_hh, 4H x H, stays in L2: 128 KB at
-H=128 in bf16, 256 KB in fp32, shared by every program of its direction). No program ever waits for another:
+held in registers in float32 and the recurrent weights read by every step (W_hh, 4H x H, stays in L2: 32 KB at
+H=64 in bf16, 64 KB in fp32, shared by every program of its direction). No program ever waits for another:
 each one's sequences are independent of the others', so the launch is race-free by construction, one launch per
 layer covers both directions, and the per-step cost is the program's own arithmetic and L2 reads instead of a
 GEMM launch and a gate launch per step (about 2T+1 launches each way in the stepwise path).
 
 The recurrent product h_{t-1} W_hhᵀ runs over the hidden size in BLOCK_K-wide chunks, so that only one chunk of
-W_hh (4 x BLOCK_K x H) is in registers at a time: a whole 128 x 128 gate block per product spills (measured with
-the AOT check at every warp count). Registers cannot be sliced, so the chunks of h_{t-1} are read back from where
+W_hh (4 x BLOCK_K x H) is in registers at a time: whole gate blocks per product spill (measured with the AOT check
+at every warp count), and at H = 128 even the chunked kernels do, so the launcher takes H <= 64. Registers
+cannot be sliced, so the chunks of h_{t-1} are read back from where
 the previous step stored h (``out``, which every step writes anyway; h0 at a sequence's first step), after a
 barrier that makes that step's stores visible to the whole program. The backward reads its chunks of dz back from
 the dz it stores the same way.
 
 Per step and program (B_t = BLOCK_B rows, H hidden): reads xproj 4·B_t·H values, W_hh 4·H·H values (L2), and
 writes out (B_t·H), and when training the gates (4·B_t·H) and cells (B_t·H); computes 8·B_t·H·H FLOPs on tensor
-cores. At B_t=16, H=128, bf16: 128 KB of L2 reads and 2.1 MFLOP per step, ~1.5 µs at ~90 GB/s of L2 per SM,
-against ~8-12 µs of launch latency per step for cuDNN's stepwise algorithm at B=32 (see the module docstring of
-lstm_persistent for the whole estimate).
+cores. At B_t=16, H=64, bf16: 32 KB of L2 reads and 0.5 MFLOP per step, ~0.5 µs with the barrier, against ~8-12
+µs of launch latency per step for cuDNN's stepwise algorithm at B=32 (see the module docstring of lstm_persistent
+for the whole estimate).
 
 Sequence lengths follow pack_padded_sequence: row b is active at loop step s < lengths[b]; the forward direction
 reads time t = s, the reverse t = lengths[b] - 1 - s. At an inactive step the row writes zeros at t = s (a padded

@@ -2,23 +2,24 @@
 
 The ``fastmsc::lstm_persistent_fwd`` / ``lstm_persistent_bwd`` custom ops take the arguments of the extension's
 ``lstm_fwd`` / ``lstm_bwd`` (see :mod:`fastmsc.kernels._lstm_shared`) and share their autograd formula. Forward:
-xproj = x W_ihᵀ (one large GEMM in x's dtype), then the recurrence kernel (Triton bodies and the per-step cost in
+xproj = x W_ihᵀ (one large GEMM in x's dtype), then the recurrence kernel (Triton bodies in
 :mod:`fastmsc.kernels._lstm_layer_triton`). Backward: the recurrence in reverse writes dz, the gradient of the gate
 pre-activations (B, T, D*4H, fp32), and three deferred GEMMs give dx = dz W_ih, dW_ih = dzᵀ x, dW_hh = dzᵀ h_prev.
 
 Saved for the backward, as in the stepwise path: x, out, activated gates (B, T, D*4H) and cells (B, T, D*H) in
 x's dtype; nothing else. Half inputs keep half gates and cells (the stepwise path widens them to float32 copies
-before its backward; this one reads them as they are).
+before its backward; this one reads them as they are, saving 2 x (B, T, D*5H) x 4 bytes of transient copies).
 
-Design estimate, H200 (L2 ~ 12 TB/s over 132 SMs, ~90 GB/s per SM; launch + GEMM ~ 8-12 µs per step for the
-stepwise algorithm at B=32, H=128): per step a program reads W_hh (4·H·H values: 128 KB bf16 / 256 KB fp32 at
-H=128, from L2) and its xproj rows, and does 8·16·H·H FLOPs on tensor cores (2.1 MFLOP, ~0.1 µs). Expected
-~1.5 µs (bf16) to ~3 µs (fp32, TF32) per step at H=128, B_tile=16, hence ~3-6x fewer µs per step than the
-stepwise path; with W_hh held on chip (4·H·H·itemsize <= 32 KB, e.g. H=64 bf16) the L2 reads vanish and the
-step costs ~0.3 µs. B=32 fills only 4 of 132 SMs: the kernel is latency-bound by design, not throughput-bound.
+Design estimate on an H100/H200 (no GPU has run it yet). Per step a program (16 rows of one direction) reads
+W_hh, 4·H·H values (32 KB in bf16 at H = 64, from L2, ~90 GB/s per SM: ~0.35 µs), its xproj rows (8 KB) and h_{t-1}
+(2 KB, L1), and does 8·16·H·H = 0.5 MFLOP on tensor cores (< 0.05 µs), plus one barrier: ~0.5 µs per step
+forward, ~1 µs backward (twice the reads, two barriers). cuDNN's standard algorithm, which PyTorch uses for
+bidirectional layers, launches a GEMM and a gate kernel per step: ~8-12 µs per step at B = 32 (launch-latency
+bound). Expected: ~10x per step at B <= 64, H <= 64, i.e. ≥ 3x fwd+bwd once the deferred GEMMs (which cuDNN also
+runs) are counted. B = 32 fills 4 of 132 SMs: the kernel is latency-bound by design, not throughput-bound.
 
 Limits (else ``fused_unsupported`` says why and the stepwise path or torch runs): no projection (proj_size),
-H <= MAX_HIDDEN (one register tile per gate), float32/float16/bfloat16.
+H <= MAX_HIDDEN, float32/float16/bfloat16. float32 products are 3xTF32 (or TF32 where torch allows it).
 """
 
 from __future__ import annotations
