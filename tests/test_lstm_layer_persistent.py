@@ -23,9 +23,12 @@ from fastmsc.backend import FusedUnavailable, set_lstm_impl, use_lstm_impl
 from fastmsc.kernels import _common, lstm_persistent
 from fastmsc.ops.lstm_layer import OP, lstm_layer_reference
 
-pytestmark = pytest.mark.skipif(not (_common.INTERPRETED or torch.cuda.is_available()),
-                                reason="the persistent kernel runs on CUDA or in the Triton interpreter "
-                                       "(TRITON_INTERPRET=1, which the test suite sets without a GPU)")
+# Marked cuda as well, so that the GPU check's `pytest -m cuda` runs these tests compiled on the GPU; without one
+# they run in the Triton interpreter.
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not (_common.INTERPRETED or torch.cuda.is_available()),
+                                 reason="the persistent kernel runs on CUDA or in the Triton interpreter "
+                                        "(TRITON_INTERPRET=1, which the test suite sets without a GPU)")]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
