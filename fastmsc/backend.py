@@ -64,6 +64,45 @@ def use_backend(name: str) -> Iterator[None]:
             _state.backend = previous
 
 
+# Which fused LSTM implementation runs (FASTMSC_LSTM_IMPL): "persistent" (the Triton kernel: one launch per layer,
+# on CUDA, or on CPU tensors through the interpreter under backend 'fused'), "stepwise" (the compiled extension:
+# CPU, and per-step GEMM + gate kernels on CUDA), or "auto": persistent on CUDA where it supports the layer, else
+# stepwise. Passed down to the LSTM op's fused path as the ``lstm_impl`` argument.
+LSTM_IMPLS = ("auto", "persistent", "stepwise")
+
+
+def _check_lstm_impl(name: str) -> str:
+    if name not in LSTM_IMPLS:
+        raise ValueError(f"unknown fastmsc LSTM implementation {name!r} (FASTMSC_LSTM_IMPL or set_lstm_impl); valid "
+                         f"ones are {', '.join(LSTM_IMPLS)}")
+    return name
+
+
+_lstm_impl = _check_lstm_impl(os.environ.get("FASTMSC_LSTM_IMPL", "auto").strip() or "auto")
+
+
+def get_lstm_impl() -> str:
+    """The fused LSTM implementation in force: one of :data:`LSTM_IMPLS`."""
+    return _lstm_impl
+
+
+def set_lstm_impl(name: str) -> None:
+    """Choose the fused LSTM implementation (what FASTMSC_LSTM_IMPL sets at import)."""
+    global _lstm_impl
+    _lstm_impl = _check_lstm_impl(name)
+
+
+@contextlib.contextmanager
+def use_lstm_impl(name: str) -> Iterator[None]:
+    """Context manager: the enclosed code runs with LSTM implementation ``name``, then the previous one is back."""
+    previous = get_lstm_impl()
+    set_lstm_impl(name)
+    try:
+        yield
+    finally:
+        set_lstm_impl(previous)
+
+
 class FusedUnavailable(RuntimeError):
     """Raised when backend ``fused`` is forced for arguments no fused kernel supports."""
 

@@ -10,7 +10,7 @@ import torch
 from . import _extension, dispatch
 from ._device import compute_capability
 from ._version import __version__
-from .backend import OPS, get_backend
+from .backend import OPS, get_backend, get_lstm_impl
 
 
 def _triton_version() -> str | None:
@@ -36,6 +36,17 @@ def _dispatch_for(op_name: str, device: str) -> tuple[list[dict], str]:
             f"measured on {', '.join(gpus)} (sm_{capability}): torch where fused was slower")
 
 
+# What each FASTMSC_LSTM_IMPL value runs on a GPU (fastmsc.backend.LSTM_IMPLS; the limit is
+# fastmsc.kernels.lstm_persistent.MAX_HIDDEN, repeated here so that info never imports a kernel module).
+_LSTM_IMPL_TEXT = {
+    "auto": "auto (FASTMSC_LSTM_IMPL): on CUDA the persistent Triton kernel for layers it takes (hidden size <= 64, "
+            "no projection), else the stepwise extension; on CPU the extension",
+    "persistent": "persistent (FASTMSC_LSTM_IMPL): the Triton kernel, one launch per layer; layers it cannot take "
+                  "are refused (backend 'fused') or run on torch ('auto')",
+    "stepwise": "stepwise (FASTMSC_LSTM_IMPL): the compiled extension on every device",
+}
+
+
 def info() -> dict:
     """A dict of versions and, for each op and device, what ``auto`` picks and why.
 
@@ -54,6 +65,7 @@ def info() -> dict:
         "cpu": platform.processor() or platform.machine(),
         "backend": get_backend(),
         "lstm_extension": _extension.describe(),
+        "lstm_impl": _LSTM_IMPL_TEXT[get_lstm_impl()],
         "dispatch_table": str(dispatch.TABLE_PATH),
         "ops": {},
     }
@@ -77,7 +89,7 @@ def info() -> dict:
 def format_info(data: dict | None = None) -> str:
     data = info() if data is None else data
     lines = [f"{key}: {data[key]}" for key in ("fastmsc", "python", "torch", "triton", "cuda", "gpu", "cpu", "backend",
-                                                   "lstm_extension")]
+                                                   "lstm_extension", "lstm_impl")]
     lines.append("ops (what backend 'auto' picks):")
     for name, per_device in data["ops"].items():
         for device, row in per_device.items():

@@ -107,7 +107,7 @@ CALLS = {
                           {"x", "weights", "biases", "activation"}),
     "lstm_layer": (lambda: fastmsc.lstm_layer(torch.randn(2, 4, 3), ((torch.randn(8, 3), torch.randn(8, 2), None,
                                                                        None),)),
-                   {"x", "weights", "h0", "c0", "lengths"}),
+                   {"x", "weights", "h0", "c0", "lengths", "lstm_impl"}),  # lstm_impl: the LSTM policy passed down
     "attention": (lambda: fastmsc.attention(*torch.randn(3, 2, 4, 8)), {"q", "k", "v", "lengths", "scale"}),
     "max_avg_pool": (lambda: fastmsc.max_avg_pool(torch.randn(2, 4, 3)), {"x", "lengths"}),
 }

@@ -56,8 +56,9 @@ def test_quick_cli_prints_table_and_writes_one_csv_row_per_measurement(tmp_path)
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == CSV_COLUMNS
         rows = list(reader)
-    # One row per (op, case, mode, backend): quick runs reference, torch and fused, plus naive for attention.
-    expected = sum(len(QUICK_CASES[op]) * len(modes_for(op)) * (3 + (op in NAIVE))
+    # One row per (op, case, mode, backend): quick runs reference, torch and fused, plus naive for attention and
+    # the two fused LSTM implementations (persistent: an unavailable row on CPU; stepwise) for lstm_layer.
+    expected = sum(len(QUICK_CASES[op]) * len(modes_for(op)) * (3 + (op in NAIVE) + 2 * (op == "lstm_layer"))
                    for op in all_ops() if op in QUICK_CASES)
     assert len(rows) == expected
     table_lines = [line for line in proc.stdout.splitlines()
@@ -529,3 +530,17 @@ def test_csv_round_trip_gives_back_every_field_the_table_shows(tmp_path):
             assert getattr(got, name) == (None if value is None else pytest.approx(value, rel=1e-5)), name
         if want.stats is not None:
             assert tuple(vars(got.stats).values()) == pytest.approx(tuple(vars(want.stats).values()), rel=1e-5)
+
+
+def test_lstm_implementation_rows():
+    """persistent and stepwise rows time one fused LSTM implementation each: on CPU the persistent kernel is
+    unavailable (it runs there only in the Triton interpreter, never timed) and stepwise is the extension."""
+    case = QUICK_CASES["lstm_layer"][0]
+    options = _quick_options(backends=("torch", "persistent", "stepwise"))
+    workload = OpWorkload(case, "fwd+bwd", options)
+    persistent, stepwise = measure(workload, "persistent", options), measure(workload, "stepwise", options)
+    assert persistent.status == "unavailable" and "persistent unavailable:" in persistent.note, persistent
+    assert "interpreter" in persistent.note, persistent
+    assert stepwise.status == "ok" and stepwise.stats is not None, stepwise
+    rows = run_suite(_quick_options(backends=("torch", "persistent")), ["attention"])
+    assert {row.backend for row in rows} == {"torch"}, "no LSTM implementation row for other ops"

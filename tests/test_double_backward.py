@@ -22,6 +22,7 @@ from torch.func import functional_call
 import fastmsc
 from fastmsc import _extension
 from fastmsc.backend import FusedUnavailable, use_backend
+from fastmsc.kernels import _lstm_shared as lstm_shared
 from fastmsc.kernels import attention as attention_kernels
 from fastmsc.kernels import lstm_layer as lstm_kernels
 from fastmsc.kernels import max_avg_pool as pool_kernels
@@ -361,7 +362,7 @@ def test_first_order_keeps_kernels(name, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the first-order backward recomputed the reference")
 
-    for module in (attention_kernels, lstm_kernels, conv_kernels):
+    for module in (attention_kernels, lstm_shared, conv_kernels):
         monkeypatch.setattr(module, "recomputed_grads", refuse)
     monkeypatch.setattr(pool_kernels, "_differentiable_backward", refuse)
     draw = Draw()

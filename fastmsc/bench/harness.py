@@ -11,6 +11,9 @@ Backends (``BACKEND_CHOICES``):
 * ``fused``: the op's fused implementation when ``fastmsc.backend.OPS[op].why_not_fused`` allows it on this
   device and these arguments, else an ``unavailable`` row carrying that reason (for the model: backend
   ``auto``, i.e. fused wherever an op has a fused path);
+* ``persistent`` / ``stepwise``: lstm_layer only, the fused LSTM's two implementations each alone (what
+  ``FASTMSC_LSTM_IMPL`` selects): the persistent Triton kernel (CUDA) and the compiled extension's per-step
+  kernels; ``fused`` is the one ``auto`` picks;
 * ``compile``: ``torch.compile`` of the torch backend.
 
 Every backend's result is compared with the reference run in float64 on the same inputs before any timing

@@ -11,7 +11,9 @@ import torch
 from .roofline import Peaks
 from .timing import Stats
 
-BACKEND_CHOICES = ("reference", "torch", "naive", "fused", "compile")
+BACKEND_CHOICES = ("reference", "torch", "naive", "fused", "persistent", "stepwise", "compile")
+# The fused LSTM's two implementations, each timed alone (FASTMSC_LSTM_IMPL); "fused" is what auto picks.
+LSTM_IMPL_BACKENDS = ("persistent", "stepwise")
 FAILED = ("mismatch", "error")
 
 

@@ -8,6 +8,7 @@ reason no row can be measured. On CUDA an op's timed calls rotate through fresh 
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import os
 import shutil
@@ -26,7 +27,7 @@ from .baselines import NAIVE
 from .cases import MODEL, Case, make_model, make_model_batch, make_op_inputs
 from .checks import CheckOutcome, check_batch, checked_on_note, compare, fresh_seed, tolerance
 from .memory import saved_tensor_bytes
-from .rows import BACKEND_CHOICES, Options
+from .rows import BACKEND_CHOICES, LSTM_IMPL_BACKENDS, Options
 
 # Input sets an op's timed calls rotate through on CUDA, so no call finds its inputs in L2 from the last one.
 ROTATING_INPUT_SETS = 2
@@ -196,6 +197,14 @@ class OpWorkload:
             # Fused kernels use TF32 only when torch.backends.cuda.matmul.allow_tf32 asks for it, so they are
             # held to the float32 tolerance even while cuDNN's TF32 (on by default) loosens the torch backend's.
             return self._runner(self.op.fused, tf32=torch.backends.cuda.matmul.allow_tf32)
+        if backend in LSTM_IMPL_BACKENDS:  # one fused LSTM implementation, as FASTMSC_LSTM_IMPL=<backend> runs it
+            self.op.prepare_fused(fallback=False)
+            reason = self.op.why_not_fused(device.type, allow_interpreter=False, lstm_impl=backend,
+                                           **self.inputs.kwargs)
+            if reason is not None:
+                return Unavailable("unavailable", f"{backend} unavailable: {reason}")
+            return self._runner(functools.partial(self.op.fused, lstm_impl=backend),
+                                tf32=torch.backends.cuda.matmul.allow_tf32)
         if backend == "compile":
             reason = compile_unavailable(device)
             if reason is not None:
@@ -212,7 +221,9 @@ class OpWorkload:
 
 def applies(op: str, backend: str) -> bool:
     """Whether ``backend`` gets a row for ``op`` (an OPS name or "model"): ``naive`` only where a naive baseline
-    exists."""
+    exists, the LSTM implementations only for lstm_layer."""
+    if backend in LSTM_IMPL_BACKENDS:
+        return op == "lstm_layer"
     return backend != "naive" or op in NAIVE
 
 
@@ -325,6 +336,14 @@ class ModelWorkload:
                 return Unavailable("unavailable", f"fused unavailable: {reasons}")
             note = "backend auto (fused where available)" + (f"; torch for {reasons}" if missing else "")
             return self._runner("auto", lambda m: m, note)
+        if backend in LSTM_IMPL_BACKENDS:  # one fused LSTM implementation, as FASTMSC_LSTM_IMPL=<backend> runs it
+            self.op.prepare_fused(fallback=False)
+            reason = self.op.why_not_fused(device.type, allow_interpreter=False, lstm_impl=backend,
+                                           **self.inputs.kwargs)
+            if reason is not None:
+                return Unavailable("unavailable", f"{backend} unavailable: {reason}")
+            return self._runner(functools.partial(self.op.fused, lstm_impl=backend),
+                                tf32=torch.backends.cuda.matmul.allow_tf32)
         if backend == "compile":
             reason = compile_unavailable(device)
             if reason is not None:

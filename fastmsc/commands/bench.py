@@ -36,9 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", nargs="+", metavar="OP",
                         help=f"ops to run (default: all): {', '.join(all_ops())}")
     parser.add_argument("--backends", nargs="+", metavar="BACKEND",
-                        help=f"backends to time: {', '.join(BACKEND_CHOICES)} (default: torch naive fused compile, "
-                             "plus reference with --quick; torch is always measured as the baseline; naive only "
-                             "where an op has a naive baseline: attention)")
+                        help=f"backends to time: {', '.join(BACKEND_CHOICES)} (default: torch naive fused persistent "
+                             "stepwise compile, plus reference with --quick; torch is always measured as the "
+                             "baseline; naive only where an op has a naive baseline: attention; persistent and "
+                             "stepwise, the fused LSTM's two implementations (FASTMSC_LSTM_IMPL), only for "
+                             "lstm_layer)")
     parser.add_argument("--modes", nargs="+", metavar="MODE",
                         help=f"op modes: {', '.join(OP_MODES)} (default: both; the model always runs its train step)")
     parser.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available, else cpu)")
@@ -179,8 +181,8 @@ def run(args) -> int:
             backends.insert(0, "torch")
             notes.append("torch added to --backends: it is the baseline of every speed-up")
     else:
-        backends = ["reference", "torch", "naive", "fused", "compile"] if args.quick else ["torch", "naive", "fused",
-                                                                                            "compile"]
+        backends = (["reference"] if args.quick else []) + ["torch", "naive", "fused", "persistent", "stepwise",
+                                                             "compile"]
     if "compile" in backends and args.no_compile:
         backends.remove("compile")
         notes.append("torch.compile skipped: --no-compile")

@@ -23,7 +23,7 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .._double_backward import graph_wanted, recomputed_grads
-from ..backend import Op, import_failure, register
+from ..backend import Op, get_lstm_impl, import_failure, register
 from ._checks import check_lengths, check_same, check_shape, check_tensor
 from .reference.lstm_layer import direction_params, lstm_layer_reference
 
@@ -254,5 +254,8 @@ def lstm_layer(x, weights, h0=None, c0=None, lengths=None):
     """
     weights = _validate(x, weights, h0, c0)
     lengths = check_lengths(lengths, x.shape[0], x.shape[1], x.device)
-    impl = OP.select(x.device.type, x=x, weights=weights, h0=h0, c0=c0, lengths=lengths)
+    lstm_impl = get_lstm_impl()
+    impl = OP.select(x.device.type, x=x, weights=weights, h0=h0, c0=c0, lengths=lengths, lstm_impl=lstm_impl)
+    if impl is OP.fused:
+        return impl(x, weights, h0, c0, lengths, lstm_impl=lstm_impl)
     return impl(x, weights, h0, c0, lengths)

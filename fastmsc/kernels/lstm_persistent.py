@@ -1,0 +1,224 @@
+"""Persistent LSTM layer (Triton): one launch per layer covers both directions, forward and backward.
+
+The ``fastmsc::lstm_persistent_fwd`` / ``lstm_persistent_bwd`` custom ops take the arguments of the extension's
+``lstm_fwd`` / ``lstm_bwd`` (see :mod:`fastmsc.kernels._lstm_shared`) and share their autograd formula. Forward:
+xproj = x W_ihᵀ (one large GEMM in x's dtype), then the recurrence kernel (Triton bodies in
+:mod:`fastmsc.kernels._lstm_layer_triton`). Backward: the recurrence in reverse writes dz, the gradient of the gate
+pre-activations (B, T, D*4H, fp32), and three deferred GEMMs give dx = dz W_ih, dW_ih = dzᵀ x, dW_hh = dzᵀ h_prev.
+
+Saved for the backward, as in the stepwise path: x, out, activated gates (B, T, D*4H) and cells (B, T, D*H) in
+x's dtype; nothing else. Half inputs keep half gates and cells (the stepwise path widens them to float32 copies
+before its backward; this one reads them as they are, saving 2 x (B, T, D*5H) x 4 bytes of transient copies).
+
+Design estimate on an H100/H200 (no GPU has run it yet). Per step a program (16 rows of one direction) reads
+W_hh, 4·H·H values (32 KB in bf16 at H = 64, from L2, ~90 GB/s per SM: ~0.35 µs), its xproj rows (8 KB) and h_{t-1}
+(2 KB, L1), and does 8·16·H·H = 0.5 MFLOP on tensor cores (< 0.05 µs), plus one barrier: ~0.5 µs per step
+forward, ~1 µs backward (twice the reads, two barriers). cuDNN's standard algorithm, which PyTorch uses for
+bidirectional layers, launches a GEMM and a gate kernel per step: ~8-12 µs per step at B = 32 (launch-latency
+bound). Expected: ~10x per step at B <= 64, H <= 64, i.e. ≥ 3x fwd+bwd once the deferred GEMMs (which cuDNN also
+runs) are counted. B = 32 fills 4 of 132 SMs: the kernel is latency-bound by design, not throughput-bound.
+
+Limits (else ``fused_unsupported`` says why and the stepwise path or torch runs): no projection (proj_size),
+H <= MAX_HIDDEN, float32/float16/bfloat16. float32 products are 3xTF32 (or TF32 where torch allows it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops._checks import compute_dtype
+from ._common import INTERPRETED, TRITON_DTYPES, dot_precision, new_output
+from ._lstm_shared import backward, fake_forward, setup_context
+
+try:
+    import triton
+
+    from ._lstm_layer_triton import lstm_persistent_bwd_kernel, lstm_persistent_fwd_kernel
+except ImportError:  # no triton: the op is not registered, and unsupported() says why
+    triton = None
+
+# c, h and the four gates' (B_tile, H) pre-activations live in registers. At H = 128 the kernels spill at every warp
+# count and chunk width tried (the AOT check: 255 registers and 40-1300 bytes of stack per thread), so larger layers
+# run the stepwise path.
+MAX_HIDDEN = 64
+BLOCK_B = 16  # the smallest tl.dot M: small batches (the case this kernel is for) waste the least
+
+
+def unsupported(x: torch.Tensor, w_hh: torch.Tensor, projected: bool) -> str | None:
+    """Why the persistent kernel cannot run this layer, or None (the platform is the caller's question)."""
+    if triton is None:
+        return "triton is not importable: the persistent LSTM kernel is a Triton kernel"
+    if projected:
+        return "the persistent LSTM kernel has no projection (proj_size); the stepwise path runs projected layers"
+    H = w_hh.shape[-1]
+    if H > MAX_HIDDEN:
+        return f"the persistent LSTM kernel takes hidden sizes up to {MAX_HIDDEN}, got {H}"
+    if x.dtype not in TRITON_DTYPES:
+        return f"the persistent LSTM kernel takes float32, float16 or bfloat16, got {x.dtype}"
+    return None
+
+
+_INTERPRETED = INTERPRETED  # a global so that the AOT check can compile the GPU specialisation under the interpreter
+
+
+def _config(H: int, dtype: torch.dtype, backward: bool = False) -> dict:
+    block_h = max(16, triton.next_power_of_2(H))
+    # fp32 chunks are half as wide: an fp32 product holds twice the bytes of a half one per element. The backward
+    # holds more state per step and takes half the forward's width beyond one 16-wide tile (its fp32 H = 64 tiles
+    # spill on sm_80 otherwise, and its 8-wide fp32 chunks of a 16-wide tile on sm_90).
+    width = 16 if dtype == torch.float32 else 32
+    block_k = min(block_h, width // 2 if backward and block_h > 16 else width)
+    return dict(BLOCK_B=BLOCK_B, BLOCK_H=block_h, BLOCK_K=block_k,
+                # The interpreter has no bfloat16 arithmetic: its dots run on float32 copies of the operands.
+                DOT_FP32=_INTERPRETED and dtype == torch.bfloat16, INPUT_PRECISION=_input_precision(dtype),
+                # One stage: the step loop is a serial chain, and pipelining its W_hh reads would only multiply
+                # their shared-memory buffers.
+                # Chosen with the AOT check (registers, no spills on sm_80 and sm_90): the 64-wide tiles spill at 4
+                # warps, the 32-wide fp32 ones at 8.
+                num_warps=4 if block_h <= 32 else 8, num_stages=1)
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """tf32 where torch's float32 matmuls may use it; otherwise float32 products use 3xTF32 (tensor cores, the
+    accuracy of IEEE fp32 products to within a few ulps): an IEEE fp32 tl.dot runs on FMA units and holds its
+    operands in registers, which spills at these tile sizes and makes LLVM fail on some."""
+    precision = dot_precision(dtype)
+    return "tf32x3" if precision == "ieee" and dtype == torch.float32 else precision
+
+
+@torch.library.custom_op("fastmsc::lstm_persistent_fwd", mutates_args=())
+def _lstm_persistent_fwd(x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, bias: torch.Tensor | None,
+                         h0: torch.Tensor | None, c0: torch.Tensor | None, lengths: torch.Tensor | None,
+                         training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (B, T, I), w_ih (D*4H, I), w_hh (D, 4H, H) in x's dtype, bias (D*4H,) float32 or None, h0 and c0
+    (D, B, H) both given or both None, lengths (B,) int64 or None -> out (B, T, D*H), h_n, c_n (D, B, H),
+    gates (B, T, D*4H) and cells (B, T, D*H) when ``training`` (else empty), all in x's dtype."""
+    return launch_forward(x, w_ih, w_hh, bias, h0, c0, lengths, training)
+
+
+def launch_forward(x, w_ih, w_hh, bias, h0, c0, lengths, training):
+    """The forward op's work (also run on meta tensors by the AOT check to record its launches)."""
+    B, T, n_in = x.shape
+    D, G, H = w_hh.shape
+    xproj = torch.mm(x.reshape(B * T, n_in), w_ih.t()).view(B, T, D * G)
+    out = new_output((B, T, D * H), dtype=x.dtype, device=x.device)
+    h_n = new_output((D, B, H), dtype=x.dtype, device=x.device)
+    c_n = new_output((D, B, H), dtype=x.dtype, device=x.device)
+    gates = new_output((B, T, D * G) if training else (0,), dtype=x.dtype, device=x.device)
+    cells = new_output((B, T, D * H) if training else (0,), dtype=x.dtype, device=x.device)
+    if B == 0:
+        return out, h_n, c_n, gates, cells
+    dummy = out  # never read: the constexpr flags disable every load of an absent tensor
+    lstm_persistent_fwd_kernel[(triton.cdiv(B, BLOCK_B), D)](
+        xproj, dummy if bias is None else bias, w_hh.contiguous(), dummy if h0 is None else h0.contiguous(),
+        dummy if c0 is None else c0.contiguous(), dummy if lengths is None else lengths, out, h_n, c_n,
+        gates if training else dummy, cells if training else dummy, B, T, H,
+        D=D, HAS_BIAS=bias is not None, HAS_STATE=h0 is not None or c0 is not None, HAS_LENGTHS=lengths is not None,
+        SAVE=training, **_config(H, x.dtype),
+    )
+    return out, h_n, c_n, gates, cells
+
+
+@_lstm_persistent_fwd.register_fake
+def _(x, w_ih, w_hh, bias, h0, c0, lengths, training):
+    return fake_forward(x, w_ih, w_hh, bias, h0, c0, lengths, training)
+
+
+@torch.library.custom_op("fastmsc::lstm_persistent_bwd", mutates_args=())
+def _lstm_persistent_bwd(grad_out: torch.Tensor | None, grad_h_n: torch.Tensor | None,
+                         grad_c_n: torch.Tensor | None, x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
+                         has_bias: bool, h0: torch.Tensor | None, c0: torch.Tensor | None,
+                         lengths: torch.Tensor | None, out: torch.Tensor, gates: torch.Tensor, cells: torch.Tensor,
+                         need_dx: bool, need_dweights: bool, need_dstate: bool, w_hr: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                    torch.Tensor, torch.Tensor]:
+    """lstm_bwd's contract (x zeroed past the lengths by the caller): (dx (B, T, I), dw_ih (D*4H, I), dw_hh
+    (D, 4H, H), dbias (D*4H,), dh0, dc0 (D, B, H), an empty dw_hr), each empty where not asked for; float32."""
+    return launch_backward(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, has_bias, h0, c0, lengths, out, gates, cells,
+                           need_dx, need_dweights, need_dstate)
+
+
+def launch_backward(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, has_bias, h0, c0, lengths, out, gates, cells,
+                    need_dx, need_dweights, need_dstate):
+    """The backward op's work (also run on meta tensors by the AOT check to record its launches)."""
+    B, T, n_in = x.shape
+    D, G, H = w_hh.shape
+    work = compute_dtype(x.dtype)
+
+    def empty():  # one per output: outputs of a custom op may not alias one another
+        return x.new_empty(0, dtype=work)
+
+    dz = new_output((B, T, D * G), dtype=torch.float32, device=x.device)
+    dh0 = new_output((D, B, H), dtype=torch.float32, device=x.device)
+    dc0 = new_output((D, B, H), dtype=torch.float32, device=x.device)
+    if B > 0:
+        dummy = dz
+        lstm_persistent_bwd_kernel[(triton.cdiv(B, BLOCK_B), D)](
+            dummy if grad_out is None else grad_out.contiguous(),
+            dummy if grad_h_n is None else grad_h_n.contiguous(), dummy if grad_c_n is None else grad_c_n.contiguous(),
+            w_hh.contiguous(), dummy if c0 is None else c0.contiguous(), dummy if lengths is None else lengths,
+            gates, cells, dz, dh0, dc0, B, T, H,
+            D=D, HAS_GRAD_OUT=grad_out is not None, HAS_GRAD_H_N=grad_h_n is not None,
+            HAS_GRAD_C_N=grad_c_n is not None, HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None,
+            **_config(H, x.dtype, backward=True),
+        )
+    else:
+        dz.zero_(), dh0.zero_(), dc0.zero_()
+    flat_dz = dz.view(B * T, D * G)
+    dx = torch.mm(flat_dz, w_ih.to(work)).view(B, T, n_in) if need_dx else empty()
+    dh0, dc0 = (dh0, dc0) if need_dstate else (empty(), empty())
+    if not need_dweights:
+        return dx, empty(), empty(), empty(), dh0, dc0, empty()
+    dw_ih = torch.mm(flat_dz.t(), x.reshape(B * T, n_in).to(work))
+    h_prev = _previous_states(out, h0, lengths, D, H).to(work)  # (B, T, D, H)
+    dw_hh = torch.einsum("btdg,btdh->dgh", dz.view(B, T, D, G), h_prev)
+    dbias = flat_dz.sum(0) if has_bias else empty()
+    return dx, dw_ih, dw_hh, dbias, dh0, dc0, empty()
+
+
+def _previous_states(out: torch.Tensor, h0: torch.Tensor | None, lengths: torch.Tensor | None, D: int,
+                     H: int) -> torch.Tensor:
+    """(B, T, D, H): the state each step read, h_{t-1} forward and h_{t+1} reverse, h0 at a sequence's first step
+    (t = 0 forward, t = lengths[b] - 1 reverse). Padded steps hold zeros or h0; their dz is zero."""
+    B, T = out.shape[:2]
+    states = out.view(B, T, D, H)
+    first = out.new_zeros(D, B, H) if h0 is None else h0.to(out.dtype)
+    forward = torch.cat([first[0][:, None], states[:, :-1, 0]], dim=1)
+    if D == 1:
+        return forward[:, :, None]
+    shifted = torch.cat([states[:, 1:, 1], states.new_zeros(B, 1, H)], dim=1)
+    last = (torch.full((B,), T, device=out.device) if lengths is None else lengths) - 1
+    at_last = torch.arange(T, device=out.device)[None, :] == last[:, None]
+    reverse = torch.where(at_last[:, :, None], first[1][:, None], shifted)
+    return torch.stack([forward, reverse], dim=2)
+
+
+@_lstm_persistent_bwd.register_fake
+def _(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, has_bias, h0, c0, lengths, out, gates, cells, need_dx,
+      need_dweights, need_dstate, w_hr=None):
+    B, T, n_in = x.shape
+    D, G, H = w_hh.shape
+    work = compute_dtype(x.dtype)
+
+    def new(*shape, wanted=True):
+        return x.new_empty(shape if wanted else (0,), dtype=work)
+
+    return (new(B, T, n_in, wanted=need_dx), new(D * G, n_in, wanted=need_dweights),
+            new(D, G, H, wanted=need_dweights), new(D * G, wanted=need_dweights and has_bias),
+            new(D, B, H, wanted=need_dstate), new(D, B, H, wanted=need_dstate), new(0))
+
+
+def _backward(ctx, *grads):
+    return backward(ctx, *grads, run_bwd=torch.ops.fastmsc.lstm_persistent_bwd, widen_saved=False)
+
+
+_lstm_persistent_fwd.register_autograd(_backward, setup_context=setup_context)
+
+
+def forward(x, w_ih, w_hh, bias, h0, c0, lengths, training):
+    """The persistent layer on lstm_fwd's arguments (h0 and c0 both given or both None; weights in x's dtype)."""
+    if (h0 is None) != (c0 is None):
+        B, D, H = x.shape[0], w_hh.shape[0], w_hh.shape[-1]
+        h0 = x.new_zeros(D, B, H) if h0 is None else h0
+        c0 = x.new_zeros(D, B, H) if c0 is None else c0
+    return torch.ops.fastmsc.lstm_persistent_fwd(x, w_ih, w_hh, bias, h0, c0, lengths, training)
