@@ -336,14 +336,6 @@ class ModelWorkload:
                 return Unavailable("unavailable", f"fused unavailable: {reasons}")
             note = "backend auto (fused where available)" + (f"; torch for {reasons}" if missing else "")
             return self._runner("auto", lambda m: m, note)
-        if backend in LSTM_IMPL_BACKENDS:  # one fused LSTM implementation, as FASTMSC_LSTM_IMPL=<backend> runs it
-            self.op.prepare_fused(fallback=False)
-            reason = self.op.why_not_fused(device.type, allow_interpreter=False, lstm_impl=backend,
-                                           **self.inputs.kwargs)
-            if reason is not None:
-                return Unavailable("unavailable", f"{backend} unavailable: {reason}")
-            return self._runner(functools.partial(self.op.fused, lstm_impl=backend),
-                                tf32=torch.backends.cuda.matmul.allow_tf32)
         if backend == "compile":
             reason = compile_unavailable(device)
             if reason is not None:

@@ -61,6 +61,24 @@ def _dot(a, w, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _program_tile(B, T, H, LENGTHS, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                  HAS_LENGTHS: tl.constexpr):
+    """This program's direction d, its rows (BLOCK_B sequences) and their lengths, the hidden columns, the offsets
+    of its (rows, columns) in a (D, B, H) state, and the offsets of one BLOCK_K-wide chunk."""
+    pid_b, d = tl.program_id(0), tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    cols = tl.arange(0, BLOCK_H)
+    col_ok = cols < H
+    if HAS_LENGTHS:
+        seq_len = tl.load(LENGTHS + rows, mask=row_ok, other=0).to(tl.int32)
+    else:
+        seq_len = tl.where(row_ok, T, 0)
+    state_at = d * B * H + rows[:, None] * H + cols[None, :]
+    return d, rows, row_ok, cols, col_ok, row_ok[:, None] & col_ok[None, :], seq_len, state_at, tl.arange(0, BLOCK_K)
+
+
+@triton.jit
 def lstm_persistent_fwd_kernel(
     XPROJ,  # (B, T, D*4H): x W_ihᵀ, no bias
     BIAS,  # (D*4H,) fp32 (b_ih + b_hh), if HAS_BIAS
@@ -76,19 +94,9 @@ def lstm_persistent_fwd_kernel(
     HAS_STATE: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    pid_b, d = tl.program_id(0), tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    cols = tl.arange(0, BLOCK_H)
-    col_ok = cols < H
-    tile_ok = row_ok[:, None] & col_ok[None, :]
-    ks = tl.arange(0, BLOCK_K)
-    if HAS_LENGTHS:
-        seq_len = tl.load(LENGTHS + rows, mask=row_ok, other=0).to(tl.int32)
-    else:
-        seq_len = tl.where(row_ok, T, 0)
+    d, rows, row_ok, cols, col_ok, tile_ok, seq_len, state_at, ks = _program_tile(
+        B, T, H, LENGTHS, BLOCK_B, BLOCK_H, BLOCK_K, HAS_LENGTHS)
     reverse = d == 1
-    state_at = d * B * H + rows[:, None] * H + cols[None, :]
     if HAS_STATE:
         h = tl.load(H0 + state_at, mask=tile_ok, other=0.0).to(tl.float32)
         c = tl.load(C0 + state_at, mask=tile_ok, other=0.0).to(tl.float32)
@@ -175,19 +183,9 @@ def lstm_persistent_bwd_kernel(
     """The forward's steps in reverse order: dh_{prev} = Σ_g dz_g W_g, dc_{prev} = dc ⊙ f. Writes dz for the
     deferred GEMMs (dx = dz W_ih, dW_ih = dzᵀ x, dW_hh = dzᵀ h_prev, dbias = Σ dz) and the state gradients; the
     product reads dz back from DZ in BLOCK_K-wide chunks of the gate outputs."""
-    pid_b, d = tl.program_id(0), tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    cols = tl.arange(0, BLOCK_H)
-    col_ok = cols < H
-    tile_ok = row_ok[:, None] & col_ok[None, :]
-    ks = tl.arange(0, BLOCK_K)
-    if HAS_LENGTHS:
-        seq_len = tl.load(LENGTHS + rows, mask=row_ok, other=0).to(tl.int32)
-    else:
-        seq_len = tl.where(row_ok, T, 0)
+    d, rows, row_ok, cols, col_ok, tile_ok, seq_len, state_at, ks = _program_tile(
+        B, T, H, LENGTHS, BLOCK_B, BLOCK_H, BLOCK_K, HAS_LENGTHS)
     reverse = d == 1
-    state_at = d * B * H + rows[:, None] * H + cols[None, :]
     if HAS_GRAD_H_N:
         dh = tl.load(GRAD_H_N + state_at, mask=tile_ok, other=0.0).to(tl.float32)
     else:
