@@ -39,7 +39,7 @@ def _dispatch_for(op_name: str, device: str) -> tuple[list[dict], str]:
 # What each FASTMSC_LSTM_IMPL value runs on a GPU (fastmsc.backend.LSTM_IMPLS; the limit is
 # fastmsc.kernels.lstm_persistent.MAX_HIDDEN, repeated here so that info never imports a kernel module).
 _LSTM_IMPL_TEXT = {
-    "auto": "auto (FASTMSC_LSTM_IMPL): on CUDA the persistent Triton kernel for layers it takes (hidden size <= 64, "
+    "auto": "auto (FASTMSC_LSTM_IMPL): on CUDA the persistent Triton kernel for layers it takes (hidden size <= 512, "
             "no projection), else the stepwise extension; on CPU the extension",
     "persistent": "persistent (FASTMSC_LSTM_IMPL): the Triton kernel, one launch per layer; layers it cannot take "
                   "are refused (backend 'fused') or run on torch ('auto')",

@@ -2,7 +2,7 @@
 tensors (backend 'fused', LSTM implementation 'persistent'): outputs and every gradient against the float64
 reference on awkward shapes (batch not a multiple of the 16-row tile, hidden sizes not a power of two, T = 1,
 lengths 1 and T, one and two directions, with and without h0/c0 and bias, strided x), in float32, float16 and
-bfloat16; one and several chunks of the recurrent product; empty batches; NaN confinement;
+bfloat16; one and several chunks of columns and of the recurrent product; empty batches; NaN confinement;
 determinism; the policy (FASTMSC_LSTM_IMPL) and what the kernel refuses.
 
 Random shapes and values are drawn fresh each run; failure messages carry the seed (FASTMSC_TEST_SEED=<seed>).
@@ -14,6 +14,7 @@ import os
 import random
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -135,7 +136,8 @@ def _check(got, expected, names, dtype, context):
             assert error / unit <= bound, f"{context}: {name} off by {error / unit:.1f}u > {bound}u"
 
 
-@pytest.mark.parametrize("B, T, H, D", [(1, 1, 1, 1), (5, 7, 20, 2), (19, 4, 33, 2), (3, 9, 16, 1), (17, 2, 7, 2)])
+@pytest.mark.parametrize("B, T, H, D", [(1, 1, 1, 1), (5, 7, 20, 2), (19, 4, 33, 2), (3, 9, 16, 1), (17, 2, 7, 2),
+                                        (4, 3, 70, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_against_float64_reference(rng, persistent_calls, B, T, H, D, dtype):
     r, seed = rng
@@ -160,13 +162,17 @@ def _double_of(args):
             None if lengths is None else lengths.cpu())
 
 
-def test_the_cases_cover_several_product_chunks():
-    """The recurrent product runs in BLOCK_K-wide chunks of the hidden size: the cases above include one chunk
-    (H = 7, 16), two (H = 20 fp32) and four (H = 33 fp32), with a partial last one."""
-    config = lstm_persistent._config
-    assert config(16, torch.bfloat16)["BLOCK_H"] // config(16, torch.bfloat16)["BLOCK_K"] == 1
-    assert config(20, torch.float32)["BLOCK_H"] // config(20, torch.float32)["BLOCK_K"] == 2
-    assert config(33, torch.float32)["BLOCK_H"] // config(33, torch.float32)["BLOCK_K"] == 4
+def test_the_cases_cover_several_chunks():
+    """The kernels work in BLOCK_J-wide column chunks and BLOCK_K-wide reduction chunks: the cases above include one
+    of each (H = 7), several reduction chunks with a partial last one (H = 20 and 33 in fp32) and several column
+    chunks with a partial last one (H = 70)."""
+    def chunks(H, dtype):
+        config = lstm_persistent._config(H, dtype)
+        return -(-H // config["BLOCK_J"]), -(-H // config["BLOCK_K"])
+
+    assert chunks(7, torch.float32) == (1, 1)
+    assert chunks(20, torch.float32) == (1, 2) and chunks(33, torch.float32) == (1, 3)
+    assert chunks(70, torch.float32) == (2, 5) and chunks(70, torch.bfloat16) == (2, 5)
 
 
 def test_empty_batch(persistent_calls):
@@ -223,10 +229,10 @@ def test_second_order_gradients_through_the_reference(rng):
 
 def test_refusals_name_the_reason(persistent_calls):
     x = torch.randn(2, 3, 4, device=DEVICE)
-    plain = ((torch.randn(4 * 65, 4, device=DEVICE), torch.randn(4 * 65, 65, device=DEVICE), None, None),)
+    plain = ((torch.randn(4 * 513, 4, device=DEVICE), torch.randn(4 * 513, 513, device=DEVICE), None, None),)
     projected = ((torch.randn(16, 4, device=DEVICE), torch.randn(16, 2, device=DEVICE), None, None,
                   torch.randn(2, 4, device=DEVICE)),)
-    cases = [(x, plain, "takes hidden sizes up to 64, got 65"),
+    cases = [(x, plain, "takes hidden sizes up to 512, got 513"),
              (x, projected, r"has no projection \(proj_size\)"),
              (x.double(), tuple(tuple(p.double() for p in w[:2]) + (None, None) for w in plain),
               "take float32, float16 or bfloat16 inputs, got float64")]
@@ -246,7 +252,10 @@ def test_policy(persistent_calls):
             fastmsc.lstm_layer(x, weights)  # backend auto: never the interpreter
         assert OP.why_not_fused("cpu", allow_interpreter=False, lstm_impl="persistent", x=x,
                                 weights=weights).startswith("Triton kernels run on CUDA tensors")
-    with fastmsc.use_backend("fused"), use_lstm_impl("stepwise"):
+    # 'stepwise' never runs the persistent kernel (under 'auto': the extension, or torch where it is unavailable, as
+    # in the GPU check's dry run)
+    with fastmsc.use_backend("auto"), use_lstm_impl("stepwise"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         fastmsc.lstm_layer(x, weights)
     assert not persistent_calls
     with pytest.raises(ValueError, match="unknown fastmsc LSTM implementation 'fast' .*FASTMSC_LSTM_IMPL"):

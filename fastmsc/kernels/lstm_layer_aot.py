@@ -17,12 +17,12 @@ BATCH, STEPS, INPUTS = 32, 150, 192  # the default model: 3 x 64 conv channels i
 def launches():
     """(label, dtype, hidden) of the calls whose launches aot_cases() holds, each a training step of a
     bidirectional layer with lengths and initial state (forward with saved state, backward) plus the inference
-    forward: every tile width the kernel has, H = 64 (the largest it takes), 32 and 16, each in float32 (which
-    multiplies as 3xTF32, in 16-wide chunks, 8-wide in the backward) and bfloat16 (32-wide chunks, 16-wide in the
-    backward); float16 (which has bf16's tiles and dot width) at H = 64. Other H round up to one of these tiles."""
-    return [(f"{name} H{hidden}", dtype, hidden) for hidden in (64, 32, 16)
+    forward: the default model's H = 128 (two 64-wide column chunks), H = 64 (one) and H = 16 (one 16-wide chunk of
+    each), in float32 (which multiplies as 3xTF32, in 16-wide reduction chunks) and bfloat16 (32-wide ones); float16
+    (bf16's tiles and dot width) at H = 128. Every other H runs these tiles over more or fewer chunks."""
+    return [(f"{name} H{hidden}", dtype, hidden) for hidden in (128, 64, 16)
             for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))] + [
-        ("float16 H64", torch.float16, 64)]
+        ("float16 H128", torch.float16, 128)]
 
 
 @functools.cache

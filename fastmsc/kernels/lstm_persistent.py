@@ -11,12 +11,14 @@ x's dtype; nothing else. Half inputs keep half gates and cells (the stepwise pat
 before its backward; this one reads them as they are, saving 2 x (B, T, D*5H) x 4 bytes of transient copies).
 
 Design estimate on an H100/H200 (no GPU has run it yet). Per step a program (16 rows of one direction) reads
-W_hh, 4·H·H values (32 KB in bf16 at H = 64, from L2, ~90 GB/s per SM: ~0.35 µs), its xproj rows (8 KB) and h_{t-1}
-(2 KB, L1), and does 8·16·H·H = 0.5 MFLOP on tensor cores (< 0.05 µs), plus one barrier: ~0.5 µs per step
-forward, ~1 µs backward (twice the reads, two barriers). cuDNN's standard algorithm, which PyTorch uses for
-bidirectional layers, launches a GEMM and a gate kernel per step: ~8-12 µs per step at B = 32 (launch-latency
-bound). Expected: ~10x per step at B <= 64, H <= 64, i.e. ≥ 3x fwd+bwd once the deferred GEMMs (which cuDNN also
-runs) are counted. B = 32 fills 4 of 132 SMs: the kernel is latency-bound by design, not throughput-bound.
+W_hh, 4·H·H values (128 KB in bf16 at H = 128, from L2 at ~90 GB/s per SM: ~1.4 µs), its xproj rows (16 KB),
+h_{t-1} and c (4 KB and 8 KB, L1), and does 8·16·H·H = 2.1 MFLOP on tensor cores (~0.1 µs), plus one barrier:
+~1.5 µs per step forward, ~3 µs backward (two phases, W_hh read once more). At H = 64 a quarter of that. cuDNN's
+standard algorithm, which PyTorch uses for bidirectional layers, launches a GEMM and a gate kernel per step: ~8-12 µs
+per step at B = 32 (launch-latency bound). Expected: ~5x per step at H = 128 and ~20x at H = 64 for B <= 64, hence
+≥ 3x fwd+bwd once the deferred GEMMs (which cuDNN also runs) are counted. B = 32 fills 4 of 132 SMs: the kernel is
+latency-bound by design, not throughput-bound; at H = 512 its W_hh reads (2 MB per step) make it ~16x slower per step
+than at 128, where the stepwise path's large GEMMs may win (the bench rows decide).
 
 Limits (else ``fused_unsupported`` says why and the stepwise path or torch runs): no projection (proj_size),
 H <= MAX_HIDDEN, float32/float16/bfloat16. float32 products are 3xTF32 (or TF32 where torch allows it).
@@ -37,10 +39,9 @@ try:
 except ImportError:  # no triton: the op is not registered, and unsupported() says why
     triton = None
 
-# c, h and the four gates' (B_tile, H) pre-activations live in registers. At H = 128 the kernels spill at every warp
-# count and chunk width tried (the AOT check: 255 registers and 40-1300 bytes of stack per thread), so larger layers
-# run the stepwise path.
-MAX_HIDDEN = 64
+# Registers hold chunks whatever H is; beyond this the per-step W_hh reads (4·H·H values, 2 MB in bf16 at 512) make
+# the stepwise path's large GEMMs the better choice.
+MAX_HIDDEN = 512
 BLOCK_B = 16  # the smallest tl.dot M: small batches (the case this kernel is for) waste the least
 
 
@@ -62,20 +63,20 @@ _INTERPRETED = INTERPRETED  # a global so that the AOT check can compile the GPU
 
 
 def _config(H: int, dtype: torch.dtype, backward: bool = False) -> dict:
+    """Chunk widths and warps, chosen with the AOT check (no spills on sm_80 and sm_90 for every tile width):
+    BLOCK_J output columns per gate tile, 16-wide reduction chunks (32-wide ones spill in the bf16 backward at
+    H = 128)."""
     block_h = max(16, triton.next_power_of_2(H))
-    # fp32 chunks are half as wide: an fp32 product holds twice the bytes of a half one per element. The backward
-    # holds more state per step and takes half the forward's width beyond one 16-wide tile (its fp32 H = 64 tiles
-    # spill on sm_80 otherwise, and its 8-wide fp32 chunks of a 16-wide tile on sm_90).
-    width = 16 if dtype == torch.float32 else 32
-    block_k = min(block_h, width // 2 if backward and block_h > 16 else width)
-    return dict(BLOCK_B=BLOCK_B, BLOCK_H=block_h, BLOCK_K=block_k,
+    return dict(BLOCK_B=BLOCK_B, BLOCK_J=min(block_h, 64), BLOCK_K=16,
                 # The interpreter has no bfloat16 arithmetic: its dots run on float32 copies of the operands.
                 DOT_FP32=_INTERPRETED and dtype == torch.bfloat16, INPUT_PRECISION=_input_precision(dtype),
                 # One stage: the step loop is a serial chain, and pipelining its W_hh reads would only multiply
                 # their shared-memory buffers.
-                # Chosen with the AOT check (registers, no spills on sm_80 and sm_90): the 64-wide tiles spill at 4
-                # warps, the 32-wide fp32 ones at 8.
-                num_warps=4 if block_h <= 32 else 8, num_stages=1)
+                num_warps=8 if backward else 4, num_stages=1,
+                # The whole register file per thread: given the block size alone, ptxas aims at several blocks per SM
+                # and spills a few values (8-32 bytes) to stay under ~96-128 registers, while these launches have one
+                # block per SM to fill at most (B/16 x 2 programs).
+                maxnreg=255)
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -103,20 +104,20 @@ def launch_forward(x, w_ih, w_hh, bias, h0, c0, lengths, training):
     xproj = torch.mm(x.reshape(B * T, n_in), w_ih.t()).view(B, T, D * G)
     out = new_output((B, T, D * H), dtype=x.dtype, device=x.device)
     h_n = new_output((D, B, H), dtype=x.dtype, device=x.device)
-    c_n = new_output((D, B, H), dtype=x.dtype, device=x.device)
+    # The cell state the kernel carries in memory, in fp32: c0 (or zeros) going in, c_n coming out
+    c_state = torch.zeros((D, B, H), dtype=torch.float32, device=x.device) if c0 is None else c0.float().clone()
     gates = new_output((B, T, D * G) if training else (0,), dtype=x.dtype, device=x.device)
     cells = new_output((B, T, D * H) if training else (0,), dtype=x.dtype, device=x.device)
-    if B == 0:
-        return out, h_n, c_n, gates, cells
-    dummy = out  # never read: the constexpr flags disable every load of an absent tensor
-    lstm_persistent_fwd_kernel[(triton.cdiv(B, BLOCK_B), D)](
-        xproj, dummy if bias is None else bias, w_hh.contiguous(), dummy if h0 is None else h0.contiguous(),
-        dummy if c0 is None else c0.contiguous(), dummy if lengths is None else lengths, out, h_n, c_n,
-        gates if training else dummy, cells if training else dummy, B, T, H,
-        D=D, HAS_BIAS=bias is not None, HAS_STATE=h0 is not None or c0 is not None, HAS_LENGTHS=lengths is not None,
-        SAVE=training, **_config(H, x.dtype),
-    )
-    return out, h_n, c_n, gates, cells
+    if B > 0:
+        dummy = out  # never read: the constexpr flags disable every load of an absent tensor
+        lstm_persistent_fwd_kernel[(triton.cdiv(B, BLOCK_B), D)](
+            xproj, dummy if bias is None else bias, w_hh.contiguous(), dummy if h0 is None else h0.contiguous(),
+            c_state, dummy if lengths is None else lengths, out, h_n, gates if training else dummy,
+            cells if training else dummy, B, T, H,
+            D=D, HAS_BIAS=bias is not None, HAS_H0=h0 is not None, HAS_LENGTHS=lengths is not None, SAVE=training,
+            **_config(H, x.dtype),
+        )
+    return out, h_n, c_state.to(x.dtype), gates, cells
 
 
 @_lstm_persistent_fwd.register_fake
@@ -149,21 +150,18 @@ def launch_backward(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, has_bias, h0, c
         return x.new_empty(0, dtype=work)
 
     dz = new_output((B, T, D * G), dtype=torch.float32, device=x.device)
-    dh0 = new_output((D, B, H), dtype=torch.float32, device=x.device)
-    dc0 = new_output((D, B, H), dtype=torch.float32, device=x.device)
+    # The state gradients the kernel carries in memory: the incoming ones (or zeros), then dh0 and dc0
+    dh0 = torch.zeros((D, B, H), dtype=torch.float32, device=x.device) if grad_h_n is None else grad_h_n.float().clone()
+    dc0 = torch.zeros((D, B, H), dtype=torch.float32, device=x.device) if grad_c_n is None else grad_c_n.float().clone()
     if B > 0:
         dummy = dz
         lstm_persistent_bwd_kernel[(triton.cdiv(B, BLOCK_B), D)](
-            dummy if grad_out is None else grad_out.contiguous(),
-            dummy if grad_h_n is None else grad_h_n.contiguous(), dummy if grad_c_n is None else grad_c_n.contiguous(),
-            w_hh.contiguous(), dummy if c0 is None else c0.contiguous(), dummy if lengths is None else lengths,
-            gates, cells, dz, dh0, dc0, B, T, H,
-            D=D, HAS_GRAD_OUT=grad_out is not None, HAS_GRAD_H_N=grad_h_n is not None,
-            HAS_GRAD_C_N=grad_c_n is not None, HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None,
+            dummy if grad_out is None else grad_out.contiguous(), w_hh.contiguous(),
+            dummy if c0 is None else c0.contiguous(), dummy if lengths is None else lengths, gates, cells, dz, dh0,
+            dc0, B, T, H,
+            D=D, HAS_GRAD_OUT=grad_out is not None, HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None,
             **_config(H, x.dtype, backward=True),
         )
-    else:
-        dz.zero_(), dh0.zero_(), dc0.zero_()
     flat_dz = dz.view(B * T, D * G)
     dx = torch.mm(flat_dz, w_ih.to(work)).view(B, T, n_in) if need_dx else empty()
     dh0, dc0 = (dh0, dc0) if need_dstate else (empty(), empty())

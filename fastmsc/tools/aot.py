@@ -224,7 +224,8 @@ def _describe_config(case: dict) -> str:
     parts = [f"{k}={v}" for k, v in case["constexprs"].items() if isinstance(v, (int, bool))]
     arguments = [name for name, kind in case["signature"].items() if kind != "constexpr"]
     hinted = [name for name in arguments if case.get("attrs", {}).get(name)]
-    return (f"w{case['num_warps']} s{case['num_stages']} " + " ".join(parts)
+    registers = f" maxnreg={case['maxnreg']}" if "maxnreg" in case else ""
+    return (f"w{case['num_warps']} s{case['num_stages']}{registers} " + " ".join(parts)
             + f" div16={len(hinted)}/{len(arguments)}")
 
 
@@ -246,7 +247,8 @@ def compile_case(case: dict, arch: int, module: str = "") -> KernelResources:
              for name, value in case.get("attrs", {}).items()}
     source = ASTSource(fn=fn, signature=dict(case["signature"]), constexprs=dict(case["constexprs"]), attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", int(arch), 32),
-                              options={"num_warps": case["num_warps"], "num_stages": case["num_stages"]})
+                              options={"num_warps": case["num_warps"], "num_stages": case["num_stages"],
+                                       **({"maxnreg": case["maxnreg"]} if "maxnreg" in case else {})})
     seconds = time.perf_counter() - start
     usage = cubin_resources(compiled.asm["cubin"])
     name = compiled.metadata.name

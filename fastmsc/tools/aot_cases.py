@@ -67,13 +67,14 @@ def case_key(case: dict) -> tuple:
     return (id(python_function(case["kernel"])), tuple(case["signature"].items()),
             tuple(sorted((k, repr(v)) for k, v in case["constexprs"].items())),
             tuple(sorted((k, repr(v)) for k, v in case.get("attrs", {}).items())),
-            case["num_warps"], case["num_stages"])
+            case["num_warps"], case["num_stages"], case.get("maxnreg"))
 
 
 def validate_case(case, where: str = "AOT case") -> None:
     """Check one case dict: ``name``, ``kernel`` (a @triton.jit function), ``signature`` (every parameter in
     order: "*fp32", "i32", ..., "constexpr"), ``constexprs`` (a value for every "constexpr" parameter),
-    ``num_warps`` and ``num_stages`` (ints), and optionally ``attrs``: {parameter: [["tt.divisibility", 16]]},
+    ``num_warps`` and ``num_stages`` (ints), optionally ``maxnreg`` (the launch's register limit per thread, an
+    int), and optionally ``attrs``: {parameter: [["tt.divisibility", 16]]},
     the compiler attributes of the runtime's specialisation (see :func:`specialize`); a parameter without an
     entry gets none. Raises CaseError naming the case and the problem."""
     if not isinstance(case, dict):
@@ -99,8 +100,8 @@ def validate_case(case, where: str = "AOT case") -> None:
     bad = {name: kind for name, kind in signature.items() if not isinstance(kind, str) or not kind}
     if bad:
         raise CaseError(f"{where}: signature types must be strings like '*fp32', 'i32' or 'constexpr', got {bad}")
-    for key in ("num_warps", "num_stages"):
-        value = case[key]
+    for key in ("num_warps", "num_stages", "maxnreg"):
+        value = case.get(key, 1)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise CaseError(f"{where}: {key} must be a positive int, got {value!r}")
     attrs = case.get("attrs", {})
@@ -156,7 +157,7 @@ def _runtime_binder(jit_fn, arch: int):
 
 def specialize(kernel, args, kwargs, arch: int = SPECIALIZATION_ARCH) -> dict:
     """The compilation Triton's runtime asks for when a launcher calls ``kernel[grid](*args, **kwargs)`` on an
-    sm_<arch> GPU: {"signature", "constexprs", "attrs", "num_warps", "num_stages"} as in a case dict.
+    sm_<arch> GPU: {"signature", "constexprs", "attrs", "num_warps", "num_stages"[, "maxnreg"]} as in a case dict.
 
     This runs Triton's own code, so it cannot drift from the runtime: the binder of
     ``triton.runtime.jit.create_function_from_signature`` (which specialises each argument with
@@ -175,7 +176,8 @@ def specialize(kernel, args, kwargs, arch: int = SPECIALIZATION_ARCH) -> dict:
         raise CaseError(f"{jit_fn.__name__} takes tuple arguments, which AOT cases do not describe")
     return {"signature": dict(signature), "constexprs": {names[path[0]]: value for path, value in constexprs.items()},
             "attrs": {names[path[0]]: value for path, value in attrs.items() if value},
-            "num_warps": options.num_warps, "num_stages": options.num_stages}
+            "num_warps": options.num_warps, "num_stages": options.num_stages,
+            **({"maxnreg": options.maxnreg} if getattr(options, "maxnreg", None) is not None else {})}
 
 
 def launch_case(name: str, kernel, args, kwargs, arch: int = SPECIALIZATION_ARCH) -> dict:
