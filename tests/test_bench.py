@@ -544,3 +544,31 @@ def test_lstm_implementation_rows():
     assert stepwise.status == "ok" and stepwise.stats is not None, stepwise
     rows = run_suite(_quick_options(backends=("torch", "persistent")), ["attention"])
     assert {row.backend for row in rows} == {"torch"}, "no LSTM implementation row for other ops"
+
+
+def test_lstm_grid_option(tmp_path):
+    """--lstm-grid times lstm_layer on B 8/32/64 x T 150/512/1000 x H 64/128/256 (here only parsed and listed: the
+    shapes take minutes even on a GPU)."""
+    from fastmsc.bench.cases import lstm_grid_cases
+
+    cases = lstm_grid_cases()
+    dims = {tuple(dict(case.dims)[k] for k in ("B", "T", "H")) for case in cases}
+    assert len(cases) == 27 and dims == {(b, t, h) for b in (8, 32, 64) for t in (150, 512, 1000)
+                                         for h in (64, 128, 256)}
+    assert {dict(case.dims)["I"] for case in cases} == {192} and {case.op for case in cases} == {"lstm_layer"}
+    args = fastmsc.cli.build_parser().parse_args(["bench", "--lstm-grid", "--ops", "lstm_layer"])
+    assert args.lstm_grid and args.ops == ["lstm_layer"]
+
+
+def test_lstm_grid_option_feeds_the_run(tmp_path, monkeypatch):
+    from fastmsc.commands import bench as bench_command
+
+    tiny = [Case("lstm_layer", (("B", 2), ("T", 5), ("I", 3), ("H", 4))),
+            Case("lstm_layer", (("B", 3), ("T", 4), ("I", 3), ("H", 6)))]
+    monkeypatch.setattr(bench_command, "lstm_grid_cases", lambda: tiny)
+    csv_path = tmp_path / "grid.csv"
+    assert cli_main(["bench", "--lstm-grid", "--ops", "lstm_layer", "--backends", "torch", "--modes", "fwd",
+                     "--repeats", "1", "--warmup", "0", "--device", "cpu", "--csv", str(csv_path)]) == 0
+    with csv_path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["shape"] for row in rows] == [case.shape for case in tiny], rows

@@ -32,6 +32,10 @@ CPU_LENGTHS = (150, 512)
 CUDA_LENGTHS = (150, 512, 2048)
 # (B, T, I, H), bidirectional: short/long/very long sequences and a tiny one where launch overhead dominates.
 EXTRA_LSTM_SHAPES = ((32, 150, 192, 128), (64, 512, 96, 64), (8, 1000, 64, 64), (32, 24, 32, 32))
+# The LSTM grid (fastmsc bench --lstm-grid): where the persistent kernel, the stepwise path and cuDNN trade places, as
+# batch, sequence length and hidden size grow; bidirectional, fed by the model's 3 x 64 conv channels.
+LSTM_GRID = tuple((b, t, len(KERNEL_SIZES) * CONV_CHANNELS, h) for b in (8, 32, 64) for t in (150, 512, 1000)
+                  for h in (64, 128, 256))
 # Pooling on CUDA is also measured far beyond the L2 cache (60 MB on an H200): 2^29 elements, 2 GiB in
 # float32 and 1 GiB in bfloat16, so its GB/s is HBM bandwidth, not cache bandwidth.
 LARGE_POOL_SHAPE = (512, 4096, 256)  # (B, T, C)
@@ -104,6 +108,11 @@ def default_cases(op: str, *, quick: bool, device_type: str) -> list[Case]:
         return [_case(op, B=BATCH, C_in=IN_CHANNELS, T=t, C_conv=CONV_CHANNELS, H=LSTM_HIDDEN, F=128,
                       classes=NUM_CLASSES) for t in lengths]
     raise ValueError(f"unknown benchmark op {op!r}; valid ops are {', '.join(all_ops())}")
+
+
+def lstm_grid_cases() -> list[Case]:
+    """lstm_layer on :data:`LSTM_GRID`: B in {8, 32, 64} x T in {150, 512, 1000} x H in {64, 128, 256}."""
+    return [_case("lstm_layer", B=b, T=t, I=i, H=h) for b, t, i, h in LSTM_GRID]
 
 
 def all_ops() -> tuple[str, ...]:

@@ -12,7 +12,7 @@ import torch
 
 from .. import dispatch
 from .._device import compute_capability
-from ..bench.cases import INPUT_FACTORIES, MODEL, OP_MODES, all_ops
+from ..bench.cases import INPUT_FACTORIES, MODEL, OP_MODES, all_ops, lstm_grid_cases
 from ..bench.harness import BACKEND_CHOICES, FAILED, Options, run_suite
 from ..bench.report import check_csv, environment, format_table, matplotlib_missing, plot, read_csv, write_csv
 from ..bench.roofline import measure_peaks
@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-lstm", action="store_true",
                         help="let torch.compile compile the LSTM even where it unrolls every time step "
                              "(compile time grows with T)")
+    parser.add_argument("--lstm-grid", action="store_true",
+                        help="lstm_layer on the grid B 8/32/64 x T 150/512/1000 x H 64/128/256 instead of its default "
+                             "shapes (27 cases: minutes on a GPU); with --ops lstm_layer it times only that")
     parser.add_argument("--csv", default="bench_results.csv", metavar="PATH",
                         help="append one row per measurement to this CSV (default: bench_results.csv)")
     parser.add_argument("--plot", metavar="PATH", help="draw a PNG bar chart of the timings (needs matplotlib)")
@@ -215,7 +218,7 @@ def run(args) -> int:
     print(f"fastmsc bench on {env['device_name']} ({device}), {args.dtype}, backends {', '.join(backends)}, "
           f"{options.repeats} repeats after {options.warmup} warm-up; {peaks.describe()}", file=sys.stderr, flush=True)
     try:
-        results = run_suite(options, ops)
+        results = run_suite(options, ops, {"lstm_layer": lstm_grid_cases()} if args.lstm_grid else None)
     except (OSError, ValueError) as exc:
         return _fail(f"could not write --csv {args.csv}: {exc}")
 
