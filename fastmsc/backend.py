@@ -128,8 +128,9 @@ class Op:
       answers for the device in general (used by :func:`fastmsc.info`). A question only: cheap, it never
       compiles, loads or warns. ``allow_interpreter`` is the backend policy passed down: whether CPU tensors may
       run Triton kernels in the interpreter (only when the user forced backend 'fused');
-    * optionally ``prepare(*, fallback)``: readies the fused path for a call about to run it (loading or building
-      a compiled extension), returns None or why it cannot run; ``fallback`` says the caller then runs ``torch``.
+    * optionally ``prepare(*, fallback, **call_args)``: readies the fused path for a call about to run it (loading
+      or building a compiled extension), returns None or why it cannot run; ``fallback`` says the caller then runs
+      ``torch``; ``call_args`` are the call's arguments, none when it is asked about the device in general.
     """
 
     name: str
@@ -151,12 +152,13 @@ class Op:
             allow_interpreter = get_backend() == "fused"
         return self.fused_unsupported(device_type, allow_interpreter=allow_interpreter, **call_args)
 
-    def prepare_fused(self, *, fallback: bool) -> None:
+    def prepare_fused(self, *, fallback: bool, **call_args) -> None:
         """Ready the fused path for a call about to run it (``fused_prepare``: e.g. load or build a compiled
-        extension). A failure is recorded, so :meth:`why_not_fused` reports it from then on; ``fallback``: the
-        caller then runs ``torch`` (warned once)."""
+        extension), given the call's arguments where known (what needs readying may depend on them). A failure is
+        recorded, so :meth:`why_not_fused` reports it from then on; ``fallback``: the caller then runs ``torch``
+        (warned once)."""
         if self.fused is not None and self.fused_prepare is not None:
-            self.fused_prepare(fallback=fallback)
+            self.fused_prepare(fallback=fallback, **call_args)
 
     def select(self, device_type: str, **call_args) -> Callable:
         """The implementation the backend in force runs for these (validated) arguments. ``auto`` also
@@ -166,7 +168,7 @@ class Op:
             return self.reference
         if backend == "torch":
             return self.torch
-        self.prepare_fused(fallback=backend == "auto")
+        self.prepare_fused(fallback=backend == "auto", **call_args)
         reason = self.why_not_fused(device_type, allow_interpreter=backend == "fused", **call_args)
         if reason is None:
             if backend == "auto":

@@ -284,3 +284,46 @@ def test_info_names_the_lstm_implementation():
     assert f"hidden size <= {lstm_persistent.MAX_HIDDEN}," in _LSTM_IMPL_TEXT["auto"]
     with use_lstm_impl("stepwise"):
         assert "lstm_impl: stepwise (FASTMSC_LSTM_IMPL)" in format_info()
+
+
+def test_any_layout_of_state_lengths_bias_and_incoming_gradients(rng):
+    """c0, h0, the gradients coming into h_n and c_n, lengths and a bias may be permuted or strided views: the
+    kernels see their values, not their memory order."""
+    r, seed = rng
+    B, T, H, D = 5, 6, 9, 2
+    args, upstream = _case(r, B, T, H, D, torch.float32, lengths=True, state=True)
+    x, weights, h0, c0, lengths = _as(args, torch.float32)
+
+    def permuted(t):  # the same values as a (D, B, H) view of a (B, D, H) tensor
+        return t.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+
+    def strided(t):  # the same values at every other element of a larger buffer
+        buffer = torch.full((*t.shape[:-1], 2 * t.shape[-1]), float("nan"), dtype=t.dtype, device=t.device)
+        buffer[..., ::2] = t.detach()
+        return buffer[..., ::2].requires_grad_()
+
+    odd_lengths = torch.stack([lengths, lengths], dim=1)[:, 1]
+    odd_weights = tuple((w_ih, w_hh, None if b_ih is None else strided(b_ih), b_hh)
+                        for w_ih, w_hh, b_ih, b_hh in weights)
+    odd_upstream = (upstream[0], permuted(upstream[1].to(DEVICE, torch.float32)),
+                    permuted(upstream[2].to(DEVICE, torch.float32)))
+    assert not odd_lengths.is_contiguous() and not odd_upstream[1].is_contiguous()
+    got = _outputs_and_grads(_persistent, (x, odd_weights, permuted(h0), permuted(c0), odd_lengths), odd_upstream)
+    expected = _outputs_and_grads(lstm_layer_reference, _double_of((x, weights, h0, c0, lengths)), upstream)
+    for name, g, e in zip(_names(args), got, expected, strict=True):
+        torch.testing.assert_close(g.detach().double().cpu(), e.detach(), rtol=0, atol=FP32_BOUND * 10,
+                                   msg=lambda m, name=name: f"seed {seed}, {name}: {m}")
+
+
+def test_persistent_calls_never_load_the_extension(monkeypatch):
+    """A call the persistent kernel serves needs no compiled extension: none is loaded or built for it (the first
+    such call would otherwise compile it for minutes, and warn about it where no compiler exists)."""
+    from fastmsc import _extension
+
+    def refuse():
+        raise AssertionError("the extension was loaded for a persistent call")
+
+    monkeypatch.setattr(_extension, "unavailable_reason", refuse)
+    x = torch.randn(2, 3, 4, device=DEVICE)
+    weights = ((torch.randn(16, 4, device=DEVICE), torch.randn(16, 4, device=DEVICE), None, None),)
+    _persistent(x, weights, None, None, None)

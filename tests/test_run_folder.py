@@ -198,6 +198,7 @@ def test_missing_folder_and_files_are_named(tmp_path):
     ({"dtype": "int8"}, r"'dtype' must be one of"),
     ({"model": "ResNet"}, r"'model' must be 'MSCClassifier'"),
     ({"weights": "../elsewhere.pt"}, r"'weights' must be a file name in the folder"),
+    ({"weights": ".."}, r"'weights' must be a file name in the folder, got '\.\.'"),
     ({"classes": ["a", "b"]}, r"classes must name the model's 3 outputs, got 2"),
     ({"config": {"in_channels": 2}}, r"'config' does not describe an MSCClassifier"),
     ({"members": 3}, r"model.pt holds 2 member\(s\) but .*model.json describes 3"),

@@ -190,7 +190,7 @@ class OpWorkload:
             # Asked as 'auto' would ask: the Triton interpreter (CPU, testing only) never counts as available.
             # Readied as a call would be (the LSTM extension loads or builds here, not inside the timing), so a
             # failed build reads as unavailable, as it would for a user.
-            self.op.prepare_fused(fallback=False)
+            self.op.prepare_fused(fallback=False, **self.inputs.kwargs)
             reason = self.op.why_not_fused(device.type, allow_interpreter=False, **self.inputs.kwargs)
             if reason is not None:
                 return Unavailable("unavailable", f"fused unavailable: {reason}")
@@ -198,7 +198,7 @@ class OpWorkload:
             # held to the float32 tolerance even while cuDNN's TF32 (on by default) loosens the torch backend's.
             return self._runner(self.op.fused, tf32=torch.backends.cuda.matmul.allow_tf32)
         if backend in LSTM_IMPL_BACKENDS:  # one fused LSTM implementation, as FASTMSC_LSTM_IMPL=<backend> runs it
-            self.op.prepare_fused(fallback=False)
+            self.op.prepare_fused(fallback=False, lstm_impl=backend, **self.inputs.kwargs)
             reason = self.op.why_not_fused(device.type, allow_interpreter=False, lstm_impl=backend,
                                            **self.inputs.kwargs)
             if reason is not None:

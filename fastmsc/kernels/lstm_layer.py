@@ -97,10 +97,14 @@ def _warn_once(reason: str) -> None:
         warnings.warn(f"fastmsc.lstm_layer runs on the torch backend: {reason}", RuntimeWarning, stacklevel=5)
 
 
-def prepare(*, fallback: bool) -> str | None:
+def prepare(*, fallback: bool, lstm_impl: str = "auto", **call_args) -> str | None:
     """Load the extension for a call about to run (the first one may build it, about a minute per source file);
     None when loaded, else why not. ``fallback``: the caller then runs stock PyTorch instead (backend 'auto'),
-    which is warned once with the reason."""
+    which is warned once with the reason. A call the persistent Triton kernel will run needs no extension: nothing
+    is loaded or built for it."""
+    x = call_args.get("x")
+    if x is not None and _uses_persistent(x, call_args.get("weights"), lstm_impl):
+        return None
     reason = _extension.unavailable_reason()
     if reason is not None and fallback:
         _warn_once(reason)
@@ -139,7 +143,16 @@ def _persistent_unsupported(device_type: str, allow_interpreter: bool, call_args
                                      allow_interpreter=allow_interpreter)
     if reason is not None or x is None or weights is None:
         return reason
-    return lstm_persistent.unsupported(x, weights[0][1], _projected(weights))
+    return lstm_persistent.unsupported(x, weights[0][1], _projected(weights), len(weights))
+
+
+def _uses_persistent(x, weights, lstm_impl: str) -> bool:
+    """Whether the persistent kernel runs this call: always under 'persistent' (fused_unsupported refused the calls
+    it cannot take), under 'auto' on CUDA where it takes the layer."""
+    if lstm_impl == "persistent":
+        return True
+    return (lstm_impl == "auto" and weights is not None and x.device.type == "cuda"
+            and _persistent_unsupported("cuda", False, {"x": x, "weights": weights}) is None)
 
 
 def _projected(weights) -> bool:
@@ -149,8 +162,7 @@ def _projected(weights) -> bool:
 def fused(x, weights, h0=None, c0=None, lengths=None, lstm_impl: str = "auto"):
     """The layer on the implementation ``lstm_impl`` picks (see :func:`fused_unsupported`): the persistent Triton
     kernel or the compiled extension's stepwise one."""
-    if lstm_impl == "persistent" or (lstm_impl == "auto" and x.device.type == "cuda"
-                                     and _persistent_unsupported("cuda", False, {"x": x, "weights": weights}) is None):
+    if _uses_persistent(x, weights, lstm_impl):
         return _fused_persistent(x, weights, h0, c0, lengths)
     _ensure_registered()
     work = compute_dtype(x.dtype)

@@ -17,9 +17,10 @@ BATCH, STEPS, INPUTS = 32, 150, 192  # the default model: 3 x 64 conv channels i
 def launches():
     """(label, dtype, hidden) of the calls whose launches aot_cases() holds, each a training step of a
     bidirectional layer with lengths and initial state (forward with saved state, backward) plus the inference
-    forward: the default model's H = 128 (two 64-wide column chunks), H = 64 (one) and H = 16 (one 16-wide chunk of
-    each), in float32 (which multiplies as 3xTF32, in 16-wide reduction chunks) and bfloat16 (32-wide ones); float16
-    (bf16's tiles and dot width) at H = 128. Every other H runs these tiles over more or fewer chunks."""
+    forward: the default model's H = 128 (two 64-wide column chunks), H = 64 (one; the same compilation as 128, H
+    being a runtime argument) and H = 16 (one 16-wide chunk), in float32 (which multiplies as 3xTF32) and bfloat16,
+    all with 16-wide reduction chunks; float16 (bf16's tiles and dot width) at H = 128. Every other H runs these
+    tiles over more or fewer chunks."""
     return [(f"{name} H{hidden}", dtype, hidden) for hidden in (128, 64, 16)
             for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))] + [
         ("float16 H128", torch.float16, 128)]

@@ -45,7 +45,7 @@ MAX_HIDDEN = 512
 BLOCK_B = 16  # the smallest tl.dot M: small batches (the case this kernel is for) waste the least
 
 
-def unsupported(x: torch.Tensor, w_hh: torch.Tensor, projected: bool) -> str | None:
+def unsupported(x: torch.Tensor, w_hh: torch.Tensor, projected: bool, directions: int = 2) -> str | None:
     """Why the persistent kernel cannot run this layer, or None (the platform is the caller's question)."""
     if triton is None:
         return "triton is not importable: the persistent LSTM kernel is a Triton kernel"
@@ -56,6 +56,10 @@ def unsupported(x: torch.Tensor, w_hh: torch.Tensor, projected: bool) -> str | N
         return f"the persistent LSTM kernel takes hidden sizes up to {MAX_HIDDEN}, got {H}"
     if x.dtype not in TRITON_DTYPES:
         return f"the persistent LSTM kernel takes float32, float16 or bfloat16, got {x.dtype}"
+    gate_values = x.shape[0] * x.shape[1] * directions * 4 * H
+    if gate_values >= 2**31:  # the kernels index with 32-bit offsets
+        return (f"the persistent LSTM kernel indexes its (B, T, D*4H) gate tensors with 32-bit offsets: "
+                f"B*T*D*4H = {gate_values} >= 2^31")
     return None
 
 
@@ -105,14 +109,15 @@ def launch_forward(x, w_ih, w_hh, bias, h0, c0, lengths, training):
     out = new_output((B, T, D * H), dtype=x.dtype, device=x.device)
     h_n = new_output((D, B, H), dtype=x.dtype, device=x.device)
     # The cell state the kernel carries in memory, in fp32: c0 (or zeros) going in, c_n coming out
-    c_state = torch.zeros((D, B, H), dtype=torch.float32, device=x.device) if c0 is None else c0.float().clone()
+    c_state = _state_buffer(c0, (D, B, H), x.device)
     gates = new_output((B, T, D * G) if training else (0,), dtype=x.dtype, device=x.device)
     cells = new_output((B, T, D * H) if training else (0,), dtype=x.dtype, device=x.device)
     if B > 0:
         dummy = out  # never read: the constexpr flags disable every load of an absent tensor
         lstm_persistent_fwd_kernel[(triton.cdiv(B, BLOCK_B), D)](
-            xproj, dummy if bias is None else bias, w_hh.contiguous(), dummy if h0 is None else h0.contiguous(),
-            c_state, dummy if lengths is None else lengths, out, h_n, gates if training else dummy,
+            xproj, dummy if bias is None else bias.contiguous(), w_hh.contiguous(),
+            dummy if h0 is None else h0.contiguous(), c_state, dummy if lengths is None else lengths.contiguous(),
+            out, h_n, gates if training else dummy,
             cells if training else dummy, B, T, H,
             D=D, HAS_BIAS=bias is not None, HAS_H0=h0 is not None, HAS_LENGTHS=lengths is not None, SAVE=training,
             **_config(H, x.dtype),
@@ -151,13 +156,13 @@ def launch_backward(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, has_bias, h0, c
 
     dz = new_output((B, T, D * G), dtype=torch.float32, device=x.device)
     # The state gradients the kernel carries in memory: the incoming ones (or zeros), then dh0 and dc0
-    dh0 = torch.zeros((D, B, H), dtype=torch.float32, device=x.device) if grad_h_n is None else grad_h_n.float().clone()
-    dc0 = torch.zeros((D, B, H), dtype=torch.float32, device=x.device) if grad_c_n is None else grad_c_n.float().clone()
+    dh0, dc0 = _state_buffer(grad_h_n, (D, B, H), x.device), _state_buffer(grad_c_n, (D, B, H), x.device)
     if B > 0:
         dummy = dz
         lstm_persistent_bwd_kernel[(triton.cdiv(B, BLOCK_B), D)](
             dummy if grad_out is None else grad_out.contiguous(), w_hh.contiguous(),
-            dummy if c0 is None else c0.contiguous(), dummy if lengths is None else lengths, gates, cells, dz, dh0,
+            dummy if c0 is None else c0.contiguous(), dummy if lengths is None else lengths.contiguous(), gates,
+            cells, dz, dh0,
             dc0, B, T, H,
             D=D, HAS_GRAD_OUT=grad_out is not None, HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None,
             **_config(H, x.dtype, backward=True),
@@ -172,6 +177,13 @@ def launch_backward(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, has_bias, h0, c
     dw_hh = torch.einsum("btdg,btdh->dgh", dz.view(B, T, D, G), h_prev)
     dbias = flat_dz.sum(0) if has_bias else empty()
     return dx, dw_ih, dw_hh, dbias, dh0, dc0, empty()
+
+
+def _state_buffer(values: torch.Tensor | None, shape, device) -> torch.Tensor:
+    """A new contiguous fp32 (D, B, H) buffer holding ``values`` (zeros for None): the kernels index it as
+    contiguous whatever layout ``values`` has."""
+    buffer = torch.zeros(shape, dtype=torch.float32, device=device)
+    return buffer if values is None else buffer.copy_(values)
 
 
 def _previous_states(out: torch.Tensor, h0: torch.Tensor | None, lengths: torch.Tensor | None, D: int,

@@ -130,7 +130,8 @@ def read_description(run_dir) -> dict:
               ("classes", all(isinstance(c, str) for c in description["classes"]), "a list of label strings"),
               ("normalisation", description["normalisation"] in NORMALISATIONS, f"one of {NORMALISATIONS}"),
               ("dtype", description["dtype"] in _DTYPES, f"one of {tuple(_DTYPES)}"),
-              ("weights", Path(description["weights"]).name == description["weights"], "a file name in the folder"))
+              ("weights", Path(description["weights"]).name == description["weights"]
+               and description["weights"] not in ("", ".", ".."), "a file name in the folder"))
     for key, ok, wanted in checks:
         if not ok:
             raise RunFolderError(f"{path}: {key!r} must be {wanted}, got {description[key]!r}")
