@@ -130,3 +130,35 @@ def test_float64_is_refused_with_the_reason():
         fastmsc.max_avg_pool(x)
     with fastmsc.use_backend("auto"):
         assert fastmsc.max_avg_pool(x).dtype == torch.float64
+
+
+def test_splits_of_t_combine_in_order():
+    """The forward splits T across programs (pass 1) and folds the splits in order (pass 2): a maximum tied across
+    splits goes to the earlier step, a NaN in a later split wins over a finite maximum in an earlier one, the first
+    NaN wins over later ones, lengths that end inside a split count only their steps, and an all -inf channel
+    gets its first valid step."""
+    draw = Draw()
+    B, T, C = 3, 150, 5
+    splits, split_steps = kernels._splits(B, T, kernels._FWD_BLOCKS[torch.float32][1])
+    assert splits >= 3, "the shape must span several splits"
+    x = draw.randn(B, T, C).float()
+    x[0, 10, 0] = x[0, 10 + split_steps, 0] = 50.0  # a tie across splits: the earlier step wins
+    x[0, 5, 1] = 60.0
+    x[0, T - 1, 1] = float("nan")  # a NaN in the last split beats the finite maximum of the first
+    x[1, split_steps + 3, 2] = float("nan")
+    x[1, 2 * split_steps + 1, 2] = float("nan")  # the first NaN (in the second split) takes the max gradient
+    x[2, :, 3] = float("-inf")
+    lengths = torch.tensor([T, T, split_steps + 7])
+    x[2, split_steps + 7:, 4] = 1e6  # past the length: never read
+    x.requires_grad_()
+    with fastmsc.use_backend("fused"):
+        out = fastmsc.max_avg_pool(x, lengths)
+    expected = max_avg_pool_reference(x.detach().double(), lengths)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6, equal_nan=True)
+    g = torch.randn(B, 2 * C)
+    (dx,) = torch.autograd.grad(out, x, g)
+    xd = x.detach().double().requires_grad_()
+    (dx_ref,) = torch.autograd.grad(max_avg_pool_reference(xd, lengths), xd, g.double())
+    torch.testing.assert_close(dx.double(), dx_ref, rtol=1e-6, atol=1e-6)
+    assert dx[0, 10, 0] == g[0, 0] + g[0, C] / T and dx[0, 10 + split_steps, 0] == g[0, C] / T
+    assert dx[1, split_steps + 3, 2] != dx[1, 2 * split_steps + 1, 2]

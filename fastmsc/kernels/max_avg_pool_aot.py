@@ -20,9 +20,10 @@ def launches():
     """(label, dtype, batch, steps, channels, lengths, misaligned) of the calls whose launches aot_cases() holds:
     the default model at T = 150 with lengths and T = 512 without, and its misaligned-view variant (x a slice
     at element offset 1 of a wider buffer: odd address and strides, no divisibility hints); then every channel
-    block _block_c can pick: 16 (C = 12), 64 (B = 256 sets of 256 channels) and, for half inputs, 128 (B = 128,
-    C = 1024); the model's 32 is the floor of the halving. T >= 32 keeps 32-step tiles (the only other choice, 16
-    steps for T <= 16, is half that tile)."""
+    block the backward's _block_c can pick: 16 (C = 12), 64 (B = 256 sets of 256 channels) and, for half inputs,
+    128 (B = 128, C = 1024); the model's 32 is the floor of the halving. T >= 32 keeps 32-step tiles (the only other
+    choice, 16 steps for T <= 16, is half that tile). The forward's tiles are _FWD_BLOCKS (or C's and T's next power
+    of two where smaller, as at C = 12), its splits of T a runtime argument."""
     launches = []
     for dtype in max_avg_pool._DTYPES:
         name = str(dtype)[6:]
