@@ -195,8 +195,9 @@ def test_cases_hold_the_default_models_launches_as_the_runtime_specialises_them(
     missing = [launch for launch in launches if _comparable(launch) not in compiled]
     assert missing == [], f"{len(missing)} of {len(launches)} launches have no case, e.g. {missing[0]}"
     # Every entry kernel of the model's path, with the hints the runtime gives fresh tensors.
-    assert {"_attention_fwd_kernel", "_attention_bwd_dq_kernel", "_msc_forward_kernel", "_max_avg_pool_fwd_kernel",
-            "_msc_grad_weight_partial_kernel", "_max_avg_pool_bwd_kernel"} <= kernels_seen
+    assert {"_attention_fwd_kernel", "_attention_bwd_dq_kernel", "_msc_forward_kernel",
+            "_msc_grad_weight_partial_kernel", "_max_avg_pool_partial_kernel", "_max_avg_pool_combine_kernel",
+            "_max_avg_pool_bwd_kernel"} <= kernels_seen
     forward = next(launch for launch in launches if launch["kernel"] == "_attention_fwd_kernel"
                    and launch["signature"]["Q"] == "*fp32" and launch["constexprs"]["HAS_LENGTHS"])
     assert forward["attrs"]["Q"] == DIVISIBLE and forward["attrs"]["stride_qt"] == DIVISIBLE
