@@ -78,6 +78,17 @@ def _step(s, seq_len, reverse):
 
 
 @triton.jit
+def _four_gates(PTR, rows, t, T, G, d, H, j, mask):
+    """The four gate slices i, f, g, o (fp32) of a (B, T, D*4H) tensor at each row's time t, columns j."""
+    at = PTR + (rows[:, None] * T + t[:, None]) * G + d * 4 * H + j[None, :]
+    gate_i = tl.load(at + 0 * H, mask=mask, other=0.0).to(tl.float32)
+    gate_f = tl.load(at + 1 * H, mask=mask, other=0.0).to(tl.float32)
+    gate_g = tl.load(at + 2 * H, mask=mask, other=0.0).to(tl.float32)
+    gate_o = tl.load(at + 3 * H, mask=mask, other=0.0).to(tl.float32)
+    return gate_i, gate_f, gate_g, gate_o
+
+
+@triton.jit
 def lstm_persistent_fwd_kernel(
     XPROJ,  # (B, T, D*4H): x W_ihᵀ, no bias
     BIAS,  # (D*4H,) fp32 (b_ih + b_hh), if HAS_BIAS
@@ -108,11 +119,7 @@ def lstm_persistent_fwd_kernel(
             j = j0 + js
             j_ok = j < H
             act = keep & j_ok[None, :]
-            x_at = XPROJ + (rows[:, None] * T + t[:, None]) * G + d * 4 * H + j[None, :]
-            z_i = tl.load(x_at + 0 * H, mask=act, other=0.0).to(tl.float32)
-            z_f = tl.load(x_at + 1 * H, mask=act, other=0.0).to(tl.float32)
-            z_g = tl.load(x_at + 2 * H, mask=act, other=0.0).to(tl.float32)
-            z_o = tl.load(x_at + 3 * H, mask=act, other=0.0).to(tl.float32)
+            z_i, z_f, z_g, z_o = _four_gates(XPROJ, rows, t, T, G, d, H, j, act)
             if HAS_BIAS:
                 z_i += tl.load(BIAS + d * 4 * H + 0 * H + j, mask=j_ok, other=0.0)[None, :]
                 z_f += tl.load(BIAS + d * 4 * H + 1 * H + j, mask=j_ok, other=0.0)[None, :]
@@ -197,11 +204,7 @@ def lstm_persistent_bwd_kernel(
             j = j0 + js
             j_ok = j < H
             act = keep & j_ok[None, :]
-            gate_at = GATES + (rows[:, None] * T + t[:, None]) * G + d * 4 * H + j[None, :]
-            i_t = tl.load(gate_at + 0 * H, mask=act, other=0.0).to(tl.float32)
-            f_t = tl.load(gate_at + 1 * H, mask=act, other=0.0).to(tl.float32)
-            g_t = tl.load(gate_at + 2 * H, mask=act, other=0.0).to(tl.float32)
-            o_t = tl.load(gate_at + 3 * H, mask=act, other=0.0).to(tl.float32)
+            i_t, f_t, g_t, o_t = _four_gates(GATES, rows, t, T, G, d, H, j, act)
             at = (rows[:, None] * T + t[:, None]) * (D * H) + d * H + j[None, :]
             c_t = tl.load(CELLS + at, mask=act, other=0.0).to(tl.float32)
             # The previous step's cell: t - 1 forward, t + 1 reverse; c0 (or zeros) at the sequence's first step
