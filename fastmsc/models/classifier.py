@@ -9,7 +9,7 @@ from torch import nn
 
 from ..data import znormalise
 from ..nn import NotScriptable
-from ..ops import validate_lengths
+from ..ops import time_mask, validate_lengths
 from .ensemble import Ensemble
 from .msc_classifier import MSCClassifier
 
@@ -115,7 +115,7 @@ def _check_finite(x: torch.Tensor, lengths: torch.Tensor | None) -> None:
     """ValueError naming the series whose valid steps hold NaN or infinity: their class would be meaningless."""
     finite = torch.isfinite(x)
     if lengths is not None:
-        finite |= (torch.arange(x.shape[2], device=x.device)[None, :] >= lengths[:, None])[:, None, :]
+        finite |= ~time_mask(lengths, x.shape[2])[:, None, :]
     bad = (~finite).flatten(1).any(1).nonzero().flatten().tolist()
     if bad:
         listed = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
