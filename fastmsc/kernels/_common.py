@@ -22,8 +22,8 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 __all__ = ["INTERPRETED", "TRITON_DTYPES", "capability_unsupported", "compute_capability", "dot_precision",
-           "dtype_name", "interpreting", "new_output", "poison_enabled", "triton_call_unsupported",
-           "triton_unsupported"]
+           "dtype_name", "interpreting", "matmul_precision", "new_output", "poison_enabled", "tensor_core_precision",
+           "triton_call_unsupported", "triton_unsupported"]
 
 
 def interpreting(device: torch.device | None = None) -> bool:
@@ -38,6 +38,24 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+def tensor_core_precision(dtype: torch.dtype, *, allow_tf32: bool) -> str:
+    """``tl.dot``'s input precision for kernels whose float32 products always run on tensor cores: "tf32" where
+    torch's matching flag allows TF32 (``allow_tf32``: torch.backends.cuda.matmul.allow_tf32 for matmuls,
+    torch.backends.cudnn.allow_tf32 for convolutions, as the torch op being replaced would read it), else
+    "tf32x3" (three TF32 products per product, close to IEEE fp32 accuracy: about 2^-21 relative, against
+    TF32's 2^-11). IEEE fp32 ``tl.dot`` runs on FMA units at a fraction of tensor-core speed and holds whole
+    reduction strips per thread in registers. Half operands: "ieee" (their native tensor-core products)."""
+    if dtype != torch.float32:
+        return "ieee"
+    return "tf32" if allow_tf32 else "tf32x3"
+
+
+def matmul_precision(dtype: torch.dtype) -> str:
+    """:func:`tensor_core_precision` under torch's float32 matmul flag (torch.backends.cuda.matmul.allow_tf32,
+    which torch.set_float32_matmul_precision("high") sets)."""
+    return tensor_core_precision(dtype, allow_tf32=torch.backends.cuda.matmul.allow_tf32)
 
 
 def poison_enabled() -> bool:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from ..ops._checks import compute_dtype
-from ._common import INTERPRETED, TRITON_DTYPES, dot_precision, new_output
+from ._common import INTERPRETED, TRITON_DTYPES, matmul_precision, new_output
 from ._lstm_shared import backward, fake_forward, setup_context
 
 try:
@@ -84,11 +84,9 @@ def _config(H: int, dtype: torch.dtype, backward: bool = False) -> dict:
 
 
 def _input_precision(dtype: torch.dtype) -> str:
-    """tf32 where torch's float32 matmuls may use it; otherwise float32 products use 3xTF32 (tensor cores, the
-    accuracy of IEEE fp32 products to within a few ulps): an IEEE fp32 tl.dot runs on FMA units and holds its
-    operands in registers, which spills at these tile sizes and makes LLVM fail on some."""
-    precision = dot_precision(dtype)
-    return "tf32x3" if precision == "ieee" and dtype == torch.float32 else precision
+    """TF32 where torch's float32 matmuls may use it, else 3xTF32 (see _common.tensor_core_precision): an IEEE
+    fp32 tl.dot holds its operands in registers, which spills at these tile sizes and makes LLVM fail on some."""
+    return matmul_precision(dtype)
 
 
 @torch.library.custom_op("fastmsc::lstm_persistent_fwd", mutates_args=())
