@@ -67,7 +67,8 @@ def use_backend(name: str) -> Iterator[None]:
 # Which fused LSTM implementation runs (FASTMSC_LSTM_IMPL): "persistent" (the Triton kernel: one launch per layer,
 # on CUDA, or on CPU tensors through the interpreter under backend 'fused'), "stepwise" (the compiled extension:
 # CPU, and per-step GEMM + gate kernels on CUDA), or "auto": persistent on CUDA where it supports the layer, else
-# stepwise. Passed down to the LSTM op's fused path as the ``lstm_impl`` argument.
+# stepwise, except where the dispatch table measured stepwise faster on this GPU (``lstm_impl_for``). Passed down to
+# the LSTM op's fused path as the ``lstm_impl`` argument.
 LSTM_IMPLS = ("auto", "persistent", "stepwise")
 
 
@@ -90,6 +91,18 @@ def set_lstm_impl(name: str) -> None:
     """Choose the fused LSTM implementation (what FASTMSC_LSTM_IMPL sets at import)."""
     global _lstm_impl
     _lstm_impl = _check_lstm_impl(name)
+
+
+def lstm_impl_for(x: torch.Tensor, tensors) -> str:
+    """The ``lstm_impl`` to pass down for a call with input ``x`` and tensor arguments ``tensors``: the one in force,
+    except that ``auto`` becomes ``stepwise`` where the dispatch table measured the persistent kernel slower for
+    calls of this kind (mode, dtype, size of x) on this GPU. Unmeasured calls keep ``auto`` (persistent wherever the
+    kernel takes the layer)."""
+    impl = get_lstm_impl()
+    if impl != "auto":
+        return impl
+    entry = dispatch.lookup(dispatch.LSTM_IMPL_OP, x, tensors)
+    return "stepwise" if entry is not None and entry.choice == "stepwise" else "auto"
 
 
 @contextlib.contextmanager

@@ -14,6 +14,12 @@ in the versioned table ``fastmsc/dispatch_table.json`` shipped with the package.
   written ``2^k`` (k even): the benchmark's shapes (batch 32, T = 150 / 512 / 2048) fall in different
   buckets, and a call is judged by measurements of the same order of size;
 * a bucket measured with several shapes is ``fused`` only if the fused path won on every one of them.
+
+The same table also decides between the fused LSTM's two GPU implementations where ``FASTMSC_LSTM_IMPL`` is
+``auto``: entries of the pseudo-op ``lstm_impl`` (keyed like lstm_layer's, by its input x) choose ``persistent``
+(the Triton kernel) or ``stepwise`` (the extension), from the bench's ``persistent`` and ``stepwise`` rows.
+Every op has a candidate and a baseline (:func:`choices_for`); a bucket takes the candidate only where it was
+not slower on any shape measured in it.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,16 +35,27 @@ import torch
 from ._device import compute_capability, dtype_name
 from ._files import write_json
 
-TABLE_VERSION = 1
+# Version 2 keeps each verdict's medians by choice name (``times_ms``); version 1 files (``fused_ms``,
+# ``torch_ms``) still read.
+TABLE_VERSION = 2
 TABLE_PATH = Path(__file__).resolve().with_name("dispatch_table.json")
-CHOICES = ("fused", "torch")
 MODES = ("fwd", "fwd+bwd")
+# The pseudo-op whose entries choose the fused LSTM's GPU implementation (FASTMSC_LSTM_IMPL=auto).
+LSTM_IMPL_OP = "lstm_impl"
+_CHOICES = {LSTM_IMPL_OP: ("persistent", "stepwise")}
+
+
+def choices_for(op: str) -> tuple[str, str]:
+    """(candidate, baseline) of ``op``'s verdicts: ("fused", "torch") for the ops, ("persistent", "stepwise") for
+    :data:`LSTM_IMPL_OP`."""
+    return _CHOICES.get(op, ("fused", "torch"))
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One measured verdict. ``fused_ms`` / ``torch_ms`` are the medians it was decided on (None when the
-    fused path failed its check or raised there, which also makes the choice ``torch``)."""
+    """One measured verdict. ``times_ms`` maps the candidate and the baseline (:func:`choices_for`) to the medians
+    it was decided on; the candidate's is None when it failed its check or raised there, which also makes the
+    choice the baseline."""
 
     op: str
     mode: str
@@ -48,8 +65,7 @@ class Entry:
     choice: str
     gpu: str
     shape: str
-    fused_ms: float | None
-    torch_ms: float | None
+    times_ms: dict[str, float | None] = field(hash=False)
     measured: str  # ISO 8601 time of the benchmark run
     versions: str  # "fastmsc X, torch Y, triton Z"
 
@@ -59,11 +75,13 @@ class Entry:
 
     def why(self) -> str:
         """'fused 0.412 ms vs torch 0.538 ms (1.31x) on NVIDIA H200 (B=32 T=512 E=256, 2026-12-01)'."""
+        candidate, baseline = choices_for(self.op)
+        candidate_ms, baseline_ms = self.times_ms.get(candidate), self.times_ms.get(baseline)
         where = f"on {self.gpu} ({self.shape}, {self.measured[:10]})"
-        if self.fused_ms is None:
-            return f"fused failed its check or raised {where}"
-        return (f"fused {self.fused_ms:.3g} ms vs torch {self.torch_ms:.3g} ms "
-                f"({self.torch_ms / self.fused_ms:.2f}x) {where}")
+        if candidate_ms is None:
+            return f"{candidate} failed its check or raised {where}"
+        return (f"{candidate} {candidate_ms:.3g} ms vs {baseline} {baseline_ms:.3g} ms "
+                f"({baseline_ms / candidate_ms:.2f}x) {where}")
 
 
 def size_bucket(numel: int) -> str:
@@ -81,19 +99,23 @@ class DispatchTableError(ValueError):
 
 
 def _parse(data, source: str) -> list[Entry]:
-    if not isinstance(data, dict) or data.get("version") != TABLE_VERSION or not isinstance(data.get("entries"), list):
-        version = data.get("version") if isinstance(data, dict) else None
+    version = data.get("version") if isinstance(data, dict) else None
+    if version not in (1, TABLE_VERSION) or not isinstance(data.get("entries"), list):
         raise DispatchTableError(f"{source} is not a fastmsc dispatch table of version {TABLE_VERSION} "
                                  f"(found version {version!r})")
     entries = []
     for i, item in enumerate(data["entries"]):
+        if version == 1 and isinstance(item, dict):  # fused_ms / torch_ms fields, ops only
+            item = {key: value for key, value in item.items() if key not in ("fused_ms", "torch_ms")} | {
+                "times_ms": {"fused": item.get("fused_ms"), "torch": item.get("torch_ms")}}
         try:
             entry = Entry(**item)
         except TypeError as exc:
             raise DispatchTableError(f"{source}: entry {i} lacks the fields of a dispatch entry ({exc})") from None
-        if entry.choice not in CHOICES or entry.mode not in MODES:
-            raise DispatchTableError(f"{source}: entry {i} has choice {entry.choice!r} and mode {entry.mode!r}; "
-                                     f"expected one of {CHOICES} and {MODES}")
+        choices = choices_for(entry.op)
+        if entry.choice not in choices or entry.mode not in MODES or not isinstance(entry.times_ms, dict):
+            raise DispatchTableError(f"{source}: entry {i} ({entry.op}) has choice {entry.choice!r} and mode "
+                                     f"{entry.mode!r}; expected one of {choices} and {MODES}, with times_ms a mapping")
         entries.append(entry)
     return entries
 
@@ -168,25 +190,35 @@ def entries_for(op: str, capability: int | None) -> list[Entry]:
 
 
 def verdicts(rows: Iterable[dict]) -> list[Entry]:
-    """Entries from benchmark measurements of the ``torch`` and ``fused`` backends on one GPU.
+    """Entries from benchmark measurements on one GPU.
 
-    Each row: op, mode, dtype, shape, numel (of the main input), capability, gpu, measured, versions,
-    torch_ms and fused_ms (None when that backend failed its check or raised). Rows without a torch time
-    give no verdict. A bucket is ``fused`` only when fused was not slower on every shape measured in it.
+    Each row: op, mode, dtype, shape, numel (of the main input), capability, gpu, measured, versions, and
+    times_ms: the medians of the op's candidate and baseline (:func:`choices_for`), the candidate's None when it
+    failed its check or raised. Rows without a baseline time give no verdict. A bucket takes the candidate only
+    when it was not slower on every shape measured in it.
     """
     buckets: dict[tuple, list[dict]] = {}
     for row in rows:
-        if row["torch_ms"] is None:
+        if row["times_ms"].get(choices_for(row["op"])[1]) is None:
             continue
         key = (row["op"], row["mode"], row["dtype"], size_bucket(row["numel"]), row["capability"])
         buckets.setdefault(key, []).append(row)
     entries = []
     for (op, mode, dtype, bucket, capability), group in buckets.items():
-        losing = [r for r in group if r["fused_ms"] is None or r["fused_ms"] > r["torch_ms"]]
+        candidate, baseline = choices_for(op)
+        speedups = [_speedup(row, candidate, baseline) for row in group]
+        losing = [row for row, speedup in zip(group, speedups, strict=True) if speedup < 1.0]
         # The row the verdict rests on: the worst loss, or the narrowest win.
-        decisive = min(losing or group, key=lambda r: (r["torch_ms"] / r["fused_ms"]) if r["fused_ms"] else 0.0)
+        decisive = group[speedups.index(min(speedups))]
         entries.append(Entry(op=op, mode=mode, dtype=dtype, bucket=bucket, capability=capability,
-                             choice="torch" if losing else "fused", gpu=decisive["gpu"], shape=decisive["shape"],
-                             fused_ms=decisive["fused_ms"], torch_ms=decisive["torch_ms"],
+                             choice=baseline if losing else candidate, gpu=decisive["gpu"], shape=decisive["shape"],
+                             times_ms={candidate: decisive["times_ms"].get(candidate),
+                                       baseline: decisive["times_ms"][baseline]},
                              measured=decisive["measured"], versions=decisive["versions"]))
     return entries
+
+
+def _speedup(row: dict, candidate: str, baseline: str) -> float:
+    """The baseline's time over the candidate's in one benchmark row; 0 where the candidate has no time."""
+    candidate_ms = row["times_ms"].get(candidate)
+    return row["times_ms"][baseline] / candidate_ms if candidate_ms else 0.0

@@ -32,15 +32,17 @@ def _dispatch_for(op_name: str, device: str) -> tuple[list[dict], str]:
     if not entries:
         return [], f"no dispatch measurements for sm_{capability} (this GPU): fused wherever supported"
     gpus = sorted({e.gpu for e in entries})
+    candidate, baseline = dispatch.choices_for(op_name)
     return ([{**asdict(e), "why": e.why()} for e in entries],
-            f"measured on {', '.join(gpus)} (sm_{capability}): torch where fused was slower")
+            f"measured on {', '.join(gpus)} (sm_{capability}): {baseline} where {candidate} was slower")
 
 
 # What each FASTMSC_LSTM_IMPL value runs on a GPU (fastmsc.backend.LSTM_IMPLS; the limit is
 # fastmsc.kernels.lstm_persistent.MAX_HIDDEN, repeated here so that info never imports a kernel module).
 _LSTM_IMPL_TEXT = {
     "auto": "auto (FASTMSC_LSTM_IMPL): on CUDA the persistent Triton kernel for layers it takes (hidden size <= 512, "
-            "no projection), else the stepwise extension; on CPU the extension",
+            "no projection) unless the dispatch table measured it slower there, else the stepwise extension; on CPU "
+            "the extension",
     "persistent": "persistent (FASTMSC_LSTM_IMPL): the Triton kernel, one launch per layer; layers it cannot take "
                   "are refused (backend 'fused') or run on torch ('auto')",
     "stepwise": "stepwise (FASTMSC_LSTM_IMPL): the compiled extension on every device",
@@ -83,6 +85,8 @@ def info() -> dict:
             per_device[device] = {"auto": auto, "fused_unavailable": reason, "dispatch": entries,
                                   "dispatch_note": note}
         result["ops"][name] = per_device
+    if "cuda" in devices and get_lstm_impl() == "auto":
+        result["lstm_impl_dispatch"], result["lstm_impl_note"] = _dispatch_for(dispatch.LSTM_IMPL_OP, "cuda")
     return result
 
 
@@ -100,7 +104,13 @@ def format_info(data: dict | None = None) -> str:
             else:
                 why = ""
             lines.append(f"  {name:<18} {device:<5} -> {row['auto']}{why}")
-            for entry in row.get("dispatch", []):
-                lines.append(f"      {entry['dtype']} {entry['mode']} size {entry['bucket']}: {entry['choice']}  "
-                             f"({entry['why']})")
+            lines.extend(_entry_lines(row.get("dispatch", [])))
+    if "lstm_impl_note" in data:
+        lines.append(f"LSTM implementation on cuda ({data['lstm_impl_note']})")
+        lines.extend(_entry_lines(data["lstm_impl_dispatch"]))
     return "\n".join(lines)
+
+
+def _entry_lines(entries: list[dict]) -> list[str]:
+    return [f"      {entry['dtype']} {entry['mode']} size {entry['bucket']}: {entry['choice']}  ({entry['why']})"
+            for entry in entries]

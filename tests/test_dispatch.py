@@ -6,6 +6,7 @@ policy is checked without a GPU.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -19,9 +20,9 @@ from fastmsc.bench.harness import Result
 from fastmsc.bench.timing import Stats
 
 
-def _entry(**overrides) -> dispatch.Entry:
+def _entry(fused_ms=2.0, torch_ms=1.0, **overrides) -> dispatch.Entry:
     fields = dict(op="max_avg_pool", mode="fwd", dtype="float32", bucket="2^20", capability=90, choice="torch",
-                  gpu="NVIDIA H200", shape="B=32 T=150 C=256", fused_ms=2.0, torch_ms=1.0,
+                  gpu="NVIDIA H200", shape="B=32 T=150 C=256", times_ms={"fused": fused_ms, "torch": torch_ms},
                   measured="2026-12-01T00:00:00+00:00", versions="fastmsc 0.1.0, torch 2.11.0, triton 3.6.0")
     fields.update(overrides)
     return dispatch.Entry(**fields)
@@ -52,8 +53,8 @@ def test_size_buckets_are_powers_of_four():
 
 def _row(shape, numel, torch_ms, fused_ms, **overrides):
     row = dict(op="attention", mode="fwd", dtype="float32", shape=shape, numel=numel, capability=90,
-               gpu="NVIDIA H200", measured="2026-12-01T00:00:00+00:00", versions="v", torch_ms=torch_ms,
-               fused_ms=fused_ms)
+               gpu="NVIDIA H200", measured="2026-12-01T00:00:00+00:00", versions="v",
+               times_ms={"torch": torch_ms, "fused": fused_ms})
     row.update(overrides)
     return row
 
@@ -82,15 +83,65 @@ def test_write_merges_by_key_and_read_refuses_other_versions(tmp_path):
     assert dispatch.read_table(path) == merged
     assert json.loads(path.read_text())["version"] == dispatch.TABLE_VERSION
     path.write_text(json.dumps({"version": 99, "entries": []}))
-    with pytest.raises(dispatch.DispatchTableError, match="version 1 .*found version 99"):
+    with pytest.raises(dispatch.DispatchTableError, match="version 2 .*found version 99"):
         dispatch.read_table(path)
-    path.write_text(json.dumps({"version": 1, "entries": [{"op": "x"}]}))
+    path.write_text(json.dumps({"version": 2, "entries": [{"op": "x"}]}))
     with pytest.raises(dispatch.DispatchTableError, match="entry 0 lacks the fields"):
         dispatch.read_table(path)
     path.write_text("{not json")
     with pytest.raises(dispatch.DispatchTableError, match="cannot be read as JSON"):
         dispatch.read_table(path)
     assert dispatch.read_table(tmp_path / "absent.json") == []
+
+
+def test_version_1_tables_still_read():
+    """Version 1 kept fused_ms / torch_ms fields; they become times_ms."""
+    fields = dataclasses.asdict(_entry(fused_ms=0.5, choice="fused"))
+    del fields["times_ms"]
+    fields.update(fused_ms=0.5, torch_ms=1.0)
+    entries = dispatch._parse({"version": 1, "entries": [fields]}, "old.json")
+    assert entries == [_entry(fused_ms=0.5, choice="fused")] and "(2.00x)" in entries[0].why()
+
+
+def test_entries_refuse_a_choice_foreign_to_their_op(tmp_path):
+    path = tmp_path / "t.json"
+    dispatch.write_table(path, [_entry(op="lstm_impl", choice="fused")])
+    with pytest.raises(dispatch.DispatchTableError, match=r"\(lstm_impl\) has choice 'fused'.*'persistent'"):
+        dispatch.read_table(path)
+
+
+def test_lstm_implementation_verdicts_compare_persistent_with_stepwise():
+    rows = [_row("a", 2**20, None, None, op="lstm_impl", times_ms={"stepwise": 3.0, "persistent": 1.0}),
+            _row("b", 2**22, None, None, op="lstm_impl", times_ms={"stepwise": 1.0, "persistent": 1.5}),
+            _row("c", 2**24, None, None, op="lstm_impl", times_ms={"stepwise": 1.0, "persistent": None})]
+    got = {e.bucket: e for e in dispatch.verdicts(rows)}
+    assert {b: e.choice for b, e in got.items()} == {"2^20": "persistent", "2^22": "stepwise", "2^24": "stepwise"}
+    assert got["2^20"].why().startswith("persistent 1 ms vs stepwise 3 ms (3.00x)")
+    assert got["2^24"].why().startswith("persistent failed its check")
+
+
+def test_auto_lstm_implementation_follows_the_table(table, monkeypatch):
+    """FASTMSC_LSTM_IMPL=auto passes 'stepwise' down where the table measured the persistent kernel slower, 'auto'
+    elsewhere; a forced implementation ignores the table. On CPU the table decides nothing, so the test lets it
+    decide CPU calls for the duration."""
+    monkeypatch.setattr(dispatch, "DEVICE_TYPES", ("cpu",))
+    passed = []
+    monkeypatch.setattr(OPS["lstm_layer"], "select", lambda device_type, **kw: passed.append(kw["lstm_impl"]) or (
+        lambda x, *args: (x, None, None)))
+    hidden, inputs = 3, 4
+    weights = [(torch.randn(4 * hidden, inputs), torch.randn(4 * hidden, hidden), None, None)]
+    x = torch.randn(5, 7, inputs)  # 140 elements: bucket 2^6
+    table([_entry(op="lstm_impl", bucket="2^6", choice="stepwise", times_ms={"persistent": 2.0, "stepwise": 1.0}),
+           _entry(op="lstm_impl", bucket="2^6", mode="fwd+bwd", choice="persistent",
+                  times_ms={"persistent": 1.0, "stepwise": 2.0})])
+    fastmsc.lstm_layer(x, weights)
+    weights[0][0].requires_grad_()
+    fastmsc.lstm_layer(x, weights)
+    fastmsc.lstm_layer(torch.randn(5, 70, inputs), weights)  # bucket 2^10: not measured
+    with fastmsc.backend.use_lstm_impl("persistent"):
+        weights[0][0].requires_grad_(False)
+        fastmsc.lstm_layer(x, weights)
+    assert passed == ["stepwise", "auto", "auto", "persistent"]
 
 
 def test_the_shipped_table_reads():
@@ -170,11 +221,15 @@ def test_bench_rows_become_verdicts(monkeypatch):
         Result("max_avg_pool", "fwd", "B=32 T=150 C=256", "float32", "torch", "ok", stats=stats[1.0]),
         Result("max_avg_pool", "fwd", "B=32 T=150 C=256", "float32", "fused", "unavailable"),
         Result("model", "train step", "B=32", "float32", "torch", "ok", stats=stats[1.0]),
+        # lstm_layer: fused vs torch, and the two fused implementations against each other
+        *[Result("lstm_layer", "fwd+bwd", "B=8 T=150 I=256 H=128", "bfloat16", backend, "ok", stats=stats[ms])
+          for backend, ms in (("torch", 2.0), ("fused", 1.0), ("persistent", 1.0), ("stepwise", 2.0))],
     ]
     env = {"timestamp": "2026-12-01T00:00:00+00:00", "fastmsc": "0.1.0", "torch": "2.11", "triton": "3.6"}
     entries = dispatch.verdicts(_dispatch_rows(results, torch.device("cuda"), env))
     assert sorted((e.op, e.mode, e.choice, e.bucket, e.capability) for e in entries) == [
-        ("attention", "fwd", "torch", "2^20", 90), ("attention", "fwd+bwd", "torch", "2^20", 90)]
+        ("attention", "fwd", "torch", "2^20", 90), ("attention", "fwd+bwd", "torch", "2^20", 90),
+        ("lstm_impl", "fwd+bwd", "persistent", "2^18", 90), ("lstm_layer", "fwd+bwd", "fused", "2^18", 90)]
 
 
 def test_torch_compile_traces_the_lookup_without_a_graph_break(table, monkeypatch):

@@ -64,8 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-budget", type=float, metavar="SECONDS",
                         help="cases that would start after SECONDS become 'skipped' rows (the run ends on its own)")
     parser.add_argument("--write-dispatch", nargs="?", const=str(dispatch.TABLE_PATH), metavar="PATH",
-                        help="CUDA only: merge the measured fused-vs-torch verdicts into the dispatch table that "
-                             "backend 'auto' reads (default PATH: the package's own, "
+                        help="CUDA only: merge the measured verdicts (fused vs torch per op; persistent vs "
+                             "stepwise for the LSTM) into the dispatch table that backend 'auto' reads "
+                             "(default PATH: the package's own, "
                              f"{dispatch.TABLE_PATH.name}; see fastmsc.dispatch)")
     parser.add_argument("--table-from", nargs="+", metavar="CSV",
                         help="measure nothing: print the table of the rows in these CSV files (written by --csv)")
@@ -110,7 +111,8 @@ def _print_tables(paths: list[str]) -> int:
 
 
 def _dispatch_rows(results, device: torch.device, env: dict) -> list[dict]:
-    """One row per (op case, mode) with a timed torch backend, for fastmsc.dispatch.verdicts."""
+    """One row per (op case, mode) with a timed baseline, for fastmsc.dispatch.verdicts: fused vs torch for every
+    op, and for lstm_layer also persistent vs stepwise (the pseudo-op dispatch.LSTM_IMPL_OP)."""
     capability = compute_capability(device)
     versions = f"fastmsc {env['fastmsc']}, torch {env['torch']}, triton {env['triton'] or 'absent'}"
     by_case: dict[tuple, dict] = {}
@@ -120,20 +122,24 @@ def _dispatch_rows(results, device: torch.device, env: dict) -> list[dict]:
         by_case.setdefault((r.op, r.mode, r.shape, r.dtype), {})[r.backend] = r
     rows = []
     for (op, mode, shape, dtype), backends in by_case.items():
-        torch_row, fused_row = backends.get("torch"), backends.get("fused")
-        if torch_row is None or torch_row.stats is None or fused_row is None or fused_row.status in (
-                "unavailable", "skipped"):
-            continue
         dims = dict(part.split("=") for part in shape.split())
         main = {"multiscale_conv1d": ("B", "C_in", "T"), "lstm_layer": ("B", "T", "I"), "attention": ("B", "T", "E"),
                 "max_avg_pool": ("B", "T", "C")}[op]
         numel = 1
         for name in main:
             numel *= int(dims[name])
-        rows.append({"op": op, "mode": mode, "dtype": dtype, "shape": shape, "numel": numel, "capability": capability,
-                     "gpu": torch.cuda.get_device_name(device), "measured": env["timestamp"], "versions": versions,
-                     "torch_ms": torch_row.stats.median_ms,
-                     "fused_ms": fused_row.stats.median_ms if fused_row.stats else None})
+        verdict_ops = [op] + ([dispatch.LSTM_IMPL_OP] if op == "lstm_layer" else [])
+        for verdict_op in verdict_ops:
+            candidate, baseline = dispatch.choices_for(verdict_op)
+            baseline_row, candidate_row = backends.get(baseline), backends.get(candidate)
+            if baseline_row is None or baseline_row.stats is None or candidate_row is None or candidate_row.status in (
+                    "unavailable", "skipped"):
+                continue
+            rows.append({"op": verdict_op, "mode": mode, "dtype": dtype, "shape": shape, "numel": numel,
+                         "capability": capability, "gpu": torch.cuda.get_device_name(device),
+                         "measured": env["timestamp"], "versions": versions,
+                         "times_ms": {baseline: baseline_row.stats.median_ms,
+                                      candidate: candidate_row.stats.median_ms if candidate_row.stats else None}})
     return rows
 
 
@@ -235,8 +241,8 @@ def run(args) -> int:
     if args.write_dispatch:
         entries = dispatch.verdicts(_dispatch_rows(results, device, env))
         dispatch.write_table(args.write_dispatch, entries)
-        print(f"wrote {len(entries)} dispatch verdicts ({sum(e.choice == 'torch' for e in entries)} torch) to "
-              f"{args.write_dispatch}")
+        baselines = sum(e.choice == dispatch.choices_for(e.op)[1] for e in entries)
+        print(f"wrote {len(entries)} dispatch verdicts ({baselines} torch or stepwise) to {args.write_dispatch}")
     if args.plot:
         bars = plot(args.plot, results, env)
         print(f"wrote {args.plot} ({bars} bars)")

@@ -23,7 +23,7 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .._double_backward import graph_wanted, recomputed_grads
-from ..backend import Op, get_lstm_impl, import_failure, register
+from ..backend import Op, import_failure, lstm_impl_for, register
 from ._checks import check_lengths, check_same, check_shape, check_tensor
 from .reference.lstm_layer import direction_params, lstm_layer_reference
 
@@ -245,6 +245,11 @@ def _validate(x, weights, h0, c0):
     return tuple(params if params[4] is not None else params[:4] for params in checked)
 
 
+def _call_tensors(x, weights, h0, c0) -> list:
+    """The call's tensors whose requires_grad decides the dispatch mode (as Op.select sees them)."""
+    return [x, *(w for params in weights for w in params if w is not None), h0, c0]
+
+
 def lstm_layer(x, weights, h0=None, c0=None, lengths=None):
     """One (bi)directional LSTM layer; see the module docstring for shapes and ``lengths``.
 
@@ -254,7 +259,7 @@ def lstm_layer(x, weights, h0=None, c0=None, lengths=None):
     """
     weights = _validate(x, weights, h0, c0)
     lengths = check_lengths(lengths, x.shape[0], x.shape[1], x.device)
-    lstm_impl = get_lstm_impl()
+    lstm_impl = lstm_impl_for(x, _call_tensors(x, weights, h0, c0))
     impl = OP.select(x.device.type, x=x, weights=weights, h0=h0, c0=c0, lengths=lengths, lstm_impl=lstm_impl)
     if impl is OP.fused:
         return impl(x, weights, h0, c0, lengths, lstm_impl=lstm_impl)
