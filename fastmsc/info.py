@@ -41,8 +41,8 @@ def _dispatch_for(op_name: str, device: str) -> tuple[list[dict], str]:
 # fastmsc.kernels.lstm_persistent.MAX_HIDDEN, repeated here so that info never imports a kernel module).
 _LSTM_IMPL_TEXT = {
     "auto": "auto (FASTMSC_LSTM_IMPL): on CUDA the persistent Triton kernel for layers it takes (hidden size <= 512, "
-            "no projection) unless the dispatch table measured it slower there, else the stepwise extension; on CPU "
-            "the extension",
+            "no projection) where its design expects a win (W_hh per step <= 512 KB, one wave of programs) and the "
+            "dispatch table did not measure it slower, else the stepwise extension; on CPU the extension",
     "persistent": "persistent (FASTMSC_LSTM_IMPL): the Triton kernel, one launch per layer; layers it cannot take "
                   "are refused (backend 'fused') or run on torch ('auto')",
     "stepwise": "stepwise (FASTMSC_LSTM_IMPL): the compiled extension on every device",

@@ -327,3 +327,39 @@ def test_persistent_calls_never_load_the_extension(monkeypatch):
     x = torch.randn(2, 3, 4, device=DEVICE)
     weights = ((torch.randn(16, 4, device=DEVICE), torch.randn(16, 4, device=DEVICE), None, None),)
     _persistent(x, weights, None, None, None)
+
+
+@pytest.mark.parametrize("dtype, H, B, D, sm_count, expected", [
+    (torch.bfloat16, 128, 32, 2, 132, True),  # the model's layer: 128 KB of W_hh per step
+    (torch.bfloat16, 256, 64, 2, 132, True),  # 512 KB: the design's limit
+    (torch.bfloat16, 257, 64, 2, 132, False),
+    (torch.float32, 181, 8, 1, 132, True),  # 4·181²·4 bytes = 524,176 <= 512 KB
+    (torch.float32, 182, 8, 1, 132, False),
+    (torch.float16, 512, 8, 2, 132, False),  # 2 MB per step: the stepwise path's GEMMs
+    (torch.bfloat16, 64, 16 * 66, 2, 132, True),  # 132 programs: one wave
+    (torch.bfloat16, 64, 16 * 66 + 1, 2, 132, False),  # 134 programs: a second wave would wait for the first
+    (torch.bfloat16, 64, 16 * 54, 2, 108, True),  # an A100's 108 SMs
+    (torch.bfloat16, 64, 16 * 55, 2, 108, False),
+])
+def test_auto_takes_the_persistent_kernel_where_the_design_expects_it_to_win(monkeypatch, dtype, H, B, D, sm_count,
+                                                                              expected):
+    """FASTMSC_LSTM_IMPL=auto on CUDA (fake tensors: no GPU needed): persistent where W_hh per step is at most
+    PREFERRED_W_HH_BYTES and every program fits one wave on the GPU's SMs; stepwise elsewhere, unless the extension
+    cannot run at all, where the persistent kernel takes every layer it supports."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastmsc.kernels import lstm_layer as kernels
+
+    monkeypatch.setattr(_common, "compute_capability", lambda device: 90)
+    monkeypatch.setattr(lstm_persistent, "_sm_count", lambda device: sm_count)
+    monkeypatch.setattr(kernels, "_stepwise_unsupported", lambda device_type: None)
+    with FakeTensorMode():
+        x = torch.empty(B, 7, 5, device="cuda", dtype=dtype)
+        weights = tuple((torch.empty(4 * H, 5, device="cuda", dtype=dtype),
+                         torch.empty(4 * H, H, device="cuda", dtype=dtype), None, None) for _ in range(D))
+    assert kernels._uses_persistent(x, weights, "auto") is expected
+    assert kernels.fused_unsupported("cuda", lstm_impl="auto", x=x, weights=weights) is None  # either way it runs
+    monkeypatch.setattr(kernels, "_stepwise_unsupported", lambda device_type: "no extension")
+    assert kernels._uses_persistent(x, weights, "auto")
+    assert kernels.fused_unsupported("cuda", lstm_impl="auto", x=x, weights=weights) is None
+    assert kernels._uses_persistent(x, weights, "persistent") and not kernels._uses_persistent(x, weights, "stepwise")

@@ -119,12 +119,20 @@ def fused_unsupported(device_type: str, *, allow_interpreter: bool = False, lstm
     ``lstm_impl`` (the policy, :data:`fastmsc.backend.LSTM_IMPLS`): "persistent" needs the Triton kernel to support
     the call (on CPU tensors only through the interpreter, when ``allow_interpreter``); "stepwise" needs the
     compiled extension (loaded, or loadable on first use); "auto" is satisfied by either, the persistent kernel
-    counting on CUDA only.
+    counting on CUDA only, for the layers :func:`_auto_persistent` gives it.
     """
     if lstm_impl != "stepwise":
         persistent = _persistent_unsupported(device_type, allow_interpreter, call_args)
-        if lstm_impl == "persistent" or (persistent is None and device_type == "cuda"):
+        if lstm_impl == "persistent":
             return persistent
+        x, weights = call_args.get("x"), call_args.get("weights")
+        if persistent is None and device_type == "cuda" and (x is None or weights is None
+                                                             or _auto_persistent(x, weights)):
+            return None
+    return _stepwise_unsupported(device_type)
+
+
+def _stepwise_unsupported(device_type: str) -> str | None:
     reason = _extension.availability()
     if reason is not None:
         return reason
@@ -148,11 +156,19 @@ def _persistent_unsupported(device_type: str, allow_interpreter: bool, call_args
 
 def _uses_persistent(x, weights, lstm_impl: str) -> bool:
     """Whether the persistent kernel runs this call: always under 'persistent' (fused_unsupported refused the calls
-    it cannot take), under 'auto' on CUDA where it takes the layer."""
+    it cannot take), under 'auto' on CUDA where it takes the layer and :func:`_auto_persistent` picks it."""
     if lstm_impl == "persistent":
         return True
     return (lstm_impl == "auto" and weights is not None and x.device.type == "cuda"
-            and _persistent_unsupported("cuda", False, {"x": x, "weights": weights}) is None)
+            and _persistent_unsupported("cuda", False, {"x": x, "weights": weights}) is None
+            and _auto_persistent(x, weights))
+
+
+def _auto_persistent(x, weights) -> bool:
+    """Under 'auto', for a layer the persistent kernel takes on CUDA: where its design expects it to be faster
+    (lstm_persistent.design_prefers), or where the stepwise extension cannot run at all."""
+    return (lstm_persistent.design_prefers(x, weights[0][1], len(weights))
+            or _stepwise_unsupported("cuda") is not None)
 
 
 def _projected(weights) -> bool:

@@ -18,7 +18,8 @@ standard algorithm, which PyTorch uses for bidirectional layers, launches a GEMM
 per step at B = 32 (launch-latency bound). Expected: ~5x per step at H = 128 and ~20x at H = 64 for B <= 64, hence
 ≥ 3x fwd+bwd once the deferred GEMMs (which cuDNN also runs) are counted. B = 32 fills 4 of 132 SMs: the kernel is
 latency-bound by design, not throughput-bound; at H = 512 its W_hh reads (2 MB per step) make it ~16x slower per step
-than at 128, where the stepwise path's large GEMMs may win (the bench rows decide).
+than at 128, where the stepwise path's large GEMMs may win. ``auto`` follows this estimate (``design_prefers``) until
+the dispatch table has measured the layer's kind (the bench's persistent and stepwise rows).
 
 Limits (else ``fused_unsupported`` says why and the stepwise path or torch runs): no projection (proj_size),
 H <= MAX_HIDDEN, float32/float16/bfloat16. float32 products are 3xTF32 (or TF32 where torch allows it).
@@ -61,6 +62,33 @@ def unsupported(x: torch.Tensor, w_hh: torch.Tensor, projected: bool, directions
         return (f"the persistent LSTM kernel indexes its (B, T, D*4H) gate tensors with 32-bit offsets: "
                 f"B*T*D*4H = {gate_values} >= 2^31")
     return None
+
+
+# Where the design expects the persistent kernel to win (``design_prefers``): each program reads W_hh (4·H·H values)
+# from L2 every step at ~90 GB/s per SM, so 512 KB is ~5.7 µs per forward step, about the ~8-12 µs of the stepwise
+# path's per-step launches: bfloat16/float16 up to H = 256, float32 up to H = 181. Beyond that, or with more programs
+# than the GPU has SMs (a second wave would wait for the first's whole sequence), stepwise runs unless the dispatch
+# table measured otherwise.
+PREFERRED_W_HH_BYTES = 512 * 1024
+
+
+def design_prefers(x: torch.Tensor, w_hh: torch.Tensor, directions: int) -> bool:
+    """Whether the design estimate expects this layer (x (B, T, I) on a GPU, w_hh (4H, H)) to run faster here than
+    on the stepwise path: W_hh per step within PREFERRED_W_HH_BYTES and all programs in one wave."""
+    H = w_hh.shape[-1]
+    programs = directions * -(-x.shape[0] // BLOCK_B)
+    return 4 * H * H * w_hh.element_size() <= PREFERRED_W_HH_BYTES and programs <= _sm_count(x.device)
+
+
+_SM_COUNTS: dict[int, int] = {}
+
+
+@torch.compiler.assume_constant_result  # a device property: torch.compile takes it as a constant, no graph break
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
 
 
 _INTERPRETED = INTERPRETED  # a global so that the AOT check can compile the GPU specialisation under the interpreter
