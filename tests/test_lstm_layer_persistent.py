@@ -54,6 +54,24 @@ def persistent_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture(params=["resident", "streaming"])
+def variant(request, monkeypatch):
+    """Runs a test on each of the two kernel pairs: W_hh resident in shared memory with the state in registers, and
+    W_hh streamed from L2 in chunks with the state in memory (what layers too large for shared memory run)."""
+    chosen = request.param == "resident"
+    asked, original = [], lstm_persistent.resident
+
+    def choose(H, dtype, device):
+        asked.append(H)
+        if chosen and device.type == "cuda" and not original(H, dtype, device):
+            pytest.skip(f"W_hh at H={H} in {dtype} does not fit this GPU's shared memory: it runs the streaming pair")
+        return chosen
+
+    monkeypatch.setattr(lstm_persistent, "resident", choose)
+    yield request.param
+    assert asked, "the launchers never chose between the kernel pairs"
+
+
 def _case(r, B, T, H, D, dtype, *, lengths=True, state=True, bias=True, strided=False):
     n_in = r.randint(1, 6)
     if strided:
@@ -139,7 +157,7 @@ def _check(got, expected, names, dtype, context):
 @pytest.mark.parametrize("B, T, H, D", [(1, 1, 1, 1), (5, 7, 20, 2), (19, 4, 33, 2), (3, 9, 16, 1), (17, 2, 7, 2),
                                         (4, 3, 70, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_against_float64_reference(rng, persistent_calls, B, T, H, D, dtype):
+def test_against_float64_reference(rng, persistent_calls, B, T, H, D, dtype, variant):
     r, seed = rng
     args, upstream = _case(r, B, T, H, D, dtype, lengths=r.random() < 0.8, state=r.random() < 0.7,
                            bias=r.random() < 0.8, strided=r.random() < 0.3)
@@ -185,7 +203,7 @@ def test_empty_batch(persistent_calls):
     assert dx.shape == (0, 5, 3) and not dw.any()
 
 
-def test_nan_stays_in_its_sequence_and_padding_is_never_read(rng):
+def test_nan_stays_in_its_sequence_and_padding_is_never_read(rng, variant):
     r, seed = rng
     args, upstream = _case(r, 6, 7, 9, 2, torch.float32, lengths=True, state=True)
     x, weights, h0, c0, lengths = _as(args, torch.float32)
@@ -204,7 +222,7 @@ def test_nan_stays_in_its_sequence_and_padding_is_never_read(rng):
     assert torch.isfinite(dx[3]).all() and torch.isfinite(dx[others]).all(), f"seed {seed}"
 
 
-def test_deterministic(rng):
+def test_deterministic(rng, variant):
     r, _ = rng
     args, upstream = _case(r, 19, 6, 24, 2, torch.float32)
     first = _outputs_and_grads(_persistent, _as(args, torch.float32), upstream)
@@ -286,7 +304,7 @@ def test_info_names_the_lstm_implementation():
         assert "lstm_impl: stepwise (FASTMSC_LSTM_IMPL)" in format_info()
 
 
-def test_any_layout_of_state_lengths_bias_and_incoming_gradients(rng):
+def test_any_layout_of_state_lengths_bias_and_incoming_gradients(rng, variant):
     """c0, h0, the gradients coming into h_n and c_n, lengths and a bias may be permuted or strided views: the
     kernels see their values, not their memory order."""
     r, seed = rng

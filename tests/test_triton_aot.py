@@ -291,3 +291,26 @@ def test_attention_cases_fit_the_shared_memory_bound_its_dispatch_assumes():
     assert attention.shared_bytes_bound(torch.float32, 97) == attention.LARGE_SHARED_BYTES
     assert attention.shared_bytes_bound(torch.bfloat16, 256) == attention.SMALL_SHARED_BYTES
     assert attention.LARGE_SHARED_BYTES <= min(_aot.SHARED_LIMIT_BYTES[arch] for arch in _aot.ARCHS)
+
+
+@needs_toolchain
+def test_resident_lstm_cases_fit_the_shared_memory_bound_its_launcher_assumes():
+    """lstm_persistent.resident() runs the resident kernels only where resident_shared_bytes(H, dtype) fits the GPU's
+    per-block limit: every resident compilation, on sm_80 and sm_90, must stay within that bound, or a GPU near the
+    limit would refuse the launch."""
+    from fastmsc.kernels import lstm_layer_aot, lstm_persistent
+    cases = {case["name"]: case for case in lstm_layer_aot.aot_cases()}
+    report = _aot.collect(["fastmsc.kernels.lstm_layer_aot"], archs=_aot.ARCHS)
+    assert report.errors == []
+    pointer = {"*fp32": torch.float32, "*fp16": torch.float16, "*bf16": torch.bfloat16}
+    checked = set()
+    for row in report.results:
+        if "resident" not in row.kernel:
+            continue
+        label = row.case.split("[", 1)[1]  # "bfloat16 H128 resident training]"
+        hidden = int(label.split()[1][1:])
+        dtype = pointer[cases[row.case]["signature"]["W_HH"]]
+        bound = lstm_persistent.resident_shared_bytes(hidden, dtype)
+        assert row.shared_bytes <= bound, f"{row.case} on sm_{row.arch} needs {row.shared_bytes} bytes > {bound}"
+        checked.add((hidden, dtype, row.arch))
+    assert {(128, torch.bfloat16, 90), (128, torch.bfloat16, 80), (64, torch.float32, 90)} <= checked

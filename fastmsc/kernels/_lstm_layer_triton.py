@@ -1,5 +1,9 @@
 """Triton bodies of the persistent LSTM recurrence (launchers and autograd: :mod:`fastmsc.kernels.lstm_persistent`).
 
+Two kernel pairs: the streaming pair below (any H up to 512: W_hh read from L2 every step, state in memory) and, at
+the end of the file, the resident pair (W_hh in shared memory for the whole sequence, state in registers), which
+runs wherever W_hh fits the GPU's shared memory (bf16/fp16 up to H = 128, fp32 up to 64 on an A100/H100/H200).
+
 One program owns one (batch tile, direction) and loops over every time step of its sequences; the recurrent weights
 are read by every step (W_hh, 4H x H, stays in L2: 128 KB at H=128 in bf16, shared by every program of its
 direction). No program ever waits for another: each one's sequences are independent of the others', so the launch is
@@ -246,3 +250,152 @@ def lstm_persistent_bwd_kernel(
             tl.store(DH_STATE + d * B * H + rows[:, None] * H + k[None, :], dh_prev,
                      mask=keep & k_ok[None, :])  # inactive rows keep their dh
         tl.debug_barrier()  # the dh just stored is what the next step's gates read
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Resident variant: W_hh in shared memory for the whole sequence, state in registers.
+#
+# Where the four (H x H) gate blocks of W_hh fit the GPU's shared memory (bf16/fp16 up to H = 128: 128 KB), a program
+# loads them once before its step loop and multiplies them from there at every step, and keeps h and c (dh and dc in
+# the backward) in registers: no L2 traffic for W_hh and no state round trip through memory, so no barrier either.
+# The products are transposed, z_gᵀ = W_g h_{t-1}ᵀ (BLOCK_H x BLOCK_B): W_g is the loop-invariant A operand, which
+# Triton stages into shared memory once, outside the loop (ttg.local_alloc hoisted; on sm_90 the product is a wgmma
+# reading W_g from there, M = BLOCK_H >= 64; on sm_80 an mma.sync after a shared-memory load per step), and the
+# 16-row batch tile is the narrow N side. Every tile of this variant is (hidden unit j, sequence b).
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot_w(w, v, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """w @ v with fp32 accumulation: v rounded to w's dtype (both in fp32 where the interpreter lacks half
+    arithmetic), as the streaming kernels round the state they read back."""
+    if DOT_FP32:
+        return tl.dot(w.to(tl.float32), v.to(w.dtype).to(tl.float32), input_precision=INPUT_PRECISION)
+    return tl.dot(w, v.to(w.dtype), input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _gate_blocks(W, H, j, j_ok):
+    """The four (BLOCK_H x BLOCK_H) gate blocks W_g[j, k] = W[g*H + j, k] of one direction's (4H, H) W_hh."""
+    w_at = W + j[:, None] * H + j[None, :]
+    w_ok = j_ok[:, None] & j_ok[None, :]
+    return (tl.load(w_at + 0 * H * H, mask=w_ok, other=0.0), tl.load(w_at + 1 * H * H, mask=w_ok, other=0.0),
+            tl.load(w_at + 2 * H * H, mask=w_ok, other=0.0), tl.load(w_at + 3 * H * H, mask=w_ok, other=0.0))
+
+
+@triton.jit
+def _four_gates_t(PTR, rows, t, T, G, d, H, j, mask):
+    """The four gate slices (fp32, (BLOCK_H, BLOCK_B)) of a (B, T, D*4H) tensor at each sequence's time t."""
+    at = PTR + (rows[None, :] * T + t[None, :]) * G + d * 4 * H + j[:, None]
+    return (tl.load(at + 0 * H, mask=mask, other=0.0).to(tl.float32),
+            tl.load(at + 1 * H, mask=mask, other=0.0).to(tl.float32),
+            tl.load(at + 2 * H, mask=mask, other=0.0).to(tl.float32),
+            tl.load(at + 3 * H, mask=mask, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def lstm_resident_fwd_kernel(
+    XPROJ, BIAS, W_HH, H0, C_STATE, LENGTHS, OUT, H_N, GATES, CELLS,  # as lstm_persistent_fwd_kernel's
+    B, T, H,
+    D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    d, rows, row_ok, seq_len = _program_rows(B, T, LENGTHS, BLOCK_B, HAS_LENGTHS)
+    reverse = d == 1
+    j = tl.arange(0, BLOCK_H)
+    j_ok = j < H
+    G = D * 4 * H
+    w_i, w_f, w_g, w_o = _gate_blocks(W_HH + d * 4 * H * H, H, j, j_ok)
+    state_at = d * B * H + rows[None, :] * H + j[:, None]
+    state_ok = j_ok[:, None] & row_ok[None, :]
+    c = tl.load(C_STATE + state_at, mask=state_ok, other=0.0)
+    if HAS_H0:
+        h = tl.load(H0 + state_at, mask=state_ok, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK_H, BLOCK_B), tl.float32)
+    for s in range(0, T):
+        t, active, t_prev, has_prev, t_out = _step(s, seq_len, reverse)
+        keep = active[None, :]
+        z_i, z_f, z_g, z_o = _four_gates_t(XPROJ, rows, t, T, G, d, H, j, j_ok[:, None] & keep)
+        if HAS_BIAS:
+            z_i += tl.load(BIAS + d * 4 * H + 0 * H + j, mask=j_ok, other=0.0)[:, None]
+            z_f += tl.load(BIAS + d * 4 * H + 1 * H + j, mask=j_ok, other=0.0)[:, None]
+            z_g += tl.load(BIAS + d * 4 * H + 2 * H + j, mask=j_ok, other=0.0)[:, None]
+            z_o += tl.load(BIAS + d * 4 * H + 3 * H + j, mask=j_ok, other=0.0)[:, None]
+        z_i += _dot_w(w_i, h, DOT_FP32, INPUT_PRECISION)
+        z_f += _dot_w(w_f, h, DOT_FP32, INPUT_PRECISION)
+        z_g += _dot_w(w_g, h, DOT_FP32, INPUT_PRECISION)
+        z_o += _dot_w(w_o, h, DOT_FP32, INPUT_PRECISION)
+        i_t, f_t, g_t, o_t = _sigmoid(z_i), _sigmoid(z_f), _tanh(z_g), _sigmoid(z_o)
+        c_new = f_t * c + i_t * g_t
+        h_new = o_t * _tanh(c_new)
+        c = tl.where(keep, c_new, c)  # inactive sequences keep their state
+        # h as the streaming kernels read it back: rounded to the output's dtype
+        h = tl.where(keep, h_new.to(OUT.dtype.element_ty).to(tl.float32), h)
+        out_at = (rows[None, :] * T + t_out[None, :]) * (D * H) + d * H + j[:, None]
+        tl.store(OUT + out_at, tl.where(keep, h_new, 0.0).to(OUT.dtype.element_ty), mask=state_ok)
+        if SAVE:
+            gate_at = GATES + (rows[None, :] * T + t_out[None, :]) * G + d * 4 * H + j[:, None]
+            tl.store(gate_at + 0 * H, tl.where(keep, i_t, 0.0).to(GATES.dtype.element_ty), mask=state_ok)
+            tl.store(gate_at + 1 * H, tl.where(keep, f_t, 0.0).to(GATES.dtype.element_ty), mask=state_ok)
+            tl.store(gate_at + 2 * H, tl.where(keep, g_t, 0.0).to(GATES.dtype.element_ty), mask=state_ok)
+            tl.store(gate_at + 3 * H, tl.where(keep, o_t, 0.0).to(GATES.dtype.element_ty), mask=state_ok)
+            tl.store(CELLS + out_at, tl.where(keep, c_new, 0.0).to(CELLS.dtype.element_ty), mask=state_ok)
+    tl.store(C_STATE + state_at, c, mask=state_ok)
+    tl.store(H_N + state_at, h.to(H_N.dtype.element_ty), mask=state_ok)
+
+
+@triton.jit
+def lstm_resident_bwd_kernel(
+    GRAD_OUT, W_HH, C0, LENGTHS, GATES, CELLS, DZ, DH_STATE, DC_STATE,  # as lstm_persistent_bwd_kernel's
+    B, T, H,
+    D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, HAS_GRAD_OUT: tl.constexpr,
+    HAS_C0: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """The forward's steps in reverse with dh and dc in registers and W_hh in shared memory:
+    dh_{prev}ᵀ = Σ_g W_gᵀ dz_gᵀ."""
+    d, rows, row_ok, seq_len = _program_rows(B, T, LENGTHS, BLOCK_B, HAS_LENGTHS)
+    reverse = d == 1
+    j = tl.arange(0, BLOCK_H)
+    j_ok = j < H
+    G = D * 4 * H
+    w_i, w_f, w_g, w_o = _gate_blocks(W_HH + d * 4 * H * H, H, j, j_ok)
+    wt_i, wt_f, wt_g, wt_o = tl.trans(w_i), tl.trans(w_f), tl.trans(w_g), tl.trans(w_o)
+    state_at = d * B * H + rows[None, :] * H + j[:, None]
+    state_ok = j_ok[:, None] & row_ok[None, :]
+    dh = tl.load(DH_STATE + state_at, mask=state_ok, other=0.0)
+    dc = tl.load(DC_STATE + state_at, mask=state_ok, other=0.0)
+    for step in range(0, T):
+        s = T - 1 - step
+        t, active, t_prev, has_prev, t_out = _step(s, seq_len, reverse)
+        keep = active[None, :]
+        act = j_ok[:, None] & keep
+        i_t, f_t, g_t, o_t = _four_gates_t(GATES, rows, t, T, G, d, H, j, act)
+        at = (rows[None, :] * T + t[None, :]) * (D * H) + d * H + j[:, None]
+        c_t = tl.load(CELLS + at, mask=act, other=0.0).to(tl.float32)
+        c_prev = tl.load(CELLS + (rows[None, :] * T + t_prev[None, :]) * (D * H) + d * H + j[:, None],
+                         mask=act & has_prev[None, :], other=0.0).to(tl.float32)
+        if HAS_C0:
+            c_prev += tl.load(C0 + state_at, mask=act & ~has_prev[None, :], other=0.0).to(tl.float32)
+        dh_total = dh
+        if HAS_GRAD_OUT:
+            dh_total += tl.load(GRAD_OUT + at, mask=act, other=0.0).to(tl.float32)
+        tanh_c = _tanh(c_t)
+        dc_total = dc + dh_total * o_t * (1.0 - tanh_c * tanh_c)
+        dz_i = tl.where(keep, dc_total * g_t * i_t * (1.0 - i_t), 0.0)
+        dz_f = tl.where(keep, dc_total * c_prev * f_t * (1.0 - f_t), 0.0)
+        dz_g = tl.where(keep, dc_total * i_t * (1.0 - g_t * g_t), 0.0)
+        dz_o = tl.where(keep, dh_total * tanh_c * o_t * (1.0 - o_t), 0.0)
+        dz_at = DZ + (rows[None, :] * T + t_out[None, :]) * G + d * 4 * H + j[:, None]
+        tl.store(dz_at + 0 * H, dz_i, mask=state_ok)
+        tl.store(dz_at + 1 * H, dz_f, mask=state_ok)
+        tl.store(dz_at + 2 * H, dz_g, mask=state_ok)
+        tl.store(dz_at + 3 * H, dz_o, mask=state_ok)
+        dc = tl.where(keep, dc_total * f_t, dc)  # inactive sequences keep their gradients
+        dh_prev = _dot_w(wt_i, dz_i, DOT_FP32, INPUT_PRECISION)
+        dh_prev += _dot_w(wt_f, dz_f, DOT_FP32, INPUT_PRECISION)
+        dh_prev += _dot_w(wt_g, dz_g, DOT_FP32, INPUT_PRECISION)
+        dh_prev += _dot_w(wt_o, dz_o, DOT_FP32, INPUT_PRECISION)
+        dh = tl.where(keep, dh_prev, dh)
+    tl.store(DH_STATE + state_at, dh, mask=state_ok)
+    tl.store(DC_STATE + state_at, dc, mask=state_ok)

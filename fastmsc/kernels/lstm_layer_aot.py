@@ -29,20 +29,27 @@ def launches():
 @functools.cache
 def aot_cases():
     """The compilations Triton's runtime makes for the calls of :func:`launches` (launchers run on meta tensors
-    while record_launches records each kernel launch with the runtime's specialisation). Built on first use."""
-    with record_launches(lstm_persistent, _INTERPRETED=False) as log:
-        for label, dtype, hidden in launches():
-            def empty(*shape, dtype=dtype):
-                return torch.empty(shape, dtype=dtype, device="meta")
+    while record_launches records each kernel launch with the runtime's specialisation). Built on first use.
 
-            x, w_ih, w_hh = empty(BATCH, STEPS, INPUTS), empty(8 * hidden, INPUTS), empty(2, 4 * hidden, hidden)
-            bias, lengths = empty(8 * hidden, dtype=torch.float32), empty(BATCH, dtype=torch.int64)
-            h0, c0 = empty(2, BATCH, hidden), empty(2, BATCH, hidden)
-            log.label = f"{label} inference"
-            lstm_persistent.launch_forward(x, w_ih, w_hh, bias, h0, c0, lengths, False)
-            log.label = f"{label} training"
-            out, _, _, gates, cells = lstm_persistent.launch_forward(x, w_ih, w_hh, bias, h0, c0, lengths, True)
-            lstm_persistent.launch_backward(empty(BATCH, STEPS, 2 * hidden), empty(2, BATCH, hidden),
-                                            empty(2, BATCH, hidden), x, w_ih, w_hh, True, h0, c0, lengths, out,
-                                            gates, cells, True, True, True)
-    return log.cases
+    Recorded twice: as on an H100/H200 (227 KB of shared memory: the resident kernels wherever W_hh fits), and
+    with no shared memory to spare (the streaming kernels everywhere, as on GPUs with 99 KB at H = 128)."""
+    cases = []
+    for shared_bytes in (lstm_persistent.INTERPRETER_SHARED_BYTES, 0):
+        with record_launches(lstm_persistent, _INTERPRETED=False, INTERPRETER_SHARED_BYTES=shared_bytes) as log:
+            for label, dtype, hidden in launches():
+                def empty(*shape, dtype=dtype):
+                    return torch.empty(shape, dtype=dtype, device="meta")
+
+                kind = "resident" if lstm_persistent.resident(hidden, dtype, torch.device("meta")) else "streaming"
+                x, w_ih, w_hh = empty(BATCH, STEPS, INPUTS), empty(8 * hidden, INPUTS), empty(2, 4 * hidden, hidden)
+                bias, lengths = empty(8 * hidden, dtype=torch.float32), empty(BATCH, dtype=torch.int64)
+                h0, c0 = empty(2, BATCH, hidden), empty(2, BATCH, hidden)
+                log.label = f"{label} {kind} inference"
+                lstm_persistent.launch_forward(x, w_ih, w_hh, bias, h0, c0, lengths, False)
+                log.label = f"{label} {kind} training"
+                out, _, _, gates, cells = lstm_persistent.launch_forward(x, w_ih, w_hh, bias, h0, c0, lengths, True)
+                lstm_persistent.launch_backward(empty(BATCH, STEPS, 2 * hidden), empty(2, BATCH, hidden),
+                                                empty(2, BATCH, hidden), x, w_ih, w_hh, True, h0, c0, lengths, out,
+                                                gates, cells, True, True, True)
+        cases += log.cases
+    return cases

@@ -10,13 +10,23 @@ Saved for the backward, as in the stepwise path: x, out, activated gates (B, T, 
 x's dtype; nothing else. Half inputs keep half gates and cells (the stepwise path widens them to float32 copies
 before its backward; this one reads them as they are, saving 2 x (B, T, D*5H) x 4 bytes of transient copies).
 
-Design estimate on an H100/H200 (no GPU has run it yet). Per step a program (16 rows of one direction) reads
-W_hh, 4·H·H values (128 KB in bf16 at H = 128, from L2 at ~90 GB/s per SM: ~1.4 µs), its xproj rows (16 KB),
-h_{t-1} and c (4 KB and 8 KB, L1), and does 8·16·H·H = 2.1 MFLOP on tensor cores (~0.1 µs), plus one barrier:
-~1.5 µs per step forward, ~3 µs backward (two phases, W_hh read once more). At H = 64 a quarter of that. cuDNN's
-standard algorithm, which PyTorch uses for bidirectional layers, launches a GEMM and a gate kernel per step: ~8-12 µs
-per step at B = 32 (launch-latency bound). Expected: ~5x per step at H = 128 and ~20x at H = 64 for B <= 64, hence
-≥ 3x fwd+bwd once the deferred GEMMs (which cuDNN also runs) are counted. B = 32 fills 4 of 132 SMs: the kernel is
+Two kernel pairs (:mod:`fastmsc.kernels._lstm_layer_triton`): the resident pair keeps W_hh in shared memory for the
+whole sequence and h, c (dh, dc) in registers, wherever W_hh fits the GPU's per-block shared memory
+(``resident``: bf16/fp16 up to H = 128 and fp32 up to 64 on A100/H100/H200, 139-141 KB at H = 128 bf16); the
+streaming pair reads W_hh from L2 every step, with the state in memory, for everything else up to MAX_HIDDEN.
+
+Design estimate on an H100/H200 (no GPU has run it yet), per step and program (16 rows of one direction), H = 128:
+* resident, bf16: W_hh (128 KB) from shared memory at ~128 B/clock: ~1,000 clocks, ~0.55 µs, the four products
+  (8·16·H·H = 2.1 MFLOP) on tensor cores (wgmma on sm_90, A from shared memory) within that; the step's xproj rows
+  (16 KB, L2/HBM, ~0.5-1 µs latency) load while the products run; no barrier. ~0.7-1 µs forward, ~1-1.5 µs backward
+  (the saved gates and cells load, dz is stored, W_hhᵀ multiplies from shared memory).
+* streaming (fp32 at H = 128, or GPUs with 99 KB of shared memory): W_hh, 4·H·H values (128 KB bf16, 256 KB fp32)
+  from L2 at ~90 GB/s per SM: ~1.4 µs (bf16), h_{t-1} and c through L1, plus one barrier: ~1.5 µs per step forward,
+  ~3 µs backward (two phases, W_hh read once more); fp32 twice the W_hh bytes. At H = 64 a quarter of that.
+cuDNN's standard algorithm, which PyTorch uses for bidirectional layers, launches a GEMM and a gate kernel per step:
+~8-12 µs per step at B = 32 (launch-latency bound). Expected: ~8-10x per step resident and ~5x streaming at H = 128,
+more at H = 64, for B <= 64, hence ≥ 3x fwd+bwd once the deferred GEMMs (which cuDNN also runs) are counted.
+B = 32 fills 4 of 132 SMs: the kernel is
 latency-bound by design, not throughput-bound; at H = 512 its W_hh reads (2 MB per step) make it ~16x slower per step
 than at 128, where the stepwise path's large GEMMs may win. ``auto`` follows this estimate (``design_prefers``) until
 the dispatch table has measured the layer's kind (the bench's persistent and stepwise rows).
@@ -36,7 +46,12 @@ from ._lstm_shared import backward, fake_forward, setup_context
 try:
     import triton
 
-    from ._lstm_layer_triton import lstm_persistent_bwd_kernel, lstm_persistent_fwd_kernel
+    from ._lstm_layer_triton import (
+        lstm_persistent_bwd_kernel,
+        lstm_persistent_fwd_kernel,
+        lstm_resident_bwd_kernel,
+        lstm_resident_fwd_kernel,
+    )
 except ImportError:  # no triton: the op is not registered, and unsupported() says why
     triton = None
 
@@ -111,6 +126,52 @@ def _config(H: int, dtype: torch.dtype, backward: bool = False) -> dict:
                 maxnreg=255)
 
 
+# W_hh in shared memory (the resident kernels) up to this hidden size: BLOCK_H x BLOCK_H gate blocks in registers
+# between the load and the hoisted staging; 256 would hold 512 KB of bf16, beyond every GPU's shared memory.
+MAX_RESIDENT_HIDDEN = 128
+# The shared memory assumed off a GPU (the interpreter's CPU tensors, the AOT check's meta tensors): an H100/H200's
+# per-block opt-in limit, so that those runs take the path such a GPU takes.
+INTERPRETER_SHARED_BYTES = 232448
+
+
+def resident_shared_bytes(H: int, dtype: torch.dtype) -> int:
+    """Shared memory the resident kernels need at hidden size H: the four W_hh gate blocks in the weights' dtype
+    (float32 twice, as 3xTF32 stages a high and a low part), plus a margin for the state operand and layout
+    conversions (the AOT check holds every resident compilation within this bound)."""
+    block_h = max(16, triton.next_power_of_2(H))
+    copies = 2 if dtype == torch.float32 else 1
+    return 4 * block_h * block_h * torch.empty((), dtype=dtype).element_size() * copies + 16 * 1024
+
+
+def resident(H: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a layer of hidden size H runs the resident kernels on ``device``: W_hh fits its shared memory."""
+    if H > MAX_RESIDENT_HIDDEN:
+        return False
+    limit = _shared_limit(device) if device.type == "cuda" else INTERPRETER_SHARED_BYTES
+    return resident_shared_bytes(H, dtype) <= limit
+
+
+_SHARED_LIMITS: dict[int, int] = {}
+
+
+@torch.compiler.assume_constant_result  # a device property: torch.compile takes it as a constant, no graph break
+def _shared_limit(device: torch.device) -> int:
+    """The per-block shared memory limit (after opting in) that Triton checks at launch."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SHARED_LIMITS:
+        _SHARED_LIMITS[index] = int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+    return _SHARED_LIMITS[index]
+
+
+def _resident_config(H: int, dtype: torch.dtype, backward: bool = False) -> dict:
+    """Launch settings of the resident kernels (no spills on sm_80 and sm_90, checked by the AOT check): 8 warps
+    for the backward and for 128-wide forward tiles (4 warps spill 16 bytes in the sm_90 training forward)."""
+    block_h = max(16, triton.next_power_of_2(H))
+    return dict(BLOCK_B=BLOCK_B, BLOCK_H=block_h,
+                DOT_FP32=_INTERPRETED and dtype == torch.bfloat16, INPUT_PRECISION=_input_precision(dtype),
+                num_warps=8 if backward or block_h >= 128 else 4, num_stages=1, maxnreg=255)
+
+
 def _input_precision(dtype: torch.dtype) -> str:
     """TF32 where torch's float32 matmuls may use it, else 3xTF32 (see _common.tensor_core_precision): an IEEE
     fp32 tl.dot holds its operands in registers, which spills at these tile sizes and makes LLVM fail on some."""
@@ -140,13 +201,15 @@ def launch_forward(x, w_ih, w_hh, bias, h0, c0, lengths, training):
     cells = new_output((B, T, D * H) if training else (0,), dtype=x.dtype, device=x.device)
     if B > 0:
         dummy = out  # never read: the constexpr flags disable every load of an absent tensor
-        lstm_persistent_fwd_kernel[(triton.cdiv(B, BLOCK_B), D)](
+        kernel, config = ((lstm_resident_fwd_kernel, _resident_config(H, x.dtype)) if resident(H, x.dtype, x.device)
+                          else (lstm_persistent_fwd_kernel, _config(H, x.dtype)))
+        kernel[(triton.cdiv(B, BLOCK_B), D)](
             xproj, dummy if bias is None else bias.contiguous(), w_hh.contiguous(),
             dummy if h0 is None else h0.contiguous(), c_state, dummy if lengths is None else lengths.contiguous(),
             out, h_n, gates if training else dummy,
             cells if training else dummy, B, T, H,
             D=D, HAS_BIAS=bias is not None, HAS_H0=h0 is not None, HAS_LENGTHS=lengths is not None, SAVE=training,
-            **_config(H, x.dtype),
+            **config,
         )
     return out, h_n, c_state.to(x.dtype), gates, cells
 
@@ -185,13 +248,16 @@ def launch_backward(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, has_bias, h0, c
     dh0, dc0 = _state_buffer(grad_h_n, (D, B, H), x.device), _state_buffer(grad_c_n, (D, B, H), x.device)
     if B > 0:
         dummy = dz
-        lstm_persistent_bwd_kernel[(triton.cdiv(B, BLOCK_B), D)](
+        kernel, config = ((lstm_resident_bwd_kernel, _resident_config(H, x.dtype, backward=True))
+                          if resident(H, x.dtype, x.device) else
+                          (lstm_persistent_bwd_kernel, _config(H, x.dtype, backward=True)))
+        kernel[(triton.cdiv(B, BLOCK_B), D)](
             dummy if grad_out is None else grad_out.contiguous(), w_hh.contiguous(),
             dummy if c0 is None else c0.contiguous(), dummy if lengths is None else lengths.contiguous(), gates,
             cells, dz, dh0,
             dc0, B, T, H,
             D=D, HAS_GRAD_OUT=grad_out is not None, HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None,
-            **_config(H, x.dtype, backward=True),
+            **config,
         )
     flat_dz = dz.view(B * T, D * G)
     dx = torch.mm(flat_dz, w_ih.to(work)).view(B, T, n_in) if need_dx else empty()
