@@ -572,3 +572,24 @@ def test_lstm_grid_option_feeds_the_run(tmp_path, monkeypatch):
     with csv_path.open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert [row["shape"] for row in rows] == [case.shape for case in tiny], rows
+
+
+def test_lstm_cpu_grid_times_both_layouts_and_summarises(tmp_path):
+    """bench/lstm_cpu_grid.py on a two-case slice of its grid: each case timed training and inference against
+    torch.nn.LSTM, one CSV row per case and mode, a summary with the geomeans, the worst cases and the per-dimension
+    trends. Skipped where the LSTM extension cannot be built (the fused backend needs it)."""
+    from fastmsc.backend import OPS
+    if (reason := OPS["lstm_layer"].why_not_fused("cpu")) is not None:
+        pytest.skip(f"the LSTM extension is unavailable: {reason}")
+    path = tmp_path / "grid.csv"
+    done = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "bench" / "lstm_cpu_grid.py"),
+                           "--only", "B=1", "T=24", "H=32", "D=2", "threads=1", "--reps", "3", "--min-seconds", "0",
+                           "--csv", str(path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader(path.open()))
+    assert [(r["layout"], r["mode"]) for r in rows] == [("batch_first", "train"), ("batch_first", "infer"),
+                                                        ("time_major", "train"), ("time_major", "infer")]
+    for r in rows:
+        assert math.isclose(float(r["ratio"]), float(r["torch_ms"]) / float(r["fastmsc_ms"]), rel_tol=1e-3)
+    assert "train: geomean" in done.stdout and "infer: geomean" in done.stdout and "worst cases:" in done.stdout
+    assert "layout   batch_first:" in done.stdout

@@ -1,0 +1,240 @@
+"""CPU speed of fastmsc's LSTM against torch.nn.LSTM (oneDNN) over the shapes users meet, with a summary and a CSV.
+
+The grid: batch B ∈ {1, 8, 32, 128}, steps T ∈ {24, 64, 150, 512, 1000}, input = hidden size ∈ {32, 64, 100, 128,
+256}, uni- and bidirectional, batch_first and time-major input, 1 and 2 threads; each case is timed training (forward
++ backward of out, h_n and c_n) and inference (no_grad), float32 (and bfloat16 with --dtypes where the CPU has native
+bf16). One layer, as client models stack them. Both modules hold the same weights; their calls alternate
+(``fastmsc.bench.timing.time_interleaved``), so load changes fall on both alike. The ratio is torch's median over
+fastmsc's: above 1, fastmsc is faster.
+
+The whole grid is 800 cases, hours on one core at the large end: ``--sample N`` times N cases drawn at random
+(``--seed``), ``--budget-s`` stops starting new cases after that many seconds, ``--only B=128 T=24`` restricts
+dimensions. ``--backend auto`` times fastmsc as ``auto`` dispatches it (the CPU rule of fastmsc.dispatch included),
+``fused`` (default) the extension alone.
+
+    python bench/lstm_cpu_grid.py --sample 60 --csv lstm_cpu_grid.csv
+    python bench/lstm_cpu_grid.py --only B=128 T=24 H=32 --threads 2
+
+Printed: each case as it ends, then the geometric-mean speed-up per mode, the worst cases, and the geometric mean
+per value of each dimension (the trends).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import math
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import fastmsc
+from fastmsc.bench.timing import time_interleaved
+from fastmsc.nn import LSTM
+
+GRID = {
+    "B": (1, 8, 32, 128),
+    "T": (24, 64, 150, 512, 1000),
+    "H": (32, 64, 100, 128, 256),
+    "D": (1, 2),
+    "layout": ("batch_first", "time_major"),
+    "threads": (1, 2),
+}
+MODES = ("train", "infer")
+
+
+@dataclass(frozen=True)
+class Case:
+    B: int
+    T: int
+    H: int  # input size = hidden size
+    D: int  # directions
+    layout: str
+    threads: int
+    dtype: str = "float32"
+
+    def flops(self) -> float:
+        """Multiply-adds of one forward (x and h products), for ordering cases by cost."""
+        return 8.0 * self.B * self.T * self.D * self.H * (2 * self.H)
+
+    def label(self) -> str:
+        return (f"B={self.B} T={self.T} H={self.H} {'bi' if self.D == 2 else 'uni'} {self.layout} "
+                f"{self.threads}t {self.dtype}")
+
+
+@dataclass
+class Row:
+    case: Case
+    mode: str
+    torch_ms: float
+    fastmsc_ms: float
+
+    @property
+    def ratio(self) -> float:
+        return self.torch_ms / self.fastmsc_ms
+
+
+def native_bf16() -> bool:
+    """Whether the CPU has bfloat16 arithmetic (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cases(only: dict[str, set], dtypes: list[str]) -> list[Case]:
+    names = list(GRID)
+    values = [[v for v in GRID[name] if name not in only or str(v) in only[name]] for name in names]
+    return [Case(*combo, dtype=dtype) for combo in itertools.product(*values) for dtype in dtypes]
+
+
+def measure(case: Case, reps: int, min_seconds: float, backend: str) -> list[Row]:
+    torch.set_num_threads(case.threads)
+    dtype = getattr(torch, case.dtype)
+    batch_first = case.layout == "batch_first"
+    reference = torch.nn.LSTM(case.H, case.H, batch_first=batch_first, bidirectional=case.D == 2).to(dtype)
+    fast = LSTM(case.H, case.H, batch_first=batch_first, bidirectional=case.D == 2).to(dtype)
+    fast.load_state_dict(reference.state_dict())
+    shape = (case.B, case.T, case.H) if batch_first else (case.T, case.B, case.H)
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+
+    def train(model):
+        def step():
+            out, (h, c) = model(x)
+            (out.sum() + h.sum() + c.sum()).backward()
+        return step
+
+    def infer(model):
+        def step():
+            with torch.no_grad():
+                model(x)
+        return step
+
+    rows = []
+    with fastmsc.use_backend(backend):
+        for mode, make in (("train", train), ("infer", infer)):
+            steps = {"torch": make(reference), "fastmsc": make(fast)}
+            start = time.perf_counter()
+            time_interleaved(steps, "cpu", repeats=1, warmup=1)  # first calls: allocations, oneDNN primitives
+            one_round = max(time.perf_counter() - start, 1e-6) / 2
+            repeats = max(3, min(reps, math.ceil(min_seconds / one_round)))
+            timed = time_interleaved(steps, "cpu", repeats=repeats, warmup=0)
+            for name, result in timed.items():
+                if isinstance(result, Exception):
+                    raise RuntimeError(f"{case.label()} {mode}: {name} raised {result!r}") from result
+            rows.append(Row(case, mode, timed["torch"][0].median_ms, timed["fastmsc"][0].median_ms))
+    return rows
+
+
+def geomean(values) -> float:
+    values = list(values)
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else float("nan")
+
+
+def summary(rows: list[Row]) -> str:
+    lines = []
+    for mode in MODES:
+        ratios = [r.ratio for r in rows if r.mode == mode]
+        if ratios:
+            lines.append(f"{mode}: geomean {geomean(ratios):.2f}x over {len(ratios)} cases, worst {min(ratios):.2f}x, "
+                         f"best {max(ratios):.2f}x, {sum(r < 1 for r in ratios)} below 1.0x")
+    worst = sorted(rows, key=lambda r: r.ratio)[:8]
+    lines.append("worst cases:")
+    lines += [f"  {r.ratio:5.2f}x  {r.mode:<5} {r.case.label()}  (torch {r.torch_ms:.3g} ms, fastmsc "
+              f"{r.fastmsc_ms:.3g} ms)" for r in worst]
+    lines.append("geomean per dimension (train / infer):")
+    for name in (*GRID, "dtype"):
+        parts = []
+        for value in sorted({getattr(r.case, name) for r in rows}, key=str):
+            per_mode = [geomean(r.ratio for r in rows if r.mode == mode and getattr(r.case, name) == value)
+                        for mode in MODES]
+            parts.append(f"{value}: {per_mode[0]:.2f}/{per_mode[1]:.2f}")
+        lines.append(f"  {name:<8} " + "   ".join(parts))
+    return "\n".join(lines)
+
+
+def write_csv(path: str, rows: list[Row], backend: str) -> None:
+    fields = [*asdict(rows[0].case), "mode", "torch_ms", "fastmsc_ms", "ratio", "backend", "cpu", "torch"]
+    new = not os.path.exists(path)
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        for r in rows:
+            writer.writerow({**asdict(r.case), "mode": r.mode, "torch_ms": f"{r.torch_ms:.4f}",
+                             "fastmsc_ms": f"{r.fastmsc_ms:.4f}", "ratio": f"{r.ratio:.4f}", "backend": backend,
+                             "cpu": cpu_name(), "torch": torch.__version__})
+
+
+def parse_only(items: list[str]) -> dict[str, set]:
+    only = {}
+    for item in items:
+        name, _, values = item.partition("=")
+        if name not in GRID or not values:
+            raise SystemExit(f"--only takes NAME=V1,V2 with NAME one of {', '.join(GRID)}; got {item!r}")
+        only[name] = set(values.split(","))
+    return only
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sample", type=int, help="time this many cases drawn at random from the grid")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="+", default=[], metavar="NAME=V1,V2",
+                        help=f"restrict dimensions ({', '.join(GRID)})")
+    parser.add_argument("--dtypes", default="float32", help="comma-separated; bfloat16 needs native CPU support")
+    parser.add_argument("--backend", default="fused", choices=("fused", "auto"))
+    parser.add_argument("--reps", type=int, default=15, help="most timed rounds per case and mode")
+    parser.add_argument("--min-seconds", type=float, default=0.5, help="timed rounds continue until this much time")
+    parser.add_argument("--budget-s", type=float, help="start no case after this many seconds")
+    parser.add_argument("--csv", help="append one row per case and mode")
+    args = parser.parse_args(argv)
+    dtypes = args.dtypes.split(",")
+    if "bfloat16" in dtypes and not native_bf16():
+        print("bfloat16 skipped: this CPU has no native bf16 arithmetic (avx512_bf16 / amx_bf16)", file=sys.stderr)
+        dtypes.remove("bfloat16")
+    chosen = cases(parse_only(args.only), dtypes)
+    if args.sample is not None and args.sample < len(chosen):
+        chosen = random.Random(args.seed).sample(chosen, args.sample)
+    chosen.sort(key=Case.flops)  # cheap first, so a budget cuts the expensive tail
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(f"{cpu_name()}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), backend "
+          f"{args.backend}, {len(chosen)} cases; load average {load}")
+    rows, start = [], time.perf_counter()
+    for case in chosen:
+        if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+            print(f"budget reached: {len(chosen) - len(rows) // 2} cases not timed")
+            break
+        case_rows = measure(case, args.reps, args.min_seconds, args.backend)
+        rows += case_rows
+        print("  ".join(f"{r.mode} {r.ratio:5.2f}x ({r.torch_ms:8.3f} / {r.fastmsc_ms:8.3f} ms)" for r in case_rows)
+              + f"  {case.label()}", flush=True)
+        if args.csv:
+            write_csv(args.csv, case_rows, args.backend)
+    if rows:
+        print(summary(rows))
+    print(f"load average {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
