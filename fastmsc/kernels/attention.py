@@ -44,14 +44,17 @@ forward and the gradients against float64 is 0.30 of test_attention.TOL's float3
 Tiles (the _FWD_BLOCKS, _BWD_BLOCKS and _DQ_BLOCKS tables): chosen so that every launch compiles without register
 spills on sm_80 and sm_90 with the runtime's specialisation (attention_aot records the launchers' real launches,
 tests/test_triton_aot.py compiles them), within the 99 KB of shared memory per block that sm_86/sm_89 GPUs give
-(shared_bytes_bound). Half inputs: BLOCK_M = 128 query rows (64 at D = 256) in the forward and 64 query rows
-against 128 keys (64 at D = 128) in the backward, 8 warps: on sm_90 every product is a wgmma (HGMMA in the SASS).
-At D = 256 the backward's dK/dV accumulators (2 x BLOCK_N x 256 fp32) leave room only for 32 x 32 tiles (64-row
-tiles spill), which run mma.sync (HMMA), not wgmma. fp32 operands take twice the registers and a 3xTF32 product
-splits both of them, so fp32 tiles are smaller (BLOCK_M 32-128, BLOCK_N 16-64) and for BLOCK_D >= 64 the D-long
-products (q kᵀ, dO vᵀ) are sums over 32-wide column strips loaded one at a time (_row_dots, D_CHUNK) instead of one
-product over register-resident (rows, D) tiles; the accumulators (O, dQ, dK, dV) still span the whole head dim.
-Tiles shrink to short sequences (tl.dot's minimum of 16).
+(shared_bytes_bound). Half inputs, 8 warps (4 for the D = 256 dQ kernel): the forward takes BLOCK_M = 128 query rows
+against 64 keys (64 x 64 at D = 256), the backward 128 keys against 64 query rows (32 at D = 64, 64 x 64 at
+D = 128), the dQ kernel 128 x 64 (64 x 64 at D = 128): on sm_90 these products are wgmma (HGMMA in the SASS;
+only the dQ share at D = 64, 32 rows, is mma.sync). At D = 256 the backward's dK/dV accumulators (2 x BLOCK_N x 256
+fp32) leave room only for 32 x 32 tiles (64-row tiles spill), which run mma.sync (HMMA), not wgmma; so do the
+D = 256 dQ kernel's. fp32 operands take twice the registers and a 3xTF32 product splits both, so fp32 tiles are
+smaller (BLOCK_M 16-128, BLOCK_N 16-64; wgmma TF32 where BLOCK_M >= 64) and for BLOCK_D >= 64 the D-long products
+(q kᵀ, dO vᵀ) are sums over 32-wide column strips loaded one at a time (_row_dots, D_CHUNK) instead of one product
+over register-resident (rows, D) tiles; the accumulators (O, dQ, dK, dV) still span the whole head dim. Tiles
+shrink to short sequences (tl.dot's minimum of 16) with the same warps and stages. The tables are tight (several
+entries sit at 240-255 registers on sm_80): a change needs the AOT check again.
 
 Roofline on an H200 (132 SMs, 4.8 TB/s HBM, ~990 TF/s dense bf16, ~495 TF/s TF32), bf16, estimated (no GPU has run
 these kernels yet):
@@ -61,14 +64,16 @@ these kernels yet):
   waves); expected ~35-45% of peak, ~20-25 µs, about SDPA's flash kernel (FlashAttention-2 in torch, ~45-55% at
   D = 256 on Hopper): 0.8-1.0x its speed. Backward: 32-key blocks are too narrow for the partials (16 of them
   would add 268 MB written and read, ~112 µs, to save 8.6 GFLOP, ~9 µs), so 7 products, 14·T²·D·B·H = 30.1 GFLOP
-  (30.4 µs at peak) and ~109 MB (22.7 µs), 2 x 512 programs of 32 x 32 tiles on mma.sync; expected ~20-25% of
-  peak, 120-150 µs, against SDPA's ~70 µs (5 products at ~30%): ~0.5x its speed.
+  (30.4 µs at peak) and ~109 MB (22.7 µs): 512 dK/dV programs (one 8-warp block per SM: 3.9 waves) and 512 dQ
+  programs (two 4-warp blocks per SM: 1.9 waves), 32 x 32 tiles on mma.sync; expected ~20-25% of peak, 120-150 µs,
+  against SDPA's ~70 µs (5 products at ~30%): ~0.5x its speed.
 * B = 32, H = 8, T = 512, D = 64: forward 17.2 GFLOP (17.4 µs at peak) and 67 MB (14 µs), 1024 programs of 128
   rows (two 8-warp blocks per SM: 3.9 waves), wgmma; expected ~45-55%, 32-38 µs, 0.9-1.1x SDPA. Backward with the
   partials: 5 products, 10·T²·D·B·H = 42.9 GFLOP (43.4 µs at peak; ~124 µs at 35%) in 1024 programs of 128 keys
-  (one block per SM: 7.8 waves), 4 partials of 33.6 MB each (134 MB written, then read by the reduction, ~31 µs
-  with dQ's write) and ~151 MB of inputs and gradients: ~160 µs in all, against ~180 µs with the separate dQ
-  kernel (7 products) and SDPA's ~130 µs (5 products with atomic dQ): ~0.8x its speed.
+  against 32-row query steps (one 8-warp block per SM at ~145 registers: 7.8 waves), 4 partials of 33.6 MB each
+  (134 MB written, then read by the reduction, ~31 µs with dQ's write) and ~151 MB of inputs and gradients:
+  ~160 µs in all, against ~180 µs with the separate dQ kernel (7 products) and SDPA's ~130 µs (5 products with
+  atomic dQ): ~0.8x its speed.
 
 fp32 (3xTF32, 165 TF/s peak, 1/6 of bf16's) takes the smaller tiles above and runs ~6x longer than bf16; SDPA has
 no flash kernel for fp32 (it runs the memory-efficient one).
