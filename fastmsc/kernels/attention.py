@@ -44,12 +44,13 @@ forward and the gradients against float64 is 0.30 of test_attention.TOL's float3
 Tiles (the _FWD_BLOCKS, _BWD_BLOCKS and _DQ_BLOCKS tables): chosen so that every launch compiles without register
 spills on sm_80 and sm_90 with the runtime's specialisation (attention_aot records the launchers' real launches,
 tests/test_triton_aot.py compiles them), within the 99 KB of shared memory per block that sm_86/sm_89 GPUs give
-(shared_bytes_bound). Half inputs, 8 warps (4 for the D = 256 dQ kernel): the forward takes BLOCK_M = 128 query rows
-against 64 keys (64 x 64 at D = 256), the backward 128 keys against 64 query rows (32 at D = 64, 64 x 64 at
-D = 128), the dQ kernel 128 x 64 (64 x 64 at D = 128): on sm_90 these products are wgmma (HGMMA in the SASS;
-only the dQ share at D = 64, 32 rows, is mma.sync). At D = 256 the backward's dK/dV accumulators (2 x BLOCK_N x 256
-fp32) leave room only for 32 x 32 tiles (64-row tiles spill), which run mma.sync (HMMA), not wgmma; so do the
-D = 256 dQ kernel's. fp32 operands take twice the registers and a 3xTF32 product splits both, so fp32 tiles are
+(shared_bytes_bound). Half inputs, 8 warps: the forward takes BLOCK_M = 128 query rows against 64 keys (64 x 64 at
+D = 256), the backward 128 keys against 64 query rows (32 at D = 64, 64 x 64 at D = 128), the dQ kernel 128 x 64
+(64 x 64 at D = 128, 64 x 16 at D = 256): on sm_90 these products are wgmma (HGMMA in the SASS; only the dQ share
+at D = 64, 32 rows, is mma.sync; at D = 256 the dQ kernel's 16-key scores are narrow 64x8 wgmma). At D = 256 the
+backward's dK/dV accumulators (2 x BLOCK_N x 256 fp32) leave room only for 32 x 32 tiles (64-key tiles spill 250-
+1100 bytes in every variant tried: 8 or 16 warps, 1 or 2 stages, 64-wide D strips), which run mma.sync (HMMA),
+not wgmma. fp32 operands take twice the registers and a 3xTF32 product splits both, so fp32 tiles are
 smaller (BLOCK_M 16-128, BLOCK_N 16-64; wgmma TF32 where BLOCK_M >= 64) and for BLOCK_D >= 64 the D-long products
 (q kᵀ, dO vᵀ) are sums over 32-wide column strips loaded one at a time (_row_dots, D_CHUNK) instead of one product
 over register-resident (rows, D) tiles; the accumulators (O, dQ, dK, dV) still span the whole head dim. Tiles
@@ -64,9 +65,9 @@ these kernels yet):
   waves); expected ~35-45% of peak, ~20-25 µs, about SDPA's flash kernel (FlashAttention-2 in torch, ~45-55% at
   D = 256 on Hopper): 0.8-1.0x its speed. Backward: 32-key blocks are too narrow for the partials (16 of them
   would add 268 MB written and read, ~112 µs, to save 8.6 GFLOP, ~9 µs), so 7 products, 14·T²·D·B·H = 30.1 GFLOP
-  (30.4 µs at peak) and ~109 MB (22.7 µs): 512 dK/dV programs (one 8-warp block per SM: 3.9 waves) and 512 dQ
-  programs (two 4-warp blocks per SM: 1.9 waves), 32 x 32 tiles on mma.sync; expected ~20-25% of peak, 120-150 µs,
-  against SDPA's ~70 µs (5 products at ~30%): ~0.5x its speed.
+  (30.4 µs at peak) and ~109 MB (22.7 µs): 512 dK/dV programs of 32 x 32 tiles on mma.sync (one 8-warp block
+  per SM: 3.9 waves) and 256 dQ programs of 64 rows on narrow wgmma (one block per SM: 1.9 waves); expected
+  ~20-25% of peak, 120-150 µs, against SDPA's ~70 µs (5 products at ~30%): ~0.5x its speed.
 * B = 32, H = 8, T = 512, D = 64: forward 17.2 GFLOP (17.4 µs at peak) and 67 MB (14 µs), 1024 programs of 128
   rows (two 8-warp blocks per SM: 3.9 waves), wgmma; expected ~45-55%, 32-38 µs, 0.9-1.1x SDPA. Backward with the
   partials: 5 products, 10·T²·D·B·H = 42.9 GFLOP (43.4 µs at peak; ~124 µs at 35%) in 1024 programs of 128 keys
@@ -134,7 +135,7 @@ _DQ_BLOCKS = {
     32: ((128, 64, 32, 8, 2, None), (64, 32, 32, 8, 2, None)),
     64: ((128, 64, 64, 8, 2, None), (64, 32, 32, 8, 2, None)),
     128: ((64, 64, 128, 8, 2, None), (32, 32, 32, 8, 1, None)),
-    256: ((32, 32, 256, 4, 2, None), (16, 32, 32, 8, 1, None)),
+    256: ((64, 16, 256, 8, 2, None), (16, 32, 32, 8, 1, None)),
 }
 # Whether the backward sums dQ from per-key-block partials (5 products) or runs the separate dQ kernel (7
 # products): a partial costs an extra read of T x D x 4 bytes (its write overlaps the compute-bound kernel that
