@@ -115,6 +115,39 @@ def test_separate_dq_kernel_matches_float64_and_the_partials(monkeypatch, dtype)
         assert_close(a.double(), b.double(), f"d{name}, partials vs separate kernel {what}", **TOL[dtype])
 
 
+# TF32 rounds each product's operands to 10 mantissa bits (unit roundoff u = 2^-11, fp16's): float16's row of TOL
+# bounds it. Emulated (operands truncated to TF32, fp32 accumulation) over 440 random cases, D 16-256, T 2-300, the
+# worst error of the output and the gradients against float64 is 0.29 of this bound.
+TF32_TOL = TOL[torch.float16]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the interpreter has no TF32")
+@pytest.mark.parametrize("head_dim", [16, 64, 256], ids=["d16-partials", "d64", "d256"])
+def test_float32_with_tf32_allowed_matches_float64_within_tf32_error(head_dim):
+    """torch.backends.cuda.matmul.allow_tf32 = True: single TF32 products (both dQ paths among the head dims)."""
+    flag = torch.backends.cuda.matmul.allow_tf32
+    draw = Draw()
+    T = draw.int(100, 300)
+    q, k, v, grad_out = (draw.randn(2, 2, T, head_dim).float().cuda() for _ in range(4))
+    lengths = torch.tensor([draw.int(1, T), T], device="cuda")
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert kernels._input_precision(torch.float32) == "tf32"
+        qf, kf, vf = (t.clone().requires_grad_() for t in (q, k, v))
+        with fastmsc.use_backend("fused"):
+            out = kernels.fused(qf, kf, vf, lengths, None)
+        grads = torch.autograd.grad(out, (qf, kf, vf), grad_out)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = flag
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref = attention_reference(q64, k64, v64, lengths, 1 / math.sqrt(head_dim))
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad_out.double())
+    what = f"TF32 T={T} D={head_dim} lengths={lengths.tolist()} {draw.tag()}"
+    assert_close(out.double(), ref, f"output {what}", **TF32_TOL)
+    for name, g, r in zip("qkv", grads, ref_grads, strict=True):
+        assert_close(g.double(), r, f"d{name} {what}", **TF32_TOL)
+
 def test_tf32_only_when_torch_allows_it():
     """fp32 products run on tensor cores: TF32 where torch's fp32 matmuls may use it, else 3xTF32."""
     flag = torch.backends.cuda.matmul.allow_tf32
