@@ -148,6 +148,28 @@ def test_float32_with_tf32_allowed_matches_float64_within_tf32_error(head_dim):
     for name, g, r in zip("qkv", grads, ref_grads, strict=True):
         assert_close(g.double(), r, f"d{name} {what}", **TF32_TOL)
 
+def test_misaligned_views_are_copied_so_every_launch_is_the_aligned_specialisation():
+    """q, k, v sliced from one packed (B, T, 3D + 1) buffer at odd offsets are copied to aligned contiguous tensors
+    (the unhinted specialisation of the half forward at D = 256 spills registers); an aligned tensor, contiguous or
+    a (B, T, H, D).transpose(1, 2) head view, is passed as it is. The AOT cases of such calls carry the
+    divisibility hints of every input pointer."""
+    packed = torch.randn(2, 5, 3 * 256 + 1).to(torch.bfloat16)
+    for i in range(3):
+        view = packed[..., 1 + i * 256:1 + (i + 1) * 256]
+        assert view.data_ptr() % 16 != 0
+        copied = kernels._as_4d(view)
+        assert copied.data_ptr() % 16 == 0 and copied.is_contiguous() and torch.equal(copied[:, 0], view)
+    heads = torch.empty(2, 5, 3 * 64, dtype=torch.bfloat16).view(2, 5, 3, 64).transpose(1, 2)
+    contiguous = torch.empty(2, 5, 256, dtype=torch.bfloat16)
+    assert kernels._as_4d(heads).data_ptr() == heads.data_ptr()
+    assert kernels._as_4d(contiguous).data_ptr() == contiguous.data_ptr()
+    for case in attention_aot.aot_cases():
+        if "misaligned" in case["name"]:
+            hinted = case.get("attrs", {})
+            for pointer in ("Q", "K", "V", "OUT", "DO"):
+                if pointer in case["signature"]:
+                    assert pointer in hinted, (case["name"], pointer)
+
 def test_tf32_only_when_torch_allows_it():
     """fp32 products run on tensor cores: TF32 where torch's fp32 matmuls may use it, else 3xTF32."""
     flag = torch.backends.cuda.matmul.allow_tf32
