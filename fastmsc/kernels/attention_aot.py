@@ -42,14 +42,15 @@ def launches():
     """(label, dtype, batch, steps, head_dim, heads, layout, lengths) of the calls whose launches aot_cases() holds:
 
     * the default model (D = 256, one head, B = 32) at T = 150 with lengths and T = 512 without, in every dtype,
-      and its misaligned-view variant;
+      and its misaligned-view variant (whose views the launchers copy: the same aligned specialisations);
     * every other head-dim bucket (BLOCK_D 16, 32, 64, 128) in every dtype with four heads, T = 150 and lengths;
     * every head-dim bucket in every dtype at T = 4096 (B = 2, one head, no lengths), where every configuration
-      takes the separate dQ kernel (attention.dq_partial_blocks is 0), as the short sequences above do only for
-      key blocks narrower than attention.MIN_PARTIAL_KEYS.
+      takes the separate dQ kernel (attention.dq_partial_blocks is 0), as the short sequences above do for key
+      blocks narrower than attention.MIN_PARTIAL_KEYS and fp32 tiles that read D in strips.
     T >= 128 keeps the full tiles of attention's _FWD_BLOCKS/_BWD_BLOCKS/_DQ_BLOCKS (shorter sequences shrink
     BLOCK_M/BLOCK_N: smaller tiles of the same kernels, with the same warps and stages).
-    float32 compiles with 3xTF32 products, the register-hungrier of its two precisions (TF32 is one product)."""
+    float32 compiles with 3xTF32 products (torch's default), the register-hungrier of its two precisions: TF32
+    launches (one product each, and for some head dims the separate dQ kernel at T = 150) are not compiled here."""
     launches = []
     for dtype in attention._DTYPES:
         name = str(dtype)[6:]
