@@ -52,7 +52,7 @@ at D = 64, 32 rows, is mma.sync; at D = 256 the dQ kernel's 16-key scores are na
 backward's dK/dV accumulators (2 x BLOCK_N x 256 fp32) leave room only for 32 x 32 tiles (64-key tiles spill 250-
 1100 bytes in every variant tried: 8 or 16 warps, 1 or 2 stages, 64-wide D strips), which run mma.sync (HMMA),
 not wgmma. fp32 operands take twice the registers and a 3xTF32 product splits both, so fp32 tiles are
-smaller (BLOCK_M 16-128, BLOCK_N 16-64; wgmma TF32 where BLOCK_M >= 64) and for BLOCK_D >= 64 the D-long products
+smaller (BLOCK_M 16-64, BLOCK_N 16-64; wgmma TF32 where BLOCK_M >= 64) and for BLOCK_D >= 64 the D-long products
 (q kᵀ, dO vᵀ) are sums over 32-wide column strips loaded one at a time (_row_dots, D_CHUNK) instead of one product
 over register-resident (rows, D) tiles; the accumulators (O, dQ, dK, dV) still span the whole head dim. Tiles
 shrink to short sequences (tl.dot's minimum of 16) with the same warps and stages. The tables are tight (several
@@ -102,7 +102,7 @@ _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Shared memory per block the kernels need, checked for every AOT case (tests/test_triton_aot.py): every case, in
 # every dtype and head dim, fits the 99 KB that sm_86/sm_89 GPUs (RTX 30xx/40xx, A10, L4, L40S) give a block in the
-# sm_80 code that those GPUs run (at most 96 KB: the fp32 kernels at head dim 256 and the fp32 dQ kernel at 64-128;
+# sm_80 code that those GPUs run (at most 88 KB, the fp32 dQ kernel at head dims 33-64; the rest within 82 KB;
 # sm_90 code may take more, see shared_bytes_bound). fused_unsupported declines a call whose bound exceeds the
 # device's limit, where Triton would refuse the launch.
 SMALL_SHARED_BYTES = 99 * 1024
@@ -116,11 +116,11 @@ _INTERPRETED = INTERPRETED
 # (BLOCK_M, BLOCK_N, D_CHUNK, num_warps, num_stages, maxnreg) per kernel, by BLOCK_D, for half (fp16/bf16) and fp32
 # operands; maxnreg None leaves ptxas its default. See the module docstring for why these sizes.
 _FWD_BLOCKS = {
-    16: ((128, 64, 16, 8, 3, None), (128, 32, 16, 8, 2, None)),
+    16: ((128, 64, 16, 8, 3, None), (64, 32, 16, 4, 2, None)),
     32: ((128, 64, 32, 8, 3, None), (64, 32, 32, 8, 2, None)),
     64: ((128, 64, 64, 8, 3, None), (64, 32, 32, 8, 2, None)),
-    128: ((128, 64, 128, 8, 2, None), (32, 32, 32, 4, 2, None)),
-    256: ((64, 64, 256, 8, 1, None), (32, 32, 32, 8, 1, None)),
+    128: ((128, 64, 128, 8, 2, None), (32, 32, 32, 8, 2, None)),
+    256: ((64, 64, 256, 8, 1, None), (32, 16, 32, 8, 1, None)),
 }
 # The dK/dV (and dQ-partial) backward: BLOCK_N keys per program, BLOCK_M queries per step.
 _BWD_BLOCKS = {
@@ -128,7 +128,7 @@ _BWD_BLOCKS = {
     32: ((64, 128, 32, 8, 1, None), (32, 32, 32, 8, 1, None)),
     64: ((32, 128, 64, 8, 1, None), (64, 16, 32, 8, 1, None)),
     128: ((64, 64, 128, 8, 2, None), (32, 16, 32, 8, 1, None)),
-    256: ((32, 32, 256, 8, 1, None), (32, 16, 32, 8, 1, None)),
+    256: ((32, 32, 256, 8, 1, None), (16, 16, 32, 8, 1, None)),
 }
 # The separate dQ kernel: BLOCK_M queries per program, BLOCK_N keys per step.
 _DQ_BLOCKS = {
@@ -136,7 +136,7 @@ _DQ_BLOCKS = {
     32: ((128, 64, 32, 8, 2, None), (64, 32, 32, 8, 2, None)),
     64: ((128, 64, 64, 8, 2, None), (64, 32, 32, 8, 2, None)),
     128: ((64, 64, 128, 8, 2, None), (32, 32, 32, 8, 1, None)),
-    256: ((64, 16, 256, 8, 2, None), (16, 32, 32, 8, 1, None)),
+    256: ((64, 16, 256, 8, 2, None), (16, 16, 32, 8, 1, None)),
 }
 # Whether the backward sums dQ from per-key-block partials (5 products) or runs the separate dQ kernel (7
 # products): a partial costs an extra read of T x D x 4 bytes (its write overlaps the compute-bound kernel that

@@ -49,8 +49,7 @@ def launches():
       blocks narrower than attention.MIN_PARTIAL_KEYS and fp32 tiles that read D in strips.
     T >= 128 keeps the full tiles of attention's _FWD_BLOCKS/_BWD_BLOCKS/_DQ_BLOCKS (shorter sequences shrink
     BLOCK_M/BLOCK_N: smaller tiles of the same kernels, with the same warps and stages).
-    float32 compiles with 3xTF32 products (torch's default), the register-hungrier of its two precisions: TF32
-    launches (one product each, and for some head dims the separate dQ kernel at T = 150) are not compiled here."""
+    float32 launches at T = 150 are recorded in both of its precisions, 3xTF32 and TF32 (see aot_cases)."""
     launches = []
     for dtype in attention._DTYPES:
         name = str(dtype)[6:]
@@ -67,10 +66,11 @@ def launches():
 
 
 @contextlib.contextmanager
-def _without_tf32():
-    """torch's fp32 matmul flag off for the recording, so fp32 launches take 3xTF32 whatever the caller set."""
+def _tf32(allowed: bool):
+    """torch's fp32 matmul flag set for the recording (TF32 products when allowed, else 3xTF32), whatever the
+    caller set."""
     flag = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = allowed
     try:
         yield
     finally:
@@ -82,13 +82,17 @@ def aot_cases():
     """The compilations Triton's runtime makes for the launches of :func:`launches`: the launchers _forward
     and _backward run on meta tensors while fastmsc.tools.aot_cases.record_launches records each kernel launch with
     the runtime's specialisation (divisibility hints, constants such as unit strides and H = 1) and the GPU's
-    choices (no interpreter-only upcast). Built on first use, not at import."""
-    with _without_tf32(), record_launches(attention, _INTERPRETED=False) as log:
+    choices (no interpreter-only upcast). float32 launches are recorded with 3xTF32 (torch's default), and those
+    at T = 150 once more with TF32 (torch.backends.cuda.matmul.allow_tf32), which changes the products and, for
+    some head dims, the dQ path. Built on first use, not at import."""
+    with record_launches(attention, _INTERPRETED=False) as log:
         for label, dtype, batch, steps, head_dim, heads, layout, with_lengths in launches():
-            log.label = label
-            q, k, v = _inputs(dtype, batch, steps, head_dim, heads, layout)
-            lengths = torch.empty(batch, dtype=torch.int64, device="meta") if with_lengths else None
-            scale = 1.0 / math.sqrt(head_dim)
-            out, lse = attention._forward(q, k, v, lengths, scale)
-            attention._backward(torch.empty_like(out), q, k, v, out, lse, lengths, scale)
+            for tf32 in (False, True) if dtype == torch.float32 and steps == 150 else (False,):
+                log.label = f"{label} tf32" if tf32 else label
+                q, k, v = _inputs(dtype, batch, steps, head_dim, heads, layout)
+                lengths = torch.empty(batch, dtype=torch.int64, device="meta") if with_lengths else None
+                scale = 1.0 / math.sqrt(head_dim)
+                with _tf32(tf32):
+                    out, lse = attention._forward(q, k, v, lengths, scale)
+                    attention._backward(torch.empty_like(out), q, k, v, out, lse, lengths, scale)
     return log.cases
