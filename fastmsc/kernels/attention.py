@@ -114,7 +114,9 @@ _INTERPRETED = INTERPRETED
 # ----------------------------------------------------------------------------------------------- launch settings
 
 # (BLOCK_M, BLOCK_N, D_CHUNK, num_warps, num_stages, maxnreg) per kernel, by BLOCK_D, for half (fp16/bf16) and fp32
-# operands; maxnreg None leaves ptxas its default. See the module docstring for why these sizes.
+# operands. See the module docstring for why these sizes. maxnreg None leaves ptxas its default: every entry
+# compiles without spills so (maxnreg=255 on the fp32 entries made ptxas take all 255 registers and spill 8-32
+# bytes in several of them).
 _FWD_BLOCKS = {
     16: ((128, 64, 16, 8, 3, None), (64, 32, 16, 4, 2, None)),
     32: ((128, 64, 32, 8, 3, None), (64, 32, 32, 8, 2, None)),
