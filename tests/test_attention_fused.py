@@ -148,6 +148,7 @@ def test_float32_with_tf32_allowed_matches_float64_within_tf32_error(head_dim):
     for name, g, r in zip("qkv", grads, ref_grads, strict=True):
         assert_close(g.double(), r, f"d{name} {what}", **TF32_TOL)
 
+
 def test_misaligned_views_are_copied_so_every_launch_is_the_aligned_specialisation():
     """q, k, v sliced from one packed (B, T, 3D + 1) buffer at odd offsets are copied to aligned contiguous tensors
     (the unhinted specialisation of the half forward at D = 256 spills registers); an aligned tensor, contiguous or
