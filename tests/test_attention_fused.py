@@ -97,6 +97,18 @@ def test_dq_partials_over_several_key_blocks_match_float64_and_reproduce(monkeyp
         assert torch.equal(a, b), f"d{name} differs between two identical backward passes: {what}"
 
 
+def test_dq_partials_with_the_launch_tables_full_tiles_match_float64():
+    """The tables' own backward tiles, not shrunk: bfloat16 at D = 64 (128 keys per program, 32-row query steps)
+    over two key blocks, the second partial, with a length ending in the first."""
+    draw = Draw()
+    T, D = draw.odd(131, 161), 64
+    assert kernels._blocks(kernels._BWD_BLOCKS, D, torch.bfloat16, T)[1] == 128
+    assert kernels.dq_partial_blocks(D, torch.bfloat16, T) == 2
+    q, k, v, grad_out = (draw.randn(2, 2, T, D).to(torch.bfloat16) for _ in range(4))
+    lengths = torch.tensor([T, draw.int(40, 127)])
+    _grads_against_float64(q, k, v, lengths, grad_out, f"bf16 T={T} lengths={lengths.tolist()} {draw.tag()}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 def test_separate_dq_kernel_matches_float64_and_the_partials(monkeypatch, dtype):
     """The backward's other dQ path (the separate dQ kernel, taken for narrow key blocks and long sequences),
