@@ -221,13 +221,13 @@ def test_auto_picks_fused_on_cuda(name):
     assert fastmsc.info()["ops"][name]["cuda"]["auto"] == "fused"
 
 
-def test_attention_declines_float32_wide_heads_only_where_shared_memory_is_short():
+def test_attention_declines_only_where_shared_memory_is_short():
     from fastmsc.kernels import attention as kernels
     limit = kernels._device_shared_bytes(torch.device(DEVICE))
     assert 48 * 1024 <= limit <= 256 * 1024, limit
     q = torch.empty(1, 4, 256, device=DEVICE)
     reason = kernels.fused_unsupported("cuda", q=q, k=q, v=q, lengths=None, scale=None)
-    assert (reason is None) == (limit >= kernels.LARGE_SHARED_BYTES), (limit, reason)
+    assert (reason is None) == (limit >= kernels.shared_bytes_bound(q.dtype, 256)), (limit, reason)
     half = q.to(torch.bfloat16)
     assert kernels.fused_unsupported("cuda", q=half, k=half, v=half, lengths=None, scale=None) is None
 

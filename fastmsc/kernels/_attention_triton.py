@@ -1,6 +1,7 @@
 """The Triton kernels of the fused attention (:mod:`fastmsc.kernels.attention` holds their design, launchers and
 custom ops). Shapes follow that module: Q, K, V, O (B, H, T, D) by strides, LSE and delta (B, H, T) fp32 in base-2
-units of the scaled scores; head dim D padded to BLOCK_D with masked loads."""
+units of the scaled scores; head dim D padded to BLOCK_D with masked loads; the dQ partials (n_key_blocks, B, H, T,
+D) fp32, contiguous."""
 
 import triton
 import triton.language as tl
@@ -37,13 +38,34 @@ def _dot_operand(x, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
+def _tf32_head(x):
+    """x with the 13 low mantissa bits cleared: exactly a TF32 value, and x - head is exact in fp32."""
+    return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mm(a, b, acc, INPUT_PRECISION: tl.constexpr):
+    """a @ b (+ acc) in fp32. "tf32x3": three TF32 tensor-core products of the operands' TF32 heads and tails,
+    head·tail + tail·head + head·head (the tail·tail term, ~2^-22 relative, is dropped), written out here
+    instead of tl.dot's own "tf32x3", whose lowering keeps all four split operands live and spills at these
+    tiles (the heads are recomputed from a and b, one AND each, rather than held)."""
+    if INPUT_PRECISION == "tf32x3":
+        acc = tl.dot(a - _tf32_head(a), _tf32_head(b), acc, input_precision="tf32")
+        acc = tl.dot(_tf32_head(a), b - _tf32_head(b), acc, input_precision="tf32")
+        acc = tl.dot(_tf32_head(a), _tf32_head(b), acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _row_dots(A, rows_a, a_ok, stride_at, stride_ad, B, rows_b, b_ok, stride_bt, stride_bd,
               ROWS_A: tl.constexpr, ROWS_B: tl.constexpr, HEAD_DIM: tl.constexpr, D_CHUNK: tl.constexpr,
               INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
-    """A[rows_a, :HEAD_DIM] @ B[rows_b, :HEAD_DIM]^T as a (ROWS_A, ROWS_B) fp32 tile, summed over D_CHUNK-wide
-    column strips loaded one at a time: an IEEE fp32 tl.dot runs on FMA units and holds each thread's operand rows
-    and columns over the whole reduction in registers, so one dot over a long D (128 or 256, for some tiles even
-    64) spills, while 32-wide strips do not. Rows outside a_ok / b_ok load as zeros."""
+    """A[rows_a, :HEAD_DIM] @ B[rows_b, :HEAD_DIM]ᵀ as a (ROWS_A, ROWS_B) fp32 tile, summed over D_CHUNK-wide
+    column strips loaded one at a time (rows outside a_ok / b_ok load as zeros). For fp32 operands: a 3xTF32
+    tl.dot splits each operand into a TF32 head and tail held side by side in registers, so one dot over a
+    register-resident (rows, 128 or 256) fp32 tile spills, while 32-wide strips (reloaded from L1/L2) do not."""
     acc = tl.zeros([ROWS_A, ROWS_B], dtype=tl.float32)
     offs_c = tl.arange(0, D_CHUNK)
     for start_d in tl.static_range(0, HEAD_DIM, D_CHUNK):
@@ -51,7 +73,7 @@ def _row_dots(A, rows_a, a_ok, stride_at, stride_ad, B, rows_b, b_ok, stride_bt,
         col_ok = cols < HEAD_DIM
         a = _dot_operand(_load_tile(A, rows_a, a_ok, stride_at, cols, col_ok, stride_ad), DOT_FP32)
         b = _dot_operand(_load_tile(B, rows_b, b_ok, stride_bt, cols, col_ok, stride_bd), DOT_FP32)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION)
+        acc = _mm(a, tl.trans(b), acc, INPUT_PRECISION)
     return acc
 
 
@@ -61,8 +83,7 @@ def _fwd_key_block(acc, l_i, m_i, q, Q, K, V, offs_m, row_in, stride_qt, stride_
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    D_CHUNK: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
     """One online-softmax step over keys [start_n, start_n + BLOCK_N); MASK_KEYS only for the last, partial block.
-    With D_CHUNK < BLOCK_D the scores read q and k in column strips (q is then not held in registers: its strips
-    are loop-invariant loads, which the compiler may stage once in shared memory)."""
+    With D_CHUNK < BLOCK_D the scores read q and k in column strips (q is then not held in registers)."""
     cols = start_n + offs_n
     key_ok = cols < seq_len
     if D_CHUNK < BLOCK_D:
@@ -73,7 +94,7 @@ def _fwd_key_block(acc, l_i, m_i, q, Q, K, V, offs_m, row_in, stride_qt, stride_
         # k and v issued together, ahead of the first dot: the software pipeliner then stages both.
         k = _load_tile(K, cols, key_ok, stride_kt, offs_d, d_ok, stride_kd)
         v = _load_tile(V, cols, key_ok, stride_vt, offs_d, d_ok, stride_vd)
-        s = tl.dot(q, tl.trans(_dot_operand(k, DOT_FP32)), input_precision=INPUT_PRECISION) * qk_scale
+        s = _mm(q, tl.trans(_dot_operand(k, DOT_FP32)), None, INPUT_PRECISION) * qk_scale
     if MASK_KEYS:
         s = tl.where(key_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -84,7 +105,7 @@ def _fwd_key_block(acc, l_i, m_i, q, Q, K, V, offs_m, row_in, stride_qt, stride_
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     p_op = _dot_operand(p.to(V.dtype.element_ty), DOT_FP32)
-    acc = tl.dot(p_op, _dot_operand(v, DOT_FP32), acc, input_precision=INPUT_PRECISION)
+    acc = _mm(p_op, _dot_operand(v, DOT_FP32), acc, INPUT_PRECISION)
     return acc, l_i, m_new
 
 
@@ -166,21 +187,27 @@ def _attention_bwd_delta_kernel(
 
 
 @triton.jit
-def _attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, LENGTHS,
+def _attention_bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_PART, LENGTHS,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dkb, stride_dkh, stride_dkt, stride_dkd,
     stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+    stride_part,
     H, T, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, DQ_PARTIAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):
-    """dK and dV for BLOCK_N keys of one (batch, head), looping over the query blocks (transposed scores).
-    With D_CHUNK < BLOCK_D, k and v are not held in registers: the two D-long products read k, v, q and dO in
-    column strips, and only the dK/dV accumulators span the whole head dim."""
+    """dK and dV for BLOCK_N keys of one (batch, head), looping over the query blocks with transposed scores
+    (keys along rows): Sᵀ = K Qᵀ, Pᵀ = exp2(Sᵀ·qk_scale - LSE), dV += Pᵀ dO, dPᵀ = V dOᵀ, dSᵀ = Pᵀ ⊙ (dPᵀ - delta),
+    dK += dSᵀ Q. With DQ_PARTIAL, also this key block's unscaled share of dQ, dS K (BLOCK_M, D) per query block,
+    stored in fp32 to DQ_PART[pid_n, b, h] (slot stride ``stride_part`` = B·H·T·HEAD_DIM elements): the fifth
+    product, summed over the key blocks by _attention_bwd_dq_reduce_kernel. Without it dQ is left to
+    _attention_bwd_dq_kernel. With D_CHUNK < BLOCK_D, k and v are not held in registers: Sᵀ and dPᵀ read k, v, q
+    and dO in column strips (such configurations take no dQ partials)."""
     pid_n, pid_bh, b, h, seq_len = _program(T, H, LENGTHS, BLOCK_N, HAS_LENGTHS)
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
@@ -190,6 +217,10 @@ def _attention_bwd_dkdv_kernel(
     DV += b * stride_dvb + h * stride_dvh
     LSE += pid_bh.to(tl.int64) * T
     DELTA += pid_bh.to(tl.int64) * T
+    # The dQ share multiplies by the whole (BLOCK_N, BLOCK_D) k tile: strip-reading configurations have no room for it.
+    tl.static_assert(not DQ_PARTIAL or D_CHUNK == BLOCK_D)
+    if DQ_PARTIAL:
+        DQ_PART += pid_n.to(tl.int64) * stride_part + pid_bh.to(tl.int64) * T * HEAD_DIM
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -203,37 +234,41 @@ def _attention_bwd_dkdv_kernel(
         v = _dot_operand(_load_tile(V, offs_n, key_ok, stride_vt, offs_d, d_ok, stride_vd), DOT_FP32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    # Only query rows below the length see any key; keys past the length get zero gradients (stored below).
+    # Only query rows below the length see any key; keys past the length get zero gradients (stored below) and
+    # a key block wholly past the length writes no dQ partial (the reduction stops before it).
     q_end = tl.where(pid_n * BLOCK_N < seq_len, seq_len, 0)
     for start_m in range(0, q_end, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < seq_len
-        q = _load_tile(Q, rows, row_ok, stride_qt, offs_d, d_ok, stride_qd)
-        do = _load_tile(DO, rows, row_ok, stride_dot, offs_d, d_ok, stride_dod)
+        q = _dot_operand(_load_tile(Q, rows, row_ok, stride_qt, offs_d, d_ok, stride_qd), DOT_FP32)
+        do = _dot_operand(_load_tile(DO, rows, row_ok, stride_dot, offs_d, d_ok, stride_dod), DOT_FP32)
         lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
-        q = _dot_operand(q, DOT_FP32)
-        do = _dot_operand(do, DOT_FP32)
         if D_CHUNK < BLOCK_D:
             s_t = _row_dots(K, offs_n, key_ok, stride_kt, stride_kd, Q, rows, row_ok, stride_qt, stride_qd, BLOCK_N,
                             BLOCK_M, HEAD_DIM, D_CHUNK, INPUT_PRECISION, DOT_FP32)
         else:
-            s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)
+            s_t = _mm(k, tl.trans(q), None, INPUT_PRECISION)
         # Rows with LSE = +inf (past the length, or no valid key) get p = 0 and so contribute nothing; a row past
-        # the length is selected away as well, as its zero-loaded q meets an infinite key as 0 * inf = NaN.
-        p_t = tl.where(row_ok[None, :], tl.exp2(s_t * qk_scale - lse[None, :]), 0.0)
+        # the length is selected away as well, as its zero-loaded q meets an infinite key as 0 * inf = NaN. Keys
+        # past the length (zero-loaded, score 0) are selected away for the dQ share, which sums over keys.
+        p_t = tl.where(key_ok[:, None] & row_ok[None, :], tl.exp2(s_t * qk_scale - lse[None, :]), 0.0)
         p_op = _dot_operand(p_t.to(DO.dtype.element_ty), DOT_FP32)
-        dv = tl.dot(p_op, do, dv, input_precision=INPUT_PRECISION)
+        dv = _mm(p_op, do, dv, INPUT_PRECISION)
         if D_CHUNK < BLOCK_D:
             dp_t = _row_dots(V, offs_n, key_ok, stride_vt, stride_vd, DO, rows, row_ok, stride_dot, stride_dod,
                              BLOCK_N, BLOCK_M, HEAD_DIM, D_CHUNK, INPUT_PRECISION, DOT_FP32)
         else:
-            dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+            dp_t = _mm(v, tl.trans(do), None, INPUT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         ds_op = _dot_operand(ds_t.to(Q.dtype.element_ty), DOT_FP32)
-        dk = tl.dot(ds_op, q, dk, input_precision=INPUT_PRECISION)
+        dk = _mm(ds_op, q, dk, INPUT_PRECISION)
+        if DQ_PARTIAL:
+            dq = _mm(tl.trans(ds_op), k, None, INPUT_PRECISION)
+            # Rows past the length are never read by the reduction (which writes their zeros itself).
+            tl.store(DQ_PART + rows[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=row_ok[:, None] & d_ok[None, :])
 
-    # Row j of dK/dV depends only on key j, so keys past the length (never masked above) are zeroed here.
+    # Row j of dK/dV depends only on key j, so keys past the length (masked above) are written as zeros here.
     dk = tl.where(key_ok[:, None], dk * sm_scale, 0.0)
     dv = tl.where(key_ok[:, None], dv, 0.0)
     out_mask = key_in[:, None] & d_ok[None, :]
@@ -244,6 +279,34 @@ def _attention_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _attention_bwd_dq_reduce_kernel(
+    DQ_PART, DQ, LENGTHS,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    stride_part,
+    H, T, sm_scale,
+    HEAD_DIM: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    KEY_BLOCK: tl.constexpr,
+):
+    """dQ[b, h, rows] = sm_scale · Σ_j DQ_PART[j, b, h, rows] over the key blocks j that start below the length,
+    in increasing j (a fixed order, so dQ is bitwise reproducible); rows past the length are written as zeros."""
+    pid_m, pid_bh, b, h, seq_len = _program(T, H, LENGTHS, BLOCK_M, HAS_LENGTHS)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < seq_len
+    part = DQ_PART + pid_bh.to(tl.int64) * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    mask = row_ok[:, None] & d_ok[None, :]
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for _ in range(0, tl.cdiv(seq_len, KEY_BLOCK)):
+        dq += tl.load(part, mask=mask, other=0.0)
+        part += stride_part  # a 64-bit pointer step: the slots together may pass 2^31 elements
+    dq = tl.where(row_ok[:, None], dq * sm_scale, 0.0)
+    DQ += b * stride_dqb + h * stride_dqh
+    tl.store(DQ + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
+             mask=(offs_m < T)[:, None] & d_ok[None, :])
+
+
+@triton.jit
 def _dq_key_block(dq, q, do, lse, delta, Q, DO, K, V, offs_m, row_in, row_ok, stride_qt, stride_qd, stride_dot,
                   stride_dod, stride_kt, stride_kd, stride_vt, stride_vd, start_n, seq_len, qk_scale, offs_n, offs_d,
                   d_ok, MASK_KEYS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -251,29 +314,22 @@ def _dq_key_block(dq, q, do, lse, delta, Q, DO, K, V, offs_m, row_in, row_ok, st
                   DOT_FP32: tl.constexpr):
     cols = start_n + offs_n
     key_ok = cols < seq_len
-    kv_mask = key_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + cols[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-    if DOT_FP32:
-        k = k.to(tl.float32)
+    k = _dot_operand(_load_tile(K, cols, key_ok, stride_kt, offs_d, d_ok, stride_kd), DOT_FP32)
     if D_CHUNK < BLOCK_D:
         s = _row_dots(Q, offs_m, row_in, stride_qt, stride_qd, K, cols, key_ok, stride_kt, stride_kd, BLOCK_M,
                       BLOCK_N, HEAD_DIM, D_CHUNK, INPUT_PRECISION, DOT_FP32)
         dp = _row_dots(DO, offs_m, row_ok, stride_dot, stride_dod, V, cols, key_ok, stride_vt, stride_vd, BLOCK_M,
                        BLOCK_N, HEAD_DIM, D_CHUNK, INPUT_PRECISION, DOT_FP32)
     else:
-        v = tl.load(V + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        if DOT_FP32:
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        v = _dot_operand(_load_tile(V, cols, key_ok, stride_vt, offs_d, d_ok, stride_vd), DOT_FP32)
+        s = _mm(q, tl.trans(k), None, INPUT_PRECISION)
+        dp = _mm(do, tl.trans(v), None, INPUT_PRECISION)
     p = tl.exp2(s * qk_scale - lse[:, None])
     if MASK_KEYS:  # keys past the length were loaded as zeros, which would still score exp2(-lse) > 0
         p = tl.where(key_ok[None, :], p, 0.0)
     ds = p * (dp - delta[:, None])
-    ds_op = ds.to(K.dtype.element_ty)
-    if DOT_FP32:
-        ds_op = ds_op.to(tl.float32)
-    return tl.dot(ds_op, k, dq, input_precision=INPUT_PRECISION)
+    ds_op = _dot_operand(ds.to(K.dtype.element_ty), DOT_FP32)
+    return _mm(ds_op, k, dq, INPUT_PRECISION)
 
 
 @triton.jit
@@ -288,14 +344,10 @@ def _attention_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """dQ for BLOCK_M queries of one (batch, head), looping over the key blocks. With D_CHUNK < BLOCK_D, q and dO
-    are not held in registers: the two D-long products read them (and k, v) in column strips."""
-    num_m = tl.cdiv(T, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = pid % num_m
-    pid_bh = pid // num_m
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    """dQ for BLOCK_M queries of one (batch, head), looping over the key blocks (S and dP recomputed: three
+    products). Only for sequences with too many key blocks for the dQ partials (see attention._backward). With
+    D_CHUNK < BLOCK_D, q and dO are not held in registers: S and dP read them (and k, v) in column strips."""
+    pid_m, pid_bh, b, h, seq_len = _program(T, H, LENGTHS, BLOCK_M, HAS_LENGTHS)
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
@@ -303,9 +355,6 @@ def _attention_bwd_dq_kernel(
     DQ += b * stride_dqb + h * stride_dqh
     LSE += pid_bh.to(tl.int64) * T
     DELTA += pid_bh.to(tl.int64) * T
-    seq_len = T
-    if HAS_LENGTHS:
-        seq_len = tl.minimum(tl.load(LENGTHS + b).to(tl.int32), T)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -317,13 +366,8 @@ def _attention_bwd_dq_kernel(
         q = 0.0  # the scores reload q and dO strip by strip
         do = 0.0
     else:
-        q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                    mask=row_in[:, None] & d_ok[None, :], other=0.0)
-        do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        if DOT_FP32:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q = _dot_operand(_load_tile(Q, offs_m, row_in, stride_qt, offs_d, d_ok, stride_qd), DOT_FP32)
+        do = _dot_operand(_load_tile(DO, offs_m, row_ok, stride_dot, offs_d, d_ok, stride_dod), DOT_FP32)
     lse = tl.load(LSE + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -341,8 +385,7 @@ def _attention_bwd_dq_kernel(
                            INPUT_PRECISION, DOT_FP32)
     dq = dq * sm_scale
     # Rows past the length get zeros, stored apart from the computed rows: there p = 0, but p * (dp - delta) is
-    # NaN when a valid key or value (read by dp = dO vᵀ) or the row's own padded query is non-finite. (Selecting
-    # the zeros into dq instead costs registers the float16/bfloat16 and float32 variants do not have.)
+    # NaN when a valid key or value (read by dp = dO vᵀ) or the row's own padded query is non-finite.
     dq_ptrs = DQ + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(dq_ptrs, tl.zeros([BLOCK_M, BLOCK_D], dtype=DQ.dtype.element_ty),
