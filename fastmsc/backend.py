@@ -8,7 +8,8 @@ which one runs:
 * ``torch``: the fastest composition of stock PyTorch ops; what a user writes without fastmsc.
 * ``fused``: Triton kernels and the compiled extension; an error if the op cannot run fused.
 * ``auto``: ``fused`` where it supports the tensors' device and arguments and was not measured slower than
-  ``torch`` on this GPU (the dispatch table of :mod:`fastmsc.dispatch`), else ``torch``.
+  ``torch`` on this GPU (the dispatch table of :mod:`fastmsc.dispatch`), nor, where unmeasured, expected slower by
+  the kernels' design estimate; else ``torch``.
 """
 
 from __future__ import annotations
@@ -143,7 +144,10 @@ class Op:
       run Triton kernels in the interpreter (only when the user forced backend 'fused');
     * optionally ``prepare(*, fallback, **call_args)``: readies the fused path for a call about to run it (loading
       or building a compiled extension), returns None or why it cannot run; ``fallback`` says the caller then runs
-      ``torch``; ``call_args`` are the call's arguments, none when it is asked about the device in general.
+      ``torch``; ``call_args`` are the call's arguments, none when it is asked about the device in general;
+    * optionally ``expected_slower(device_type, **call_args)``: a sentence where the kernels' own design estimate
+      expects them to be slower than ``torch`` for such calls, else None. ``auto`` follows it where the dispatch
+      table has no measurement, so that an unmeasured fused path never makes a user slower by design.
     """
 
     name: str
@@ -153,6 +157,7 @@ class Op:
     fused_unsupported: Callable[..., str | None] | None = None
     fused_prepare: Callable[..., str | None] | None = None
     load_error: str | None = field(default=None, repr=False)
+    fused_expected_slower: Callable[..., str | None] | None = None
 
     def why_not_fused(self, device_type: str, *, allow_interpreter: bool | None = None, **call_args) -> str | None:
         """Why the fused path cannot run these arguments on ``device_type``, or None. ``allow_interpreter`` None
@@ -164,6 +169,13 @@ class Op:
         if allow_interpreter is None:
             allow_interpreter = get_backend() == "fused"
         return self.fused_unsupported(device_type, allow_interpreter=allow_interpreter, **call_args)
+
+    def expected_slower(self, device_type: str, **call_args) -> str | None:
+        """Why the kernels' design estimate expects the fused path to be slower than ``torch`` for these arguments
+        (``auto`` then runs torch where the dispatch table has no measurement), or None."""
+        if self.fused_expected_slower is None:
+            return None
+        return self.fused_expected_slower(device_type, **call_args)
 
     def prepare_fused(self, *, fallback: bool, **call_args) -> None:
         """Ready the fused path for a call about to run it (``fused_prepare``: e.g. load or build a compiled
@@ -187,7 +199,9 @@ class Op:
             if backend == "auto":
                 tensors = list(_tensors(call_args.values()))
                 entry = dispatch.lookup(self.name, tensors[0], tensors) if tensors else None
-                if entry is not None and entry.choice == "torch":
+                if entry is not None:
+                    return self.torch if entry.choice == "torch" else self.fused
+                if self.expected_slower(device_type, **call_args) is not None:
                     return self.torch
             return self.fused
         if backend == "fused":

@@ -21,20 +21,22 @@ def _triton_version() -> str | None:
     return triton.__version__
 
 
-def _dispatch_for(op_name: str, device: str) -> tuple[list[dict], str]:
-    """The measured dispatch entries that apply to ``op_name`` on ``device`` and a sentence on where they come from."""
+def _dispatch_for(op_name: str, device: str, unmeasured: str = "fused wherever supported") -> tuple[list[dict], str]:
+    """The measured dispatch entries that apply to ``op_name`` on ``device`` and a sentence on where they come from;
+    ``unmeasured``: what runs where nothing was measured."""
     if device != "cuda":
-        return [], "no dispatch measurements on CPU: fused wherever supported"
+        return [], f"no dispatch measurements on CPU: {unmeasured}"
     if (error := dispatch.table_error()) is not None:
-        return [], f"dispatch table unreadable ({error}): fused wherever supported"
+        return [], f"dispatch table unreadable ({error}): {unmeasured}"
     capability = compute_capability(torch.device("cuda"))
     entries = dispatch.entries_for(op_name, capability)
     if not entries:
-        return [], f"no dispatch measurements for sm_{capability} (this GPU): fused wherever supported"
+        return [], f"no dispatch measurements for sm_{capability} (this GPU): {unmeasured}"
     gpus = sorted({e.gpu for e in entries})
     candidate, baseline = dispatch.choices_for(op_name)
     return ([{**asdict(e), "why": e.why()} for e in entries],
-            f"measured on {', '.join(gpus)} (sm_{capability}): {baseline} where {candidate} was slower")
+            f"measured on {', '.join(gpus)} (sm_{capability}): {baseline} where {candidate} was slower; "
+            f"elsewhere {unmeasured}")
 
 
 # What each FASTMSC_LSTM_IMPL value runs on a GPU (fastmsc.backend.LSTM_IMPLS; the limit is
@@ -75,9 +77,13 @@ def info() -> dict:
         per_device = {}
         for device in devices:
             reason = op.why_not_fused(device)
-            entries, note = _dispatch_for(name, device) if reason is None else ([], "")
+            slower = op.expected_slower(device) if reason is None else None
+            unmeasured = "fused wherever supported" if slower is None else f"torch, as {slower}"
+            entries, note = _dispatch_for(name, device, unmeasured) if reason is None else ([], "")
             if reason is not None:
                 auto = "torch"
+            elif slower is not None:  # unmeasured sizes run torch
+                auto = "torch or fused by measurement" if any(e["choice"] == "fused" for e in entries) else "torch"
             elif any(e["choice"] == "torch" for e in entries):  # unmeasured sizes still run fused
                 auto = "fused or torch by measurement"
             else:

@@ -211,14 +211,18 @@ def _sample_args(name: str, draw) -> dict:
 
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_auto_picks_fused_on_cuda(name):
+    """auto runs fused on CUDA wherever it can, except where the kernels' design estimate expects torch to be faster
+    (attention, until the dispatch table measures otherwise; the shipped table measures nothing)."""
     if name == "lstm_layer":
         _skip_without_lstm_extension()
     op = OPS[name]
+    args = _sample_args(name, Draw())
+    expected_slower = op.expected_slower("cuda", **args)
     with fastmsc.use_backend("auto"):
-        reason = op.why_not_fused("cuda", **_sample_args(name, Draw()))
+        reason = op.why_not_fused("cuda", **args)
         assert reason is None, f"auto does not pick fused for {name} on CUDA: {reason}"
-        assert op.select("cuda", **_sample_args(name, Draw())) is op.fused
-    assert fastmsc.info()["ops"][name]["cuda"]["auto"] == "fused"
+        assert op.select("cuda", **args) is (op.fused if expected_slower is None else op.torch)
+    assert fastmsc.info()["ops"][name]["cuda"]["auto"] == ("fused" if expected_slower is None else "torch")
 
 
 def test_attention_declines_only_where_shared_memory_is_short():

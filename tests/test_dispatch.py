@@ -174,6 +174,27 @@ def test_auto_follows_the_table_per_mode_dtype_and_size(table, monkeypatch):
     assert picked(small) == "fused"  # measured on another GPU: no data for this one
 
 
+def test_auto_follows_the_design_estimate_only_where_unmeasured(table, monkeypatch):
+    """An op whose kernels' design estimate expects them slower than torch (attention on CUDA) runs torch under
+    auto where the table is silent, fused where the table measured fused faster; backend 'fused' forces it."""
+    op = OPS["attention"]
+    monkeypatch.setattr(op, "why_not_fused", lambda device_type, **kw: None)
+    with FakeTensorMode():
+        q = torch.empty(32, 512, 64, device="cuda")  # 1M elements: bucket 2^20
+        long = torch.empty(32, 4096, 64, device="cuda")  # bucket 2^22
+
+    def picked(x):
+        return "fused" if op.select("cuda", q=x, k=x, v=x, lengths=None, scale=None) is op.fused else "torch"
+
+    table([_entry(op="attention", bucket="2^20", choice="fused", fused_ms=0.5)])
+    assert op.expected_slower("cuda") is not None and op.expected_slower("cpu") is None
+    assert picked(q) == "fused"  # measured faster
+    assert picked(long) == "torch"  # unmeasured: the design estimate
+    with fastmsc.use_backend("fused"):
+        assert picked(long) == "fused"
+    assert OPS["max_avg_pool"].expected_slower("cuda") is None  # the others expect to win by design
+
+
 def test_the_lstm_and_conv_look_up_their_main_input(table, monkeypatch):
     """Ops whose weights come in lists: the size bucket is the main input's (x), not a weight's."""
     op = OPS["multiscale_conv1d"]
@@ -201,8 +222,11 @@ def test_info_shows_the_measured_choices_for_this_gpu(table, monkeypatch):
     assert pool["auto"] == "fused or torch by measurement"
     assert "measured on NVIDIA H200 (sm_90)" in pool["dispatch_note"]
     assert [(e["bucket"], e["choice"]) for e in pool["dispatch"]] == [("2^20", "torch"), ("2^22", "fused")]
-    attention = data["ops"]["attention"]["cuda"]
-    assert attention["auto"] == "fused" and "no dispatch measurements for sm_90" in attention["dispatch_note"]
+    attention = data["ops"]["attention"]["cuda"]  # unmeasured, and its design estimate expects SDPA to be faster
+    assert attention["auto"] == "torch" and "no dispatch measurements for sm_90 (this GPU): torch, as the design " \
+        "estimate puts these kernels at" in attention["dispatch_note"]
+    conv = data["ops"]["multiscale_conv1d"]["cuda"]
+    assert conv["auto"] == "fused" and conv["dispatch_note"].endswith("fused wherever supported")
     text = info_module.format_info(data)
     assert "float32 fwd size 2^20: torch  (fused 2 ms vs torch 1 ms (0.50x) on NVIDIA H200" in text
 

@@ -369,6 +369,16 @@ def fused_unsupported(device_type: str, *, allow_interpreter: bool = False, **ca
     return None
 
 
+def expected_slower(device_type: str, **call_args) -> str | None:
+    """On CUDA, the design estimate of the module docstring: 0.8-1.0x SDPA's flash kernel forward and 0.5-0.8x
+    backward on an H200, so backend ``auto`` runs SDPA wherever the dispatch table has not measured the kernels
+    faster (``fastmsc bench --device cuda --write-dispatch``). Elsewhere (the interpreter) no estimate applies."""
+    if device_type != "cuda":
+        return None
+    return ("the design estimate puts these kernels at 0.8-1.0x SDPA's flash kernel forward and 0.5-0.8x backward "
+            "on an H200, and no measurement on this GPU says otherwise")
+
+
 def shared_bytes_bound(dtype: torch.dtype, head_dim: int) -> int:
     """Most shared memory per block that any attention kernel takes for this dtype and head dim on GPUs before
     Hopper (sm_80 code, which sm_86/sm_89 run too): SMALL_SHARED_BYTES for every one since the 3xTF32 redesign

@@ -80,7 +80,7 @@ def sdpa_backend(q, k, v, lengths=None, scale=None) -> str:
 
 OP = register(Op("attention", attention_reference, attention_torch,
                  fused=getattr(_kernels, "fused", None), fused_unsupported=getattr(_kernels, "fused_unsupported", None),
-                 load_error=_kernels_error))
+                 load_error=_kernels_error, fused_expected_slower=getattr(_kernels, "expected_slower", None)))
 
 
 def attention(q, k, v, lengths=None, scale=None):
