@@ -51,7 +51,9 @@ Design
 
 from __future__ import annotations
 
-import itertools
+import threading
+import weakref
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -59,15 +61,14 @@ import triton
 
 from .._double_backward import graph_wanted, recomputed_grads
 from ..ops.reference.multiscale_conv1d import multiscale_conv1d_reference
-from ._common import dot_precision as _dot_precision
 from ._common import interpreting as _interpreting
-from ._common import new_output, triton_call_unsupported
+from ._common import new_output, tensor_core_precision, triton_call_unsupported
 from ._multiscale_conv1d_triton import (
     _msc_forward_kernel,
     _msc_grad_input_kernel,
     _msc_grad_weight_partial_kernel,
+    _msc_grad_weight_sum_kernel,
     _msc_preactivation_grad_kernel,
-    _sum_partials_kernel,
 )
 
 _ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2}
@@ -88,7 +89,7 @@ _DX_C_BLOCKS = (16, 64)
 _DW_R_BLOCKS = (16, 32, 64, 128)
 _DW_O_BLOCK = 64
 _DW_TIME_BLOCK = 32
-_DX_DOT_MIN_CHANNELS = 4
+_MIN_SPLITS, _MAX_SPLITS = 16, 32  # of the dW reduction over batch x time (_grad_weight_splits)
 _SUM_BLOCK = 256
 
 
@@ -139,19 +140,15 @@ def _forward_config(T: int, r: int, batch: int, programs_wanted: int) -> dict:
     return _forward_tile_config(block_r, block_t, resident)
 
 
-def _grad_input_config(T: int, c_in: int, tensor_cores: bool = True) -> dict:
-    """Blocks of the dx kernel. tl.dot pads C_in up to 16 rows: on tensor cores (half inputs, TF32) that is
-    nearly free and the gz tile is read once for all channels; with IEEE fp32 products (FMA units) and fewer
-    than 4 channels the kernel instead multiplies and adds elementwise, one channel at a time, over
-    (BLOCK_Q, BLOCK_T) tiles of (output channel, tap) x time."""
-    use_dot = tensor_cores or c_in >= _DX_DOT_MIN_CHANNELS
-    block_c = _smallest_block_covering(c_in, _DX_C_BLOCKS) if use_dot else 1
+def _grad_input_config(T: int, c_in: int) -> dict:
+    """Blocks of the dx kernel: tl.dot on tensor cores with C_in padded to 16 (or 64) rows, so the gz tile is read
+    once for all input channels; the padding costs tensor-core time only, which the kernel has to spare (it is
+    bound by reading gz)."""
+    block_c = _smallest_block_covering(c_in, _DX_C_BLOCKS)
     block_t = _time_block(T)
-    # (BLOCK_Q, BLOCK_T) pairs without spills on sm_80/sm_90 in fp32/fp16/bf16 (checked by the AOT tool); the
-    # IEEE fp32 dot over 128 steps takes 16-row chunks, as 32 spilled on sm_80 once gz reads only a channel's own
-    # taps.
-    block_q = (32 if tensor_cores else 16) if (use_dot and block_t > 32) else 64
-    return {"BLOCK_C": block_c, "BLOCK_Q": block_q, "BLOCK_T": block_t, "USE_DOT": use_dot,
+    # (BLOCK_Q, BLOCK_T) pairs without spills on sm_80/sm_90 in tf32, tf32x3, fp16 and bf16 (checked by the AOT tool).
+    block_q = 32 if block_t > 32 else 64
+    return {"BLOCK_C": block_c, "BLOCK_Q": block_q, "BLOCK_T": block_t,
             "num_warps": 8 if (block_t > 32 or block_c > 16) else 4, "num_stages": 2}
 
 
@@ -159,10 +156,28 @@ def _grad_weight_config(r: int) -> dict:
     """Blocks of the dW kernel: up to 128 (channel, tap) columns, so that for C_in <= 18 with 7 taps one
     program column covers them all and gz is read once."""
     block_r = _smallest_block_covering(r, _DW_R_BLOCKS)
-    # Wider column blocks take 16-step chunks: the (BLOCK_T, BLOCK_R) gathered x tile and the fp32 FMA dot of
-    # sm_80 otherwise spill there.
-    return {"BLOCK_O": _DW_O_BLOCK, "BLOCK_R": block_r, "BLOCK_T": 16 if block_r >= 32 else _DW_TIME_BLOCK,
-            "num_warps": 8 if block_r >= 32 else 4, "num_stages": 2}
+    # Wider column blocks take 16-step chunks: the (BLOCK_T, BLOCK_R) gathered x tile otherwise spills on sm_80.
+    cfg = {"BLOCK_O": _DW_O_BLOCK, "BLOCK_R": block_r, "BLOCK_T": 16 if block_r >= 32 else _DW_TIME_BLOCK,
+           "num_warps": 8 if block_r >= 32 else 4, "num_stages": 2}
+    if block_r == 32:
+        # The model's tile (C_in = 3): left to itself ptxas gives the 3xTF32 variant 80 registers on sm_80 and
+        # spills 8 bytes; allowed 128 it takes 114 and spills nothing (still 2 programs of 8 warps per SM).
+        cfg["maxnreg"] = 128
+    return cfg
+
+
+def _grad_weight_splits(n_bt: int, tiles: int, programs: int) -> tuple[int, int]:
+    """(splits S, chunk): the batch x time reduction of dW is cut into S fixed, contiguous ranges of ``chunk``
+    (batch, time tile) pairs each, one program per range and dW tile (``tiles`` of them).
+
+    S = clamp(cdiv(programs, tiles), 16, 32), at most one split per pair, then trimmed so no split is empty: at
+    least 16 so the grid covers most SMs even for the model's 3 dW tiles (3 x 32 = 96 programs), at most 32 so
+    the partial buffer and the summing kernel's reads stay at most 32 x dW (a few hundred KB) rather than growing
+    with B x T as one split per pair would. Depends only on the shapes and the device, so the order of the sums
+    (and every bit of dW) is the same on every run."""
+    splits = max(1, min(n_bt, _MAX_SPLITS, max(_MIN_SPLITS, triton.cdiv(programs, tiles))))
+    chunk = triton.cdiv(n_bt, splits)
+    return triton.cdiv(n_bt, chunk), chunk
 
 
 _SM_COUNTS: dict[int, int] = {}
@@ -172,8 +187,7 @@ _PROGRAMS_PER_SM = 4
 
 
 def _parallel_programs(device: torch.device) -> int:
-    """How many programs keep the device busy: 4 per SM on CUDA; a few under the interpreter, so that the
-    two-stage reduction is exercised there too."""
+    """How many programs keep the device busy: 4 per SM on CUDA; a few under the interpreter."""
     if device.type != "cuda":
         return 4
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -182,8 +196,14 @@ def _parallel_programs(device: torch.device) -> int:
     return _PROGRAMS_PER_SM * _SM_COUNTS[index]
 
 
+def _conv_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: for float32 "tf32" while torch.backends.cudnn.allow_tf32 (torch's convolution flag,
+    on by default, which nn.Conv1d on CUDA follows) is set, else "tf32x3"; half types their native products."""
+    return tensor_core_precision(dtype, allow_tf32=torch.backends.cudnn.allow_tf32)
+
+
 def _common_constexprs(dtype: torch.dtype, device: torch.device) -> dict:
-    return {"UPCAST": _interpreting(device) and dtype != torch.float32, "DOT_PRECISION": _dot_precision(dtype)}
+    return {"UPCAST": _interpreting(device) and dtype != torch.float32, "DOT_PRECISION": _conv_precision(dtype)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -192,7 +212,7 @@ def _common_constexprs(dtype: torch.dtype, device: torch.device) -> dict:
 
 
 def _launch_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
-                    taps: torch.Tensor) -> torch.Tensor:
+                    layout: torch.Tensor) -> torch.Tensor:
     B, c_in, T = x.shape
     c_total, _, k_max = weight.shape
     r = c_in * k_max
@@ -202,14 +222,14 @@ def _launch_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     cfg = _forward_config(T, r, B, _parallel_programs(x.device) // 2)
     n_t = triton.cdiv(T, cfg["BLOCK_T"])
     _msc_forward_kernel[(n_t * B,)](
-        x, weight, weight if bias is None else bias, taps, out, T, c_total, r, n_t,
+        x, weight, weight if bias is None else bias, layout, out, T, c_total, r, n_t,
         *x.stride(), *out.stride(),
         HAS_BIAS=bias is not None, ACTIVATION=_ACTIVATION_CODES[activation], K_MAX=k_max,
         **cfg, **_common_constexprs(x.dtype, x.device))
     return out
 
 
-def _launch_preactivation_grad(grad, x, weight, bias, activation, taps) -> torch.Tensor:
+def _launch_preactivation_grad(grad, x, weight, bias, activation, layout) -> torch.Tensor:
     B, c_in, T = x.shape
     c_total, _, k_max = weight.shape
     r = c_in * k_max
@@ -217,32 +237,29 @@ def _launch_preactivation_grad(grad, x, weight, bias, activation, taps) -> torch
     cfg = _forward_config(T, r, B, _parallel_programs(x.device) // 2)
     n_t = triton.cdiv(T, cfg["BLOCK_T"])
     _msc_preactivation_grad_kernel[(n_t * B,)](
-        x, weight, weight if bias is None else bias, taps, grad, gz, T, c_total, r, n_t,
+        x, weight, weight if bias is None else bias, layout, grad, gz, T, c_total, r, n_t,
         *x.stride(), *grad.stride(),
         HAS_BIAS=bias is not None, ACTIVATION=_ACTIVATION_CODES[activation], K_MAX=k_max,
         **cfg, **_common_constexprs(x.dtype, x.device))
     return gz
 
 
-def _launch_grad_input(gz, weight, taps, x_shape, dtype) -> torch.Tensor:
+def _launch_grad_input(gz, weight, layout, x_shape, dtype) -> torch.Tensor:
     B, c_in, T = x_shape
     c_total, _, k_max = weight.shape
     dx = new_output((B, c_in, T), dtype=dtype, device=gz.device)
-    cfg = _grad_input_config(T, c_in, tensor_cores=_dot_precision(dtype) == "tf32" or dtype != torch.float32)
-    n_c = triton.cdiv(c_in, cfg["BLOCK_C"]) if cfg["USE_DOT"] else 1
+    cfg = _grad_input_config(T, c_in)
+    n_c = triton.cdiv(c_in, cfg["BLOCK_C"])
     n_t = triton.cdiv(T, cfg["BLOCK_T"])
     _msc_grad_input_kernel[(n_c * n_t * B,)](
-        gz, weight, taps, dx, T, c_in, c_total, c_in * k_max, n_c, n_t, *gz.stride(), *dx.stride(),
+        gz, weight, layout, dx, T, c_in, c_total, c_in * k_max, n_c, n_t, *gz.stride(), *dx.stride(),
         K_MAX=k_max, **cfg, **_common_constexprs(dtype, gz.device))
     return dx
 
 
-def _sum_partials(partials: torch.Tensor, out: torch.Tensor) -> None:
-    splits, n = partials.shape[0], out.numel()
-    _sum_partials_kernel[(triton.cdiv(n, _SUM_BLOCK),)](partials, out, n, splits, BLOCK=_SUM_BLOCK, num_warps=4)
-
-
-def _launch_grad_weight(gz, x, weight, with_bias: bool):
+def _launch_grad_weight(gz, x, weight, layout, with_bias: bool, weight_numel: int):
+    """dW in the branches' own layouts, flat (weight_numel,) (see _msc_grad_weight_sum_kernel), and db (C_total,) or
+    None: fp32 partial sums over S fixed ranges of (batch, time tile) pairs, then one kernel adds them in order."""
     B, c_in, T = x.shape
     c_total, _, k_max = weight.shape
     r = c_in * k_max
@@ -250,22 +267,17 @@ def _launch_grad_weight(gz, x, weight, with_bias: bool):
     n_o, n_r = triton.cdiv(c_total, cfg["BLOCK_O"]), triton.cdiv(r, cfg["BLOCK_R"])
     n_t = triton.cdiv(T, cfg["BLOCK_T"])
     n_bt = B * n_t
-    # Split the batch x time reduction so the grid fills the device; the split depends only on the shapes
-    # and the device, so the summation order (and every bit of dW) is the same on every run.
-    splits = max(1, min(n_bt, triton.cdiv(_parallel_programs(x.device), n_o * n_r)))
-    chunk = triton.cdiv(n_bt, splits)
-    splits = triton.cdiv(n_bt, chunk)
-    dw_part = new_output((splits, c_total, r), dtype=torch.float32, device=x.device)
-    db_part = new_output((splits, c_total), dtype=torch.float32, device=x.device) if with_bias else dw_part
+    splits, chunk = _grad_weight_splits(n_bt, n_o * n_r, _parallel_programs(x.device))
+    partials = new_output((splits, c_total * (r + 1)), dtype=torch.float32, device=x.device)
     _msc_grad_weight_partial_kernel[(n_o * n_r * splits,)](
-        gz, x, dw_part, db_part, T, c_total, r, n_o, n_r, n_t, n_bt, chunk, *gz.stride(), *x.stride(),
+        gz, x, partials, T, c_total, r, n_o, n_r, n_t, n_bt, chunk, *gz.stride(), *x.stride(),
         HAS_BIAS=with_bias, K_MAX=k_max, **cfg, **_common_constexprs(x.dtype, x.device))
-    dw = new_output((c_total, c_in, k_max), dtype=weight.dtype, device=x.device)
-    _sum_partials(dw_part, dw)
-    db = None
-    if with_bias:
-        db = new_output((c_total,), dtype=x.dtype, device=x.device)
-        _sum_partials(db_part, db)
+    dw = new_output((weight_numel,), dtype=weight.dtype, device=x.device)
+    db = new_output((c_total,), dtype=x.dtype, device=x.device) if with_bias else None
+    n = c_total * (r + 1 if with_bias else r)
+    _msc_grad_weight_sum_kernel[(triton.cdiv(n, _SUM_BLOCK),)](
+        partials, layout, dw, dw if db is None else db, c_total, r, splits, HAS_BIAS=with_bias, K_MAX=k_max,
+        BLOCK=_SUM_BLOCK, num_warps=4)
     return dw, db
 
 
@@ -274,25 +286,32 @@ def _launch_grad_weight(gz, x, weight, with_bias: bool):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _channel_taps(weight: torch.Tensor, taps: torch.Tensor | None) -> torch.Tensor:
-    """Each packed output channel's own kernel size, int32 (C_total,); without ``taps`` every channel has K_max."""
-    if taps is None:
-        return torch.full((weight.shape[0],), weight.shape[-1], dtype=torch.int32, device=weight.device)
-    return taps.to(device=weight.device, dtype=torch.int32).contiguous()
+def _default_layout(weight: torch.Tensor) -> torch.Tensor:
+    """The layout of a packed weight taken as one branch of K_max taps: every channel K_max, dW in packed order."""
+    c_total, c_in, k_max = weight.shape
+    return torch.stack([torch.full((c_total,), k_max, dtype=torch.int32, device=weight.device),
+                        torch.arange(0, c_total * c_in * k_max, c_in * k_max, dtype=torch.int32,
+                                     device=weight.device)])
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
-             taps: torch.Tensor | None = None) -> torch.Tensor:
-    """The forward op's launches: x (B, C_in, T), packed weight (C_total, C_in, K_max), bias -> (B, C_total, T)."""
+             layout: torch.Tensor | None = None) -> torch.Tensor:
+    """The forward op's launches: x (B, C_in, T), packed weight (C_total, C_in, K_max), bias (C_total,) or None,
+    layout int32 (2, C_total) (``branch_layout``; None: one branch of K_max taps) -> (B, C_total, T)."""
+    layout = _default_layout(weight) if layout is None else layout.to(device=weight.device, dtype=torch.int32)
     # pack_weights already returns contiguous tensors; a direct caller's strided packed weight is tiny to copy.
     return _launch_forward(x, weight.contiguous(), None if bias is None else bias.contiguous(), activation,
-                           _channel_taps(weight, taps))
+                           layout.contiguous())
 
 
-def _backward_launches(grad, x, weight, bias, activation, need_input, need_weight, need_bias, taps=None):
-    """The backward op's launches: (dx, dW, db), a gradient not asked for an empty (0,)."""
+def _backward_launches(grad, x, weight, bias, activation, need_input, need_weight, need_bias, layout=None,
+                       weight_numel=None):
+    """The backward op's launches: (dx (B, C_in, T), dW flat (weight_numel,) in the branches' layouts, db
+    (C_total,)), a gradient not asked for an empty (0,). weight_numel None: weight.numel() (the default layout)."""
     empty = x.new_empty((0,))
-    taps = _channel_taps(weight, taps)
+    layout = _default_layout(weight) if layout is None else layout.to(device=weight.device, dtype=torch.int32)
+    layout = layout.contiguous()
+    weight_numel = weight.numel() if weight_numel is None else weight_numel
     if grad.dtype != x.dtype:
         grad = grad.to(x.dtype)
     weight = weight.contiguous()
@@ -300,96 +319,107 @@ def _backward_launches(grad, x, weight, bias, activation, need_input, need_weigh
     need_bias = need_bias and bias is not None
     if grad.numel() == 0:
         dx = torch.zeros_like(x) if need_input else empty
-        dw = torch.zeros_like(weight) if need_weight else empty
+        dw = weight.new_zeros((weight_numel,)) if need_weight else empty
         db = torch.zeros_like(bias) if need_bias else empty
         return dx, dw, db
-    gz = grad if activation == "none" else _launch_preactivation_grad(grad, x, weight, bias, activation, taps)
-    dx = _launch_grad_input(gz, weight, taps, x.shape, x.dtype) if need_input else empty
+    gz = grad if activation == "none" else _launch_preactivation_grad(grad, x, weight, bias, activation, layout)
+    dx = _launch_grad_input(gz, weight, layout, x.shape, x.dtype) if need_input else empty
     dw, db = empty, empty
     if need_weight or need_bias:
-        dw_full, db_full = _launch_grad_weight(gz, x, weight, need_bias)
-        dw = dw_full if need_weight else empty
+        dw_flat, db_full = _launch_grad_weight(gz, x, weight, layout, need_bias, weight_numel)
+        dw = dw_flat if need_weight else empty
         db = db_full if need_bias else empty
     return dx, dw, db
 
 
 @torch.library.custom_op("fastmsc::multiscale_conv1d_packed", mutates_args=())
-def _packed_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    activation: str, taps: torch.Tensor | None = None) -> torch.Tensor:
-    """x (B, C_in, T), packed weight (C_total, C_in, K_max), bias (C_total,) or None -> (B, C_total, T); taps
-    (C_total,) each channel's own kernel size (``branch_taps``), None for K_max everywhere."""
-    return _forward(x, weight, bias, activation, taps)
+def _packed_forward(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], has_bias: list[bool],
+                    weight: torch.Tensor, bias: torch.Tensor | None, layout: torch.Tensor,
+                    activation: str) -> torch.Tensor:
+    """x (B, C_in, T) -> (B, C_total, T).
+
+    ``weights`` (C_out_i, C_in, k_i) and ``biases`` (C_out_i,) (the branches that have one, ``has_bias`` per
+    branch) are the differentiable inputs, read only by the backward; the kernels read ``weight``
+    (C_total, C_in, K_max), ``bias`` (C_total,) or None and ``layout`` (int32 (2, C_total)), their detached packing
+    (``packed_parameters``)."""
+    return _forward(x, weight, bias, activation, layout)
 
 
 @_packed_forward.register_fake
-def _(x, weight, bias, activation, taps=None):
+def _(x, weights, biases, has_bias, weight, bias, layout, activation):
     return x.new_empty((x.shape[0], weight.shape[0], x.shape[2]))
 
 
 @torch.library.custom_op("fastmsc::multiscale_conv1d_packed_backward", mutates_args=())
 def _packed_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     activation: str, need_input: bool, need_weight: bool, need_bias: bool,
-                     taps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx (B, C_in, T), dW (C_total, C_in, K_max), db (C_total,)); a gradient not asked for is an empty (0,)."""
-    return _backward_launches(grad, x, weight, bias, activation, need_input, need_weight, need_bias, taps)
+                     layout: torch.Tensor, activation: str, need_input: bool, need_weight: bool, need_bias: bool,
+                     weight_numel: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx (B, C_in, T), dW (weight_numel,): every branch's (C_out_i, C_in, k_i) gradient flattened one after
+    another, db (C_total,)); a gradient not asked for is an empty (0,)."""
+    return _backward_launches(grad, x, weight, bias, activation, need_input, need_weight, need_bias, layout,
+                              weight_numel)
 
 
 @_packed_backward.register_fake
-def _(grad, x, weight, bias, activation, need_input, need_weight, need_bias, taps=None):
+def _(grad, x, weight, bias, layout, activation, need_input, need_weight, need_bias, weight_numel):
     empty = x.new_empty((0,))
     return (x.new_empty(x.shape) if need_input else empty,
-            weight.new_empty(weight.shape) if need_weight else empty,
+            weight.new_empty((weight_numel,)) if need_weight else empty,
             x.new_empty((weight.shape[0],)) if (need_bias and bias is not None) else empty)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, activation, taps = inputs
-    ctx.save_for_backward(x, weight, bias, taps)
-    ctx.activation = activation
-
-
-def _reference_packed(x, weight, bias, activation, taps):
-    """The layer through the reference's differentiable math, each branch (a run of channels with one kernel size in
-    ``taps``) on its own taps of the packed weight: a zero padding tap would carry a non-finite x beyond the
-    branch's receptive field (0 * NaN)."""
-    k_max = weight.shape[-1]
-    sizes = [k_max] * weight.shape[0] if taps is None else taps.tolist()  # a host sync, on this path only
-    weights, biases, start = [], [], 0
-    for k, run in itertools.groupby(sizes):
-        n, pad = len(list(run)), (k_max - k) // 2
-        weights.append(weight[start:start + n, :, pad:k_max - pad])
-        biases.append(None if bias is None else bias[start:start + n])
-        start += n
-    return multiscale_conv1d_reference(x, weights, None if bias is None else biases,
-                                       None if activation == "none" else activation)
+    x, weights, biases, has_bias, weight, bias, layout, activation = inputs
+    # The branch parameters are saved for the double backward's recomputation only; saving them also gives the
+    # usual error when one is changed in place between the forward and the backward.
+    ctx.save_for_backward(x, weight, bias, layout, *weights, *biases)
+    ctx.n_weights, ctx.has_bias, ctx.activation = len(weights), tuple(has_bias), activation
 
 
 def _backward(ctx, grad):
-    x, weight, bias, taps = ctx.saved_tensors
-    needs = ctx.needs_input_grad  # 4 or 5 flags: the dispatcher drops a trailing taps left at its default
-    if graph_wanted(grad, x, weight, bias):
-        dx, dw, db = recomputed_grads(lambda x, w, b: _reference_packed(x, w, b, ctx.activation, taps),
-                                      (x, weight, bias), needs[:3], (grad,))
-        return (dx, dw, db, None, None)[:len(needs)]
-    need_input, need_weight = needs[0], needs[1]
-    need_bias = bias is not None and needs[2]
-    dx, dw, db = _packed_backward(grad, x, weight, bias, ctx.activation, need_input, need_weight, need_bias, taps)
-    return (dx if need_input else None, dw if need_weight else None, db if need_bias else None, None, None)[:len(needs)]
+    x, weight, bias, layout, *params = ctx.saved_tensors
+    n = ctx.n_weights
+    weights, biases = params[:n], params[n:]
+    needs = ctx.needs_input_grad  # (x, [per weight], [per present bias], has_bias, weight, bias, layout, activation)
+    need_x, need_w, need_b = bool(needs[0]), [bool(f) for f in needs[1]], [bool(f) for f in needs[2]]
+    rest = (None,) * 5
+    if graph_wanted(grad, x, *weights, *biases):
+        activation = None if ctx.activation == "none" else ctx.activation
+
+        def reference(x, *p):
+            present = iter(p[n:])
+            full = [next(present) if has else None for has in ctx.has_bias]
+            return multiscale_conv1d_reference(x, list(p[:n]), full if p[n:] else None, activation)
+
+        grads = recomputed_grads(reference, (x, *weights, *biases), (need_x, *need_w, *need_b), (grad,))
+        return (grads[0], list(grads[1:n + 1]), list(grads[n + 1:]), *rest)
+    weight_numel = sum(w.numel() for w in weights)
+    dx, dw, db = _packed_backward(grad, x, weight, bias, layout, ctx.activation, need_x, any(need_w), any(need_b),
+                                  weight_numel)
+    dws, start = [], 0
+    for w, need in zip(weights, need_w, strict=True):
+        dws.append(dw[start:start + w.numel()].view(w.shape) if need else None)
+        start += w.numel()
+    dbs, present, o0 = [], iter(need_b), 0
+    for w, has in zip(weights, ctx.has_bias, strict=True):
+        if has:
+            dbs.append(db[o0:o0 + w.shape[0]] if next(present) else None)
+        o0 += w.shape[0]
+    return (dx if need_x else None, dws, dbs, *rest)
 
 
 _packed_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Public entry points (contract of fastmsc.backend.Op)
+# Packing, once per weight version
 # ----------------------------------------------------------------------------------------------------------
 
 
 def pack_weights(weights, biases):
     """Pack branch weights into one (C_total, C_in, K_max) tensor, each branch centred and zero-padded to K_max
     taps, and the biases into one (C_total,) tensor (zeros for a branch without one), or None without any.
-
-    Differentiable torch ops, so autograd routes the packed tensors' gradients back to each branch."""
+    Torch ops on the tensors given (differentiable if they are; ``packed_parameters`` passes detached ones)."""
     k_max = max(w.shape[-1] for w in weights)
     packed_weight = torch.cat([F.pad(w, ((k_max - w.shape[-1]) // 2,) * 2) for w in weights], dim=0)
     packed_bias = None
@@ -399,18 +429,116 @@ def pack_weights(weights, biases):
     return packed_weight, packed_bias
 
 
-def branch_taps(weights) -> torch.Tensor:
-    """Each packed output channel's own kernel size k_i, int32 (C_total,): the kernels multiply only those taps
-    of a channel, never its zero padding, so a NaN or inf input stays within each branch's receptive field."""
-    return torch.cat([torch.full((w.shape[0],), w.shape[-1], dtype=torch.int32, device=w.device) for w in weights])
+def branch_layout(weights) -> torch.Tensor:
+    """int32 (2, C_total): row 0 each packed output channel's own kernel size k_i (the kernels multiply only those
+    taps of a channel, never its zero padding, so a NaN or inf input stays within each branch's receptive field);
+    row 1 where channel o's (C_in, k_i) weight gradient starts in the flat dW that _packed_backward returns
+    (branch after branch, each (C_out_i, C_in, k_i) contiguous). Built from shapes only, on the host."""
+    taps, offsets, start = [], [], 0
+    for w in weights:
+        c_out, c_in, k = w.shape
+        taps += [k] * c_out
+        offsets += range(start, start + c_out * c_in * k, c_in * k)
+        start += c_out * c_in * k
+    return torch.tensor([taps, offsets], dtype=torch.int32, device=weights[0].device)
+
+
+class _PackCache:
+    """The packed (weight, bias, layout) of recent branch parameter lists, detached, so a layer called again with
+    unchanged weights launches nothing to pack them.
+
+    An entry is keyed by the id() of each branch weight and bias and holds weak references to them: a hit needs
+    every reference to still return the very tensor passed (``is``, so a freed tensor whose id or address is
+    reused never hits), with the same _version (bumped by every in-place write through the tensor or a view,
+    including optimizer steps under no_grad), data_ptr (``.data`` or ``set_`` swaps), shape, stride, dtype and
+    device. A dead tensor's weakref callback drops its entry at once, so the cache never keeps packed copies of
+    freed parameters; at most ``capacity`` entries live (least recently used evicted)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._entries: OrderedDict = OrderedDict()
+        self._lock = threading.RLock()  # the GC may run a weakref callback in any thread, mid-lookup too
+        self.packs = 0  # how many times the packing ran (tests count hits and misses with it)
+
+    @staticmethod
+    def _state(t: torch.Tensor) -> tuple:
+        return (t._version, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
+
+    def get(self, weights, biases):
+        tensors = list(weights) + ([] if biases is None else [b for b in biases if b is not None])
+        key = (tuple(id(t) for t in weights),
+               None if biases is None else tuple(None if b is None else id(b) for b in biases))
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                refs, states, packed = entry
+                if (len(refs) == len(tensors) and all(ref() is t for ref, t in zip(refs, tensors, strict=True))
+                        and states == [self._state(t) for t in tensors]):
+                    self._entries.move_to_end(key)
+                    return packed
+        packed = _pack_detached(weights, biases)
+        self.packs += 1
+        with self._lock:
+            def drop(_, key=key):
+                with self._lock:
+                    current = self._entries.get(key)
+                    if current is not None and current is entry_box[0]:
+                        del self._entries[key]
+
+            entry_box = [None]
+            entry = ([weakref.ref(t, drop) for t in tensors], [self._state(t) for t in tensors], packed)
+            entry_box[0] = entry
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+        return packed
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+_PACK_CACHE = _PackCache(capacity=16)
+
+
+def _pack_detached(weights, biases):
+    weight, bias = pack_weights([w.detach() for w in weights],
+                                None if biases is None else [None if b is None else b.detach() for b in biases])
+    return weight.contiguous(), None if bias is None else bias.contiguous(), branch_layout(weights)
+
+
+def packed_parameters(weights, biases):
+    """(packed weight (C_total, C_in, K_max), packed bias (C_total,) or None, layout int32 (2, C_total)), detached.
+
+    Eager (grad mode or not): from the pack cache, computed once per weight version. While torch.compile traces:
+    packed inline with torch ops, which the compiler fuses into its graph, with no guard on tensor versions.
+    Inference tensors (torch.inference_mode) carry no version counter, so they are packed on every call."""
+    if torch.compiler.is_compiling() or any(t.is_inference() for t in weights):
+        return _pack_detached(weights, biases)
+    if biases is not None and any(b is not None and b.is_inference() for b in biases):
+        return _pack_detached(weights, biases)
+    return _PACK_CACHE.get(weights, biases)
+
+
+def clear_pack_cache() -> None:
+    """Forget every packed weight: for code that writes a weight through ``.data`` (which, unlike every other
+    in-place write, does not bump the version counter the cache checks)."""
+    _PACK_CACHE.clear()
 
 
 def fused(x, weights, biases=None, activation=None):
     """Multi-scale "same" Conv1d + concat: x (B, C_in, T) -> (B, sum_i C_out_i, T); arguments validated by
     fastmsc.ops.multiscale_conv1d (weights[i] (C_out_i, C_in, k_i), k_i odd; biases None or per branch)."""
-    packed_weight, packed_bias = pack_weights(weights, biases)
-    return _packed_forward(x, packed_weight, packed_bias, "none" if activation is None else activation,
-                           branch_taps(weights))
+    weights = list(weights)
+    weight, bias, layout = packed_parameters(weights, biases)
+    has_bias = [False] * len(weights) if biases is None else [b is not None for b in biases]
+    present = [] if biases is None else [b for b in biases if b is not None]
+    return _packed_forward(x, weights, present, has_bias, weight, bias, layout,
+                           "none" if activation is None else activation)
 
 
 def fused_unsupported(device_type: str, *, allow_interpreter: bool = False, **call_args) -> str | None:
@@ -432,4 +560,4 @@ def fused_unsupported(device_type: str, *, allow_interpreter: bool = False, **ca
     return None
 
 
-__all__ = ["branch_taps", "fused", "fused_unsupported", "pack_weights"]
+__all__ = ["branch_layout", "clear_pack_cache", "fused", "fused_unsupported", "pack_weights", "packed_parameters"]
