@@ -163,16 +163,20 @@ def test_relu_gradient_at_exact_zero_follows_torch():
 
 def test_aot_cases_reach_every_configuration_the_heuristics_pick():
     """multiscale_conv1d_aot.aot_cases() records the launches of representative calls; those calls must reach every
-    tile the heuristics can return, in every dtype, or a configuration would go unchecked (tests/test_op_contract.py
-    checks that the cases are valid and cover every kernel)."""
+    tile the heuristics can return, in every dtype and, for float32, with TF32 and with 3xTF32 products, or a
+    configuration would go unchecked (tests/test_op_contract.py checks that the cases are valid and cover every
+    kernel)."""
     def config(case, *names):
         constexprs = case["constexprs"]
         ptr = next(kind for kind in case["signature"].values() if kind.startswith("*"))  # x or gz: the dtype
         return (case["kernel"].__name__, ptr, *(constexprs[n] for n in names),
-                case["num_warps"], case["num_stages"])
+                case["num_warps"], case["num_stages"], case.get("maxnreg"))
+
+    def launch(cfg):
+        return cfg["num_warps"], cfg["num_stages"], cfg.get("maxnreg")
 
     tile = ("BLOCK_O", "BLOCK_T", "BLOCK_R", "X_RESIDENT", "DOT_PRECISION")
-    dx_tile = ("BLOCK_C", "BLOCK_Q", "BLOCK_T", "USE_DOT", "DOT_PRECISION")
+    dx_tile = ("BLOCK_C", "BLOCK_Q", "BLOCK_T", "DOT_PRECISION")
     dw_tile = ("BLOCK_O", "BLOCK_R", "BLOCK_T", "DOT_PRECISION")
     compiled = set()
     for case in multiscale_conv1d_aot.aot_cases():
@@ -180,27 +184,22 @@ def test_aot_cases_reach_every_configuration_the_heuristics_pick():
                  "_msc_grad_weight_partial_kernel": dw_tile}.get(case["kernel"].__name__)
         if names:
             compiled.add(config(case, *names))
-    for ptr, dtype in (("*fp32", torch.float32), ("*fp16", torch.float16), ("*bf16", torch.bfloat16)):
+    for ptr, precision in (("*fp32", "tf32"), ("*fp32", "tf32x3"), ("*fp16", "ieee"), ("*bf16", "ieee")):
         wanted = []
         for block_r, resident in [(r, True) for r in kernels._RESIDENT_R_BLOCKS] + [(kernels._STREAMED_R_BLOCK, False)]:
             for block_t in kernels._TIME_BLOCKS:
                 if block_t <= kernels._largest_time_block(block_r):
                     cfg = kernels._forward_tile_config(block_r, block_t, resident)
                     for name in ("_msc_forward_kernel", "_msc_preactivation_grad_kernel"):
-                        wanted.append((name, ptr, *(cfg[n] for n in tile[:-1]), "ieee", cfg["num_warps"],
-                                       cfg["num_stages"]))
+                        wanted.append((name, ptr, *(cfg[n] for n in tile[:-1]), precision, *launch(cfg)))
         for steps in (150, 1024):
             for c_in in (1, 3, 4, 16, 17, 64):
-                cfg = kernels._grad_input_config(steps, c_in, tensor_cores=dtype != torch.float32)
-                wanted.append(("_msc_grad_input_kernel", ptr, *(cfg[n] for n in dx_tile[:-1]), "ieee",
-                               cfg["num_warps"], cfg["num_stages"]))
+                cfg = kernels._grad_input_config(steps, c_in)
+                wanted.append(("_msc_grad_input_kernel", ptr, *(cfg[n] for n in dx_tile[:-1]), precision,
+                               *launch(cfg)))
         for block_r in kernels._DW_R_BLOCKS:
             cfg = kernels._grad_weight_config(block_r)
-            wanted.append(("_msc_grad_weight_partial_kernel", ptr, *(cfg[n] for n in dw_tile[:-1]), "ieee",
-                           cfg["num_warps"], cfg["num_stages"]))
+            wanted.append(("_msc_grad_weight_partial_kernel", ptr, *(cfg[n] for n in dw_tile[:-1]), precision,
+                           *launch(cfg)))
         missing = [w for w in wanted if w not in compiled]
         assert missing == [], missing
-    # TF32 (torch.backends.cuda.matmul.allow_tf32) runs other code: its largest tiles are compiled too.
-    assert {name for name, ptr, *rest in compiled if "tf32" in rest} == {
-        "_msc_forward_kernel", "_msc_preactivation_grad_kernel", "_msc_grad_input_kernel",
-        "_msc_grad_weight_partial_kernel"}

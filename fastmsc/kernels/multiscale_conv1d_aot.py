@@ -10,8 +10,8 @@ import torch
 
 from ..tools.aot_cases import case_key, record_launches
 from . import _multiscale_conv1d_triton
-from ._common import tensor_core_precision
 from . import multiscale_conv1d as msc
+from ._common import tensor_core_precision
 
 KERNELS = _multiscale_conv1d_triton  # the module whose @triton.jit kernels need a case each
 
