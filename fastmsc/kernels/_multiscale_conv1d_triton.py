@@ -237,13 +237,14 @@ def _msc_grad_input_kernel(gz_ptr, w_ptr, taps_ptr, dx_ptr, T, C_IN, C_TOTAL, R,
 
 
 @triton.jit
-def _msc_grad_weight_partial_kernel(gz_ptr, x_ptr, part_ptr, T, C_TOTAL, R, N_O, N_R, N_T, N_BT, CHUNK,
+def _msc_grad_weight_partial_kernel(gz_ptr, x_ptr, part_ptr, T, C_TOTAL, R, N_O, N_R, N_T, N_BT, N_SPLITS,
                                     stride_gb, stride_go, stride_gt, stride_xb, stride_xc, stride_xt,
                                     HAS_BIAS: tl.constexpr, K_MAX: tl.constexpr, BLOCK_O: tl.constexpr,
                                     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, UPCAST: tl.constexpr,
                                     DOT_PRECISION: tl.constexpr):
     """Partial sums of dW[o, r] = sum_{b, t} gz[b, o, t] x[b, c, t + j - K_MAX // 2] (r = c * K_MAX + j) and
-    db[o] = sum_{b, t} gz[b, o, t] over the (b, time tile) pairs [s * CHUNK, (s + 1) * CHUNK) of split s.
+    db[o] = sum_{b, t} gz[b, o, t] over split s's fixed range of (b, time tile) pairs: N_BT // N_SPLITS pairs,
+    one more for the first N_BT % N_SPLITS splits (none empty: N_SPLITS <= N_BT).
 
     Writes part[s, o * R + r] and, from the r-block 0 programs, part[s, C_TOTAL * R + o] (fp32, contiguous
     (S, C_TOTAL * (R + 1))): dW and db share one buffer, so one summing kernel finishes both."""
@@ -260,8 +261,10 @@ def _msc_grad_weight_partial_kernel(gz_ptr, x_ptr, part_ptr, T, C_TOTAL, R, N_O,
     tap = offs_r % K_MAX
     acc = tl.zeros((BLOCK_O, BLOCK_R), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
-    start = pid_s * CHUNK
-    end = tl.minimum(start + CHUNK, N_BT)
+    per_split = N_BT // N_SPLITS
+    longer = N_BT % N_SPLITS
+    start = pid_s * per_split + tl.minimum(pid_s, longer)  # 32-bit: a 64-bit division would cost a stack frame
+    end = start + per_split + tl.where(pid_s < longer, 1, 0)
     for n in range(start, end):
         b = n // N_T
         offs_t = (n % N_T) * BLOCK_T + tl.arange(0, BLOCK_T)

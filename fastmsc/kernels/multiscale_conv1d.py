@@ -157,27 +157,22 @@ def _grad_weight_config(r: int) -> dict:
     program column covers them all and gz is read once."""
     block_r = _smallest_block_covering(r, _DW_R_BLOCKS)
     # Wider column blocks take 16-step chunks: the (BLOCK_T, BLOCK_R) gathered x tile otherwise spills on sm_80.
-    cfg = {"BLOCK_O": _DW_O_BLOCK, "BLOCK_R": block_r, "BLOCK_T": 16 if block_r >= 32 else _DW_TIME_BLOCK,
-           "num_warps": 8 if block_r >= 32 else 4, "num_stages": 2}
-    if block_r == 32:
-        # The model's tile (C_in = 3): left to itself ptxas gives the 3xTF32 variant 80 registers on sm_80 and
-        # spills 8 bytes; allowed 128 it takes 114 and spills nothing (still 2 programs of 8 warps per SM).
-        cfg["maxnreg"] = 128
-    return cfg
+    # No maxnreg: every variant fits without spills (checked by the AOT tool). The split ranges are computed in
+    # 32 bits, as a 64-bit division there made ptxas give some variants a stack frame.
+    return {"BLOCK_O": _DW_O_BLOCK, "BLOCK_R": block_r, "BLOCK_T": 16 if block_r >= 32 else _DW_TIME_BLOCK,
+            "num_warps": 8 if block_r >= 32 else 4, "num_stages": 2}
 
 
-def _grad_weight_splits(n_bt: int, tiles: int, programs: int) -> tuple[int, int]:
-    """(splits S, chunk): the batch x time reduction of dW is cut into S fixed, contiguous ranges of ``chunk``
-    (batch, time tile) pairs each, one program per range and dW tile (``tiles`` of them).
+def _grad_weight_splits(n_bt: int, tiles: int, programs: int) -> int:
+    """How many splits S the batch x time reduction of dW is cut into: split s sums a fixed, contiguous range of
+    n_bt // S (batch, time tile) pairs, one more for the first n_bt % S splits, one program per split and dW tile
+    (``tiles`` of them).
 
-    S = clamp(cdiv(programs, tiles), 16, 32), at most one split per pair, then trimmed so no split is empty: at
-    least 16 so the grid covers most SMs even for the model's 3 dW tiles (3 x 32 = 96 programs), at most 32 so
-    the partial buffer and the summing kernel's reads stay at most 32 x dW (a few hundred KB) rather than growing
-    with B x T as one split per pair would. Depends only on the shapes and the device, so the order of the sums
-    (and every bit of dW) is the same on every run."""
-    splits = max(1, min(n_bt, _MAX_SPLITS, max(_MIN_SPLITS, triton.cdiv(programs, tiles))))
-    chunk = triton.cdiv(n_bt, splits)
-    return triton.cdiv(n_bt, chunk), chunk
+    S = clamp(cdiv(programs, tiles), 16, 32), at most n_bt: at least 16 so the grid covers most SMs even for the
+    model's 3 dW tiles (3 x 32 = 96 programs), at most 32 so the fp32 partial buffer and the summing kernel's
+    reads stay within 32 x dW (under 1 MB for the model) instead of growing with B x T. It depends only on the
+    shapes and the device, so the order of the sums (and every bit of dW) is the same on every run."""
+    return max(1, min(n_bt, _MAX_SPLITS, max(_MIN_SPLITS, triton.cdiv(programs, tiles))))
 
 
 _SM_COUNTS: dict[int, int] = {}
@@ -267,10 +262,10 @@ def _launch_grad_weight(gz, x, weight, layout, with_bias: bool, weight_numel: in
     n_o, n_r = triton.cdiv(c_total, cfg["BLOCK_O"]), triton.cdiv(r, cfg["BLOCK_R"])
     n_t = triton.cdiv(T, cfg["BLOCK_T"])
     n_bt = B * n_t
-    splits, chunk = _grad_weight_splits(n_bt, n_o * n_r, _parallel_programs(x.device))
+    splits = _grad_weight_splits(n_bt, n_o * n_r, _parallel_programs(x.device))
     partials = new_output((splits, c_total * (r + 1)), dtype=torch.float32, device=x.device)
     _msc_grad_weight_partial_kernel[(n_o * n_r * splits,)](
-        gz, x, partials, T, c_total, r, n_o, n_r, n_t, n_bt, chunk, *gz.stride(), *x.stride(),
+        gz, x, partials, T, c_total, r, n_o, n_r, n_t, n_bt, splits, *gz.stride(), *x.stride(),
         HAS_BIAS=with_bias, K_MAX=k_max, **cfg, **_common_constexprs(x.dtype, x.device))
     dw = new_output((weight_numel,), dtype=weight.dtype, device=x.device)
     db = new_output((c_total,), dtype=x.dtype, device=x.device) if with_bias else None
