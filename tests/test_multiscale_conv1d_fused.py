@@ -297,12 +297,20 @@ def test_pack_cache_drops_freed_weights_and_never_hits_a_reallocated_one():
     torch.testing.assert_close(out.double(), expected, **TOL[torch.float32])
 
 
-def test_pack_cache_is_bounded():
+def test_pack_cache_is_bounded_and_frees_what_it_evicts_at_once():
+    """Past ``capacity`` live weight lists the least recently used entry goes, and its packed copy is freed then,
+    not at the next cycle collection (nothing in an entry refers back to it)."""
     kernels.clear_pack_cache()
     alive = [[torch.randn(2, 1, 3, device=DEVICE)] for _ in range(kernels._PACK_CACHE.capacity + 5)]
-    for weights in alive:
-        kernels.packed_parameters(weights, None)
-    assert len(kernels._PACK_CACHE) == kernels._PACK_CACHE.capacity
+    gc.disable()
+    try:
+        first = weakref.ref(kernels.packed_parameters(alive[0], None)[0])
+        for weights in alive[1:]:
+            kernels.packed_parameters(weights, None)
+        assert len(kernels._PACK_CACHE) == kernels._PACK_CACHE.capacity
+        assert first() is None, "an evicted packed weight outlived its entry"
+    finally:
+        gc.enable()
 
 
 def test_compiled_calls_pack_inline_not_through_the_cache():

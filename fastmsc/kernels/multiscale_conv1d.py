@@ -51,6 +51,7 @@ Design
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from collections import OrderedDict
@@ -466,28 +467,31 @@ class _PackCache:
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
-                refs, states, packed = entry
+                _, refs, states, packed = entry
                 if (len(refs) == len(tensors) and all(ref() is t for ref, t in zip(refs, tensors, strict=True))
                         and states == [self._state(t) for t in tensors]):
                     self._entries.move_to_end(key)
                     return packed
         packed = _pack_detached(weights, biases)
-        self.packs += 1
         with self._lock:
-            def drop(_, key=key):
-                with self._lock:
-                    current = self._entries.get(key)
-                    if current is not None and current is entry_box[0]:
-                        del self._entries[key]
-
-            entry_box = [None]
-            entry = ([weakref.ref(t, drop) for t in tensors], [self._state(t) for t in tensors], packed)
-            entry_box[0] = entry
-            self._entries[key] = entry
+            self.packs += 1
+            token = self.packs
+            # The callback holds the key and a token, not the entry: a reference to the entry would close a cycle
+            # (entry -> weakref -> callback -> entry) that only the cycle collector frees.
+            drop = functools.partial(self._drop, key, token)
+            self._entries[key] = (token, [weakref.ref(t, drop) for t in tensors], [self._state(t) for t in tensors],
+                                  packed)
             self._entries.move_to_end(key)
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
         return packed
+
+    def _drop(self, key, token, _ref) -> None:
+        """Weakref callback of a tensor of entry ``token``: forget that entry (not a newer one under the same key)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] == token:
+                del self._entries[key]
 
     def clear(self) -> None:
         with self._lock:
