@@ -202,7 +202,7 @@ def test_aot_cases_reach_every_configuration_the_heuristics_pick():
                 wanted.append(("_msc_grad_input_kernel", ptr, *(cfg[n] for n in dx_tile[:-1]), precision,
                                *launch(cfg)))
         for block_r in kernels._DW_R_BLOCKS:
-            cfg = kernels._grad_weight_config(block_r)
+            cfg = kernels._grad_weight_config(block_r, precision)
             wanted.append(("_msc_grad_weight_partial_kernel", ptr, *(cfg[n] for n in dw_tile[:-1]), precision,
                            *launch(cfg)))
         missing = [w for w in wanted if w not in compiled]
@@ -371,20 +371,22 @@ def test_grad_weight_splits_stay_within_16_to_32():
                 assert sum(sizes) == n_bt and min(sizes) >= 1
 
 
-def test_weight_gradients_over_uneven_splits_are_right_and_bitwise_reproducible():
-    """7 x 48 steps in 16-step dW tiles make 21 (batch, time tile) pairs over 16 splits: five of 2 pairs, then
-    eleven of 1."""
+@pytest.mark.parametrize("allow_tf32", (True, False), ids=("tf32", "tf32x3"))
+def test_weight_gradients_over_uneven_splits_are_right_and_bitwise_reproducible(allow_tf32):
+    """7 x 150 steps make 21 (batch, time tile) pairs of the TF32 config's 64-step dW tiles over 16 splits (five of
+    2 pairs, then eleven of 1), and 35 pairs of the 3xTF32 config's 32-step tiles over 32 splits."""
     seed = _seed()
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    x, weights, biases = _make_inputs(rng, gen, batch=7, c_in=3, steps=48, kernel_sizes=(3, 5, 7),
+    x, weights, biases = _make_inputs(rng, gen, batch=7, c_in=3, steps=150, kernel_sizes=(3, 5, 7),
                                       out_channels=(4, 5, 3), bias_pattern="all")
-    cfg = kernels._grad_weight_config(3 * 7)
-    n_bt = 7 * triton.cdiv(48, cfg["BLOCK_T"])
-    splits = kernels._grad_weight_splits(n_bt, 1, kernels._parallel_programs(torch.device(DEVICE)))
-    assert n_bt % splits != 0, (n_bt, splits)
-    grad = torch.randn(7, 12, 48, generator=gen).to(DEVICE)
-    _, first = _assert_matches_reference(x, weights, biases, None, grad, f"seed={seed}")
-    _, second = _fused_grads(x, weights, biases, None, grad)
+    grad = torch.randn(7, 12, 150, generator=gen).to(DEVICE)
+    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=allow_tf32):
+        cfg = kernels._grad_weight_config(3 * 7, kernels._conv_precision(torch.float32))
+        n_bt = 7 * triton.cdiv(150, cfg["BLOCK_T"])
+        splits = kernels._grad_weight_splits(n_bt, 1, kernels._parallel_programs(torch.device(DEVICE)))
+        assert n_bt % splits != 0, (n_bt, splits)
+        _, first = _assert_matches_reference(x, weights, biases, None, grad, f"seed={seed}")
+        _, second = _fused_grads(x, weights, biases, None, grad)
     for i, (a, b) in enumerate(zip(first, second, strict=True)):
         assert torch.equal(a, b), f"gradient {i} differs between two identical backward runs (seed={seed})"
 

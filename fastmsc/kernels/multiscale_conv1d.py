@@ -89,7 +89,6 @@ _IM2COL_TILE_LIMIT = 2048  # elements of the (BLOCK_R, BLOCK_T) gathered tile: i
 _DX_C_BLOCKS = (16, 64)
 _DW_R_BLOCKS = (16, 32, 64, 128)
 _DW_O_BLOCK = 64
-_DW_TIME_BLOCK = 32
 _MIN_SPLITS, _MAX_SPLITS = 16, 32  # of the dW reduction over batch x time (_grad_weight_splits)
 _SUM_BLOCK = 256
 
@@ -153,15 +152,21 @@ def _grad_input_config(T: int, c_in: int) -> dict:
             "num_warps": 8 if (block_t > 32 or block_c > 16) else 4, "num_stages": 2}
 
 
-def _grad_weight_config(r: int) -> dict:
+def _grad_weight_config(r: int, precision: str) -> dict:
     """Blocks of the dW kernel: up to 128 (channel, tap) columns, so that for C_in <= 18 with 7 taps one
-    program column covers them all and gz is read once."""
+    program column covers them all and gz is read once.
+
+    The kernel streams gz (the only large operand) through few programs (16-32 splits x a few dW tiles: 96 for
+    the model), so each program must keep much of it in flight: up to 32 columns (C_in <= 4, the model's inputs)
+    it takes 64-step chunks three stages deep (about 48 KB of loads in flight per program, ~4.6 MB for 96 of them,
+    enough to cover HBM latency on an H200), 32-step ones for 3xTF32, whose split operands need 255 registers on
+    sm_80 at 64 steps. Wider column blocks take 16-step chunks, two stages deep (their (BLOCK_T, BLOCK_R)
+    gathered x tile is already large). No maxnreg: every variant fits without spills (checked by the AOT tool)."""
     block_r = _smallest_block_covering(r, _DW_R_BLOCKS)
-    # Wider column blocks take 16-step chunks: the (BLOCK_T, BLOCK_R) gathered x tile otherwise spills on sm_80.
-    # No maxnreg: every variant fits without spills (checked by the AOT tool). The split ranges are computed in
-    # 32 bits, as a 64-bit division there made ptxas give some variants a stack frame.
-    return {"BLOCK_O": _DW_O_BLOCK, "BLOCK_R": block_r, "BLOCK_T": 16 if block_r >= 32 else _DW_TIME_BLOCK,
-            "num_warps": 8 if block_r >= 32 else 4, "num_stages": 2}
+    if block_r <= 32:
+        return {"BLOCK_O": _DW_O_BLOCK, "BLOCK_R": block_r, "BLOCK_T": 32 if precision == "tf32x3" else 64,
+                "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_O": _DW_O_BLOCK, "BLOCK_R": block_r, "BLOCK_T": 16, "num_warps": 8, "num_stages": 2}
 
 
 def _grad_weight_splits(n_bt: int, tiles: int, programs: int) -> int:
@@ -259,7 +264,7 @@ def _launch_grad_weight(gz, x, weight, layout, with_bias: bool, weight_numel: in
     B, c_in, T = x.shape
     c_total, _, k_max = weight.shape
     r = c_in * k_max
-    cfg = _grad_weight_config(r)
+    cfg = _grad_weight_config(r, _conv_precision(x.dtype))
     n_o, n_r = triton.cdiv(c_total, cfg["BLOCK_O"]), triton.cdiv(r, cfg["BLOCK_R"])
     n_t = triton.cdiv(T, cfg["BLOCK_T"])
     n_bt = B * n_t
