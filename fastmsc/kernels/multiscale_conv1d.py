@@ -1,20 +1,41 @@
-"""Fused multi-scale "same" Conv1d + concat in Triton: forward in one kernel, backward in three or four.
+"""Fused multi-scale "same" Conv1d + concat in Triton: forward in one kernel, backward in two to four.
 
 Shapes: x (B, C_in, T); weights[i] (C_out_i, C_in, k_i) with odd k_i; biases[i] (C_out_i,) or None;
 output (B, C_total, T) with C_total = sum_i C_out_i, branch i in channels [sum_{j<i} C_out_j, ...).
 
 Design
 ------
-* Packing. Before the custom-op boundary the branch weights are packed with torch ops into one
-  (C_total, C_in, K_max) tensor, each branch zero-padded by (K_max - k_i) // 2 taps on both sides, so
-  every branch becomes a K_max "same" conv and the whole layer is one conv with C_total outputs.
-  The packed tensor is tiny next to the activations (C_total * C_in * K_max elements), one compiled
-  kernel then serves any number of branches and kernel sizes, and autograd carries the packed
-  weight's gradient back to each branch through the pad/cat ops. Biases are packed the same way
-  (zeros for a branch without one). A zero padding tap must still never meet a NaN or inf input
-  (0 * NaN = NaN would widen the branch's receptive field): the reductions read non-finite x as 0 and
-  add their products back for each channel's own taps only (``branch_taps``), and the dx kernel reads
-  gz only at a channel's own taps. dW at the padding taps may turn NaN; the pad's backward drops it.
+* Packing, once per weight version. The kernels read the branch weights packed into one (C_total, C_in, K_max)
+  tensor, each branch zero-padded by (K_max - k_i) // 2 taps on both sides, so every branch becomes a K_max
+  "same" conv and the layer is one conv with C_total outputs; the biases packed into one (C_total,) tensor
+  (zeros for a branch without one); and an int32 (2, C_total) ``layout``: each channel's own kernel size and
+  where its weight gradient starts in the flat dW (``branch_layout``). Packing costs about five small launches,
+  so it is done once per weight version, not per call:
+
+  - ``packed_parameters`` keeps the packed tensors DETACHED in a small cache (``_PackCache``, 16 entries, least
+    recently used evicted) keyed by the id() of each branch weight and bias. A hit needs each weak reference to
+    return the very tensor passed (``is``: a freed tensor whose id or address is reused never hits) with the same
+    ``_version`` (every in-place write through the tensor or a view bumps it: optimizer steps, ``add_`` under
+    no_grad, load_state_dict's ``copy_``), data_ptr (``.data =`` and ``set_`` swaps), shape, stride, dtype and
+    device. A freed tensor's weakref callback drops its entry at once, so the cache never keeps a dead
+    parameter's packed copy alive; nothing in an entry refers back to it, so an evicted copy is freed at once
+    too. Only a write through ``.data`` (a tensor with its own version counter) escapes this:
+    ``clear_pack_cache()`` is for code that does that. The same cache serves grad mode, ``torch.no_grad()`` and
+    the functional ``fastmsc.multiscale_conv1d(x, weights, biases)`` as much as ``nn.MultiScaleConv1d`` (a
+    cache on the module would have left the functional API paying every call); inference tensors
+    (``torch.inference_mode``) carry no version counter and are packed on every call.
+  - Autograd never sees the packing: the custom op takes the branch weights and the present biases themselves
+    as its differentiable inputs, beside the non-differentiable packed tensors, and its backward hands each
+    branch its gradient. A cached packed tensor with autograd history would instead backpropagate through a
+    graph freed by the previous backward.
+  - While torch.compile traces (``torch.compiler.is_compiling()``) the packing is inline torch ops on detached
+    weights, which the compiler fuses into its graph; the cache is never consulted, so no guard on tensor
+    versions enters the graph.
+
+  A zero padding tap must never meet a NaN or inf input (0 * NaN = NaN would widen the branch's receptive
+  field): the reductions read non-finite x as 0 and add their products back for each channel's own taps only
+  (layout row 0), the dx kernel reads gz only at a channel's own taps, and dW at the padding taps (NaN there
+  when x holds one) is never written out.
 * Forward. A program owns one BLOCK_T time tile of one batch element and computes every output channel
   of every branch, in BLOCK_O = 64 channel blocks, so the input tile is read from memory once for all
   branches. The reduction runs over r = c * K_max + j (channel, tap) flattened: the x operand is the
@@ -26,27 +47,74 @@ Design
   tl.dot's 16-wide minimum cheap for tiny C_in (C_in=1, K_max=7 pads 7 -> 16 rather than 1 -> 16).
   Time tiles shrink from 128 steps until there are two programs per SM. Bias and activation run in the
   epilogue and each block is stored straight into its channel slice of the output.
-* Backward. Nothing of size (B, C_total, T) is saved: the custom op keeps only x and the packed
-  weight/bias (saving z or the output would keep a (B, C_total, T) tensor alive from the forward to the
+* Backward. Nothing of size (B, C_total, T) is saved: the custom op keeps only x, the packed tensors and the
+  branch parameters (saving z or the output would keep a (B, C_total, T) tensor alive from the forward to the
   backward, which is what this layer exists to avoid; recomputing z costs one more forward-sized
   reduction). With an activation, kernel 1 recomputes z from x by the forward's own reduction (same
   blocks, so bitwise the same z and the same ReLU mask) and writes gz = grad * act'(z), a transient
   buffer the size of grad_out that lives only during the backward; without one gz is grad_out itself.
   Then
-  - dx (kernel 2): the transposed conv, dx[b, c, t] = sum_{o, j} W[o, c, j] gz[b, o, t + K_max//2 - j],
-    reduced over (o, j) flattened, with tl.dot (C_in padded to 16 rows; gz read once for all channels),
-    except for IEEE fp32 with C_in < 4, where the padding would cost FMA-unit time and an elementwise
-    multiply-add loop over the input channels does less work;
-  - dW, db (kernels 3 and 4): deterministic two-stage reductions over batch x time. Kernel 3 gives each
-    of S programs per (BLOCK_O, BLOCK_R) block of dW a fixed contiguous range of (b, time tile) pairs
-    and writes its fp32 partial sums to an (S, C_total, C_in * K_max) buffer; kernel 4 adds the S
-    partials in a fixed order. No atomics, so two runs give bitwise identical gradients; S depends
-    only on the shapes and the device.
-* Precision: fp32 accumulation always; fp32 operands use IEEE products unless
-  torch.backends.cuda.matmul.allow_tf32 is set. Half inputs feed tl.dot natively on the GPU; under the
-  interpreter (no bf16 arithmetic in numpy) they are upcast to fp32 after loading.
-* Launch configurations come from a heuristic on the shapes (no autotuning), so the backward's
-  recomputation uses exactly the forward's blocks.
+  - dx (kernel 2, only when x requires grad): the transposed conv, dx[b, c, t] = sum_{o, j} W[o, c, j]
+    gz[b, o, t + K_max//2 - j], reduced over (o, j) flattened with tl.dot (C_in padded to 16 rows; gz read once
+    for all input channels);
+  - dW, db (kernels 3 and 4): a deterministic two-stage reduction over batch x time. Kernel 3 gives each of S
+    programs per (BLOCK_O, BLOCK_R) block of dW a fixed contiguous range of (b, time tile) pairs (n_bt // S, one
+    more for the first n_bt % S splits) and writes its fp32 partial sums of dW and db to one
+    (S, C_total * (C_in * K_max + 1)) buffer; kernel 4 adds the S partials in the fixed order s = 0, 1, ... and
+    scatters dW straight into the branches' own (C_out_i, C_in, k_i) layouts, one flat buffer of which each
+    branch's gradient is a contiguous view, and db beside it. S = clamp(cdiv(4 * SMs, dW blocks), 16, 32), at
+    most n_bt (``_grad_weight_splits``): 32 for the model on an H200 (3 dW blocks, 96 programs), so the partials
+    stay under 1 MB (32 x dW) where one split per (b, time tile) pair grew with B x T. No atomics, so two runs
+    give bitwise identical gradients. A last-program-finishes reduction would save kernel 4's launch but needs a
+    zeroed counter per dW block (a memset launch, or state shared between calls and streams) and acquire/release
+    ordering; with the counter's launch it saves nothing.
+  - One read of gz: not done. dx and dW each read gz once (dx only when x requires grad: never in the model,
+    whose input is data, so the model's backward reads gz exactly once). A fused program would hold a dW
+    accumulator for every channel (C_total x R fp32: up to 96 registers per thread at C_in = 16) across its
+    (b, time tile) range beside dx's per-tile tiles, and dx's reads of gz are shifted per tap where dW's are
+    not. The second read costs B * C_total * T elements (12.6 MB, 2.6 us at 4.8 TB/s, for the model at T = 512
+    in fp32) when x needs a gradient.
+* Precision: fp32 accumulation always, every product on tensor cores. Float32 operands follow torch's
+  convolution flag, torch.backends.cudnn.allow_tf32 (``_conv_precision``): on (torch's default, under which
+  nn.Conv1d and cuDNN on CUDA already use TF32) "tf32", off "tf32x3" (three TF32 products per product, about
+  fp32 accuracy). That flag, not torch.backends.cuda.matmul.allow_tf32 (off by default,
+  torch.set_float32_matmul_precision), because this op replaces convolutions and a user's setting for them
+  should carry over: with the matmul flag the fused layer would silently be more precise and slower than the
+  nn.Conv1d it replaces, or less precise than a user who turned cuDNN's TF32 off asked for. The consequence:
+  GPU tests comparing float32 with the float64 reference turn the cudnn flag off or use a TF32 tolerance
+  (tests/test_cuda.py does both). IEEE fp32 tl.dot (FMA units, whole reduction strips per thread in registers)
+  is no longer used, and with it went dx's elementwise path for IEEE fp32 with C_in < 4. Half inputs feed tl.dot
+  natively on the GPU; under the interpreter (no bf16 arithmetic in numpy) they are upcast to fp32 after
+  loading, and tl.dot there is an fp32 product whatever the precision.
+* Launch configurations come from a heuristic on the shapes and the precision (no autotuning), so the
+  backward's recomputation uses exactly the forward's blocks.
+
+Roofline (H200: 4.8 TB/s HBM, ~495 TF/s TF32, ~990 TF/s bf16, 132 SMs; the default model's layer: B = 32,
+three branches of 64 channels with k = 3/5/7, bias, no activation, x without gradient; estimates, not
+measurements)
+------------------------------------------------------------------------------------------------------------
+* Work. Forward FLOPs 2 * B * T * 64 * C_in * 15: 9.2 / 31.5 MFLOP (C_in = 1, T = 150 / 512), 27.6 / 94.4
+  (C_in = 3); tl.dot executes 2 * B * T * 192 * BLOCK_R with BLOCK_R = 16 (C_in = 1) or 32 (C_in = 3): 29.5-201
+  MFLOP, 0.06-0.41 us at the TF32 rate. dW costs the same. Every kernel is bound by memory (and at T = 150 by
+  launch latency), by two orders of magnitude.
+* Bytes, fp32 (bf16 halves the activations). Output and gz are B * 192 * T elements: 3.69 MB at T = 150,
+  12.58 MB at T = 512. Forward: x + output, 3.7 / 12.8 MB (0.78 / 2.66 us). Backward: gz once + x + the dW
+  partials written and read (2 x 32 x 192 x (7 C_in + 1) x 4 B: 0.39 MB at C_in = 1, 1.08 MB at C_in = 3, mostly
+  in the 50 MB L2): 4.1-4.8 / 13.0-13.9 MB (0.85-1.0 / 2.7-2.9 us). Fwd+bwd: 1.6-1.8 us at T = 150, 5.4-5.6 us
+  at T = 512 (bf16: 0.85-1.0 and 2.7-2.9 us).
+* Programs. Forward: 160 at T = 150 (32-step tiles, 1.2 per SM), 512 at T = 512 (3.9 per SM). dW: 3 blocks x
+  32 splits = 96 (0.73 per SM), each streaming 64-step gz chunks three stages deep (~48 KB in flight per
+  program, ~4.6 MB in all, about what HBM latency x bandwidth needs). Kernel 4: 17 programs.
+* Expected. T = 512: the three launches' fixed costs (~2 us each) plus ~65% of HBM bandwidth give ~10 us fwd+bwd
+  in fp32, about 55% of the roofline. T = 150: ~6-8 us, latency-bound (about 25%).
+* Against eager torch (3 cuDNN convs, their bias adds, cat; backward: a contiguous copy of each branch's
+  gradient slice, cuDNN wgrad, bias sums): about 9 output-sized passes in 16-19 launches, 113 MB / 23.7 us at
+  the roofline for T = 512 in fp32, realistically 40-60 us; at T = 150 ~19 launches of 3-4 us: ~4-5x at
+  T = 512 and more at T = 150, counted on the GPU. torch.compile (Inductor keeps the cuDNN convs as extern
+  kernels and fuses bias + cat, and the backward's copies and bias sums): about 6 passes in ~8 launches,
+  76 MB / 15.9 us at the roofline for T = 512, ~25-30 us realistically: ~2.5-3x. Both ratios assume the GPU,
+  not the host, sets the pace: the custom op costs about one Python dispatch and one or two Triton launches
+  per direction, and a cache hit about a microsecond per branch.
 """
 
 from __future__ import annotations
