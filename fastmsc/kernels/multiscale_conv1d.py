@@ -181,9 +181,9 @@ def _largest_time_block(block_r: int) -> int:
 
 def _forward_tile_config(block_r: int, block_t: int, resident: bool) -> dict:
     """Launch settings of the forward / z-recomputing kernels for one tile shape (checked by the AOT tool):
-    8 warps from 64 steps or a 4096-element gathered tile on, where 4 warps need over 200 registers per
-    thread for fp32 on sm_80 (no tensor cores for IEEE fp32 products); one stage, because software-pipelining
-    the nested output-block / reduction loops spills fp32 tiles on sm_80."""
+    8 warps from 64 steps or a 4096-element gathered tile on, where even 8 warps take up to 255 registers per
+    thread for 3xTF32 on sm_80 (split operands, three products); one stage, because software-pipelining the
+    nested output-block / reduction loops spilled fp32 tiles on sm_80."""
     big = block_t >= 64 or block_r * block_t >= 4096
     return {"BLOCK_O": _FORWARD_O_BLOCK, "BLOCK_T": block_t, "BLOCK_R": block_r, "X_RESIDENT": resident,
             "num_warps": 8 if big else 4, "num_stages": 1}
