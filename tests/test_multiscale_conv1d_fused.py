@@ -270,6 +270,31 @@ def test_pack_cache_hits_while_weights_are_unchanged_and_misses_after_an_in_plac
     assert cache.packs == packs + 4
 
 
+def test_pack_cache_serves_no_grad_and_inference_mode_but_not_inference_tensors():
+    """Parameters called under torch.no_grad() or torch.inference_mode() hit the cache as in training; weights
+    made inside inference_mode (no version counter) are packed on every call, never cached."""
+    gen = torch.Generator().manual_seed(_seed())
+    x = torch.randn(2, 2, 13, generator=gen).to(DEVICE)
+    weights = [torch.randn(3, 2, 3, generator=gen).to(DEVICE).requires_grad_(),
+               torch.randn(2, 2, 5, generator=gen).to(DEVICE).requires_grad_()]
+    expected = multiscale_conv1d_reference(x.double(), [w.detach().double() for w in weights])
+    kernels.clear_pack_cache()
+    packs = kernels._PACK_CACHE.packs
+    for context in (torch.no_grad, torch.inference_mode, torch.no_grad):
+        with context(), fastmsc.use_backend("fused"):
+            out = fastmsc.multiscale_conv1d(x, weights)
+        torch.testing.assert_close(out.double(), expected, **TOL[torch.float32])
+    assert kernels._PACK_CACHE.packs == packs + 1
+    with torch.inference_mode():
+        frozen = [w.detach().clone() for w in weights]
+        assert all(w.is_inference() for w in frozen)
+        for _ in range(2):
+            with fastmsc.use_backend("fused"):
+                out = fastmsc.multiscale_conv1d(x, frozen)
+            torch.testing.assert_close(out.double(), expected, **TOL[torch.float32])
+    assert kernels._PACK_CACHE.packs == packs + 1 and len(kernels._PACK_CACHE) == 1
+
+
 def test_pack_cache_drops_freed_weights_and_never_hits_a_reallocated_one():
     """The cache holds weak references only: a freed weight's packed copy goes with it, and a new tensor that
     reuses the freed one's id() (CPython hands the freed object's memory to the next tensor object) misses."""

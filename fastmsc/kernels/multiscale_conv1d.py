@@ -583,15 +583,22 @@ def _pack_detached(weights, biases):
     return weight.contiguous(), None if bias is None else bias.contiguous(), branch_layout(weights)
 
 
+def _cacheable(t: torch.Tensor) -> bool:
+    """Plain tensors and parameters only: an inference tensor has no version counter, and a subclass or functorch
+    wrapper (fake tensors, DTensor, torch.func transforms) may have no data pointer or version of its own."""
+    return (type(t) in (torch.Tensor, torch.nn.Parameter) and not t.is_inference()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
 def packed_parameters(weights, biases):
     """(packed weight (C_total, C_in, K_max), packed bias (C_total,) or None, layout int32 (2, C_total)), detached.
 
-    Eager (grad mode or not): from the pack cache, computed once per weight version. While torch.compile traces:
-    packed inline with torch ops, which the compiler fuses into its graph, with no guard on tensor versions.
-    Inference tensors (torch.inference_mode) carry no version counter, so they are packed on every call."""
-    if torch.compiler.is_compiling() or any(t.is_inference() for t in weights):
-        return _pack_detached(weights, biases)
-    if biases is not None and any(b is not None and b.is_inference() for b in biases):
+    Eager (grad mode or not): from the pack cache, computed once per weight version. While torch.compile or
+    torch.jit.trace records: packed inline with torch ops, which land in the graph (a cached tensor would be baked
+    in as a constant, and the compiler would have to guard on versions); likewise for tensors the cache cannot key
+    (``_cacheable``)."""
+    tensors = list(weights) + ([] if biases is None else [b for b in biases if b is not None])
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not all(_cacheable(t) for t in tensors):
         return _pack_detached(weights, biases)
     return _PACK_CACHE.get(weights, biases)
 
