@@ -242,10 +242,11 @@ def _grad_weight_splits(n_bt: int, tiles: int, programs: int) -> int:
     n_bt // S (batch, time tile) pairs, one more for the first n_bt % S splits, one program per split and dW tile
     (``tiles`` of them).
 
-    S = clamp(cdiv(programs, tiles), 16, 32), at most n_bt: at least 16 so the grid covers most SMs even for the
-    model's 3 dW tiles (3 x 32 = 96 programs), at most 32 so the fp32 partial buffer and the summing kernel's
-    reads stay within 32 x dW (under 1 MB for the model) instead of growing with B x T. It depends only on the
-    shapes and the device, so the order of the sums (and every bit of dW) is the same on every run."""
+    S = clamp(cdiv(programs, tiles), 16, 32), at most n_bt: at least 16 so that even a single dW tile streams gz
+    through 16 SMs, at most 32 so the fp32 partial buffer and the summing kernel's reads stay within 32 x dW
+    (under 1 MB for the model) instead of growing with B x T. The model's 3 dW tiles get 32 (96 programs). S
+    depends only on the shapes and the device, so the order of the sums (and every bit of dW) is the same on
+    every run."""
     return max(1, min(n_bt, _MAX_SPLITS, max(_MIN_SPLITS, triton.cdiv(programs, tiles))))
 
 
