@@ -119,19 +119,36 @@ measurements)
 
 from __future__ import annotations
 
-import functools
-import threading
-import weakref
-from collections import OrderedDict
-
 import torch
-import torch.nn.functional as F
 import triton
 
 from .._double_backward import graph_wanted, recomputed_grads
 from ..ops.reference.multiscale_conv1d import multiscale_conv1d_reference
 from ._common import interpreting as _interpreting
 from ._common import new_output, tensor_core_precision, triton_call_unsupported
+from ._multiscale_conv1d_config import (  # noqa: F401  (the tests and the AOT cases read the heuristics here)
+    _DW_R_BLOCKS,
+    _IM2COL_TILE_LIMIT,
+    _MAX_SPLITS,
+    _MIN_SPLITS,
+    _RESIDENT_R_BLOCKS,
+    _STREAMED_R_BLOCK,
+    _SUM_BLOCK,
+    _TIME_BLOCKS,
+    _forward_config,
+    _forward_tile_config,
+    _grad_input_config,
+    _grad_weight_config,
+    _grad_weight_splits,
+    _largest_time_block,
+)
+from ._multiscale_conv1d_pack import (  # noqa: F401  (the pack cache is the tests' to inspect)
+    _PACK_CACHE,
+    branch_layout,
+    clear_pack_cache,
+    pack_weights,
+    packed_parameters,
+)
 from ._multiscale_conv1d_triton import (
     _msc_forward_kernel,
     _msc_grad_input_kernel,
@@ -147,108 +164,6 @@ _INT32_LIMIT = 2**31 - 1
 # ----------------------------------------------------------------------------------------------------------
 # Launch configuration
 # ----------------------------------------------------------------------------------------------------------
-
-# Every configuration the heuristics below can pick; multiscale_conv1d_aot compiles each of them.
-_TIME_BLOCKS = (32, 64, 128)
-_FORWARD_O_BLOCK = 64
-_RESIDENT_R_BLOCKS = (16, 32, 64, 128)  # an im2col tile this tall stays in registers for every output block
-_STREAMED_R_BLOCK = 32  # wider reductions stream the tile in chunks of this many rows
-_IM2COL_TILE_LIMIT = 2048  # elements of the (BLOCK_R, BLOCK_T) gathered tile: its pointers cost 2 registers each
-_DX_C_BLOCKS = (16, 64)
-_DW_R_BLOCKS = (16, 32, 64, 128)
-_DW_O_BLOCK = 64
-_MIN_SPLITS, _MAX_SPLITS = 16, 32  # of the dW reduction over batch x time (_grad_weight_splits)
-_SUM_BLOCK = 256
-
-
-def _smallest_block_covering(n: int, blocks) -> int:
-    for block in blocks:
-        if n <= block:
-            return block
-    return blocks[-1]
-
-
-def _time_block(T: int) -> int:
-    """128 steps unless that pads T by more than 1/8 (T=150 -> 32, 5 tiles with 10 steps of padding)."""
-    padded = triton.cdiv(T, 128) * 128
-    return 128 if (padded - T) * 8 <= T else 32
-
-
-def _largest_time_block(block_r: int) -> int:
-    """Time tiles stay within _IM2COL_TILE_LIMIT gathered elements (but at least 32 steps)."""
-    return max(_TIME_BLOCKS[0], _IM2COL_TILE_LIMIT // block_r)
-
-
-def _forward_tile_config(block_r: int, block_t: int, resident: bool) -> dict:
-    """Launch settings of the forward / z-recomputing kernels for one tile shape (checked by the AOT tool):
-    8 warps from 64 steps or a 4096-element gathered tile on, where even 8 warps take up to 255 registers per
-    thread for 3xTF32 on sm_80 (split operands, three products); one stage, because software-pipelining the
-    nested output-block / reduction loops spilled fp32 tiles on sm_80."""
-    big = block_t >= 64 or block_r * block_t >= 4096
-    return {"BLOCK_O": _FORWARD_O_BLOCK, "BLOCK_T": block_t, "BLOCK_R": block_r, "X_RESIDENT": resident,
-            "num_warps": 8 if big else 4, "num_stages": 1}
-
-
-def _forward_config(T: int, r: int, batch: int, programs_wanted: int) -> dict:
-    """Blocks of the forward kernel; the backward's recomputation of z uses the same ones (same shapes, same
-    device), so it reproduces z bit for bit.
-
-    A program owns one time tile of one batch element and computes every output channel, all branches, in
-    64-channel blocks, so the input tile is read from memory once. When the reduction r = C_in * K_max fits
-    one 128-row block (C_in <= 18 with K_max = 7) the im2col tile is gathered once into registers and reused
-    by every output block; wider inputs stream it in 32-row chunks per output block (those re-reads hit L1/L2).
-    Time tiles shrink (128 -> 64 -> 32) until the gathered tile stays small and there are ``programs_wanted``
-    programs to fill the device."""
-    resident = r <= _RESIDENT_R_BLOCKS[-1]
-    block_r = _smallest_block_covering(r, _RESIDENT_R_BLOCKS) if resident else _STREAMED_R_BLOCK
-    block_t = _time_block(T)
-    while block_t > _TIME_BLOCKS[0] and (block_t > _largest_time_block(block_r)
-                                         or batch * triton.cdiv(T, block_t) < programs_wanted):
-        block_t //= 2
-    return _forward_tile_config(block_r, block_t, resident)
-
-
-def _grad_input_config(T: int, c_in: int) -> dict:
-    """Blocks of the dx kernel: tl.dot on tensor cores with C_in padded to 16 (or 64) rows, so the gz tile is read
-    once for all input channels; the padding costs tensor-core time only, which the kernel has to spare (it is
-    bound by reading gz)."""
-    block_c = _smallest_block_covering(c_in, _DX_C_BLOCKS)
-    block_t = _time_block(T)
-    # (BLOCK_Q, BLOCK_T) pairs without spills on sm_80/sm_90 in tf32, tf32x3, fp16 and bf16 (checked by the AOT tool).
-    block_q = 32 if block_t > 32 else 64
-    return {"BLOCK_C": block_c, "BLOCK_Q": block_q, "BLOCK_T": block_t,
-            "num_warps": 8 if (block_t > 32 or block_c > 16) else 4, "num_stages": 2}
-
-
-def _grad_weight_config(r: int, precision: str) -> dict:
-    """Blocks of the dW kernel: up to 128 (channel, tap) columns, so that for C_in <= 18 with 7 taps one
-    program column covers them all and gz is read once.
-
-    The kernel streams gz (the only large operand) through few programs (16-32 splits x a few dW tiles: 96 for
-    the model), so each program must keep much of it in flight: up to 32 columns (C_in <= 4, the model's inputs)
-    it takes 64-step chunks three stages deep (about 48 KB of loads in flight per program, ~4.6 MB for 96 of them,
-    enough to cover HBM latency on an H200), 32-step ones for 3xTF32, whose split operands need 255 registers on
-    sm_80 at 64 steps. Wider column blocks take 16-step chunks, two stages deep (their (BLOCK_T, BLOCK_R)
-    gathered x tile is already large). No maxnreg: every variant fits without spills (checked by the AOT tool)."""
-    block_r = _smallest_block_covering(r, _DW_R_BLOCKS)
-    if block_r <= 32:
-        return {"BLOCK_O": _DW_O_BLOCK, "BLOCK_R": block_r, "BLOCK_T": 32 if precision == "tf32x3" else 64,
-                "num_warps": 8, "num_stages": 3}
-    return {"BLOCK_O": _DW_O_BLOCK, "BLOCK_R": block_r, "BLOCK_T": 16, "num_warps": 8, "num_stages": 2}
-
-
-def _grad_weight_splits(n_bt: int, tiles: int, programs: int) -> int:
-    """How many splits S the batch x time reduction of dW is cut into: split s sums a fixed, contiguous range of
-    n_bt // S (batch, time tile) pairs, one more for the first n_bt % S splits, one program per split and dW tile
-    (``tiles`` of them).
-
-    S = clamp(cdiv(programs, tiles), 16, 32), at most n_bt: at least 16 so that even a single dW tile streams gz
-    through 16 SMs, at most 32 so the fp32 partial buffer and the summing kernel's reads stay within 32 x dW
-    (under 1 MB for the model) instead of growing with B x T. The model's 3 dW tiles get 32 (96 programs). S
-    depends only on the shapes and the device, so the order of the sums (and every bit of dW) is the same on
-    every run."""
-    return max(1, min(n_bt, _MAX_SPLITS, max(_MIN_SPLITS, triton.cdiv(programs, tiles))))
-
 
 _SM_COUNTS: dict[int, int] = {}
 
@@ -479,135 +394,6 @@ def _backward(ctx, grad):
 
 
 _packed_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Packing, once per weight version
-# ----------------------------------------------------------------------------------------------------------
-
-
-def pack_weights(weights, biases):
-    """Pack branch weights into one (C_total, C_in, K_max) tensor, each branch centred and zero-padded to K_max
-    taps, and the biases into one (C_total,) tensor (zeros for a branch without one), or None without any.
-    Torch ops on the tensors given (differentiable if they are; ``packed_parameters`` passes detached ones)."""
-    k_max = max(w.shape[-1] for w in weights)
-    packed_weight = torch.cat([F.pad(w, ((k_max - w.shape[-1]) // 2,) * 2) for w in weights], dim=0)
-    packed_bias = None
-    if biases is not None and any(b is not None for b in biases):
-        packed_bias = torch.cat([w.new_zeros(w.shape[0]) if b is None else b
-                                 for w, b in zip(weights, biases, strict=True)])
-    return packed_weight, packed_bias
-
-
-def branch_layout(weights) -> torch.Tensor:
-    """int32 (2, C_total): row 0 each packed output channel's own kernel size k_i (the kernels multiply only those
-    taps of a channel, never its zero padding, so a NaN or inf input stays within each branch's receptive field);
-    row 1 where channel o's (C_in, k_i) weight gradient starts in the flat dW that _packed_backward returns
-    (branch after branch, each (C_out_i, C_in, k_i) contiguous). Built from shapes only, on the host."""
-    taps, offsets, start = [], [], 0
-    for w in weights:
-        c_out, c_in, k = w.shape
-        taps += [k] * c_out
-        offsets += range(start, start + c_out * c_in * k, c_in * k)
-        start += c_out * c_in * k
-    return torch.tensor([taps, offsets], dtype=torch.int32, device=weights[0].device)
-
-
-class _PackCache:
-    """The packed (weight, bias, layout) of recent branch parameter lists, detached, so a layer called again with
-    unchanged weights launches nothing to pack them.
-
-    An entry is keyed by the id() of each branch weight and bias and holds weak references to them: a hit needs
-    every reference to still return the very tensor passed (``is``, so a freed tensor whose id or address is
-    reused never hits), with the same _version (bumped by every in-place write through the tensor or a view,
-    including optimizer steps under no_grad), data_ptr (``.data`` or ``set_`` swaps), shape, stride, dtype and
-    device. A dead tensor's weakref callback drops its entry at once, so the cache never keeps packed copies of
-    freed parameters; at most ``capacity`` entries live (least recently used evicted)."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self._entries: OrderedDict = OrderedDict()
-        self._lock = threading.RLock()  # the GC may run a weakref callback in any thread, mid-lookup too
-        self.packs = 0  # how many times the packing ran (tests count hits and misses with it)
-
-    @staticmethod
-    def _state(t: torch.Tensor) -> tuple:
-        return (t._version, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
-
-    def get(self, weights, biases):
-        tensors = list(weights) + ([] if biases is None else [b for b in biases if b is not None])
-        key = (tuple(id(t) for t in weights),
-               None if biases is None else tuple(None if b is None else id(b) for b in biases))
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                _, refs, states, packed = entry
-                if (len(refs) == len(tensors) and all(ref() is t for ref, t in zip(refs, tensors, strict=True))
-                        and states == [self._state(t) for t in tensors]):
-                    self._entries.move_to_end(key)
-                    return packed
-        packed = _pack_detached(weights, biases)
-        with self._lock:
-            self.packs += 1
-            token = self.packs
-            # The callback holds the key and a token, not the entry: a reference to the entry would close a cycle
-            # (entry -> weakref -> callback -> entry) that only the cycle collector frees.
-            drop = functools.partial(self._drop, key, token)
-            self._entries[key] = (token, [weakref.ref(t, drop) for t in tensors], [self._state(t) for t in tensors],
-                                  packed)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
-        return packed
-
-    def _drop(self, key, token, _ref) -> None:
-        """Weakref callback of a tensor of entry ``token``: forget that entry (not a newer one under the same key)."""
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and entry[0] == token:
-                del self._entries[key]
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-_PACK_CACHE = _PackCache(capacity=16)
-
-
-def _pack_detached(weights, biases):
-    weight, bias = pack_weights([w.detach() for w in weights],
-                                None if biases is None else [None if b is None else b.detach() for b in biases])
-    return weight.contiguous(), None if bias is None else bias.contiguous(), branch_layout(weights)
-
-
-def _cacheable(t: torch.Tensor) -> bool:
-    """Plain tensors and parameters only: an inference tensor has no version counter, and a subclass or functorch
-    wrapper (fake tensors, DTensor, torch.func transforms) may have no data pointer or version of its own."""
-    return (type(t) in (torch.Tensor, torch.nn.Parameter) and not t.is_inference()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
-
-
-def packed_parameters(weights, biases):
-    """(packed weight (C_total, C_in, K_max), packed bias (C_total,) or None, layout int32 (2, C_total)), detached.
-
-    Eager (grad mode or not): from the pack cache, computed once per weight version. While torch.compile or
-    torch.jit.trace records: packed inline with torch ops, which land in the graph (a cached tensor would be baked
-    in as a constant, and the compiler would have to guard on versions); likewise for tensors the cache cannot key
-    (``_cacheable``)."""
-    tensors = list(weights) + ([] if biases is None else [b for b in biases if b is not None])
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not all(_cacheable(t) for t in tensors):
-        return _pack_detached(weights, biases)
-    return _PACK_CACHE.get(weights, biases)
-
-
-def clear_pack_cache() -> None:
-    """Forget every packed weight: for code that writes a weight through ``.data`` (which, unlike every other
-    in-place write, does not bump the version counter the cache checks)."""
-    _PACK_CACHE.clear()
 
 
 def fused(x, weights, biases=None, activation=None):
