@@ -12,25 +12,26 @@ Design
   where its weight gradient starts in the flat dW (``branch_layout``). Packing costs about five small launches,
   so it is done once per weight version, not per call:
 
-  - ``packed_parameters`` keeps the packed tensors DETACHED in a small cache (``_PackCache``, 16 entries, least
-    recently used evicted) keyed by the id() of each branch weight and bias. A hit needs each weak reference to
-    return the very tensor passed (``is``: a freed tensor whose id or address is reused never hits) with the same
-    ``_version`` (every in-place write through the tensor or a view bumps it: optimizer steps, ``add_`` under
-    no_grad, load_state_dict's ``copy_``), data_ptr (``.data =`` and ``set_`` swaps), shape, stride, dtype and
-    device. A freed tensor's weakref callback drops its entry at once, so the cache never keeps a dead
-    parameter's packed copy alive; nothing in an entry refers back to it, so an evicted copy is freed at once
-    too. Only a write through ``.data`` (a tensor with its own version counter) escapes this:
-    ``clear_pack_cache()`` is for code that does that. The same cache serves grad mode, ``torch.no_grad()`` and
-    the functional ``fastmsc.multiscale_conv1d(x, weights, biases)`` as much as ``nn.MultiScaleConv1d`` (a
-    cache on the module would have left the functional API paying every call); inference tensors
-    (``torch.inference_mode``) carry no version counter and are packed on every call.
+  - ``packed_parameters`` (in _multiscale_conv1d_pack) keeps the packed tensors DETACHED in a small cache
+    (``_PackCache``, 16 entries, least recently used evicted) keyed by the id() of each branch weight and bias.
+    A hit needs each weak reference to return the very tensor passed (``is``: a freed tensor whose id or
+    address is reused never hits) with the same ``_version`` (every in-place write through the tensor or a view
+    bumps it: optimizer steps, ``add_`` under no_grad, load_state_dict's ``copy_``), data_ptr (``.data =`` and
+    ``set_`` swaps), shape, stride, dtype and device. A freed tensor's weakref callback drops its entry at once,
+    so the cache never keeps a dead parameter's packed copy alive; nothing in an entry refers back to it, so an
+    evicted copy is freed at once too. Only a write through ``.data`` (a tensor with its own version counter)
+    escapes this: ``clear_pack_cache()`` is for code that does that. The same cache serves grad mode,
+    ``torch.no_grad()``, ``torch.inference_mode()`` and the functional ``fastmsc.multiscale_conv1d(x, weights,
+    biases)`` as much as ``nn.MultiScaleConv1d`` (a cache on the module would have left the functional API
+    paying every call). Tensors it cannot key are packed on every call: inference tensors (made inside
+    inference_mode: no version counter), subclasses and functorch wrappers.
   - Autograd never sees the packing: the custom op takes the branch weights and the present biases themselves
     as its differentiable inputs, beside the non-differentiable packed tensors, and its backward hands each
     branch its gradient. A cached packed tensor with autograd history would instead backpropagate through a
     graph freed by the previous backward.
   - While torch.compile traces (``torch.compiler.is_compiling()``) the packing is inline torch ops on detached
     weights, which the compiler fuses into its graph; the cache is never consulted, so no guard on tensor
-    versions enters the graph.
+    versions enters the graph. torch.jit.trace packs inline too, so no packed constant is baked into a trace.
 
   A zero padding tap must never meet a NaN or inf input (0 * NaN = NaN would widen the branch's receptive
   field): the reductions read non-finite x as 0 and add their products back for each channel's own taps only
@@ -86,8 +87,8 @@ Design
   is no longer used, and with it went dx's elementwise path for IEEE fp32 with C_in < 4. Half inputs feed tl.dot
   natively on the GPU; under the interpreter (no bf16 arithmetic in numpy) they are upcast to fp32 after
   loading, and tl.dot there is an fp32 product whatever the precision.
-* Launch configurations come from a heuristic on the shapes and the precision (no autotuning), so the
-  backward's recomputation uses exactly the forward's blocks.
+* Launch configurations come from heuristics on the shapes and the precision (_multiscale_conv1d_config; no
+  autotuning), so the backward's recomputation uses exactly the forward's blocks.
 
 Roofline (H200: 4.8 TB/s HBM, ~495 TF/s TF32, ~990 TF/s bf16, 132 SMs; the default model's layer: B = 32,
 three branches of 64 channels with k = 3/5/7, bias, no activation, x without gradient; estimates, not
