@@ -125,6 +125,7 @@ import triton
 
 from .._double_backward import graph_wanted, recomputed_grads
 from ..ops.reference.multiscale_conv1d import multiscale_conv1d_reference
+from . import _multiscale_conv1d_pack as _pack  # noqa: F401  (the tests reach the cache class through it)
 from ._common import interpreting as _interpreting
 from ._common import new_output, tensor_core_precision, triton_call_unsupported
 from ._multiscale_conv1d_config import (  # noqa: F401  (the tests and the AOT cases read the heuristics here)
