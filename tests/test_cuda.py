@@ -23,12 +23,22 @@ DEVICE = "cuda"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _tolerance(dtype: torch.dtype, expected: torch.Tensor) -> dict:
+def _tolerance(dtype: torch.dtype, expected: torch.Tensor, tf32: bool = False) -> dict:
     """Inputs are rounded to ``dtype`` for both sides, so only the kernel's own rounding differs: fp32
     accumulation (~1e-6 relative over the few hundred terms here) and, for half types, intermediates
     stored in the input dtype (softmax probabilities, the saved forward output) whose error follows the
     largest values of a tensor, not each element: hence 8 ulps of the dtype relative to max|expected|.
-    TF32 is off (torch's default), so fp32 stays tight."""
+    fp32 is tight where the products are IEEE or 3xTF32 (torch.backends.cuda.matmul.allow_tf32 off, torch's
+    default, for the matmul-based ops; the conv tests turn torch.backends.cudnn.allow_tf32 off).
+
+    ``tf32``: fp32 operands rounded to TF32 (10 mantissa bits, unit roundoff u = 2^-11) inside every product. The
+    conv's shapes below, emulated in float64 with operands truncated to TF32 (the tensor cores drop the low 13
+    bits; rounding would halve the error), 30 seeds each, without ReLU (whose kink flips wherever TF32 moves z
+    across 0): the worst error was 2.2u of max|expected| for the output, 2.4u for dx and 4.7u for dW; 16u is
+    allowed, where a wrong index or missed term errs by O(0.1)."""
+    if tf32:
+        unit = 2.0**-11
+        return {"rtol": 8 * unit, "atol": 16 * unit * max(1.0, float(expected.abs().max()))}
     if dtype == torch.float32:
         return {"rtol": 1e-4, "atol": 1e-5 * max(1.0, float(expected.abs().max()))}
     ulp = {torch.float16: 2**-11, torch.bfloat16: 2**-8}[dtype]
@@ -45,9 +55,9 @@ def _place(values: torch.Tensor, dtype: torch.dtype, strided: bool) -> torch.Ten
     return buffer.requires_grad_()[..., ::2]
 
 
-def _check_against_reference(call, values: dict, lengths, dtype, draw, what, strided=()):
+def _check_against_reference(call, values: dict, lengths, dtype, draw, what, strided=(), tf32=False):
     """Run ``call(tensors, lengths)`` with backend 'fused' in ``dtype`` and 'reference' in float64 on the
-    same rounded values; compare every output and the gradient of every tensor."""
+    same rounded values; compare every output and the gradient of every tensor (``tf32``: see _tolerance)."""
     tensors = {name: _place(v, dtype, name in strided) for name, v in values.items()}
     reference_inputs = {name: v.to(dtype).double().to(DEVICE).requires_grad_() for name, v in values.items()}
     lengths = None if lengths is None else lengths.to(DEVICE)
@@ -65,11 +75,11 @@ def _check_against_reference(call, values: dict, lengths, dtype, draw, what, str
     prefix = f"{what} dtype={str(dtype).replace('torch.', '')} [{draw.tag()}]"
     for i, (out, ref) in enumerate(zip(outs, ref_outs, strict=True)):
         assert out.dtype == dtype and out.device.type == "cuda", f"{prefix}: output {i} is {out.dtype} on {out.device}"
-        assert_close(out.double(), ref, f"{prefix} output {i}", **_tolerance(dtype, ref))
+        assert_close(out.double(), ref, f"{prefix} output {i}", **_tolerance(dtype, ref, tf32))
     for name, grad, ref in zip(names, grads, ref_grads, strict=True):
         ref = torch.zeros_like(reference_inputs[name]) if ref is None else ref
         assert grad is not None, f"{prefix}: no gradient reached {name}"
-        assert_close(grad.double(), ref, f"{prefix} grad of {name}", **_tolerance(dtype, ref))
+        assert_close(grad.double(), ref, f"{prefix} grad of {name}", **_tolerance(dtype, ref, tf32))
 
 
 def _mixed_lengths(draw, batch, steps):
@@ -84,9 +94,16 @@ def _mixed_lengths(draw, batch, steps):
 CONV_SHAPES = [(2, 3, 17, 5), (4, 12, 301, 48), (3, 20, 130, 32)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+# The fused conv's float32 products follow torch.backends.cudnn.allow_tf32 (on by default, as for nn.Conv1d): TF32,
+# else 3xTF32. "float32" runs with the flag off (3xTF32, the fp32 tolerance), "tf32" with it on.
+CONV_PRECISIONS = {"float32": (torch.float32, False), "tf32": (torch.float32, True),
+                   "float16": (torch.float16, False), "bfloat16": (torch.bfloat16, False)}
+
+
+@pytest.mark.parametrize("precision", list(CONV_PRECISIONS))
 @pytest.mark.parametrize("shape", CONV_SHAPES, ids=str)
-def test_multiscale_conv1d_fused_matches_reference(shape, dtype):
+def test_multiscale_conv1d_fused_matches_reference(shape, precision):
+    dtype, tf32 = CONV_PRECISIONS[precision]
     draw = Draw()
     B, C, T, C_out = shape
     kernels = (3, 5, 7)
@@ -94,15 +111,17 @@ def test_multiscale_conv1d_fused_matches_reference(shape, dtype):
     for i, k in enumerate(kernels):
         values[f"w{i}"] = draw.randn(C_out, C, k, scale=(C * k) ** -0.5)
         values[f"b{i}"] = draw.randn(C_out)
-    activation = draw.choice([None, "relu", "gelu"])
+    # TF32 moves z by ~1e-3, enough to flip ReLU's kink against the float64 reference; GELU is smooth there.
+    activation = draw.choice([None, "gelu"] if tf32 else [None, "relu", "gelu"])
 
     def call(t, lengths):
         weights = [t[f"w{i}"] for i in range(len(kernels))]
         biases = [t[f"b{i}"] for i in range(len(kernels))]
         return fastmsc.multiscale_conv1d(t["x"], weights, biases, activation)
 
-    _check_against_reference(call, values, None, dtype, draw, f"multiscale_conv1d {shape} act={activation}",
-                             strided=("x",) if T > 100 else ())
+    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=tf32):
+        _check_against_reference(call, values, None, dtype, draw, f"multiscale_conv1d {shape} act={activation}",
+                                 strided=("x",) if T > 100 else (), tf32=tf32)
 
 
 # (batch, heads, time, head dim)

@@ -253,8 +253,13 @@ def test_triton_custom_ops_accept_an_empty_batch_directly():
     pooled, index = torch.ops.fastmsc.max_avg_pool_forward(x, None)
     assert pooled.shape == (0, 6) and index.shape == (0, 3)
     assert torch.ops.fastmsc.max_avg_pool_backward(pooled, index, None, 5).shape == x.shape
-    packed = torch.randn(6, 3, 5)
-    assert torch.ops.fastmsc.multiscale_conv1d_packed(torch.randn(0, 3, 7), packed, None, "relu").shape == (0, 6, 7)
+    from fastmsc.kernels import multiscale_conv1d as conv_kernels
+
+    weights = [torch.randn(4, 3, 5), torch.randn(2, 3, 3)]
+    packed, _, layout = conv_kernels.packed_parameters(weights, None)
+    out = torch.ops.fastmsc.multiscale_conv1d_packed(torch.randn(0, 3, 7), weights, [], [False, False], packed,
+                                                     None, layout, "relu")
+    assert out.shape == (0, 6, 7)
 
 
 _EXTENSION_EMPTY_BATCH = textwrap.dedent("""

@@ -234,15 +234,16 @@ def _opcheck_conv(draw: Draw) -> None:
     kernels = importlib.import_module("fastmsc.kernels.multiscale_conv1d")
     T = draw.int(2, 13)
     x = draw.randn(2, 3, T).float().requires_grad_()
-    weight, bias = kernels.pack_weights([draw.randn(4, 3, 3).float(), draw.randn(2, 3, 5).float()],
-                                        [draw.randn(4).float(), None])
-    weight, bias = weight.requires_grad_(), bias.requires_grad_()
+    weights = [draw.randn(4, 3, 3).float().requires_grad_(), draw.randn(2, 3, 5).float().requires_grad_()]
+    biases = [draw.randn(4).float().requires_grad_()]
+    weight, bias, layout = kernels.packed_parameters(weights, [biases[0], None])
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
-    torch.library.opcheck(torch.ops.fastmsc.multiscale_conv1d_packed.default, (x, weight, bias, "gelu"),
-                          test_utils=utils)
+    torch.library.opcheck(torch.ops.fastmsc.multiscale_conv1d_packed.default,
+                          (x, weights, biases, [True, False], weight, bias, layout, "gelu"), test_utils=utils)
     grad = draw.randn(2, 6, T).float()
     torch.library.opcheck(torch.ops.fastmsc.multiscale_conv1d_packed_backward.default,
-                          (grad, x.detach(), weight.detach(), bias.detach(), "gelu", True, True, True),
+                          (grad, x.detach(), weight, bias, layout, "gelu", True, True, True,
+                           sum(w.numel() for w in weights)),
                           test_utils=("test_schema", "test_faketensor"))
 
 

@@ -36,6 +36,13 @@ ROTATING_INPUT_SETS = 2
 COMPILE_UNROLL_LIMIT = 64
 
 
+def _fused_tf32(op: str) -> bool:
+    """Whether the fused kernels of ``op`` run float32 products in TF32 now (see fastmsc.kernels._common)."""
+    if op == "multiscale_conv1d":
+        return torch.backends.cudnn.allow_tf32
+    return torch.backends.cuda.matmul.allow_tf32
+
+
 class Unavailable(NamedTuple):
     status: str  # unavailable | skipped
     reason: str
@@ -194,9 +201,10 @@ class OpWorkload:
             reason = self.op.why_not_fused(device.type, allow_interpreter=False, **self.inputs.kwargs)
             if reason is not None:
                 return Unavailable("unavailable", f"fused unavailable: {reason}")
-            # Fused kernels use TF32 only when torch.backends.cuda.matmul.allow_tf32 asks for it, so they are
-            # held to the float32 tolerance even while cuDNN's TF32 (on by default) loosens the torch backend's.
-            return self._runner(self.op.fused, tf32=torch.backends.cuda.matmul.allow_tf32)
+            # Fused kernels use TF32 only where torch's matching flag asks for it: the conv follows cuDNN's
+            # (torch.backends.cudnn.allow_tf32, on by default, as nn.Conv1d does), the others
+            # torch.backends.cuda.matmul.allow_tf32; under the other flag they keep the float32 tolerance.
+            return self._runner(self.op.fused, tf32=_fused_tf32(self.case.op))
         if backend in LSTM_IMPL_BACKENDS:  # one fused LSTM implementation, as FASTMSC_LSTM_IMPL=<backend> runs it
             self.op.prepare_fused(fallback=False, lstm_impl=backend, **self.inputs.kwargs)
             reason = self.op.why_not_fused(device.type, allow_interpreter=False, lstm_impl=backend,

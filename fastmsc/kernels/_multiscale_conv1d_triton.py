@@ -201,13 +201,12 @@ def _msc_preactivation_grad_kernel(x_ptr, w_ptr, b_ptr, taps_ptr, grad_ptr, gz_p
 def _msc_grad_input_kernel(gz_ptr, w_ptr, taps_ptr, dx_ptr, T, C_IN, C_TOTAL, R, N_C, N_T,
                            stride_gb, stride_go, stride_gt, stride_db, stride_dc, stride_dt,
                            K_MAX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr,
-                           USE_DOT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                           UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dx[b, c, t] = sum_{o, j} W[o, c, j] gz[b, o, t + K_MAX // 2 - j] for a (BLOCK_C, BLOCK_T) tile.
 
-    The reduction runs over q = o * K_MAX + j. Without tl.dot (small C_in) one program covers every
-    input channel (N_C == 1) and accumulates products elementwise, one channel at a time. gz is read only at
-    the taps of o's own branch (``taps_ptr``: its kernel size): at a zero padding tap a NaN or inf in gz (GELU's
-    slope at a non-finite z) would still give 0 * NaN = NaN.
+    The reduction runs over q = o * K_MAX + j in BLOCK_Q chunks on tensor cores (C_in padded to BLOCK_C >= 16
+    rows). gz is read only at the taps of o's own branch (``taps_ptr``: its kernel size): at a zero padding tap a
+    NaN or inf in gz (GELU's slope at a non-finite z) would still give 0 * NaN = NaN.
     """
     pid = tl.program_id(0)
     pid_c = pid % N_C
@@ -218,50 +217,37 @@ def _msc_grad_input_kernel(gz_ptr, w_ptr, taps_ptr, dx_ptr, T, C_IN, C_TOTAL, R,
     gz_base = gz_ptr + pid_b.to(tl.int64) * stride_gb
     dx_base = dx_ptr + pid_b.to(tl.int64) * stride_db
     Q = C_TOTAL * K_MAX
-    if USE_DOT:
-        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_mask = offs_c < C_IN
-        acc = tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32)
-        for q0 in range(0, Q, BLOCK_Q):
-            offs_q = q0 + tl.arange(0, BLOCK_Q)
-            q_mask = offs_q < Q
-            out_channel = offs_q // K_MAX
-            tap = offs_q % K_MAX
-            w = tl.load(w_ptr + out_channel[None, :] * R + offs_c[:, None] * K_MAX + tap[None, :],
-                        mask=c_mask[:, None] & q_mask[None, :], other=0.0)
-            g = _own_tap_gz(gz_base, out_channel, tap, q_mask, taps_ptr, offs_t, T, stride_go, stride_gt, K_MAX)
-            if UPCAST:
-                w = w.to(tl.float32)
-                g = g.to(tl.float32)
-            acc = tl.dot(w, g, acc, input_precision=DOT_PRECISION)
-        dx = dx_base + offs_c[:, None] * stride_dc + offs_t[None, :] * stride_dt
-        tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=c_mask[:, None] & t_mask[None, :])
-    else:
-        for c in range(0, C_IN):
-            acc = tl.zeros((BLOCK_Q, BLOCK_T), dtype=tl.float32)
-            for q0 in range(0, Q, BLOCK_Q):
-                offs_q = q0 + tl.arange(0, BLOCK_Q)
-                q_mask = offs_q < Q
-                out_channel = offs_q // K_MAX
-                tap = offs_q % K_MAX
-                w = tl.load(w_ptr + out_channel * R + c * K_MAX + tap, mask=q_mask, other=0.0).to(tl.float32)
-                g = _own_tap_gz(gz_base, out_channel, tap, q_mask, taps_ptr, offs_t, T, stride_go, stride_gt,
-                                K_MAX).to(tl.float32)
-                acc += w[:, None] * g
-            row = tl.sum(acc, axis=0)
-            tl.store(dx_base + c * stride_dc + offs_t * stride_dt, row.to(dx_ptr.dtype.element_ty), mask=t_mask)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C_IN
+    acc = tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32)
+    for q0 in range(0, Q, BLOCK_Q):
+        offs_q = q0 + tl.arange(0, BLOCK_Q)
+        q_mask = offs_q < Q
+        out_channel = offs_q // K_MAX
+        tap = offs_q % K_MAX
+        w = tl.load(w_ptr + out_channel[None, :] * R + offs_c[:, None] * K_MAX + tap[None, :],
+                    mask=c_mask[:, None] & q_mask[None, :], other=0.0)
+        g = _own_tap_gz(gz_base, out_channel, tap, q_mask, taps_ptr, offs_t, T, stride_go, stride_gt, K_MAX)
+        if UPCAST:
+            w = w.to(tl.float32)
+            g = g.to(tl.float32)
+        acc = tl.dot(w, g, acc, input_precision=DOT_PRECISION)
+    dx = dx_base + offs_c[:, None] * stride_dc + offs_t[None, :] * stride_dt
+    tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=c_mask[:, None] & t_mask[None, :])
 
 
 @triton.jit
-def _msc_grad_weight_partial_kernel(gz_ptr, x_ptr, dw_part_ptr, db_part_ptr, T, C_TOTAL, R, N_O, N_R, N_T, N_BT,
-                                    CHUNK, stride_gb, stride_go, stride_gt, stride_xb, stride_xc, stride_xt,
+def _msc_grad_weight_partial_kernel(gz_ptr, x_ptr, part_ptr, T, C_TOTAL, R, N_O, N_R, N_T, N_BT, N_SPLITS,
+                                    stride_gb, stride_go, stride_gt, stride_xb, stride_xc, stride_xt,
                                     HAS_BIAS: tl.constexpr, K_MAX: tl.constexpr, BLOCK_O: tl.constexpr,
                                     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, UPCAST: tl.constexpr,
                                     DOT_PRECISION: tl.constexpr):
     """Partial sums of dW[o, r] = sum_{b, t} gz[b, o, t] x[b, c, t + j - K_MAX // 2] (r = c * K_MAX + j) and
-    db[o] = sum_{b, t} gz[b, o, t] over the (b, time tile) pairs [s * CHUNK, (s + 1) * CHUNK) of split s.
+    db[o] = sum_{b, t} gz[b, o, t] over split s's fixed range of (b, time tile) pairs: N_BT // N_SPLITS pairs,
+    one more for the first N_BT % N_SPLITS splits (none empty: N_SPLITS <= N_BT).
 
-    Writes dw_part[s, o, r] (fp32, (S, C_TOTAL, R)) and, from the r-block 0 programs, db_part[s, o]."""
+    Writes part[s, o * R + r] and, from the r-block 0 programs, part[s, C_TOTAL * R + o] (fp32, contiguous
+    (S, C_TOTAL * (R + 1))): dW and db share one buffer, so one summing kernel finishes both."""
     HALF: tl.constexpr = K_MAX // 2
     pid = tl.program_id(0)
     pid_o = pid % N_O
@@ -275,8 +261,10 @@ def _msc_grad_weight_partial_kernel(gz_ptr, x_ptr, dw_part_ptr, db_part_ptr, T, 
     tap = offs_r % K_MAX
     acc = tl.zeros((BLOCK_O, BLOCK_R), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
-    start = pid_s * CHUNK
-    end = tl.minimum(start + CHUNK, N_BT)
+    per_split = N_BT // N_SPLITS
+    longer = N_BT % N_SPLITS
+    start = pid_s * per_split + tl.minimum(pid_s, longer)  # 32-bit: a 64-bit division would cost a stack frame
+    end = start + per_split + tl.where(pid_s < longer, 1, 0)
     for n in range(start, end):
         b = n // N_T
         offs_t = (n % N_T) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -291,21 +279,40 @@ def _msc_grad_weight_partial_kernel(gz_ptr, x_ptr, dw_part_ptr, db_part_ptr, T, 
         acc = tl.dot(g, xs, acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             bias_acc += tl.sum(g.to(tl.float32), axis=1)
-    part = dw_part_ptr + pid_s.to(tl.int64) * C_TOTAL * R + offs_o[:, None] * R + offs_r[None, :]
-    tl.store(part, acc, mask=o_mask[:, None] & r_mask[None, :])
+    part = part_ptr + pid_s.to(tl.int64) * C_TOTAL * (R + 1)
+    tl.store(part + offs_o[:, None] * R + offs_r[None, :], acc, mask=o_mask[:, None] & r_mask[None, :])
     if HAS_BIAS:
         if pid_r == 0:
-            tl.store(db_part_ptr + pid_s.to(tl.int64) * C_TOTAL + offs_o, bias_acc, mask=o_mask)
+            tl.store(part + C_TOTAL * R + offs_o, bias_acc, mask=o_mask)
 
 
 @triton.jit
-def _sum_partials_kernel(part_ptr, out_ptr, N, S, BLOCK: tl.constexpr):
-    """out[i] = sum_{s < S} part[s, i] in order s = 0, 1, ... (part is contiguous fp32 (S, N))."""
+def _msc_grad_weight_sum_kernel(part_ptr, layout_ptr, dw_ptr, db_ptr, C_TOTAL, R, S, HAS_BIAS: tl.constexpr,
+                                K_MAX: tl.constexpr, BLOCK: tl.constexpr):
+    """Adds the S partial sums of _msc_grad_weight_partial_kernel in the fixed order s = 0, 1, ... and scatters them
+    into the branches' own layouts.
+
+    Element n of a partial row is dW[o, c * K_MAX + j] for n < C_TOTAL * R, else db[n - C_TOTAL * R]. dW goes to
+    dw_flat[offset[o] + c * k_o + j - (K_MAX - k_o) // 2], only for the taps j of o's own branch (k_o = taps[o]);
+    ``layout`` is int32 (2, C_TOTAL): taps, then offsets, so that each branch's gradient is a contiguous
+    (C_out_i, C_in, k_i) slice of dw_flat and the zero padding taps (NaN there when x holds a NaN) are dropped."""
+    N_W = C_TOTAL * R
+    n_all = N_W + C_TOTAL if HAS_BIAS else N_W
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
+    mask = offs < n_all
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     part = part_ptr + offs
     for _ in range(0, S):
         acc += tl.load(part, mask=mask, other=0.0)
-        part += N
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        part += N_W + C_TOTAL
+    is_w = offs < N_W
+    channel = tl.where(is_w, offs // R, 0)
+    r = offs % R
+    tap = r % K_MAX
+    k_o = tl.load(layout_ptr + channel, mask=mask & is_w, other=K_MAX)
+    offset = tl.load(layout_ptr + C_TOTAL + channel, mask=mask & is_w, other=0)
+    own_tap = tl.abs(tap - K_MAX // 2) <= k_o // 2
+    dest = offset + (r // K_MAX) * k_o + tap - (K_MAX - k_o) // 2
+    tl.store(dw_ptr + dest, acc.to(dw_ptr.dtype.element_ty), mask=mask & is_w & own_tap)
+    if HAS_BIAS:
+        tl.store(db_ptr + (offs - N_W), acc.to(db_ptr.dtype.element_ty), mask=mask & ~is_w)

@@ -11,6 +11,7 @@ import torch
 from ..tools.aot_cases import case_key, record_launches
 from . import _multiscale_conv1d_triton
 from . import multiscale_conv1d as msc
+from ._common import tensor_core_precision
 
 KERNELS = _multiscale_conv1d_triton  # the module whose @triton.jit kernels need a case each
 
@@ -24,40 +25,39 @@ SM_COUNTS = (132, 108)
 
 def launches():
     """(label, dtype, calls) of the calls whose launches aot_cases() holds, each call a dict of c_in, steps, batch,
-    activation, need_input and tf32 (the default model's branches and bias):
+    activation, need_input and tf32 (the default model's branches and bias; for float32, tf32 True is
+    torch.backends.cudnn.allow_tf32 on, torch's default, and False runs 3xTF32):
 
-    * the default model at T = 150 and T = 512;
+    * the default model at T = 150 and T = 512, with its 3 input channels and with 1 (univariate series);
     * with GELU and every gradient, one call per tile the heuristics can pick: the forward / z-recomputing tile
       (BLOCK_R, BLOCK_T, resident) for C_in = 2 (R = 14 -> 16 rows), 4 (28 -> 32), 8 (56 -> 64), 16 (112 -> 128) and
       32 (224, streamed in 32-row chunks); T = 150 gives 32-step tiles and T = 1024 128-step ones, shrunk to 64 by
       the tile limit (C_in = 4, 32) or by too few programs (C_in = 2 with 20 samples). Those calls also reach every
-      dW column block (16 to 128) and the dx kernel with 1 (elementwise, fp32 with C_in < 4), 16 and 64 channel
-      blocks at 32 and 128 steps;
-    * for fp32, the TF32 variant (torch.backends.cuda.matmul.allow_tf32) of the largest tiles."""
+      dW column block (16 to 128) and the dx kernel with 16 and 64 channel blocks at 32 and 128 steps;
+    * float32 twice, with TF32 and with 3xTF32 products: the two compile to different code (3xTF32 splits every
+      operand into a high and a low TF32 part and issues three products), so every tile is checked in both."""
     model = {"c_in": MODEL["c_in"], "batch": MODEL["batch"], "activation": MODEL["activation"],
-             "need_input": MODEL["need_input"], "tf32": False}
+             "need_input": MODEL["need_input"]}
     tiles = [(2, 150, 32), (2, 1024, 64), (2, 1024, 20), (4, 150, 32), (4, 1024, 64), (8, 150, 32), (16, 150, 32),
              (32, 150, 32), (32, 1024, 64)]
     launches = []
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        name = str(dtype)[6:]
-        launches += [(f"{name} model T{steps}", dtype, {**model, "steps": steps}) for steps in (150, 512)]
+    for name, dtype, tf32 in (("tf32", torch.float32, True), ("tf32x3", torch.float32, False),
+                              ("float16", torch.float16, False), ("bfloat16", torch.bfloat16, False)):
+        launches += [(f"{name} model T{steps}", dtype, {**model, "steps": steps, "tf32": tf32}) for steps in (150, 512)]
+        launches += [(f"{name} model C_in1 T{steps}", dtype, {**model, "c_in": 1, "steps": steps, "tf32": tf32})
+                     for steps in (150, 512)]
         launches += [(f"{name} gelu C_in{c_in} T{steps} B{batch}", dtype,
                       {"c_in": c_in, "steps": steps, "batch": batch, "activation": "gelu", "need_input": True,
-                       "tf32": False}) for c_in, steps, batch in tiles]
-        if dtype == torch.float32:
-            launches += [(f"tf32 gelu C_in{c_in} T{steps} B{batch}", dtype,
-                          {"c_in": c_in, "steps": steps, "batch": batch, "activation": "gelu", "need_input": True,
-                           "tf32": True}) for c_in, steps, batch in ((16, 150, 32), (32, 1024, 64))]
+                       "tf32": tf32}) for c_in, steps, batch in tiles]
     return launches
 
 
 def _gpu(sm_count: int, tf32: bool) -> dict:
     """Replacements for the module's device queries, so that launchers given meta tensors choose as on a GPU
-    with ``sm_count`` SMs, with torch.backends.cuda.matmul.allow_tf32 = ``tf32``."""
+    with ``sm_count`` SMs, with torch.backends.cudnn.allow_tf32 = ``tf32``."""
     return {"_interpreting": lambda device: False,
             "_parallel_programs": lambda device: msc._PROGRAMS_PER_SM * sm_count,
-            "_dot_precision": lambda dtype: "tf32" if tf32 and dtype == torch.float32 else "ieee"}
+            "_conv_precision": lambda dtype: tensor_core_precision(dtype, allow_tf32=tf32)}
 
 
 @functools.cache
@@ -75,11 +75,11 @@ def aot_cases() -> list[dict]:
                            for c_out, k in MODEL["branches"]]
                 biases = [torch.empty((c_out,), dtype=dtype, device="meta") for c_out, _ in MODEL["branches"]]
                 weight, bias = msc.pack_weights(weights, biases)
-                taps = msc.branch_taps(weights)
+                layout = msc.branch_layout(weights)
                 x = torch.empty((call["batch"], call["c_in"], call["steps"]), dtype=dtype, device="meta")
-                out = msc._forward(x, weight, bias, call["activation"], taps)
+                out = msc._forward(x, weight, bias, call["activation"], layout)
                 msc._backward_launches(torch.empty_like(out), x, weight, bias, call["activation"], call["need_input"],
-                                   True, True, taps)
+                                       True, True, layout, sum(w.numel() for w in weights))
             for case in log.cases:
                 if case_key(case) not in seen:
                     seen.add(case_key(case))
