@@ -103,12 +103,9 @@ def model_launches() -> list[dict]:
             # conv: x (B, C_in, T) -> (B, 192, T); the input needs no gradient
             weights = [empty(c_out, MODEL_C_IN, k, dtype=dtype) for c_out, k in MODEL_BRANCHES]
             biases = [empty(c_out, dtype=dtype) for c_out, _ in MODEL_BRANCHES]
-            weight, bias = multiscale_conv1d.pack_weights(weights, biases)
-            layout = multiscale_conv1d.branch_layout(weights)
             x = empty(MODEL_BATCH, MODEL_C_IN, steps, dtype=dtype)
-            y = multiscale_conv1d._forward(x, weight, bias, "none", layout)
-            multiscale_conv1d._backward_launches(torch.empty_like(y), x, weight, bias, "none", False, True, True,
-                                                 layout, sum(w.numel() for w in weights))
+            y = multiscale_conv1d._forward(x, weights, biases, "none")
+            multiscale_conv1d._backward_launches(torch.empty_like(y), x, weights, biases, "none", False, True, True)
             # attention: one head, q/k/v (B, T, 256) from the projections
             q, k, v = (empty(MODEL_BATCH, steps, MODEL_FEATURES, dtype=dtype) for _ in range(3))
             scale = 1.0 / math.sqrt(MODEL_FEATURES)

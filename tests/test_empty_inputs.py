@@ -253,12 +253,10 @@ def test_triton_custom_ops_accept_an_empty_batch_directly():
     pooled, index = torch.ops.fastmsc.max_avg_pool_forward(x, None)
     assert pooled.shape == (0, 6) and index.shape == (0, 3)
     assert torch.ops.fastmsc.max_avg_pool_backward(pooled, index, None, 5).shape == x.shape
-    from fastmsc.kernels import multiscale_conv1d as conv_kernels
+    from fastmsc.kernels import multiscale_conv1d  # noqa: F401  (registers the op)
 
     weights = [torch.randn(4, 3, 5), torch.randn(2, 3, 3)]
-    packed, _, layout = conv_kernels.packed_parameters(weights, None)
-    out = torch.ops.fastmsc.multiscale_conv1d_packed(torch.randn(0, 3, 7), weights, [], [False, False], packed,
-                                                     None, layout, "relu")
+    out = torch.ops.fastmsc.multiscale_conv1d_branches(torch.randn(0, 3, 7), weights, [], [False, False], "relu")
     assert out.shape == (0, 6, 7)
 
 

@@ -1,6 +1,7 @@
 """Checks specific to the Triton multiscale_conv1d kernels (fastmsc.kernels.multiscale_conv1d): which tiles the
 launch heuristics pick, gradients only for what requires them, determinism, empty batches, the ReLU kink, the
-reasons a call is declined, and AOT cases for every configuration the heuristics can pick. The forward and every
+reasons a call is declined, weights read in place (every write seen, ``.data`` ones included; more than 4
+branches), and AOT cases for every configuration the heuristics can pick. The forward and every
 gradient against the float64 reference (shapes reaching every tile variant among them), opcheck and
 torch.compile are in tests/test_op_contract.py.
 
@@ -10,11 +11,9 @@ failure prints the seed, and FASTMSC_TEST_SEED=<seed> replays it.
 
 from __future__ import annotations
 
-import gc
 import itertools
 import os
 import random
-import weakref
 
 import pytest
 import torch
@@ -198,7 +197,7 @@ def test_aot_cases_reach_every_configuration_the_heuristics_pick():
                         wanted.append((name, ptr, *(cfg[n] for n in tile[:-1]), precision, *launch(cfg)))
         for steps in (150, 1024):
             for c_in in (1, 3, 4, 16, 17, 64):
-                cfg = kernels._grad_input_config(steps, c_in)
+                cfg = kernels._grad_input_config(steps, c_in, precision)
                 wanted.append(("_msc_grad_input_kernel", ptr, *(cfg[n] for n in dx_tile[:-1]), precision,
                                *launch(cfg)))
         for block_r in kernels._DW_R_BLOCKS:
@@ -209,7 +208,7 @@ def test_aot_cases_reach_every_configuration_the_heuristics_pick():
         assert missing == [], missing
 
 
-# ---------------------------------------------------------------------------------------------- packing, dW splits
+# ------------------------------------------------------------------------- weights read in place, dW splits
 
 
 def _float64_grads(x, weights, biases, activation, grad):
@@ -240,123 +239,123 @@ def _assert_matches_reference(x, weights, biases, activation, grad, what):
     return out, grads
 
 
-def test_pack_cache_hits_while_weights_are_unchanged_and_misses_after_an_in_place_update():
+def _assert_forward_matches_reference(x, weights, biases, activation, what):
+    """The fused forward against the float64 reference on the current values (NaN where the reference has one)."""
+    with fastmsc.use_backend("fused"):
+        out = fastmsc.multiscale_conv1d(x, weights, biases, activation)
+    expected = multiscale_conv1d_reference(x.detach().double(), [w.detach().double() for w in weights],
+                                           None if biases is None else
+                                           [None if b is None else b.detach().double() for b in biases], activation)
+    torch.testing.assert_close(out.double(), expected, **TOL[torch.float32], equal_nan=True, msg=what)
+    return out
+
+
+def test_writes_through_data_are_seen_by_the_next_call():
+    """Writes through ``.data`` bump no version counter (WGAN weight clipping ``p.data.clamp_``, re-initialising
+    ``m.weight.data.normal_()`` after a first forward): each must change the next call's output and gradients
+    exactly as the float64 reference on the new values says. A copy of the weights kept between calls and checked
+    by version (the former pack cache) returned the old output here."""
     seed = _seed()
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     x, weights, biases = _make_inputs(rng, gen, batch=2, c_in=3, steps=19, kernel_sizes=(3, 5, 7),
                                       out_channels=(4, 3, 5), bias_pattern="some")
     grad = torch.randn(2, 12, 19, generator=gen).to(DEVICE)
-    cache = kernels._PACK_CACHE
-    kernels.clear_pack_cache()
-    packs = cache.packs
-    first = kernels.packed_parameters(weights, biases)
-    _assert_matches_reference(x, weights, biases, "gelu", grad, f"first call (seed={seed})")
-    _assert_matches_reference(x, weights, biases, "gelu", grad, f"second call (seed={seed})")
-    assert cache.packs == packs + 1, "unchanged weights were packed again"
-    assert all(a is b for a, b in zip(first, kernels.packed_parameters(weights, biases), strict=True))
-
-    with torch.no_grad():  # what an optimizer step does: an in-place write that bumps the version counter
-        weights[1].add_(1.0)
-    _assert_matches_reference(x, weights, biases, "gelu", grad, f"after weights[1].add_(1) (seed={seed})")
-    assert cache.packs == packs + 2, "an in-place weight update did not invalidate the packed weight"
-    present = next(b for b in biases if b is not None)
-    present.grad = torch.ones_like(present)
-    torch.optim.SGD([present], lr=0.5).step()
-    _assert_matches_reference(x, weights, biases, "gelu", grad, f"after a bias update (seed={seed})")
-    assert cache.packs == packs + 3, "an in-place bias update did not invalidate the packed bias"
-    # A weight replaced by another tensor (same shape, same module slot) is another key.
-    weights[0] = weights[0].detach().clone().mul_(0.5).requires_grad_()
-    _assert_matches_reference(x, weights, biases, "gelu", grad, f"after replacing weights[0] (seed={seed})")
-    assert cache.packs == packs + 4
+    bias = next(b for b in biases if b is not None)
+    previous, _ = _assert_matches_reference(x, weights, biases, "gelu", grad, f"first call (seed={seed})")
+    writes = {
+        "weights[1].data.mul_(2)": lambda: weights[1].data.mul_(2.0),
+        "weights[0].data.clamp_(-0.05, 0.05)": lambda: weights[0].data.clamp_(-0.05, 0.05),
+        "weights[2].data.copy_(...)": lambda: weights[2].data.copy_(torch.randn(weights[2].shape, generator=gen)),
+        "bias.data.add_(1)": lambda: bias.data.add_(1.0),
+        "weights[1].data = ...": lambda: setattr(weights[1], "data", torch.randn(weights[1].shape, generator=gen)
+                                                 .to(DEVICE)),
+        "bias.data = ...": lambda: setattr(bias, "data", torch.randn(bias.shape, generator=gen).to(DEVICE)),
+    }
+    for what, write in writes.items():
+        versions = [t._version for t in (*weights, bias)]
+        with torch.no_grad():
+            write()
+        if ".data =" not in what:  # the case the former cache could not see: no version bumped
+            assert [t._version for t in (*weights, bias)] == versions, what
+        out, _ = _assert_matches_reference(x, weights, biases, "gelu", grad, f"after {what} (seed={seed})")
+        assert not torch.equal(out, previous), f"{what} did not change the output (seed={seed})"
+        previous = out
 
 
-def test_pack_cache_serves_no_grad_and_inference_mode_but_not_inference_tensors():
-    """Parameters called under torch.no_grad() or torch.inference_mode() hit the cache as in training; weights
-    made inside inference_mode (no version counter) are packed on every call, never cached."""
+def test_in_place_updates_under_no_grad_are_seen():
+    """An optimizer-like ``add_`` under no_grad, on a weight and on a bias, between calls in grad mode, no_grad and
+    inference_mode."""
+    seed = _seed()
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    x, weights, biases = _make_inputs(rng, gen, batch=2, c_in=2, steps=13, kernel_sizes=(3, 5), out_channels=(3, 2),
+                                      bias_pattern="all")
+    grad = torch.randn(2, 5, 13, generator=gen).to(DEVICE)
+    for step, context in enumerate((torch.no_grad, torch.inference_mode, torch.no_grad)):
+        with torch.no_grad():
+            weights[step % 2].add_(torch.randn(weights[step % 2].shape, generator=gen).to(DEVICE))
+            biases[step % 2].add_(1.0)
+        with context():
+            _assert_forward_matches_reference(x, weights, biases, None, f"{context.__name__} step {step} (seed={seed})")
+        _assert_matches_reference(x, weights, biases, "relu", grad, f"grad mode step {step} (seed={seed})")
+
+
+def test_module_weights_reinitialised_through_data_after_a_first_forward():
+    """nn.MultiScaleConv1d: ``m.branches[i].weight.data.normal_()`` and a bias through ``.data`` after a call."""
+    torch.manual_seed(_seed())
+    m = fastmsc.nn.MultiScaleConv1d(3, (4, 2), kernel_sizes=(3, 5)).to(DEVICE)
+    x = torch.randn(2, 3, 11, device=DEVICE)
+    weights = [b.weight for b in m.branches]
+    biases = [b.bias for b in m.branches]
+    with fastmsc.use_backend("fused"):
+        before = m(x)
+        m.branches[0].weight.data.normal_()
+        m.branches[1].bias.data.fill_(3.0)
+        after = m(x)
+    expected = multiscale_conv1d_reference(x.double(), [w.detach().double() for w in weights],
+                                           [b.detach().double() for b in biases])
+    torch.testing.assert_close(after.double(), expected, **TOL[torch.float32])
+    assert not torch.equal(before, after)
+
+
+@pytest.mark.parametrize("bias_pattern", ("all", "some", "none"))
+def test_more_branches_than_the_kernels_read_in_place(bias_pattern):
+    """5 branches (k = 1, 3, 5, 7, 9) go through the per-call flat concatenation: forward and every gradient against
+    float64, then again after a write through ``.data`` (packed afresh on every call, never stale)."""
+    seed = _seed()
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    assert kernels.MAX_BRANCHES == 4
+    x, weights, biases = _make_inputs(rng, gen, batch=2, c_in=3, steps=17, kernel_sizes=(1, 3, 5, 7, 9),
+                                      out_channels=(2, 3, 1, 4, 2), bias_pattern=bias_pattern, x_transposed=True)
+    grad = torch.randn(2, 12, 17, generator=gen).to(DEVICE)
+    for activation in (None, "gelu"):
+        _, grads = _assert_matches_reference(x, weights, biases, activation, grad, f"{activation} (seed={seed})")
+        for w, g in zip(weights, grads[1:6], strict=True):
+            assert g.shape == w.shape and g.is_contiguous()
+    weights[3].data.mul_(-2.0)
+    _assert_matches_reference(x, weights, biases, "relu", grad, f"after weights[3].data.mul_ (seed={seed})")
+
+
+def test_more_branches_keep_non_finite_inputs_within_each_receptive_field():
+    """The flat path reads each channel's own taps only, as the in-place one: a NaN in x reaches branch i's output
+    within k_i // 2 steps of it and no further."""
     gen = torch.Generator().manual_seed(_seed())
-    x = torch.randn(2, 2, 13, generator=gen).to(DEVICE)
-    weights = [torch.randn(3, 2, 3, generator=gen).to(DEVICE).requires_grad_(),
-               torch.randn(2, 2, 5, generator=gen).to(DEVICE).requires_grad_()]
-    expected = multiscale_conv1d_reference(x.double(), [w.detach().double() for w in weights])
-    kernels.clear_pack_cache()
-    packs = kernels._PACK_CACHE.packs
-    for context in (torch.no_grad, torch.inference_mode, torch.no_grad):
-        with context(), fastmsc.use_backend("fused"):
-            out = fastmsc.multiscale_conv1d(x, weights)
-        torch.testing.assert_close(out.double(), expected, **TOL[torch.float32])
-    assert kernels._PACK_CACHE.packs == packs + 1
-    with torch.inference_mode():
-        frozen = [w.detach().clone() for w in weights]
-        assert all(w.is_inference() for w in frozen)
-        for _ in range(2):
-            with fastmsc.use_backend("fused"):
-                out = fastmsc.multiscale_conv1d(x, frozen)
-            torch.testing.assert_close(out.double(), expected, **TOL[torch.float32])
-    assert kernels._PACK_CACHE.packs == packs + 1 and len(kernels._PACK_CACHE) == 1
+    x = torch.randn(1, 2, 21, generator=gen).to(DEVICE)
+    x[0, 1, 10] = float("nan")
+    weights = [torch.randn(2, 2, k, generator=gen).to(DEVICE) for k in (1, 3, 5, 7, 9)]
+    out = _assert_forward_matches_reference(x, weights, None, None, "NaN input")
+    for i, k in enumerate((1, 3, 5, 7, 9)):
+        nan_steps = torch.isnan(out[0, 2 * i]).nonzero().flatten().tolist()
+        assert nan_steps == list(range(10 - k // 2, 11 + k // 2)), (k, nan_steps)
 
 
-def test_pack_cache_drops_freed_weights():
-    """The cache holds weak references only: a freed weight takes its entry and packed copy with it."""
-    kernels.clear_pack_cache()
-    cache = kernels._PACK_CACHE
-    gen = torch.Generator().manual_seed(_seed())
-    weights = [torch.randn(4, 3, 3, generator=gen).to(DEVICE), torch.randn(2, 3, 5, generator=gen).to(DEVICE)]
-    packed_ref = weakref.ref(kernels.packed_parameters(weights, None)[0])
-    assert len(cache) == 1
-    del weights[1]
-    gc.collect()
-    assert len(cache) == 0 and packed_ref() is None, "the cache kept a freed weight's packed copy alive"
-
-
-def test_pack_cache_never_hits_a_new_tensor_where_a_freed_one_was(monkeypatch):
-    """A new tensor can take a freed one's id() and, from the allocator, its address; with the same shape, strides
-    and version (0) only the identity check tells them apart. Forged deterministically: a private cache whose
-    weakref callbacks do nothing keeps the freed tensor's entry, which is moved under the new tensor's id(); the new
-    tensor views the same memory, refilled through ``.data`` (which bumps no version)."""
-    gen = torch.Generator().manual_seed(_seed())
-    cache = kernels._pack._PackCache(capacity=4)
-    monkeypatch.setattr(cache, "_drop", lambda *args: None)
-    memory = torch.randn(4 * 3 * 3, generator=gen).to(DEVICE)
-    old = memory.view(4, 3, 3)
-    cache.get([old], None)
-    old_key = next(iter(cache._entries))
-    del old
-    gc.collect()
-    memory.data.copy_(torch.randn(4 * 3 * 3, generator=gen).to(DEVICE))
-    new = memory.view(4, 3, 3)
-    cache._entries[((id(new),), None)] = cache._entries.pop(old_key)
-    packs = cache.packs
-    packed = cache.get([new], None)[0]
-    assert cache.packs == packs + 1, "a new tensor hit a freed tensor's entry"
-    assert torch.equal(packed, new)
-
-
-def test_pack_cache_is_bounded_and_frees_what_it_evicts_at_once():
-    """Past ``capacity`` live weight lists the least recently used entry goes, and its packed copy is freed then,
-    not at the next cycle collection (nothing in an entry refers back to it)."""
-    kernels.clear_pack_cache()
-    alive = [[torch.randn(2, 1, 3, device=DEVICE)] for _ in range(kernels._PACK_CACHE.capacity + 5)]
-    gc.disable()
-    try:
-        first = weakref.ref(kernels.packed_parameters(alive[0], None)[0])
-        for weights in alive[1:]:
-            kernels.packed_parameters(weights, None)
-        assert len(kernels._PACK_CACHE) == kernels._PACK_CACHE.capacity
-        assert first() is None, "an evicted packed weight outlived its entry"
-    finally:
-        gc.enable()
-
-
-def test_compiled_calls_pack_inline_not_through_the_cache():
-    """While torch.compile traces, the packing is torch ops in the graph (no guard on weight versions): the
-    cache is never consulted, and an in-place update between compiled calls still changes the result."""
+def test_compiled_calls_see_in_place_updates():
+    """Under torch.compile the op reads the weights in place as in eager mode: an in-place update between compiled
+    calls, or one through ``.data``, changes the result."""
     seed = _seed()
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     x, weights, biases = _make_inputs(rng, gen, batch=2, c_in=2, steps=9, kernel_sizes=(3, 5), out_channels=(3, 2),
                                       bias_pattern="all", x_grad=False)
     torch._dynamo.reset()
-    kernels.clear_pack_cache()
-    packs = kernels._PACK_CACHE.packs
 
     def layer(x, w0, w1, b0, b1):
         with fastmsc.use_backend("fused"):
@@ -364,16 +363,16 @@ def test_compiled_calls_pack_inline_not_through_the_cache():
 
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     try:
-        for step in range(2):
+        for step in range(3):
             out = compiled(x, *weights, *biases)
             expected = multiscale_conv1d_reference(x.double(), [w.double() for w in weights],
                                                    [b.double() for b in biases])
             torch.testing.assert_close(out.double(), expected, **TOL[torch.float32], msg=f"step {step} (seed={seed})")
             with torch.no_grad():
                 weights[0].mul_(-1.0)
+            biases[1].data.add_(1.0)
     finally:
         torch._dynamo.reset()
-    assert kernels._PACK_CACHE.packs == packs and len(kernels._PACK_CACHE) == 0
 
 
 def test_gradients_reach_every_branch_of_odd_shapes():

@@ -236,15 +236,18 @@ def _opcheck_conv(draw: Draw) -> None:
     x = draw.randn(2, 3, T).float().requires_grad_()
     weights = [draw.randn(4, 3, 3).float().requires_grad_(), draw.randn(2, 3, 5).float().requires_grad_()]
     biases = [draw.randn(4).float().requires_grad_()]
-    weight, bias, layout = kernels.packed_parameters(weights, [biases[0], None])
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
-    torch.library.opcheck(torch.ops.fastmsc.multiscale_conv1d_packed.default,
-                          (x, weights, biases, [True, False], weight, bias, layout, "gelu"), test_utils=utils)
     grad = draw.randn(2, 6, T).float()
-    torch.library.opcheck(torch.ops.fastmsc.multiscale_conv1d_packed_backward.default,
-                          (grad, x.detach(), weight, bias, layout, "gelu", True, True, True,
-                           sum(w.numel() for w in weights)),
-                          test_utils=("test_schema", "test_faketensor"))
+    # 2 branches read in place, 5 through the per-call flat concatenation
+    assert len(weights) <= kernels.MAX_BRANCHES < len(weights) + 3
+    for extra in ([], [draw.randn(1, 3, k).float().requires_grad_() for k in (1, 7, 9)]):
+        ws, has_bias = weights + extra, [True, False] + [False] * len(extra)
+        torch.library.opcheck(torch.ops.fastmsc.multiscale_conv1d_branches.default,
+                              (x, ws, biases, has_bias, "gelu"), test_utils=utils)
+        g = torch.cat([grad, draw.randn(2, len(extra), T).float()], dim=1)
+        torch.library.opcheck(torch.ops.fastmsc.multiscale_conv1d_branches_backward.default,
+                              (g, x.detach(), [w.detach() for w in ws], [biases[0].detach()], has_bias, "gelu", True,
+                               True, True), test_utils=("test_schema", "test_faketensor"))
 
 
 def _opcheck_lstm(draw: Draw) -> None:

@@ -66,14 +66,16 @@ def _forward_config(T: int, r: int, batch: int, programs_wanted: int) -> dict:
     return _forward_tile_config(block_r, block_t, resident)
 
 
-def _grad_input_config(T: int, c_in: int) -> dict:
+def _grad_input_config(T: int, c_in: int, precision: str) -> dict:
     """Blocks of the dx kernel: tl.dot on tensor cores with C_in padded to 16 (or 64) rows, so the gz tile is read
     once for all input channels; the padding costs tensor-core time only, which the kernel has to spare (it is
     bound by reading gz)."""
     block_c = _smallest_block_covering(c_in, _DX_C_BLOCKS)
     block_t = _time_block(T)
     # (BLOCK_Q, BLOCK_T) pairs without spills on sm_80/sm_90 in tf32, tf32x3, fp16 and bf16 (checked by the AOT tool).
-    block_q = 32 if block_t > 32 else 64
+    # 3xTF32 at 128 steps takes 16-row chunks: with the branch weights read in place (per-chunk branch selection
+    # and tap masks) 32 spilled on sm_90 with 4 branches.
+    block_q = (16 if precision == "tf32x3" else 32) if block_t > 32 else 64
     return {"BLOCK_C": block_c, "BLOCK_Q": block_q, "BLOCK_T": block_t,
             "num_warps": 8 if (block_t > 32 or block_c > 16) else 4, "num_stages": 2}
 

@@ -1,6 +1,7 @@
 """The Triton kernels of the fused multi-scale conv (:mod:`fastmsc.kernels.multiscale_conv1d` holds their design,
-launchers and custom ops). x (B, C_in, T), the packed weight (C_total, C_in, K_max) and gz/out (B, C_total, T) by
-strides; the reduction runs over r = c * K_max + j (channel, tap) flattened."""
+launchers and custom ops). x (B, C_in, T) and gz/out (B, C_total, T) by strides; the weights read in place from the
+branches' own contiguous (C_out_i, C_in, k_i) tensors (see _branch_channels); the reduction runs over
+r = c * K_max + j (channel, tap) flattened, tap j of a k_o-tap channel being its own tap j - (K_max - k_o) // 2."""
 
 from __future__ import annotations
 
@@ -34,7 +35,65 @@ def _finite(x):
 
 
 @triton.jit
-def _add_non_finite_terms(acc, x_base, w_ptr, o_taps, offs_o, o_mask, offs_t, T, R, stride_xc, stride_xt,
+def _select(i, v0, v1, v2, v3, NUM_BRANCHES: tl.constexpr):
+    """v_i for a scalar i < NUM_BRANCHES (pointers or ints): a chain of scalar selects, no per-element cost."""
+    v = v0
+    if NUM_BRANCHES > 1:
+        v = tl.where(i >= 1, v1, v)
+    if NUM_BRANCHES > 2:
+        v = tl.where(i >= 2, v2, v)
+    if NUM_BRANCHES > 3:
+        v = tl.where(i >= 3, v3, v)
+    return v
+
+
+@triton.jit
+def _branch_blocks(first1, first2, first3, C_TOTAL, SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    """Block counts of the branch-by-branch blocking of SCALE units per channel (1: channels; K_MAX: (channel, tap)
+    pairs) into BLOCK-unit blocks that never span two branches: (blocks before branch 1, 2, 3, all blocks). Branch i
+    has channels [first_i, first_{i+1}) (first_0 = 0, first_4 = C_TOTAL; the host passes C_TOTAL for the firsts
+    past the last branch, which then have no block)."""
+    n1 = tl.cdiv(first1 * SCALE, BLOCK)
+    n2 = n1 + tl.cdiv((first2 - first1) * SCALE, BLOCK)
+    n3 = n2 + tl.cdiv((first3 - first2) * SCALE, BLOCK)
+    return n1, n2, n3, n3 + tl.cdiv((C_TOTAL - first3) * SCALE, BLOCK)
+
+
+@triton.jit
+def _block_branch(blk, n1, n2, n3, first1, first2, first3, C_TOTAL, SCALE: tl.constexpr, BLOCK: tl.constexpr,
+                  NUM_BRANCHES: tl.constexpr):
+    """(branch i, first unit of block blk, end unit of its branch, first channel of its branch), scalars: a block's
+    weight pointer, kernel size and bias are then scalars too, selected once per block, where a per-channel
+    selection cost registers enough to spill."""
+    i = (blk >= n1).to(tl.int32) + (blk >= n2).to(tl.int32) + (blk >= n3).to(tl.int32)
+    o_first = _select(i, 0, first1, first2, first3, NUM_BRANCHES)
+    u0 = o_first * SCALE + (blk - _select(i, 0, n1, n2, n3, NUM_BRANCHES)) * BLOCK
+    return i, u0, _select(i, first1, first2, first3, C_TOTAL, NUM_BRANCHES) * SCALE, o_first
+
+
+@triton.jit
+def _branch_channels(o, o_mask, o_first, k_i, layout_ptr, C_TOTAL, C_IN, FLAT: tl.constexpr, K_MAX: tl.constexpr):
+    """(k_o, offset of W[o, 0, 0] in the branch's tensor) for the channels ``o`` of one branch (first channel
+    o_first, kernel size k_i: k_o is k_i itself, scalar or not), int32: channel o's weights are the contiguous
+    (C_IN, k_o) block there. FLAT: the flat concatenation of every branch (more than 4), as one branch whose int32
+    (2, C_TOTAL) ``layout_ptr`` gives each channel's k_o (row 0, K_MAX outside o_mask) and offset (row 1)."""
+    if FLAT:
+        k = tl.load(layout_ptr + o, mask=o_mask, other=K_MAX)
+        offset = tl.load(layout_ptr + C_TOTAL + o, mask=o_mask, other=0)
+    else:
+        k = k_i
+        offset = (o - o_first) * C_IN * k_i
+    return k, offset
+
+
+@triton.jit
+def _own_tap(tap, k, K_MAX: tl.constexpr):
+    """Whether packed tap ``tap`` (0 <= tap < K_MAX) is one of a k-tap channel's own taps (centred in K_MAX)."""
+    return tl.abs(tap - K_MAX // 2) <= k // 2
+
+
+@triton.jit
+def _add_non_finite_terms(acc, x_base, w_ptr, w_off, k_o, o_mask, offs_t, T, R, stride_xc, stride_xt,
                           K_MAX: tl.constexpr):
     """acc[o, t] + sum over the taps j of o's own branch of W[o, c, j] x[b, c, t + j - K_MAX // 2] for the non-finite
     x only. The tl.dot reductions see non-finite x as 0, because a branch's zero padding taps would otherwise
@@ -46,8 +105,8 @@ def _add_non_finite_terms(acc, x_base, w_ptr, o_taps, offs_o, o_mask, offs_t, T,
         src_t = offs_t + (tap - K_MAX // 2)
         xs = tl.load(x_base + channel * stride_xc + src_t * stride_xt, mask=(src_t >= 0) & (src_t < T),
                      other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + offs_o * R + r, mask=o_mask, other=0.0).to(tl.float32)
-        own_tap = tl.abs(tap - K_MAX // 2) <= o_taps // 2
+        own_tap = o_mask & _own_tap(tl.zeros_like(w_off) + tap, k_o, K_MAX)  # a block even where k_o is a scalar
+        w = tl.load(w_ptr + w_off + channel * k_o + tap - (K_MAX - k_o) // 2, mask=own_tap, other=0.0).to(tl.float32)
         acc += tl.where(own_tap[:, None] & ~_finite(xs)[None, :], w[:, None] * xs[None, :], 0.0)
     return acc
 
@@ -98,99 +157,133 @@ def _time_tile(x_ptr, N_T, T, R, stride_xb, stride_xc, stride_xt, K_MAX: tl.cons
 
 
 @triton.jit
-def _weight_tile(w_ptr, offs_o, o_mask, offs_r, R, UPCAST: tl.constexpr):
-    """The (len(offs_o), len(offs_r)) slice W[o, r] of the packed (C_TOTAL, R) weight, 0 outside o_mask x r < R."""
-    w = tl.load(w_ptr + offs_o[:, None] * R + offs_r[None, :], mask=o_mask[:, None] & (offs_r < R)[None, :], other=0.0)
+def _weight_tile(w_ptr, w_off, k_o, o_mask, offs_r, R, FLAT: tl.constexpr, K_MAX: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    """The (len(w_off), len(offs_r)) tile W[o, r], r = c * K_MAX + j, read in place from channel o's (C_in, k_o) block
+    in the branch tensor at w_ptr (_branch_channels): its own tap j - (K_MAX - k_o) // 2, and 0 at the padding taps
+    (masked loads, so no packed copy is needed), outside o_mask and for r >= R. k_o is one scalar for the branch
+    unless FLAT, so the offsets are a row part plus a column part, as cheap as a packed weight's."""
+    tap = offs_r % K_MAX
+    if FLAT:
+        own = _own_tap(tap[None, :], k_o[:, None], K_MAX)
+        offset = w_off[:, None] + (offs_r // K_MAX)[None, :] * k_o[:, None] + tap[None, :] - (K_MAX - k_o[:, None]) // 2
+        w = tl.load(w_ptr + offset, mask=o_mask[:, None] & (offs_r < R)[None, :] & own, other=0.0)
+    else:
+        column = (offs_r // K_MAX) * k_o + tap - (K_MAX - k_o) // 2
+        w = tl.load(w_ptr + w_off[:, None] + column[None, :],
+                    mask=o_mask[:, None] & ((offs_r < R) & _own_tap(tap, k_o, K_MAX))[None, :], other=0.0)
     if UPCAST:
         w = w.to(tl.float32)
     return w
 
 
 @triton.jit
-def _own_tap_gz(gz_base, out_channel, tap, q_mask, taps_ptr, offs_t, T, stride_go, stride_gt, K_MAX: tl.constexpr):
-    """gz[b, o, t + K_MAX // 2 - j] as a (len(q), len(offs_t)) tile for q = o * K_MAX + j, read only at the taps j of
-    o's own branch (``taps_ptr``: its kernel size) and 0 elsewhere, not upcast."""
-    own_tap = tl.abs(tap - K_MAX // 2) <= tl.load(taps_ptr + out_channel, mask=q_mask, other=0) // 2
+def _own_tap_gz(gz_base, out_channel, tap, own_tap, q_mask, offs_t, T, stride_go, stride_gt, K_MAX: tl.constexpr):
+    """gz[b, o, t + K_MAX // 2 - j] as a (len(q), len(offs_t)) tile for q = o * K_MAX + j, read only where
+    ``own_tap`` (the taps j of o's own branch) and 0 elsewhere, not upcast."""
     src_t = offs_t[None, :] + (K_MAX // 2 - tap[:, None])
     return tl.load(gz_base + out_channel[:, None] * stride_go + src_t * stride_gt,
                    mask=(q_mask & own_tap)[:, None] & (src_t >= 0) & (src_t < T), other=0.0)
 
 
 @triton.jit
-def _preactivation_tile(x_tile, x_non_finite, x_base, w_ptr, b_ptr, taps_ptr, offs_o, offs_t, T, C_TOTAL, R, stride_xc,
-                        stride_xt, HAS_BIAS: tl.constexpr, K_MAX: tl.constexpr, BLOCK_O: tl.constexpr,
-                        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, X_RESIDENT: tl.constexpr, UPCAST: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
-    """z[o, t] = bias[o] + sum_{c, j} W[o, c, j] x[b, c, t + j - K_MAX // 2] for a (BLOCK_O, BLOCK_T) tile, fp32.
+def _preactivation_tile(x_tile, x_non_finite, x_base, w_ptr, b_ptr, has_bias, layout_ptr, o_first, o_end, k_i, offs_o,
+                        offs_t, T, C_TOTAL, R, stride_xc, stride_xt, FLAT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        K_MAX: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+                        X_RESIDENT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """z[o, t] = bias[o] + sum_{c, j} W[o, c, j] x[b, c, t + j - K_MAX // 2] for a (BLOCK_O, BLOCK_T) tile of the
+    channels offs_o of one branch (channels [o_first, o_end), kernel size k_i, weights (C_out_i, C_in, k_i) read in
+    place at w_ptr, bias (C_out_i,) at b_ptr when ``has_bias`` is 1), fp32.
 
     With X_RESIDENT the whole reduction is the one (BLOCK_R >= R, BLOCK_T) im2col tile ``x_tile`` the caller
     loaded (non-finite values already read as 0, ``x_non_finite`` whether it held any); otherwise the tile is
     gathered from ``x_base`` in BLOCK_R chunks. The dots read non-finite x as 0, and _add_non_finite_terms adds
-    those terms for the taps of each channel's own branch (``taps_ptr``: its kernel size), only when the time
-    tile holds any."""
-    o_mask = offs_o < C_TOTAL
+    those terms for the taps of each channel's own branch, only when the time tile holds any."""
+    o_mask = offs_o < o_end
+    k_o, w_off = _branch_channels(offs_o, o_mask, o_first, k_i, layout_ptr, C_TOTAL, R // K_MAX, FLAT, K_MAX)
     acc = tl.zeros((BLOCK_O, BLOCK_T), dtype=tl.float32)
     if X_RESIDENT:
-        w = _weight_tile(w_ptr, offs_o, o_mask, tl.arange(0, BLOCK_R), R, UPCAST)
+        w = _weight_tile(w_ptr, w_off, k_o, o_mask, tl.arange(0, BLOCK_R), R, FLAT, K_MAX, UPCAST)
         non_finite = x_non_finite
         acc = tl.dot(w, x_tile, acc, input_precision=DOT_PRECISION)
     else:
         non_finite = 0
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
-            w = _weight_tile(w_ptr, offs_o, o_mask, offs_r, R, UPCAST)
+            w = _weight_tile(w_ptr, w_off, k_o, o_mask, offs_r, R, FLAT, K_MAX, UPCAST)
             xs = _im2col_tile(x_base, offs_r, offs_t, T, R, stride_xc, stride_xt, K_MAX, UPCAST)
             finite = _finite(xs)
             non_finite = tl.maximum(non_finite, tl.max(tl.max(tl.where(finite, 0, 1), 1), 0))
             acc = tl.dot(w, tl.where(finite, xs, 0.0), acc, input_precision=DOT_PRECISION)
     if non_finite > 0:
-        o_taps = tl.load(taps_ptr + offs_o, mask=o_mask, other=K_MAX)
-        acc = _add_non_finite_terms(acc, x_base, w_ptr, o_taps, offs_o, o_mask, offs_t, T, R, stride_xc, stride_xt,
-                                    K_MAX)
+        acc = _add_non_finite_terms(acc, x_base, w_ptr, w_off, k_o, o_mask, offs_t, T, R, stride_xc, stride_xt, K_MAX)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[:, None]
+        has = (tl.zeros_like(offs_o) + has_bias) != 0
+        acc += tl.load(b_ptr + (offs_o - o_first), mask=o_mask & has, other=0.0).to(tl.float32)[:, None]
     return acc
 
 
 @triton.jit
-def _msc_forward_kernel(x_ptr, w_ptr, b_ptr, taps_ptr, out_ptr, T, C_TOTAL, R, N_T,
-                        stride_xb, stride_xc, stride_xt, stride_ob, stride_oc, stride_ot,
-                        HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, K_MAX: tl.constexpr,
-                        BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
-                        X_RESIDENT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """out[b, o, :] = act(z[b, o, :]) over one BLOCK_T time tile of one batch element, every output channel
-    (all branches) in BLOCK_O blocks."""
-    pid_b, offs_t, x_base, x_tile, x_non_finite = _time_tile(x_ptr, N_T, T, R, stride_xb, stride_xc, stride_xt, K_MAX,
-                                                             BLOCK_T, BLOCK_R, X_RESIDENT, UPCAST)
-    out_base = out_ptr + pid_b.to(tl.int64) * stride_ob
-    for o0 in range(0, C_TOTAL, BLOCK_O):
-        offs_o = o0 + tl.arange(0, BLOCK_O)
-        z = _preactivation_tile(x_tile, x_non_finite, x_base, w_ptr, b_ptr, taps_ptr, offs_o, offs_t, T, C_TOTAL, R,
-                                stride_xc, stride_xt, HAS_BIAS, K_MAX, BLOCK_O, BLOCK_T, BLOCK_R, X_RESIDENT, UPCAST,
-                                DOT_PRECISION)
-        y = _activate(z, ACTIVATION)
-        out = out_base + offs_o[:, None] * stride_oc + offs_t[None, :] * stride_ot
-        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=(offs_o[:, None] < C_TOTAL) & (offs_t[None, :] < T))
+def _branch(i, w0, w1, w2, w3, b0, b1, b2, b3, k0, k1, k2, k3, BIAS_BITS, NUM_BRANCHES: tl.constexpr):
+    """Branch i's (weight pointer, bias pointer, 1 if it has a bias else 0, kernel size), scalars."""
+    return (_select(i, w0, w1, w2, w3, NUM_BRANCHES), _select(i, b0, b1, b2, b3, NUM_BRANCHES), (BIAS_BITS >> i) & 1,
+            _select(i, k0, k1, k2, k3, NUM_BRANCHES))
 
 
 @triton.jit
-def _msc_preactivation_grad_kernel(x_ptr, w_ptr, b_ptr, taps_ptr, grad_ptr, gz_ptr, T, C_TOTAL, R, N_T,
+def _msc_forward_kernel(x_ptr, w0, w1, w2, w3, b0, b1, b2, b3, layout_ptr, out_ptr, first1, first2, first3,
+                        k0, k1, k2, k3, BIAS_BITS, T, C_TOTAL, R, N_T,
+                        stride_xb, stride_xc, stride_xt, stride_ob, stride_oc, stride_ot,
+                        NUM_BRANCHES: tl.constexpr, FLAT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        ACTIVATION: tl.constexpr, K_MAX: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr,
+                        BLOCK_R: tl.constexpr, X_RESIDENT: tl.constexpr, UPCAST: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
+    """out[b, o, :] = act(z[b, o, :]) over one BLOCK_T time tile of one batch element, every output channel in
+    BLOCK_O blocks, branch after branch (a block never spans two branches, so a block's weight pointer, kernel size
+    and bias are scalars: per-channel selection cost registers enough to spill)."""
+    pid_b, offs_t, x_base, x_tile, x_non_finite = _time_tile(x_ptr, N_T, T, R, stride_xb, stride_xc, stride_xt, K_MAX,
+                                                             BLOCK_T, BLOCK_R, X_RESIDENT, UPCAST)
+    out_base = out_ptr + pid_b.to(tl.int64) * stride_ob
+    n1, n2, n3, n_blocks = _branch_blocks(first1, first2, first3, C_TOTAL, 1, BLOCK_O)
+    for blk in range(0, n_blocks):
+        i, o0, o_end, o_first = _block_branch(blk, n1, n2, n3, first1, first2, first3, C_TOTAL, 1, BLOCK_O,
+                                              NUM_BRANCHES)
+        w_ptr, b_ptr, has_bias, k_i = _branch(i, w0, w1, w2, w3, b0, b1, b2, b3, k0, k1, k2, k3, BIAS_BITS,
+                                              NUM_BRANCHES)
+        offs_o = o0 + tl.arange(0, BLOCK_O)
+        z = _preactivation_tile(x_tile, x_non_finite, x_base, w_ptr, b_ptr, has_bias, layout_ptr, o_first, o_end,
+                                k_i, offs_o, offs_t, T, C_TOTAL, R, stride_xc, stride_xt, FLAT, HAS_BIAS, K_MAX,
+                                BLOCK_O, BLOCK_T, BLOCK_R, X_RESIDENT, UPCAST, DOT_PRECISION)
+        y = _activate(z, ACTIVATION)
+        out = out_base + offs_o[:, None] * stride_oc + offs_t[None, :] * stride_ot
+        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=(offs_o[:, None] < o_end) & (offs_t[None, :] < T))
+
+
+@triton.jit
+def _msc_preactivation_grad_kernel(x_ptr, w0, w1, w2, w3, b0, b1, b2, b3, layout_ptr, grad_ptr, gz_ptr, first1, first2,
+                                   first3, k0, k1, k2, k3, BIAS_BITS, T, C_TOTAL, R, N_T,
                                    stride_xb, stride_xc, stride_xt, stride_gb, stride_go, stride_gt,
-                                   HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, K_MAX: tl.constexpr,
-                                   BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
-                                   X_RESIDENT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                                   NUM_BRANCHES: tl.constexpr, FLAT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                   ACTIVATION: tl.constexpr, K_MAX: tl.constexpr, BLOCK_O: tl.constexpr,
+                                   BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, X_RESIDENT: tl.constexpr,
+                                   UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """gz[b, o, t] = grad[b, o, t] * act'(z[b, o, t]), z recomputed from x with the forward's tiles;
     gz is contiguous (B, C_TOTAL, T)."""
     pid_b, offs_t, x_base, x_tile, x_non_finite = _time_tile(x_ptr, N_T, T, R, stride_xb, stride_xc, stride_xt, K_MAX,
                                                              BLOCK_T, BLOCK_R, X_RESIDENT, UPCAST)
     grad_base = grad_ptr + pid_b.to(tl.int64) * stride_gb
     gz_base = gz_ptr + pid_b.to(tl.int64) * C_TOTAL * T
-    for o0 in range(0, C_TOTAL, BLOCK_O):
+    n1, n2, n3, n_blocks = _branch_blocks(first1, first2, first3, C_TOTAL, 1, BLOCK_O)
+    for blk in range(0, n_blocks):
+        i, o0, o_end, o_first = _block_branch(blk, n1, n2, n3, first1, first2, first3, C_TOTAL, 1, BLOCK_O,
+                                              NUM_BRANCHES)
+        w_ptr, b_ptr, has_bias, k_i = _branch(i, w0, w1, w2, w3, b0, b1, b2, b3, k0, k1, k2, k3, BIAS_BITS,
+                                              NUM_BRANCHES)
         offs_o = o0 + tl.arange(0, BLOCK_O)
-        z = _preactivation_tile(x_tile, x_non_finite, x_base, w_ptr, b_ptr, taps_ptr, offs_o, offs_t, T, C_TOTAL, R,
-                                stride_xc, stride_xt, HAS_BIAS, K_MAX, BLOCK_O, BLOCK_T, BLOCK_R, X_RESIDENT, UPCAST,
-                                DOT_PRECISION)
-        mask = (offs_o[:, None] < C_TOTAL) & (offs_t[None, :] < T)
+        z = _preactivation_tile(x_tile, x_non_finite, x_base, w_ptr, b_ptr, has_bias, layout_ptr, o_first, o_end,
+                                k_i, offs_o, offs_t, T, C_TOTAL, R, stride_xc, stride_xt, FLAT, HAS_BIAS, K_MAX,
+                                BLOCK_O, BLOCK_T, BLOCK_R, X_RESIDENT, UPCAST, DOT_PRECISION)
+        mask = (offs_o[:, None] < o_end) & (offs_t[None, :] < T)
         grad = tl.load(grad_base + offs_o[:, None] * stride_go + offs_t[None, :] * stride_gt,
                        mask=mask, other=0.0).to(tl.float32)
         gz = grad * _activation_slope(z, ACTIVATION)
@@ -198,15 +291,17 @@ def _msc_preactivation_grad_kernel(x_ptr, w_ptr, b_ptr, taps_ptr, grad_ptr, gz_p
 
 
 @triton.jit
-def _msc_grad_input_kernel(gz_ptr, w_ptr, taps_ptr, dx_ptr, T, C_IN, C_TOTAL, R, N_C, N_T,
-                           stride_gb, stride_go, stride_gt, stride_db, stride_dc, stride_dt,
-                           K_MAX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr,
-                           UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _msc_grad_input_kernel(gz_ptr, w0, w1, w2, w3, layout_ptr, dx_ptr, first1, first2, first3, k0, k1, k2, k3,
+                           T, C_IN, C_TOTAL, N_C, N_T, stride_gb, stride_go, stride_gt, stride_db, stride_dc, stride_dt,
+                           NUM_BRANCHES: tl.constexpr, FLAT: tl.constexpr, K_MAX: tl.constexpr, BLOCK_C: tl.constexpr,
+                           BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr, UPCAST: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr):
     """dx[b, c, t] = sum_{o, j} W[o, c, j] gz[b, o, t + K_MAX // 2 - j] for a (BLOCK_C, BLOCK_T) tile.
 
     The reduction runs over q = o * K_MAX + j in BLOCK_Q chunks on tensor cores (C_in padded to BLOCK_C >= 16
-    rows). gz is read only at the taps of o's own branch (``taps_ptr``: its kernel size): at a zero padding tap a
-    NaN or inf in gz (GELU's slope at a non-finite z) would still give 0 * NaN = NaN.
+    rows), branch after branch (a chunk never spans two, so its weight pointer and kernel size are scalars), the
+    weights read in place. gz is read only at the taps of o's own branch: at a zero padding tap a NaN or inf in gz
+    (GELU's slope at a non-finite z) would still give 0 * NaN = NaN.
     """
     pid = tl.program_id(0)
     pid_c = pid % N_C
@@ -216,18 +311,28 @@ def _msc_grad_input_kernel(gz_ptr, w_ptr, taps_ptr, dx_ptr, T, C_IN, C_TOTAL, R,
     t_mask = offs_t < T
     gz_base = gz_ptr + pid_b.to(tl.int64) * stride_gb
     dx_base = dx_ptr + pid_b.to(tl.int64) * stride_db
-    Q = C_TOTAL * K_MAX
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C_IN
     acc = tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32)
-    for q0 in range(0, Q, BLOCK_Q):
+    n1, n2, n3, n_chunks = _branch_blocks(first1, first2, first3, C_TOTAL, K_MAX, BLOCK_Q)
+    for chunk in range(0, n_chunks):
+        i, q0, q_end, o_first = _block_branch(chunk, n1, n2, n3, first1, first2, first3, C_TOTAL, K_MAX, BLOCK_Q,
+                                              NUM_BRANCHES)
+        w_ptr = _select(i, w0, w1, w2, w3, NUM_BRANCHES)
+        k_i = _select(i, k0, k1, k2, k3, NUM_BRANCHES)
         offs_q = q0 + tl.arange(0, BLOCK_Q)
-        q_mask = offs_q < Q
+        q_mask = offs_q < q_end
         out_channel = offs_q // K_MAX
         tap = offs_q % K_MAX
-        w = tl.load(w_ptr + out_channel[None, :] * R + offs_c[:, None] * K_MAX + tap[None, :],
-                    mask=c_mask[:, None] & q_mask[None, :], other=0.0)
-        g = _own_tap_gz(gz_base, out_channel, tap, q_mask, taps_ptr, offs_t, T, stride_go, stride_gt, K_MAX)
+        k_o, w_off = _branch_channels(out_channel, q_mask, o_first, k_i, layout_ptr, C_TOTAL, C_IN, FLAT, K_MAX)
+        own_tap = _own_tap(tap, k_o, K_MAX)
+        if FLAT:
+            rows = offs_c[:, None] * k_o[None, :]
+        else:  # one kernel size for the chunk: a row part plus a column part
+            rows = (offs_c * k_o)[:, None]
+        w = tl.load(w_ptr + (w_off + tap - (K_MAX - k_o) // 2)[None, :] + rows,
+                    mask=c_mask[:, None] & (q_mask & own_tap)[None, :], other=0.0)
+        g = _own_tap_gz(gz_base, out_channel, tap, own_tap, q_mask, offs_t, T, stride_go, stride_gt, K_MAX)
         if UPCAST:
             w = w.to(tl.float32)
             g = g.to(tl.float32)
@@ -287,15 +392,17 @@ def _msc_grad_weight_partial_kernel(gz_ptr, x_ptr, part_ptr, T, C_TOTAL, R, N_O,
 
 
 @triton.jit
-def _msc_grad_weight_sum_kernel(part_ptr, layout_ptr, dw_ptr, db_ptr, C_TOTAL, R, S, HAS_BIAS: tl.constexpr,
-                                K_MAX: tl.constexpr, BLOCK: tl.constexpr):
+def _msc_grad_weight_sum_kernel(part_ptr, layout_ptr, dw_ptr, db_ptr, first1, first2, first3, k0, k1, k2, k3,
+                                start1, start2, start3, C_TOTAL, R, S, NUM_BRANCHES: tl.constexpr, FLAT: tl.constexpr,
+                                HAS_BIAS: tl.constexpr, K_MAX: tl.constexpr, BLOCK: tl.constexpr):
     """Adds the S partial sums of _msc_grad_weight_partial_kernel in the fixed order s = 0, 1, ... and scatters them
     into the branches' own layouts.
 
     Element n of a partial row is dW[o, c * K_MAX + j] for n < C_TOTAL * R, else db[n - C_TOTAL * R]. dW goes to
-    dw_flat[offset[o] + c * k_o + j - (K_MAX - k_o) // 2], only for the taps j of o's own branch (k_o = taps[o]);
-    ``layout`` is int32 (2, C_TOTAL): taps, then offsets, so that each branch's gradient is a contiguous
-    (C_out_i, C_in, k_i) slice of dw_flat and the zero padding taps (NaN there when x holds a NaN) are dropped."""
+    channel o's (C_in, k_o) block of dw_flat, at its own tap j - (K_MAX - k_o) // 2, only for the taps j of o's own
+    branch: each branch's gradient is a contiguous (C_out_i, C_in, k_i) slice of dw_flat starting at start_i (FLAT:
+    one branch with ``layout``, see _branch_channels), and the zero padding taps (NaN there when x holds a NaN) are
+    dropped."""
     N_W = C_TOTAL * R
     n_all = N_W + C_TOTAL if HAS_BIAS else N_W
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -309,10 +416,18 @@ def _msc_grad_weight_sum_kernel(part_ptr, layout_ptr, dw_ptr, db_ptr, C_TOTAL, R
     channel = tl.where(is_w, offs // R, 0)
     r = offs % R
     tap = r % K_MAX
-    k_o = tl.load(layout_ptr + channel, mask=mask & is_w, other=K_MAX)
-    offset = tl.load(layout_ptr + C_TOTAL + channel, mask=mask & is_w, other=0)
-    own_tap = tl.abs(tap - K_MAX // 2) <= k_o // 2
-    dest = offset + (r // K_MAX) * k_o + tap - (K_MAX - k_o) // 2
-    tl.store(dw_ptr + dest, acc.to(dw_ptr.dtype.element_ty), mask=mask & is_w & own_tap)
+    # Per element, channel o's branch i (first channel first_i, kernel size k_i, start_i in dw_flat).
+    first = tl.zeros_like(channel)
+    k_i = k0 + tl.zeros_like(channel)
+    start = tl.zeros_like(channel)
+    for i in tl.static_range(1, NUM_BRANCHES):
+        first_i = _select(i, 0, first1, first2, first3, NUM_BRANCHES)
+        in_i = channel >= first_i
+        first = tl.where(in_i, first_i, first)
+        k_i = tl.where(in_i, _select(i, k0, k1, k2, k3, NUM_BRANCHES), k_i)
+        start = tl.where(in_i, _select(i, 0, start1, start2, start3, NUM_BRANCHES), start)
+    k_o, offset = _branch_channels(channel, mask & is_w, first, k_i, layout_ptr, C_TOTAL, R // K_MAX, FLAT, K_MAX)
+    dest = dw_ptr + start + offset + (r // K_MAX) * k_o + tap - (K_MAX - k_o) // 2
+    tl.store(dest, acc.to(dw_ptr.dtype.element_ty), mask=mask & is_w & _own_tap(tap, k_o, K_MAX))
     if HAS_BIAS:
         tl.store(db_ptr + (offs - N_W), acc.to(db_ptr.dtype.element_ty), mask=mask & ~is_w)

@@ -5,56 +5,57 @@ output (B, C_total, T) with C_total = sum_i C_out_i, branch i in channels [sum_{
 
 Design
 ------
-* Packing, once per weight version. The kernels read the branch weights packed into one (C_total, C_in, K_max)
-  tensor, each branch zero-padded by (K_max - k_i) // 2 taps on both sides, so every branch becomes a K_max
-  "same" conv and the layer is one conv with C_total outputs; the biases packed into one (C_total,) tensor
-  (zeros for a branch without one); and an int32 (2, C_total) ``layout``: each channel's own kernel size and
-  where its weight gradient starts in the flat dW (``branch_layout``). Packing costs about five small launches,
-  so it is done once per weight version, not per call:
+* No packing, no cache: the kernels read the branch weights where they are. Every branch is a K_max "same" conv
+  in the kernels' view (packed tap j of a k_o-tap channel o is its own tap j - (K_max - k_o) // 2, a zero padding
+  tap otherwise), but that view is built by the loads, not in memory: the kernels take up to MAX_BRANCHES = 4
+  branch weight pointers (each branch's own contiguous (C_out_i, C_in, k_i) tensor, ``w.contiguous()``, no copy
+  for parameters), NUM_BRANCHES as a constexpr, and per branch its first channel first_i and kernel size k_i as
+  runtime ints. The output-channel blocks (forward, z recomputation) and the (channel, tap) chunks (dx) run branch
+  after branch and never span two branches, so a block's branch is one scalar (compares of the block index with
+  the branches' block counts) and its weight pointer, k_i and bias pointer are scalar selects (``tl.where``);
+  channel o's weights start (o - first_i) * C_in * k_i into the branch's tensor, and the padding taps are masked
+  loads (other=0). That costs a partial block per branch whose width is no multiple of the block (none for the
+  model's 64-channel branches); a per-channel select of 64-bit pointers, or one masked load per branch, cost
+  registers enough to spill. Biases likewise: up to 4 bias pointers and a bit mask of the branches that have
+  one, no launch (a ``torch.cat`` of the present biases and zeros would cost one or two launches per call for
+  C_total values). The dW scatter selects per element (first_i, k_i and the branch's start start_i in the flat
+  dW). So every write to a weight or bias is seen by the next call, whether it bumps the version counter or not
+  (``p.data.clamp_``, ``m.weight.data.normal_()``, ``.data =``), in grad mode, no_grad, inference_mode, under
+  torch.compile (the op is opaque and reads its inputs at run time) and torch.jit.trace alike: no copy of a
+  weight outlives a call. The former pack cache, keyed by each weight's identity and ``_version``, returned a
+  stale packed weight after a write through ``.data``; re-packing with torch ops on every call cost about five
+  launches.
 
-  - ``packed_parameters`` (in _multiscale_conv1d_pack) keeps the packed tensors DETACHED in a small cache
-    (``_PackCache``, 16 entries, least recently used evicted) keyed by the id() of each branch weight and bias.
-    A hit needs each weak reference to return the very tensor passed (``is``: a freed tensor whose id or
-    address is reused never hits) with the same ``_version`` (every in-place write through the tensor or a view
-    bumps it: optimizer steps, ``add_`` under no_grad, load_state_dict's ``copy_``), data_ptr (``.data =`` and
-    ``set_`` swaps), shape, stride, dtype and device. A freed tensor's weakref callback drops its entry at once,
-    so the cache never keeps a dead parameter's packed copy alive; nothing in an entry refers back to it, so an
-    evicted copy is freed at once too. Only a write through ``.data`` (a tensor with its own version counter)
-    escapes this: ``clear_pack_cache()`` is for code that does that. The same cache serves grad mode,
-    ``torch.no_grad()``, ``torch.inference_mode()`` and the functional ``fastmsc.multiscale_conv1d(x, weights,
-    biases)`` as much as ``nn.MultiScaleConv1d`` (a cache on the module would have left the functional API
-    paying every call). Tensors it cannot key are packed on every call: inference tensors (made inside
-    inference_mode: no version counter), subclasses and functorch wrappers.
-  - Autograd never sees the packing: the custom op takes the branch weights and the present biases themselves
-    as its differentiable inputs, beside the non-differentiable packed tensors, and its backward hands each
-    branch its gradient. A cached packed tensor with autograd history would instead backpropagate through a
-    graph freed by the previous backward.
-  - While torch.compile traces (``torch.compiler.is_compiling()``) the packing is inline torch ops on detached
-    weights, which the compiler fuses into its graph; the cache is never consulted, so no guard on tensor
-    versions enters the graph. torch.jit.trace packs inline too, so no packed constant is baked into a trace.
+  - More than MAX_BRANCHES branches: ``pack_weights`` concatenates the weights flat per call (one ``torch.cat``,
+    in the order of the flat dW) and the biases into one (C_total,) vector (another, plus a zeros fill per absent
+    bias), and an int32 (2, C_total) ``branch_layout`` (row 0 each channel's k_o, row 1 where its (C_in, k_o) block
+    starts in the flat weights and dW) is copied from pinned host memory without blocking (a pageable copy would
+    wait for the stream every call); the kernels (FLAT: one branch of every channel) take k_o and the offset from
+    it. Correct always, at two to four extra launches and a small host-to-device copy per call.
+  - Autograd sees the branch weights and the present biases themselves as the custom op's differentiable inputs,
+    and the backward hands each branch its gradient, a contiguous view of one flat dW.
 
   A zero padding tap must never meet a NaN or inf input (0 * NaN = NaN would widen the branch's receptive
   field): the reductions read non-finite x as 0 and add their products back for each channel's own taps only
-  (layout row 0), the dx kernel reads gz only at a channel's own taps, and dW at the padding taps (NaN there
+  (k_o), the dx kernel reads gz only at a channel's own taps, and dW at the padding taps (NaN there
   when x holds one) is never written out.
 * Forward. A program owns one BLOCK_T time tile of one batch element and computes every output channel
-  of every branch, in BLOCK_O = 64 channel blocks, so the input tile is read from memory once for all
+  of every branch, in BLOCK_O = 64 channel blocks (per branch), so the input tile is read from memory once for all
   branches. The reduction runs over r = c * K_max + j (channel, tap) flattened: the x operand is the
   (BLOCK_R, BLOCK_T) im2col view x[b, c, t + j - K_max // 2] of the input tile plus its halo of
-  K_max // 2 steps, the weight operand the (BLOCK_O, BLOCK_R) slice of the packed weight, and tl.dot does
+  K_max // 2 steps, the weight operand the (BLOCK_O, BLOCK_R) tile of the padded view, and tl.dot does
   the reduction with fp32 accumulation. When r fits one 128-row block (C_in <= 18 with K_max = 7, the
   model's inputs) the im2col tile is gathered once into registers and every output block reuses it;
   wider inputs stream it in 32-row chunks per output block, re-read from L1/L2. Flattening (c, j) keeps
   tl.dot's 16-wide minimum cheap for tiny C_in (C_in=1, K_max=7 pads 7 -> 16 rather than 1 -> 16).
   Time tiles shrink from 128 steps until there are two programs per SM. Bias and activation run in the
   epilogue and each block is stored straight into its channel slice of the output.
-* Backward. Nothing of size (B, C_total, T) is saved: the custom op keeps only x, the packed tensors and the
-  branch parameters (saving z or the output would keep a (B, C_total, T) tensor alive from the forward to the
-  backward, which is what this layer exists to avoid; recomputing z costs one more forward-sized
-  reduction). With an activation, kernel 1 recomputes z from x by the forward's own reduction (same
-  blocks, so bitwise the same z and the same ReLU mask) and writes gz = grad * act'(z), a transient
-  buffer the size of grad_out that lives only during the backward; without one gz is grad_out itself.
-  Then
+* Backward. Nothing of size (B, C_total, T) is saved: the custom op keeps only x and the branch parameters
+  (saving z or the output would keep a (B, C_total, T) tensor alive from the forward to the backward, which is
+  what this layer exists to avoid; recomputing z costs one more forward-sized reduction). With an activation,
+  kernel 1 recomputes z from x by the forward's own reduction (same blocks, so bitwise the same z and the same
+  ReLU mask) and writes gz = grad * act'(z), a transient buffer the size of grad_out that lives only during the
+  backward; without one gz is grad_out itself. Then
   - dx (kernel 2, only when x requires grad): the transposed conv, dx[b, c, t] = sum_{o, j} W[o, c, j]
     gz[b, o, t + K_max//2 - j], reduced over (o, j) flattened with tl.dot (C_in padded to 16 rows; gz read once
     for all input channels);
@@ -115,7 +116,7 @@ measurements)
   kernels and fuses bias + cat, and the backward's copies and bias sums): about 6 passes in ~8 launches,
   76 MB / 15.9 us at the roofline for T = 512, ~25-30 us realistically: ~2.5-3x. Both ratios assume the GPU,
   not the host, sets the pace: the custom op costs about one Python dispatch and one or two Triton launches
-  per direction, and a cache hit about a microsecond per branch.
+  per direction (up to 4 branches nothing else: the weights are read in place; more add two to four launches).
 """
 
 from __future__ import annotations
@@ -125,7 +126,6 @@ import triton
 
 from .._double_backward import graph_wanted, recomputed_grads
 from ..ops.reference.multiscale_conv1d import multiscale_conv1d_reference
-from . import _multiscale_conv1d_pack as _pack  # noqa: F401  (the tests reach the cache class through it)
 from ._common import interpreting as _interpreting
 from ._common import new_output, tensor_core_precision, triton_call_unsupported
 from ._multiscale_conv1d_config import (  # noqa: F401  (the tests and the AOT cases read the heuristics here)
@@ -144,13 +144,7 @@ from ._multiscale_conv1d_config import (  # noqa: F401  (the tests and the AOT c
     _grad_weight_splits,
     _largest_time_block,
 )
-from ._multiscale_conv1d_pack import (  # noqa: F401  (the pack cache is the tests' to inspect)
-    _PACK_CACHE,
-    branch_layout,
-    clear_pack_cache,
-    pack_weights,
-    packed_parameters,
-)
+from ._multiscale_conv1d_pack import branch_layout, pack_weights
 from ._multiscale_conv1d_triton import (
     _msc_forward_kernel,
     _msc_grad_input_kernel,
@@ -197,58 +191,90 @@ def _common_constexprs(dtype: torch.dtype, device: torch.device) -> dict:
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
 
+MAX_BRANCHES = 4  # branches whose tensors the kernels read in place; more are concatenated per call
 
-def _launch_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
-                    layout: torch.Tensor) -> torch.Tensor:
+
+def _to_device(rows: list, device: torch.device) -> torch.Tensor:
+    """An int32 tensor of ``rows`` on ``device``. From pinned memory without blocking on CUDA: a plain copy from
+    pageable memory would wait for the stream to drain on every call."""
+    host = torch.tensor(rows, dtype=torch.int32)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _branch_args(weights, biases) -> tuple[list, dict]:
+    """The kernels' view of the branches: (the leading pointer arguments w0..w3, b0..b3, layout; the scalar and
+    constexpr arguments). ``biases``: one per branch (None where absent) or None.
+
+    Up to MAX_BRANCHES branches, nothing is copied or cached: the kernels read branch i's own contiguous
+    (C_out_i, C_in, k_i) weight and (C_out_i,) bias (BIAS_BITS bit i) in place, located by its first channel
+    first_i, its kernel size k_i and, for the flat dW, its start start_i; so every write to a weight or bias,
+    through ``.data`` or not, is seen by the next call. More branches: the weights are concatenated flat (one
+    torch.cat, in the flat dW's order) and the biases into one (C_total,) vector (zeros where absent) by
+    ``pack_weights``, and an int32 (2, C_total) ``branch_layout`` gives each channel's k_o and offset (FLAT, one
+    branch): per call, one to two launches plus one per absent bias, and a pinned host-to-device copy."""
+    weights = [w.contiguous() for w in weights]
+    biases = [None] * len(weights) if biases is None else [None if b is None else b.contiguous() for b in biases]
+    c_total = sum(w.shape[0] for w in weights)
+    if len(weights) > MAX_BRANCHES:
+        flat, bias = pack_weights(weights, biases)
+        layout = _to_device(branch_layout(weights), flat.device)
+        ptrs = [flat] * 4 + [flat if bias is None else bias] * 4 + [layout]
+        return ptrs, {"firsts": [c_total] * 3, "taps": [1] * 4, "starts": [0] * 3,
+                      "BIAS_BITS": 0 if bias is None else 1, "layout": {"NUM_BRANCHES": 1, "FLAT": True},
+                      "HAS_BIAS": bias is not None}
+    pad = MAX_BRANCHES - len(weights)
+    firsts, starts, o, n = [], [], 0, 0
+    for w in weights:
+        firsts.append(o)
+        starts.append(n)
+        o, n = o + w.shape[0], n + w.numel()
+    present = [b if b is not None else weights[0] for b in biases]
+    ptrs = weights + [weights[0]] * pad + present + [weights[0]] * pad + [weights[0]]
+    return ptrs, {"firsts": (firsts[1:] + [c_total] * pad)[:3], "taps": [w.shape[-1] for w in weights] + [1] * pad,
+                  "starts": (starts[1:] + [n] * pad)[:3],
+                  "BIAS_BITS": sum(1 << i for i, b in enumerate(biases) if b is not None),
+                  "layout": {"NUM_BRANCHES": len(weights), "FLAT": False},
+                  "HAS_BIAS": any(b is not None for b in biases)}
+
+
+def _launch_forward(x, ptrs, br, c_total, k_max, activation, grad=None) -> torch.Tensor:
+    """The forward kernel (``grad`` None) or, given grad (B, C_total, T), the z-recomputing pre-activation-gradient
+    kernel, with the same blocks: (B, C_total, T) output or gz."""
     B, c_in, T = x.shape
-    c_total, _, k_max = weight.shape
     r = c_in * k_max
     out = new_output((B, c_total, T), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
     cfg = _forward_config(T, r, B, _parallel_programs(x.device) // 2)
     n_t = triton.cdiv(T, cfg["BLOCK_T"])
-    _msc_forward_kernel[(n_t * B,)](
-        x, weight, weight if bias is None else bias, layout, out, T, c_total, r, n_t,
-        *x.stride(), *out.stride(),
-        HAS_BIAS=bias is not None, ACTIVATION=_ACTIVATION_CODES[activation], K_MAX=k_max,
-        **cfg, **_common_constexprs(x.dtype, x.device))
+    common = dict(**br["layout"], HAS_BIAS=br["HAS_BIAS"], ACTIVATION=_ACTIVATION_CODES[activation], K_MAX=k_max,
+                  **cfg, **_common_constexprs(x.dtype, x.device))
+    scalars = (*br["firsts"], *br["taps"], br["BIAS_BITS"], T, c_total, r, n_t, *x.stride())
+    if grad is None:
+        _msc_forward_kernel[(n_t * B,)](x, *ptrs, out, *scalars, *out.stride(), **common)
+    else:
+        _msc_preactivation_grad_kernel[(n_t * B,)](x, *ptrs, grad, out, *scalars, *grad.stride(), **common)
     return out
 
 
-def _launch_preactivation_grad(grad, x, weight, bias, activation, layout) -> torch.Tensor:
-    B, c_in, T = x.shape
-    c_total, _, k_max = weight.shape
-    r = c_in * k_max
-    gz = new_output((B, c_total, T), dtype=x.dtype, device=x.device)
-    cfg = _forward_config(T, r, B, _parallel_programs(x.device) // 2)
-    n_t = triton.cdiv(T, cfg["BLOCK_T"])
-    _msc_preactivation_grad_kernel[(n_t * B,)](
-        x, weight, weight if bias is None else bias, layout, grad, gz, T, c_total, r, n_t,
-        *x.stride(), *grad.stride(),
-        HAS_BIAS=bias is not None, ACTIVATION=_ACTIVATION_CODES[activation], K_MAX=k_max,
-        **cfg, **_common_constexprs(x.dtype, x.device))
-    return gz
-
-
-def _launch_grad_input(gz, weight, layout, x_shape, dtype) -> torch.Tensor:
+def _launch_grad_input(gz, ptrs, br, c_total, k_max, x_shape, dtype) -> torch.Tensor:
     B, c_in, T = x_shape
-    c_total, _, k_max = weight.shape
     dx = new_output((B, c_in, T), dtype=dtype, device=gz.device)
-    cfg = _grad_input_config(T, c_in)
+    cfg = _grad_input_config(T, c_in, _conv_precision(dtype))
     n_c = triton.cdiv(c_in, cfg["BLOCK_C"])
     n_t = triton.cdiv(T, cfg["BLOCK_T"])
     _msc_grad_input_kernel[(n_c * n_t * B,)](
-        gz, weight, layout, dx, T, c_in, c_total, c_in * k_max, n_c, n_t, *gz.stride(), *dx.stride(),
-        K_MAX=k_max, **cfg, **_common_constexprs(dtype, gz.device))
+        gz, *ptrs[:4], ptrs[8], dx, *br["firsts"], *br["taps"], T, c_in, c_total, n_c, n_t, *gz.stride(),
+        *dx.stride(), **br["layout"], K_MAX=k_max, **cfg, **_common_constexprs(dtype, gz.device))
     return dx
 
 
-def _launch_grad_weight(gz, x, weight, layout, with_bias: bool, weight_numel: int):
+def _launch_grad_weight(gz, x, ptrs, br, c_total, k_max, with_bias: bool, weight_numel: int, w_dtype):
     """dW in the branches' own layouts, flat (weight_numel,) (see _msc_grad_weight_sum_kernel), and db (C_total,) or
     None: fp32 partial sums over S fixed ranges of (batch, time tile) pairs, then one kernel adds them in order."""
     B, c_in, T = x.shape
-    c_total, _, k_max = weight.shape
     r = c_in * k_max
     cfg = _grad_weight_config(r, _conv_precision(x.dtype))
     n_o, n_r = triton.cdiv(c_total, cfg["BLOCK_O"]), triton.cdiv(r, cfg["BLOCK_R"])
@@ -259,12 +285,12 @@ def _launch_grad_weight(gz, x, weight, layout, with_bias: bool, weight_numel: in
     _msc_grad_weight_partial_kernel[(n_o * n_r * splits,)](
         gz, x, partials, T, c_total, r, n_o, n_r, n_t, n_bt, splits, *gz.stride(), *x.stride(),
         HAS_BIAS=with_bias, K_MAX=k_max, **cfg, **_common_constexprs(x.dtype, x.device))
-    dw = new_output((weight_numel,), dtype=weight.dtype, device=x.device)
+    dw = new_output((weight_numel,), dtype=w_dtype, device=x.device)
     db = new_output((c_total,), dtype=x.dtype, device=x.device) if with_bias else None
     n = c_total * (r + 1 if with_bias else r)
     _msc_grad_weight_sum_kernel[(triton.cdiv(n, _SUM_BLOCK),)](
-        partials, layout, dw, dw if db is None else db, c_total, r, splits, HAS_BIAS=with_bias, K_MAX=k_max,
-        BLOCK=_SUM_BLOCK, num_warps=4)
+        partials, ptrs[8], dw, dw if db is None else db, *br["firsts"], *br["taps"], *br["starts"], c_total, r,
+        splits, **br["layout"], HAS_BIAS=with_bias, K_MAX=k_max, BLOCK=_SUM_BLOCK, num_warps=4)
     return dw, db
 
 
@@ -273,103 +299,92 @@ def _launch_grad_weight(gz, x, weight, layout, with_bias: bool, weight_numel: in
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _default_layout(weight: torch.Tensor) -> torch.Tensor:
-    """The layout of a packed weight taken as one branch of K_max taps: every channel K_max, dW in packed order."""
-    c_total, c_in, k_max = weight.shape
-    return torch.stack([torch.full((c_total,), k_max, dtype=torch.int32, device=weight.device),
-                        torch.arange(0, c_total * c_in * k_max, c_in * k_max, dtype=torch.int32,
-                                     device=weight.device)])
+def _forward(x: torch.Tensor, weights, biases, activation: str) -> torch.Tensor:
+    """The forward op's launches: x (B, C_in, T), weights[i] (C_out_i, C_in, k_i), biases one (C_out_i,) or None
+    per branch, or None -> (B, C_total, T)."""
+    ptrs, br = _branch_args(weights, biases)
+    return _launch_forward(x, ptrs, br, sum(w.shape[0] for w in weights), max(w.shape[-1] for w in weights),
+                           activation)
 
 
-def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
-             layout: torch.Tensor | None = None) -> torch.Tensor:
-    """The forward op's launches: x (B, C_in, T), packed weight (C_total, C_in, K_max), bias (C_total,) or None,
-    layout int32 (2, C_total) (``branch_layout``; None: one branch of K_max taps) -> (B, C_total, T)."""
-    layout = _default_layout(weight) if layout is None else layout.to(device=weight.device, dtype=torch.int32)
-    # pack_weights already returns contiguous tensors; a direct caller's strided packed weight is tiny to copy.
-    return _launch_forward(x, weight.contiguous(), None if bias is None else bias.contiguous(), activation,
-                           layout.contiguous())
-
-
-def _backward_launches(grad, x, weight, bias, activation, need_input, need_weight, need_bias, layout=None,
-                       weight_numel=None):
-    """The backward op's launches: (dx (B, C_in, T), dW flat (weight_numel,) in the branches' layouts, db
-    (C_total,)), a gradient not asked for an empty (0,). weight_numel None: weight.numel() (the default layout)."""
+def _backward_launches(grad, x, weights, biases, activation, need_input, need_weight, need_bias):
+    """The backward op's launches: (dx (B, C_in, T), dW flat (sum_i C_out_i * C_in * k_i,): each branch's
+    (C_out_i, C_in, k_i) gradient one after another, db (C_total,)), a gradient not asked for an empty (0,)."""
     empty = x.new_empty((0,))
-    layout = _default_layout(weight) if layout is None else layout.to(device=weight.device, dtype=torch.int32)
-    layout = layout.contiguous()
-    weight_numel = weight.numel() if weight_numel is None else weight_numel
+    c_total, k_max = sum(w.shape[0] for w in weights), max(w.shape[-1] for w in weights)
+    weight_numel = sum(w.numel() for w in weights)
     if grad.dtype != x.dtype:
         grad = grad.to(x.dtype)
-    weight = weight.contiguous()
-    bias = None if bias is None else bias.contiguous()
-    need_bias = need_bias and bias is not None
+    need_bias = need_bias and biases is not None and any(b is not None for b in biases)
     if grad.numel() == 0:
         dx = torch.zeros_like(x) if need_input else empty
-        dw = weight.new_zeros((weight_numel,)) if need_weight else empty
-        db = torch.zeros_like(bias) if need_bias else empty
+        dw = weights[0].new_zeros((weight_numel,)) if need_weight else empty
+        db = x.new_zeros((c_total,)) if need_bias else empty
         return dx, dw, db
-    gz = grad if activation == "none" else _launch_preactivation_grad(grad, x, weight, bias, activation, layout)
-    dx = _launch_grad_input(gz, weight, layout, x.shape, x.dtype) if need_input else empty
+    ptrs, br = _branch_args(weights, biases)
+    gz = grad if activation == "none" else _launch_forward(x, ptrs, br, c_total, k_max, activation, grad=grad)
+    dx = _launch_grad_input(gz, ptrs, br, c_total, k_max, x.shape, x.dtype) if need_input else empty
     dw, db = empty, empty
     if need_weight or need_bias:
-        dw_flat, db_full = _launch_grad_weight(gz, x, weight, layout, need_bias, weight_numel)
+        dw_flat, db_full = _launch_grad_weight(gz, x, ptrs, br, c_total, k_max, need_bias, weight_numel,
+                                               weights[0].dtype)
         dw = dw_flat if need_weight else empty
         db = db_full if need_bias else empty
     return dx, dw, db
 
 
-@torch.library.custom_op("fastmsc::multiscale_conv1d_packed", mutates_args=())
-def _packed_forward(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], has_bias: list[bool],
-                    weight: torch.Tensor, bias: torch.Tensor | None, layout: torch.Tensor,
-                    activation: str) -> torch.Tensor:
-    """x (B, C_in, T) -> (B, C_total, T).
-
-    ``weights`` (C_out_i, C_in, k_i) and ``biases`` (C_out_i,) (the branches that have one, ``has_bias`` per
-    branch) are the differentiable inputs, read only by the backward; the kernels read ``weight``
-    (C_total, C_in, K_max), ``bias`` (C_total,) or None and ``layout`` (int32 (2, C_total)), their detached packing
-    (``packed_parameters``)."""
-    return _forward(x, weight, bias, activation, layout)
+def _full_biases(weights, biases, has_bias):
+    """One bias or None per branch, from the present ``biases`` and the per-branch ``has_bias`` flags."""
+    present = iter(biases)
+    return [next(present) if has else None for has in has_bias] if has_bias else [None] * len(weights)
 
 
-@_packed_forward.register_fake
-def _(x, weights, biases, has_bias, weight, bias, layout, activation):
-    return x.new_empty((x.shape[0], weight.shape[0], x.shape[2]))
+@torch.library.custom_op("fastmsc::multiscale_conv1d_branches", mutates_args=())
+def _branches_forward(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
+                      has_bias: list[bool], activation: str) -> torch.Tensor:
+    """x (B, C_in, T) -> (B, C_total, T): weights[i] (C_out_i, C_in, k_i), biases (C_out_i,) of the branches that
+    have one (``has_bias`` per branch), all read by the kernels in place."""
+    return _forward(x, weights, _full_biases(weights, biases, has_bias), activation)
 
 
-@torch.library.custom_op("fastmsc::multiscale_conv1d_packed_backward", mutates_args=())
-def _packed_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     layout: torch.Tensor, activation: str, need_input: bool, need_weight: bool, need_bias: bool,
-                     weight_numel: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx (B, C_in, T), dW (weight_numel,): every branch's (C_out_i, C_in, k_i) gradient flattened one after
-    another, db (C_total,)); a gradient not asked for is an empty (0,)."""
-    return _backward_launches(grad, x, weight, bias, activation, need_input, need_weight, need_bias, layout,
-                              weight_numel)
+@_branches_forward.register_fake
+def _(x, weights, biases, has_bias, activation):
+    return x.new_empty((x.shape[0], sum(w.shape[0] for w in weights), x.shape[2]))
 
 
-@_packed_backward.register_fake
-def _(grad, x, weight, bias, layout, activation, need_input, need_weight, need_bias, weight_numel):
+@torch.library.custom_op("fastmsc::multiscale_conv1d_branches_backward", mutates_args=())
+def _branches_backward(grad: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
+                       has_bias: list[bool], activation: str, need_input: bool, need_weight: bool,
+                       need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx (B, C_in, T), dW (sum_i C_out_i * C_in * k_i,): every branch's (C_out_i, C_in, k_i) gradient flattened
+    one after another, db (C_total,)); a gradient not asked for is an empty (0,)."""
+    return _backward_launches(grad, x, weights, _full_biases(weights, biases, has_bias), activation, need_input,
+                              need_weight, need_bias)
+
+
+@_branches_backward.register_fake
+def _(grad, x, weights, biases, has_bias, activation, need_input, need_weight, need_bias):
     empty = x.new_empty((0,))
     return (x.new_empty(x.shape) if need_input else empty,
-            weight.new_empty((weight_numel,)) if need_weight else empty,
-            x.new_empty((weight.shape[0],)) if (need_bias and bias is not None) else empty)
+            weights[0].new_empty((sum(w.numel() for w in weights),)) if need_weight else empty,
+            x.new_empty((sum(w.shape[0] for w in weights),)) if (need_bias and any(has_bias)) else empty)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weights, biases, has_bias, weight, bias, layout, activation = inputs
-    # The branch parameters are saved for the double backward's recomputation only; saving them also gives the
-    # usual error when one is changed in place between the forward and the backward.
-    ctx.save_for_backward(x, weight, bias, layout, *weights, *biases)
+    x, weights, biases, has_bias, activation = inputs
+    # Saving the branch parameters also gives the usual error when one is changed in place between the forward and
+    # the backward (the backward kernels read them again).
+    ctx.save_for_backward(x, *weights, *biases)
     ctx.n_weights, ctx.has_bias, ctx.activation = len(weights), tuple(has_bias), activation
 
 
 def _backward(ctx, grad):
-    x, weight, bias, layout, *params = ctx.saved_tensors
+    x, *params = ctx.saved_tensors
     n = ctx.n_weights
     weights, biases = params[:n], params[n:]
-    needs = ctx.needs_input_grad  # (x, [per weight], [per present bias], has_bias, weight, bias, layout, activation)
+    needs = ctx.needs_input_grad  # (x, [per weight], [per present bias], has_bias, activation)
     need_x, need_w, need_b = bool(needs[0]), [bool(f) for f in needs[1]], [bool(f) for f in needs[2]]
-    rest = (None,) * 5
+    rest = (None, None)
     if graph_wanted(grad, x, *weights, *biases):
         activation = None if ctx.activation == "none" else ctx.activation
 
@@ -380,9 +395,8 @@ def _backward(ctx, grad):
 
         grads = recomputed_grads(reference, (x, *weights, *biases), (need_x, *need_w, *need_b), (grad,))
         return (grads[0], list(grads[1:n + 1]), list(grads[n + 1:]), *rest)
-    weight_numel = sum(w.numel() for w in weights)
-    dx, dw, db = _packed_backward(grad, x, weight, bias, layout, ctx.activation, need_x, any(need_w), any(need_b),
-                                  weight_numel)
+    dx, dw, db = _branches_backward(grad, x, list(weights), list(biases), list(ctx.has_bias), ctx.activation, need_x,
+                                    any(need_w), any(need_b))
     dws, start = [], 0
     for w, need in zip(weights, need_w, strict=True):
         dws.append(dw[start:start + w.numel()].view(w.shape) if need else None)
@@ -395,18 +409,16 @@ def _backward(ctx, grad):
     return (dx if need_x else None, dws, dbs, *rest)
 
 
-_packed_forward.register_autograd(_backward, setup_context=_setup_context)
+_branches_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused(x, weights, biases=None, activation=None):
     """Multi-scale "same" Conv1d + concat: x (B, C_in, T) -> (B, sum_i C_out_i, T); arguments validated by
     fastmsc.ops.multiscale_conv1d (weights[i] (C_out_i, C_in, k_i), k_i odd; biases None or per branch)."""
     weights = list(weights)
-    weight, bias, layout = packed_parameters(weights, biases)
     has_bias = [False] * len(weights) if biases is None else [b is not None for b in biases]
     present = [] if biases is None else [b for b in biases if b is not None]
-    return _packed_forward(x, weights, present, has_bias, weight, bias, layout,
-                           "none" if activation is None else activation)
+    return _branches_forward(x, weights, present, has_bias, "none" if activation is None else activation)
 
 
 def fused_unsupported(device_type: str, *, allow_interpreter: bool = False, **call_args) -> str | None:
@@ -428,4 +440,4 @@ def fused_unsupported(device_type: str, *, allow_interpreter: bool = False, **ca
     return None
 
 
-__all__ = ["branch_layout", "clear_pack_cache", "fused", "fused_unsupported", "pack_weights", "packed_parameters"]
+__all__ = ["MAX_BRANCHES", "branch_layout", "fused", "fused_unsupported", "pack_weights"]

@@ -19,6 +19,9 @@ KERNELS = _multiscale_conv1d_triton  # the module whose @triton.jit kernels need
 # no activation (BatchNorm follows), batches of 32; its input needs no gradient.
 MODEL = {"c_in": 3, "branches": ((64, 3), (64, 5), (64, 7)), "batch": 32, "activation": "none",
          "need_input": False}
+# The most branches the kernels read in place (4, the longest chains of per-channel selects) and one more (the
+# flat weights concatenated per call, with a layout tensor).
+WIDE_BRANCHES = {4: ((64, 3), (64, 5), (64, 7), (64, 9)), 5: ((32, 1), (32, 3), (32, 5), (32, 7), (32, 9))}
 # SM counts of the GPUs the forward's time tiles are chosen for (it keeps 2 programs per SM): H100 SXM, A100.
 SM_COUNTS = (132, 108)
 
@@ -34,6 +37,8 @@ def launches():
       32 (224, streamed in 32-row chunks); T = 150 gives 32-step tiles and T = 1024 128-step ones, shrunk to 64 by
       the tile limit (C_in = 4, 32) or by too few programs (C_in = 2 with 20 samples). Those calls also reach every
       dW column block (16 to 128) and the dx kernel with 16 and 64 channel blocks at 32 and 128 steps;
+    * with GELU and every gradient, 4 branches (the kernels' widest per-channel branch selection) and 5 (more than
+      they read in place: flat weights and a layout tensor), at T = 512 with the model's 3 input channels;
     * float32 twice, with TF32 and with 3xTF32 products: the two compile to different code (3xTF32 splits every
       operand into a high and a low TF32 part and issues three products), so every tile is checked in both."""
     model = {"c_in": MODEL["c_in"], "batch": MODEL["batch"], "activation": MODEL["activation"],
@@ -49,6 +54,9 @@ def launches():
         launches += [(f"{name} gelu C_in{c_in} T{steps} B{batch}", dtype,
                       {"c_in": c_in, "steps": steps, "batch": batch, "activation": "gelu", "need_input": True,
                        "tf32": tf32}) for c_in, steps, batch in tiles]
+        launches += [(f"{name} gelu {n} branches T512", dtype,
+                      {"c_in": 3, "steps": 512, "batch": 32, "activation": "gelu", "need_input": True, "tf32": tf32,
+                       "branches": branches}) for n, branches in WIDE_BRANCHES.items()]
     return launches
 
 
@@ -71,15 +79,13 @@ def aot_cases() -> list[dict]:
         for label, dtype, call in launches():
             with record_launches(msc, **_gpu(sm_count, call["tf32"])) as log:
                 log.label = f"{label} {sm_count} SMs"
-                weights = [torch.empty((c_out, call["c_in"], k), dtype=dtype, device="meta")
-                           for c_out, k in MODEL["branches"]]
-                biases = [torch.empty((c_out,), dtype=dtype, device="meta") for c_out, _ in MODEL["branches"]]
-                weight, bias = msc.pack_weights(weights, biases)
-                layout = msc.branch_layout(weights)
+                branches = call.get("branches", MODEL["branches"])
+                weights = [torch.empty((c_out, call["c_in"], k), dtype=dtype, device="meta") for c_out, k in branches]
+                biases = [torch.empty((c_out,), dtype=dtype, device="meta") for c_out, _ in branches]
                 x = torch.empty((call["batch"], call["c_in"], call["steps"]), dtype=dtype, device="meta")
-                out = msc._forward(x, weight, bias, call["activation"], layout)
-                msc._backward_launches(torch.empty_like(out), x, weight, bias, call["activation"], call["need_input"],
-                                       True, True, layout, sum(w.numel() for w in weights))
+                out = msc._forward(x, weights, biases, call["activation"])
+                msc._backward_launches(torch.empty_like(out), x, weights, biases, call["activation"],
+                                       call["need_input"], True, True)
             for case in log.cases:
                 if case_key(case) not in seen:
                     seen.add(case_key(case))
