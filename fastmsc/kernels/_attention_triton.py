@@ -44,15 +44,27 @@ def _tf32_head(x):
 
 
 @triton.jit
+def _split_head(x):
+    """The TF32 head of x, clamped to the largest finite TF32 magnitude: an infinite x then keeps its infinity in
+    the tail x - head, and each cross term multiplies it by the other operand's head, as an fp32 product multiplies
+    it by the other operand (an infinite head would meet the other tail, often exactly 0, and give inf·0 = NaN
+    where a·b is ±inf). The clamped head's own products overflow to the same signed infinity. NaN stays in the tail
+    (min/max return the non-NaN operand), so it reaches every product it takes part in. Two min/max, which cost
+    fewer registers in the fp32 backward than a compare and select."""
+    return tl.minimum(tl.maximum(_tf32_head(x), -3.4011621342146535e38), 3.4011621342146535e38)  # the largest TF32
+
+
+@triton.jit
 def _mm(a, b, acc, INPUT_PRECISION: tl.constexpr):
     """a @ b (+ acc) in fp32. "tf32x3": three TF32 tensor-core products of the operands' TF32 heads and tails,
-    head·tail + tail·head + head·head (the tail·tail term, ~2^-22 relative, is dropped), written out here
+    tail·head + head·tail + head·head (the tail·tail term, ~2^-22 relative, is dropped), written out here
     instead of tl.dot's own "tf32x3", whose lowering keeps all four split operands live and spills at these
-    tiles (the heads are recomputed from a and b, one AND each, rather than held)."""
+    tiles (the heads are recomputed from a and b rather than held). Non-finite operands give what an fp32 product
+    gives, except inf·inf (NaN here; attention turns both into NaN rows anyway)."""
     if INPUT_PRECISION == "tf32x3":
-        acc = tl.dot(a - _tf32_head(a), _tf32_head(b), acc, input_precision="tf32")
-        acc = tl.dot(_tf32_head(a), b - _tf32_head(b), acc, input_precision="tf32")
-        acc = tl.dot(_tf32_head(a), _tf32_head(b), acc, input_precision="tf32")
+        acc = tl.dot(a - _split_head(a), _split_head(b), acc, input_precision="tf32")
+        acc = tl.dot(_split_head(a), b - _split_head(b), acc, input_precision="tf32")
+        acc = tl.dot(_split_head(a), _split_head(b), acc, input_precision="tf32")
     else:
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     return acc

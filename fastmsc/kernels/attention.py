@@ -127,18 +127,18 @@ _FWD_BLOCKS = {
 # The dK/dV (and dQ-partial) backward: BLOCK_N keys per program, BLOCK_M queries per step.
 _BWD_BLOCKS = {
     16: ((64, 128, 16, 8, 2, None), (32, 64, 16, 4, 2, None)),
-    32: ((64, 128, 32, 8, 1, None), (32, 32, 32, 8, 1, None)),
+    32: ((64, 128, 32, 8, 1, None), (16, 32, 32, 8, 1, 255)),
     64: ((32, 128, 64, 8, 1, None), (64, 16, 32, 8, 1, None)),
-    128: ((64, 64, 128, 8, 2, None), (32, 16, 32, 8, 1, None)),
+    128: ((64, 64, 128, 8, 2, None), (32, 16, 32, 8, 1, 255)),
     256: ((32, 32, 256, 8, 1, None), (16, 16, 32, 8, 1, None)),
 }
 # The separate dQ kernel: BLOCK_M queries per program, BLOCK_N keys per step.
 _DQ_BLOCKS = {
     16: ((128, 64, 16, 8, 2, None), (64, 64, 16, 8, 2, None)),
-    32: ((128, 64, 32, 8, 2, None), (64, 32, 32, 8, 2, None)),
+    32: ((128, 64, 32, 8, 2, None), (64, 32, 32, 8, 1, None)),
     64: ((128, 64, 64, 8, 2, None), (64, 32, 32, 8, 2, None)),
     128: ((64, 64, 128, 8, 2, None), (32, 32, 32, 8, 1, None)),
-    256: ((64, 16, 256, 8, 2, None), (16, 16, 32, 8, 1, None)),
+    256: ((64, 16, 256, 8, 2, None), (16, 16, 16, 8, 1, None)),
 }
 # Whether the backward sums dQ from per-key-block partials (5 products) or runs the separate dQ kernel (7
 # products): a partial costs an extra read of T x D x 4 bytes (its write overlaps the compute-bound kernel that
