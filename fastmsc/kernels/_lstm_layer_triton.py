@@ -294,18 +294,27 @@ def _four_gates_t(PTR, rows, t, T, G, d, H, j, mask):
 
 
 @triton.jit
+def _resident_program(W_HH, LENGTHS, B, T, H, D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                      HAS_LENGTHS: tl.constexpr):
+    """What both resident kernels open with: the program's direction, sequences and lengths (_program_rows), its
+    hidden units j (BLOCK_H of them, j_ok within H), the gate tensors' row length G = D*4H, and its direction's
+    four W_hh gate blocks."""
+    d, rows, row_ok, seq_len = _program_rows(B, T, LENGTHS, BLOCK_B, HAS_LENGTHS)
+    j = tl.arange(0, BLOCK_H)
+    j_ok = j < H
+    w_i, w_f, w_g, w_o = _gate_blocks(W_HH + d * 4 * H * H, H, j, j_ok)
+    return d, rows, row_ok, seq_len, d == 1, j, j_ok, D * 4 * H, w_i, w_f, w_g, w_o
+
+
+@triton.jit
 def lstm_resident_fwd_kernel(
     XPROJ, BIAS, W_HH, H0, C_STATE, LENGTHS, OUT, H_N, GATES, CELLS,  # as lstm_persistent_fwd_kernel's
     B, T, H,
     D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    d, rows, row_ok, seq_len = _program_rows(B, T, LENGTHS, BLOCK_B, HAS_LENGTHS)
-    reverse = d == 1
-    j = tl.arange(0, BLOCK_H)
-    j_ok = j < H
-    G = D * 4 * H
-    w_i, w_f, w_g, w_o = _gate_blocks(W_HH + d * 4 * H * H, H, j, j_ok)
+    d, rows, row_ok, seq_len, reverse, j, j_ok, G, w_i, w_f, w_g, w_o = _resident_program(
+        W_HH, LENGTHS, B, T, H, D, BLOCK_B, BLOCK_H, HAS_LENGTHS)
     state_at = d * B * H + rows[None, :] * H + j[:, None]
     state_ok = j_ok[:, None] & row_ok[None, :]
     c = tl.load(C_STATE + state_at, mask=state_ok, other=0.0)
@@ -354,12 +363,8 @@ def lstm_resident_bwd_kernel(
 ):
     """The forward's steps in reverse with dh and dc in registers and W_hh in shared memory:
     dh_{prev}ᵀ = Σ_g W_gᵀ dz_gᵀ."""
-    d, rows, row_ok, seq_len = _program_rows(B, T, LENGTHS, BLOCK_B, HAS_LENGTHS)
-    reverse = d == 1
-    j = tl.arange(0, BLOCK_H)
-    j_ok = j < H
-    G = D * 4 * H
-    w_i, w_f, w_g, w_o = _gate_blocks(W_HH + d * 4 * H * H, H, j, j_ok)
+    d, rows, row_ok, seq_len, reverse, j, j_ok, G, w_i, w_f, w_g, w_o = _resident_program(
+        W_HH, LENGTHS, B, T, H, D, BLOCK_B, BLOCK_H, HAS_LENGTHS)
     wt_i, wt_f, wt_g, wt_o = tl.trans(w_i), tl.trans(w_f), tl.trans(w_g), tl.trans(w_o)
     state_at = d * B * H + rows[None, :] * H + j[:, None]
     state_ok = j_ok[:, None] & row_ok[None, :]
