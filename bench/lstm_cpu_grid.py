@@ -107,6 +107,21 @@ def cases(only: dict[str, set], dtypes: list[str]) -> list[Case]:
     return [Case(*combo, dtype=dtype) for combo in itertools.product(*values) for dtype in dtypes]
 
 
+def training_step(model, x):
+    """One training step of an LSTM module: forward, then the backward of out, h_n and c_n."""
+    def step():
+        out, (h, c) = model(x)
+        (out.sum() + h.sum() + c.sum()).backward()
+    return step
+
+
+def inference_step(model, x):
+    def step():
+        with torch.no_grad():
+            model(x)
+    return step
+
+
 def measure(case: Case, reps: int, min_seconds: float, backend: str) -> list[Row]:
     torch.set_num_threads(case.threads)
     dtype = getattr(torch, case.dtype)
@@ -116,23 +131,10 @@ def measure(case: Case, reps: int, min_seconds: float, backend: str) -> list[Row
     fast.load_state_dict(reference.state_dict())
     shape = (case.B, case.T, case.H) if batch_first else (case.T, case.B, case.H)
     x = torch.randn(shape, dtype=dtype, requires_grad=True)
-
-    def train(model):
-        def step():
-            out, (h, c) = model(x)
-            (out.sum() + h.sum() + c.sum()).backward()
-        return step
-
-    def infer(model):
-        def step():
-            with torch.no_grad():
-                model(x)
-        return step
-
     rows = []
     with fastmsc.use_backend(backend):
-        for mode, make in (("train", train), ("infer", infer)):
-            steps = {"torch": make(reference), "fastmsc": make(fast)}
+        for mode, make in (("train", training_step), ("infer", inference_step)):
+            steps = {"torch": make(reference, x), "fastmsc": make(fast, x)}
             start = time.perf_counter()
             time_interleaved(steps, "cpu", repeats=1, warmup=1)  # first calls: allocations, oneDNN primitives
             one_round = max(time.perf_counter() - start, 1e-6) / 2

@@ -19,6 +19,7 @@ import statistics
 import time
 
 import torch
+from lstm_cpu_grid import inference_step, training_step  # bench/, the script's own folder
 
 import fastmsc
 from fastmsc.bench import saved_tensor_bytes
@@ -44,16 +45,10 @@ def measure(shape, reps: int) -> dict:
     x = torch.randn(B, T, n_in, requires_grad=True)
 
     def train(model):
-        def step():
-            out, (h, c) = model(x)
-            (out.sum() + h.sum() + c.sum()).backward()
-        return step
+        return training_step(model, x)
 
     def infer(model):
-        def step():
-            with torch.no_grad():
-                model(x)
-        return step
+        return inference_step(model, x)
 
     row = {"shape": shape}
     with fastmsc.use_backend("fused"):
