@@ -145,9 +145,10 @@ class Op:
     * optionally ``prepare(*, fallback, **call_args)``: readies the fused path for a call about to run it (loading
       or building a compiled extension), returns None or why it cannot run; ``fallback`` says the caller then runs
       ``torch``; ``call_args`` are the call's arguments, none when it is asked about the device in general;
-    * optionally ``expected_slower(device_type, **call_args)``: a sentence where the kernels' own design estimate
-      expects them to be slower than ``torch`` for such calls, else None. ``auto`` follows it where the dispatch
-      table has no measurement, so that an unmeasured fused path never makes a user slower by design.
+    * optionally ``expected_slower(device_type, **call_args)``: a sentence where the kernels' own design estimate,
+      or a measurement they record (the LSTM extension per CPU class), expects them to be slower than ``torch`` for
+      such calls, else None. ``auto`` follows it where the dispatch table has no measurement, so that the fused path
+      never makes a user slower where that is known.
     """
 
     name: str

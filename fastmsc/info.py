@@ -105,7 +105,7 @@ def format_info(data: dict | None = None) -> str:
         for device, row in per_device.items():
             if row["fused_unavailable"] is not None:
                 why = f"  (fused unavailable: {row['fused_unavailable']})"
-            elif device == "cuda":
+            elif device == "cuda" or row["auto"] != "fused":
                 why = f"  ({row['dispatch_note']})"
             else:
                 why = ""

@@ -31,7 +31,10 @@ def check_info(data: dict, backend: str) -> None:
         assert list(per_device) == DEVICES, name
         for device, row in per_device.items():
             reason = row["fused_unavailable"]
-            assert row["auto"] == ("fused" if reason is None else "torch"), (name, device, row)
+            # torch also where the fused path is expected slower (its note says why: a design estimate, or the
+            # LSTM extension's measurement on this CPU class, which a subprocess sees unpatched)
+            expected_slower = reason is None and "torch, as " in row["dispatch_note"]
+            assert row["auto"] == ("fused" if reason is None and not expected_slower else "torch"), (name, device, row)
             assert reason is None or (isinstance(reason, str) and reason), (name, device, row)
 
 

@@ -401,3 +401,28 @@ def test_stale_lock_in_cached_jit_build_does_not_block_loading(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"JIT build in {build_dir}", result.stdout
     assert not (build_dir / "lock").exists()
+
+
+def test_auto_runs_torch_on_cpu_classes_where_the_extension_was_measured_slower(monkeypatch):
+    """On an AVX-512 CPU the extension measured 0.71x / 0.64x nn.LSTM (bench/lstm_cpu_grid.py): auto runs the
+    torch path there and fastmsc info says why; on AVX2 it runs the extension; backend 'fused' always does."""
+    import importlib
+
+    from fastmsc.kernels import lstm_layer as kernels
+    info_module = importlib.import_module("fastmsc.info")
+    op = fastmsc.backend.OPS["lstm_layer"]
+    if op.why_not_fused("cpu") is not None:
+        pytest.skip(f"the LSTM extension is unavailable: {op.why_not_fused('cpu')}")
+    monkeypatch.setattr(kernels, "CPU_CLASSES_SLOWER", {"AVX512": "measured slower on a test CPU"})
+    x = torch.randn(2, 5, 3)
+    weights = ((torch.randn(8, 3), torch.randn(8, 2), None, None),)
+    args = dict(x=x, weights=weights, h0=None, c0=None, lengths=None, lstm_impl="auto")
+    for capability, expected in (("AVX512", op.torch), ("AVX2", op.fused), ("DEFAULT", op.fused)):
+        monkeypatch.setattr(kernels, "_CPU_CAPABILITY", capability)
+        assert op.select("cpu", **args) is expected, capability
+        with fastmsc.use_backend("fused"):
+            assert op.select("cpu", **args) is op.fused
+    monkeypatch.setattr(kernels, "_CPU_CAPABILITY", "AVX512")
+    row = info_module.info()["ops"]["lstm_layer"]["cpu"]
+    assert row["auto"] == "torch" and "measured slower on a test CPU" in row["dispatch_note"]
+    assert op.expected_slower("cuda") is None

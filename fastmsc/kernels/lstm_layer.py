@@ -111,6 +111,30 @@ def prepare(*, fallback: bool, lstm_impl: str = "auto", **call_args) -> str | No
     return reason
 
 
+# The CPU classes (torch.backends.cpu.get_cpu_capability()) where the extension was measured slower than
+# torch.nn.LSTM (oneDNN), and the measurement (bench/RESULTS.md; python bench/lstm_cpu_grid.py --sample 80 --seed 1).
+# oneDNN's AVX-512 RNN kernels run near the core's peak; on AVX2 machines the extension measured 1.42x training and
+# 1.49x inference (four model shapes, bench/RESULTS.md), so it stays there.
+CPU_CLASSES_SLOWER = {
+    "AVX512": "measured at 0.71x nn.LSTM's speed training and 0.64x inference (geomean of 80 cases of "
+              "bench/lstm_cpu_grid.py, 70 of them slower) on an AMD EPYC with AVX-512, torch 2.13",
+}
+
+
+def expected_slower(device_type: str, **call_args) -> str | None:
+    """On CPU, why the extension is expected to be slower than torch.nn.LSTM on this CPU class (auto then runs the
+    torch path; backend 'fused' still runs the extension), else None. CUDA layers are judged by the dispatch table
+    and the persistent kernel's design (fused_unsupported)."""
+    if device_type != "cpu":
+        return None
+    reason = CPU_CLASSES_SLOWER.get(_CPU_CAPABILITY)
+    return None if reason is None else f"the LSTM extension was {reason}"
+
+
+# Read once: a property of the machine, and torch.compile cannot trace the call (it returns a str).
+_CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
+
+
 def fused_unsupported(device_type: str, *, allow_interpreter: bool = False, lstm_impl: str = "auto",
                       **call_args) -> str | None:
     """None when the fused LSTM can run this call on ``device_type``, else why not. A question only: it never
