@@ -1,7 +1,7 @@
 """Triton platform facts and helpers shared by the Triton-backed fused ops.
 
 The one home of what the kernels ask about the platform: whether launches run in the Triton interpreter,
-the precision of ``tl.dot`` on float32, the GPU's compute capability, dtype names, and the checks every
+the precision of ``tl.dot`` on float32 operands, the GPU's compute capability, dtype names, and the checks every
 op's ``fused_unsupported`` opens with. Nothing here reads the backend policy: the caller passes it
 (``allow_interpreter``), so kernels never depend on :mod:`fastmsc.backend`.
 """
@@ -21,7 +21,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # The dtypes every Triton kernel takes (no float64: the GPUs' fp64 dot throughput makes torch the better path).
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-__all__ = ["INTERPRETED", "TRITON_DTYPES", "capability_unsupported", "compute_capability", "dot_precision",
+__all__ = ["INTERPRETED", "TRITON_DTYPES", "capability_unsupported", "compute_capability",
            "dtype_name", "interpreting", "matmul_precision", "new_output", "poison_enabled", "tensor_core_precision",
            "triton_call_unsupported", "triton_unsupported"]
 
@@ -30,14 +30,6 @@ def interpreting(device: torch.device | None = None) -> bool:
     """Whether kernel launches run in the Triton interpreter. The device does not change the answer: under
     TRITON_INTERPRET=1 every launch is interpreted, and without it a CPU tensor is never launched on."""
     return INTERPRETED
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot``'s input precision for operands of ``dtype``: "tf32" for float32 when PyTorch's own float32
-    matmuls may use TF32 (torch.backends.cuda.matmul.allow_tf32), else "ieee" (half operands never use tf32)."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
 
 
 def tensor_core_precision(dtype: torch.dtype, *, allow_tf32: bool) -> str:
