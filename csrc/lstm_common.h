@@ -162,6 +162,9 @@ struct LstmBackward {
   at::Tensor dh_all, dr;
   // The right factors of dW_hh and dW_hr; see allocate_weight_inputs.
   at::Tensor h_prev, unprojected;
+  // dx (B, T, I), dw_ih (D*4H, I) and dw_hh (D, 4H, R) where the backend computed them itself; finish_backward
+  // computes those left undefined.
+  at::Tensor dx, dw_ih, dw_hh;
 };
 
 // Called once the arguments are checked and the device guard is set; checks the shapes of what the training forward
@@ -235,15 +238,21 @@ inline LstmGrads finish_backward(LstmBackward& bw) {
   const at::Tensor& x = bw.x;
   const at::Tensor empty = at::empty({0}, x.options());
   const at::Tensor dg2d = bw.dgates.view({N, D * G});
-  at::Tensor dx = bw.need_dx ? at::mm(dg2d, bw.w_ih).view({s.batch, s.steps, s.input}) : empty;
+  at::Tensor dx = !bw.need_dx ? empty
+                 : bw.dx.defined() ? bw.dx
+                                   : at::mm(dg2d, bw.w_ih).view({s.batch, s.steps, s.input});
   at::Tensor dw_ih = empty, dw_hh = empty, dbias = empty, dw_hr = empty;
   if (bw.need_dweights) {
-    dw_ih = at::mm(dg2d.t(), x.view({N, s.input}));
-    dw_hh = at::empty({D, G, R}, x.options());
-    const at::Tensor h_prev2d = bw.h_prev.view({N, D * R});
-    for (int64_t d = 0; d < D; ++d) {
-      at::Tensor dw_d = dw_hh.select(0, d);
-      at::mm_out(dw_d, dg2d.narrow(1, d * G, G).t(), h_prev2d.narrow(1, d * R, R));
+    dw_ih = bw.dw_ih.defined() ? bw.dw_ih : at::mm(dg2d.t(), x.view({N, s.input}));
+    if (bw.dw_hh.defined()) {
+      dw_hh = bw.dw_hh;
+    } else {
+      dw_hh = at::empty({D, G, R}, x.options());
+      const at::Tensor h_prev2d = bw.h_prev.view({N, D * R});
+      for (int64_t d = 0; d < D; ++d) {
+        at::Tensor dw_d = dw_hh.select(0, d);
+        at::mm_out(dw_d, dg2d.narrow(1, d * G, G).t(), h_prev2d.narrow(1, d * R, R));
+      }
     }
     if (bw.has_bias) dbias = dg2d.sum(0);
     if (s.projected) {

@@ -18,6 +18,9 @@
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/addmm_cpu_dispatch.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
@@ -305,6 +308,182 @@ void for_each_direction(int64_t directions, const F& fn) {
 inline int64_t row_grain(int64_t row_elems) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_elems)); }
 
 // ---------------------------------------------------------------------------------------------------
+// The vectorised float32 recurrence (lstm_cpu_panels.h), without the projection (R = H). Strides are in floats:
+// element (b, t, column) of x is x[b * x_sb + t * x_st + column], and likewise for the others.
+
+struct PanelForward {
+  int64_t batch, steps, input, hidden;
+  int64_t panels;      // ceil(H / width): panel p holds the i, f, g, o columns of hidden units [p * width, + width)
+  const float* x;      // (B, T, I)
+  int64_t x_sb, x_st;
+  const float* w_ih;   // (D, panels, I, 4 * width), pack_gate_panels
+  const float* w_hh;   // (D, panels, H, 4 * width)
+  const float* bias;   // (D, panels * 4 * width) or null
+  const int64_t* lens;
+  const float* h0;     // (D, B, H) or null
+  float* out;          // (B, T, D * H)
+  int64_t out_sb, out_st;
+  float* h_n;          // (D, B, H)
+  float* c_n;          // (D, B, H): c0 (or zeros) on entry
+  float* gates;        // (B, T, D * 4H), the activated gates; training only, else null
+  int64_t gates_sb, gates_st;
+  float* cells;        // (B, T, D * H); training only
+  int64_t cells_sb, cells_st;
+};
+
+struct PanelBackward {
+  int64_t batch, steps, hidden;
+  int64_t panels;      // ceil(H / (4 * width))
+  const float* w_hh;   // (D, panels, 4H, 4 * width), pack_column_panels: w_hh's 4H rows are the product's K
+  const int64_t* lens;
+  const float* c0;     // (D, B, H) or null
+  const float* dout;   // (B, T, D * H) or null
+  int64_t dout_sb, dout_st;
+  const float* gates;  // as the forward saved them
+  int64_t gates_sb, gates_st;
+  const float* cells;
+  int64_t cells_sb, cells_st;
+  float* dgates;       // (B, T, D * 4H), written
+  int64_t dgates_sb, dgates_st;
+  float* dh_state;     // (D, B, H): the h_n gradient on entry, the h0 gradient on exit
+  float* dc_state;     // (D, B, H): likewise for c
+  bool need_dstate;
+};
+
+// C (m x n, row stride ldc) = A · B, or C += A · B with accumulate; A(r, k) = a[r * a_rs + k * a_ks], so a transposed
+// A is a stride swap; B (k x n) packed by pack_column_panels.
+struct PanelGemm {
+  int64_t m, n, k;
+  const float* a;
+  int64_t a_rs, a_ks;
+  const float* b;
+  float* c;
+  int64_t ldc;
+  bool accumulate;
+};
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FASTMSC_NO_PANELS)
+#define FASTMSC_PANELS 1
+namespace avx512 {
+#define FASTMSC_PANEL_TARGET "avx512f,avx512dq,avx512bw,avx512vl,avx2,fma"
+#define FASTMSC_PANEL_WIDTH 16
+#include "lstm_cpu_panels.h"
+#undef FASTMSC_PANEL_TARGET
+#undef FASTMSC_PANEL_WIDTH
+}  // namespace avx512
+namespace avx2 {
+#define FASTMSC_PANEL_TARGET "avx2,fma"
+#define FASTMSC_PANEL_WIDTH 8
+#include "lstm_cpu_panels.h"
+#undef FASTMSC_PANEL_TARGET
+#undef FASTMSC_PANEL_WIDTH
+}  // namespace avx2
+#else
+#define FASTMSC_PANELS 0
+#endif
+
+// Which code runs the float32 recurrence: the vectorised panels at the widest width the CPU supports, else the
+// BLAS path below (other architectures, float64, the projection). FASTMSC_LSTM_CPU_KERNEL=avx512|avx2|blas asks for
+// one (tests run each); a request the CPU cannot run falls back to the best it can.
+enum class CpuKernel { kBlas, kAvx2, kAvx512 };
+
+inline CpuKernel cpu_kernel() {
+#if FASTMSC_PANELS
+  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                                 __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  const CpuKernel best = has_avx512 ? CpuKernel::kAvx512 : has_avx2 ? CpuKernel::kAvx2 : CpuKernel::kBlas;
+  const char* want = std::getenv("FASTMSC_LSTM_CPU_KERNEL");
+  if (want == nullptr) return best;
+  if (std::strcmp(want, "blas") == 0) return CpuKernel::kBlas;
+  if (std::strcmp(want, "avx2") == 0 && has_avx2) return CpuKernel::kAvx2;
+  return best;
+#else
+  return CpuKernel::kBlas;
+#endif
+}
+
+inline const char* cpu_kernel_name(CpuKernel kernel) {
+  switch (kernel) {
+    case CpuKernel::kAvx512: return "avx512";
+    case CpuKernel::kAvx2: return "avx2";
+    default: return "blas";
+  }
+}
+
+inline int64_t panel_width(CpuKernel kernel) { return kernel == CpuKernel::kAvx512 ? 16 : 8; }
+
+// w (D * 4H rows, K columns, row-major) into (D, ceil(H / width), K, 4 * width): panel p, row k holds
+// w[s * H + p * width + u, k] at lane s * width + u (gate s, hidden unit p * width + u), zero past H.
+inline at::Tensor pack_gate_panels(const float* w, int64_t D, int64_t H, int64_t K, int64_t width) {
+  const int64_t P = (H + width - 1) / width, lanes = 4 * width;
+  at::Tensor packed = at::zeros({D, P, K, lanes}, at::TensorOptions().dtype(at::kFloat));
+  float* dst = packed.data_ptr<float>();
+  for (int64_t d = 0; d < D; ++d) {
+    for (int64_t s = 0; s < 4; ++s) {
+      for (int64_t j = 0; j < H; ++j) {
+        const float* row = w + (d * 4 * H + s * H + j) * K;
+        float* col = dst + ((d * P + j / width) * K) * lanes + s * width + j % width;
+        for (int64_t k = 0; k < K; ++k) col[k * lanes] = row[k];
+      }
+    }
+  }
+  return packed;
+}
+
+// The bias (D * 4H) in the column order of pack_gate_panels: (D, ceil(H / width) * 4 * width).
+inline at::Tensor pack_gate_bias(const float* bias, int64_t D, int64_t H, int64_t width) {
+  const int64_t P = (H + width - 1) / width, lanes = 4 * width;
+  at::Tensor packed = at::zeros({D, P * lanes}, at::TensorOptions().dtype(at::kFloat));
+  float* dst = packed.data_ptr<float>();
+  for (int64_t d = 0; d < D; ++d) {
+    for (int64_t s = 0; s < 4; ++s) {
+      for (int64_t j = 0; j < H; ++j) dst[d * P * lanes + (j / width) * lanes + s * width + j % width] = bias[d * 4 * H + s * H + j];
+    }
+  }
+  return packed;
+}
+
+// D matrices (K x N, row stride ld, the d-th at w + d * K * ld) into (D, ceil(N / (4 * width)), K, 4 * width): panel p
+// holds columns [p * 4 * width, + 4 * width), zero past N.
+inline at::Tensor pack_column_panels(const float* w, int64_t D, int64_t K, int64_t N, int64_t width, int64_t ld = -1) {
+  if (ld < 0) ld = N;
+  const int64_t lanes = 4 * width, P = (N + lanes - 1) / lanes;
+  at::Tensor packed = at::zeros({D, P, K, lanes}, at::TensorOptions().dtype(at::kFloat));
+  float* dst = packed.data_ptr<float>();
+  at::parallel_for(0, D * K, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t dk = begin; dk < end; ++dk) {
+      const int64_t d = dk / K, k = dk % K;
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t n0 = p * lanes, n = std::min(lanes, N - n0);
+        std::copy_n(w + (d * K + k) * ld + n0, n, dst + ((d * P + p) * K + k) * lanes);
+      }
+    }
+  });
+  return packed;
+}
+
+// Runs fn(d, b_begin, b_end) over every direction and a split of the batch: rows never interact, so each task runs the
+// whole sequence on its own. Directions first, then batch groups of at least min_rows rows, up to one task per thread.
+template <typename F>
+void for_each_row_task(int64_t D, int64_t B, int64_t min_rows, const F& fn) {
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t groups = std::clamp<int64_t>((threads + D - 1) / D, 1, std::max<int64_t>(1, B / min_rows));
+  const int64_t tasks = D * groups;
+  auto run = [&](int64_t task) {
+    const int64_t d = task / groups, g = task % groups;
+    fn(d, B * g / groups, B * (g + 1) / groups);
+  };
+  if (tasks == 1 || threads == 1) {
+    for (int64_t task = 0; task < tasks; ++task) run(task);
+  } else {
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) run(task);
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
 
 // Steps whose input projections are computed by one GEMM: about 256 rows (steps x batch) keep that GEMM
 // efficient while the chunk's gates (rows x 4H) stay in cache for the recurrence that consumes them.
@@ -425,6 +604,102 @@ void forward_impl(const LstmSizes& s, const T* x, const T* w_ih, const T* bias, 
   }
 }
 
+#if FASTMSC_PANELS
+// Fewest batch rows a task gets when the batch is split across threads: below that the microkernel's rows are mostly
+// empty and the weights are streamed once per task anyway.
+constexpr int64_t kMinTaskRows = 4;
+
+void panel_forward(CpuKernel kernel, const LstmSizes& s, const LstmForward& f, const at::Tensor& w_ih,
+                   const at::Tensor& bias, bool has_h0, const at::Tensor& gates, bool training) {
+  const int64_t B = s.batch, T_ = s.steps, I = s.input, H = s.hidden, D = s.directions, width = panel_width(kernel);
+  const at::Tensor w_ih_p = pack_gate_panels(w_ih.data_ptr<float>(), D, H, I, width);
+  const at::Tensor w_hh_p = pack_gate_panels(f.w_hh.data_ptr<float>(), D, H, H, width);
+  const at::Tensor bias_p = bias.defined() ? pack_gate_bias(bias.data_ptr<float>(), D, H, width) : at::Tensor();
+  // h_n starts as a copy of h0 (prepare_forward); each task reads its rows of it before writing them back.
+  const PanelForward a{B, T_, I, H, (H + width - 1) / width, f.x.data_ptr<float>(), T_ * I, I,
+                       w_ih_p.data_ptr<float>(), w_hh_p.data_ptr<float>(), ptr_or_null<float>(bias_p),
+                       ptr_or_null<int64_t>(f.lens), has_h0 ? f.h_n.data_ptr<float>() : nullptr,
+                       f.out.data_ptr<float>(), T_ * D * H, D * H, f.h_n.data_ptr<float>(), f.c_n.data_ptr<float>(),
+                       training ? gates.data_ptr<float>() : nullptr, T_ * D * 4 * H, D * 4 * H,
+                       training ? f.cells.data_ptr<float>() : nullptr, T_ * D * H, D * H};
+  for_each_row_task(D, B, kMinTaskRows, [&](int64_t d, int64_t b0, int64_t b1) {
+    if (kernel == CpuKernel::kAvx512) {
+      avx512::forward_rows(a, d, b0, b1);
+    } else {
+      avx2::forward_rows(a, d, b0, b1);
+    }
+  });
+}
+
+// The GEMM on all threads, split over rows of C.
+void panel_gemm(CpuKernel kernel, const PanelGemm& g) {
+  if (g.m == 0 || g.n == 0) return;
+  if (g.k == 0) {
+    if (!g.accumulate) {
+      for (int64_t r = 0; r < g.m; ++r) std::fill(g.c + r * g.ldc, g.c + r * g.ldc + g.n, 0.0f);
+    }
+    return;
+  }
+  // About a million FMAs per task at least: below that a thread fork costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / (g.n * g.k));
+  at::parallel_for(0, g.m, grain, [&](int64_t begin, int64_t end) {
+    if (kernel == CpuKernel::kAvx512) {
+      avx512::gemm_rows(g, begin, end);
+    } else {
+      avx2::gemm_rows(g, begin, end);
+    }
+  });
+}
+
+// dx = dG · w_ih, dW_ih = dGᵀ · x and dW_hh = dGᵀ · h_prev (per direction) on the panel GEMM, into bw for
+// finish_backward. dG, x and h_prev share their row order (b, t).
+void panel_weight_gradients(CpuKernel kernel, LstmBackward& bw) {
+  const LstmSizes& s = bw.s;
+  const int64_t N = s.batch * s.steps, I = s.input, H = s.hidden, D = s.directions, G = 4 * H, width = panel_width(kernel);
+  const float* dg = bw.dgates.data_ptr<float>();
+  const at::TensorOptions options = bw.x.options();
+  if (bw.need_dx) {
+    const at::Tensor w_ih = bw.w_ih.contiguous();
+    const at::Tensor packed = pack_column_panels(w_ih.data_ptr<float>(), 1, D * G, I, width);
+    bw.dx = at::empty({s.batch, s.steps, I}, options);
+    panel_gemm(kernel, {N, I, D * G, dg, D * G, 1, packed.data_ptr<float>(), bw.dx.data_ptr<float>(), I, false});
+  }
+  if (bw.need_dweights) {
+    const at::Tensor x_packed = pack_column_panels(bw.x.data_ptr<float>(), 1, N, I, width);
+    bw.dw_ih = at::empty({D * G, I}, options);
+    panel_gemm(kernel, {D * G, I, N, dg, 1, D * G, x_packed.data_ptr<float>(), bw.dw_ih.data_ptr<float>(), I, false});
+    bw.dw_hh = at::empty({D, G, H}, options);
+    for (int64_t d = 0; d < D; ++d) {
+      const at::Tensor h_packed = pack_column_panels(bw.h_prev.data_ptr<float>() + d * H, 1, N, H, width, D * H);
+      panel_gemm(kernel, {G, H, N, dg + d * G, 1, D * G, h_packed.data_ptr<float>(),
+                          bw.dw_hh.data_ptr<float>() + d * G * H, H, false});
+    }
+  }
+}
+
+void panel_backward(CpuKernel kernel, LstmBackward& bw) {
+  const LstmSizes& s = bw.s;
+  const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, width = panel_width(kernel);
+  const at::Tensor w_hh_p = pack_column_panels(bw.w_hh.data_ptr<float>(), D, 4 * H, H, width);
+  const PanelBackward a{B, T_, H, (H + 4 * width - 1) / (4 * width), w_hh_p.data_ptr<float>(),
+                        ptr_or_null<int64_t>(bw.lens), ptr_or_null<float>(bw.c0), ptr_or_null<float>(bw.dout),
+                        T_ * D * H, D * H, bw.gates.data_ptr<float>(), T_ * D * 4 * H, D * 4 * H,
+                        bw.cells.data_ptr<float>(), T_ * D * H, D * H, bw.dgates.data_ptr<float>(), T_ * D * 4 * H,
+                        D * 4 * H, bw.dh_state.data_ptr<float>(), bw.dc_state.data_ptr<float>(), bw.need_dstate};
+  for_each_row_task(D, B, kMinTaskRows, [&](int64_t d, int64_t b0, int64_t b1) {
+    if (kernel == CpuKernel::kAvx512) {
+      avx512::backward_rows(a, d, b0, b1);
+    } else {
+      avx2::backward_rows(a, d, b0, b1);
+    }
+  });
+}
+#endif
+
+inline bool runs_panels(CpuKernel kernel, const LstmSizes& s, at::ScalarType dtype) {
+  return FASTMSC_PANELS && kernel != CpuKernel::kBlas && dtype == at::kFloat && !s.projected;
+}
+
 struct CpuBackend {
   using Guard = NoDeviceGuard;
   static at::Tensor forward(const LstmSizes& s, const LstmForward& f, const at::Tensor& w_ih_in,
@@ -445,6 +720,13 @@ at::Tensor CpuBackend::forward(const LstmSizes& s, const LstmForward& f, const a
   const int64_t* lens_ptr = ptr_or_null<int64_t>(f.lens);
   // An empty batch has nothing to compute (and the step chunking divides by the batch): the outputs are empty.
   if (s.batch == 0) return gates;
+#if FASTMSC_PANELS
+  const CpuKernel kernel = cpu_kernel();
+  if (runs_panels(kernel, s, f.x.scalar_type())) {
+    panel_forward(kernel, s, f, w_ih, bias, present(h0), gates, training);
+    return gates;
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES(f.x.scalar_type(), "fastmsc::lstm_fwd", [&] {
     using T = scalar_t;
     forward_impl<T>(s, f.x.data_ptr<T>(), w_ih.data_ptr<T>(), ptr_or_null<T>(bias), f.w_hh.data_ptr<T>(),
@@ -609,6 +891,18 @@ void CpuBackend::backward(LstmBackward& bw) {
   const LstmSizes& s = bw.s;
   const bool need_dstate = bw.need_dstate, need_dweights = bw.need_dweights;
   const int64_t* lens_ptr = ptr_or_null<int64_t>(bw.lens);
+#if FASTMSC_PANELS
+  const CpuKernel kernel = cpu_kernel();
+  if (runs_panels(kernel, s, bw.x.scalar_type())) {
+    panel_backward(kernel, bw);
+    if (need_dweights) {
+      allocate_weight_inputs(bw);
+      fill_h_prev<float>(s, lens_ptr, bw.out.data_ptr<float>(), ptr_or_null<float>(bw.h0), bw.h_prev.data_ptr<float>());
+    }
+    panel_weight_gradients(kernel, bw);
+    return;
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES(bw.x.scalar_type(), "fastmsc::lstm_bwd", [&] {
     using T = scalar_t;
     backward_loop<T>(s, bw.w_hh, ptr_or_null<T>(bw.w_hr), lens_ptr, ptr_or_null<T>(bw.c0), ptr_or_null<T>(bw.dout),
@@ -630,6 +924,8 @@ void CpuBackend::backward(LstmBackward& bw) {
 }  // namespace fastmsc
 
 TORCH_LIBRARY(fastmsc, m) {
+  // The code that runs float32 on this CPU: "avx512", "avx2" (the vectorised recurrence) or "blas".
+  m.def("lstm_cpu_kernel() -> str", [] { return std::string(fastmsc::cpu_kernel_name(fastmsc::cpu_kernel())); });
   m.def(
       "lstm_fwd(Tensor x, Tensor w_ih, Tensor w_hh, Tensor? bias, Tensor? h0, Tensor? c0, Tensor? lengths, "
       "bool training, Tensor? w_hr=None) -> (Tensor out, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");

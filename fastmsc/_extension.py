@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 _LOG = logging.getLogger("fastmsc")
-_SOURCE_NAMES = ("lstm_cpu.cpp", "lstm_cuda.cu", "lstm_gates.h", "lstm_common.h")
+_SOURCE_NAMES = ("lstm_cpu.cpp", "lstm_cuda.cu", "lstm_gates.h", "lstm_common.h", "lstm_cpu_panels.h")
 _BUILD_INFO_NAME = "_build_info.json"
 _OS_LOCK_NAME = "fastmsc.build.lock"
 _TORCH_LOCK_NAME = "lock"  # torch.utils.cpp_extension's FileBaton in the build folder

@@ -1,0 +1,354 @@
+// The float32 CPU recurrence of fastmsc::lstm_fwd / lstm_bwd on x86 vector units, written once and compiled per
+// instruction set: lstm_cpu.cpp includes this file inside a namespace per ISA after defining
+//   FASTMSC_PANEL_TARGET  the GCC/Clang target attribute of every function here ("avx512f,...", "avx2,fma");
+//   FASTMSC_PANEL_WIDTH   floats per vector register (16 or 8).
+// There is no include guard on purpose. lstm_cpu.cpp picks the variant at run time from the CPU's features, so one
+// binary runs (and is fast) on AVX2 and AVX-512 machines and never executes an instruction the CPU lacks.
+//
+// Weights are packed once per call into panels: a panel is K rows of kPanel = 4 * kWidth floats, contiguous, so the
+// inner loop streams it with aligned-stride vector loads. In the forward a panel holds the i, f, g and o columns of
+// the same kWidth hidden units, so a (rows x panel) product leaves in registers every pre-activation those units need:
+// the gates, c and h are computed straight from it, without writing the pre-activations to memory. Each thread owns
+// whole batch rows of one direction for the whole sequence: rows do not interact, so steps need no barrier.
+//
+// Per step and row block the microkernel does kRows x K x kPanel FMAs from 4 vector loads and kRows broadcasts per
+// k: 24 FMAs to 10 loads at AVX-512 (kRows = 6), 8 to 6 at AVX2 (kRows = 2), so FMA-bound while the panel sits in
+// L1/L2. The loop order (panel outer, row blocks inner) keeps one panel (K x kPanel x 4 bytes: 32 KB at K = 128)
+// cached across all row blocks of the thread.
+
+#define FASTMSC_PANEL_INLINE __attribute__((target(FASTMSC_PANEL_TARGET), always_inline)) inline
+#define FASTMSC_PANEL_FN __attribute__((target(FASTMSC_PANEL_TARGET))) FASTMSC_VECTORIZABLE
+
+constexpr int64_t kWidth = FASTMSC_PANEL_WIDTH;
+constexpr int64_t kPanel = 4 * kWidth;
+// Rows per microkernel: 4 * kRows accumulators + 4 weight vectors + a broadcast fit the 32 (AVX-512) or 16 (AVX2)
+// vector registers without spilling.
+constexpr int kRows = kWidth == 16 ? 6 : 2;
+
+#if FASTMSC_PANEL_WIDTH == 16
+using Vec = __m512;
+FASTMSC_PANEL_INLINE Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+FASTMSC_PANEL_INLINE void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+FASTMSC_PANEL_INLINE Vec vbroadcast(float x) { return _mm512_set1_ps(x); }
+FASTMSC_PANEL_INLINE Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+FASTMSC_PANEL_INLINE Vec vzero() { return _mm512_setzero_ps(); }
+#elif FASTMSC_PANEL_WIDTH == 8
+using Vec = __m256;
+FASTMSC_PANEL_INLINE Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+FASTMSC_PANEL_INLINE void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+FASTMSC_PANEL_INLINE Vec vbroadcast(float x) { return _mm256_set1_ps(x); }
+FASTMSC_PANEL_INLINE Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+FASTMSC_PANEL_INLINE Vec vzero() { return _mm256_setzero_ps(); }
+#else
+#error "FASTMSC_PANEL_WIDTH must be 16 or 8"
+#endif
+
+// acc[r][s] += sum over k < K of a[r][k] * panel[k][s * kWidth ...]: rows a[r] (K floats each) times one panel.
+// a[r][k * a_step]: a_step = 1 for rows of a row-major A, the row stride for the columns of a transposed one.
+template <int M>
+FASTMSC_PANEL_INLINE void panel_product(const float* const (&a)[M], int64_t K, const float* __restrict panel,
+                                        Vec (&acc)[M][4], int64_t a_step = 1) {
+  for (int64_t k = 0; k < K; ++k) {
+    const float* w = panel + k * kPanel;
+    const Vec w0 = vload(w), w1 = vload(w + kWidth), w2 = vload(w + 2 * kWidth), w3 = vload(w + 3 * kWidth);
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) {
+      const Vec v = vbroadcast(a[r][k * a_step]);
+      acc[r][0] = vfma(v, w0, acc[r][0]);
+      acc[r][1] = vfma(v, w1, acc[r][1]);
+      acc[r][2] = vfma(v, w2, acc[r][2]);
+      acc[r][3] = vfma(v, w3, acc[r][3]);
+    }
+  }
+}
+
+template <int M>
+FASTMSC_PANEL_INLINE void load_rows(const float* const (&src)[M], Vec (&acc)[M][4]) {
+  for (int r = 0; r < M; ++r) {
+    for (int s = 0; s < 4; ++s) acc[r][s] = src[r] != nullptr ? vload(src[r] + s * kWidth) : vzero();
+  }
+}
+
+template <int M>
+FASTMSC_PANEL_INLINE void store_rows(const Vec (&acc)[M][4], float (&dst)[M][kPanel]) {
+  for (int r = 0; r < M; ++r) {
+    for (int s = 0; s < 4; ++s) vstore(dst[r] + s * kWidth, acc[r][s]);
+  }
+}
+
+// Runs BLOCK<M>::run(first_row, args...) over [0, n) in blocks of at most kRows rows, M the block's size (a
+// compile-time constant, so that the accumulators stay in registers). Struct templates rather than lambdas: a lambda
+// does not inherit its enclosing function's target attribute, and the intrinsics need it.
+template <template <int> class Block, typename... Args>
+FASTMSC_PANEL_INLINE void for_row_blocks(int64_t n, Args&&... args) {
+  int64_t r = 0;
+  for (; r + kRows <= n; r += kRows) Block<kRows>::run(r, args...);
+  switch (n - r) {
+    case 1: Block<1>::run(r, args...); break;
+#if FASTMSC_PANEL_WIDTH == 16
+    case 2: Block<2>::run(r, args...); break;
+    case 3: Block<3>::run(r, args...); break;
+    case 4: Block<4>::run(r, args...); break;
+    case 5: Block<5>::run(r, args...); break;
+#endif
+    default: break;
+  }
+}
+
+// The cell math of kWidth (or, in the last panel, fewer) hidden units of one row: z holds the i, f, g, o
+// pre-activations as 4 vectors, bias included.
+template <bool kTrain>
+FASTMSC_PANEL_INLINE void cell_units(const float* __restrict z, int64_t n, float* __restrict c,
+                                     float* __restrict h_next, float* __restrict out, float* __restrict act, int64_t H,
+                                     float* __restrict c_out) {
+#pragma GCC ivdep
+  for (int64_t u = 0; u < n; ++u) {
+    float i, f, g, o, c_new, h;
+    cell_forward(z[u], z[kWidth + u], z[2 * kWidth + u], z[3 * kWidth + u], c[u], i, f, g, o, c_new, h);
+    c[u] = c_new;
+    h_next[u] = h;
+    out[u] = h;
+    if constexpr (kTrain) {
+      act[u] = i;
+      act[H + u] = f;
+      act[2 * H + u] = g;
+      act[3 * H + u] = o;
+      c_out[u] = c_new;
+    }
+  }
+}
+
+// One thread's share of a forward call: rows [b_begin, b_begin + rows) of direction d.
+struct ForwardRows {
+  const PanelForward& a;
+  int64_t d, b_begin, rows;
+  int64_t zw;                  // columns of an xproj row: the panels' columns, padded hidden units included
+  float* xproj;                // (chunk steps * rows, zw): input projections of the current chunk, bias included
+  float* h_prev;               // (rows, H)
+  float* h_next;               // (rows, H)
+  float* c_state;              // (rows, H), inside c_n
+  int64_t time_of(int64_t step) const { return d == 0 ? step : a.steps - 1 - step; }
+};
+
+// Input projections of rows [r0, r0 + M) of the chunk starting at step `first` (row k * rows + i: row b_begin + i at
+// step first + k), panel p.
+template <int M>
+struct ProjectBlock {
+  FASTMSC_PANEL_INLINE static void run(int64_t r0, const ForwardRows& f, int64_t first, int64_t p,
+                                       const float* w_ih, const float* bias) {
+    const PanelForward& a = f.a;
+    const float* x_rows[M];
+    const float* bias_rows[M];
+    for (int r = 0; r < M; ++r) {
+      const int64_t k = (r0 + r) / f.rows, b = f.b_begin + (r0 + r) % f.rows;
+      x_rows[r] = a.x + b * a.x_sb + f.time_of(first + k) * a.x_st;
+      bias_rows[r] = bias != nullptr ? bias + p * kPanel : nullptr;
+    }
+    Vec acc[M][4];
+    load_rows<M>(bias_rows, acc);
+    panel_product<M>(x_rows, a.input, w_ih + p * a.input * kPanel, acc);
+    for (int r = 0; r < M; ++r) {
+      for (int s = 0; s < 4; ++s) vstore(f.xproj + (r0 + r) * f.zw + p * kPanel + s * kWidth, acc[r][s]);
+    }
+  }
+};
+
+// Step `step` (k-th of its chunk) of rows [i0, i0 + M) for the hidden units of panel p: pre-activations, then the cell.
+template <int M>
+struct StepBlock {
+  FASTMSC_PANEL_INLINE static void run(int64_t i0, const ForwardRows& f, int64_t step, int64_t k, int64_t p,
+                                       const float* w_hh, bool training) {
+    const PanelForward& a = f.a;
+    const int64_t H = a.hidden, t = f.time_of(step), d = f.d;
+    const int64_t j0 = p * kWidth, units = std::min(kWidth, H - j0);
+    const float* z_rows[M];
+    const float* h_rows[M];
+    for (int r = 0; r < M; ++r) {
+      z_rows[r] = f.xproj + (k * f.rows + i0 + r) * f.zw + p * kPanel;
+      h_rows[r] = f.h_prev + (i0 + r) * H;
+    }
+    Vec acc[M][4];
+    load_rows<M>(z_rows, acc);
+    if (step > 0 || a.h0 != nullptr) panel_product<M>(h_rows, H, w_hh + p * H * kPanel, acc);  // else h_prev = 0
+    alignas(64) float z[M][kPanel];
+    store_rows<M>(acc, z);
+    for (int r = 0; r < M; ++r) {
+      const int64_t i = i0 + r, b = f.b_begin + i;
+      float* out = a.out + b * a.out_sb + t * a.out_st + d * H + j0;
+      float* act = training ? a.gates + b * a.gates_sb + t * a.gates_st + d * 4 * H + j0 : nullptr;
+      float* c_out = training ? a.cells + b * a.cells_sb + t * a.cells_st + d * H + j0 : nullptr;
+      if (a.lens != nullptr && t >= a.lens[b]) {
+        // Past this sequence's end: output zero, state carried unchanged (as packing gives); zero saved gates and
+        // cells keep the returned tensors free of stale memory (the backward never reads them).
+        std::copy(f.h_prev + i * H + j0, f.h_prev + i * H + j0 + units, f.h_next + i * H + j0);
+        std::fill(out, out + units, 0.0f);
+        if (training) {
+          for (int64_t g = 0; g < 4; ++g) std::fill(act + g * H, act + g * H + units, 0.0f);
+          std::fill(c_out, c_out + units, 0.0f);
+        }
+        continue;
+      }
+      float* c = f.c_state + i * H + j0;
+      float* h = f.h_next + i * H + j0;
+      if (training) {
+        cell_units<true>(z[r], units, c, h, out, act, H, c_out);
+      } else {
+        cell_units<false>(z[r], units, c, h, out, act, H, c_out);
+      }
+    }
+  }
+};
+
+// Rows [b_begin, b_end) of direction d, every step. See PanelForward (lstm_cpu.cpp) for the layout of the arguments.
+FASTMSC_PANEL_FN void forward_rows(const PanelForward& a, int64_t d, int64_t b_begin, int64_t b_end) {
+  const int64_t rows = b_end - b_begin, H = a.hidden, T_ = a.steps, P = a.panels, zw = P * kPanel;
+  const bool training = a.gates != nullptr;
+  const int64_t chunk = std::clamp<int64_t>((256 + rows - 1) / rows, 1, T_);
+  std::vector<float> xproj(chunk * rows * zw), h_prev(rows * H, 0.0f), h_next(rows * H, 0.0f);
+  if (a.h0 != nullptr) std::copy(a.h0 + (d * a.batch + b_begin) * H, a.h0 + (d * a.batch + b_end) * H, h_prev.data());
+  ForwardRows f{a, d, b_begin, rows, zw, xproj.data(), h_prev.data(), h_next.data(),
+                a.c_n + (d * a.batch + b_begin) * H};
+  const float* w_ih = a.w_ih + d * P * a.input * kPanel;
+  const float* w_hh = a.w_hh + d * P * H * kPanel;
+  const float* bias = a.bias != nullptr ? a.bias + d * zw : nullptr;
+  for (int64_t first = 0; first < T_; first += chunk) {
+    const int64_t n = std::min(chunk, T_ - first);
+    for (int64_t p = 0; p < P; ++p) for_row_blocks<ProjectBlock>(n * rows, f, first, p, w_ih, bias);
+    for (int64_t k = 0; k < n; ++k) {
+      for (int64_t p = 0; p < P; ++p) for_row_blocks<StepBlock>(rows, f, first + k, k, p, w_hh, training);
+      std::swap(f.h_prev, f.h_next);
+    }
+  }
+  std::copy(f.h_prev, f.h_prev + rows * H, a.h_n + (d * a.batch + b_begin) * H);
+}
+
+FASTMSC_PANEL_INLINE void gate_gradients(const float* __restrict act, const float* __restrict c,
+                                         const float* __restrict c_prev, const float* __restrict dh_carry,
+                                         const float* __restrict dout, float* __restrict dc_state,
+                                         float* __restrict dgates, int64_t H) {
+#pragma GCC ivdep
+  for (int64_t j = 0; j < H; ++j) {
+    float dc_prev;
+    cell_backward(act[j], act[H + j], act[2 * H + j], act[3 * H + j], c[j], c_prev[j], dh_carry[j] + dout[j],
+                  dc_state[j], dgates[j], dgates[H + j], dgates[2 * H + j], dgates[3 * H + j], dc_prev);
+    dc_state[j] = dc_prev;
+  }
+}
+
+// dh_rec rows [i0, i0 + M), columns of panel p: dG_t · w_hh (w_hh packed with its 4H rows as K).
+template <int M>
+struct RecurrentGradientBlock {
+  FASTMSC_PANEL_INLINE static void run(int64_t i0, const PanelBackward& a, int64_t d, int64_t b_begin, int64_t t,
+                                       int64_t p, const float* w_hh, float* dh_rec) {
+    const int64_t G = 4 * a.hidden, dw = a.panels * kPanel;
+    const float* dg_rows[M];
+    for (int r = 0; r < M; ++r) dg_rows[r] = a.dgates + (b_begin + i0 + r) * a.dgates_sb + t * a.dgates_st + d * G;
+    Vec acc[M][4];
+    for (int r = 0; r < M; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = vzero();
+    panel_product<M>(dg_rows, G, w_hh + p * G * kPanel, acc);
+    for (int r = 0; r < M; ++r) {
+      for (int s = 0; s < 4; ++s) vstore(dh_rec + (i0 + r) * dw + p * kPanel + s * kWidth, acc[r][s]);
+    }
+  }
+};
+
+// BPTT over rows [b_begin, b_end) of direction d. See PanelBackward (lstm_cpu.cpp).
+FASTMSC_PANEL_FN void backward_rows(const PanelBackward& a, int64_t d, int64_t b_begin, int64_t b_end) {
+  const int64_t rows = b_end - b_begin, H = a.hidden, T_ = a.steps, P = a.panels, G = 4 * H;
+  const int64_t dw = P * kPanel;  // a row of dh_rec: H padded to whole panels
+  std::vector<float> dh_rec(rows * dw, 0.0f), zeros(H, 0.0f);
+  const float* w_hh = a.w_hh + d * P * G * kPanel;
+  float* dh_state = a.dh_state + (d * a.batch + b_begin) * H;
+  float* dc_state = a.dc_state + (d * a.batch + b_begin) * H;
+
+  for (int64_t step = T_ - 1; step >= 0; --step) {
+    const int64_t t = d == 0 ? step : T_ - 1 - step;
+    const int64_t t_next = d == 0 ? t + 1 : t - 1, t_prev = d == 0 ? t - 1 : t + 1;
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t b = b_begin + i, len = a.lens != nullptr ? a.lens[b] : T_;
+      // dh reaching h_t: the recurrent product of the step handled before where that step was valid, else the carried
+      // value (the h_n gradient before a sequence's last step, or a finished sequence's h0 gradient); a padded step
+      // after which the sequence still runs (the reverse direction's padding) carries the product's value on.
+      const bool next_valid = step < T_ - 1 && t_next >= 0 && t_next < len;
+      const float* dh_carry = next_valid ? &dh_rec[i * dw] : dh_state + i * H;
+      float* dg = a.dgates + b * a.dgates_sb + t * a.dgates_st + d * G;
+      if (t >= len) {
+        if (next_valid) std::copy(dh_carry, dh_carry + H, dh_state + i * H);
+        std::fill(dg, dg + G, 0.0f);
+        continue;
+      }
+      const bool first = d == 0 ? t == 0 : t == len - 1;
+      const float* c_prev = first ? (a.c0 != nullptr ? a.c0 + (d * a.batch + b) * H : zeros.data())
+                                  : a.cells + b * a.cells_sb + t_prev * a.cells_st + d * H;
+      const float* dout = a.dout != nullptr ? a.dout + b * a.dout_sb + t * a.dout_st + d * H : zeros.data();
+      gate_gradients(a.gates + b * a.gates_sb + t * a.gates_st + d * G,
+                     a.cells + b * a.cells_sb + t * a.cells_st + d * H, c_prev, dh_carry, dout, dc_state + i * H, dg,
+                     H);
+    }
+    // dh reaching h_{t_prev} = dG_t · w_hh; the very last one is the h0 gradient, needed only when asked for.
+    if (step == 0 && !a.need_dstate) break;
+    for (int64_t p = 0; p < P; ++p) for_row_blocks<RecurrentGradientBlock>(rows, a, d, b_begin, t, p, w_hh, dh_rec.data());
+  }
+  if (a.need_dstate) {
+    // The h0 gradient: the last product where the forward's first step was valid for the row, else the value
+    // carried when the sequence finished.
+    const int64_t t_first = d == 0 ? 0 : T_ - 1;
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t len = a.lens != nullptr ? a.lens[b_begin + i] : T_;
+      if (t_first < len) std::copy(&dh_rec[i * dw], &dh_rec[i * dw] + H, dh_state + i * H);
+    }
+  }
+}
+
+// C rows [i0, i0 + M) (+)= A · B over k in [k0, k0 + kn), columns of panel p (see PanelGemm, lstm_cpu.cpp). The last
+// panel's columns past N go through a padded copy so that nothing outside C is read or written.
+template <int M>
+struct GemmBlock {
+  FASTMSC_PANEL_INLINE static void run(int64_t i0, const PanelGemm& g, int64_t r_begin, int64_t k0, int64_t kn,
+                                       int64_t p, bool accumulate) {
+    const int64_t n0 = p * kPanel, n = std::min(kPanel, g.n - n0);
+    const float* a_rows[M];
+    float* c_rows[M];
+    for (int r = 0; r < M; ++r) {
+      a_rows[r] = g.a + (r_begin + i0 + r) * g.a_rs + k0 * g.a_ks;
+      c_rows[r] = g.c + (r_begin + i0 + r) * g.ldc + n0;
+    }
+    alignas(64) float padded[M][kPanel];
+    Vec acc[M][4];
+    for (int r = 0; r < M; ++r) {
+      if (!accumulate) {
+        acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = vzero();
+        continue;
+      }
+      const float* src = c_rows[r];
+      if (n < kPanel) {
+        std::fill(padded[r], padded[r] + kPanel, 0.0f);
+        std::copy(c_rows[r], c_rows[r] + n, padded[r]);
+        src = padded[r];
+      }
+      for (int s = 0; s < 4; ++s) acc[r][s] = vload(src + s * kWidth);
+    }
+    panel_product<M>(a_rows, kn, g.b + (p * g.k + k0) * kPanel, acc, g.a_ks);
+    for (int r = 0; r < M; ++r) {
+      float* dst = n < kPanel ? padded[r] : c_rows[r];
+      for (int s = 0; s < 4; ++s) vstore(dst + s * kWidth, acc[r][s]);
+      if (n < kPanel) std::copy(padded[r], padded[r] + n, c_rows[r]);
+    }
+  }
+};
+
+// Rows [r_begin, r_end) of C = A · B (or C += A · B). k is blocked so that a panel's block (kGemmDepth x kPanel
+// floats, 32 KB at AVX-512) stays in L1 while every row block of the range passes over it.
+FASTMSC_PANEL_FN void gemm_rows(const PanelGemm& g, int64_t r_begin, int64_t r_end) {
+  constexpr int64_t kGemmDepth = 128;
+  const int64_t P = (g.n + kPanel - 1) / kPanel;
+  for (int64_t k0 = 0; k0 < g.k; k0 += kGemmDepth) {
+    const int64_t kn = std::min(kGemmDepth, g.k - k0);
+    for (int64_t p = 0; p < P; ++p) {
+      for_row_blocks<GemmBlock>(r_end - r_begin, g, r_begin, k0, kn, p, g.accumulate || k0 > 0);
+    }
+  }
+}
+
+#undef FASTMSC_PANEL_INLINE
+#undef FASTMSC_PANEL_FN
