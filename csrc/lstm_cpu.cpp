@@ -334,7 +334,11 @@ struct PanelForward {
 struct PanelBackward {
   int64_t batch, steps, hidden;
   int64_t panels;      // ceil(H / (4 * width))
-  const float* w_hh;   // (D, panels, 4H, 4 * width), pack_column_panels: w_hh's 4H rows are the product's K
+  // w_hh's 4H rows are the product's K. Panel p of direction d starts at w_hh + d * w_hh_direction_stride +
+  // p * w_hh_panel_stride, its rows w_hh_ld apart: packed by pack_column_panels, or w_hh (D, 4H, H) itself where H is a
+  // whole number of panels.
+  const float* w_hh;
+  int64_t w_hh_ld, w_hh_panel_stride, w_hh_direction_stride;
   const int64_t* lens;
   const float* c0;     // (D, B, H) or null
   const float* dout;   // (B, T, D * H) or null
@@ -351,12 +355,14 @@ struct PanelBackward {
 };
 
 // C (m x n, row stride ldc) = A · B, or C += A · B with accumulate; A(r, k) = a[r * a_rs + k * a_ks], so a transposed
-// A is a stride swap; B (k x n) packed by pack_column_panels.
+// A is a stride swap. B (k x n): packed by pack_column_panels (ldb = 0), or read in place, row-major with row stride ldb,
+// where n is a whole number of panels.
 struct PanelGemm {
   int64_t m, n, k;
   const float* a;
   int64_t a_rs, a_ks;
   const float* b;
+  int64_t ldb;
   float* c;
   int64_t ldc;
   bool accumulate;
@@ -415,73 +421,157 @@ inline int64_t panel_width(CpuKernel kernel) { return kernel == CpuKernel::kAvx5
 
 // w (D * 4H rows, K columns, row-major) into (D, ceil(H / width), K, 4 * width): panel p, row k holds
 // w[s * H + p * width + u, k] at lane s * width + u (gate s, hidden unit p * width + u), zero past H.
-inline at::Tensor pack_gate_panels(const float* w, int64_t D, int64_t H, int64_t K, int64_t width) {
+// Scratch memory kept by the calling thread between calls, one buffer per use. The packed weights and the per-task
+// buffers are rewritten on every call; fresh memory for them on every call costs page faults and zeroing by the kernel
+// that, at small batches, took longer than the recurrence itself (2 MB of packed weights per direction at H = 256).
+// Requests above kScratchKeepFloats get memory of their own, freed with the holder.
+enum ScratchSlot : int { kSlotWih, kSlotWhh, kSlotBias, kSlotTasks, kSlotGateGrads, kSlotCount };
+constexpr int64_t kScratchKeepFloats = int64_t{2} << 20;  // 8 MB per slot
+
+inline float* scratch_floats(ScratchSlot slot, int64_t floats, at::Tensor& holder) {
+  thread_local at::Tensor kept[kSlotCount];
+  const at::TensorOptions options = at::TensorOptions().dtype(at::kFloat);
+  if (floats > kScratchKeepFloats) {
+    holder = at::empty({floats}, options);
+    return holder.data_ptr<float>();
+  }
+  at::Tensor& buffer = kept[slot];
+  if (!buffer.defined() || buffer.numel() < floats) buffer = at::empty({std::max<int64_t>(floats, 1)}, options);
+  return buffer.data_ptr<float>();
+}
+
+inline int64_t gate_panels_floats(int64_t D, int64_t H, int64_t K, int64_t width) {
+  return D * ((H + width - 1) / width) * K * 4 * width;
+}
+
+// dst[c * dst_ld + r] = src[r * src_ld + c] for r < rows, c < cols. A function of its own, with restrict pointers
+// and locals only: inlined into the parallel lambda, the loop kept its indices in memory (captured by reference).
+FASTMSC_VECTORIZABLE void transpose_block(const float* __restrict src, int64_t src_ld, int64_t rows, int64_t cols,
+                                          float* __restrict dst, int64_t dst_ld) {
+  for (int64_t c = 0; c < cols; ++c) {
+    for (int64_t r = 0; r < rows; ++r) dst[c * dst_ld + r] = src[r * src_ld + c];
+  }
+}
+
+// A transpose, done in blocks of kPackDepth k so that the source rows being read (width rows of kPackDepth floats) and
+// the panel rows being written stay in L1.
+inline void pack_gate_panels(const float* w, int64_t D, int64_t H, int64_t K, int64_t width, float* dst) {
+  constexpr int64_t kPackDepth = 64;
   const int64_t P = (H + width - 1) / width, lanes = 4 * width;
-  at::Tensor packed = at::zeros({D, P, K, lanes}, at::TensorOptions().dtype(at::kFloat));
-  float* dst = packed.data_ptr<float>();
-  for (int64_t d = 0; d < D; ++d) {
-    for (int64_t s = 0; s < 4; ++s) {
-      for (int64_t j = 0; j < H; ++j) {
-        const float* row = w + (d * 4 * H + s * H + j) * K;
-        float* col = dst + ((d * P + j / width) * K) * lanes + s * width + j % width;
-        for (int64_t k = 0; k < K; ++k) col[k * lanes] = row[k];
+  at::parallel_for(0, D * P, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K * lanes)), [&](int64_t begin, int64_t end) {
+    for (int64_t dp = begin; dp < end; ++dp) {
+      const int64_t d = dp / P, j0 = (dp % P) * width, units = std::min(width, H - j0);
+      float* panel = dst + dp * K * lanes;
+      for (int64_t k0 = 0; k0 < K; k0 += kPackDepth) {
+        const int64_t depth = std::min(kPackDepth, K - k0);
+        for (int64_t s = 0; s < 4; ++s) {
+          transpose_block(w + (d * 4 * H + s * H + j0) * K + k0, K, units, depth, panel + k0 * lanes + s * width, lanes);
+          if (units < width) {  // padded hidden units
+            for (int64_t k = k0; k < k0 + depth; ++k) {
+              std::fill(panel + k * lanes + s * width + units, panel + k * lanes + (s + 1) * width, 0.0f);
+            }
+          }
+        }
       }
     }
-  }
-  return packed;
+  });
 }
 
 // The bias (D * 4H) in the column order of pack_gate_panels: (D, ceil(H / width) * 4 * width).
-inline at::Tensor pack_gate_bias(const float* bias, int64_t D, int64_t H, int64_t width) {
+inline void pack_gate_bias(const float* bias, int64_t D, int64_t H, int64_t width, float* dst) {
   const int64_t P = (H + width - 1) / width, lanes = 4 * width;
-  at::Tensor packed = at::zeros({D, P * lanes}, at::TensorOptions().dtype(at::kFloat));
-  float* dst = packed.data_ptr<float>();
+  std::fill(dst, dst + D * P * lanes, 0.0f);
   for (int64_t d = 0; d < D; ++d) {
     for (int64_t s = 0; s < 4; ++s) {
       for (int64_t j = 0; j < H; ++j) dst[d * P * lanes + (j / width) * lanes + s * width + j % width] = bias[d * 4 * H + s * H + j];
     }
   }
-  return packed;
+}
+
+inline int64_t column_panels_floats(int64_t D, int64_t K, int64_t N, int64_t width) {
+  return D * ((N + 4 * width - 1) / (4 * width)) * K * 4 * width;
 }
 
 // D matrices (K x N, row stride ld, the d-th at w + d * K * ld) into (D, ceil(N / (4 * width)), K, 4 * width): panel p
 // holds columns [p * 4 * width, + 4 * width), zero past N.
-inline at::Tensor pack_column_panels(const float* w, int64_t D, int64_t K, int64_t N, int64_t width, int64_t ld = -1) {
-  if (ld < 0) ld = N;
+inline void pack_column_panels(const float* w, int64_t D, int64_t K, int64_t N, int64_t width, int64_t ld,
+                               float* dst) {
   const int64_t lanes = 4 * width, P = (N + lanes - 1) / lanes;
-  at::Tensor packed = at::zeros({D, P, K, lanes}, at::TensorOptions().dtype(at::kFloat));
-  float* dst = packed.data_ptr<float>();
   at::parallel_for(0, D * K, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t dk = begin; dk < end; ++dk) {
       const int64_t d = dk / K, k = dk % K;
       for (int64_t p = 0; p < P; ++p) {
         const int64_t n0 = p * lanes, n = std::min(lanes, N - n0);
-        std::copy_n(w + (d * K + k) * ld + n0, n, dst + ((d * P + p) * K + k) * lanes);
+        float* row = dst + ((d * P + p) * K + k) * lanes;
+        std::copy_n(w + (d * K + k) * ld + n0, n, row);
+        std::fill(row + n, row + lanes, 0.0f);
       }
     }
   });
-  return packed;
 }
 
-// Runs fn(d, b_begin, b_end) over every direction and a split of the batch: rows never interact, so each task runs the
-// whole sequence on its own. Directions first, then batch groups of at least min_rows rows, up to one task per thread.
-template <typename F>
-void for_each_row_task(int64_t D, int64_t B, int64_t min_rows, const F& fn) {
-  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  const int64_t groups = std::clamp<int64_t>((threads + D - 1) / D, 1, std::max<int64_t>(1, B / min_rows));
-  const int64_t tasks = D * groups;
-  auto run = [&](int64_t task) {
-    const int64_t d = task / groups, g = task % groups;
-    fn(d, B * g / groups, B * (g + 1) / groups);
-  };
-  if (tasks == 1 || threads == 1) {
-    for (int64_t task = 0; task < tasks; ++task) run(task);
-  } else {
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) run(task);
-    });
-  }
+// h_prev of direction d, the state each step's recurrent product used (h0 or zero at a sequence's first step, zero at
+// padded steps), for every row (b, t), packed as pack_column_panels packs an (N = B*T, H) matrix: dW_hh = dGᵀ · h_prev
+// straight from the layer's output, without an h_prev copy. out (B, T, D*H); h0 (D, B, H) or null.
+inline void pack_h_prev_panels(const LstmSizes& s, const int64_t* lens, const float* out, const float* h0, int64_t d,
+                               int64_t width, float* dst) {
+  const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, K = B * T_;
+  const int64_t lanes = 4 * width, P = (H + lanes - 1) / lanes;
+  at::parallel_for(0, K, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / T_, t = row % T_, len = lens != nullptr ? lens[b] : T_;
+      const bool first = d == 0 ? t == 0 : t == len - 1;
+      const float* src = t >= len ? nullptr
+                         : first  ? (h0 != nullptr ? h0 + (d * B + b) * H : nullptr)
+                                  : out + (b * T_ + (d == 0 ? t - 1 : t + 1)) * D * H + d * H;
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t n0 = p * lanes, n = std::min(lanes, H - n0);
+        float* dst_row = dst + (p * K + row) * lanes;
+        if (src != nullptr) {
+          std::copy_n(src + n0, n, dst_row);
+          std::fill(dst_row + n, dst_row + lanes, 0.0f);
+        } else {
+          std::fill(dst_row, dst_row + lanes, 0.0f);
+        }
+      }
+    }
+  });
 }
+
+// The panels of pack_column_panels in scratch memory (or, large, in holder).
+inline const float* packed_columns(ScratchSlot slot, const float* w, int64_t D, int64_t K, int64_t N, int64_t width,
+                                   int64_t ld, at::Tensor& holder) {
+  float* dst = scratch_floats(slot, column_panels_floats(D, K, N, width), holder);
+  pack_column_panels(w, D, K, N, width, ld, dst);
+  return dst;
+}
+
+// The split of a call's rows into tasks: every direction, and batch groups of at least min_rows rows, up to one task per
+// thread. Rows never interact, so each task runs the whole sequence on its own, without a barrier between steps.
+struct RowTasks {
+  int64_t directions, batch, groups;
+  RowTasks(int64_t D, int64_t B, int64_t min_rows) : directions(D), batch(B) {
+    const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+    groups = std::clamp<int64_t>((threads + D - 1) / D, 1, std::max<int64_t>(1, B / min_rows));
+  }
+  int64_t count() const { return directions * groups; }
+  int64_t most_rows() const { return (batch + groups - 1) / groups; }
+  // fn(task, d, b_begin, b_end) for every task, on the threads.
+  template <typename F>
+  void run(const F& fn) const {
+    auto one = [&](int64_t task) {
+      const int64_t d = task / groups, g = task % groups;
+      fn(task, d, batch * g / groups, batch * (g + 1) / groups);
+    };
+    if (count() == 1 || at::in_parallel_region() || at::get_num_threads() == 1) {
+      for (int64_t task = 0; task < count(); ++task) one(task);
+    } else {
+      at::parallel_for(0, count(), 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) one(task);
+      });
+    }
+  }
+};
 
 // ---------------------------------------------------------------------------------------------------
 
@@ -609,26 +699,39 @@ void forward_impl(const LstmSizes& s, const T* x, const T* w_ih, const T* bias, 
 // empty and the weights are streamed once per task anyway.
 constexpr int64_t kMinTaskRows = 4;
 
+template <typename Fn>
+void run_panel_forward(const PanelForward& a, int64_t D, Fn forward_rows, int64_t (*scratch_floats_for)(const PanelForward&, int64_t)) {
+  const RowTasks tasks(D, a.batch, kMinTaskRows);
+  const int64_t per_task = scratch_floats_for(a, tasks.most_rows());
+  at::Tensor holder;
+  float* scratch = scratch_floats(kSlotTasks, tasks.count() * per_task, holder);
+  tasks.run([&](int64_t task, int64_t d, int64_t b0, int64_t b1) { forward_rows(a, d, b0, b1, scratch + task * per_task); });
+}
+
 void panel_forward(CpuKernel kernel, const LstmSizes& s, const LstmForward& f, const at::Tensor& w_ih,
                    const at::Tensor& bias, bool has_h0, const at::Tensor& gates, bool training) {
   const int64_t B = s.batch, T_ = s.steps, I = s.input, H = s.hidden, D = s.directions, width = panel_width(kernel);
-  const at::Tensor w_ih_p = pack_gate_panels(w_ih.data_ptr<float>(), D, H, I, width);
-  const at::Tensor w_hh_p = pack_gate_panels(f.w_hh.data_ptr<float>(), D, H, H, width);
-  const at::Tensor bias_p = bias.defined() ? pack_gate_bias(bias.data_ptr<float>(), D, H, width) : at::Tensor();
+  at::Tensor holders[3];
+  float* w_ih_p = scratch_floats(kSlotWih, gate_panels_floats(D, H, I, width), holders[0]);
+  float* w_hh_p = scratch_floats(kSlotWhh, gate_panels_floats(D, H, H, width), holders[1]);
+  pack_gate_panels(w_ih.data_ptr<float>(), D, H, I, width, w_ih_p);
+  pack_gate_panels(f.w_hh.data_ptr<float>(), D, H, H, width, w_hh_p);
+  float* bias_p = nullptr;
+  if (bias.defined()) {
+    bias_p = scratch_floats(kSlotBias, gate_panels_floats(D, H, 1, width), holders[2]);
+    pack_gate_bias(bias.data_ptr<float>(), D, H, width, bias_p);
+  }
   // h_n starts as a copy of h0 (prepare_forward); each task reads its rows of it before writing them back.
-  const PanelForward a{B, T_, I, H, (H + width - 1) / width, f.x.data_ptr<float>(), T_ * I, I,
-                       w_ih_p.data_ptr<float>(), w_hh_p.data_ptr<float>(), ptr_or_null<float>(bias_p),
+  const PanelForward a{B, T_, I, H, (H + width - 1) / width, f.x.data_ptr<float>(), T_ * I, I, w_ih_p, w_hh_p, bias_p,
                        ptr_or_null<int64_t>(f.lens), has_h0 ? f.h_n.data_ptr<float>() : nullptr,
                        f.out.data_ptr<float>(), T_ * D * H, D * H, f.h_n.data_ptr<float>(), f.c_n.data_ptr<float>(),
                        training ? gates.data_ptr<float>() : nullptr, T_ * D * 4 * H, D * 4 * H,
                        training ? f.cells.data_ptr<float>() : nullptr, T_ * D * H, D * H};
-  for_each_row_task(D, B, kMinTaskRows, [&](int64_t d, int64_t b0, int64_t b1) {
-    if (kernel == CpuKernel::kAvx512) {
-      avx512::forward_rows(a, d, b0, b1);
-    } else {
-      avx2::forward_rows(a, d, b0, b1);
-    }
-  });
+  if (kernel == CpuKernel::kAvx512) {
+    run_panel_forward(a, D, avx512::forward_rows, avx512::forward_scratch_floats);
+  } else {
+    run_panel_forward(a, D, avx2::forward_rows, avx2::forward_scratch_floats);
+  }
 }
 
 // The GEMM on all threads, split over rows of C.
@@ -660,39 +763,59 @@ void panel_weight_gradients(CpuKernel kernel, LstmBackward& bw) {
   const at::TensorOptions options = bw.x.options();
   if (bw.need_dx) {
     const at::Tensor w_ih = bw.w_ih.contiguous();
-    const at::Tensor packed = pack_column_panels(w_ih.data_ptr<float>(), 1, D * G, I, width);
+    at::Tensor holder;
+    const bool in_place = I % (4 * width) == 0;
+    const float* w = in_place ? w_ih.data_ptr<float>()
+                              : packed_columns(kSlotWih, w_ih.data_ptr<float>(), 1, D * G, I, width, I, holder);
     bw.dx = at::empty({s.batch, s.steps, I}, options);
-    panel_gemm(kernel, {N, I, D * G, dg, D * G, 1, packed.data_ptr<float>(), bw.dx.data_ptr<float>(), I, false});
+    panel_gemm(kernel, {N, I, D * G, dg, D * G, 1, w, in_place ? I : 0, bw.dx.data_ptr<float>(), I, false});
   }
   if (bw.need_dweights) {
-    const at::Tensor x_packed = pack_column_panels(bw.x.data_ptr<float>(), 1, N, I, width);
+    at::Tensor holder;
+    const bool in_place = I % (4 * width) == 0;
+    const float* x = in_place ? bw.x.data_ptr<float>()
+                              : packed_columns(kSlotTasks, bw.x.data_ptr<float>(), 1, N, I, width, I, holder);
     bw.dw_ih = at::empty({D * G, I}, options);
-    panel_gemm(kernel, {D * G, I, N, dg, 1, D * G, x_packed.data_ptr<float>(), bw.dw_ih.data_ptr<float>(), I, false});
+    panel_gemm(kernel, {D * G, I, N, dg, 1, D * G, x, in_place ? I : 0, bw.dw_ih.data_ptr<float>(), I, false});
     bw.dw_hh = at::empty({D, G, H}, options);
     for (int64_t d = 0; d < D; ++d) {
-      const at::Tensor h_packed = pack_column_panels(bw.h_prev.data_ptr<float>() + d * H, 1, N, H, width, D * H);
-      panel_gemm(kernel, {G, H, N, dg + d * G, 1, D * G, h_packed.data_ptr<float>(),
-                          bw.dw_hh.data_ptr<float>() + d * G * H, H, false});
+      float* h_packed = scratch_floats(kSlotTasks, column_panels_floats(1, N, H, width), holder);
+      pack_h_prev_panels(s, ptr_or_null<int64_t>(bw.lens), bw.out.data_ptr<float>(), ptr_or_null<float>(bw.h0), d,
+                         width, h_packed);
+      panel_gemm(kernel, {G, H, N, dg + d * G, 1, D * G, h_packed, 0, bw.dw_hh.data_ptr<float>() + d * G * H, H, false});
     }
   }
+}
+
+template <typename Fn>
+void run_panel_backward(const PanelBackward& a, int64_t D, Fn backward_rows,
+                        int64_t (*scratch_floats_for)(const PanelBackward&, int64_t)) {
+  const RowTasks tasks(D, a.batch, kMinTaskRows);
+  const int64_t per_task = scratch_floats_for(a, tasks.most_rows());
+  at::Tensor holder;
+  float* scratch = scratch_floats(kSlotTasks, tasks.count() * per_task, holder);
+  tasks.run([&](int64_t task, int64_t d, int64_t b0, int64_t b1) { backward_rows(a, d, b0, b1, scratch + task * per_task); });
 }
 
 void panel_backward(CpuKernel kernel, LstmBackward& bw) {
   const LstmSizes& s = bw.s;
   const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, width = panel_width(kernel);
-  const at::Tensor w_hh_p = pack_column_panels(bw.w_hh.data_ptr<float>(), D, 4 * H, H, width);
-  const PanelBackward a{B, T_, H, (H + 4 * width - 1) / (4 * width), w_hh_p.data_ptr<float>(),
+  const int64_t G = 4 * H, lanes = 4 * width, P = (H + lanes - 1) / lanes;
+  const bool in_place = H % lanes == 0;
+  at::Tensor holder;
+  const float* w_hh_p = in_place ? bw.w_hh.data_ptr<float>()
+                                 : packed_columns(kSlotWhh, bw.w_hh.data_ptr<float>(), D, G, H, width, H, holder);
+  const PanelBackward a{B, T_, H, P, w_hh_p, in_place ? H : lanes, in_place ? lanes : G * lanes,
+                        in_place ? G * H : P * G * lanes,
                         ptr_or_null<int64_t>(bw.lens), ptr_or_null<float>(bw.c0), ptr_or_null<float>(bw.dout),
                         T_ * D * H, D * H, bw.gates.data_ptr<float>(), T_ * D * 4 * H, D * 4 * H,
                         bw.cells.data_ptr<float>(), T_ * D * H, D * H, bw.dgates.data_ptr<float>(), T_ * D * 4 * H,
                         D * 4 * H, bw.dh_state.data_ptr<float>(), bw.dc_state.data_ptr<float>(), bw.need_dstate};
-  for_each_row_task(D, B, kMinTaskRows, [&](int64_t d, int64_t b0, int64_t b1) {
-    if (kernel == CpuKernel::kAvx512) {
-      avx512::backward_rows(a, d, b0, b1);
-    } else {
-      avx2::backward_rows(a, d, b0, b1);
-    }
-  });
+  if (kernel == CpuKernel::kAvx512) {
+    run_panel_backward(a, D, avx512::backward_rows, avx512::backward_scratch_floats);
+  } else {
+    run_panel_backward(a, D, avx2::backward_rows, avx2::backward_scratch_floats);
+  }
 }
 #endif
 
@@ -894,11 +1017,14 @@ void CpuBackend::backward(LstmBackward& bw) {
 #if FASTMSC_PANELS
   const CpuKernel kernel = cpu_kernel();
   if (runs_panels(kernel, s, bw.x.scalar_type())) {
-    panel_backward(kernel, bw);
-    if (need_dweights) {
-      allocate_weight_inputs(bw);
-      fill_h_prev<float>(s, lens_ptr, bw.out.data_ptr<float>(), ptr_or_null<float>(bw.h0), bw.h_prev.data_ptr<float>());
+    // The gate gradients live only until finish_backward: in the thread's scratch memory where that is kept.
+    const int64_t dg_floats = s.batch * s.steps * s.directions * 4 * s.hidden;
+    if (dg_floats <= kScratchKeepFloats) {
+      at::Tensor unused;
+      bw.dgates = at::from_blob(scratch_floats(kSlotGateGrads, dg_floats, unused), bw.dgates.sizes(),
+                                bw.dgates.options());
     }
+    panel_backward(kernel, bw);
     panel_weight_gradients(kernel, bw);
     return;
   }

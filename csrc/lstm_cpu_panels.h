@@ -45,11 +45,12 @@ FASTMSC_PANEL_INLINE Vec vzero() { return _mm256_setzero_ps(); }
 
 // acc[r][s] += sum over k < K of a[r][k] * panel[k][s * kWidth ...]: rows a[r] (K floats each) times one panel.
 // a[r][k * a_step]: a_step = 1 for rows of a row-major A, the row stride for the columns of a transposed one.
+// w_ld: the panel's row stride, kPanel when packed, the matrix's row stride when read in place.
 template <int M>
 FASTMSC_PANEL_INLINE void panel_product(const float* const (&a)[M], int64_t K, const float* __restrict panel,
-                                        Vec (&acc)[M][4], int64_t a_step = 1) {
+                                        Vec (&acc)[M][4], int64_t a_step = 1, int64_t w_ld = kPanel) {
   for (int64_t k = 0; k < K; ++k) {
-    const float* w = panel + k * kPanel;
+    const float* w = panel + k * w_ld;
     const Vec w0 = vload(w), w1 = vload(w + kWidth), w2 = vload(w + 2 * kWidth), w3 = vload(w + 3 * kWidth);
 #pragma GCC unroll 8
     for (int r = 0; r < M; ++r) {
@@ -199,15 +200,32 @@ struct StepBlock {
   }
 };
 
+// Steps whose input projections are computed together: about 256 rows (steps x batch rows) keep that product efficient
+// while the chunk's pre-activations stay in cache for the steps that consume them.
+inline int64_t forward_chunk_steps(int64_t rows, int64_t steps) {
+  return std::clamp<int64_t>((256 + rows - 1) / rows, 1, steps);
+}
+
+// Floats of scratch memory forward_rows needs for `rows` rows.
+inline int64_t forward_scratch_floats(const PanelForward& a, int64_t rows) {
+  return forward_chunk_steps(rows, a.steps) * rows * a.panels * kPanel + 2 * rows * a.hidden;
+}
+
 // Rows [b_begin, b_end) of direction d, every step. See PanelForward (lstm_cpu.cpp) for the layout of the arguments.
-FASTMSC_PANEL_FN void forward_rows(const PanelForward& a, int64_t d, int64_t b_begin, int64_t b_end) {
+// scratch: forward_scratch_floats(a, b_end - b_begin) floats, any content.
+FASTMSC_PANEL_FN void forward_rows(const PanelForward& a, int64_t d, int64_t b_begin, int64_t b_end, float* scratch) {
   const int64_t rows = b_end - b_begin, H = a.hidden, T_ = a.steps, P = a.panels, zw = P * kPanel;
   const bool training = a.gates != nullptr;
-  const int64_t chunk = std::clamp<int64_t>((256 + rows - 1) / rows, 1, T_);
-  std::vector<float> xproj(chunk * rows * zw), h_prev(rows * H, 0.0f), h_next(rows * H, 0.0f);
-  if (a.h0 != nullptr) std::copy(a.h0 + (d * a.batch + b_begin) * H, a.h0 + (d * a.batch + b_end) * H, h_prev.data());
-  ForwardRows f{a, d, b_begin, rows, zw, xproj.data(), h_prev.data(), h_next.data(),
-                a.c_n + (d * a.batch + b_begin) * H};
+  const int64_t chunk = forward_chunk_steps(rows, T_);
+  float* xproj = scratch;
+  float* h_prev = xproj + chunk * rows * zw;
+  float* h_next = h_prev + rows * H;
+  if (a.h0 != nullptr) {
+    std::copy(a.h0 + (d * a.batch + b_begin) * H, a.h0 + (d * a.batch + b_end) * H, h_prev);
+  } else {
+    std::fill(h_prev, h_prev + rows * H, 0.0f);
+  }
+  ForwardRows f{a, d, b_begin, rows, zw, xproj, h_prev, h_next, a.c_n + (d * a.batch + b_begin) * H};
   const float* w_ih = a.w_ih + d * P * a.input * kPanel;
   const float* w_hh = a.w_hh + d * P * H * kPanel;
   const float* bias = a.bias != nullptr ? a.bias + d * zw : nullptr;
@@ -245,19 +263,28 @@ struct RecurrentGradientBlock {
     for (int r = 0; r < M; ++r) dg_rows[r] = a.dgates + (b_begin + i0 + r) * a.dgates_sb + t * a.dgates_st + d * G;
     Vec acc[M][4];
     for (int r = 0; r < M; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = vzero();
-    panel_product<M>(dg_rows, G, w_hh + p * G * kPanel, acc);
+    panel_product<M>(dg_rows, G, w_hh + p * a.w_hh_panel_stride, acc, 1, a.w_hh_ld);
     for (int r = 0; r < M; ++r) {
       for (int s = 0; s < 4; ++s) vstore(dh_rec + (i0 + r) * dw + p * kPanel + s * kWidth, acc[r][s]);
     }
   }
 };
 
+// Floats of scratch memory backward_rows needs for `rows` rows.
+inline int64_t backward_scratch_floats(const PanelBackward& a, int64_t rows) {
+  return rows * a.panels * kPanel + a.hidden;
+}
+
 // BPTT over rows [b_begin, b_end) of direction d. See PanelBackward (lstm_cpu.cpp).
-FASTMSC_PANEL_FN void backward_rows(const PanelBackward& a, int64_t d, int64_t b_begin, int64_t b_end) {
+// scratch: backward_scratch_floats(a, b_end - b_begin) floats, any content.
+FASTMSC_PANEL_FN void backward_rows(const PanelBackward& a, int64_t d, int64_t b_begin, int64_t b_end,
+                                    float* scratch) {
   const int64_t rows = b_end - b_begin, H = a.hidden, T_ = a.steps, P = a.panels, G = 4 * H;
   const int64_t dw = P * kPanel;  // a row of dh_rec: H padded to whole panels
-  std::vector<float> dh_rec(rows * dw, 0.0f), zeros(H, 0.0f);
-  const float* w_hh = a.w_hh + d * P * G * kPanel;
+  float* dh_rec = scratch;        // read only where written in the step before
+  float* zeros = dh_rec + rows * dw;
+  std::fill(zeros, zeros + H, 0.0f);
+  const float* w_hh = a.w_hh + d * a.w_hh_direction_stride;
   float* dh_state = a.dh_state + (d * a.batch + b_begin) * H;
   float* dc_state = a.dc_state + (d * a.batch + b_begin) * H;
 
@@ -270,7 +297,7 @@ FASTMSC_PANEL_FN void backward_rows(const PanelBackward& a, int64_t d, int64_t b
       // value (the h_n gradient before a sequence's last step, or a finished sequence's h0 gradient); a padded step
       // after which the sequence still runs (the reverse direction's padding) carries the product's value on.
       const bool next_valid = step < T_ - 1 && t_next >= 0 && t_next < len;
-      const float* dh_carry = next_valid ? &dh_rec[i * dw] : dh_state + i * H;
+      const float* dh_carry = next_valid ? dh_rec + i * dw : dh_state + i * H;
       float* dg = a.dgates + b * a.dgates_sb + t * a.dgates_st + d * G;
       if (t >= len) {
         if (next_valid) std::copy(dh_carry, dh_carry + H, dh_state + i * H);
@@ -278,16 +305,16 @@ FASTMSC_PANEL_FN void backward_rows(const PanelBackward& a, int64_t d, int64_t b
         continue;
       }
       const bool first = d == 0 ? t == 0 : t == len - 1;
-      const float* c_prev = first ? (a.c0 != nullptr ? a.c0 + (d * a.batch + b) * H : zeros.data())
+      const float* c_prev = first ? (a.c0 != nullptr ? a.c0 + (d * a.batch + b) * H : zeros)
                                   : a.cells + b * a.cells_sb + t_prev * a.cells_st + d * H;
-      const float* dout = a.dout != nullptr ? a.dout + b * a.dout_sb + t * a.dout_st + d * H : zeros.data();
+      const float* dout = a.dout != nullptr ? a.dout + b * a.dout_sb + t * a.dout_st + d * H : zeros;
       gate_gradients(a.gates + b * a.gates_sb + t * a.gates_st + d * G,
                      a.cells + b * a.cells_sb + t * a.cells_st + d * H, c_prev, dh_carry, dout, dc_state + i * H, dg,
                      H);
     }
     // dh reaching h_{t_prev} = dG_t · w_hh; the very last one is the h0 gradient, needed only when asked for.
     if (step == 0 && !a.need_dstate) break;
-    for (int64_t p = 0; p < P; ++p) for_row_blocks<RecurrentGradientBlock>(rows, a, d, b_begin, t, p, w_hh, dh_rec.data());
+    for (int64_t p = 0; p < P; ++p) for_row_blocks<RecurrentGradientBlock>(rows, a, d, b_begin, t, p, w_hh, dh_rec);
   }
   if (a.need_dstate) {
     // The h0 gradient: the last product where the forward's first step was valid for the row, else the value
@@ -295,7 +322,7 @@ FASTMSC_PANEL_FN void backward_rows(const PanelBackward& a, int64_t d, int64_t b
     const int64_t t_first = d == 0 ? 0 : T_ - 1;
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t len = a.lens != nullptr ? a.lens[b_begin + i] : T_;
-      if (t_first < len) std::copy(&dh_rec[i * dw], &dh_rec[i * dw] + H, dh_state + i * H);
+      if (t_first < len) std::copy(dh_rec + i * dw, dh_rec + i * dw + H, dh_state + i * H);
     }
   }
 }
@@ -328,7 +355,11 @@ struct GemmBlock {
       }
       for (int s = 0; s < 4; ++s) acc[r][s] = vload(src + s * kWidth);
     }
-    panel_product<M>(a_rows, kn, g.b + (p * g.k + k0) * kPanel, acc, g.a_ks);
+    if (g.ldb != 0) {
+      panel_product<M>(a_rows, kn, g.b + k0 * g.ldb + p * kPanel, acc, g.a_ks, g.ldb);
+    } else {
+      panel_product<M>(a_rows, kn, g.b + (p * g.k + k0) * kPanel, acc, g.a_ks);
+    }
     for (int r = 0; r < M; ++r) {
       float* dst = n < kPanel ? padded[r] : c_rows[r];
       for (int s = 0; s < 4; ++s) vstore(dst + s * kWidth, acc[r][s]);
