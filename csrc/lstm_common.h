@@ -21,6 +21,13 @@ struct LstmSizes {
 
 inline bool present(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// How a backend allocates the op's large tensors (outputs, saved activations, gradients); at::empty on CUDA.
+using EmptyFn = at::Tensor (*)(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+inline at::Tensor plain_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::empty(sizes, options);
+}
+
 // Shapes: x (B, T, I); w_ih (D*4H, I), both directions stacked; w_hh (D, 4H, R); bias (D*4H) =
 // b_ih + b_hh; h0 (D, B, R), c0 (D, B, H); lengths (B,) int64 on x's device; w_hr (D, P, H) or absent.
 // R = P with the projection w_hr (h_t = w_hr · (o ⊙ tanh(c_t))), R = H without.
@@ -131,16 +138,16 @@ struct LstmForward {
 // Called once the arguments are checked and the device guard is set.
 inline LstmForward prepare_forward(const LstmSizes& s, const at::Tensor& x_in, const at::Tensor& w_hh_in,
                                    const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& c0,
-                                   const c10::optional<at::Tensor>& lengths, bool training) {
+                                   const c10::optional<at::Tensor>& lengths, bool training, EmptyFn empty) {
   LstmForward f;
   f.x = x_in.contiguous();
   f.w_hh = w_hh_in.contiguous();
   f.lens = present(lengths) ? lengths->contiguous() : at::Tensor();
   const at::TensorOptions options = f.x.options();
-  f.out = at::empty({s.batch, s.steps, s.directions * s.proj}, options);
+  f.out = empty({s.batch, s.steps, s.directions * s.proj}, options);
   f.h_n = state_or_zeros(h0, s, s.proj, f.x);
   f.c_n = state_or_zeros(c0, s, s.hidden, f.x);
-  f.cells = training ? at::empty({s.batch, s.steps, s.directions * s.hidden}, options) : at::empty({0}, options);
+  f.cells = training ? empty({s.batch, s.steps, s.directions * s.hidden}, options) : at::empty({0}, options);
   return f;
 }
 
@@ -149,6 +156,7 @@ inline LstmForward prepare_forward(const LstmSizes& s, const at::Tensor& x_in, c
 // result into the gradients.
 struct LstmBackward {
   LstmSizes s;
+  EmptyFn empty;
   bool has_bias, need_dx, need_dweights, need_dstate;
   at::Tensor w_ih;  // as given: only the GEMMs after the loop read it
   // Contiguous; w_hr, dout, lens, h0 and c0 undefined where absent.
@@ -176,7 +184,8 @@ inline LstmBackward prepare_backward(const LstmSizes& s, const c10::optional<at:
                                      const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& c0,
                                      const c10::optional<at::Tensor>& lengths, const at::Tensor& out_in,
                                      const at::Tensor& gates_in, const at::Tensor& cells_in, bool need_dx,
-                                     bool need_dweights, bool need_dstate, const c10::optional<at::Tensor>& w_hr_in) {
+                                     bool need_dweights, bool need_dstate, const c10::optional<at::Tensor>& w_hr_in,
+                                     EmptyFn empty) {
   const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, R = s.proj;
   const std::vector<int64_t> out_shape{B, T_, D * R}, cells_shape{B, T_, D * H};
   TORCH_CHECK(out_in.sizes() == at::IntArrayRef(out_shape) && cells_in.sizes() == at::IntArrayRef(cells_shape),
@@ -210,8 +219,9 @@ inline LstmBackward prepare_backward(const LstmSizes& s, const c10::optional<at:
   bw.dh_state = state_or_zeros(grad_h_n, s, R, bw.x);
   bw.dc_state = state_or_zeros(grad_c_n, s, H, bw.x);
   bw.dh_rec = at::empty({D, B, R}, options);
-  bw.dgates = at::empty({B, T_, D * 4 * H}, options);
-  bw.dh_all = s.projected ? at::empty({B, T_, D * R}, options) : at::Tensor();
+  bw.empty = empty;
+  bw.dgates = empty({B, T_, D * 4 * H}, options);
+  bw.dh_all = s.projected ? empty({B, T_, D * R}, options) : at::Tensor();
   bw.dr = s.projected ? at::empty({D, B, H}, options) : at::Tensor();
   return bw;
 }
@@ -221,8 +231,8 @@ inline LstmBackward prepare_backward(const LstmSizes& s, const c10::optional<at:
 // and only when weight gradients are asked for, so that they hold no memory during the loop.
 inline void allocate_weight_inputs(LstmBackward& bw) {
   const LstmSizes& s = bw.s;
-  bw.h_prev = at::empty({s.batch, s.steps, s.directions * s.proj}, bw.x.options());
-  if (s.projected) bw.unprojected = at::empty({s.batch, s.steps, s.directions * s.hidden}, bw.x.options());
+  bw.h_prev = bw.empty({s.batch, s.steps, s.directions * s.proj}, bw.x.options());
+  if (s.projected) bw.unprojected = bw.empty({s.batch, s.steps, s.directions * s.hidden}, bw.x.options());
 }
 
 using LstmGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -272,6 +282,7 @@ inline LstmGrads finish_backward(LstmBackward& bw) {
 // The entry points of the ops fastmsc::lstm_fwd and fastmsc::lstm_bwd (schemas in lstm_cpu.cpp), one template for
 // both devices so that the argument checks, buffers and gradient bookkeeping cannot drift apart. Backend supplies:
 //   Guard: constructed from x's device once the checks have confirmed every tensor is on it;
+//   empty(sizes, options): allocates the large tensors (an EmptyFn);
 //   forward(s, f, w_ih, bias, h0, training, w_hr): runs the layer into f and returns the saved gates (empty when
 //     not training);
 //   backward(bw): the BPTT loop into bw's buffers, then h_prev and unprojected when bw.need_dweights.
@@ -288,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
   const LstmSizes s = check_lstm_args(x, w_ih, w_hh, bias, h0, c0, lengths, w_hr);
   const typename Backend::Guard device_guard(x.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  LstmForward f = prepare_forward(s, x, w_hh, h0, c0, lengths, training);
+  LstmForward f = prepare_forward(s, x, w_hh, h0, c0, lengths, training, &Backend::empty);
   at::Tensor gates = Backend::forward(s, f, w_ih, bias, h0, training, w_hr);
   return {f.out, f.h_n, f.c_n, gates, f.cells};
 }
@@ -304,7 +315,7 @@ LstmGrads lstm_bwd(const c10::optional<at::Tensor>& grad_out, const c10::optiona
   const typename Backend::Guard device_guard(x.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   LstmBackward bw = prepare_backward(s, grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, has_bias, h0, c0, lengths, out,
-                                     gates, cells, need_dx, need_dweights, need_dstate, w_hr);
+                                     gates, cells, need_dx, need_dweights, need_dstate, w_hr, &Backend::empty);
   // An empty batch has no step to run (and a CUDA kernel must not be launched with an empty grid); the GEMMs over
   // zero rows still give the zero weight gradients.
   if (s.batch != 0) Backend::backward(bw);

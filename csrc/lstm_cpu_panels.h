@@ -369,14 +369,22 @@ struct GemmBlock {
 };
 
 // Rows [r_begin, r_end) of C = A · B (or C += A · B). k is blocked so that a panel's block (kGemmDepth x kPanel
-// floats, 32 KB at AVX-512) stays in L1 while every row block of the range passes over it.
+// floats, 32 KB at AVX-512) stays in L1 while the row blocks pass over it. Where C is large (dx: B*T rows) the rows
+// are taken kGemmRows at a time as well, so that their part of C stays in cache across the k blocks instead of
+// going to memory and back once per k block; where C is small (the weight gradients) it stays in L2 anyway and
+// the rows go in one sweep, so that B (x or h_prev: B*T rows) is read once.
 FASTMSC_PANEL_FN void gemm_rows(const PanelGemm& g, int64_t r_begin, int64_t r_end) {
-  constexpr int64_t kGemmDepth = 128;
+  constexpr int64_t kGemmDepth = 128, kGemmRows = 16 * kRows;
   const int64_t P = (g.n + kPanel - 1) / kPanel;
-  for (int64_t k0 = 0; k0 < g.k; k0 += kGemmDepth) {
-    const int64_t kn = std::min(kGemmDepth, g.k - k0);
-    for (int64_t p = 0; p < P; ++p) {
-      for_row_blocks<GemmBlock>(r_end - r_begin, g, r_begin, k0, kn, p, g.accumulate || k0 > 0);
+  const bool c_fits = (r_end - r_begin) * g.n <= (int64_t{256} << 10);  // 1 MB of C
+  const int64_t row_step = c_fits ? r_end - r_begin : kGemmRows;
+  for (int64_t r0 = r_begin; r0 < r_end; r0 += row_step) {
+    const int64_t rows = std::min(row_step, r_end - r0);
+    for (int64_t k0 = 0; k0 < g.k; k0 += kGemmDepth) {
+      const int64_t kn = std::min(kGemmDepth, g.k - k0);
+      for (int64_t p = 0; p < P; ++p) {
+        for_row_blocks<GemmBlock>(rows, g, r0, k0, kn, p, g.accumulate || k0 > 0);
+      }
     }
   }
 }
