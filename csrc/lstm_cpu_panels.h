@@ -32,6 +32,13 @@ FASTMSC_PANEL_INLINE void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
 FASTMSC_PANEL_INLINE Vec vbroadcast(float x) { return _mm512_set1_ps(x); }
 FASTMSC_PANEL_INLINE Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 FASTMSC_PANEL_INLINE Vec vzero() { return _mm512_setzero_ps(); }
+// The first n (0 < n < kWidth) floats; the other lanes read as zero and are not written.
+FASTMSC_PANEL_INLINE Vec vload_first(const float* p, int64_t n) {
+  return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+}
+FASTMSC_PANEL_INLINE void vstore_first(float* p, Vec v, int64_t n) {
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v);
+}
 #elif FASTMSC_PANEL_WIDTH == 8
 using Vec = __m256;
 FASTMSC_PANEL_INLINE Vec vload(const float* p) { return _mm256_loadu_ps(p); }
@@ -39,27 +46,44 @@ FASTMSC_PANEL_INLINE void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 FASTMSC_PANEL_INLINE Vec vbroadcast(float x) { return _mm256_set1_ps(x); }
 FASTMSC_PANEL_INLINE Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 FASTMSC_PANEL_INLINE Vec vzero() { return _mm256_setzero_ps(); }
+FASTMSC_PANEL_INLINE __m256i first_lanes(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+FASTMSC_PANEL_INLINE Vec vload_first(const float* p, int64_t n) { return _mm256_maskload_ps(p, first_lanes(n)); }
+FASTMSC_PANEL_INLINE void vstore_first(float* p, Vec v, int64_t n) { _mm256_maskstore_ps(p, first_lanes(n), v); }
 #else
 #error "FASTMSC_PANEL_WIDTH must be 16 or 8"
 #endif
 
 // acc[r][s] += sum over k < K of a[r][k] * panel[k][s * kWidth ...]: rows a[r] (K floats each) times one panel.
 // a[r][k * a_step]: a_step = 1 for rows of a row-major A, the row stride for the columns of a transposed one.
-// w_ld: the panel's row stride, kPanel when packed, the matrix's row stride when read in place.
-template <int M>
+// w_ld: the panel's row stride, kPanel when packed, the matrix's row stride when read in place. NV < 4: only the first
+// NV vectors of the panel (a last panel whose remaining columns are zero padding), acc[r][NV..3] untouched.
+template <int M, int NV = 4>
 FASTMSC_PANEL_INLINE void panel_product(const float* const (&a)[M], int64_t K, const float* __restrict panel,
                                         Vec (&acc)[M][4], int64_t a_step = 1, int64_t w_ld = kPanel) {
   for (int64_t k = 0; k < K; ++k) {
     const float* w = panel + k * w_ld;
-    const Vec w0 = vload(w), w1 = vload(w + kWidth), w2 = vload(w + 2 * kWidth), w3 = vload(w + 3 * kWidth);
+    Vec wv[NV];
+    for (int s = 0; s < NV; ++s) wv[s] = vload(w + s * kWidth);
 #pragma GCC unroll 8
     for (int r = 0; r < M; ++r) {
       const Vec v = vbroadcast(a[r][k * a_step]);
-      acc[r][0] = vfma(v, w0, acc[r][0]);
-      acc[r][1] = vfma(v, w1, acc[r][1]);
-      acc[r][2] = vfma(v, w2, acc[r][2]);
-      acc[r][3] = vfma(v, w3, acc[r][3]);
+      for (int s = 0; s < NV; ++s) acc[r][s] = vfma(v, wv[s], acc[r][s]);
     }
+  }
+}
+
+// panel_product over the vectors that hold any of a panel's n columns.
+template <int M>
+FASTMSC_PANEL_INLINE void panel_product_columns(int64_t n, const float* const (&a)[M], int64_t K,
+                                                const float* __restrict panel, Vec (&acc)[M][4], int64_t a_step,
+                                                int64_t w_ld) {
+  switch ((n + kWidth - 1) / kWidth) {
+    case 1: panel_product<M, 1>(a, K, panel, acc, a_step, w_ld); break;
+    case 2: panel_product<M, 2>(a, K, panel, acc, a_step, w_ld); break;
+    case 3: panel_product<M, 3>(a, K, panel, acc, a_step, w_ld); break;
+    default: panel_product<M, 4>(a, K, panel, acc, a_step, w_ld); break;
   }
 }
 
@@ -263,7 +287,7 @@ struct RecurrentGradientBlock {
     for (int r = 0; r < M; ++r) dg_rows[r] = a.dgates + (b_begin + i0 + r) * a.dgates_sb + t * a.dgates_st + d * G;
     Vec acc[M][4];
     for (int r = 0; r < M; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = vzero();
-    panel_product<M>(dg_rows, G, w_hh + p * a.w_hh_panel_stride, acc, 1, a.w_hh_ld);
+    panel_product_columns<M>(a.hidden - p * kPanel, dg_rows, G, w_hh + p * a.w_hh_panel_stride, acc, 1, a.w_hh_ld);
     for (int r = 0; r < M; ++r) {
       for (int s = 0; s < 4; ++s) vstore(dh_rec + (i0 + r) * dw + p * kPanel + s * kWidth, acc[r][s]);
     }
@@ -328,7 +352,7 @@ FASTMSC_PANEL_FN void backward_rows(const PanelBackward& a, int64_t d, int64_t b
 }
 
 // C rows [i0, i0 + M) (+)= A · B over k in [k0, k0 + kn), columns of panel p (see PanelGemm, lstm_cpu.cpp). The last
-// panel's columns past N go through a padded copy so that nothing outside C is read or written.
+// panel's columns past N are masked off: nothing outside C is read or written.
 template <int M>
 struct GemmBlock {
   FASTMSC_PANEL_INLINE static void run(int64_t i0, const PanelGemm& g, int64_t r_begin, int64_t k0, int64_t kn,
@@ -340,41 +364,40 @@ struct GemmBlock {
       a_rows[r] = g.a + (r_begin + i0 + r) * g.a_rs + k0 * g.a_ks;
       c_rows[r] = g.c + (r_begin + i0 + r) * g.ldc + n0;
     }
-    alignas(64) float padded[M][kPanel];
     Vec acc[M][4];
     for (int r = 0; r < M; ++r) {
-      if (!accumulate) {
-        acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = vzero();
-        continue;
+      for (int s = 0; s < 4; ++s) {
+        const int64_t cols = n - s * kWidth;  // of this vector
+        acc[r][s] = !accumulate || cols <= 0 ? vzero()
+                    : cols >= kWidth         ? vload(c_rows[r] + s * kWidth)
+                                             : vload_first(c_rows[r] + s * kWidth, cols);
       }
-      const float* src = c_rows[r];
-      if (n < kPanel) {
-        std::fill(padded[r], padded[r] + kPanel, 0.0f);
-        std::copy(c_rows[r], c_rows[r] + n, padded[r]);
-        src = padded[r];
-      }
-      for (int s = 0; s < 4; ++s) acc[r][s] = vload(src + s * kWidth);
     }
     if (g.ldb != 0) {
-      panel_product<M>(a_rows, kn, g.b + k0 * g.ldb + p * kPanel, acc, g.a_ks, g.ldb);
+      panel_product_columns<M>(n, a_rows, kn, g.b + k0 * g.ldb + p * kPanel, acc, g.a_ks, g.ldb);
     } else {
-      panel_product<M>(a_rows, kn, g.b + (p * g.k + k0) * kPanel, acc, g.a_ks);
+      panel_product_columns<M>(n, a_rows, kn, g.b + (p * g.k + k0) * kPanel, acc, g.a_ks, kPanel);
     }
     for (int r = 0; r < M; ++r) {
-      float* dst = n < kPanel ? padded[r] : c_rows[r];
-      for (int s = 0; s < 4; ++s) vstore(dst + s * kWidth, acc[r][s]);
-      if (n < kPanel) std::copy(padded[r], padded[r] + n, c_rows[r]);
+      for (int s = 0; s < 4; ++s) {
+        const int64_t cols = n - s * kWidth;
+        if (cols >= kWidth) {
+          vstore(c_rows[r] + s * kWidth, acc[r][s]);
+        } else if (cols > 0) {
+          vstore_first(c_rows[r] + s * kWidth, acc[r][s], cols);
+        }
+      }
     }
   }
 };
 
 // Rows [r_begin, r_end) of C = A · B (or C += A · B). k is blocked so that a panel's block (kGemmDepth x kPanel
-// floats, 32 KB at AVX-512) stays in L1 while the row blocks pass over it. Where C is large (dx: B*T rows) the rows
+// floats, 64 KB at AVX-512) stays in L1/L2 while the row blocks pass over it. Where C is large (dx: B*T rows) the rows
 // are taken kGemmRows at a time as well, so that their part of C stays in cache across the k blocks instead of
 // going to memory and back once per k block; where C is small (the weight gradients) it stays in L2 anyway and
 // the rows go in one sweep, so that B (x or h_prev: B*T rows) is read once.
 FASTMSC_PANEL_FN void gemm_rows(const PanelGemm& g, int64_t r_begin, int64_t r_end) {
-  constexpr int64_t kGemmDepth = 128, kGemmRows = 16 * kRows;
+  constexpr int64_t kGemmDepth = 256, kGemmRows = 16 * kRows;
   const int64_t P = (g.n + kPanel - 1) / kPanel;
   const bool c_fits = (r_end - r_begin) * g.n <= (int64_t{256} << 10);  // 1 MB of C
   const int64_t row_step = c_fits ? r_end - r_begin : kGemmRows;
