@@ -128,26 +128,53 @@ inline at::Tensor input_projection(const LstmSizes& s, const at::Tensor& x, cons
   return xproj;
 }
 
+// Row order of the (B, T, features) tensors. A time-major sequence (torch.nn.LSTM's default layout) reaches the op as
+// a transposed view, x (B, T, I) with the batch rows adjacent in memory; a backend that follows that order reads it
+// in place and writes out, the saved gates and cells and dx in the same order, so that the caller's transpose back
+// gives contiguous tensors (as torch.nn.LSTM returns) and no copy is made either way.
+inline bool is_time_major(const at::Tensor& x) { return x.size(0) > 1 && x.size(1) > 1 && x.stride(0) < x.stride(1); }
+
+// t (B, T, F) dense in the given order (no copy where it already is).
+inline at::Tensor in_order(const at::Tensor& t, bool time_major) {
+  return time_major ? t.transpose(0, 1).contiguous().transpose(0, 1) : t.contiguous();
+}
+
+inline at::Tensor empty_in_order(EmptyFn empty, int64_t B, int64_t T, int64_t F, const at::TensorOptions& options,
+                                 bool time_major) {
+  return time_major ? empty({T, B, F}, options).transpose(0, 1) : empty({B, T, F}, options);
+}
+
+// t (B, T, F) dense in either order as the (B*T, F) matrix of its rows in memory order.
+inline at::Tensor memory_rows(const at::Tensor& t) {
+  const at::Tensor rows = t.is_contiguous() ? t : t.transpose(0, 1);
+  return rows.view({t.size(0) * t.size(1), t.size(2)});
+}
+
 // The tensors of one forward call that both devices allocate alike; each backend adds its own gate buffer.
 struct LstmForward {
-  at::Tensor x, w_hh, lens;  // contiguous; lens undefined without lengths
+  bool time_major;           // x, out and cells in time-major order (see is_time_major), else batch-first
+  at::Tensor x, w_hh, lens;  // dense; lens undefined without lengths
   at::Tensor out, h_n, c_n;  // (B, T, D*R); the final states, started from h0/c0 (or zeros) and updated in place
   at::Tensor cells;          // (B, T, D*H) for the backward when training, else empty
 };
 
-// Called once the arguments are checked and the device guard is set.
+// Called once the arguments are checked and the device guard is set. follow_time_major: the backend reads and writes
+// time-major rows in place.
 inline LstmForward prepare_forward(const LstmSizes& s, const at::Tensor& x_in, const at::Tensor& w_hh_in,
                                    const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& c0,
-                                   const c10::optional<at::Tensor>& lengths, bool training, EmptyFn empty) {
+                                   const c10::optional<at::Tensor>& lengths, bool training, EmptyFn empty,
+                                   bool follow_time_major) {
   LstmForward f;
-  f.x = x_in.contiguous();
+  f.time_major = follow_time_major && is_time_major(x_in);
+  f.x = in_order(x_in, f.time_major);
   f.w_hh = w_hh_in.contiguous();
   f.lens = present(lengths) ? lengths->contiguous() : at::Tensor();
   const at::TensorOptions options = f.x.options();
-  f.out = empty({s.batch, s.steps, s.directions * s.proj}, options);
+  f.out = empty_in_order(empty, s.batch, s.steps, s.directions * s.proj, options, f.time_major);
   f.h_n = state_or_zeros(h0, s, s.proj, f.x);
   f.c_n = state_or_zeros(c0, s, s.hidden, f.x);
-  f.cells = training ? empty({s.batch, s.steps, s.directions * s.hidden}, options) : at::empty({0}, options);
+  f.cells = training ? empty_in_order(empty, s.batch, s.steps, s.directions * s.hidden, options, f.time_major)
+                     : at::empty({0}, options);
   return f;
 }
 
@@ -157,6 +184,7 @@ inline LstmForward prepare_forward(const LstmSizes& s, const at::Tensor& x_in, c
 struct LstmBackward {
   LstmSizes s;
   EmptyFn empty;
+  bool time_major;  // the order (see is_time_major) of x, out, gates, cells, dout and of every (B, T, ·) buffer below
   bool has_bias, need_dx, need_dweights, need_dstate;
   at::Tensor w_ih;  // as given: only the GEMMs after the loop read it
   // Contiguous; w_hr, dout, lens, h0 and c0 undefined where absent.
@@ -185,7 +213,7 @@ inline LstmBackward prepare_backward(const LstmSizes& s, const c10::optional<at:
                                      const c10::optional<at::Tensor>& lengths, const at::Tensor& out_in,
                                      const at::Tensor& gates_in, const at::Tensor& cells_in, bool need_dx,
                                      bool need_dweights, bool need_dstate, const c10::optional<at::Tensor>& w_hr_in,
-                                     EmptyFn empty) {
+                                     EmptyFn empty, bool follow_time_major) {
   const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, R = s.proj;
   const std::vector<int64_t> out_shape{B, T_, D * R}, cells_shape{B, T_, D * H};
   TORCH_CHECK(out_in.sizes() == at::IntArrayRef(out_shape) && cells_in.sizes() == at::IntArrayRef(cells_shape),
@@ -201,13 +229,14 @@ inline LstmBackward prepare_backward(const LstmSizes& s, const c10::optional<at:
   bw.need_dweights = need_dweights;
   bw.need_dstate = need_dstate;
   bw.w_ih = w_ih;
-  bw.x = x_in.contiguous();
+  const bool tm = bw.time_major = follow_time_major && is_time_major(x_in);
+  bw.x = in_order(x_in, tm);
   bw.w_hh = w_hh_in.contiguous();
-  bw.out = out_in.contiguous();
-  bw.gates = gates_in.contiguous();
-  bw.cells = cells_in.contiguous();
+  bw.out = in_order(out_in, tm);
+  bw.gates = in_order(gates_in, tm);
+  bw.cells = in_order(cells_in, tm);
   bw.w_hr = s.projected ? w_hr_in->contiguous() : at::Tensor();
-  bw.dout = present(grad_out) ? grad_out->contiguous() : at::Tensor();
+  bw.dout = present(grad_out) ? in_order(*grad_out, tm) : at::Tensor();
   if (bw.dout.defined()) {
     TORCH_CHECK(bw.dout.sizes() == bw.out.sizes(), "fastmsc::lstm_bwd: grad_out must have shape ", bw.out.sizes(),
                 ", got ", bw.dout.sizes());
@@ -220,8 +249,8 @@ inline LstmBackward prepare_backward(const LstmSizes& s, const c10::optional<at:
   bw.dc_state = state_or_zeros(grad_c_n, s, H, bw.x);
   bw.dh_rec = at::empty({D, B, R}, options);
   bw.empty = empty;
-  bw.dgates = empty({B, T_, D * 4 * H}, options);
-  bw.dh_all = s.projected ? empty({B, T_, D * R}, options) : at::Tensor();
+  bw.dgates = empty_in_order(empty, B, T_, D * 4 * H, options, tm);
+  bw.dh_all = s.projected ? empty_in_order(empty, B, T_, D * R, options, tm) : at::Tensor();
   bw.dr = s.projected ? at::empty({D, B, H}, options) : at::Tensor();
   return bw;
 }
@@ -231,8 +260,10 @@ inline LstmBackward prepare_backward(const LstmSizes& s, const c10::optional<at:
 // and only when weight gradients are asked for, so that they hold no memory during the loop.
 inline void allocate_weight_inputs(LstmBackward& bw) {
   const LstmSizes& s = bw.s;
-  bw.h_prev = bw.empty({s.batch, s.steps, s.directions * s.proj}, bw.x.options());
-  if (s.projected) bw.unprojected = bw.empty({s.batch, s.steps, s.directions * s.hidden}, bw.x.options());
+  bw.h_prev = empty_in_order(bw.empty, s.batch, s.steps, s.directions * s.proj, bw.x.options(), bw.time_major);
+  if (s.projected) {
+    bw.unprojected = empty_in_order(bw.empty, s.batch, s.steps, s.directions * s.hidden, bw.x.options(), bw.time_major);
+  }
 }
 
 using LstmGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -247,18 +278,21 @@ inline LstmGrads finish_backward(LstmBackward& bw) {
   if (s.batch == 0 && bw.need_dweights && !bw.h_prev.defined()) allocate_weight_inputs(bw);
   const at::Tensor& x = bw.x;
   const at::Tensor empty = at::empty({0}, x.options());
-  const at::Tensor dg2d = bw.dgates.view({N, D * G});
-  at::Tensor dx = !bw.need_dx ? empty
-                 : bw.dx.defined() ? bw.dx
-                                   : at::mm(dg2d, bw.w_ih).view({s.batch, s.steps, s.input});
+  // Every (B, T, ·) tensor here is dense in bw's order: their memory rows pair up in the products over B*T.
+  const at::Tensor dg2d = memory_rows(bw.dgates);
+  auto as_sequence = [&](const at::Tensor& rows) {  // (B*T, F) in memory order -> (B, T, F)
+    return bw.time_major ? rows.view({s.steps, s.batch, rows.size(1)}).transpose(0, 1)
+                         : rows.view({s.batch, s.steps, rows.size(1)});
+  };
+  at::Tensor dx = !bw.need_dx ? empty : bw.dx.defined() ? bw.dx : as_sequence(at::mm(dg2d, bw.w_ih));
   at::Tensor dw_ih = empty, dw_hh = empty, dbias = empty, dw_hr = empty;
   if (bw.need_dweights) {
-    dw_ih = bw.dw_ih.defined() ? bw.dw_ih : at::mm(dg2d.t(), x.view({N, s.input}));
+    dw_ih = bw.dw_ih.defined() ? bw.dw_ih : at::mm(dg2d.t(), memory_rows(x));
     if (bw.dw_hh.defined()) {
       dw_hh = bw.dw_hh;
     } else {
       dw_hh = at::empty({D, G, R}, x.options());
-      const at::Tensor h_prev2d = bw.h_prev.view({N, D * R});
+      const at::Tensor h_prev2d = memory_rows(bw.h_prev);
       for (int64_t d = 0; d < D; ++d) {
         at::Tensor dw_d = dw_hh.select(0, d);
         at::mm_out(dw_d, dg2d.narrow(1, d * G, G).t(), h_prev2d.narrow(1, d * R, R));
@@ -267,7 +301,7 @@ inline LstmGrads finish_backward(LstmBackward& bw) {
     if (bw.has_bias) dbias = dg2d.sum(0);
     if (s.projected) {
       dw_hr = at::empty({D, R, H}, x.options());
-      const at::Tensor dh2d = bw.dh_all.view({N, D * R}), hidden2d = bw.unprojected.view({N, D * H});
+      const at::Tensor dh2d = memory_rows(bw.dh_all), hidden2d = memory_rows(bw.unprojected);
       for (int64_t d = 0; d < D; ++d) {
         at::Tensor dw_d = dw_hr.select(0, d);
         at::mm_out(dw_d, dh2d.narrow(1, d * R, R).t(), hidden2d.narrow(1, d * H, H));
@@ -283,6 +317,8 @@ inline LstmGrads finish_backward(LstmBackward& bw) {
 // both devices so that the argument checks, buffers and gradient bookkeeping cannot drift apart. Backend supplies:
 //   Guard: constructed from x's device once the checks have confirmed every tensor is on it;
 //   empty(sizes, options): allocates the large tensors (an EmptyFn);
+//   reads_time_major(s, dtype): whether this call's loops follow a time-major x in place (see is_time_major);
+//   kReturnsTimeMajor: out, gates, cells and dx follow a time-major x in any case (a copy where the loops did not);
 //   forward(s, f, w_ih, bias, h0, training, w_hr): runs the layer into f and returns the saved gates (empty when
 //     not training);
 //   backward(bw): the BPTT loop into bw's buffers, then h_prev and unprojected when bw.need_dweights.
@@ -299,8 +335,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd(
   const LstmSizes s = check_lstm_args(x, w_ih, w_hh, bias, h0, c0, lengths, w_hr);
   const typename Backend::Guard device_guard(x.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  LstmForward f = prepare_forward(s, x, w_hh, h0, c0, lengths, training, &Backend::empty);
+  LstmForward f = prepare_forward(s, x, w_hh, h0, c0, lengths, training, &Backend::empty,
+                                  Backend::reads_time_major(s, x.scalar_type()));
   at::Tensor gates = Backend::forward(s, f, w_ih, bias, h0, training, w_hr);
+  if (Backend::kReturnsTimeMajor && is_time_major(x) && !f.time_major) {
+    // The same layout whichever code ran (the fake implementation promises it): a copy where it ran batch-first.
+    return {in_order(f.out, true), f.h_n, f.c_n, training ? in_order(gates, true) : gates,
+            training ? in_order(f.cells, true) : f.cells};
+  }
   return {f.out, f.h_n, f.c_n, gates, f.cells};
 }
 
@@ -315,11 +357,14 @@ LstmGrads lstm_bwd(const c10::optional<at::Tensor>& grad_out, const c10::optiona
   const typename Backend::Guard device_guard(x.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   LstmBackward bw = prepare_backward(s, grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, has_bias, h0, c0, lengths, out,
-                                     gates, cells, need_dx, need_dweights, need_dstate, w_hr, &Backend::empty);
+                                     gates, cells, need_dx, need_dweights, need_dstate, w_hr, &Backend::empty,
+                                     Backend::reads_time_major(s, x.scalar_type()));
   // An empty batch has no step to run (and a CUDA kernel must not be launched with an empty grid); the GEMMs over
   // zero rows still give the zero weight gradients.
   if (s.batch != 0) Backend::backward(bw);
-  return finish_backward(bw);
+  LstmGrads grads = finish_backward(bw);
+  if (Backend::kReturnsTimeMajor && need_dx && is_time_major(x)) std::get<0>(grads) = in_order(std::get<0>(grads), true);
+  return grads;
 }
 
 }  // namespace fastmsc

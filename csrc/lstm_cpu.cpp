@@ -550,18 +550,23 @@ inline void pack_column_panels(const float* w, int64_t D, int64_t K, int64_t N, 
 
 // h_prev of direction d, the state each step's recurrent product used (h0 or zero at a sequence's first step, zero at
 // padded steps), for every row (b, t), packed as pack_column_panels packs an (N = B*T, H) matrix: dW_hh = dGᵀ · h_prev
-// straight from the layer's output, without an h_prev copy. out (B, T, D*H); h0 (D, B, H) or null.
-inline void pack_h_prev_panels(const LstmSizes& s, const int64_t* lens, const float* out, const float* h0, int64_t d,
-                               int64_t width, float* dst) {
-  const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, K = B * T_;
+// straight from the layer's output, without an h_prev copy. out (B, T, D*H) dense in either order: the rows go in its
+// memory order, as dG's do; h0 (D, B, H) or null.
+inline void pack_h_prev_panels(const LstmSizes& s, const int64_t* lens, const at::Tensor& out, const float* h0,
+                               int64_t d, int64_t width, float* dst) {
+  const int64_t B = s.batch, T_ = s.steps, H = s.hidden, K = B * T_;
   const int64_t lanes = 4 * width, P = (H + lanes - 1) / lanes;
+  const bool time_major = !out.is_contiguous();
+  const float* out_data = out.data_ptr<float>();
+  const int64_t out_sb = out.stride(0), out_st = out.stride(1);
   at::parallel_for(0, K, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / T_, t = row % T_, len = lens != nullptr ? lens[b] : T_;
+      const int64_t b = time_major ? row % B : row / T_, t = time_major ? row / B : row % T_;
+      const int64_t len = lens != nullptr ? lens[b] : T_;
       const bool first = d == 0 ? t == 0 : t == len - 1;
       const float* src = t >= len ? nullptr
                          : first  ? (h0 != nullptr ? h0 + (d * B + b) * H : nullptr)
-                                  : out + (b * T_ + (d == 0 ? t - 1 : t + 1)) * D * H + d * H;
+                                  : out_data + b * out_sb + (d == 0 ? t - 1 : t + 1) * out_st + d * H;
       for (int64_t p = 0; p < P; ++p) {
         const int64_t n0 = p * lanes, n = std::min(lanes, H - n0);
         float* dst_row = dst + (p * K + row) * lanes;
@@ -760,11 +765,14 @@ void panel_forward(CpuKernel kernel, const LstmSizes& s, const LstmForward& f, c
     pack_gate_bias(bias.data_ptr<float>(), D, H, width, bias_p);
   }
   // h_n starts as a copy of h0 (prepare_forward); each task reads its rows of it before writing them back.
-  const PanelForward a{B, T_, I, H, (H + width - 1) / width, f.x.data_ptr<float>(), T_ * I, I, w_ih_p, w_hh_p, bias_p,
-                       ptr_or_null<int64_t>(f.lens), has_h0 ? f.h_n.data_ptr<float>() : nullptr,
-                       f.out.data_ptr<float>(), T_ * D * H, D * H, f.h_n.data_ptr<float>(), f.c_n.data_ptr<float>(),
-                       training ? gates.data_ptr<float>() : nullptr, T_ * D * 4 * H, D * 4 * H,
-                       training ? f.cells.data_ptr<float>() : nullptr, T_ * D * H, D * H};
+  // Rows (b, t) by their strides: batch-first or time-major alike.
+  const PanelForward a{B, T_, I, H, (H + width - 1) / width, f.x.data_ptr<float>(), f.x.stride(0), f.x.stride(1),
+                       w_ih_p, w_hh_p, bias_p, ptr_or_null<int64_t>(f.lens),
+                       has_h0 ? f.h_n.data_ptr<float>() : nullptr, f.out.data_ptr<float>(), f.out.stride(0),
+                       f.out.stride(1), f.h_n.data_ptr<float>(), f.c_n.data_ptr<float>(),
+                       training ? gates.data_ptr<float>() : nullptr, gates.stride(0), training ? gates.stride(1) : 0,
+                       training ? f.cells.data_ptr<float>() : nullptr, f.cells.stride(0),
+                       training ? f.cells.stride(1) : 0};
   if (kernel == CpuKernel::kAvx512) {
     run_panel_forward(a, D, avx512::forward_rows, avx512::forward_scratch_floats);
   } else {
@@ -805,7 +813,7 @@ void panel_weight_gradients(CpuKernel kernel, LstmBackward& bw) {
     const bool in_place = I % (4 * width) == 0;
     const float* w = in_place ? w_ih.data_ptr<float>()
                               : packed_columns(kSlotWih, w_ih.data_ptr<float>(), 1, D * G, I, width, I, holder);
-    bw.dx = cpu_empty({s.batch, s.steps, I}, options);
+    bw.dx = empty_in_order(&cpu_empty, s.batch, s.steps, I, options, bw.time_major);  // rows in dG's order
     panel_gemm(kernel, {N, I, D * G, dg, D * G, 1, w, in_place ? I : 0, bw.dx.data_ptr<float>(), I, false});
   }
   if (bw.need_dweights) {
@@ -818,7 +826,7 @@ void panel_weight_gradients(CpuKernel kernel, LstmBackward& bw) {
     bw.dw_hh = cpu_empty({D, G, H}, options);
     for (int64_t d = 0; d < D; ++d) {
       float* h_packed = scratch_floats(kSlotTasks, column_panels_floats(1, N, H, width), holder);
-      pack_h_prev_panels(s, ptr_or_null<int64_t>(bw.lens), bw.out.data_ptr<float>(), ptr_or_null<float>(bw.h0), d,
+      pack_h_prev_panels(s, ptr_or_null<int64_t>(bw.lens), bw.out, ptr_or_null<float>(bw.h0), d,
                          width, h_packed);
       panel_gemm(kernel, {G, H, N, dg + d * G, 1, D * G, h_packed, 0, bw.dw_hh.data_ptr<float>() + d * G * H, H, false});
     }
@@ -846,9 +854,11 @@ void panel_backward(CpuKernel kernel, LstmBackward& bw) {
   const PanelBackward a{B, T_, H, P, w_hh_p, in_place ? H : lanes, in_place ? lanes : G * lanes,
                         in_place ? G * H : P * G * lanes,
                         ptr_or_null<int64_t>(bw.lens), ptr_or_null<float>(bw.c0), ptr_or_null<float>(bw.dout),
-                        T_ * D * H, D * H, bw.gates.data_ptr<float>(), T_ * D * 4 * H, D * 4 * H,
-                        bw.cells.data_ptr<float>(), T_ * D * H, D * H, bw.dgates.data_ptr<float>(), T_ * D * 4 * H,
-                        D * 4 * H, bw.dh_state.data_ptr<float>(), bw.dc_state.data_ptr<float>(), bw.need_dstate};
+                        bw.dout.defined() ? bw.dout.stride(0) : 0, bw.dout.defined() ? bw.dout.stride(1) : 0,
+                        bw.gates.data_ptr<float>(), bw.gates.stride(0), bw.gates.stride(1), bw.cells.data_ptr<float>(),
+                        bw.cells.stride(0), bw.cells.stride(1), bw.dgates.data_ptr<float>(), bw.dgates.stride(0),
+                        bw.dgates.stride(1), bw.dh_state.data_ptr<float>(), bw.dc_state.data_ptr<float>(),
+                        bw.need_dstate};
   if (kernel == CpuKernel::kAvx512) {
     run_panel_backward(a, D, avx512::backward_rows, avx512::backward_scratch_floats);
   } else {
@@ -864,6 +874,8 @@ inline bool runs_panels(CpuKernel kernel, const LstmSizes& s, at::ScalarType dty
 struct CpuBackend {
   using Guard = NoDeviceGuard;
   static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) { return cpu_empty(sizes, options); }
+  static bool reads_time_major(const LstmSizes& s, at::ScalarType dtype) { return runs_panels(cpu_kernel(), s, dtype); }
+  static constexpr bool kReturnsTimeMajor = true;
   static at::Tensor forward(const LstmSizes& s, const LstmForward& f, const at::Tensor& w_ih_in,
                             const c10::optional<at::Tensor>& bias_in, const c10::optional<at::Tensor>& h0,
                             bool training, const c10::optional<at::Tensor>& w_hr_in);
@@ -877,8 +889,9 @@ at::Tensor CpuBackend::forward(const LstmSizes& s, const LstmForward& f, const a
   const at::Tensor bias = present(bias_in) ? bias_in->contiguous() : at::Tensor();
   const at::Tensor w_hr = s.projected ? w_hr_in->contiguous() : at::Tensor();
   // The activated gates for the backward, written by the forward pass.
-  const at::Tensor gates = training ? cpu_empty({s.batch, s.steps, s.directions * 4 * s.hidden}, f.x.options())
-                                    : at::empty({0}, f.x.options());
+  const at::Tensor gates =
+      training ? empty_in_order(&cpu_empty, s.batch, s.steps, s.directions * 4 * s.hidden, f.x.options(), f.time_major)
+               : at::empty({0}, f.x.options());
   const int64_t* lens_ptr = ptr_or_null<int64_t>(f.lens);
   // An empty batch has nothing to compute (and the step chunking divides by the batch): the outputs are empty.
   if (s.batch == 0) return gates;
@@ -889,13 +902,23 @@ at::Tensor CpuBackend::forward(const LstmSizes& s, const LstmForward& f, const a
     return gates;
   }
 #endif
+  // The BLAS loops read and write batch-first rows: a time-major call runs on batch-first copies.
+  const at::Tensor x = f.x.contiguous(), out = f.out.contiguous(), cells = f.cells.contiguous();
+  const at::Tensor gates_bf = gates.contiguous();
   AT_DISPATCH_FLOATING_TYPES(f.x.scalar_type(), "fastmsc::lstm_fwd", [&] {
     using T = scalar_t;
-    forward_impl<T>(s, f.x.data_ptr<T>(), w_ih.data_ptr<T>(), ptr_or_null<T>(bias), f.w_hh.data_ptr<T>(),
-                    ptr_or_null<T>(w_hr), lens_ptr, present(h0), f.out.data_ptr<T>(), f.h_n.data_ptr<T>(),
-                    f.c_n.data_ptr<T>(), training ? gates.data_ptr<T>() : nullptr,
-                    training ? f.cells.data_ptr<T>() : nullptr);
+    forward_impl<T>(s, x.data_ptr<T>(), w_ih.data_ptr<T>(), ptr_or_null<T>(bias), f.w_hh.data_ptr<T>(),
+                    ptr_or_null<T>(w_hr), lens_ptr, present(h0), out.data_ptr<T>(), f.h_n.data_ptr<T>(),
+                    f.c_n.data_ptr<T>(), training ? gates_bf.data_ptr<T>() : nullptr,
+                    training ? cells.data_ptr<T>() : nullptr);
   });
+  if (f.time_major) {
+    f.out.copy_(out);
+    if (training) {
+      f.cells.copy_(cells);
+      gates.copy_(gates_bf);
+    }
+  }
   return gates;
 }
 
@@ -1061,13 +1084,21 @@ void CpuBackend::backward(LstmBackward& bw) {
     if (dg_floats <= kScratchKeepFloats) {
       at::Tensor unused;
       bw.dgates = at::from_blob(scratch_floats(kSlotGateGrads, dg_floats, unused), bw.dgates.sizes(),
-                                bw.dgates.options());
+                                bw.dgates.strides(), bw.dgates.options());
     }
     panel_backward(kernel, bw);
     panel_weight_gradients(kernel, bw);
     return;
   }
 #endif
+  if (bw.time_major) {  // the BLAS loops read and write batch-first rows
+    bw.time_major = false;
+    for (at::Tensor* t : {&bw.x, &bw.out, &bw.gates, &bw.cells, &bw.dout}) {
+      if (t->defined()) *t = t->contiguous();
+    }
+    bw.dgates = bw.empty({s.batch, s.steps, s.directions * 4 * s.hidden}, bw.x.options());
+    if (s.projected) bw.dh_all = bw.empty({s.batch, s.steps, s.directions * s.proj}, bw.x.options());
+  }
   AT_DISPATCH_FLOATING_TYPES(bw.x.scalar_type(), "fastmsc::lstm_bwd", [&] {
     using T = scalar_t;
     backward_loop<T>(s, bw.w_hh, ptr_or_null<T>(bw.w_hr), lens_ptr, ptr_or_null<T>(bw.c0), ptr_or_null<T>(bw.dout),

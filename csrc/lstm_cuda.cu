@@ -217,6 +217,8 @@ __global__ void __launch_bounds__(kThreads) fill_unprojected_kernel(const T* __r
 struct CudaBackend {
   using Guard = c10::cuda::CUDAGuard;
   static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) { return plain_empty(sizes, options); }
+  static bool reads_time_major(const LstmSizes&, at::ScalarType) { return false; }
+  static constexpr bool kReturnsTimeMajor = false;
   static at::Tensor forward(const LstmSizes& s, const LstmForward& f, const at::Tensor& w_ih,
                             const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& h0, bool training,
                             const c10::optional<at::Tensor>& w_hr_in);

@@ -20,13 +20,36 @@ def to_dtype(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor 
     return t if t is None or dtype is None else t.to(dtype)
 
 
-def fake_forward(x, w_ih, w_hh, bias, h0, c0, lengths, training, w_hr=None):
+def follows_time_major(x: torch.Tensor) -> bool:
+    """Whether the CPU ops return their (B, T, ·) tensors (out, gates, cells, dx) in time-major memory order: for a
+    time-major x, a transposed (T, B, I) view, as torch.nn.LSTM's default layout hands it over. The C++ side's
+    is_time_major; the fake implementations must promise the strides the real ones give."""
+    B, T, _ = x.shape
+    return x.device.type == "cpu" and B > 1 and T > 1 and x.stride(0) < x.stride(1)
+
+
+def new_sequence(x: torch.Tensor, B: int, T: int, F: int) -> torch.Tensor:
+    """An empty (B, T, F) tensor in the row order the ops give x's sequences (see follows_time_major)."""
+    return x.new_empty(T, B, F).transpose(0, 1) if follows_time_major(x) else x.new_empty(B, T, F)
+
+
+def fake_forward(x, w_ih, w_hh, bias, h0, c0, lengths, training, w_hr=None, *, follow_time_major=True):
+    """The extension's forward (lstm_fwd, lstm_fwd_half): (B, T, ·) outputs as new_sequence orders them."""
     B, T, _ = x.shape
     D, G, R = w_hh.shape
     H = G // 4
-    saved = (B, T, D * G) if training else (0,)
-    return (x.new_empty(B, T, D * R), x.new_empty(D, B, R), x.new_empty(D, B, H), x.new_empty(saved),
-            x.new_empty((B, T, D * H) if training else (0,)))
+
+    def sequence(F):
+        return new_sequence(x, B, T, F) if follow_time_major else x.new_empty(B, T, F)
+
+    gates = sequence(D * G) if training else x.new_empty(0)
+    cells = sequence(D * H) if training else x.new_empty(0)
+    return sequence(D * R), x.new_empty(D, B, R), x.new_empty(D, B, H), gates, cells
+
+
+def fake_forward_batch_first(x, w_ih, w_hh, bias, h0, c0, lengths, training, w_hr=None):
+    """The persistent Triton forward: batch-first outputs whatever x's layout."""
+    return fake_forward(x, w_ih, w_hh, bias, h0, c0, lengths, training, w_hr, follow_time_major=False)
 
 
 def setup_context(ctx, inputs, output):
@@ -48,7 +71,8 @@ def zero_past_lengths(seq: torch.Tensor, lengths: torch.Tensor | None) -> torch.
     padded input (or weight) into them; torch.nn.LSTM on packed sequences never reads the padding."""
     if lengths is None:
         return seq
-    return seq.masked_fill(~time_mask(lengths, seq.shape[1])[:, :, None], 0.0)
+    # clone + in place keeps seq's layout (a time-major x stays time-major); masked_fill would return it batch-first
+    return seq.clone().masked_fill_(~time_mask(lengths, seq.shape[1])[:, :, None], 0.0)
 
 
 def backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells, *, run_bwd, widen_saved: bool):

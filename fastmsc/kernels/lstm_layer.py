@@ -29,7 +29,7 @@ from .. import _extension
 from ..ops._checks import compute_dtype
 from . import lstm_persistent
 from ._common import triton_call_unsupported
-from ._lstm_shared import HALF_DTYPES, backward, combined_bias, fake_forward, setup_context, to_dtype
+from ._lstm_shared import HALF_DTYPES, backward, combined_bias, fake_forward, new_sequence, setup_context, to_dtype
 
 _registered = False
 _register_lock = threading.Lock()
@@ -43,7 +43,7 @@ def _fake_backward(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, has_bias, h0, c0
     H = G // 4
     empty = x.new_empty(0)
     return (
-        x.new_empty(B, T, n_in) if need_dx else empty,
+        new_sequence(x, B, T, n_in) if need_dx else empty,
         x.new_empty(D * G, n_in) if need_dweights else empty,
         x.new_empty(D, G, R) if need_dweights else empty,
         x.new_empty(D * G) if need_dweights and has_bias else empty,

@@ -41,7 +41,7 @@ import torch
 
 from ..ops._checks import compute_dtype
 from ._common import INTERPRETED, TRITON_DTYPES, matmul_precision, new_output
-from ._lstm_shared import backward, fake_forward, setup_context
+from ._lstm_shared import backward, fake_forward_batch_first, setup_context
 
 try:
     import triton
@@ -216,7 +216,7 @@ def launch_forward(x, w_ih, w_hh, bias, h0, c0, lengths, training):
 
 @_lstm_persistent_fwd.register_fake
 def _(x, w_ih, w_hh, bias, h0, c0, lengths, training):
-    return fake_forward(x, w_ih, w_hh, bias, h0, c0, lengths, training)
+    return fake_forward_batch_first(x, w_ih, w_hh, bias, h0, c0, lengths, training)
 
 
 @torch.library.custom_op("fastmsc::lstm_persistent_bwd", mutates_args=())
