@@ -13,6 +13,7 @@ dimensions. ``--backend auto`` times fastmsc as ``auto`` dispatches it (the CPU 
 ``fused`` (default) the extension alone.
 
     python bench/lstm_cpu_grid.py --sample 60 --csv lstm_cpu_grid.csv
+    python bench/lstm_cpu_grid.py --sample 0 --write-table --from-csv lstm_cpu_grid.csv   # auto's CPU rule
     python bench/lstm_cpu_grid.py --only B=128 T=24 H=32 --threads 2
 
 Printed: each case as it ends, then the geometric-mean speed-up per mode, the worst cases, and the geometric mean
@@ -36,6 +37,7 @@ import torch
 
 import fastmsc
 from fastmsc.bench.timing import time_interleaved
+from fastmsc.kernels import lstm_cpu_measured
 from fastmsc.nn import LSTM
 
 GRID = {
@@ -175,7 +177,7 @@ def summary(rows: list[Row]) -> str:
 
 
 def write_csv(path: str, rows: list[Row], backend: str) -> None:
-    fields = [*asdict(rows[0].case), "mode", "torch_ms", "fastmsc_ms", "ratio", "backend", "cpu", "torch"]
+    fields = [*asdict(rows[0].case), "mode", "torch_ms", "fastmsc_ms", "ratio", "backend", "cpu", "torch", "cpu_class"]
     new = not os.path.exists(path)
     with open(path, "a", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -184,7 +186,36 @@ def write_csv(path: str, rows: list[Row], backend: str) -> None:
         for r in rows:
             writer.writerow({**asdict(r.case), "mode": r.mode, "torch_ms": f"{r.torch_ms:.4f}",
                              "fastmsc_ms": f"{r.fastmsc_ms:.4f}", "ratio": f"{r.ratio:.4f}", "backend": backend,
-                             "cpu": cpu_name(), "torch": torch.__version__})
+                             "cpu": cpu_name(), "torch": torch.__version__,
+                             "cpu_class": torch.backends.cpu.get_cpu_capability()})
+
+
+def read_csv(paths: list[str]) -> list[Row]:
+    """The fused-backend rows of earlier runs' CSVs taken on this CPU class (rows without a class: this one)."""
+    here = torch.backends.cpu.get_cpu_capability()
+    rows = []
+    for path in paths:
+        with open(path, newline="", encoding="utf-8") as f:
+            for r in csv.DictReader(f):
+                if r["backend"] != "fused" or r.get("cpu_class", here) != here:
+                    continue
+                case = Case(int(r["B"]), int(r["T"]), int(r["H"]), int(r["D"]), r["layout"], int(r["threads"]),
+                            r["dtype"])
+                rows.append(Row(case, r["mode"], float(r["torch_ms"]), float(r["fastmsc_ms"])))
+    return rows
+
+
+def write_table(rows: list[Row], command: str) -> None:
+    """This CPU class's record in fastmsc/kernels/lstm_cpu_measured.json (auto's CPU rule): these rows replace it."""
+    records = lstm_cpu_measured.read()
+    cpu_class = torch.backends.cpu.get_cpu_capability()
+    cases = tuple(lstm_cpu_measured.Case(r.case.dtype, r.mode, r.case.threads, r.case.B, r.case.T, r.case.H, r.case.D,
+                                         round(r.torch_ms, 4), round(r.fastmsc_ms, 4)) for r in rows)
+    records[cpu_class] = lstm_cpu_measured.ClassRecord(cpu=cpu_name(), torch=torch.__version__,
+                                                       measured=time.strftime("%Y-%m-%dT%H:%M:%S"), command=command,
+                                                       cases=cases)
+    lstm_cpu_measured.write(records)
+    print(f"wrote {len(cases)} measured cases for CPU class {cpu_class} to {lstm_cpu_measured.TABLE_PATH}")
 
 
 def parse_only(items: list[str]) -> dict[str, set]:
@@ -209,7 +240,16 @@ def main(argv=None) -> int:
     parser.add_argument("--min-seconds", type=float, default=0.5, help="timed rounds continue until this much time")
     parser.add_argument("--budget-s", type=float, help="start no case after this many seconds")
     parser.add_argument("--csv", help="append one row per case and mode")
+    parser.add_argument("--write-table", action="store_true",
+                        help="record the fused rows as this CPU class's measurements for auto's CPU rule "
+                             "(fastmsc/kernels/lstm_cpu_measured.json), with those of --from-csv")
+    parser.add_argument("--from-csv", nargs="+", default=[], metavar="CSV",
+                        help="with --write-table: also the rows of earlier runs' CSVs (this CPU class's)")
     args = parser.parse_args(argv)
+    if args.from_csv and not args.write_table:
+        raise SystemExit("--from-csv goes with --write-table")
+    if args.write_table and args.backend != "fused":
+        raise SystemExit("--write-table records the extension's own speed: use it with --backend fused")
     dtypes = args.dtypes.split(",")
     if "bfloat16" in dtypes and not native_bf16():
         print("bfloat16 skipped: this CPU has no native bf16 arithmetic (avx512_bf16 / amx_bf16)", file=sys.stderr)
@@ -222,6 +262,8 @@ def main(argv=None) -> int:
     print(f"{cpu_name()}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), backend "
           f"{args.backend}, {len(chosen)} cases; load average {load}")
     rows, start = [], time.perf_counter()
+    if args.sample == 0:
+        chosen = []
     for case in chosen:
         if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
             print(f"budget reached: {len(chosen) - len(rows) // 2} cases not timed")
@@ -235,6 +277,8 @@ def main(argv=None) -> int:
     if rows:
         print(summary(rows))
     print(f"load average {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    if args.write_table:
+        write_table(rows + read_csv(args.from_csv), "python bench/lstm_cpu_grid.py " + " ".join(sys.argv[1:]))
     return 0
 
 

@@ -440,7 +440,11 @@ class HugePageAllocator final : public c10::Allocator {
     void* data = nullptr;
     TORCH_CHECK(posix_memalign(&data, kHugePage, size) == 0, "fastmsc::lstm: not enough memory: tried to allocate ",
                 bytes, " bytes");
-    madvise(data, size, MADV_HUGEPAGE);  // advice only: without huge pages the memory is still good
+    static const bool advise = [] {
+      const char* off = std::getenv("FASTMSC_LSTM_HUGE_PAGES");
+      return off == nullptr || std::strcmp(off, "0") != 0;
+    }();
+    if (advise) madvise(data, size, MADV_HUGEPAGE);  // advice only: without huge pages the memory is still good
     return {data, data, &std::free, c10::Device(c10::DeviceType::CPU)};
   }
   c10::DeleterFnPtr raw_deleter() const override { return &std::free; }

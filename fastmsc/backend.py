@@ -148,7 +148,9 @@ class Op:
     * optionally ``expected_slower(device_type, **call_args)``: a sentence where the kernels' own design estimate,
       or a measurement they record (the LSTM extension per CPU class), expects them to be slower than ``torch`` for
       such calls, else None. ``auto`` follows it where the dispatch table has no measurement, so that the fused path
-      never makes a user slower where that is known.
+      never makes a user slower where that is known;
+    * optionally ``cpu_dispatch_note()``: a sentence on the CPU measurements ``expected_slower`` follows, for
+      :func:`fastmsc.info`, or None.
     """
 
     name: str
@@ -159,6 +161,7 @@ class Op:
     fused_prepare: Callable[..., str | None] | None = None
     load_error: str | None = field(default=None, repr=False)
     fused_expected_slower: Callable[..., str | None] | None = None
+    fused_cpu_dispatch_note: Callable[[], str | None] | None = None
 
     def why_not_fused(self, device_type: str, *, allow_interpreter: bool | None = None, **call_args) -> str | None:
         """Why the fused path cannot run these arguments on ``device_type``, or None. ``allow_interpreter`` None
@@ -177,6 +180,10 @@ class Op:
         if self.fused_expected_slower is None:
             return None
         return self.fused_expected_slower(device_type, **call_args)
+
+    def cpu_dispatch_note(self) -> str | None:
+        """A sentence on the measurements behind ``expected_slower`` on this CPU (fastmsc info), or None."""
+        return None if self.fused_cpu_dispatch_note is None else self.fused_cpu_dispatch_note()
 
     def prepare_fused(self, *, fallback: bool, **call_args) -> None:
         """Ready the fused path for a call about to run it (``fused_prepare``: e.g. load or build a compiled

@@ -25,7 +25,8 @@ def _dispatch_for(op_name: str, device: str, unmeasured: str = "fused wherever s
     """The measured dispatch entries that apply to ``op_name`` on ``device`` and a sentence on where they come from;
     ``unmeasured``: what runs where nothing was measured."""
     if device != "cuda":
-        return [], f"no dispatch measurements on CPU: {unmeasured}"
+        note = OPS[op_name].cpu_dispatch_note() if op_name in OPS else None
+        return [], (f"no dispatch measurements on CPU: {unmeasured}" if note is None else note)
     if (error := dispatch.table_error()) is not None:
         return [], f"dispatch table unreadable ({error}): {unmeasured}"
     capability = compute_capability(torch.device("cuda"))
@@ -84,8 +85,8 @@ def info() -> dict:
                 auto = "torch"
             elif slower is not None:  # unmeasured sizes run torch
                 auto = "torch or fused by measurement" if any(e["choice"] == "fused" for e in entries) else "torch"
-            elif any(e["choice"] == "torch" for e in entries):  # unmeasured sizes still run fused
-                auto = "fused or torch by measurement"
+            elif any(e["choice"] == "torch" for e in entries) or (device == "cpu" and op.cpu_dispatch_note()):
+                auto = "fused or torch by measurement"  # unmeasured sizes still run fused
             else:
                 auto = "fused"
             per_device[device] = {"auto": auto, "fused_unavailable": reason, "dispatch": entries,

@@ -403,29 +403,85 @@ def test_stale_lock_in_cached_jit_build_does_not_block_loading(tmp_path):
     assert not (build_dir / "lock").exists()
 
 
-def test_auto_runs_torch_on_cpu_classes_where_the_extension_was_measured_slower(monkeypatch):
-    """On an AVX-512 CPU the extension measured 0.71x / 0.64x nn.LSTM (bench/lstm_cpu_grid.py): auto runs the
-    torch path there and fastmsc info says why; on AVX2 it runs the extension; backend 'fused' always does."""
+def _measured(dtype, mode, threads, B, T, H, D, ratio):
+    from fastmsc.kernels.lstm_cpu_measured import Case
+    return Case(dtype, mode, threads, B, T, H, D, torch_ms=ratio, fastmsc_ms=1.0)
+
+
+def test_measured_cpu_rule_judges_a_call_by_its_nearest_cases():
+    """The geometric mean of the three nearest cases of the call's dtype and mode decides; distance counts doublings
+    of B, T, H and threads and the directions; no record, dtype or mode measured: no judgement (the extension)."""
+    from fastmsc.kernels.lstm_cpu_measured import ClassRecord, Rule
+    slow = [_measured("float32", "train", 1, 8, 64, 128, 1, r) for r in (0.5, 0.6, 0.9)]
+    fast = [_measured("float32", "train", 1, 128, 64, 128, 1, r) for r in (1.5, 1.2, 0.95)]
+    rule = Rule({"AVX512": ClassRecord("a test CPU", "2.13", "2026-12-01", "cmd", tuple(slow + fast))})
+    why = rule.slower("AVX512", "float32", "train", 1, 8, 64, 128, 1)
+    assert why is not None and "0.65x" in why and "a test CPU" in why, why  # (0.5 * 0.6 * 0.9) ** (1/3)
+    assert rule.slower("AVX512", "float32", "train", 1, 128, 64, 128, 1) is None  # 1.19x
+    assert rule.slower("AVX512", "float32", "train", 1, 16, 64, 128, 1) is not None  # nearer the B=8 cases
+    assert rule.slower("AVX512", "float32", "infer", 1, 8, 64, 128, 1) is None  # mode not measured
+    assert rule.slower("AVX512", "bfloat16", "train", 1, 8, 64, 128, 1) is None  # dtype not measured
+    assert rule.slower("AVX2", "float32", "train", 1, 8, 64, 128, 1) is None  # class not measured
+    mixed = Rule({"AVX512": ClassRecord("cpu", "2.13", "2026-12-01", "cmd", (slow[2], fast[0], fast[1]))})
+    assert mixed.slower("AVX512", "float32", "train", 1, 8, 64, 128, 1) is None  # 0.9 * 1.5 * 1.2 > 1
+    assert "slower than torch.nn.LSTM in 4 of 6 grid cases" in rule.summary("AVX512")
+    assert rule.summary("AVX2") is None
+
+
+def test_measured_cpu_record_round_trips(tmp_path):
+    from fastmsc.kernels import lstm_cpu_measured as measured
+    records = {"AVX2": measured.ClassRecord("cpu", "2.13", "2026-12-01T10:00:00", "python bench/lstm_cpu_grid.py",
+                                            (_measured("float32", "infer", 2, 1, 24, 32, 2, 1.7),))}
+    path = tmp_path / "table.json"
+    measured.write(records, path)
+    assert measured.read(path) == records
+    assert measured.read(tmp_path / "absent.json") == {}
+
+
+def test_shipped_cpu_record_reads():
+    """The record shipped with the package parses, and its cases are the grid's."""
+    from fastmsc.kernels import lstm_cpu_measured as measured
+    for name, record in measured.read().items():
+        assert record.cases, name
+        for case in record.cases:
+            assert case.mode in measured.MODES and case.torch_ms > 0 and case.fastmsc_ms > 0, (name, case)
+
+
+def test_auto_follows_the_measured_cpu_rule(monkeypatch):
+    """auto runs torch for calls the rule expects slower on this CPU class, the extension elsewhere; backend 'fused'
+    always runs the extension; fastmsc info says that the CPU choice is by measurement, and why."""
     import importlib
 
+    from fastmsc.kernels import lstm_cpu_measured
     from fastmsc.kernels import lstm_layer as kernels
     info_module = importlib.import_module("fastmsc.info")
     op = fastmsc.backend.OPS["lstm_layer"]
     if op.why_not_fused("cpu") is not None:
         pytest.skip(f"the LSTM extension is unavailable: {op.why_not_fused('cpu')}")
-    monkeypatch.setattr(kernels, "CPU_CLASSES_SLOWER", {"AVX512": "measured slower on a test CPU"})
-    x = torch.randn(2, 5, 3)
-    weights = ((torch.randn(8, 3), torch.randn(8, 2), None, None),)
-    args = dict(x=x, weights=weights, h0=None, c0=None, lengths=None, lstm_impl="auto")
-    for capability, expected in (("AVX512", op.torch), ("AVX2", op.fused), ("DEFAULT", op.fused)):
-        monkeypatch.setattr(kernels, "_CPU_CAPABILITY", capability)
-        assert op.select("cpu", **args) is expected, capability
-        with fastmsc.use_backend("fused"):
-            assert op.select("cpu", **args) is op.fused
+    threads = torch.get_num_threads()
+    cases = (_measured("float32", "train", threads, 2, 5, 2, 1, 0.5),) * 3 + (
+        _measured("float32", "train", threads, 64, 5, 2, 1, 2.0),) * 3
+    rule = lstm_cpu_measured.Rule({"AVX512": lstm_cpu_measured.ClassRecord("a test CPU", "2.13", "2026-12-01",
+                                                                           "cmd", cases)})
+    monkeypatch.setattr(lstm_cpu_measured, "rule", lambda: rule)
+    monkeypatch.setattr(kernels, "_CPU_CAPABILITY", "AVX512")
+    weights = ((torch.randn(8, 3, requires_grad=True), torch.randn(8, 2, requires_grad=True), None, None),)
+
+    def args(B):
+        return dict(x=torch.randn(B, 5, 3), weights=weights, h0=None, c0=None, lengths=None, lstm_impl="auto")
+
+    assert op.select("cpu", **args(2)) is op.torch
+    assert op.select("cpu", **args(64)) is op.fused
+    with torch.no_grad():  # inference: not measured
+        assert op.select("cpu", **args(2)) is op.fused
+    with fastmsc.use_backend("fused"):
+        assert op.select("cpu", **args(2)) is op.fused
+    monkeypatch.setattr(kernels, "_CPU_CAPABILITY", "AVX2")
+    assert op.select("cpu", **args(2)) is op.fused
     monkeypatch.setattr(kernels, "_CPU_CAPABILITY", "AVX512")
     row = info_module.info()["ops"]["lstm_layer"]["cpu"]
-    assert row["auto"] == "torch" and "measured slower on a test CPU" in row["dispatch_note"]
-    assert op.expected_slower("cuda") is None
+    assert row["auto"] == "fused or torch by measurement" and "a test CPU" in row["dispatch_note"], row
+    assert op.expected_slower("cuda", **args(2)) is None
 
 
 # ---------------------------------------------------------------------------------------------------------------

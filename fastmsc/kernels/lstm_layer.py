@@ -26,8 +26,9 @@ import warnings
 import torch
 
 from .. import _extension
+from .._device import dtype_name
 from ..ops._checks import compute_dtype
-from . import lstm_persistent
+from . import lstm_cpu_measured, lstm_persistent
 from ._common import triton_call_unsupported
 from ._lstm_shared import HALF_DTYPES, backward, combined_bias, fake_forward, new_sequence, setup_context, to_dtype
 
@@ -111,24 +112,30 @@ def prepare(*, fallback: bool, lstm_impl: str = "auto", **call_args) -> str | No
     return reason
 
 
-# The CPU classes (torch.backends.cpu.get_cpu_capability()) where the extension was measured slower than
-# torch.nn.LSTM (oneDNN), and the measurement (bench/RESULTS.md; python bench/lstm_cpu_grid.py --sample 80 --seed 1).
-# oneDNN's AVX-512 RNN kernels run near the core's peak; on AVX2 machines the extension measured 1.42x training and
-# 1.49x inference (four model shapes, bench/RESULTS.md), so it stays there.
-CPU_CLASSES_SLOWER = {
-    "AVX512": "measured at 0.71x nn.LSTM's speed training and 0.64x inference (geomean of 80 cases of "
-              "bench/lstm_cpu_grid.py, 70 of them slower) on an AMD EPYC with AVX-512, torch 2.13",
-}
-
-
 def expected_slower(device_type: str, **call_args) -> str | None:
-    """On CPU, why the extension is expected to be slower than torch.nn.LSTM on this CPU class (auto then runs the
-    torch path; backend 'fused' still runs the extension), else None. CUDA layers are judged by the dispatch table
-    and the persistent kernel's design (fused_unsupported)."""
-    if device_type != "cpu":
+    """On CPU, why the extension is expected to be slower than torch.nn.LSTM for this call on this CPU class, from
+    the measured record (:mod:`fastmsc.kernels.lstm_cpu_measured`; auto then runs the torch path, backend 'fused'
+    still runs the extension), else None. Asked about the device in general (no call), None: the rule is per shape.
+    CUDA layers are judged by the dispatch table and the persistent kernel's design (fused_unsupported)."""
+    x, weights = call_args.get("x"), call_args.get("weights")
+    if device_type != "cpu" or x is None or weights is None or _projected(weights):
         return None
-    reason = CPU_CLASSES_SLOWER.get(_CPU_CAPABILITY)
-    return None if reason is None else f"the LSTM extension was {reason}"
+    B, T, _ = x.shape
+    mode = "train" if _training(x, call_args.get("h0"), call_args.get("c0"), weights) else "infer"
+    return lstm_cpu_measured.rule().slower(_CPU_CAPABILITY, dtype_name(x.dtype), mode, _cpu_threads(),
+                                           int(B), int(T), int(weights[0][1].shape[0]) // 4, len(weights))
+
+
+@torch.compiler.assume_constant_result
+def _cpu_threads() -> int:
+    # torch.compile cannot trace torch.get_num_threads(); the choice of implementation is fixed in a traced graph
+    # anyway, so the count at tracing time stands.
+    return torch.get_num_threads()
+
+
+def cpu_dispatch_note() -> str | None:
+    """What the measured CPU rule holds for this CPU class (fastmsc info), or None where nothing was measured."""
+    return lstm_cpu_measured.rule().summary(_CPU_CAPABILITY)
 
 
 # Read once: a property of the machine, and torch.compile cannot trace the call (it returns a str).

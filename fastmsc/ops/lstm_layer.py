@@ -180,7 +180,8 @@ _lstm_packed_op.register_autograd(_lstm_packed_backward, setup_context=_lstm_pac
 OP = register(Op("lstm_layer", lstm_layer_reference, lstm_layer_torch,
                  fused=getattr(_kernels, "fused", None), fused_unsupported=getattr(_kernels, "fused_unsupported", None),
                  fused_prepare=getattr(_kernels, "prepare", None),
-                 load_error=_kernels_error, fused_expected_slower=getattr(_kernels, "expected_slower", None)))
+                 load_error=_kernels_error, fused_expected_slower=getattr(_kernels, "expected_slower", None),
+                 fused_cpu_dispatch_note=getattr(_kernels, "cpu_dispatch_note", None)))
 
 
 _DIRECTION = "(w_ih, w_hh, b_ih, b_hh) or (w_ih, w_hh, b_ih, b_hh, w_hr)"
