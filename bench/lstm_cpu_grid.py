@@ -32,6 +32,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -205,17 +206,18 @@ def read_csv(paths: list[str]) -> list[Row]:
     return rows
 
 
-def write_table(rows: list[Row], command: str) -> None:
-    """This CPU class's record in fastmsc/kernels/lstm_cpu_measured.json (auto's CPU rule): these rows replace it."""
-    records = lstm_cpu_measured.read()
+def write_table(rows: list[Row], command: str, path) -> None:
+    """This CPU class's record in the table at path (fastmsc/kernels/lstm_cpu_measured.json: auto's CPU rule): these
+    rows replace it."""
+    records = lstm_cpu_measured.read(path)
     cpu_class = torch.backends.cpu.get_cpu_capability()
     cases = tuple(lstm_cpu_measured.Case(r.case.dtype, r.mode, r.case.threads, r.case.B, r.case.T, r.case.H, r.case.D,
                                          round(r.torch_ms, 4), round(r.fastmsc_ms, 4)) for r in rows)
     records[cpu_class] = lstm_cpu_measured.ClassRecord(cpu=cpu_name(), torch=torch.__version__,
                                                        measured=time.strftime("%Y-%m-%dT%H:%M:%S"), command=command,
                                                        cases=cases)
-    lstm_cpu_measured.write(records)
-    print(f"wrote {len(cases)} measured cases for CPU class {cpu_class} to {lstm_cpu_measured.TABLE_PATH}")
+    lstm_cpu_measured.write(records, path)
+    print(f"wrote {len(cases)} measured cases for CPU class {cpu_class} to {path}")
 
 
 def parse_only(items: list[str]) -> dict[str, set]:
@@ -245,6 +247,8 @@ def main(argv=None) -> int:
                              "(fastmsc/kernels/lstm_cpu_measured.json), with those of --from-csv")
     parser.add_argument("--from-csv", nargs="+", default=[], metavar="CSV",
                         help="with --write-table: also the rows of earlier runs' CSVs (this CPU class's)")
+    parser.add_argument("--table", type=Path, default=lstm_cpu_measured.TABLE_PATH,
+                        help="the table --write-table writes (default: the one fastmsc reads)")
     args = parser.parse_args(argv)
     if args.from_csv and not args.write_table:
         raise SystemExit("--from-csv goes with --write-table")
@@ -278,7 +282,8 @@ def main(argv=None) -> int:
         print(summary(rows))
     print(f"load average {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if args.write_table:
-        write_table(rows + read_csv(args.from_csv), "python bench/lstm_cpu_grid.py " + " ".join(sys.argv[1:]))
+        write_table(rows + read_csv(args.from_csv), "python bench/lstm_cpu_grid.py " + " ".join(sys.argv[1:]),
+                    args.table)
     return 0
 
 

@@ -593,3 +593,29 @@ def test_lstm_cpu_grid_times_both_layouts_and_summarises(tmp_path):
         assert math.isclose(float(r["ratio"]), float(r["torch_ms"]) / float(r["fastmsc_ms"]), rel_tol=1e-3)
     assert "train: geomean" in done.stdout and "infer: geomean" in done.stdout and "worst cases:" in done.stdout
     assert "layout   batch_first:" in done.stdout
+    # The CSV becomes this CPU class's record for auto's CPU rule, without timing anything again.
+    from fastmsc.kernels import lstm_cpu_measured
+    table = tmp_path / "table.json"
+    done = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "bench" / "lstm_cpu_grid.py"),
+                           "--sample", "0", "--write-table", "--from-csv", str(path), "--table", str(table)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = lstm_cpu_measured.read(table)[torch.backends.cpu.get_cpu_capability()]
+    assert sorted((c.mode, c.B, c.T, c.H, c.D, c.threads, c.dtype) for c in record.cases) == sorted(
+        (r["mode"], 1, 24, 32, 2, 1, "float32") for r in rows)
+    for case, r in zip(record.cases, rows, strict=True):
+        assert math.isclose(case.ratio, float(r["ratio"]), rel_tol=1e-3)
+
+
+def test_lstm_cpu_clients_times_stock_against_swapped():
+    """bench/lstm_cpu_clients.py, one step of the 2-layer BiLSTM classifier: stock and swapped models both train."""
+    from fastmsc.backend import OPS
+    if (reason := OPS["lstm_layer"].why_not_fused("cpu")) is not None:
+        pytest.skip(f"the LSTM extension is unavailable: {reason}")
+    done = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "bench" / "lstm_cpu_clients.py"),
+                           "--models", "bilstm", "--backend", "fused", "--steps", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(line for line in done.stdout.splitlines() if line.startswith("bilstm"))
+    stock, swapped = (float(line.split(label)[1].split("ms")[0]) for label in ("stock", "swapped"))
+    assert math.isclose(float(line.rsplit(maxsplit=1)[1].rstrip("x")), stock / swapped, rel_tol=2e-2), line
