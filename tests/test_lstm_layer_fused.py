@@ -564,8 +564,9 @@ def test_cpu_kernels_against_float64_reference(rng, cpu_kernel, round_):
     """Each CPU code path in float32 against the float64 reference: outputs and every gradient.
 
     Tolerance 1e-4 (relative and absolute): float32 sums of up to I + H products per step (and B*T per weight
-    gradient) of O(1) terms, carried over at most 9 steps; the worst measured over 1,200 such cases (400 per path) was 1.8e-5 of 1 + |expected|.
-    An indexing or panel-layout mistake errs by O(0.1) or more, and an unwritten element is NaN (FASTMSC_POISON)."""
+    gradient) of O(1) terms, carried over at most 9 steps; the worst measured over 1,200 such cases (400 per path)
+    was 1.8e-5 of 1 + |expected|. An indexing or panel-layout mistake errs by O(0.1) or more, and an unwritten
+    element is NaN (FASTMSC_POISON)."""
     r, seed = rng
     args, upstream, shape = _cpu_case(r)
     expected = _run_with_grads(lstm_layer_reference, *_leaves(args, torch.float64), upstream)
