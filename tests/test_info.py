@@ -31,9 +31,13 @@ def check_info(data: dict, backend: str) -> None:
         assert list(per_device) == DEVICES, name
         for device, row in per_device.items():
             reason = row["fused_unavailable"]
-            # torch also where the fused path is expected slower (its note says why: a design estimate, or the
-            # LSTM extension's measurement on this CPU class, which a subprocess sees unpatched)
+            # torch also where the fused path is expected slower (its note says why: a design estimate); by
+            # measurement where the LSTM extension's record for this CPU class, which a subprocess sees unpatched,
+            # has cases where it was slower (the note names the record)
             expected_slower = reason is None and "torch, as " in row["dispatch_note"]
+            if reason is None and row["auto"] == "fused or torch by measurement":
+                assert device == "cpu" and name == "lstm_layer" and "grid cases" in row["dispatch_note"], row
+                continue
             assert row["auto"] == ("fused" if reason is None and not expected_slower else "torch"), (name, device, row)
             assert reason is None or (isinstance(reason, str) and reason), (name, device, row)
 

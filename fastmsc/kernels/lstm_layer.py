@@ -122,15 +122,15 @@ def expected_slower(device_type: str, **call_args) -> str | None:
         return None
     B, T, _ = x.shape
     mode = "train" if _training(x, call_args.get("h0"), call_args.get("c0"), weights) else "infer"
-    return lstm_cpu_measured.rule().slower(_CPU_CAPABILITY, dtype_name(x.dtype), mode, _cpu_threads(),
-                                           int(B), int(T), int(weights[0][1].shape[0]) // 4, len(weights))
+    return _measured_slower(_CPU_CAPABILITY, dtype_name(x.dtype), mode, int(B), int(T),
+                            int(weights[0][1].shape[0]) // 4, len(weights))
 
 
 @torch.compiler.assume_constant_result
-def _cpu_threads() -> int:
-    # torch.compile cannot trace torch.get_num_threads(); the choice of implementation is fixed in a traced graph
-    # anyway, so the count at tracing time stands.
-    return torch.get_num_threads()
+def _measured_slower(cpu_class: str, dtype: str, mode: str, B: int, T: int, H: int, D: int) -> str | None:
+    # torch.compile traces neither torch.get_num_threads() nor the rule's cache: it takes the answer at tracing time
+    # as a constant, as the choice of implementation is fixed in a traced graph anyway.
+    return lstm_cpu_measured.rule().slower(cpu_class, dtype, mode, torch.get_num_threads(), B, T, H, D)
 
 
 def cpu_dispatch_note() -> str | None:
