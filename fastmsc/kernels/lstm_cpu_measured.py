@@ -79,9 +79,15 @@ def read(path: Path = TABLE_PATH) -> dict[str, ClassRecord]:
 
 
 def write(records: dict[str, ClassRecord], path: Path = TABLE_PATH) -> None:
-    classes = {name: {**{k: v for k, v in asdict(r).items() if k != "cases"},
-                      "cases": [asdict(case) for case in r.cases]} for name, r in sorted(records.items())}
-    path.write_text(json.dumps({"version": TABLE_VERSION, "classes": classes}, indent=1) + "\n")
+    """JSON with one case per line, so that a new measurement reads as a diff of cases."""
+    classes = []
+    for name, r in sorted(records.items()):
+        header = {k: v for k, v in asdict(r).items() if k != "cases"}
+        cases = ",\n".join(f"    {json.dumps(asdict(case))}" for case in r.cases)
+        classes.append(f"  {json.dumps(name)}: {{\n" + "".join(f"   {json.dumps(k)}: {json.dumps(v)},\n"
+                                                              for k, v in header.items())
+                       + f'   "cases": [\n{cases}\n   ]\n  }}')
+    path.write_text(f'{{"version": {TABLE_VERSION}, "classes": {{\n' + ",\n".join(classes) + "\n}}\n")
 
 
 class Rule:
