@@ -34,12 +34,17 @@ inline at::Tensor plain_empty(at::IntArrayRef sizes, const at::TensorOptions& op
 inline LstmSizes check_lstm_args(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
                                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& h0,
                                  const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths,
-                                 const c10::optional<at::Tensor>& w_hr) {
+                                 const c10::optional<at::Tensor>& w_hr, bool bfloat16 = false) {
   const bool projected = present(w_hr);
   TORCH_CHECK(x.dim() == 3, "fastmsc::lstm: x must be 3-D (batch, time, input), got shape ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "fastmsc::lstm: x must be float32 or float64 (half types are cast by the Python wrapper), got ",
-              x.scalar_type());
+  if (bfloat16) {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "fastmsc::lstm_fwd_bf16: x must be bfloat16, got ",
+                x.scalar_type());
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                "fastmsc::lstm: x must be float32 or float64 (half types are cast by the Python wrapper), got ",
+                x.scalar_type());
+  }
   if (projected) {
     TORCH_CHECK(w_hh.dim() == 3 && (w_hh.size(0) == 1 || w_hh.size(0) == 2) && w_hh.size(1) % 4 == 0 &&
                     w_hh.size(1) > 0 && w_hh.size(2) > 0,
@@ -70,7 +75,13 @@ inline LstmSizes check_lstm_args(const at::Tensor& x, const at::Tensor& w_ih, co
   same(w_hh, "w_hh");
   if (projected) same(*w_hr, "w_hr");
   if (present(bias)) {
-    same(*bias, "bias");
+    if (bfloat16) {  // b_ih + b_hh summed unrounded
+      TORCH_CHECK(bias->device() == x.device() && bias->scalar_type() == at::kFloat,
+                  "fastmsc::lstm_fwd_bf16: bias must be float32 on x's device, got ", bias->scalar_type(), " on ",
+                  bias->device());
+    } else {
+      same(*bias, "bias");
+    }
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == gates, "fastmsc::lstm: bias must have shape (", gates,
                 ",), got ", bias->sizes());
   }

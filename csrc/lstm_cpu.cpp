@@ -372,6 +372,28 @@ struct PanelGemm {
   bool accumulate;
 };
 
+// The bfloat16 forward's arguments (lstm_cpu_panels.h, AVX512_BF16): as PanelForward, with bf16 tensors (their bits),
+// weights packed as bf16 pairs (pack_gate_panels_bf16) and a float32 bias; h0, c0 (D, B, H) bf16 or null.
+struct PanelForwardBf16 {
+  int64_t batch, steps, input, hidden, panels;
+  const uint16_t* x;
+  int64_t x_sb, x_st;
+  const uint16_t* w_ih;
+  const uint16_t* w_hh;
+  const float* bias;
+  const int64_t* lens;
+  const uint16_t* h0;
+  const uint16_t* c0;
+  uint16_t* out;
+  int64_t out_sb, out_st;
+  uint16_t* h_n;
+  uint16_t* c_n;
+  uint16_t* gates;
+  int64_t gates_sb, gates_st;
+  uint16_t* cells;
+  int64_t cells_sb, cells_st;
+};
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FASTMSC_NO_PANELS)
 #define FASTMSC_PANELS 1
 namespace avx512 {
@@ -381,6 +403,15 @@ namespace avx512 {
 #undef FASTMSC_PANEL_TARGET
 #undef FASTMSC_PANEL_WIDTH
 }  // namespace avx512
+namespace avx512bf16 {
+#define FASTMSC_PANEL_TARGET "avx512f,avx512dq,avx512bw,avx512vl,avx512bf16,avx2,fma"
+#define FASTMSC_PANEL_WIDTH 16
+#define FASTMSC_PANEL_BF16 1
+#include "lstm_cpu_panels.h"
+#undef FASTMSC_PANEL_TARGET
+#undef FASTMSC_PANEL_WIDTH
+#undef FASTMSC_PANEL_BF16
+}  // namespace avx512bf16
 namespace avx2 {
 #define FASTMSC_PANEL_TARGET "avx2,fma"
 #define FASTMSC_PANEL_WIDTH 8
@@ -410,6 +441,18 @@ inline CpuKernel cpu_kernel() {
   return best;
 #else
   return CpuKernel::kBlas;
+#endif
+}
+
+// Whether bfloat16 layers run the AVX512_BF16 forward (lstm_fwd_bf16): on CPUs with it, unless the float32 kernel
+// asked for is narrower than AVX-512 or FASTMSC_LSTM_CPU_BF16=0 (then bf16 widens to float32, as elsewhere).
+inline bool cpu_bf16_kernel() {
+#if FASTMSC_PANELS
+  static const bool has_bf16 = __builtin_cpu_supports("avx512bf16");
+  const char* off = std::getenv("FASTMSC_LSTM_CPU_BF16");
+  return has_bf16 && cpu_kernel() == CpuKernel::kAvx512 && (off == nullptr || std::strcmp(off, "0") != 0);
+#else
+  return false;
 #endif
 }
 
@@ -885,6 +928,82 @@ void panel_backward(CpuKernel kernel, LstmBackward& bw) {
     run_panel_backward(a, D, avx2::backward_rows, avx2::backward_scratch_floats);
   }
 }
+
+// w (D * 4H rows, K columns, bf16) into (D, ceil(H / 16), ceil(K / 2), 64, 2): panel p, pair kp, lane s * 16 + u holds
+// (w[s * H + p * 16 + u, 2kp], w[..., 2kp + 1]), zero past H and K.
+FASTMSC_VECTORIZABLE void pack_pairs_block(const uint16_t* __restrict rows, int64_t K, int64_t units, int64_t k0,
+                                           int64_t k1, uint16_t* __restrict panel) {
+  constexpr int64_t kLanes = 64;
+  for (int64_t u = 0; u < 16; ++u) {
+    for (int64_t k = k0; k < k1; ++k) panel[((k / 2) * kLanes + u) * 2 + k % 2] = u < units ? rows[u * K + k] : 0;
+  }
+}
+
+inline void pack_gate_panels_bf16(const uint16_t* w, int64_t D, int64_t H, int64_t K, uint16_t* dst) {
+  const int64_t P = (H + 15) / 16, pairs = (K + 1) / 2, panel_size = pairs * 64 * 2;
+  at::parallel_for(0, D * P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t dp = begin; dp < end; ++dp) {
+      const int64_t d = dp / P, j0 = (dp % P) * 16, units = std::min<int64_t>(16, H - j0);
+      uint16_t* panel = dst + dp * panel_size;
+      if (K % 2 == 1) std::fill(panel + (pairs - 1) * 128, panel + pairs * 128, uint16_t(0));  // the zero partner
+      for (int64_t k0 = 0; k0 < K; k0 += 64) {
+        for (int64_t s = 0; s < 4; ++s) {
+          pack_pairs_block(w + (d * 4 * H + s * H + j0) * K, K, units, k0, std::min(K, k0 + 64), panel + s * 16 * 2);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_bf16_cpu(
+    const at::Tensor& x_in, const at::Tensor& w_ih_in, const at::Tensor& w_hh_in, const c10::optional<at::Tensor>& bias_in,
+    const c10::optional<at::Tensor>& h0_in, const c10::optional<at::Tensor>& c0_in,
+    const c10::optional<at::Tensor>& lengths, bool training) {
+  TORCH_CHECK(cpu_bf16_kernel(), "fastmsc::lstm_fwd_bf16: needs a CPU with AVX512_BF16 (and the AVX-512 kernels "
+              "selected); torch.ops.fastmsc.lstm_cpu_bf16() says whether it runs here");
+  const LstmSizes s = check_lstm_args(x_in, w_ih_in, w_hh_in, bias_in, h0_in, c0_in, lengths, c10::nullopt, true);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t B = s.batch, T_ = s.steps, I = s.input, H = s.hidden, D = s.directions;
+  const bool time_major = is_time_major(x_in);
+  const at::Tensor x = in_order(x_in, time_major), w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
+  const at::Tensor h0 = present(h0_in) ? h0_in->contiguous() : at::Tensor();
+  const at::Tensor c0 = present(c0_in) ? c0_in->contiguous() : at::Tensor();
+  const at::Tensor bias = present(bias_in) ? bias_in->contiguous() : at::Tensor();
+  const at::Tensor lens = present(lengths) ? lengths->contiguous() : at::Tensor();
+  const at::TensorOptions options = x.options();
+  at::Tensor out = empty_in_order(&cpu_empty, B, T_, D * H, options, time_major);
+  at::Tensor h_n = at::empty({D, B, H}, options), c_n = at::empty({D, B, H}, options);
+  at::Tensor gates = training ? empty_in_order(&cpu_empty, B, T_, D * 4 * H, options, time_major)
+                              : at::empty({0}, options);
+  at::Tensor cells = training ? empty_in_order(&cpu_empty, B, T_, D * H, options, time_major) : at::empty({0}, options);
+  if (B == 0) return {out, h_n, c_n, gates, cells};
+  const int64_t P = (H + 15) / 16;
+  auto bits = [](const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); };
+  at::Tensor holders[3];
+  auto pairs_floats = [&](int64_t K) { return (D * P * ((K + 1) / 2) * 64 * 2 + 1) / 2; };
+  uint16_t* w_ih_p = reinterpret_cast<uint16_t*>(scratch_floats(kSlotWih, pairs_floats(I), holders[0]));
+  uint16_t* w_hh_p = reinterpret_cast<uint16_t*>(scratch_floats(kSlotWhh, pairs_floats(H), holders[1]));
+  pack_gate_panels_bf16(bits(w_ih), D, H, I, w_ih_p);
+  pack_gate_panels_bf16(bits(w_hh), D, H, H, w_hh_p);
+  float* bias_p = nullptr;
+  if (bias.defined()) {
+    bias_p = scratch_floats(kSlotBias, gate_panels_floats(D, H, 1, 16), holders[2]);
+    pack_gate_bias(bias.data_ptr<float>(), D, H, 16, bias_p);
+  }
+  const PanelForwardBf16 a{B, T_, I, H, P, bits(x), x.stride(0), x.stride(1), w_ih_p, w_hh_p, bias_p,
+                           ptr_or_null<int64_t>(lens), h0.defined() ? bits(h0) : nullptr,
+                           c0.defined() ? bits(c0) : nullptr, bits(out), out.stride(0), out.stride(1), bits(h_n),
+                           bits(c_n), training ? bits(gates) : nullptr, gates.stride(0), training ? gates.stride(1) : 0,
+                           training ? bits(cells) : nullptr, cells.stride(0), training ? cells.stride(1) : 0};
+  const RowTasks tasks(D, B, kMinTaskRows);
+  const int64_t per_task = avx512bf16::forward_scratch_floats_bf16(a, tasks.most_rows());
+  at::Tensor holder;
+  float* scratch = scratch_floats(kSlotTasks, tasks.count() * per_task, holder);
+  tasks.run([&](int64_t task, int64_t d, int64_t b0, int64_t b1) {
+    avx512bf16::forward_rows_bf16(a, d, b0, b1, scratch + task * per_task);
+  });
+  return {out, h_n, c_n, gates, cells};
+}
 #endif
 
 inline bool runs_panels(CpuKernel kernel, const LstmSizes& s, at::ScalarType dtype) {
@@ -1142,6 +1261,11 @@ void CpuBackend::backward(LstmBackward& bw) {
 TORCH_LIBRARY(fastmsc, m) {
   // The code that runs float32 on this CPU: "avx512", "avx2" (the vectorised recurrence) or "blas".
   m.def("lstm_cpu_kernel() -> str", [] { return std::string(fastmsc::cpu_kernel_name(fastmsc::cpu_kernel())); });
+  // Whether lstm_fwd_bf16 runs on this CPU (AVX512_BF16).
+  m.def("lstm_cpu_bf16() -> bool", [] { return fastmsc::cpu_bf16_kernel(); });
+  m.def(
+      "lstm_fwd_bf16(Tensor x, Tensor w_ih, Tensor w_hh, Tensor? bias, Tensor? h0, Tensor? c0, Tensor? lengths, "
+      "bool training) -> (Tensor out, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
   m.def(
       "lstm_fwd(Tensor x, Tensor w_ih, Tensor w_hh, Tensor? bias, Tensor? h0, Tensor? c0, Tensor? lengths, "
       "bool training, Tensor? w_hr=None) -> (Tensor out, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
@@ -1155,4 +1279,7 @@ TORCH_LIBRARY(fastmsc, m) {
 TORCH_LIBRARY_IMPL(fastmsc, CPU, m) {
   m.impl("lstm_fwd", &fastmsc::lstm_fwd<fastmsc::CpuBackend>);
   m.impl("lstm_bwd", &fastmsc::lstm_bwd<fastmsc::CpuBackend>);
+#if FASTMSC_PANELS
+  m.impl("lstm_fwd_bf16", &fastmsc::lstm_fwd_bf16_cpu);
+#endif
 }

@@ -412,5 +412,163 @@ FASTMSC_PANEL_FN void gemm_rows(const PanelGemm& g, int64_t r_begin, int64_t r_e
   }
 }
 
+#if FASTMSC_PANEL_BF16
+// ---------------------------------------------------------------------------------------------------
+// bfloat16 forward on AVX512_BF16 (see PanelForwardBf16, lstm_cpu.cpp). Products in bf16 with float32 sums
+// (vdpbf16ps: two products per lane and instruction, twice the float32 rate), as oneDNN's bf16 RNN computes them;
+// the cell state, the cell math and the bias in float32; h rounded to bf16 once per step, which is both the output
+// and the next step's product input. Weights are packed as bf16 pairs: panel p, pair kp holds (w[2kp], w[2kp + 1]) of
+// each of its kPanel columns, zero past K.
+
+using Bits = uint16_t;  // a bfloat16, as stored
+
+// acc[r][s] += sum over k < K of a[r][k] * panel(k, s * kWidth ...), a and the panel bf16.
+template <int M>
+FASTMSC_PANEL_INLINE void panel_product_bf16(const Bits* const (&a)[M], int64_t K, const Bits* __restrict panel,
+                                             Vec (&acc)[M][4]) {
+  const int64_t pairs = K / 2;
+  for (int64_t kp = 0; kp <= pairs; ++kp) {
+    if (kp == pairs && K % 2 == 0) break;
+    const Bits* w = panel + kp * kPanel * 2;
+    __m512bh wv[4];
+    for (int s = 0; s < 4; ++s) wv[s] = (__m512bh)_mm512_loadu_si512(w + s * kWidth * 2);
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) {
+      uint32_t bits = a[r][2 * kp];
+      if (kp < pairs) std::memcpy(&bits, a[r] + 2 * kp, sizeof(bits));  // the last of an odd K pairs with zero
+      const __m512bh v = (__m512bh)_mm512_set1_epi32(static_cast<int>(bits));
+      for (int s = 0; s < 4; ++s) acc[r][s] = _mm512_dpbf16_ps(acc[r][s], v, wv[s]);
+    }
+  }
+}
+
+// n (<= kWidth) floats rounded to bf16 (nearest even) at dst.
+FASTMSC_PANEL_INLINE void store_bf16(Bits* dst, const float* src, int64_t n) {
+  const __m256i bits = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src));
+  _mm256_mask_storeu_epi16(dst, static_cast<__mmask16>((1u << n) - 1), bits);
+}
+
+FASTMSC_PANEL_INLINE float bf16_to_float(Bits b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+struct ForwardRowsBf16 {
+  const PanelForwardBf16& a;
+  int64_t d, b_begin, rows, zw;
+  float* xproj;    // (chunk steps * rows, zw), float32 pre-activations of the chunk's inputs, bias included
+  Bits* h_prev;    // (rows, H)
+  Bits* h_next;    // (rows, H)
+  float* c_state;  // (rows, H)
+  int64_t time_of(int64_t step) const { return d == 0 ? step : a.steps - 1 - step; }
+};
+
+template <int M>
+struct ProjectBlockBf16 {
+  FASTMSC_PANEL_INLINE static void run(int64_t r0, const ForwardRowsBf16& f, int64_t first, int64_t p,
+                                       const Bits* w_ih, const float* bias) {
+    const PanelForwardBf16& a = f.a;
+    const Bits* x_rows[M];
+    const float* bias_rows[M];
+    for (int r = 0; r < M; ++r) {
+      const int64_t k = (r0 + r) / f.rows, b = f.b_begin + (r0 + r) % f.rows;
+      x_rows[r] = a.x + b * a.x_sb + f.time_of(first + k) * a.x_st;
+      bias_rows[r] = bias != nullptr ? bias + p * kPanel : nullptr;
+    }
+    Vec acc[M][4];
+    load_rows<M>(bias_rows, acc);
+    panel_product_bf16<M>(x_rows, a.input, w_ih + p * ((a.input + 1) / 2) * kPanel * 2, acc);
+    for (int r = 0; r < M; ++r) {
+      for (int s = 0; s < 4; ++s) vstore(f.xproj + (r0 + r) * f.zw + p * kPanel + s * kWidth, acc[r][s]);
+    }
+  }
+};
+
+template <int M>
+struct StepBlockBf16 {
+  FASTMSC_PANEL_INLINE static void run(int64_t i0, const ForwardRowsBf16& f, int64_t step, int64_t k, int64_t p,
+                                       const Bits* w_hh, bool training) {
+    const PanelForwardBf16& a = f.a;
+    const int64_t H = a.hidden, t = f.time_of(step), d = f.d;
+    const int64_t j0 = p * kWidth, units = std::min(kWidth, H - j0);
+    const float* z_rows[M];
+    const Bits* h_rows[M];
+    for (int r = 0; r < M; ++r) {
+      z_rows[r] = f.xproj + (k * f.rows + i0 + r) * f.zw + p * kPanel;
+      h_rows[r] = f.h_prev + (i0 + r) * H;
+    }
+    Vec acc[M][4];
+    load_rows<M>(z_rows, acc);
+    if (step > 0 || a.h0 != nullptr) panel_product_bf16<M>(h_rows, H, w_hh + p * ((H + 1) / 2) * kPanel * 2, acc);
+    alignas(64) float z[M][kPanel];
+    store_rows<M>(acc, z);
+    for (int r = 0; r < M; ++r) {
+      const int64_t i = i0 + r, b = f.b_begin + i;
+      Bits* out = a.out + b * a.out_sb + t * a.out_st + d * H + j0;
+      Bits* act = training ? a.gates + b * a.gates_sb + t * a.gates_st + d * 4 * H + j0 : nullptr;
+      Bits* c_out = training ? a.cells + b * a.cells_sb + t * a.cells_st + d * H + j0 : nullptr;
+      if (a.lens != nullptr && t >= a.lens[b]) {
+        std::copy(f.h_prev + i * H + j0, f.h_prev + i * H + j0 + units, f.h_next + i * H + j0);
+        std::fill(out, out + units, Bits(0));
+        if (training) {
+          for (int64_t g = 0; g < 4; ++g) std::fill(act + g * H, act + g * H + units, Bits(0));
+          std::fill(c_out, c_out + units, Bits(0));
+        }
+        continue;
+      }
+      alignas(64) float h[kWidth] = {}, h_copy[kWidth], gates[4 * kWidth] = {}, cells[kWidth] = {};
+      if (training) {
+        cell_units<true>(z[r], units, f.c_state + i * H + j0, h, h_copy, gates, kWidth, cells);
+        for (int64_t g = 0; g < 4; ++g) store_bf16(act + g * H, gates + g * kWidth, units);
+        store_bf16(c_out, cells, units);
+      } else {
+        cell_units<false>(z[r], units, f.c_state + i * H + j0, h, h_copy, nullptr, kWidth, nullptr);
+      }
+      store_bf16(f.h_next + i * H + j0, h, units);
+      store_bf16(out, h, units);
+    }
+  }
+};
+
+inline int64_t forward_scratch_floats_bf16(const PanelForwardBf16& a, int64_t rows) {
+  return forward_chunk_steps(rows, a.steps) * rows * a.panels * kPanel + rows * a.hidden  // xproj, h_prev, h_next
+         + rows * a.hidden + 16;                                                          // c_state
+}
+
+FASTMSC_PANEL_FN void forward_rows_bf16(const PanelForwardBf16& a, int64_t d, int64_t b_begin, int64_t b_end,
+                                        float* scratch) {
+  const int64_t rows = b_end - b_begin, H = a.hidden, T_ = a.steps, P = a.panels, zw = P * kPanel;
+  const bool training = a.gates != nullptr;
+  const int64_t chunk = forward_chunk_steps(rows, T_);
+  float* xproj = scratch;
+  Bits* h_prev = reinterpret_cast<Bits*>(xproj + chunk * rows * zw);
+  Bits* h_next = h_prev + rows * H;
+  float* c_state = reinterpret_cast<float*>(h_next + rows * H + (rows * H) % 2);  // 4-byte aligned
+  const int64_t state = d * a.batch + b_begin;
+  for (int64_t n = 0; n < rows * H; ++n) {
+    h_prev[n] = a.h0 != nullptr ? a.h0[state * H + n] : Bits(0);
+    c_state[n] = a.c0 != nullptr ? bf16_to_float(a.c0[state * H + n]) : 0.0f;
+  }
+  ForwardRowsBf16 f{a, d, b_begin, rows, zw, xproj, h_prev, h_next, c_state};
+  const Bits* w_ih = a.w_ih + d * P * ((a.input + 1) / 2) * kPanel * 2;
+  const Bits* w_hh = a.w_hh + d * P * ((H + 1) / 2) * kPanel * 2;
+  const float* bias = a.bias != nullptr ? a.bias + d * zw : nullptr;
+  for (int64_t first = 0; first < T_; first += chunk) {
+    const int64_t n = std::min(chunk, T_ - first);
+    for (int64_t p = 0; p < P; ++p) for_row_blocks<ProjectBlockBf16>(n * rows, f, first, p, w_ih, bias);
+    for (int64_t k = 0; k < n; ++k) {
+      for (int64_t p = 0; p < P; ++p) for_row_blocks<StepBlockBf16>(rows, f, first + k, k, p, w_hh, training);
+      std::swap(f.h_prev, f.h_next);
+    }
+  }
+  std::copy(f.h_prev, f.h_prev + rows * H, a.h_n + state * H);
+  for (int64_t j0 = 0; j0 < rows * H; j0 += kWidth) {
+    store_bf16(a.c_n + state * H + j0, c_state + j0, std::min(kWidth, rows * H - j0));
+  }
+}
+#endif
+
 #undef FASTMSC_PANEL_INLINE
 #undef FASTMSC_PANEL_FN

@@ -66,7 +66,12 @@ def _lstm_fwd_half(x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, bias
     """fastmsc::lstm_fwd for float16/bfloat16 x, w_ih (D*4H, I), w_hh (D, 4H, R), h0 (D, B, R), c0 (D, B, H),
     w_hr (D, P, H) or None and a float32 bias (D*4H,) (b_ih + b_hh summed unrounded): the layer runs in float32
     and out (B, T, D*R), h_n (D, B, R), c_n (D, B, H), gates (B, T, D*4H) and cells (B, T, D*H) come back in
-    x's dtype."""
+    x's dtype. On CPUs with AVX512_BF16 a bfloat16 layer without projection runs ``fastmsc::lstm_fwd_bf16`` instead:
+    products in bf16 with float32 sums (as oneDNN's bf16 LSTM), the cell state and math in float32, h rounded to
+    bf16 each step (its output, and the next step's product input)."""
+    if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and w_hr is None
+            and torch.ops.fastmsc.lstm_cpu_bf16()):
+        return torch.ops.fastmsc.lstm_fwd_bf16(x, w_ih, w_hh, bias, h0, c0, lengths, training)
     outputs = torch.ops.fastmsc.lstm_fwd(x.float(), w_ih.float(), w_hh.float(), bias, to_dtype(h0, torch.float32),
                                          to_dtype(c0, torch.float32), lengths, training, to_dtype(w_hr, torch.float32))
     return tuple(t.to(x.dtype) for t in outputs)
