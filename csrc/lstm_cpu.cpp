@@ -806,13 +806,16 @@ void forward_impl(const LstmSizes& s, const T* x, const T* w_ih, const T* bias, 
 // empty and the weights are streamed once per task anyway.
 constexpr int64_t kMinTaskRows = 4;
 
-template <typename Fn>
-void run_panel_forward(const PanelForward& a, int64_t D, Fn forward_rows, int64_t (*scratch_floats_for)(const PanelForward&, int64_t)) {
+// rows(a, d, b_begin, b_end, scratch) over the call's row tasks (RowTasks), each with its own
+// scratch_floats_for(a, rows) floats of the thread's scratch memory.
+template <typename Args>
+void run_row_tasks(const Args& a, int64_t D, void (*rows)(const Args&, int64_t, int64_t, int64_t, float*),
+                   int64_t (*scratch_floats_for)(const Args&, int64_t)) {
   const RowTasks tasks(D, a.batch, kMinTaskRows);
   const int64_t per_task = scratch_floats_for(a, tasks.most_rows());
   at::Tensor holder;
   float* scratch = scratch_floats(kSlotTasks, tasks.count() * per_task, holder);
-  tasks.run([&](int64_t task, int64_t d, int64_t b0, int64_t b1) { forward_rows(a, d, b0, b1, scratch + task * per_task); });
+  tasks.run([&](int64_t task, int64_t d, int64_t b0, int64_t b1) { rows(a, d, b0, b1, scratch + task * per_task); });
 }
 
 void panel_forward(CpuKernel kernel, const LstmSizes& s, const LstmForward& f, const at::Tensor& w_ih,
@@ -838,9 +841,9 @@ void panel_forward(CpuKernel kernel, const LstmSizes& s, const LstmForward& f, c
                        training ? f.cells.data_ptr<float>() : nullptr, f.cells.stride(0),
                        training ? f.cells.stride(1) : 0};
   if (kernel == CpuKernel::kAvx512) {
-    run_panel_forward(a, D, avx512::forward_rows, avx512::forward_scratch_floats);
+    run_row_tasks(a, D, avx512::forward_rows, avx512::forward_scratch_floats);
   } else {
-    run_panel_forward(a, D, avx2::forward_rows, avx2::forward_scratch_floats);
+    run_row_tasks(a, D, avx2::forward_rows, avx2::forward_scratch_floats);
   }
 }
 
@@ -897,16 +900,6 @@ void panel_weight_gradients(CpuKernel kernel, LstmBackward& bw) {
   }
 }
 
-template <typename Fn>
-void run_panel_backward(const PanelBackward& a, int64_t D, Fn backward_rows,
-                        int64_t (*scratch_floats_for)(const PanelBackward&, int64_t)) {
-  const RowTasks tasks(D, a.batch, kMinTaskRows);
-  const int64_t per_task = scratch_floats_for(a, tasks.most_rows());
-  at::Tensor holder;
-  float* scratch = scratch_floats(kSlotTasks, tasks.count() * per_task, holder);
-  tasks.run([&](int64_t task, int64_t d, int64_t b0, int64_t b1) { backward_rows(a, d, b0, b1, scratch + task * per_task); });
-}
-
 void panel_backward(CpuKernel kernel, LstmBackward& bw) {
   const LstmSizes& s = bw.s;
   const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, width = panel_width(kernel);
@@ -924,9 +917,9 @@ void panel_backward(CpuKernel kernel, LstmBackward& bw) {
                         bw.dgates.stride(1), bw.dh_state.data_ptr<float>(), bw.dc_state.data_ptr<float>(),
                         bw.need_dstate};
   if (kernel == CpuKernel::kAvx512) {
-    run_panel_backward(a, D, avx512::backward_rows, avx512::backward_scratch_floats);
+    run_row_tasks(a, D, avx512::backward_rows, avx512::backward_scratch_floats);
   } else {
-    run_panel_backward(a, D, avx2::backward_rows, avx2::backward_scratch_floats);
+    run_row_tasks(a, D, avx2::backward_rows, avx2::backward_scratch_floats);
   }
 }
 
@@ -996,13 +989,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_
                            c0.defined() ? bits(c0) : nullptr, bits(out), out.stride(0), out.stride(1), bits(h_n),
                            bits(c_n), training ? bits(gates) : nullptr, gates.stride(0), training ? gates.stride(1) : 0,
                            training ? bits(cells) : nullptr, cells.stride(0), training ? cells.stride(1) : 0};
-  const RowTasks tasks(D, B, kMinTaskRows);
-  const int64_t per_task = avx512bf16::forward_scratch_floats_bf16(a, tasks.most_rows());
-  at::Tensor holder;
-  float* scratch = scratch_floats(kSlotTasks, tasks.count() * per_task, holder);
-  tasks.run([&](int64_t task, int64_t d, int64_t b0, int64_t b1) {
-    avx512bf16::forward_rows_bf16(a, d, b0, b1, scratch + task * per_task);
-  });
+  run_row_tasks(a, D, avx512bf16::forward_rows_bf16, avx512bf16::forward_scratch_floats_bf16);
   return {out, h_n, c_n, gates, cells};
 }
 #endif

@@ -143,15 +143,106 @@ FASTMSC_PANEL_INLINE void cell_units(const float* __restrict z, int64_t n, float
   }
 }
 
+#if FASTMSC_PANEL_BF16
+// ---------------------------------------------------------------------------------------------------
+// bfloat16 forward on AVX512_BF16 (see PanelForwardBf16, lstm_cpu.cpp). Products in bf16 with float32 sums
+// (vdpbf16ps: two products per lane and instruction, twice the float32 rate), as oneDNN's bf16 RNN computes them;
+// the cell state, the cell math and the bias in float32; h rounded to bf16 once per step, which is both the output
+// and the next step's product input. Weights are packed as bf16 pairs: panel p, pair kp holds (w[2kp], w[2kp + 1]) of
+// each of its kPanel columns, zero past K.
+
+using Bits = uint16_t;  // a bfloat16, as stored
+
+// acc[r][s] += sum over k < K of a[r][k] * panel(k, s * kWidth ...), a and the panel bf16.
+template <int M>
+FASTMSC_PANEL_INLINE void panel_product_bf16(const Bits* const (&a)[M], int64_t K, const Bits* __restrict panel,
+                                             Vec (&acc)[M][4]) {
+  const int64_t pairs = K / 2;
+  for (int64_t kp = 0; kp <= pairs; ++kp) {
+    if (kp == pairs && K % 2 == 0) break;
+    const Bits* w = panel + kp * kPanel * 2;
+    __m512bh wv[4];
+    for (int s = 0; s < 4; ++s) wv[s] = (__m512bh)_mm512_loadu_si512(w + s * kWidth * 2);
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) {
+      uint32_t bits = a[r][2 * kp];
+      if (kp < pairs) std::memcpy(&bits, a[r] + 2 * kp, sizeof(bits));  // the last of an odd K pairs with zero
+      const __m512bh v = (__m512bh)_mm512_set1_epi32(static_cast<int>(bits));
+      for (int s = 0; s < 4; ++s) acc[r][s] = _mm512_dpbf16_ps(acc[r][s], v, wv[s]);
+    }
+  }
+}
+
+// n (<= kWidth) floats rounded to bf16 (nearest even) at dst.
+FASTMSC_PANEL_INLINE void store_bf16(Bits* dst, const float* src, int64_t n) {
+  const __m256i bits = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src));
+  _mm256_mask_storeu_epi16(dst, static_cast<__mmask16>((1u << n) - 1), bits);
+}
+
+FASTMSC_PANEL_INLINE float bf16_to_float(Bits b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+#endif
+
+// The forward, for float32 (PanelForward) and, on AVX512_BF16, bfloat16 storage (PanelForwardBf16): Args names the
+// arguments and E the element type of x, h, the outputs and the saved state. The overloads below are what differs:
+// the product (float32 FMAs or bf16 pairs), a packed panel's size, and how the cell's results are stored.
+
+FASTMSC_PANEL_INLINE int64_t panel_elements(const float*, int64_t K) { return K * kPanel; }
+
+template <int M>
+FASTMSC_PANEL_INLINE void product(const float* const (&a)[M], int64_t K, const float* __restrict panel,
+                                  Vec (&acc)[M][4]) {
+  panel_product<M>(a, K, panel, acc);
+}
+
+// The cell of `units` hidden units of one row from its pre-activations z: c updated in place; h to h_next (the next
+// step's product input) and to out; when training, the activated gates (blocks H apart) to act and c to c_out.
+FASTMSC_PANEL_INLINE void cell_outputs(const float* z, int64_t units, float* c, float* h_next, float* out, float* act,
+                                       int64_t H, float* c_out, bool training) {
+  if (training) {
+    cell_units<true>(z, units, c, h_next, out, act, H, c_out);
+  } else {
+    cell_units<false>(z, units, c, h_next, out, act, H, c_out);
+  }
+}
+
+#if FASTMSC_PANEL_BF16
+FASTMSC_PANEL_INLINE int64_t panel_elements(const Bits*, int64_t K) { return (K + 1) / 2 * 2 * kPanel; }
+
+template <int M>
+FASTMSC_PANEL_INLINE void product(const Bits* const (&a)[M], int64_t K, const Bits* __restrict panel,
+                                  Vec (&acc)[M][4]) {
+  panel_product_bf16<M>(a, K, panel, acc);
+}
+
+// As the float32 one, in float32, then rounded to bf16 once: h_next and out get the same bits.
+FASTMSC_PANEL_INLINE void cell_outputs(const float* z, int64_t units, float* c, Bits* h_next, Bits* out, Bits* act,
+                                       int64_t H, Bits* c_out, bool training) {
+  alignas(64) float h[kWidth] = {}, h_copy[kWidth], gates[4 * kWidth] = {}, cells[kWidth] = {};
+  cell_outputs(z, units, c, h, h_copy, gates, kWidth, cells, training);
+  if (training) {
+    for (int64_t g = 0; g < 4; ++g) store_bf16(act + g * H, gates + g * kWidth, units);
+    store_bf16(c_out, cells, units);
+  }
+  store_bf16(h_next, h, units);
+  store_bf16(out, h, units);
+}
+#endif
+
 // One thread's share of a forward call: rows [b_begin, b_begin + rows) of direction d.
+template <typename Args, typename E>
 struct ForwardRows {
-  const PanelForward& a;
+  const Args& a;
   int64_t d, b_begin, rows;
   int64_t zw;                  // columns of an xproj row: the panels' columns, padded hidden units included
   float* xproj;                // (chunk steps * rows, zw): input projections of the current chunk, bias included
-  float* h_prev;               // (rows, H)
-  float* h_next;               // (rows, H)
-  float* c_state;              // (rows, H), inside c_n
+  E* h_prev;                   // (rows, H)
+  E* h_next;                   // (rows, H)
+  float* c_state;              // (rows, H)
   int64_t time_of(int64_t step) const { return d == 0 ? step : a.steps - 1 - step; }
 };
 
@@ -159,10 +250,11 @@ struct ForwardRows {
 // step first + k), panel p.
 template <int M>
 struct ProjectBlock {
-  FASTMSC_PANEL_INLINE static void run(int64_t r0, const ForwardRows& f, int64_t first, int64_t p,
-                                       const float* w_ih, const float* bias) {
-    const PanelForward& a = f.a;
-    const float* x_rows[M];
+  template <typename Args, typename E, typename W>
+  FASTMSC_PANEL_INLINE static void run(int64_t r0, const ForwardRows<Args, E>& f, int64_t first, int64_t p,
+                                       const W* w_ih, const float* bias) {
+    const Args& a = f.a;
+    const E* x_rows[M];
     const float* bias_rows[M];
     for (int r = 0; r < M; ++r) {
       const int64_t k = (r0 + r) / f.rows, b = f.b_begin + (r0 + r) % f.rows;
@@ -171,7 +263,7 @@ struct ProjectBlock {
     }
     Vec acc[M][4];
     load_rows<M>(bias_rows, acc);
-    panel_product<M>(x_rows, a.input, w_ih + p * a.input * kPanel, acc);
+    product<M>(x_rows, a.input, w_ih + p * panel_elements(w_ih, a.input), acc);
     for (int r = 0; r < M; ++r) {
       for (int s = 0; s < 4; ++s) vstore(f.xproj + (r0 + r) * f.zw + p * kPanel + s * kWidth, acc[r][s]);
     }
@@ -181,45 +273,40 @@ struct ProjectBlock {
 // Step `step` (k-th of its chunk) of rows [i0, i0 + M) for the hidden units of panel p: pre-activations, then the cell.
 template <int M>
 struct StepBlock {
-  FASTMSC_PANEL_INLINE static void run(int64_t i0, const ForwardRows& f, int64_t step, int64_t k, int64_t p,
-                                       const float* w_hh, bool training) {
-    const PanelForward& a = f.a;
+  template <typename Args, typename E, typename W>
+  FASTMSC_PANEL_INLINE static void run(int64_t i0, const ForwardRows<Args, E>& f, int64_t step, int64_t k, int64_t p,
+                                       const W* w_hh, bool training) {
+    const Args& a = f.a;
     const int64_t H = a.hidden, t = f.time_of(step), d = f.d;
     const int64_t j0 = p * kWidth, units = std::min(kWidth, H - j0);
     const float* z_rows[M];
-    const float* h_rows[M];
+    const E* h_rows[M];
     for (int r = 0; r < M; ++r) {
       z_rows[r] = f.xproj + (k * f.rows + i0 + r) * f.zw + p * kPanel;
       h_rows[r] = f.h_prev + (i0 + r) * H;
     }
     Vec acc[M][4];
     load_rows<M>(z_rows, acc);
-    if (step > 0 || a.h0 != nullptr) panel_product<M>(h_rows, H, w_hh + p * H * kPanel, acc);  // else h_prev = 0
+    if (step > 0 || a.h0 != nullptr) product<M>(h_rows, H, w_hh + p * panel_elements(w_hh, H), acc);  // else h = 0
     alignas(64) float z[M][kPanel];
     store_rows<M>(acc, z);
     for (int r = 0; r < M; ++r) {
       const int64_t i = i0 + r, b = f.b_begin + i;
-      float* out = a.out + b * a.out_sb + t * a.out_st + d * H + j0;
-      float* act = training ? a.gates + b * a.gates_sb + t * a.gates_st + d * 4 * H + j0 : nullptr;
-      float* c_out = training ? a.cells + b * a.cells_sb + t * a.cells_st + d * H + j0 : nullptr;
+      E* out = a.out + b * a.out_sb + t * a.out_st + d * H + j0;
+      E* act = training ? a.gates + b * a.gates_sb + t * a.gates_st + d * 4 * H + j0 : nullptr;
+      E* c_out = training ? a.cells + b * a.cells_sb + t * a.cells_st + d * H + j0 : nullptr;
       if (a.lens != nullptr && t >= a.lens[b]) {
         // Past this sequence's end: output zero, state carried unchanged (as packing gives); zero saved gates and
         // cells keep the returned tensors free of stale memory (the backward never reads them).
         std::copy(f.h_prev + i * H + j0, f.h_prev + i * H + j0 + units, f.h_next + i * H + j0);
-        std::fill(out, out + units, 0.0f);
+        std::fill(out, out + units, E(0));
         if (training) {
-          for (int64_t g = 0; g < 4; ++g) std::fill(act + g * H, act + g * H + units, 0.0f);
-          std::fill(c_out, c_out + units, 0.0f);
+          for (int64_t g = 0; g < 4; ++g) std::fill(act + g * H, act + g * H + units, E(0));
+          std::fill(c_out, c_out + units, E(0));
         }
         continue;
       }
-      float* c = f.c_state + i * H + j0;
-      float* h = f.h_next + i * H + j0;
-      if (training) {
-        cell_units<true>(z[r], units, c, h, out, act, H, c_out);
-      } else {
-        cell_units<false>(z[r], units, c, h, out, act, H, c_out);
-      }
+      cell_outputs(z[r], units, f.c_state + i * H + j0, f.h_next + i * H + j0, out, act, H, c_out, training);
     }
   }
 };
@@ -230,6 +317,23 @@ inline int64_t forward_chunk_steps(int64_t rows, int64_t steps) {
   return std::clamp<int64_t>((256 + rows - 1) / rows, 1, steps);
 }
 
+// Every step of f's rows, chunk by chunk: the chunk's input projections, then its steps. f.h_prev holds h0 (or zeros)
+// and f.c_state c0 on entry; on return f.h_prev holds the last h.
+template <typename Args, typename E, typename W>
+FASTMSC_PANEL_INLINE void run_steps(ForwardRows<Args, E>& f, const W* w_ih, const W* w_hh, const float* bias) {
+  const Args& a = f.a;
+  const bool training = a.gates != nullptr;
+  const int64_t chunk = forward_chunk_steps(f.rows, a.steps);
+  for (int64_t first = 0; first < a.steps; first += chunk) {
+    const int64_t n = std::min(chunk, a.steps - first);
+    for (int64_t p = 0; p < a.panels; ++p) for_row_blocks<ProjectBlock>(n * f.rows, f, first, p, w_ih, bias);
+    for (int64_t k = 0; k < n; ++k) {
+      for (int64_t p = 0; p < a.panels; ++p) for_row_blocks<StepBlock>(f.rows, f, first + k, k, p, w_hh, training);
+      std::swap(f.h_prev, f.h_next);
+    }
+  }
+}
+
 // Floats of scratch memory forward_rows needs for `rows` rows.
 inline int64_t forward_scratch_floats(const PanelForward& a, int64_t rows) {
   return forward_chunk_steps(rows, a.steps) * rows * a.panels * kPanel + 2 * rows * a.hidden;
@@ -238,31 +342,50 @@ inline int64_t forward_scratch_floats(const PanelForward& a, int64_t rows) {
 // Rows [b_begin, b_end) of direction d, every step. See PanelForward (lstm_cpu.cpp) for the layout of the arguments.
 // scratch: forward_scratch_floats(a, b_end - b_begin) floats, any content.
 FASTMSC_PANEL_FN void forward_rows(const PanelForward& a, int64_t d, int64_t b_begin, int64_t b_end, float* scratch) {
-  const int64_t rows = b_end - b_begin, H = a.hidden, T_ = a.steps, P = a.panels, zw = P * kPanel;
-  const bool training = a.gates != nullptr;
-  const int64_t chunk = forward_chunk_steps(rows, T_);
+  const int64_t rows = b_end - b_begin, H = a.hidden, P = a.panels, zw = P * kPanel;
   float* xproj = scratch;
-  float* h_prev = xproj + chunk * rows * zw;
-  float* h_next = h_prev + rows * H;
+  float* h_prev = xproj + forward_chunk_steps(rows, a.steps) * rows * zw;
   if (a.h0 != nullptr) {
     std::copy(a.h0 + (d * a.batch + b_begin) * H, a.h0 + (d * a.batch + b_end) * H, h_prev);
   } else {
     std::fill(h_prev, h_prev + rows * H, 0.0f);
   }
-  ForwardRows f{a, d, b_begin, rows, zw, xproj, h_prev, h_next, a.c_n + (d * a.batch + b_begin) * H};
-  const float* w_ih = a.w_ih + d * P * a.input * kPanel;
-  const float* w_hh = a.w_hh + d * P * H * kPanel;
-  const float* bias = a.bias != nullptr ? a.bias + d * zw : nullptr;
-  for (int64_t first = 0; first < T_; first += chunk) {
-    const int64_t n = std::min(chunk, T_ - first);
-    for (int64_t p = 0; p < P; ++p) for_row_blocks<ProjectBlock>(n * rows, f, first, p, w_ih, bias);
-    for (int64_t k = 0; k < n; ++k) {
-      for (int64_t p = 0; p < P; ++p) for_row_blocks<StepBlock>(rows, f, first + k, k, p, w_hh, training);
-      std::swap(f.h_prev, f.h_next);
-    }
-  }
+  // The cell state is updated in place in c_n, which holds c0 (or zeros) on entry.
+  ForwardRows<PanelForward, float> f{a, d, b_begin, rows, zw, xproj, h_prev, h_prev + rows * H,
+                                     a.c_n + (d * a.batch + b_begin) * H};
+  run_steps(f, a.w_ih + d * P * panel_elements(a.w_ih, a.input), a.w_hh + d * P * panel_elements(a.w_hh, H),
+            a.bias != nullptr ? a.bias + d * zw : nullptr);
   std::copy(f.h_prev, f.h_prev + rows * H, a.h_n + (d * a.batch + b_begin) * H);
 }
+
+#if FASTMSC_PANEL_BF16
+inline int64_t forward_scratch_floats_bf16(const PanelForwardBf16& a, int64_t rows) {
+  return forward_chunk_steps(rows, a.steps) * rows * a.panels * kPanel + rows * a.hidden  // xproj, h_prev, h_next
+         + rows * a.hidden + 16;                                                          // c_state
+}
+
+// forward_rows for bfloat16 storage; the cell state stays float32 in scratch and is rounded into c_n at the end.
+FASTMSC_PANEL_FN void forward_rows_bf16(const PanelForwardBf16& a, int64_t d, int64_t b_begin, int64_t b_end,
+                                        float* scratch) {
+  const int64_t rows = b_end - b_begin, H = a.hidden, P = a.panels, zw = P * kPanel;
+  float* xproj = scratch;
+  Bits* h_prev = reinterpret_cast<Bits*>(xproj + forward_chunk_steps(rows, a.steps) * rows * zw);
+  Bits* h_next = h_prev + rows * H;
+  float* c_state = reinterpret_cast<float*>(h_next + rows * H + (rows * H) % 2);  // 4-byte aligned
+  const int64_t state = d * a.batch + b_begin;
+  for (int64_t n = 0; n < rows * H; ++n) {
+    h_prev[n] = a.h0 != nullptr ? a.h0[state * H + n] : Bits(0);
+    c_state[n] = a.c0 != nullptr ? bf16_to_float(a.c0[state * H + n]) : 0.0f;
+  }
+  ForwardRows<PanelForwardBf16, Bits> f{a, d, b_begin, rows, zw, xproj, h_prev, h_next, c_state};
+  run_steps(f, a.w_ih + d * P * panel_elements(a.w_ih, a.input), a.w_hh + d * P * panel_elements(a.w_hh, H),
+            a.bias != nullptr ? a.bias + d * zw : nullptr);
+  std::copy(f.h_prev, f.h_prev + rows * H, a.h_n + state * H);
+  for (int64_t j0 = 0; j0 < rows * H; j0 += kWidth) {
+    store_bf16(a.c_n + state * H + j0, c_state + j0, std::min(kWidth, rows * H - j0));
+  }
+}
+#endif
 
 FASTMSC_PANEL_INLINE void gate_gradients(const float* __restrict act, const float* __restrict c,
                                          const float* __restrict c_prev, const float* __restrict dh_carry,
@@ -411,164 +534,6 @@ FASTMSC_PANEL_FN void gemm_rows(const PanelGemm& g, int64_t r_begin, int64_t r_e
     }
   }
 }
-
-#if FASTMSC_PANEL_BF16
-// ---------------------------------------------------------------------------------------------------
-// bfloat16 forward on AVX512_BF16 (see PanelForwardBf16, lstm_cpu.cpp). Products in bf16 with float32 sums
-// (vdpbf16ps: two products per lane and instruction, twice the float32 rate), as oneDNN's bf16 RNN computes them;
-// the cell state, the cell math and the bias in float32; h rounded to bf16 once per step, which is both the output
-// and the next step's product input. Weights are packed as bf16 pairs: panel p, pair kp holds (w[2kp], w[2kp + 1]) of
-// each of its kPanel columns, zero past K.
-
-using Bits = uint16_t;  // a bfloat16, as stored
-
-// acc[r][s] += sum over k < K of a[r][k] * panel(k, s * kWidth ...), a and the panel bf16.
-template <int M>
-FASTMSC_PANEL_INLINE void panel_product_bf16(const Bits* const (&a)[M], int64_t K, const Bits* __restrict panel,
-                                             Vec (&acc)[M][4]) {
-  const int64_t pairs = K / 2;
-  for (int64_t kp = 0; kp <= pairs; ++kp) {
-    if (kp == pairs && K % 2 == 0) break;
-    const Bits* w = panel + kp * kPanel * 2;
-    __m512bh wv[4];
-    for (int s = 0; s < 4; ++s) wv[s] = (__m512bh)_mm512_loadu_si512(w + s * kWidth * 2);
-#pragma GCC unroll 8
-    for (int r = 0; r < M; ++r) {
-      uint32_t bits = a[r][2 * kp];
-      if (kp < pairs) std::memcpy(&bits, a[r] + 2 * kp, sizeof(bits));  // the last of an odd K pairs with zero
-      const __m512bh v = (__m512bh)_mm512_set1_epi32(static_cast<int>(bits));
-      for (int s = 0; s < 4; ++s) acc[r][s] = _mm512_dpbf16_ps(acc[r][s], v, wv[s]);
-    }
-  }
-}
-
-// n (<= kWidth) floats rounded to bf16 (nearest even) at dst.
-FASTMSC_PANEL_INLINE void store_bf16(Bits* dst, const float* src, int64_t n) {
-  const __m256i bits = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src));
-  _mm256_mask_storeu_epi16(dst, static_cast<__mmask16>((1u << n) - 1), bits);
-}
-
-FASTMSC_PANEL_INLINE float bf16_to_float(Bits b) {
-  const uint32_t bits = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-struct ForwardRowsBf16 {
-  const PanelForwardBf16& a;
-  int64_t d, b_begin, rows, zw;
-  float* xproj;    // (chunk steps * rows, zw), float32 pre-activations of the chunk's inputs, bias included
-  Bits* h_prev;    // (rows, H)
-  Bits* h_next;    // (rows, H)
-  float* c_state;  // (rows, H)
-  int64_t time_of(int64_t step) const { return d == 0 ? step : a.steps - 1 - step; }
-};
-
-template <int M>
-struct ProjectBlockBf16 {
-  FASTMSC_PANEL_INLINE static void run(int64_t r0, const ForwardRowsBf16& f, int64_t first, int64_t p,
-                                       const Bits* w_ih, const float* bias) {
-    const PanelForwardBf16& a = f.a;
-    const Bits* x_rows[M];
-    const float* bias_rows[M];
-    for (int r = 0; r < M; ++r) {
-      const int64_t k = (r0 + r) / f.rows, b = f.b_begin + (r0 + r) % f.rows;
-      x_rows[r] = a.x + b * a.x_sb + f.time_of(first + k) * a.x_st;
-      bias_rows[r] = bias != nullptr ? bias + p * kPanel : nullptr;
-    }
-    Vec acc[M][4];
-    load_rows<M>(bias_rows, acc);
-    panel_product_bf16<M>(x_rows, a.input, w_ih + p * ((a.input + 1) / 2) * kPanel * 2, acc);
-    for (int r = 0; r < M; ++r) {
-      for (int s = 0; s < 4; ++s) vstore(f.xproj + (r0 + r) * f.zw + p * kPanel + s * kWidth, acc[r][s]);
-    }
-  }
-};
-
-template <int M>
-struct StepBlockBf16 {
-  FASTMSC_PANEL_INLINE static void run(int64_t i0, const ForwardRowsBf16& f, int64_t step, int64_t k, int64_t p,
-                                       const Bits* w_hh, bool training) {
-    const PanelForwardBf16& a = f.a;
-    const int64_t H = a.hidden, t = f.time_of(step), d = f.d;
-    const int64_t j0 = p * kWidth, units = std::min(kWidth, H - j0);
-    const float* z_rows[M];
-    const Bits* h_rows[M];
-    for (int r = 0; r < M; ++r) {
-      z_rows[r] = f.xproj + (k * f.rows + i0 + r) * f.zw + p * kPanel;
-      h_rows[r] = f.h_prev + (i0 + r) * H;
-    }
-    Vec acc[M][4];
-    load_rows<M>(z_rows, acc);
-    if (step > 0 || a.h0 != nullptr) panel_product_bf16<M>(h_rows, H, w_hh + p * ((H + 1) / 2) * kPanel * 2, acc);
-    alignas(64) float z[M][kPanel];
-    store_rows<M>(acc, z);
-    for (int r = 0; r < M; ++r) {
-      const int64_t i = i0 + r, b = f.b_begin + i;
-      Bits* out = a.out + b * a.out_sb + t * a.out_st + d * H + j0;
-      Bits* act = training ? a.gates + b * a.gates_sb + t * a.gates_st + d * 4 * H + j0 : nullptr;
-      Bits* c_out = training ? a.cells + b * a.cells_sb + t * a.cells_st + d * H + j0 : nullptr;
-      if (a.lens != nullptr && t >= a.lens[b]) {
-        std::copy(f.h_prev + i * H + j0, f.h_prev + i * H + j0 + units, f.h_next + i * H + j0);
-        std::fill(out, out + units, Bits(0));
-        if (training) {
-          for (int64_t g = 0; g < 4; ++g) std::fill(act + g * H, act + g * H + units, Bits(0));
-          std::fill(c_out, c_out + units, Bits(0));
-        }
-        continue;
-      }
-      alignas(64) float h[kWidth] = {}, h_copy[kWidth], gates[4 * kWidth] = {}, cells[kWidth] = {};
-      if (training) {
-        cell_units<true>(z[r], units, f.c_state + i * H + j0, h, h_copy, gates, kWidth, cells);
-        for (int64_t g = 0; g < 4; ++g) store_bf16(act + g * H, gates + g * kWidth, units);
-        store_bf16(c_out, cells, units);
-      } else {
-        cell_units<false>(z[r], units, f.c_state + i * H + j0, h, h_copy, nullptr, kWidth, nullptr);
-      }
-      store_bf16(f.h_next + i * H + j0, h, units);
-      store_bf16(out, h, units);
-    }
-  }
-};
-
-inline int64_t forward_scratch_floats_bf16(const PanelForwardBf16& a, int64_t rows) {
-  return forward_chunk_steps(rows, a.steps) * rows * a.panels * kPanel + rows * a.hidden  // xproj, h_prev, h_next
-         + rows * a.hidden + 16;                                                          // c_state
-}
-
-FASTMSC_PANEL_FN void forward_rows_bf16(const PanelForwardBf16& a, int64_t d, int64_t b_begin, int64_t b_end,
-                                        float* scratch) {
-  const int64_t rows = b_end - b_begin, H = a.hidden, T_ = a.steps, P = a.panels, zw = P * kPanel;
-  const bool training = a.gates != nullptr;
-  const int64_t chunk = forward_chunk_steps(rows, T_);
-  float* xproj = scratch;
-  Bits* h_prev = reinterpret_cast<Bits*>(xproj + chunk * rows * zw);
-  Bits* h_next = h_prev + rows * H;
-  float* c_state = reinterpret_cast<float*>(h_next + rows * H + (rows * H) % 2);  // 4-byte aligned
-  const int64_t state = d * a.batch + b_begin;
-  for (int64_t n = 0; n < rows * H; ++n) {
-    h_prev[n] = a.h0 != nullptr ? a.h0[state * H + n] : Bits(0);
-    c_state[n] = a.c0 != nullptr ? bf16_to_float(a.c0[state * H + n]) : 0.0f;
-  }
-  ForwardRowsBf16 f{a, d, b_begin, rows, zw, xproj, h_prev, h_next, c_state};
-  const Bits* w_ih = a.w_ih + d * P * ((a.input + 1) / 2) * kPanel * 2;
-  const Bits* w_hh = a.w_hh + d * P * ((H + 1) / 2) * kPanel * 2;
-  const float* bias = a.bias != nullptr ? a.bias + d * zw : nullptr;
-  for (int64_t first = 0; first < T_; first += chunk) {
-    const int64_t n = std::min(chunk, T_ - first);
-    for (int64_t p = 0; p < P; ++p) for_row_blocks<ProjectBlockBf16>(n * rows, f, first, p, w_ih, bias);
-    for (int64_t k = 0; k < n; ++k) {
-      for (int64_t p = 0; p < P; ++p) for_row_blocks<StepBlockBf16>(rows, f, first + k, k, p, w_hh, training);
-      std::swap(f.h_prev, f.h_next);
-    }
-  }
-  std::copy(f.h_prev, f.h_prev + rows * H, a.h_n + state * H);
-  for (int64_t j0 = 0; j0 < rows * H; j0 += kWidth) {
-    store_bf16(a.c_n + state * H + j0, c_state + j0, std::min(kWidth, rows * H - j0));
-  }
-}
-#endif
 
 #undef FASTMSC_PANEL_INLINE
 #undef FASTMSC_PANEL_FN
