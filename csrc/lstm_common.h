@@ -240,7 +240,10 @@ inline LstmBackward prepare_backward(const LstmSizes& s, const c10::optional<at:
   bw.need_dweights = need_dweights;
   bw.need_dstate = need_dstate;
   bw.w_ih = w_ih;
-  const bool tm = bw.time_major = follow_time_major && is_time_major(x_in);
+  // The forward's row order, which its saved gates keep: x may come in another layout (a traced graph may hand over
+  // a contiguous copy of a time-major x), and taking its order would sum the weight gradients over rows in another
+  // order than the eager backward, a different rounding.
+  const bool tm = bw.time_major = follow_time_major && is_time_major(gates_in);
   bw.x = in_order(x_in, tm);
   bw.w_hh = w_hh_in.contiguous();
   bw.out = in_order(out_in, tm);
@@ -284,7 +287,7 @@ using LstmGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at:
 // Returns (dx, dw_ih, dw_hh, dbias, dh0, dc0, dw_hr), an empty tensor for each gradient not asked for.
 inline LstmGrads finish_backward(LstmBackward& bw) {
   const LstmSizes& s = bw.s;
-  const int64_t N = s.batch * s.steps, D = s.directions, H = s.hidden, G = 4 * H, R = s.proj;
+  const int64_t D = s.directions, H = s.hidden, G = 4 * H, R = s.proj;
   // An empty batch skips the loop and fills nothing: the GEMMs over zero rows give zero weight gradients.
   if (s.batch == 0 && bw.need_dweights && !bw.h_prev.defined()) allocate_weight_inputs(bw);
   const at::Tensor& x = bw.x;
@@ -374,7 +377,8 @@ LstmGrads lstm_bwd(const c10::optional<at::Tensor>& grad_out, const c10::optiona
   // zero rows still give the zero weight gradients.
   if (s.batch != 0) Backend::backward(bw);
   LstmGrads grads = finish_backward(bw);
-  if (Backend::kReturnsTimeMajor && need_dx && is_time_major(x)) std::get<0>(grads) = in_order(std::get<0>(grads), true);
+  // dx in x's layout, as the fake implementation promises, whichever order the loops ran in.
+  if (Backend::kReturnsTimeMajor && need_dx) std::get<0>(grads) = in_order(std::get<0>(grads), is_time_major(x));
   return grads;
 }
 

@@ -555,6 +555,25 @@ FASTMSC_VECTORIZABLE void transpose_block(const float* __restrict src, int64_t s
   }
 }
 
+// transpose_block of a panel's width rows: whole width x width tiles through the vector registers of the kernel that
+// packs (width 16 is packed only for the AVX-512 kernel, 8 for the AVX2 one), the rest one float at a time.
+inline void transpose_panel_rows(const float* src, int64_t src_ld, int64_t rows, int64_t cols, float* dst,
+                                 int64_t dst_ld, int64_t width) {
+  int64_t c0 = 0;
+#if FASTMSC_PANELS
+  if (rows == width && (width == 16 || width == 8)) {
+    for (; c0 + width <= cols; c0 += width) {
+      if (width == 16) {
+        avx512::transpose_tile(src + c0, src_ld, dst + c0 * dst_ld, dst_ld);
+      } else {
+        avx2::transpose_tile(src + c0, src_ld, dst + c0 * dst_ld, dst_ld);
+      }
+    }
+  }
+#endif
+  if (c0 < cols) transpose_block(src + c0, src_ld, rows, cols - c0, dst + c0 * dst_ld, dst_ld);
+}
+
 // A transpose, done in blocks of kPackDepth k so that the source rows being read (width rows of kPackDepth floats) and
 // the panel rows being written stay in L1.
 inline void pack_gate_panels(const float* w, int64_t D, int64_t H, int64_t K, int64_t width, float* dst) {
@@ -567,7 +586,8 @@ inline void pack_gate_panels(const float* w, int64_t D, int64_t H, int64_t K, in
       for (int64_t k0 = 0; k0 < K; k0 += kPackDepth) {
         const int64_t depth = std::min(kPackDepth, K - k0);
         for (int64_t s = 0; s < 4; ++s) {
-          transpose_block(w + (d * 4 * H + s * H + j0) * K + k0, K, units, depth, panel + k0 * lanes + s * width, lanes);
+          transpose_panel_rows(w + (d * 4 * H + s * H + j0) * K + k0, K, units, depth, panel + k0 * lanes + s * width,
+                               lanes, width);
           if (units < width) {  // padded hidden units
             for (int64_t k = k0; k < k0 + depth; ++k) {
               std::fill(panel + k * lanes + s * width + units, panel + k * lanes + (s + 1) * width, 0.0f);

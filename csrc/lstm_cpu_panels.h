@@ -17,7 +17,12 @@
 // cached across all row blocks of the thread.
 
 #define FASTMSC_PANEL_INLINE __attribute__((target(FASTMSC_PANEL_TARGET), always_inline)) inline
+#if FASTMSC_PANEL_BF16
+// The bf16 variant runs only forward_rows_bf16: the float32 entry points compiled along with it go unused there.
+#define FASTMSC_PANEL_FN __attribute__((target(FASTMSC_PANEL_TARGET), unused)) FASTMSC_VECTORIZABLE
+#else
 #define FASTMSC_PANEL_FN __attribute__((target(FASTMSC_PANEL_TARGET))) FASTMSC_VECTORIZABLE
+#endif
 
 constexpr int64_t kWidth = FASTMSC_PANEL_WIDTH;
 constexpr int64_t kPanel = 4 * kWidth;
@@ -53,6 +58,63 @@ FASTMSC_PANEL_INLINE Vec vload_first(const float* p, int64_t n) { return _mm256_
 FASTMSC_PANEL_INLINE void vstore_first(float* p, Vec v, int64_t n) { _mm256_maskstore_ps(p, first_lanes(n), v); }
 #else
 #error "FASTMSC_PANEL_WIDTH must be 16 or 8"
+#endif
+
+// dst[c * dst_ld + r] = src[r * src_ld + c] for r, c < kWidth: one square tile through registers (the weight packing's
+// transpose; scalar, it took a third of a small call). Unpack pairs of rows, then shuffle 2-float, then 4-float and (at
+// AVX-512) 8-float blocks into place.
+#if FASTMSC_PANEL_WIDTH == 16
+// GCC 12 warns that its own unpack and shuffle intrinsics read an uninitialised __Y (the _mm512_undefined_ps() they
+// pass as the unused merge source): a false positive, silenced here only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+FASTMSC_PANEL_FN void transpose_tile(const float* __restrict src, int64_t src_ld, float* __restrict dst, int64_t dst_ld) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * src_ld);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 16; i += 8) {
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xdd);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * dst_ld, r[i]);
+}
+#pragma GCC diagnostic pop
+#else
+FASTMSC_PANEL_FN void transpose_tile(const float* __restrict src, int64_t src_ld, float* __restrict dst, int64_t dst_ld) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * src_ld);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int j = 0; j < 4; ++j) {
+    t[j] = _mm256_permute2f128_ps(r[j], r[j + 4], 0x20);
+    t[j + 4] = _mm256_permute2f128_ps(r[j], r[j + 4], 0x31);
+  }
+  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + i * dst_ld, t[i]);
+}
 #endif
 
 // acc[r][s] += sum over k < K of a[r][k] * panel[k][s * kWidth ...]: rows a[r] (K floats each) times one panel.

@@ -205,7 +205,8 @@ class Op:
         reason = self.why_not_fused(device_type, allow_interpreter=backend == "fused", **call_args)
         if reason is None:
             if backend == "auto":
-                tensors = list(_tensors(call_args.values()))
+                # Flattening the arguments costs microseconds a call: only where a verdict may exist.
+                tensors = list(_tensors(call_args.values())) if dispatch.covers(device_type) else None
                 entry = dispatch.lookup(self.name, tensors[0], tensors) if tensors else None
                 if entry is not None:
                     return self.torch if entry.choice == "torch" else self.fused

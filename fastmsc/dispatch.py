@@ -175,6 +175,11 @@ def mode_of(tensors: Iterable[torch.Tensor | None]) -> str:
     return "fwd"
 
 
+def covers(device_type: str) -> bool:
+    """Whether the table holds verdicts that calls on ``device_type`` may find (never on CPU)."""
+    return device_type in DEVICE_TYPES and bool(_table.by_key)
+
+
 def lookup(op: str, main: torch.Tensor, tensors: Iterable[torch.Tensor | None]) -> Entry | None:
     """The measured verdict for calling ``op`` with main input ``main`` (its device, dtype and size) and the
     given tensor arguments, or None where the table has no data (always on CPU)."""

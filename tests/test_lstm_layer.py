@@ -6,6 +6,7 @@ lengths as lists, and argument errors."""
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -229,6 +230,48 @@ BAD_CALLS = [
 def test_bad_arguments_raise_clear_errors(backend, make_args, error, match):
     with fastmsc.use_backend(backend), pytest.raises(error, match=match):
         fastmsc.lstm_layer(**make_args(*_inputs()))
+
+
+# Calls that are wrong only in ways lstm_layer's one-pass check of the common call must also refuse (the full
+# check names the fault); with BAD_CALLS they are the cases below.
+MORE_BAD_CALLS = [
+    ("w_hh 6 x 1", lambda x, w, h, c: dict(x=x, weights=(_with(w[0], 1, torch.randn(6, 1)),))),
+    ("w_hh 3-D", lambda x, w, h, c: dict(x=x, weights=(_with(w[0], 1, w[0][1][None]),))),
+    ("b_ih 2-D", lambda x, w, h, c: dict(x=x, weights=(_with(w[0], 2, w[0][2][None]),))),
+    ("w_ih not a tensor", lambda x, w, h, c: dict(x=x, weights=(_with(w[0], 0, w[0][0].tolist()),))),
+    ("b_hh bfloat16", lambda x, w, h, c: dict(x=x, weights=(_with(w[0], 3, w[0][3].bfloat16()),))),
+    ("second direction narrower", lambda x, w, h, c: dict(x=x, weights=(w[0], tuple(p[:12] for p in w[1])))),
+    ("h0 as a list", lambda x, w, h, c: dict(x=x, weights=w, h0=h.tolist(), c0=c)),
+    ("c0 for one direction", lambda x, w, h, c: dict(x=x, weights=w, h0=h, c0=c[:1])),
+    ("x without inputs", lambda x, w, h, c: dict(x=x[..., :0], weights=w)),
+]
+
+
+@pytest.mark.parametrize("make_args", [c[1] for c in BAD_CALLS + MORE_BAD_CALLS],
+                         ids=[c[0] for c in BAD_CALLS + MORE_BAD_CALLS])
+def test_the_one_pass_check_lets_no_bad_call_through(make_args):
+    """lstm_layer recognises the common call in one pass and checks every other call in full: what the one pass
+    accepts, the full check accepts too, with the same weights (the calls above that are wrong only in their
+    lengths, which both leave to check_lengths, pass both)."""
+    layer = sys.modules["fastmsc.ops.lstm_layer"]
+    args = make_args(*_inputs())
+    call = (args["x"], args["weights"], args.get("h0"), args.get("c0"))
+    common = layer._common_call(*call)
+    if common is not None:
+        assert "lengths" in args
+        full = layer._validate_in_full(*call)
+        assert [[a is b for a, b in zip(d, e, strict=True)] for d, e in zip(common, full, strict=True)] == \
+            [[True] * 4] * len(full)
+
+
+def test_the_one_pass_check_takes_the_common_calls():
+    """The calls a model makes (with or without biases and states, one or two directions) take the one pass."""
+    layer = sys.modules["fastmsc.ops.lstm_layer"]
+    x, w, h, c = _inputs()
+    no_bias = tuple(d[:2] + (None, None) for d in w)
+    for call in ((x, w, h, c), (x, w[:1], None, None), (x, no_bias, None, c), (x.transpose(0, 1).contiguous()
+                                                                                .transpose(0, 1), w, h, None)):
+        assert layer._common_call(*call) is call[1]
 
 
 @pytest.mark.cuda

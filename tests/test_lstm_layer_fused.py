@@ -658,6 +658,34 @@ def test_time_major_input_is_read_in_place_and_answered_in_its_layout(rng, cpu_k
     assert [t.stride() for t in real] == [t.stride() for t in fake], context
 
 
+def test_backward_follows_the_forwards_row_order_whatever_x_layout(rng, vector_cpu_kernel):
+    """lstm_bwd runs in the row order of the saved gates (the forward's), whatever layout x comes back in: a traced
+    graph may hand over a contiguous copy of a time-major x. The gradients are then the same bits (the weight
+    gradients sum over rows in one order), and dx comes in x's layout, as the fake promises."""
+    from fastmsc.kernels.lstm_layer import _fake_backward
+
+    r, seed = rng
+    args, upstream, shape = _cpu_case(r, time_major=True)
+    x = torch.empty_like(args[0], dtype=torch.float32).copy_(args[0])  # time-major, as the case drew it
+    weights, lengths = args[1], args[4]
+    B, T = x.shape[:2]
+    w_ih, w_hh = (w.detach().float() for w in fused_module._stacked_weights(weights, torch.float32))
+    bias = torch.randn(w_ih.shape[0])
+    out, h_n, c_n, gates, cells = torch.ops.fastmsc.lstm_fwd(x, w_ih, w_hh, bias, None, None, lengths, True)
+    grad_out = torch.randn_like(out)
+    results = []
+    for x_given in (x, x.contiguous()):
+        grads = torch.ops.fastmsc.lstm_bwd(grad_out, None, None, x_given, w_ih, w_hh, True, None, None, lengths, out,
+                                           gates, cells, True, True, False)
+        fake = _fake_backward(grad_out, None, None, x_given, w_ih, w_hh, True, None, None, lengths, out, gates, cells,
+                              True, True, False)
+        assert grads[0].stride() == fake[0].stride(), f"seed {seed}, {shape}"
+        results.append(grads)
+    context = f"seed {seed}, {vector_cpu_kernel}, {shape}, B={B} T={T}"
+    for i, (a, b) in enumerate(zip(*results, strict=True)):
+        assert torch.equal(a, b), f"{context}, gradient {i}"
+
+
 def test_nn_lstm_time_major_output_is_contiguous_like_torch():
     ref = torch.nn.LSTM(4, 6, bidirectional=True)
     fast = LSTM(4, 6, bidirectional=True)
@@ -667,3 +695,45 @@ def test_nn_lstm_time_major_output_is_contiguous_like_torch():
         out, _ = fast(x)
     assert out.is_contiguous() and ref(x)[0].is_contiguous()
     torch.testing.assert_close(out, ref(x)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_calls_take_the_short_route_to_the_same_results(rng, dtype):
+    """Eager calls run the forward op through an autograd.Function of the registered formula (torch.library's own
+    wrapper costs 15-25 us a call, the time of the whole layer at small shapes), or below autograd when nothing
+    records a graph. Outputs and every gradient equal the registered op's bit for bit."""
+    from fastmsc.kernels._lstm_shared import call_forward
+
+    r, seed = rng
+    B, T, n_in, H, D = r.randint(1, 4), r.randint(1, 9), r.randint(1, 20), r.randint(1, 20), r.randint(1, 2)
+    half = dtype != torch.float32
+    op = torch.ops.fastmsc.lstm_fwd_half if half else torch.ops.fastmsc.lstm_fwd
+    function = fused_module._eager_half if half else fused_module._eager_float
+
+    def leaves():
+        torch.manual_seed(seed)
+        tensors = [torch.randn(B, T, n_in, dtype=dtype), torch.randn(D * 4 * H, n_in, dtype=dtype) * 0.4,
+                   torch.randn(D, 4 * H, H, dtype=dtype) * 0.4, torch.randn(D * 4 * H),
+                   torch.randn(D, B, H, dtype=dtype), torch.randn(D, B, H, dtype=dtype)]
+        return [t.requires_grad_() for t in tensors]
+
+    def run(route_short: bool, training: bool):
+        inputs = leaves()
+        with torch.set_grad_enabled(training):
+            args = (*inputs[:6], None, training)
+            outputs = call_forward(op, function, args, training) if route_short else op(*args)
+        return inputs, outputs
+
+    for training in (True, False):
+        (registered_in, registered), (short_in, short) = run(False, training), run(True, training)
+        for a, b in zip(registered, short, strict=True):
+            assert torch.equal(a, b), f"seed {seed}"
+        if not training:
+            assert all(t.grad_fn is None for t in short), f"seed {seed}"
+            continue
+        assert type(short[0].grad_fn).__name__.startswith("EagerForward"), f"seed {seed}"
+        weights = [torch.randn_like(t) for t in registered[:3]]
+        for outputs in (registered, short):
+            torch.autograd.backward(outputs[:3], weights)
+        for a, b in zip(registered_in, short_in, strict=True):
+            assert torch.equal(a.grad, b.grad), f"seed {seed}"

@@ -17,7 +17,7 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 def to_dtype(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
     """t in dtype; None stays None, and dtype None leaves t as it is."""
-    return t if t is None or dtype is None else t.to(dtype)
+    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
 
 
 def follows_time_major(x: torch.Tensor) -> bool:
@@ -100,11 +100,46 @@ def backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells, *, run
         ctx.has_bias, to_dtype(h0, saved), to_dtype(c0, saved), lengths, to_dtype(out, saved), to_dtype(gates, saved),
         to_dtype(cells, saved), need_dx, need_dweights, need_dstate, to_dtype(w_hr, saved))
     dx = zero_past_lengths(dx, lengths) if need_dx else dx
-    grads = (dx.to(x.dtype) if need_dx else None, dw_ih.to(w_ih.dtype) if needs[1] else None,
-             dw_hh.to(w_hh.dtype) if needs[2] else None, dbias if needs[3] else None,
-             dh0.to(h0.dtype) if needs[4] else None, dc0.to(c0.dtype) if needs[5] else None, None, None,
-             dw_hr.to(w_hr.dtype) if need_dw_hr else None)
+    grads = (to_dtype(dx, x.dtype) if need_dx else None, to_dtype(dw_ih, w_ih.dtype) if needs[1] else None,
+             to_dtype(dw_hh, w_hh.dtype) if needs[2] else None, dbias if needs[3] else None,
+             to_dtype(dh0, h0.dtype) if needs[4] else None, to_dtype(dc0, c0.dtype) if needs[5] else None, None, None,
+             to_dtype(dw_hr, w_hr.dtype) if need_dw_hr else None)
     return grads[:len(needs)]
+
+
+def eager_function(name: str, op, backward_fn) -> type[torch.autograd.Function]:
+    """An autograd.Function running the forward op ``op`` with the formula ``setup_context`` / ``backward_fn``
+    registered on it, for eager calls (see :func:`call_forward`)."""
+
+    class EagerForward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            with torch._C._AutoDispatchBelowAutograd():
+                output = op(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward_fn(ctx, *grads)
+
+    EagerForward.__name__ = EagerForward.__qualname__ = f"EagerForward_{name}"
+    return EagerForward
+
+
+def call_forward(op, function: type[torch.autograd.Function], inputs: tuple, training: bool):
+    """``op(*inputs)``, the autograd formula registered on it included, by the shortest route that keeps it.
+
+    The registered route (torch.library's autograd wrapper) costs 15-25 us a call in Python, refilling the schema's
+    defaults and building its metadata, about the time of the whole layer at small shapes. Eager calls take
+    ``function`` (:func:`eager_function` of the same formula) or, without a graph to record, the kernel below
+    autograd. torch.compile and functorch transforms, which trace the registered op, keep it."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return op(*inputs)
+    if training:
+        return function.apply(*inputs)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*inputs)
 
 
 def reference_packed(x, w_ih, w_hh, bias, h0, c0, lengths, w_hr=None):
@@ -120,13 +155,16 @@ def reference_packed(x, w_ih, w_hh, bias, h0, c0, lengths, w_hr=None):
 
 def combined_bias(weights, dtype):
     """b_ih + b_hh per direction, stacked to (D*4H,); None when the layer has no bias at all."""
-    if all(b is None for params in weights for b in params[2:4]):
-        return None
-    parts = []
-    for w_ih, _, b_ih, b_hh, *_ in weights:
-        present = [b.to(dtype) for b in (b_ih, b_hh) if b is not None]
-        if not present:
-            parts.append(w_ih.new_zeros(w_ih.shape[0], dtype=dtype))
+    parts, any_bias = [], False
+    for params in weights:
+        b_ih, b_hh = to_dtype(params[2], dtype), to_dtype(params[3], dtype)
+        any_bias = any_bias or b_ih is not None or b_hh is not None
+        if b_ih is not None and b_hh is not None:
+            parts.append(b_ih + b_hh)
         else:
-            parts.append(present[0] if len(present) == 1 else present[0] + present[1])
+            parts.append(b_ih if b_hh is None else b_hh)
+    if not any_bias:
+        return None
+    parts = [params[0].new_zeros(params[0].shape[0], dtype=dtype) if b is None else b
+             for params, b in zip(weights, parts, strict=True)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -30,7 +30,17 @@ from .._device import dtype_name
 from ..ops._checks import compute_dtype
 from . import lstm_cpu_measured, lstm_persistent
 from ._common import triton_call_unsupported
-from ._lstm_shared import HALF_DTYPES, backward, combined_bias, fake_forward, new_sequence, setup_context, to_dtype
+from ._lstm_shared import (
+    HALF_DTYPES,
+    backward,
+    call_forward,
+    combined_bias,
+    eager_function,
+    fake_forward,
+    new_sequence,
+    setup_context,
+    to_dtype,
+)
 
 _registered = False
 _register_lock = threading.Lock()
@@ -79,12 +89,14 @@ def _lstm_fwd_half(x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, bias
 
 _lstm_fwd_half.register_fake(fake_forward)
 _lstm_fwd_half.register_autograd(_backward, setup_context=setup_context)
+_eager_half = eager_function("lstm_fwd_half", torch.ops.fastmsc.lstm_fwd_half, _backward)
+_eager_float = None  # eager_function of fastmsc::lstm_fwd, once the extension has registered it
 
 
 @torch.compiler.assume_constant_result  # runs once, eagerly, even when torch.compile meets it first
 def _ensure_registered() -> None:
     """Load the extension and attach the fake implementations and the autograd formula (once)."""
-    global _registered
+    global _registered, _eager_float
     if _registered:
         return
     _extension.load()
@@ -93,6 +105,7 @@ def _ensure_registered() -> None:
             torch.library.register_fake("fastmsc::lstm_fwd")(fake_forward)
             torch.library.register_fake("fastmsc::lstm_bwd")(_fake_backward)
             torch.library.register_autograd("fastmsc::lstm_fwd", _backward, setup_context=setup_context)
+            _eager_float = eager_function("lstm_fwd", torch.ops.fastmsc.lstm_fwd, _backward)
             _registered = True
 
 
@@ -157,7 +170,7 @@ def fused_unsupported(device_type: str, *, allow_interpreter: bool = False, lstm
     compiled extension (loaded, or loadable on first use); "auto" is satisfied by either, the persistent kernel
     counting on CUDA only, for the layers :func:`_auto_persistent` gives it.
     """
-    if lstm_impl != "stepwise":
+    if lstm_impl == "persistent" or (lstm_impl == "auto" and device_type == "cuda"):
         persistent = _persistent_unsupported(device_type, allow_interpreter, call_args)
         if lstm_impl == "persistent":
             return persistent
@@ -226,18 +239,19 @@ def fused(x, weights, h0=None, c0=None, lengths=None, lstm_impl: str = "auto"):
     w_hr = torch.stack([p[4].to(weight_dtype) for p in weights]) if projected else None
     bias = combined_bias(weights, work)
     training = _training(x, h0, c0, weights)
-    forward = torch.ops.fastmsc.lstm_fwd_half if half else torch.ops.fastmsc.lstm_fwd
-    if projected:
-        out, h_n, c_n, _, _ = forward(x, w_ih, w_hh, bias, h0, c0, lengths, training, w_hr)
-    else:  # the call without projection keeps its original arguments (and traced graphs their original form)
-        out, h_n, c_n, _, _ = forward(x, w_ih, w_hh, bias, h0, c0, lengths, training)
+    forward, function = (torch.ops.fastmsc.lstm_fwd_half, _eager_half) if half else \
+        (torch.ops.fastmsc.lstm_fwd, _eager_float)
+    # The call without projection keeps its original arguments (and traced graphs their original form).
+    inputs = (x, w_ih, w_hh, bias, h0, c0, lengths, training, *((w_hr,) if projected else ()))
+    out, h_n, c_n, _, _ = call_forward(forward, function, inputs, training)
     return out, h_n, c_n
 
 
 def _stacked_weights(weights, dtype):
-    """(w_ih (D*4H, I), w_hh (D, 4H, R)) in ``dtype``."""
-    w_ih = torch.cat([p[0].to(dtype) for p in weights]) if len(weights) == 2 else weights[0][0].to(dtype)
-    return w_ih, torch.stack([p[1].to(dtype) for p in weights])
+    """(w_ih (D*4H, I), w_hh (D, 4H, R)) in ``dtype``; one direction's as views of its weights, not copies."""
+    if len(weights) == 1:
+        return to_dtype(weights[0][0], dtype), to_dtype(weights[0][1], dtype).unsqueeze(0)
+    return torch.cat([to_dtype(p[0], dtype) for p in weights]), torch.stack([to_dtype(p[1], dtype) for p in weights])
 
 
 def _training(x, h0, c0, weights) -> bool:

@@ -24,7 +24,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .._double_backward import graph_wanted, recomputed_grads
 from ..backend import Op, import_failure, lstm_impl_for, register
-from ._checks import check_lengths, check_same, check_shape, check_tensor
+from ._checks import FLOAT_DTYPES, check_lengths, check_same, check_shape, check_tensor
 from .reference.lstm_layer import direction_params, lstm_layer_reference
 
 # The fused path. A failed import (a broken torch.library registration) is recorded in the op, shown by
@@ -187,7 +187,47 @@ OP = register(Op("lstm_layer", lstm_layer_reference, lstm_layer_torch,
 _DIRECTION = "(w_ih, w_hh, b_ih, b_hh) or (w_ih, w_hh, b_ih, b_hh, w_hr)"
 
 
+def _common_call(x, weights, h0, c0):
+    """The weights as _validate returns them when the call is the common one, recognised in one pass: tensors
+    only where expected, all on x's device and in its dtype, no projection, every shape as _validate requires.
+    None for anything else; _validate then checks in full and names what is wrong."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.dtype not in FLOAT_DTYPES:
+        return None
+    if not isinstance(weights, tuple) or len(weights) not in (1, 2):
+        return None
+    B, T, n_in = x.shape
+    dtype, device = x.dtype, x.device
+    first = weights[0]
+    if not isinstance(first, tuple) or len(first) != 4 or not isinstance(first[1], torch.Tensor) or first[1].dim() != 2:
+        return None
+    H = first[1].shape[1]
+    gates = 4 * H
+    if T == 0 or n_in == 0 or H == 0:
+        return None
+    shapes = ((gates, n_in), (gates, H), (gates,), (gates,))
+    for params in weights:
+        if not isinstance(params, tuple) or len(params) != 4:
+            return None
+        for t, shape in zip(params, shapes, strict=True):
+            if t is None and len(shape) == 1:
+                continue
+            if not isinstance(t, torch.Tensor) or t.shape != shape or t.dtype != dtype or t.device != device:
+                return None
+    for state, size in ((h0, H), (c0, H)):
+        if state is not None and (not isinstance(state, torch.Tensor) or state.shape != (len(weights), B, size)
+                                  or state.dtype != dtype or state.device != device):
+            return None
+    return weights
+
+
 def _validate(x, weights, h0, c0):
+    """The weights, direction tuples without a projection cut to 4, once every argument checks out; else the error
+    that names the argument (TypeError or ValueError)."""
+    common = _common_call(x, weights, h0, c0)
+    return common if common is not None else _validate_in_full(x, weights, h0, c0)
+
+
+def _validate_in_full(x, weights, h0, c0):
     check_tensor("x", x, ndim=3)
     if isinstance(weights, torch.Tensor) or not isinstance(weights, (tuple, list)) or len(weights) not in (1, 2):
         raise TypeError(f"weights must be a tuple of one or two direction tuples {_DIRECTION}")
