@@ -15,6 +15,7 @@ dimensions. ``--backend auto`` times fastmsc as ``auto`` dispatches it (the CPU 
     python bench/lstm_cpu_grid.py --sample 60 --csv lstm_cpu_grid.csv
     python bench/lstm_cpu_grid.py --sample 0 --write-table --from-csv lstm_cpu_grid.csv   # auto's CPU rule
     python bench/lstm_cpu_grid.py --only B=128 T=24 H=32 --threads 2
+    python bench/lstm_cpu_grid.py --refresh-below 3   # re-time the record's fast cases after a per-call change
 
 Printed: each case as it ends, then the geometric-mean speed-up per mode, the worst cases, and the geometric mean
 per value of each dimension (the trends).
@@ -220,6 +221,35 @@ def write_table(rows: list[Row], command: str, path) -> None:
     print(f"wrote {len(cases)} measured cases for CPU class {cpu_class} to {path}")
 
 
+def refresh(table: Path, below_ms: float, reps: int, min_seconds: float, argv) -> int:
+    """--refresh-below: the record's cases under ``below_ms`` timed again (batch-first: the record keeps no layout),
+    the others kept as they are."""
+    cpu_class = torch.backends.cpu.get_cpu_capability()
+    record = lstm_cpu_measured.read(table).get(cpu_class)
+    if record is None:
+        raise SystemExit(f"{table} holds no record for CPU class {cpu_class} to refresh")
+
+    def key(c):
+        return (c.dtype, c.threads, c.B, c.T, c.H, c.D)
+
+    stale = {key(c) for c in record.cases if c.torch_ms < below_ms}
+    kept = [Row(Case(c.B, c.T, c.H, c.D, "batch_first", c.threads, c.dtype), c.mode, c.torch_ms, c.fastmsc_ms)
+            for c in record.cases if key(c) not in stale]
+    print(f"re-timing {len(stale)} of the record's {len({key(c) for c in record.cases})} cases (torch under "
+          f"{below_ms} ms)")
+    rows = []
+    for dtype, threads, B, T, H, D in sorted(stale, key=lambda k: (k[0], k[2] * k[3] * k[4] * k[4] * k[5])):
+        case_rows = measure(Case(B, T, H, D, "batch_first", threads, dtype), reps, min_seconds, "fused")
+        rows += case_rows
+        print("  ".join(f"{r.mode} {r.ratio:5.2f}x ({r.torch_ms:8.3f} / {r.fastmsc_ms:8.3f} ms)" for r in case_rows)
+              + f"  {case_rows[0].case.label()}", flush=True)
+    if rows:
+        print(summary(rows))
+    command = f"{record.command}; then python bench/lstm_cpu_grid.py {' '.join(argv or sys.argv[1:])}"
+    write_table(rows + kept, command, table)
+    return 0
+
+
 def parse_only(items: list[str]) -> dict[str, set]:
     only = {}
     for item in items:
@@ -249,7 +279,12 @@ def main(argv=None) -> int:
                         help="with --write-table: also the rows of earlier runs' CSVs (this CPU class's)")
     parser.add_argument("--table", type=Path, default=lstm_cpu_measured.TABLE_PATH,
                         help="the table --write-table writes (default: the one fastmsc reads)")
+    parser.add_argument("--refresh-below", type=float, metavar="MS",
+                        help="re-time the cases of this CPU class's record whose torch time was under MS in either "
+                             "mode (after a change to the per-call cost, say), keep its others, write it back")
     args = parser.parse_args(argv)
+    if args.refresh_below is not None:
+        return refresh(args.table, args.refresh_below, args.reps, args.min_seconds, argv)
     if args.from_csv and not args.write_table:
         raise SystemExit("--from-csv goes with --write-table")
     if args.write_table and args.backend != "fused":
