@@ -466,8 +466,6 @@ inline const char* cpu_kernel_name(CpuKernel kernel) {
 
 inline int64_t panel_width(CpuKernel kernel) { return kernel == CpuKernel::kAvx512 ? 16 : 8; }
 
-// w (D * 4H rows, K columns, row-major) into (D, ceil(H / width), K, 4 * width): panel p, row k holds
-// w[s * H + p * width + u, k] at lane s * width + u (gate s, hidden unit p * width + u), zero past H.
 // Memory for the op's large CPU tensors (outputs, saved activations, gradients: tens of MB in training), 2 MB-aligned
 // and marked for transparent huge pages. With 4 KB pages every call faulted in, and the kernel zeroed, each page of its
 // fresh buffers, and streamed them through the TLB a page at a time: at B = 128, T = 200, H = 128 on one thread that
@@ -574,6 +572,8 @@ inline void transpose_panel_rows(const float* src, int64_t src_ld, int64_t rows,
   if (c0 < cols) transpose_block(src + c0, src_ld, rows, cols - c0, dst + c0 * dst_ld, dst_ld);
 }
 
+// w (D * 4H rows, K columns, row-major) into (D, ceil(H / width), K, 4 * width): panel p, row k holds
+// w[s * H + p * width + u, k] at lane s * width + u (gate s, hidden unit p * width + u), zero past H.
 // A transpose, done in blocks of kPackDepth k so that the source rows being read (width rows of kPackDepth floats) and
 // the panel rows being written stay in L1.
 inline void pack_gate_panels(const float* w, int64_t D, int64_t H, int64_t K, int64_t width, float* dst) {

@@ -44,6 +44,12 @@ FASTMSC_PANEL_INLINE Vec vload_first(const float* p, int64_t n) {
 FASTMSC_PANEL_INLINE void vstore_first(float* p, Vec v, int64_t n) {
   _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v);
 }
+// Per 128-bit lane: a's and b's floats 0, 1 interleaved (vunpacklo; 2, 3: vunpackhi); a's floats 0, 1 then b's
+// (vpairs_lo; 2, 3: vpairs_hi).
+FASTMSC_PANEL_INLINE Vec vunpacklo(Vec a, Vec b) { return _mm512_unpacklo_ps(a, b); }
+FASTMSC_PANEL_INLINE Vec vunpackhi(Vec a, Vec b) { return _mm512_unpackhi_ps(a, b); }
+FASTMSC_PANEL_INLINE Vec vpairs_lo(Vec a, Vec b) { return _mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)); }
+FASTMSC_PANEL_INLINE Vec vpairs_hi(Vec a, Vec b) { return _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2)); }
 #elif FASTMSC_PANEL_WIDTH == 8
 using Vec = __m256;
 FASTMSC_PANEL_INLINE Vec vload(const float* p) { return _mm256_loadu_ps(p); }
@@ -56,32 +62,37 @@ FASTMSC_PANEL_INLINE __m256i first_lanes(int64_t n) {
 }
 FASTMSC_PANEL_INLINE Vec vload_first(const float* p, int64_t n) { return _mm256_maskload_ps(p, first_lanes(n)); }
 FASTMSC_PANEL_INLINE void vstore_first(float* p, Vec v, int64_t n) { _mm256_maskstore_ps(p, first_lanes(n), v); }
+FASTMSC_PANEL_INLINE Vec vunpacklo(Vec a, Vec b) { return _mm256_unpacklo_ps(a, b); }
+FASTMSC_PANEL_INLINE Vec vunpackhi(Vec a, Vec b) { return _mm256_unpackhi_ps(a, b); }
+FASTMSC_PANEL_INLINE Vec vpairs_lo(Vec a, Vec b) { return _mm256_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)); }
+FASTMSC_PANEL_INLINE Vec vpairs_hi(Vec a, Vec b) { return _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2)); }
 #else
 #error "FASTMSC_PANEL_WIDTH must be 16 or 8"
 #endif
 
 // dst[c * dst_ld + r] = src[r * src_ld + c] for r, c < kWidth: one square tile through registers (the weight packing's
-// transpose; scalar, it took a third of a small call). Unpack pairs of rows, then shuffle 2-float, then 4-float and (at
-// AVX-512) 8-float blocks into place.
-#if FASTMSC_PANEL_WIDTH == 16
-// GCC 12 warns that its own unpack and shuffle intrinsics read an uninitialised __Y (the _mm512_undefined_ps() they
-// pass as the unused merge source): a false positive, silenced here only.
+// transpose; scalar, it took a third of a small call). Within each 128-bit lane, rows are interleaved in pairs and then
+// 4 x 4 blocks transposed, so that r[4g + m] holds in lane L column 4L + m of rows 4g..4g+3; then the lanes move into
+// place (AVX-512: 4-lane, then 8-lane blocks; AVX2: the two halves).
+// GCC 12 warns that its own AVX-512 unpack and shuffle intrinsics read an uninitialised __Y (the _mm512_undefined_ps()
+// they pass as the unused merge source): a false positive, silenced here only.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 FASTMSC_PANEL_FN void transpose_tile(const float* __restrict src, int64_t src_ld, float* __restrict dst, int64_t dst_ld) {
-  __m512 r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * src_ld);
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  Vec r[kWidth], t[kWidth];
+  for (int i = 0; i < kWidth; ++i) r[i] = vload(src + i * src_ld);
+  for (int i = 0; i < kWidth; i += 2) {
+    t[i] = vunpacklo(r[i], r[i + 1]);
+    t[i + 1] = vunpackhi(r[i], r[i + 1]);
   }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  for (int i = 0; i < kWidth; i += 4) {
+    r[i] = vpairs_lo(t[i], t[i + 2]);
+    r[i + 1] = vpairs_hi(t[i], t[i + 2]);
+    r[i + 2] = vpairs_lo(t[i + 1], t[i + 3]);
+    r[i + 3] = vpairs_hi(t[i + 1], t[i + 3]);
   }
+#if FASTMSC_PANEL_WIDTH == 16
   for (int i = 0; i < 16; i += 8) {
     for (int j = 0; j < 4; ++j) {
       t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
@@ -92,30 +103,16 @@ FASTMSC_PANEL_FN void transpose_tile(const float* __restrict src, int64_t src_ld
     r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
     r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
   }
-  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * dst_ld, r[i]);
-}
-#pragma GCC diagnostic pop
+  for (int i = 0; i < 16; ++i) vstore(dst + i * dst_ld, r[i]);
 #else
-FASTMSC_PANEL_FN void transpose_tile(const float* __restrict src, int64_t src_ld, float* __restrict dst, int64_t dst_ld) {
-  __m256 r[8], t[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * src_ld);
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-  }
   for (int j = 0; j < 4; ++j) {
     t[j] = _mm256_permute2f128_ps(r[j], r[j + 4], 0x20);
     t[j + 4] = _mm256_permute2f128_ps(r[j], r[j + 4], 0x31);
   }
-  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + i * dst_ld, t[i]);
-}
+  for (int i = 0; i < 8; ++i) vstore(dst + i * dst_ld, t[i]);
 #endif
+}
+#pragma GCC diagnostic pop
 
 // acc[r][s] += sum over k < K of a[r][k] * panel[k][s * kWidth ...]: rows a[r] (K floats each) times one panel.
 // a[r][k * a_step]: a_step = 1 for rows of a row-major A, the row stride for the columns of a transposed one.
