@@ -156,6 +156,12 @@ def geomean(values) -> float:
     return math.exp(sum(map(math.log, values)) / len(values)) if values else float("nan")
 
 
+def case_line(case_rows: list[Row]) -> str:
+    """One case's modes as timed: ratio (torch / fastmsc ms) each, then the case."""
+    return ("  ".join(f"{r.mode} {r.ratio:5.2f}x ({r.torch_ms:8.3f} / {r.fastmsc_ms:8.3f} ms)" for r in case_rows)
+            + f"  {case_rows[0].case.label()}")
+
+
 def summary(rows: list[Row]) -> str:
     lines = []
     for mode in MODES:
@@ -238,11 +244,11 @@ def refresh(table: Path, below_ms: float, reps: int, min_seconds: float, argv) -
     print(f"re-timing {len(stale)} of the record's {len({key(c) for c in record.cases})} cases (torch under "
           f"{below_ms} ms)")
     rows = []
-    for dtype, threads, B, T, H, D in sorted(stale, key=lambda k: (k[0], k[2] * k[3] * k[4] * k[4] * k[5])):
-        case_rows = measure(Case(B, T, H, D, "batch_first", threads, dtype), reps, min_seconds, "fused")
+    for case in sorted((Case(B, T, H, D, "batch_first", threads, dtype) for dtype, threads, B, T, H, D in stale),
+                       key=Case.flops):
+        case_rows = measure(case, reps, min_seconds, "fused")
         rows += case_rows
-        print("  ".join(f"{r.mode} {r.ratio:5.2f}x ({r.torch_ms:8.3f} / {r.fastmsc_ms:8.3f} ms)" for r in case_rows)
-              + f"  {case_rows[0].case.label()}", flush=True)
+        print(case_line(case_rows), flush=True)
     if rows:
         print(summary(rows))
     command = f"{record.command}; then python bench/lstm_cpu_grid.py {' '.join(argv or sys.argv[1:])}"
@@ -309,8 +315,7 @@ def main(argv=None) -> int:
             break
         case_rows = measure(case, args.reps, args.min_seconds, args.backend)
         rows += case_rows
-        print("  ".join(f"{r.mode} {r.ratio:5.2f}x ({r.torch_ms:8.3f} / {r.fastmsc_ms:8.3f} ms)" for r in case_rows)
-              + f"  {case.label()}", flush=True)
+        print(case_line(case_rows), flush=True)
         if args.csv:
             write_csv(args.csv, case_rows, args.backend)
     if rows:

@@ -155,16 +155,13 @@ def reference_packed(x, w_ih, w_hh, bias, h0, c0, lengths, w_hr=None):
 
 def combined_bias(weights, dtype):
     """b_ih + b_hh per direction, stacked to (D*4H,); None when the layer has no bias at all."""
-    parts, any_bias = [], False
-    for params in weights:
-        b_ih, b_hh = to_dtype(params[2], dtype), to_dtype(params[3], dtype)
-        any_bias = any_bias or b_ih is not None or b_hh is not None
-        if b_ih is not None and b_hh is not None:
-            parts.append(b_ih + b_hh)
-        else:
-            parts.append(b_ih if b_hh is None else b_hh)
-    if not any_bias:
+    if all(b is None for params in weights for b in params[2:4]):
         return None
-    parts = [params[0].new_zeros(params[0].shape[0], dtype=dtype) if b is None else b
-             for params, b in zip(weights, parts, strict=True)]
+    parts = []
+    for w_ih, _, b_ih, b_hh, *_ in weights:
+        present = [to_dtype(b, dtype) for b in (b_ih, b_hh) if b is not None]
+        if not present:
+            parts.append(w_ih.new_zeros(w_ih.shape[0], dtype=dtype))
+        else:
+            parts.append(present[0] if len(present) == 1 else present[0] + present[1])
     return parts[0] if len(parts) == 1 else torch.cat(parts)
