@@ -312,7 +312,8 @@ def test_bf16_kernel_matches_the_widened_path_within_its_rounding(rng, round_):
     against the float32 op on the same widened inputs: every output (out, h_n, c_n, and the gates and cells kept for
     backward) in bf16, laid out alike (time-major in place), within 4u (u = 2^-8) of 1 + |expected|: the per-step
     rounding of h feeds the next product; over 1,000 such cases the worst was 2.2u. An indexing, pairing or
-    masking mistake errs by O(1); an unwritten element is NaN (FASTMSC_POISON)."""
+    masking mistake errs by O(1); an unwritten element is NaN (FASTMSC_POISON). Odd and even K and misaligned
+    weights take the packing's two routes."""
     if not torch.ops.fastmsc.lstm_cpu_bf16():
         pytest.skip("this CPU has no AVX512_BF16 (the bf16 layers widen to float32 there)")
     r, seed = rng
@@ -320,8 +321,17 @@ def test_bf16_kernel_matches_the_widened_path_within_its_rounding(rng, round_):
     n_in, H = r.choice([r.randint(1, 9), 64, 33]), r.choice([r.randint(1, 40), 64, 70])
     time_major = r.random() < 0.5
     x = (torch.randn(T, B, n_in).transpose(0, 1) if time_major else torch.randn(B, T, n_in)).to(torch.bfloat16)
-    w_ih = (torch.randn(D * 4 * H, n_in) * 0.3).to(torch.bfloat16)
-    w_hh = (torch.randn(D, 4 * H, H) * 0.3).to(torch.bfloat16)
+    # Weights at an odd bf16 offset (views into a larger tensor) are not 4-byte aligned: the packing then cannot move
+    # a pair as one 32-bit word.
+    misaligned = r.random() < 0.3
+
+    def weight(*shape):
+        values = (torch.randn(*shape) * 0.3).to(torch.bfloat16)
+        if not misaligned:
+            return values
+        return torch.empty(values.numel() + 1, dtype=torch.bfloat16)[1:].view(shape).copy_(values)
+
+    w_ih, w_hh = weight(D * 4 * H, n_in), weight(D, 4 * H, H)
     bias = torch.randn(D * 4 * H) if r.random() < 0.8 else None
     with_state = r.random() < 0.5
     h0, c0 = ((torch.randn(D, B, H).to(torch.bfloat16) for _ in range(2)) if with_state else (None, None))
@@ -331,7 +341,8 @@ def test_bf16_kernel_matches_the_widened_path_within_its_rounding(rng, round_):
     wide = (lambda t: None if t is None else t.float())
     expected = torch.ops.fastmsc.lstm_fwd(x.float(), w_ih.float(), w_hh.float(), bias, wide(h0), wide(c0), lengths,
                                           training)
-    context = f"seed {seed}, (D,B,T,I,H)={(D, B, T, n_in, H)}, time_major={time_major}, training={training}"
+    context = (f"seed {seed}, (D,B,T,I,H)={(D, B, T, n_in, H)}, time_major={time_major}, training={training}, "
+               f"misaligned={misaligned}")
     for name, g, e in zip(("out", "h_n", "c_n", "gates", "cells"), got, expected, strict=True):
         assert g.dtype == torch.bfloat16 and g.shape == e.shape and g.stride() == e.stride(), (context, name)
         if g.numel():

@@ -107,15 +107,17 @@ def backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells, *, run
     return grads[:len(needs)]
 
 
-def eager_function(name: str, op, backward_fn) -> type[torch.autograd.Function]:
-    """An autograd.Function running the forward op ``op`` with the formula ``setup_context`` / ``backward_fn``
-    registered on it, for eager calls (see :func:`call_forward`)."""
+def eager_function(name: str, kernel, backward_fn) -> type[torch.autograd.Function]:
+    """An autograd.Function running ``kernel`` with the formula ``setup_context`` / ``backward_fn``, for eager calls
+    (see :func:`call_forward`). ``kernel``: the forward op the formula is registered on, or the plain function that
+    op wraps (a Python custom op's body, which then skips that op's own dispatch); ``EagerForward.kernel`` keeps it
+    for calls below autograd."""
 
     class EagerForward(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *inputs):
             with torch._C._AutoDispatchBelowAutograd():
-                output = op(*inputs)
+                output = kernel(*inputs)
             setup_context(ctx, inputs, output)
             return output
 
@@ -123,6 +125,7 @@ def eager_function(name: str, op, backward_fn) -> type[torch.autograd.Function]:
         def backward(ctx, *grads):
             return backward_fn(ctx, *grads)
 
+    EagerForward.kernel = staticmethod(kernel)
     EagerForward.__name__ = EagerForward.__qualname__ = f"EagerForward_{name}"
     return EagerForward
 
@@ -132,14 +135,14 @@ def call_forward(op, function: type[torch.autograd.Function], inputs: tuple, tra
 
     The registered route (torch.library's autograd wrapper) costs 15-25 us a call in Python, refilling the schema's
     defaults and building its metadata, about the time of the whole layer at small shapes. Eager calls take
-    ``function`` (:func:`eager_function` of the same formula) or, without a graph to record, the kernel below
+    ``function`` (:func:`eager_function` of the same formula) or, without a graph to record, its kernel below
     autograd. torch.compile and functorch transforms, which trace the registered op, keep it."""
     if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
         return op(*inputs)
     if training:
         return function.apply(*inputs)
     with torch._C._AutoDispatchBelowAutograd():
-        return op(*inputs)
+        return function.kernel(*inputs)
 
 
 def reference_packed(x, w_ih, w_hh, bias, h0, c0, lengths, w_hr=None):
