@@ -119,9 +119,10 @@ T* ptr_or_null(const at::Tensor& t) {
 
 // A copy of state (D, B, size) to update in place, or zeros.
 inline at::Tensor state_or_zeros(const c10::optional<at::Tensor>& state, const LstmSizes& s, int64_t size,
-                                 const at::Tensor& like) {
-  if (present(state)) return state->contiguous().clone();
-  return at::zeros({s.directions, s.batch, size}, like.options());
+                                 const at::TensorOptions& options) {
+  if (!present(state)) return at::zeros({s.directions, s.batch, size}, options);
+  if (state->scalar_type() != options.dtype().toScalarType()) return state->to(options.dtype()).contiguous();
+  return state->contiguous().clone();
 }
 
 // The input projections of every step and both directions as one GEMM: (B, T, D*4H) = x · w_ihᵀ (+ bias).
@@ -182,8 +183,8 @@ inline LstmForward prepare_forward(const LstmSizes& s, const at::Tensor& x_in, c
   f.lens = present(lengths) ? lengths->contiguous() : at::Tensor();
   const at::TensorOptions options = f.x.options();
   f.out = empty_in_order(empty, s.batch, s.steps, s.directions * s.proj, options, f.time_major);
-  f.h_n = state_or_zeros(h0, s, s.proj, f.x);
-  f.c_n = state_or_zeros(c0, s, s.hidden, f.x);
+  f.h_n = state_or_zeros(h0, s, s.proj, f.x.options());
+  f.c_n = state_or_zeros(c0, s, s.hidden, f.x.options());
   f.cells = training ? empty_in_order(empty, s.batch, s.steps, s.directions * s.hidden, options, f.time_major)
                      : at::empty({0}, options);
   return f;
@@ -224,8 +225,21 @@ inline LstmBackward prepare_backward(const LstmSizes& s, const c10::optional<at:
                                      const c10::optional<at::Tensor>& lengths, const at::Tensor& out_in,
                                      const at::Tensor& gates_in, const at::Tensor& cells_in, bool need_dx,
                                      bool need_dweights, bool need_dstate, const c10::optional<at::Tensor>& w_hr_in,
-                                     EmptyFn empty, bool follow_time_major) {
+                                     EmptyFn empty, bool follow_time_major,
+                                     c10::optional<at::ScalarType> work = c10::nullopt) {
   const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, R = s.proj;
+  // The saved state and the output gradients in x's dtype and on its device (the loops read their memory as such).
+  auto like_x = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == x_in.scalar_type() && t.device() == x_in.device(), "fastmsc::lstm_bwd: ", name,
+                " must be ", x_in.scalar_type(), " on ", x_in.device(), " as x is, got ", t.scalar_type(), " on ",
+                t.device());
+  };
+  like_x(out_in, "out");
+  like_x(gates_in, "gates");
+  like_x(cells_in, "cells");
+  if (present(grad_out)) like_x(*grad_out, "grad_out");
+  if (present(grad_h_n)) like_x(*grad_h_n, "grad_h_n");
+  if (present(grad_c_n)) like_x(*grad_c_n, "grad_c_n");
   const std::vector<int64_t> out_shape{B, T_, D * R}, cells_shape{B, T_, D * H};
   TORCH_CHECK(out_in.sizes() == at::IntArrayRef(out_shape) && cells_in.sizes() == at::IntArrayRef(cells_shape),
               "fastmsc::lstm_bwd: out and cells must have shapes ", at::IntArrayRef(out_shape), " and ",
@@ -258,9 +272,10 @@ inline LstmBackward prepare_backward(const LstmSizes& s, const c10::optional<at:
   bw.lens = present(lengths) ? lengths->contiguous() : at::Tensor();
   bw.h0 = present(h0) ? h0->contiguous() : at::Tensor();
   bw.c0 = present(c0) ? c0->contiguous() : at::Tensor();
-  const at::TensorOptions options = bw.x.options();
-  bw.dh_state = state_or_zeros(grad_h_n, s, R, bw.x);
-  bw.dc_state = state_or_zeros(grad_c_n, s, H, bw.x);
+  // The gradients' dtype: x's, or ``work`` (float32 for the bf16 backward).
+  const at::TensorOptions options = bw.x.options().dtype(work.value_or(x_in.scalar_type()));
+  bw.dh_state = state_or_zeros(grad_h_n, s, R, options);
+  bw.dc_state = state_or_zeros(grad_c_n, s, H, options);
   bw.dh_rec = at::empty({D, B, R}, options);
   bw.empty = empty;
   bw.dgates = empty_in_order(empty, B, T_, D * 4 * H, options, tm);
@@ -291,15 +306,16 @@ inline LstmGrads finish_backward(LstmBackward& bw) {
   // An empty batch skips the loop and fills nothing: the GEMMs over zero rows give zero weight gradients.
   if (s.batch == 0 && bw.need_dweights && !bw.h_prev.defined()) allocate_weight_inputs(bw);
   const at::Tensor& x = bw.x;
-  const at::Tensor empty = at::empty({0}, x.options());
+  // A gradient not asked for: an empty tensor of its own (outputs of an op must not alias one another).
+  auto none = [&] { return at::empty({0}, x.options()); };
   // Every (B, T, ·) tensor here is dense in bw's order: their memory rows pair up in the products over B*T.
   const at::Tensor dg2d = memory_rows(bw.dgates);
   auto as_sequence = [&](const at::Tensor& rows) {  // (B*T, F) in memory order -> (B, T, F)
     return bw.time_major ? rows.view({s.steps, s.batch, rows.size(1)}).transpose(0, 1)
                          : rows.view({s.batch, s.steps, rows.size(1)});
   };
-  at::Tensor dx = !bw.need_dx ? empty : bw.dx.defined() ? bw.dx : as_sequence(at::mm(dg2d, bw.w_ih));
-  at::Tensor dw_ih = empty, dw_hh = empty, dbias = empty, dw_hr = empty;
+  at::Tensor dx = !bw.need_dx ? none() : bw.dx.defined() ? bw.dx : as_sequence(at::mm(dg2d, bw.w_ih));
+  at::Tensor dw_ih = none(), dw_hh = none(), dbias = none(), dw_hr = none();
   if (bw.need_dweights) {
     dw_ih = bw.dw_ih.defined() ? bw.dw_ih : at::mm(dg2d.t(), memory_rows(x));
     if (bw.dw_hh.defined()) {
@@ -322,8 +338,8 @@ inline LstmGrads finish_backward(LstmBackward& bw) {
       }
     }
   }
-  at::Tensor dh0 = bw.need_dstate ? std::move(bw.dh_state) : empty;
-  at::Tensor dc0 = bw.need_dstate ? std::move(bw.dc_state) : empty;
+  at::Tensor dh0 = bw.need_dstate ? std::move(bw.dh_state) : none();
+  at::Tensor dc0 = bw.need_dstate ? std::move(bw.dc_state) : none();
   return {dx, dw_ih, dw_hh, dbias, dh0, dc0, dw_hr};
 }
 

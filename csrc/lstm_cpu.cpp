@@ -13,6 +13,8 @@
 // dW_ih = dG^T x, dW_hh = dG^T h_prev, the bias gradient and dx are a few large GEMMs after the loop. With a
 // projection each step first sums the gradient reaching h (kept for dW_hr = dh^T (o * tanh(c)), whose right
 // factor is recomputed from the saved gates and cells) and maps it back through w_hr with one GEMM.
+// On x86 the float32 layers without projection run the vectorised recurrence of lstm_cpu_panels.h instead, and on
+// CPUs with AVX512_BF16 the bf16 layers have ops of their own (lstm_fwd_bf16, lstm_bwd_bf16) on bf16 products.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/EmptyTensor.h>
@@ -335,7 +337,10 @@ struct PanelForward {
   int64_t cells_sb, cells_st;
 };
 
-struct PanelBackward {
+// E: the element type of the saved state and of the output gradient, float32 or (bf16 layers, their bits) uint16_t;
+// the gradients computed are float32 either way.
+template <typename E>
+struct PanelBackwardOf {
   int64_t batch, steps, hidden;
   int64_t panels;      // ceil(H / (4 * width))
   // w_hh's 4H rows are the product's K. Panel p of direction d starts at w_hh + d * w_hh_direction_stride +
@@ -344,12 +349,12 @@ struct PanelBackward {
   const float* w_hh;
   int64_t w_hh_ld, w_hh_panel_stride, w_hh_direction_stride;
   const int64_t* lens;
-  const float* c0;     // (D, B, H) or null
-  const float* dout;   // (B, T, D * H) or null
+  const E* c0;         // (D, B, H) or null
+  const E* dout;       // (B, T, D * H) or null
   int64_t dout_sb, dout_st;
-  const float* gates;  // as the forward saved them
+  const E* gates;      // as the forward saved them
   int64_t gates_sb, gates_st;
-  const float* cells;
+  const E* cells;
   int64_t cells_sb, cells_st;
   float* dgates;       // (B, T, D * 4H), written
   int64_t dgates_sb, dgates_st;
@@ -357,6 +362,7 @@ struct PanelBackward {
   float* dc_state;     // (D, B, H): likewise for c
   bool need_dstate;
 };
+using PanelBackward = PanelBackwardOf<float>;
 
 // C (m x n, row stride ldc) = A · B, or C += A · B with accumulate; A(r, k) = a[r * a_rs + k * a_ks], so a transposed
 // A is a stride swap. B (k x n): packed by pack_column_panels (ldb = 0), or read in place, row-major with row stride ldb,
@@ -367,6 +373,20 @@ struct PanelGemm {
   int64_t a_rs, a_ks;
   const float* b;
   int64_t ldb;
+  float* c;
+  int64_t ldc;
+  bool accumulate;
+};
+
+// The bf16 backward's products (AVX512_BF16): C (m x n float32, row stride ldc) = A · B, or C += A · B with
+// accumulate, over k = 2 * pairs (an odd k's last pair holds a zero partner). Both factors hold pairs along k in 32-bit
+// words, the earlier k in the low half: A's pair kp of row r is the word a[r * a_rs + kp * a_ks]; B is packed by
+// pack_pair_panels, (ceil(n / 64), pairs, 64) words, zero past n.
+struct PairGemm {
+  int64_t m, n, k;  // k: pairs
+  const uint32_t* a;
+  int64_t a_rs, a_ks;
+  const uint32_t* b;
   float* c;
   int64_t ldc;
   bool accumulate;
@@ -524,7 +544,9 @@ inline at::Tensor cpu_empty(at::IntArrayRef sizes, const at::TensorOptions& opti
 // that, at small batches, took longer than the recurrence itself (2 MB of packed weights per direction at H = 256),
 // and at B=32 T=150 H=128 (bidirectional, 20 MB of gate gradients) added 45% to the backward. Requests above
 // kScratchKeepFloats get memory of their own, freed with the holder, so a thread keeps at most that much per use.
-enum ScratchSlot : int { kSlotWih, kSlotWhh, kSlotBias, kSlotTasks, kSlotGateGrads, kSlotCount };
+enum ScratchSlot : int {
+  kSlotWih, kSlotWhh, kSlotBias, kSlotTasks, kSlotGateGrads, kSlotGradRows, kSlotGradPairs, kSlotCount
+};
 constexpr int64_t kScratchKeepFloats = int64_t{8} << 20;  // 32 MB per slot
 
 inline float* scratch_floats(ScratchSlot slot, int64_t floats, at::Tensor& holder) {
@@ -636,21 +658,42 @@ inline void pack_column_panels(const float* w, int64_t D, int64_t K, int64_t N, 
 // padded steps), for every row (b, t), packed as pack_column_panels packs an (N = B*T, H) matrix: dW_hh = dGᵀ · h_prev
 // straight from the layer's output, without an h_prev copy. out (B, T, D*H) dense in either order: the rows go in its
 // memory order, as dG's do; h0 (D, B, H) or null.
+// h_prev's rows for pack_h_prev_panels and the bf16 backward: memory row `row` of (B, T, ·) in out's order (time-major
+// where out is not contiguous) -> the H elements of direction d's state that step's recurrent product used (a row of
+// out or of h0), or null for zeros. E: float, or the bits of bf16.
+template <typename E>
+struct HPrevRows {
+  const LstmSizes& s;
+  const int64_t* lens;
+  const E* out;
+  int64_t out_sb, out_st;
+  bool time_major;
+  const E* h0;  // (D, B, H) or null
+  int64_t d;
+
+  HPrevRows(const LstmSizes& sizes, const int64_t* lengths, const at::Tensor& out_t, const E* h0_data, int64_t dir)
+      : s(sizes), lens(lengths), out(reinterpret_cast<const E*>(out_t.data_ptr())), out_sb(out_t.stride(0)),
+        out_st(out_t.stride(1)), time_major(!out_t.is_contiguous()), h0(h0_data), d(dir) {}
+
+  const E* operator()(int64_t row) const {
+    const int64_t B = s.batch, T_ = s.steps;
+    const int64_t b = time_major ? row % B : row / T_, t = time_major ? row / B : row % T_;
+    const int64_t len = lens != nullptr ? lens[b] : T_;
+    const bool first = d == 0 ? t == 0 : t == len - 1;
+    return t >= len ? nullptr
+           : first  ? (h0 != nullptr ? h0 + (d * B + b) * s.hidden : nullptr)
+                    : out + b * out_sb + (d == 0 ? t - 1 : t + 1) * out_st + d * s.hidden;
+  }
+};
+
 inline void pack_h_prev_panels(const LstmSizes& s, const int64_t* lens, const at::Tensor& out, const float* h0,
                                int64_t d, int64_t width, float* dst) {
   const int64_t B = s.batch, T_ = s.steps, H = s.hidden, K = B * T_;
   const int64_t lanes = 4 * width, P = (H + lanes - 1) / lanes;
-  const bool time_major = !out.is_contiguous();
-  const float* out_data = out.data_ptr<float>();
-  const int64_t out_sb = out.stride(0), out_st = out.stride(1);
+  const HPrevRows<float> h_prev(s, lens, out, h0, d);
   at::parallel_for(0, K, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = time_major ? row % B : row / T_, t = time_major ? row / B : row % T_;
-      const int64_t len = lens != nullptr ? lens[b] : T_;
-      const bool first = d == 0 ? t == 0 : t == len - 1;
-      const float* src = t >= len ? nullptr
-                         : first  ? (h0 != nullptr ? h0 + (d * B + b) * H : nullptr)
-                                  : out_data + b * out_sb + (d == 0 ? t - 1 : t + 1) * out_st + d * H;
+      const float* src = h_prev(row);
       for (int64_t p = 0; p < P; ++p) {
         const int64_t n0 = p * lanes, n = std::min(lanes, H - n0);
         float* dst_row = dst + (p * K + row) * lanes;
@@ -920,26 +963,37 @@ void panel_weight_gradients(CpuKernel kernel, LstmBackward& bw) {
   }
 }
 
-void panel_backward(CpuKernel kernel, LstmBackward& bw) {
+// A tensor's data as E, without a dtype check (E = uint16_t: a bf16 tensor's bits); null where undefined.
+template <typename E>
+E* elements_or_null(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<E*>(t.data_ptr()) : nullptr;
+}
+
+// The BPTT loop into bw.dgates, dh_state and dc_state. The saved state in E (float32, or the bits of bf16); w_hh
+// float32 (D, 4H, H): bw.w_hh itself, or a bf16 layer's widened (the loop's products stay float32 either way).
+template <typename E>
+void panel_backward(CpuKernel kernel, LstmBackward& bw, const at::Tensor& w_hh) {
   const LstmSizes& s = bw.s;
   const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, width = panel_width(kernel);
   const int64_t G = 4 * H, lanes = 4 * width, P = (H + lanes - 1) / lanes;
   const bool in_place = H % lanes == 0;
   at::Tensor holder;
-  const float* w_hh_p = in_place ? bw.w_hh.data_ptr<float>()
-                                 : packed_columns(kSlotWhh, bw.w_hh.data_ptr<float>(), D, G, H, width, H, holder);
-  const PanelBackward a{B, T_, H, P, w_hh_p, in_place ? H : lanes, in_place ? lanes : G * lanes,
-                        in_place ? G * H : P * G * lanes,
-                        ptr_or_null<int64_t>(bw.lens), ptr_or_null<float>(bw.c0), ptr_or_null<float>(bw.dout),
-                        bw.dout.defined() ? bw.dout.stride(0) : 0, bw.dout.defined() ? bw.dout.stride(1) : 0,
-                        bw.gates.data_ptr<float>(), bw.gates.stride(0), bw.gates.stride(1), bw.cells.data_ptr<float>(),
-                        bw.cells.stride(0), bw.cells.stride(1), bw.dgates.data_ptr<float>(), bw.dgates.stride(0),
-                        bw.dgates.stride(1), bw.dh_state.data_ptr<float>(), bw.dc_state.data_ptr<float>(),
-                        bw.need_dstate};
-  if (kernel == CpuKernel::kAvx512) {
-    run_row_tasks(a, D, avx512::backward_rows, avx512::backward_scratch_floats);
+  const float* w_hh_p = in_place ? w_hh.data_ptr<float>()
+                                 : packed_columns(kSlotWhh, w_hh.data_ptr<float>(), D, G, H, width, H, holder);
+  const PanelBackwardOf<E> a{B, T_, H, P, w_hh_p, in_place ? H : lanes, in_place ? lanes : G * lanes,
+                             in_place ? G * H : P * G * lanes, ptr_or_null<int64_t>(bw.lens),
+                             elements_or_null<const E>(bw.c0), elements_or_null<const E>(bw.dout),
+                             bw.dout.defined() ? bw.dout.stride(0) : 0, bw.dout.defined() ? bw.dout.stride(1) : 0,
+                             elements_or_null<const E>(bw.gates), bw.gates.stride(0), bw.gates.stride(1),
+                             elements_or_null<const E>(bw.cells), bw.cells.stride(0), bw.cells.stride(1),
+                             bw.dgates.data_ptr<float>(), bw.dgates.stride(0), bw.dgates.stride(1),
+                             bw.dh_state.data_ptr<float>(), bw.dc_state.data_ptr<float>(), bw.need_dstate};
+  if constexpr (std::is_same_v<E, uint16_t>) {
+    run_row_tasks(a, D, avx512bf16::backward_rows<E>, avx512bf16::backward_scratch_floats<E>);
+  } else if (kernel == CpuKernel::kAvx512) {
+    run_row_tasks(a, D, avx512::backward_rows<E>, avx512::backward_scratch_floats<E>);
   } else {
-    run_row_tasks(a, D, avx2::backward_rows, avx2::backward_scratch_floats);
+    run_row_tasks(a, D, avx2::backward_rows<E>, avx2::backward_scratch_floats<E>);
   }
 }
 
@@ -1239,6 +1293,18 @@ void fill_h_prev(const LstmSizes& s, const int64_t* lens, const T* out, const T*
   });
 }
 
+#if FASTMSC_PANELS
+// The gate gradients live only until finish_backward: in the thread's scratch memory where that is kept.
+inline void use_scratch_gate_gradients(LstmBackward& bw) {
+  const int64_t dg_floats = bw.dgates.numel();
+  if (dg_floats <= kScratchKeepFloats) {
+    at::Tensor unused;
+    bw.dgates = at::from_blob(scratch_floats(kSlotGateGrads, dg_floats, unused), bw.dgates.sizes(),
+                              bw.dgates.strides(), bw.dgates.options());
+  }
+}
+#endif
+
 void CpuBackend::backward(LstmBackward& bw) {
   const LstmSizes& s = bw.s;
   const bool need_dstate = bw.need_dstate, need_dweights = bw.need_dweights;
@@ -1246,14 +1312,8 @@ void CpuBackend::backward(LstmBackward& bw) {
 #if FASTMSC_PANELS
   const CpuKernel kernel = cpu_kernel();
   if (runs_panels(kernel, s, bw.x.scalar_type())) {
-    // The gate gradients live only until finish_backward: in the thread's scratch memory where that is kept.
-    const int64_t dg_floats = s.batch * s.steps * s.directions * 4 * s.hidden;
-    if (dg_floats <= kScratchKeepFloats) {
-      at::Tensor unused;
-      bw.dgates = at::from_blob(scratch_floats(kSlotGateGrads, dg_floats, unused), bw.dgates.sizes(),
-                                bw.dgates.strides(), bw.dgates.options());
-    }
-    panel_backward(kernel, bw);
+    use_scratch_gate_gradients(bw);
+    panel_backward<float>(kernel, bw, bw.w_hh);
     panel_weight_gradients(kernel, bw);
     return;
   }
@@ -1283,6 +1343,120 @@ void CpuBackend::backward(LstmBackward& bw) {
   });
 }
 
+#if FASTMSC_PANELS
+// ---------------------------------------------------------------------------------------------------
+// The bf16 backward (AVX512_BF16). The BPTT loop reads the saved bf16 state in place and runs in float32, as the
+// widened path does; dx, dW_ih and dW_hh then multiply bf16 factors with float32 sums (vdpbf16ps, twice the float32
+// rate), the gate gradients rounded to bf16 for them, as oneDNN's bf16 LSTM backward keeps them. Each of those sums
+// thus differs from the widened path's by at most 2^-8 of the sum of its terms' magnitudes, the rounding the bf16
+// gradients get when they are returned anyway.
+
+// Pair panels (see PairGemm) of the K x n bf16 matrix whose row k is row(k) (n elements, or null for zeros; k < K):
+// (ceil(n / 64), ceil(K / 2), 64) words.
+template <typename RowFn>
+void pack_pair_panels(int64_t K, int64_t n, uint32_t* dst, const RowFn& row) {
+  const int64_t pairs = (K + 1) / 2;
+  at::parallel_for(0, pairs, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t kp = begin; kp < end; ++kp) {
+      avx512bf16::pack_pair_row(row(2 * kp), 2 * kp + 1 < K ? row(2 * kp + 1) : nullptr, n, dst + kp * 64,
+                                pairs * 64);
+    }
+  });
+}
+
+inline int64_t pair_panels_words(int64_t K, int64_t n) { return (n + 63) / 64 * ((K + 1) / 2) * 64; }
+
+void pair_gemm(const PairGemm& g) {
+  if (g.m == 0 || g.n == 0) return;
+  if (g.k == 0) {
+    if (!g.accumulate) {
+      for (int64_t r = 0; r < g.m; ++r) std::fill(g.c + r * g.ldc, g.c + r * g.ldc + g.n, 0.0f);
+    }
+    return;
+  }
+  // About a million products per task at least (each pair is two).
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 19) / (g.n * g.k));
+  at::parallel_for(0, g.m, grain, [&](int64_t begin, int64_t end) { avx512bf16::pair_gemm_rows(g, begin, end); });
+}
+
+// dx = dG · w_ih, dW_ih = dGᵀ · x and dW_hh = dGᵀ · h_prev (float32, into bw) from the float32 gate gradients of the
+// loop, rounded to bf16: as rows (N x D*4H, dx's factor, whose pairs run along a row) and as row pairs interleaved
+// (ceil(N / 2) x D*4H words, the weight gradients' factor, whose pairs run down a column). N = B*T rows in bw's order.
+void pair_weight_gradients(LstmBackward& bw) {
+  using Bits = uint16_t;
+  const LstmSizes& s = bw.s;
+  const int64_t N = s.batch * s.steps, I = s.input, H = s.hidden, D = s.directions, G = 4 * H, DG = D * G;
+  const bool need_dx = bw.need_dx, need_dweights = bw.need_dweights;
+  const at::TensorOptions options = bw.x.options().dtype(at::kFloat);
+  at::Tensor holders[4];
+  Bits* dg_rows = need_dx ? reinterpret_cast<Bits*>(scratch_floats(kSlotGradRows, (N * DG + 1) / 2, holders[0]))
+                          : nullptr;
+  uint32_t* dg_pairs = need_dweights
+                           ? reinterpret_cast<uint32_t*>(scratch_floats(kSlotGradPairs, (N + 1) / 2 * DG, holders[1]))
+                           : nullptr;
+  const float* dg = bw.dgates.data_ptr<float>();
+  at::parallel_for(0, (N + 1) / 2, std::max<int64_t>(1, 16384 / DG), [&](int64_t begin, int64_t end) {
+    for (int64_t kp = begin; kp < end; ++kp) {
+      const int64_t r0 = 2 * kp, r1 = 2 * kp + 1;
+      const bool second = r1 < N;
+      avx512bf16::round_gradient_pair(dg + r0 * DG, second ? dg + r1 * DG : nullptr, DG,
+                                      need_dx ? dg_rows + r0 * DG : nullptr,
+                                      need_dx && second ? dg_rows + r1 * DG : nullptr,
+                                      need_dweights ? dg_pairs + kp * DG : nullptr);
+    }
+  });
+  if (need_dx) {
+    const at::Tensor w_ih = bw.w_ih.contiguous();
+    const Bits* w = elements_or_null<const Bits>(w_ih);
+    uint32_t* w_p = reinterpret_cast<uint32_t*>(scratch_floats(kSlotWih, pair_panels_words(DG, I), holders[2]));
+    pack_pair_panels(DG, I, w_p, [&](int64_t k) { return w + k * I; });
+    bw.dx = empty_in_order(&cpu_empty, s.batch, s.steps, I, options, bw.time_major);  // rows in dG's order
+    pair_gemm({N, I, DG / 2, reinterpret_cast<const uint32_t*>(dg_rows), DG / 2, 1, w_p, bw.dx.data_ptr<float>(), I,
+               false});
+  }
+  if (need_dweights) {
+    const Bits* x = elements_or_null<const Bits>(bw.x);  // dense in bw's order: memory rows pair with dG's
+    uint32_t* x_p = reinterpret_cast<uint32_t*>(scratch_floats(kSlotTasks, pair_panels_words(N, I), holders[3]));
+    pack_pair_panels(N, I, x_p, [&](int64_t k) { return x + k * I; });
+    bw.dw_ih = cpu_empty({DG, I}, options);
+    pair_gemm({DG, I, (N + 1) / 2, dg_pairs, 1, DG, x_p, bw.dw_ih.data_ptr<float>(), I, false});
+    bw.dw_hh = cpu_empty({D, G, H}, options);
+    for (int64_t d = 0; d < D; ++d) {
+      uint32_t* h_p = reinterpret_cast<uint32_t*>(scratch_floats(kSlotTasks, pair_panels_words(N, H), holders[3]));
+      pack_pair_panels(N, H, h_p, HPrevRows<Bits>(s, ptr_or_null<int64_t>(bw.lens), bw.out,
+                                                  elements_or_null<const Bits>(bw.h0), d));
+      pair_gemm({G, H, (N + 1) / 2, dg_pairs + d * G, 1, DG, h_p, bw.dw_hh.data_ptr<float>() + d * G * H, H, false});
+    }
+  }
+}
+
+// fastmsc::lstm_bwd_bf16: lstm_bwd for a layer lstm_fwd_bf16 ran (no projection), on its bf16 saved state as it is.
+// The gradients come back float32, as lstm_bwd's widened path returns them.
+LstmGrads lstm_bwd_bf16_cpu(const c10::optional<at::Tensor>& grad_out, const c10::optional<at::Tensor>& grad_h_n,
+                            const c10::optional<at::Tensor>& grad_c_n, const at::Tensor& x, const at::Tensor& w_ih,
+                            const at::Tensor& w_hh, bool has_bias, const c10::optional<at::Tensor>& h0,
+                            const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths,
+                            const at::Tensor& out, const at::Tensor& gates, const at::Tensor& cells, bool need_dx,
+                            bool need_dweights, bool need_dstate) {
+  TORCH_CHECK(cpu_bf16_kernel(), "fastmsc::lstm_bwd_bf16: needs a CPU with AVX512_BF16 (and the AVX-512 kernels "
+              "selected); torch.ops.fastmsc.lstm_cpu_bf16() says whether it runs here");
+  const LstmSizes s = check_lstm_args(x, w_ih, w_hh, c10::nullopt, h0, c0, lengths, c10::nullopt, true);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  LstmBackward bw = prepare_backward(s, grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, has_bias, h0, c0, lengths, out,
+                                     gates, cells, need_dx, need_dweights, need_dstate, c10::nullopt, &cpu_empty,
+                                     /*follow_time_major=*/true, at::kFloat);
+  if (s.batch != 0) {
+    use_scratch_gate_gradients(bw);
+    panel_backward<uint16_t>(CpuKernel::kAvx512, bw, bw.w_hh.to(at::kFloat));
+  }
+  // With an empty batch the products run over zero rows: zero weight gradients.
+  pair_weight_gradients(bw);
+  LstmGrads grads = finish_backward(bw);
+  if (need_dx) std::get<0>(grads) = in_order(std::get<0>(grads), is_time_major(x));
+  return grads;
+}
+#endif
+
 }  // namespace
 }  // namespace fastmsc
 
@@ -1302,6 +1476,11 @@ TORCH_LIBRARY(fastmsc, m) {
       "bool has_bias, Tensor? h0, Tensor? c0, Tensor? lengths, Tensor out, Tensor gates, Tensor cells, "
       "bool need_dx, bool need_dweights, bool need_dstate, Tensor? w_hr=None) -> "
       "(Tensor dx, Tensor dw_ih, Tensor dw_hh, Tensor dbias, Tensor dh0, Tensor dc0, Tensor dw_hr)");
+  m.def(
+      "lstm_bwd_bf16(Tensor? grad_out, Tensor? grad_h_n, Tensor? grad_c_n, Tensor x, Tensor w_ih, Tensor w_hh, "
+      "bool has_bias, Tensor? h0, Tensor? c0, Tensor? lengths, Tensor out, Tensor gates, Tensor cells, "
+      "bool need_dx, bool need_dweights, bool need_dstate) -> "
+      "(Tensor dx, Tensor dw_ih, Tensor dw_hh, Tensor dbias, Tensor dh0, Tensor dc0, Tensor dw_hr)");
 }
 
 TORCH_LIBRARY_IMPL(fastmsc, CPU, m) {
@@ -1309,5 +1488,6 @@ TORCH_LIBRARY_IMPL(fastmsc, CPU, m) {
   m.impl("lstm_bwd", &fastmsc::lstm_bwd<fastmsc::CpuBackend>);
 #if FASTMSC_PANELS
   m.impl("lstm_fwd_bf16", &fastmsc::lstm_fwd_bf16_cpu);
+  m.impl("lstm_bwd_bf16", &fastmsc::lstm_bwd_bf16_cpu);
 #endif
 }

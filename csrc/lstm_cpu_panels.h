@@ -18,7 +18,8 @@
 
 #define FASTMSC_PANEL_INLINE __attribute__((target(FASTMSC_PANEL_TARGET), always_inline)) inline
 #if FASTMSC_PANEL_BF16
-// The bf16 variant runs only forward_rows_bf16: the float32 entry points compiled along with it go unused there.
+// The bf16 variant runs the bf16 layers' forward and backward only: the float32 entry points compiled along with it go
+// unused there.
 #define FASTMSC_PANEL_FN __attribute__((target(FASTMSC_PANEL_TARGET), unused)) FASTMSC_VECTORIZABLE
 #else
 #define FASTMSC_PANEL_FN __attribute__((target(FASTMSC_PANEL_TARGET))) FASTMSC_VECTORIZABLE
@@ -244,7 +245,12 @@ FASTMSC_PANEL_INLINE float bf16_to_float(Bits b) {
   std::memcpy(&f, &bits, sizeof(f));
   return f;
 }
+
+// A stored element as float32: the backward reads bf16 saved state this way (exact).
+FASTMSC_PANEL_INLINE float widen(Bits b) { return bf16_to_float(b); }
 #endif
+
+FASTMSC_PANEL_INLINE float widen(float v) { return v; }
 
 // The forward, for float32 (PanelForward) and, on AVX512_BF16, bfloat16 storage (PanelForwardBf16): Args names the
 // arguments and E the element type of x, h, the outputs and the saved state. The overloads below are what differs:
@@ -446,15 +452,17 @@ FASTMSC_PANEL_FN void forward_rows_bf16(const PanelForwardBf16& a, int64_t d, in
 }
 #endif
 
-FASTMSC_PANEL_INLINE void gate_gradients(const float* __restrict act, const float* __restrict c,
-                                         const float* __restrict c_prev, const float* __restrict dh_carry,
-                                         const float* __restrict dout, float* __restrict dc_state,
-                                         float* __restrict dgates, int64_t H) {
+// E: the element type of the saved state (float, or Bits for the bf16 layers), read as float32.
+template <typename E>
+FASTMSC_PANEL_INLINE void gate_gradients(const E* __restrict act, const E* __restrict c, const E* __restrict c_prev,
+                                         const float* __restrict dh_carry, const E* __restrict dout,
+                                         float* __restrict dc_state, float* __restrict dgates, int64_t H) {
 #pragma GCC ivdep
   for (int64_t j = 0; j < H; ++j) {
     float dc_prev;
-    cell_backward(act[j], act[H + j], act[2 * H + j], act[3 * H + j], c[j], c_prev[j], dh_carry[j] + dout[j],
-                  dc_state[j], dgates[j], dgates[H + j], dgates[2 * H + j], dgates[3 * H + j], dc_prev);
+    cell_backward(widen(act[j]), widen(act[H + j]), widen(act[2 * H + j]), widen(act[3 * H + j]), widen(c[j]),
+                  widen(c_prev[j]), dh_carry[j] + widen(dout[j]), dc_state[j], dgates[j], dgates[H + j],
+                  dgates[2 * H + j], dgates[3 * H + j], dc_prev);
     dc_state[j] = dc_prev;
   }
 }
@@ -462,8 +470,9 @@ FASTMSC_PANEL_INLINE void gate_gradients(const float* __restrict act, const floa
 // dh_rec rows [i0, i0 + M), columns of panel p: dG_t · w_hh (w_hh packed with its 4H rows as K).
 template <int M>
 struct RecurrentGradientBlock {
-  FASTMSC_PANEL_INLINE static void run(int64_t i0, const PanelBackward& a, int64_t d, int64_t b_begin, int64_t t,
-                                       int64_t p, const float* w_hh, float* dh_rec) {
+  template <typename Args>
+  FASTMSC_PANEL_INLINE static void run(int64_t i0, const Args& a, int64_t d, int64_t b_begin, int64_t t, int64_t p,
+                                       const float* w_hh, float* dh_rec) {
     const int64_t G = 4 * a.hidden, dw = a.panels * kPanel;
     const float* dg_rows[M];
     for (int r = 0; r < M; ++r) dg_rows[r] = a.dgates + (b_begin + i0 + r) * a.dgates_sb + t * a.dgates_st + d * G;
@@ -477,19 +486,23 @@ struct RecurrentGradientBlock {
 };
 
 // Floats of scratch memory backward_rows needs for `rows` rows.
-inline int64_t backward_scratch_floats(const PanelBackward& a, int64_t rows) {
+template <typename E>
+inline int64_t backward_scratch_floats(const PanelBackwardOf<E>& a, int64_t rows) {
   return rows * a.panels * kPanel + a.hidden;
 }
 
-// BPTT over rows [b_begin, b_end) of direction d. See PanelBackward (lstm_cpu.cpp).
+// BPTT over rows [b_begin, b_end) of direction d. See PanelBackwardOf (lstm_cpu.cpp): the saved state in E (float, or
+// Bits for bf16 layers), read as float32; the gradients float32 throughout.
 // scratch: backward_scratch_floats(a, b_end - b_begin) floats, any content.
-FASTMSC_PANEL_FN void backward_rows(const PanelBackward& a, int64_t d, int64_t b_begin, int64_t b_end,
+template <typename E>
+FASTMSC_PANEL_FN void backward_rows(const PanelBackwardOf<E>& a, int64_t d, int64_t b_begin, int64_t b_end,
                                     float* scratch) {
   const int64_t rows = b_end - b_begin, H = a.hidden, T_ = a.steps, P = a.panels, G = 4 * H;
   const int64_t dw = P * kPanel;  // a row of dh_rec: H padded to whole panels
   float* dh_rec = scratch;        // read only where written in the step before
-  float* zeros = dh_rec + rows * dw;
-  std::fill(zeros, zeros + H, 0.0f);
+  float* zero_floats = dh_rec + rows * dw;
+  std::fill(zero_floats, zero_floats + H, 0.0f);
+  const E* zeros = reinterpret_cast<const E*>(zero_floats);  // all bits zero: +0 as float and as bf16
   const float* w_hh = a.w_hh + d * a.w_hh_direction_stride;
   float* dh_state = a.dh_state + (d * a.batch + b_begin) * H;
   float* dc_state = a.dc_state + (d * a.batch + b_begin) * H;
@@ -511,9 +524,9 @@ FASTMSC_PANEL_FN void backward_rows(const PanelBackward& a, int64_t d, int64_t b
         continue;
       }
       const bool first = d == 0 ? t == 0 : t == len - 1;
-      const float* c_prev = first ? (a.c0 != nullptr ? a.c0 + (d * a.batch + b) * H : zeros)
-                                  : a.cells + b * a.cells_sb + t_prev * a.cells_st + d * H;
-      const float* dout = a.dout != nullptr ? a.dout + b * a.dout_sb + t * a.dout_st + d * H : zeros;
+      const E* c_prev = first ? (a.c0 != nullptr ? a.c0 + (d * a.batch + b) * H : zeros)
+                              : a.cells + b * a.cells_sb + t_prev * a.cells_st + d * H;
+      const E* dout = a.dout != nullptr ? a.dout + b * a.dout_sb + t * a.dout_st + d * H : zeros;
       gate_gradients(a.gates + b * a.gates_sb + t * a.gates_st + d * G,
                      a.cells + b * a.cells_sb + t * a.cells_st + d * H, c_prev, dh_carry, dout, dc_state + i * H, dg,
                      H);
@@ -533,6 +546,35 @@ FASTMSC_PANEL_FN void backward_rows(const PanelBackward& a, int64_t d, int64_t b
   }
 }
 
+// The accumulators of C's rows c_rows[r] over a panel's first n columns: zero, or C's values with accumulate; lanes
+// past n read as zero.
+template <int M>
+FASTMSC_PANEL_INLINE void load_c_rows(float* const (&c_rows)[M], int64_t n, bool accumulate, Vec (&acc)[M][4]) {
+  for (int r = 0; r < M; ++r) {
+    for (int s = 0; s < 4; ++s) {
+      const int64_t cols = n - s * kWidth;  // of this vector
+      acc[r][s] = !accumulate || cols <= 0 ? vzero()
+                  : cols >= kWidth         ? vload(c_rows[r] + s * kWidth)
+                                           : vload_first(c_rows[r] + s * kWidth, cols);
+    }
+  }
+}
+
+// The accumulators back into C's rows, the first n columns only.
+template <int M>
+FASTMSC_PANEL_INLINE void store_c_rows(const Vec (&acc)[M][4], float* const (&c_rows)[M], int64_t n) {
+  for (int r = 0; r < M; ++r) {
+    for (int s = 0; s < 4; ++s) {
+      const int64_t cols = n - s * kWidth;
+      if (cols >= kWidth) {
+        vstore(c_rows[r] + s * kWidth, acc[r][s]);
+      } else if (cols > 0) {
+        vstore_first(c_rows[r] + s * kWidth, acc[r][s], cols);
+      }
+    }
+  }
+}
+
 // C rows [i0, i0 + M) (+)= A · B over k in [k0, k0 + kn), columns of panel p (see PanelGemm, lstm_cpu.cpp). The last
 // panel's columns past N are masked off: nothing outside C is read or written.
 template <int M>
@@ -547,38 +589,24 @@ struct GemmBlock {
       c_rows[r] = g.c + (r_begin + i0 + r) * g.ldc + n0;
     }
     Vec acc[M][4];
-    for (int r = 0; r < M; ++r) {
-      for (int s = 0; s < 4; ++s) {
-        const int64_t cols = n - s * kWidth;  // of this vector
-        acc[r][s] = !accumulate || cols <= 0 ? vzero()
-                    : cols >= kWidth         ? vload(c_rows[r] + s * kWidth)
-                                             : vload_first(c_rows[r] + s * kWidth, cols);
-      }
-    }
+    load_c_rows<M>(c_rows, n, accumulate, acc);
     if (g.ldb != 0) {
       panel_product_columns<M>(n, a_rows, kn, g.b + k0 * g.ldb + p * kPanel, acc, g.a_ks, g.ldb);
     } else {
       panel_product_columns<M>(n, a_rows, kn, g.b + (p * g.k + k0) * kPanel, acc, g.a_ks, kPanel);
     }
-    for (int r = 0; r < M; ++r) {
-      for (int s = 0; s < 4; ++s) {
-        const int64_t cols = n - s * kWidth;
-        if (cols >= kWidth) {
-          vstore(c_rows[r] + s * kWidth, acc[r][s]);
-        } else if (cols > 0) {
-          vstore_first(c_rows[r] + s * kWidth, acc[r][s], cols);
-        }
-      }
-    }
+    store_c_rows<M>(acc, c_rows, n);
   }
 };
 
-// Rows [r_begin, r_end) of C = A · B (or C += A · B). k is blocked so that a panel's block (kGemmDepth x kPanel
-// floats, 64 KB at AVX-512) stays in L1/L2 while the row blocks pass over it. Where C is large (dx: B*T rows) the rows
-// are taken kGemmRows at a time as well, so that their part of C stays in cache across the k blocks instead of
-// going to memory and back once per k block; where C is small (the weight gradients) it stays in L2 anyway and
-// the rows go in one sweep, so that B (x or h_prev: B*T rows) is read once.
-FASTMSC_PANEL_FN void gemm_rows(const PanelGemm& g, int64_t r_begin, int64_t r_end) {
+// Rows [r_begin, r_end) of C = A · B (or C += A · B), Block<M> a row block's product (GemmBlock, PairGemmBlock). k is
+// blocked so that a panel's block (kGemmDepth x kPanel words, 64 KB at AVX-512) stays in L1/L2 while the row blocks
+// pass over it. Where C is large (dx: B*T rows) the rows are taken kGemmRows at a time as well, so that their part of
+// C stays in cache across the k blocks instead of going to memory and back once per k block; where C is small (the
+// weight gradients) it stays in L2 anyway and the rows go in one sweep, so that B (x or h_prev: B*T rows) is read
+// once.
+template <template <int> class Block, typename Gemm>
+FASTMSC_PANEL_INLINE void blocked_gemm_rows(const Gemm& g, int64_t r_begin, int64_t r_end) {
   constexpr int64_t kGemmDepth = 256, kGemmRows = 16 * kRows;
   const int64_t P = (g.n + kPanel - 1) / kPanel;
   const bool c_fits = (r_end - r_begin) * g.n <= (int64_t{256} << 10);  // 1 MB of C
@@ -588,11 +616,104 @@ FASTMSC_PANEL_FN void gemm_rows(const PanelGemm& g, int64_t r_begin, int64_t r_e
     for (int64_t k0 = 0; k0 < g.k; k0 += kGemmDepth) {
       const int64_t kn = std::min(kGemmDepth, g.k - k0);
       for (int64_t p = 0; p < P; ++p) {
-        for_row_blocks<GemmBlock>(rows, g, r0, k0, kn, p, g.accumulate || k0 > 0);
+        for_row_blocks<Block>(rows, g, r0, k0, kn, p, g.accumulate || k0 > 0);
       }
     }
   }
 }
+
+FASTMSC_PANEL_FN void gemm_rows(const PanelGemm& g, int64_t r_begin, int64_t r_end) {
+  blocked_gemm_rows<GemmBlock>(g, r_begin, r_end);
+}
+
+#if FASTMSC_PANEL_BF16
+// ---------------------------------------------------------------------------------------------------
+// The bf16 backward's products after the BPTT loop (dx, dW_ih, dW_hh; see PairGemm, lstm_cpu.cpp): both factors bf16,
+// held as pairs along k in 32-bit words (the low half first), multiplied by vdpbf16ps with float32 sums.
+
+// acc[r][s] += sum over pairs kp < pairs of a[r][kp * a_ks] · panel(kp, s * kWidth ...), the first NV vectors.
+template <int M, int NV>
+FASTMSC_PANEL_INLINE void pair_product(const uint32_t* const (&a)[M], int64_t a_ks, int64_t pairs,
+                                       const uint32_t* __restrict panel, Vec (&acc)[M][4]) {
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    const uint32_t* w = panel + kp * kPanel;
+    __m512bh wv[NV];
+    for (int s = 0; s < NV; ++s) wv[s] = (__m512bh)_mm512_loadu_si512(w + s * kWidth);
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) {
+      const __m512bh v = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r][kp * a_ks]));
+      for (int s = 0; s < NV; ++s) acc[r][s] = _mm512_dpbf16_ps(acc[r][s], v, wv[s]);
+    }
+  }
+}
+
+template <int M>
+struct PairGemmBlock {
+  FASTMSC_PANEL_INLINE static void run(int64_t i0, const PairGemm& g, int64_t r_begin, int64_t k0, int64_t kn,
+                                       int64_t p, bool accumulate) {
+    const int64_t n0 = p * kPanel, n = std::min(kPanel, g.n - n0);
+    const uint32_t* a_rows[M];
+    float* c_rows[M];
+    for (int r = 0; r < M; ++r) {
+      a_rows[r] = g.a + (r_begin + i0 + r) * g.a_rs + k0 * g.a_ks;
+      c_rows[r] = g.c + (r_begin + i0 + r) * g.ldc + n0;
+    }
+    Vec acc[M][4];
+    load_c_rows<M>(c_rows, n, accumulate, acc);
+    const uint32_t* panel = g.b + (p * g.k + k0) * kPanel;
+    switch ((n + kWidth - 1) / kWidth) {
+      case 1: pair_product<M, 1>(a_rows, g.a_ks, kn, panel, acc); break;
+      case 2: pair_product<M, 2>(a_rows, g.a_ks, kn, panel, acc); break;
+      case 3: pair_product<M, 3>(a_rows, g.a_ks, kn, panel, acc); break;
+      default: pair_product<M, 4>(a_rows, g.a_ks, kn, panel, acc); break;
+    }
+    store_c_rows<M>(acc, c_rows, n);
+  }
+};
+
+FASTMSC_PANEL_FN void pair_gemm_rows(const PairGemm& g, int64_t r_begin, int64_t r_end) {
+  blocked_gemm_rows<PairGemmBlock>(g, r_begin, r_end);
+}
+
+// GCC 12's false "uninitialized __Y" in its AVX-512 intrinsics again (see transpose_tile).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// One pair row of pair panels (see pack_pair_panels, lstm_cpu.cpp): rows r0 and r1 (n bf16 each; null reads as zeros)
+// interleaved, word c of panel p (at dst + p * panel_stride) = (r0[p * kPanel + c], r1[p * kPanel + c]), zero past n.
+FASTMSC_PANEL_FN void pack_pair_row(const Bits* r0, const Bits* r1, int64_t n, uint32_t* dst, int64_t panel_stride) {
+  for (int64_t p = 0; p * kPanel < n; ++p) {
+    for (int64_t s = 0; s < 4; ++s) {
+      const int64_t col = p * kPanel + s * kWidth, m = std::clamp<int64_t>(n - col, 0, kWidth);
+      const auto mask = static_cast<__mmask16>((1u << m) - 1);
+      const __m512i lo = r0 != nullptr ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, r0 + col))
+                                       : _mm512_setzero_si512();
+      const __m512i hi = r1 != nullptr ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, r1 + col))
+                                       : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + p * panel_stride + s * kWidth, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+}
+
+// Gate gradient rows g0 and g1 (n floats each; g1 null: a last odd row) rounded to bf16, nearest even: into rows0
+// and rows1 (n bf16 each) where not null, and into pairs (n words (g0[c], g1[c])) where not null.
+FASTMSC_PANEL_FN void round_gradient_pair(const float* g0, const float* g1, int64_t n, Bits* rows0, Bits* rows1,
+                                          uint32_t* pairs) {
+  for (int64_t c = 0; c < n; c += kWidth) {
+    const auto mask = static_cast<__mmask16>((1u << std::min(kWidth, n - c)) - 1);
+    const __m256i b0 = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, g0 + c));
+    const __m256i b1 = g1 != nullptr ? (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, g1 + c))
+                                     : _mm256_setzero_si256();
+    if (rows0 != nullptr) _mm256_mask_storeu_epi16(rows0 + c, mask, b0);
+    if (rows1 != nullptr) _mm256_mask_storeu_epi16(rows1 + c, mask, b1);
+    if (pairs != nullptr) {
+      const __m512i word = _mm512_or_si512(_mm512_cvtepu16_epi32(b0), _mm512_slli_epi32(_mm512_cvtepu16_epi32(b1), 16));
+      _mm512_mask_storeu_epi32(pairs + c, mask, word);
+    }
+  }
+}
+#pragma GCC diagnostic pop
+#endif
 
 #undef FASTMSC_PANEL_INLINE
 #undef FASTMSC_PANEL_FN

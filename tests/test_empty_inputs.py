@@ -286,6 +286,15 @@ _EXTENSION_EMPTY_BATCH = textwrap.dedent("""
         assert [tuple(g.shape) for g in grads] == [(B, T, I), (D * 4 * H, I), (D, 4 * H, P), (D * 4 * H,),
                                                    (D, B, P), (D, B, H), (D, P, H)], [g.shape for g in grads]
         assert all(torch.count_nonzero(g) == 0 for g in grads)
+        if torch.ops.fastmsc.lstm_cpu_bf16():  # the bf16 layers' own forward and backward
+            half = [t.to(torch.bfloat16) for t in (x, w_ih, w_hh)]
+            out, h_n, c_n, gates, cells = torch.ops.fastmsc.lstm_fwd_bf16(*half, bias, None, None, lens, True)
+            assert out.shape == (B, T, D * H) and h_n.shape == c_n.shape == (D, B, H), (out.shape, h_n.shape)
+            grads = torch.ops.fastmsc.lstm_bwd_bf16(out, h_n, c_n, *half, True, None, None, lens, out, gates, cells,
+                                                    True, True, True)
+            assert [tuple(g.shape) for g in grads] == [(B, T, I), (D * 4 * H, I), (D, 4 * H, H), (D * 4 * H,),
+                                                       (D, B, H), (D, B, H), (0,)], [g.shape for g in grads]
+            assert all(torch.count_nonzero(g) == 0 for g in grads)
     with fastmsc.use_backend("fused"):
         y, (h, c) = fastmsc.nn.LSTM(I, H, batch_first=True, bidirectional=True)(x.requires_grad_())
     (y.sum() + h.sum()).backward()

@@ -263,8 +263,9 @@ def test_half_inputs_gradients_against_float64_reference(rng, dtype, proj):
         error = float((g - e).abs().max() / e.abs().max().clamp_min(1e-30)) / u
         # Projected layers (H >= 4): over 600 random cases the worst gradient was 5.25u (grad w_hr, H=7, P=1, whose
         # two-element sums still cancel in part); 12u is allowed there. bfloat16 on AVX512_BF16 CPUs (lstm_fwd_bf16:
-        # h rounded to bf16 every step): over 500 cases outputs <= 1.03u, gradients 7.47u once (grad w_hh, H=2, a
-        # cancelling sum where the widened path gives 5.26u), all others <= 3.8u; 10u is allowed for bfloat16.
+        # h rounded to bf16 every step; lstm_bwd_bf16: the gate gradients rounded to bf16 for dx and the weight
+        # gradients): over 1,300 cases outputs <= 1.03u, gradients 8.20u once (grad w_hh, H=2, a cancelling sum where
+        # the widened path gives 5.26u), 6.61u once (the same kind), 99% <= 3.6u; 10u is allowed for bfloat16.
         bound = 2 if name in ("out", "h_n", "c_n") else 12 if proj else 10 if dtype == torch.bfloat16 else 8
         assert error <= bound, (f"seed {seed}, {dtype}, (B,T,I,H)={shape}, lengths={args[4].tolist()}: "
                                 f"{name} differs from the float64 reference by {error:.2f}u > {bound}u")
@@ -306,23 +307,15 @@ def test_half_inputs_match_float32_ops_on_rounded_state(rng, dtype, proj, monkey
                                    msg=lambda m, name=name: f"seed {seed}, {dtype}, (B,T,I,H)={shape}, {name}: {m}")
 
 
-@pytest.mark.parametrize("round_", range(4))
-def test_bf16_kernel_matches_the_widened_path_within_its_rounding(rng, round_):
-    """lstm_fwd_bf16 (AVX512_BF16: bf16 products, float32 sums, cell state and math, h rounded to bf16 each step)
-    against the float32 op on the same widened inputs: every output (out, h_n, c_n, and the gates and cells kept for
-    backward) in bf16, laid out alike (time-major in place), within 4u (u = 2^-8) of 1 + |expected|: the per-step
-    rounding of h feeds the next product; over 1,000 such cases the worst was 2.2u. An indexing, pairing or
-    masking mistake errs by O(1); an unwritten element is NaN (FASTMSC_POISON). Odd and even K and misaligned
-    weights take the packing's two routes."""
-    if not torch.ops.fastmsc.lstm_cpu_bf16():
-        pytest.skip("this CPU has no AVX512_BF16 (the bf16 layers widen to float32 there)")
-    r, seed = rng
-    D, B, T = r.choice([1, 2]), r.randint(1, 20), r.randint(1, 9)
+def _bf16_layer(r, max_steps=9):
+    """A random bf16 layer for lstm_fwd_bf16 / lstm_bwd_bf16: x (B, T, I), time-major (a transposed view) or not; w_ih,
+    w_hh, sometimes at an odd bf16 offset (views into a larger tensor: not 4-byte aligned, so the packing cannot move a
+    pair as one 32-bit word); a float32 bias or None; h0, c0 or None; lengths or None. Odd and even I and H, several
+    64-wide panels and a part-filled last one."""
+    D, B, T = r.choice([1, 2]), r.randint(1, 20), r.randint(1, max_steps)
     n_in, H = r.choice([r.randint(1, 9), 64, 33]), r.choice([r.randint(1, 40), 64, 70])
     time_major = r.random() < 0.5
     x = (torch.randn(T, B, n_in).transpose(0, 1) if time_major else torch.randn(B, T, n_in)).to(torch.bfloat16)
-    # Weights at an odd bf16 offset (views into a larger tensor) are not 4-byte aligned: the packing then cannot move
-    # a pair as one 32-bit word.
     misaligned = r.random() < 0.3
 
     def weight(*shape):
@@ -336,18 +329,107 @@ def test_bf16_kernel_matches_the_widened_path_within_its_rounding(rng, round_):
     with_state = r.random() < 0.5
     h0, c0 = ((torch.randn(D, B, H).to(torch.bfloat16) for _ in range(2)) if with_state else (None, None))
     lengths = torch.tensor([r.randint(1, T) for _ in range(B)]) if r.random() < 0.5 else None
+    context = f"(D,B,T,I,H)={(D, B, T, n_in, H)}, time_major={time_major}, misaligned={misaligned}"
+    return (x, w_ih, w_hh, bias, h0, c0, lengths), context
+
+
+@pytest.mark.parametrize("round_", range(4))
+def test_bf16_kernel_matches_the_widened_path_within_its_rounding(rng, round_):
+    """lstm_fwd_bf16 (AVX512_BF16: bf16 products, float32 sums, cell state and math, h rounded to bf16 each step)
+    against the float32 op on the same widened inputs: every output (out, h_n, c_n, and the gates and cells kept for
+    backward) in bf16, laid out alike (time-major in place), within 4u (u = 2^-8) of 1 + |expected|: the per-step
+    rounding of h feeds the next product; over 1,000 such cases the worst was 2.2u. An indexing, pairing or
+    masking mistake errs by O(1); an unwritten element is NaN (FASTMSC_POISON). Odd and even K and misaligned
+    weights take the packing's two routes."""
+    if not torch.ops.fastmsc.lstm_cpu_bf16():
+        pytest.skip("this CPU has no AVX512_BF16 (the bf16 layers widen to float32 there)")
+    r, seed = rng
+    (x, w_ih, w_hh, bias, h0, c0, lengths), layer = _bf16_layer(r)
     training = r.random() < 0.5
     got = torch.ops.fastmsc.lstm_fwd_bf16(x, w_ih, w_hh, bias, h0, c0, lengths, training)
     wide = (lambda t: None if t is None else t.float())
     expected = torch.ops.fastmsc.lstm_fwd(x.float(), w_ih.float(), w_hh.float(), bias, wide(h0), wide(c0), lengths,
                                           training)
-    context = (f"seed {seed}, (D,B,T,I,H)={(D, B, T, n_in, H)}, time_major={time_major}, training={training}, "
-               f"misaligned={misaligned}")
+    context = f"seed {seed}, {layer}, training={training}"
     for name, g, e in zip(("out", "h_n", "c_n", "gates", "cells"), got, expected, strict=True):
         assert g.dtype == torch.bfloat16 and g.shape == e.shape and g.stride() == e.stride(), (context, name)
         if g.numel():
             error = float(((g.float() - e).abs() / (1 + e.abs())).max()) / 2.0 ** -8
             assert error <= 4, f"{context}: {name} differs from the widened path by {error:.2f}u"
+
+
+def _h_prev(out, h0, lengths, D, H):
+    """(B, T, D*H): the state each step's recurrent product used, per direction (h0 or zero at a sequence's first
+    step, zero at padded steps), from the layer's out (B, T, D*H)."""
+    B, T, _ = out.shape
+    h_prev = torch.zeros(B, T, D * H, dtype=torch.float64)
+    for b in range(B):
+        length = T if lengths is None else int(lengths[b])
+        for d in range(D):
+            columns = slice(d * H, (d + 1) * H)
+            for t in range(length):
+                first = t == 0 if d == 0 else t == length - 1
+                if not first:
+                    h_prev[b, t, columns] = out[b, t - 1 if d == 0 else t + 1, columns].double()
+                elif h0 is not None:
+                    h_prev[b, t, columns] = h0[d, b].double()
+    return h_prev
+
+
+@pytest.mark.parametrize("round_", range(4))
+def test_bf16_backward_matches_the_widened_path_within_its_rounding(rng, round_):
+    """lstm_bwd_bf16 (the backward of lstm_fwd_bf16's layers, reading their bf16 state in place) against lstm_bwd on
+    the same saved state widened to float32. Its BPTT loop is the widened path's: the bias, h0 and c0 gradients are
+    bitwise equal. dx = dG·w_ih, dW_ih = dGᵀ·x and dW_hh = dGᵀ·h_prev multiply the gate gradients dG rounded to bf16
+    (the other factors are bf16 already): each element may differ by u = 2^-8 of the sum S of its terms' magnitudes,
+    plus both sides' float32 summation (K·2^-24·S each over K terms). dG itself comes from lstm_bwd given one-hot rows
+    for x, whose dW_ih is then dGᵀ exactly. A pairing, packing or indexing mistake errs by a whole term or more; an
+    unwritten element is NaN (FASTMSC_POISON). Some calls skip dx, the weight or the state gradients."""
+    if not torch.ops.fastmsc.lstm_cpu_bf16():
+        pytest.skip("this CPU has no AVX512_BF16 (the bf16 layers widen to float32 there)")
+    r, seed = rng
+    # Up to 800 rows (B*T): more than 256 pairs, so the products' depth is blocked.
+    (x, w_ih, w_hh, bias, h0, c0, lengths), layer = _bf16_layer(r, max_steps=40)
+    B, T, n_in = x.shape
+    D, G, H = w_hh.shape[0], w_hh.shape[1], w_hh.shape[2]
+    out, h_n, c_n, gates, cells = torch.ops.fastmsc.lstm_fwd_bf16(x, w_ih, w_hh, bias, h0, c0, lengths, True)
+    upstream = [torch.randn(t.shape).to(torch.bfloat16) if r.random() < 0.8 else None for t in (out, h_n, c_n)]
+    need = [r.random() < 0.8 for _ in range(3)]  # dx, the weights', the state's
+    has_bias = bias is not None
+    got = torch.ops.fastmsc.lstm_bwd_bf16(*upstream, x, w_ih, w_hh, has_bias, h0, c0, lengths, out, gates, cells,
+                                          *need)
+    wide = (lambda t: None if t is None else t.float())
+    saved = (wide(h0), wide(c0), lengths, wide(out), wide(gates), wide(cells))
+    expected = torch.ops.fastmsc.lstm_bwd(*(wide(g) for g in upstream), wide(x), wide(w_ih), wide(w_hh), has_bias,
+                                          *saved, *need)
+    context = f"seed {seed}, {layer}, upstream={[g is not None for g in upstream]}, need={need}"
+    names = ("dx", "dw_ih", "dw_hh", "dbias", "dh0", "dc0", "dw_hr")
+    for name, g, e in zip(names, got, expected, strict=True):
+        if e.numel() == 0:  # not asked for
+            assert g.numel() == 0, (context, name)
+        else:
+            assert g.dtype == e.dtype and g.shape == e.shape and g.stride() == e.stride(), (context, name)
+    for name, g, e in zip(names[3:6], got[3:6], expected[3:6], strict=True):
+        assert g.numel() == 0 or torch.equal(g, e), f"{context}: {name} is not the widened path's"
+
+    one_hot = torch.eye(B * T).view(B, T, B * T)
+    dg = torch.ops.fastmsc.lstm_bwd(*(wide(g) for g in upstream), one_hot, torch.zeros(D * G, B * T), wide(w_hh),
+                                    False, *saved, False, True, False)[1].t().reshape(B, T, D * G).double()
+    products = []
+    if need[0]:
+        products.append(("dx", dg.abs() @ w_ih.double().abs(), D * G, 0))
+    if need[1]:
+        rows = dg.abs().reshape(B * T, D * G).t()
+        products.append(("dw_ih", rows @ x.double().abs().reshape(B * T, n_in), B * T, 1))
+        h_prev = _h_prev(out, h0, lengths, D, H).abs().reshape(B * T, D, H)
+        sums = torch.stack([rows[d * G:(d + 1) * G] @ h_prev[:, d] for d in range(D)])
+        products.append(("dw_hh", sums, B * T, 2))
+    for name, magnitudes, terms, index in products:
+        bound = (2.0 ** -8 + 2 * terms * 2.0 ** -24) * magnitudes
+        error = (got[index].double() - expected[index].double()).abs()
+        assert not error.isnan().any(), f"{context}: {name} has NaN"
+        worst = float((error - bound).max())
+        assert worst <= 0, f"{context}: {name} exceeds its rounding bound by {worst:.3g}"
 
 
 @pytest.mark.parametrize("proj", [False, True])

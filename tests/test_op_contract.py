@@ -263,9 +263,17 @@ def _opcheck_lstm(draw: Draw) -> None:
                               test_utils=utils)
     out, h_n, c_n, gates, cells = torch.ops.fastmsc.lstm_fwd(x, w_ih, w_hh, bias, h0, c0, lengths, True)
     grads = (draw.randn(*out.shape), draw.randn(*h_n.shape), draw.randn(*c_n.shape))
-    torch.library.opcheck(torch.ops.fastmsc.lstm_bwd.default,
-                          (*grads, x, w_ih, w_hh, True, h0, c0, lengths, out, gates, cells, True, True, True),
-                          test_utils=utils)
+    for need in ((True, True, True), (False, True, False)):  # gradients not asked for come back empty
+        torch.library.opcheck(torch.ops.fastmsc.lstm_bwd.default,
+                              (*grads, x, w_ih, w_hh, True, h0, c0, lengths, out, gates, cells, *need),
+                              test_utils=utils)
+    if torch.ops.fastmsc.lstm_cpu_bf16():  # the bf16 layers' backward, traced in compiled bf16 training
+        half = [t.to(torch.bfloat16) for t in (x, w_ih, w_hh, h0, c0)]
+        saved = torch.ops.fastmsc.lstm_fwd_bf16(*half[:3], bias.float(), *half[3:], lengths, True)
+        for need in ((True, True, True), (False, True, False)):
+            torch.library.opcheck(torch.ops.fastmsc.lstm_bwd_bf16.default,
+                                  (*(g.to(torch.bfloat16) for g in grads), *half[:3], True, *half[3:], lengths,
+                                   *saved[:1], *saved[3:], *need), test_utils=utils)
 
 
 def _opcheck_attention(draw: Draw) -> None:

@@ -28,9 +28,13 @@ def follows_time_major(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and B > 1 and T > 1 and x.stride(0) < x.stride(1)
 
 
-def new_sequence(x: torch.Tensor, B: int, T: int, F: int) -> torch.Tensor:
-    """An empty (B, T, F) tensor in the row order the ops give x's sequences (see follows_time_major)."""
-    return x.new_empty(T, B, F).transpose(0, 1) if follows_time_major(x) else x.new_empty(B, T, F)
+def new_sequence(x: torch.Tensor, B: int, T: int, F: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An empty (B, T, F) tensor (x's dtype unless given) in the row order the ops give x's sequences (see
+    follows_time_major)."""
+    dtype = dtype or x.dtype
+    if follows_time_major(x):
+        return x.new_empty(T, B, F, dtype=dtype).transpose(0, 1)
+    return x.new_empty(B, T, F, dtype=dtype)
 
 
 def fake_forward(x, w_ih, w_hh, bias, h0, c0, lengths, training, w_hr=None, *, follow_time_major=True):
@@ -75,13 +79,18 @@ def zero_past_lengths(seq: torch.Tensor, lengths: torch.Tensor | None) -> torch.
     return seq.clone().masked_fill_(~time_mask(lengths, seq.shape[1])[:, :, None], 0.0)
 
 
-def backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells, *, run_bwd, widen_saved: bool):
+def backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells, *, run_bwd, widen_saved: bool,
+             native_bwd=None):
     """The autograd formula of every fused LSTM forward op (lstm_fwd, lstm_fwd_half, lstm_persistent_fwd):
     ``run_bwd`` is the matching backward op, called with lstm_bwd's arguments; ``widen_saved``: the saved half
     tensors are widened to float32 first (exact; the extension computes in float32), else passed as they are.
-    Each gradient is returned in the dtype of its input. The backward ops' results carry no graph, so for
-    create_graph=True the gradients come from the reference layer recomputed on the saved inputs instead."""
+    ``native_bwd(x, w_hr)``, where given: a backward op that reads this call's saved half tensors as they are, or None
+    (then run_bwd). Each gradient is returned in the dtype of its input. The backward ops' results carry no graph, so
+    for create_graph=True the gradients come from the reference layer recomputed on the saved inputs instead."""
     x, w_ih, w_hh, h0, c0, lengths, out, gates, cells, w_hr, bias = ctx.saved_tensors
+    native = native_bwd(x, w_hr) if native_bwd is not None else None
+    if native is not None:
+        run_bwd, widen_saved = native, False
     # One flag per argument the call passed: the dispatcher drops a trailing w_hr left at its default (None).
     needs = ctx.needs_input_grad
     if graph_wanted(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, bias, h0, c0, w_hr):
@@ -94,11 +103,12 @@ def backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells, *, run
     need_dw_hr = w_hr is not None and needs[8]
     need_dx, need_dweights, need_dstate = needs[0], any(needs[1:4]) or need_dw_hr, needs[4] or needs[5]
     saved = work if widen_saved else None  # None: the saved tensors as they are
+    projection = (to_dtype(w_hr, saved),) if w_hr is not None else ()
     dx, dw_ih, dw_hh, dbias, dh0, dc0, dw_hr = run_bwd(
         to_dtype(grad_out, saved), to_dtype(grad_h_n, saved), to_dtype(grad_c_n, saved),
         to_dtype(zero_past_lengths(x, lengths), saved), to_dtype(w_ih, saved), to_dtype(w_hh, saved),
         ctx.has_bias, to_dtype(h0, saved), to_dtype(c0, saved), lengths, to_dtype(out, saved), to_dtype(gates, saved),
-        to_dtype(cells, saved), need_dx, need_dweights, need_dstate, to_dtype(w_hr, saved))
+        to_dtype(cells, saved), need_dx, need_dweights, need_dstate, *projection)
     dx = zero_past_lengths(dx, lengths) if need_dx else dx
     grads = (to_dtype(dx, x.dtype) if need_dx else None, to_dtype(dw_ih, w_ih.dtype) if needs[1] else None,
              to_dtype(dw_hh, w_hh.dtype) if needs[2] else None, dbias if needs[3] else None,

@@ -48,24 +48,46 @@ _warned = False
 
 
 def _fake_backward(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, has_bias, h0, c0, lengths, out, gates, cells,
-                   need_dx, need_dweights, need_dstate, w_hr=None):
+                   need_dx, need_dweights, need_dstate, w_hr=None, *, grad_dtype=None):
+    """lstm_bwd: the gradients asked for in x's dtype (or ``grad_dtype``); the others empty, each its own tensor in x's
+    dtype."""
     B, T, n_in = x.shape
     D, G, R = w_hh.shape
     H = G // 4
-    empty = x.new_empty(0)
+    dtype = grad_dtype or x.dtype
+
+    def new(wanted, *shape):
+        return x.new_empty(shape, dtype=dtype) if wanted else x.new_empty(0)
+
     return (
-        new_sequence(x, B, T, n_in) if need_dx else empty,
-        x.new_empty(D * G, n_in) if need_dweights else empty,
-        x.new_empty(D, G, R) if need_dweights else empty,
-        x.new_empty(D * G) if need_dweights and has_bias else empty,
-        x.new_empty(D, B, R) if need_dstate else empty,
-        x.new_empty(D, B, H) if need_dstate else empty,
-        x.new_empty(D, R, H) if need_dweights and w_hr is not None else empty,
+        new_sequence(x, B, T, n_in, dtype) if need_dx else x.new_empty(0),
+        new(need_dweights, D * G, n_in),
+        new(need_dweights, D, G, R),
+        new(need_dweights and has_bias, D * G),
+        new(need_dstate, D, B, R),
+        new(need_dstate, D, B, H),
+        new(need_dweights and w_hr is not None, D, R, H),
     )
 
 
+def _fake_backward_bf16(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, has_bias, h0, c0, lengths, out, gates, cells,
+                        need_dx, need_dweights, need_dstate):
+    """lstm_bwd_bf16: lstm_bwd's gradients in float32 from bfloat16 inputs."""
+    return _fake_backward(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, has_bias, h0, c0, lengths, out, gates, cells,
+                          need_dx, need_dweights, need_dstate, grad_dtype=torch.float32)
+
+
+def _bf16_backward(x, w_hr):
+    """``fastmsc::lstm_bwd_bf16`` where lstm_fwd_half ran ``fastmsc::lstm_fwd_bf16`` (bf16 on a CPU with AVX512_BF16,
+    no projection): it reads the saved bf16 state as it is, where lstm_bwd would need it widened to float32 first, and
+    multiplies bf16 factors for dx and the weight gradients. Else None."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and w_hr is None and torch.ops.fastmsc.lstm_cpu_bf16():
+        return torch.ops.fastmsc.lstm_bwd_bf16
+    return None
+
+
 def _backward(ctx, *grads):
-    return backward(ctx, *grads, run_bwd=torch.ops.fastmsc.lstm_bwd, widen_saved=True)
+    return backward(ctx, *grads, run_bwd=torch.ops.fastmsc.lstm_bwd, widen_saved=True, native_bwd=_bf16_backward)
 
 
 def _half_forward(x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, bias: torch.Tensor | None,
@@ -105,6 +127,7 @@ def _ensure_registered() -> None:
         if not _registered:
             torch.library.register_fake("fastmsc::lstm_fwd")(fake_forward)
             torch.library.register_fake("fastmsc::lstm_bwd")(_fake_backward)
+            torch.library.register_fake("fastmsc::lstm_bwd_bf16")(_fake_backward_bf16)
             torch.library.register_autograd("fastmsc::lstm_fwd", _backward, setup_context=setup_context)
             _eager_float = eager_function("lstm_fwd", torch.ops.fastmsc.lstm_fwd, _backward)
             _registered = True
