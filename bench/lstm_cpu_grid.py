@@ -16,6 +16,7 @@ dimensions. ``--backend auto`` times fastmsc as ``auto`` dispatches it (the CPU 
     python bench/lstm_cpu_grid.py --sample 0 --write-table --from-csv lstm_cpu_grid.csv   # auto's CPU rule
     python bench/lstm_cpu_grid.py --only B=128 T=24 H=32 --threads 2
     python bench/lstm_cpu_grid.py --refresh-below 3   # re-time the record's fast cases after a per-call change
+    python bench/lstm_cpu_grid.py --refresh-below inf --dtypes bfloat16   # all its bf16 cases, after a bf16 change
 
 Printed: each case as it ends, then the geometric-mean speed-up per mode, the worst cases, and the geometric mean
 per value of each dimension (the trends).
@@ -227,9 +228,10 @@ def write_table(rows: list[Row], command: str, path) -> None:
     print(f"wrote {len(cases)} measured cases for CPU class {cpu_class} to {path}")
 
 
-def refresh(table: Path, below_ms: float, reps: int, min_seconds: float, argv) -> int:
-    """--refresh-below: the record's cases under ``below_ms`` timed again (batch-first: the record keeps no layout),
-    the others kept as they are."""
+def refresh(table: Path, below_ms: float, dtypes: list[str] | None, only: dict[str, set], reps: int,
+            min_seconds: float, argv) -> int:
+    """--refresh-below: the record's cases under ``below_ms`` (of ``dtypes``, or any, and within ``only``, --only's
+    restrictions) timed again (batch-first: the record keeps no layout), the others kept as they are."""
     cpu_class = torch.backends.cpu.get_cpu_capability()
     record = lstm_cpu_measured.read(table).get(cpu_class)
     if record is None:
@@ -238,11 +240,15 @@ def refresh(table: Path, below_ms: float, reps: int, min_seconds: float, argv) -
     def key(c):
         return (c.dtype, c.threads, c.B, c.T, c.H, c.D)
 
-    stale = {key(c) for c in record.cases if c.torch_ms < below_ms}
+    def chosen(c):
+        return (c.torch_ms < below_ms and (dtypes is None or c.dtype in dtypes)
+                and all(str(getattr(c, name)) in values for name, values in only.items() if name != "layout"))
+
+    stale = {key(c) for c in record.cases if chosen(c)}
     kept = [Row(Case(c.B, c.T, c.H, c.D, "batch_first", c.threads, c.dtype), c.mode, c.torch_ms, c.fastmsc_ms)
             for c in record.cases if key(c) not in stale]
     print(f"re-timing {len(stale)} of the record's {len({key(c) for c in record.cases})} cases (torch under "
-          f"{below_ms} ms)")
+          f"{below_ms} ms{'' if dtypes is None else ', ' + ' and '.join(dtypes)})")
     rows = []
     for case in sorted((Case(B, T, H, D, "batch_first", threads, dtype) for dtype, threads, B, T, H, D in stale),
                        key=Case.flops):
@@ -272,7 +278,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="+", default=[], metavar="NAME=V1,V2",
                         help=f"restrict dimensions ({', '.join(GRID)})")
-    parser.add_argument("--dtypes", default="float32", help="comma-separated; bfloat16 needs native CPU support")
+    parser.add_argument("--dtypes", help="comma-separated (default float32; with --refresh-below, every dtype); "
+                                         "bfloat16 needs native CPU support")
     parser.add_argument("--backend", default="fused", choices=("fused", "auto"))
     parser.add_argument("--reps", type=int, default=15, help="most timed rounds per case and mode")
     parser.add_argument("--min-seconds", type=float, default=0.5, help="timed rounds continue until this much time")
@@ -287,15 +294,18 @@ def main(argv=None) -> int:
                         help="the table --write-table writes (default: the one fastmsc reads)")
     parser.add_argument("--refresh-below", type=float, metavar="MS",
                         help="re-time the cases of this CPU class's record whose torch time was under MS in either "
-                             "mode (after a change to the per-call cost, say), keep its others, write it back")
+                             "mode (after a change to the per-call cost, say; inf: all of them), of --dtypes and "
+                             "within --only where given, keep its others, write it back")
     args = parser.parse_args(argv)
     if args.refresh_below is not None:
-        return refresh(args.table, args.refresh_below, args.reps, args.min_seconds, argv)
+        dtypes = args.dtypes.split(",") if args.dtypes else None
+        return refresh(args.table, args.refresh_below, dtypes, parse_only(args.only), args.reps, args.min_seconds,
+                       argv)
     if args.from_csv and not args.write_table:
         raise SystemExit("--from-csv goes with --write-table")
     if args.write_table and args.backend != "fused":
         raise SystemExit("--write-table records the extension's own speed: use it with --backend fused")
-    dtypes = args.dtypes.split(",")
+    dtypes = (args.dtypes or "float32").split(",")
     if "bfloat16" in dtypes and not native_bf16():
         print("bfloat16 skipped: this CPU has no native bf16 arithmetic (avx512_bf16 / amx_bf16)", file=sys.stderr)
         dtypes.remove("bfloat16")

@@ -608,8 +608,8 @@ def test_lstm_cpu_grid_times_both_layouts_and_summarises(tmp_path):
 
 
 def test_lstm_cpu_grid_refreshes_the_records_fast_cases(tmp_path):
-    """--refresh-below MS re-times the record's cases whose torch time was under MS (both modes of such a case)
-    and keeps the others as recorded."""
+    """--refresh-below MS re-times the record's cases whose torch time was under MS (both modes of such a case), of
+    --dtypes where given, and keeps the others as recorded."""
     from fastmsc.backend import OPS
     from fastmsc.kernels import lstm_cpu_measured
     if (reason := OPS["lstm_layer"].why_not_fused("cpu")) is not None:
@@ -617,17 +617,21 @@ def test_lstm_cpu_grid_refreshes_the_records_fast_cases(tmp_path):
     cpu_class = torch.backends.cpu.get_cpu_capability()
     fast = [lstm_cpu_measured.Case("float32", mode, 1, 1, 5, 8, 1, 0.0123, 0.0456) for mode in ("train", "infer")]
     slow = [lstm_cpu_measured.Case("float32", mode, 1, 64, 512, 256, 2, 999.0, 998.0) for mode in ("train", "infer")]
+    # Fast, but not of the dtype or the batch sizes asked for: kept.
+    other = [lstm_cpu_measured.Case("bfloat16", mode, 1, 1, 5, 8, 1, 0.0321, 0.0654) for mode in ("train", "infer")]
+    other += [lstm_cpu_measured.Case("float32", mode, 1, 2, 5, 8, 1, 0.0111, 0.0222) for mode in ("train", "infer")]
     table = tmp_path / "table.json"
     lstm_cpu_measured.write({cpu_class: lstm_cpu_measured.ClassRecord("cpu", "torch", "2026-01-01", "earlier",
-                                                                     (*fast, *slow))}, table)
+                                                                     (*fast, *slow, *other))}, table)
     done = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "bench" / "lstm_cpu_grid.py"),
-                           "--refresh-below", "1", "--table", str(table), "--reps", "3", "--min-seconds", "0"],
+                           "--refresh-below", "1", "--dtypes", "float32", "--only", "B=1,64", "--table", str(table),
+                           "--reps", "3", "--min-seconds", "0"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     record = lstm_cpu_measured.read(table)[cpu_class]
-    assert sorted(record.cases, key=lambda c: (c.B, c.mode)) == [
-        *sorted((c for c in record.cases if c.B == 1), key=lambda c: c.mode), *sorted(slow, key=lambda c: c.mode)]
-    refreshed = [c for c in record.cases if c.B == 1]
+    refreshed = [c for c in record.cases if c.B == 1 and c.dtype == "float32"]
+    assert sorted(record.cases, key=lambda c: (c.B, c.dtype, c.mode)) == sorted(
+        [*refreshed, *other, *slow], key=lambda c: (c.B, c.dtype, c.mode))
     assert sorted(c.mode for c in refreshed) == ["infer", "train"]
     assert all(c.torch_ms != 0.0123 and c.fastmsc_ms != 0.0456 for c in refreshed)
     assert record.command.startswith("earlier; then python bench/lstm_cpu_grid.py --refresh-below 1")
