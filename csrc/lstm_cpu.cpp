@@ -1380,52 +1380,75 @@ void pair_gemm(const PairGemm& g) {
 }
 
 // dx = dG · w_ih, dW_ih = dGᵀ · x and dW_hh = dGᵀ · h_prev (float32, into bw) from the float32 gate gradients of the
-// loop, rounded to bf16: as rows (N x D*4H, dx's factor, whose pairs run along a row) and as row pairs interleaved
-// (ceil(N / 2) x D*4H words, the weight gradients' factor, whose pairs run down a column). N = B*T rows in bw's order.
+// loop, rounded to bf16: as rows (rows x D*4H, dx's factor, whose pairs run along a row) and as row pairs interleaved
+// (rows / 2 x D*4H words, the weight gradients' factor, whose pairs run down a column). The N = B*T rows (in bw's order)
+// go in chunks whose two rounded copies fit the kept scratch memory: at B=128 T=1000 H=256 both directions, whole
+// copies were 1 GB of fresh memory per call, and faulting it in cost as much as the products. The weight gradients
+// accumulate over the chunks.
 void pair_weight_gradients(LstmBackward& bw) {
   using Bits = uint16_t;
   const LstmSizes& s = bw.s;
   const int64_t N = s.batch * s.steps, I = s.input, H = s.hidden, D = s.directions, G = 4 * H, DG = D * G;
   const bool need_dx = bw.need_dx, need_dweights = bw.need_dweights;
   const at::TensorOptions options = bw.x.options().dtype(at::kFloat);
-  at::Tensor holders[4];
-  Bits* dg_rows = need_dx ? reinterpret_cast<Bits*>(scratch_floats(kSlotGradRows, (N * DG + 1) / 2, holders[0]))
+  // Rows per chunk, even (a pair never straddles two); FASTMSC_LSTM_BWD_CHUNK_ROWS sets it (the tests, to cross chunks
+  // at small sizes).
+  const char* rows_env = std::getenv("FASTMSC_LSTM_BWD_CHUNK_ROWS");
+  const int64_t rows_wanted = rows_env != nullptr ? std::atoll(rows_env) : 2 * kScratchKeepFloats / DG;
+  const int64_t chunk = std::max<int64_t>(2, rows_wanted & ~int64_t{1});
+  at::Tensor holders[5];
+  Bits* dg_rows = need_dx ? reinterpret_cast<Bits*>(scratch_floats(kSlotGradRows, chunk * DG / 2, holders[0]))
                           : nullptr;
   uint32_t* dg_pairs = need_dweights
-                           ? reinterpret_cast<uint32_t*>(scratch_floats(kSlotGradPairs, (N + 1) / 2 * DG, holders[1]))
+                           ? reinterpret_cast<uint32_t*>(scratch_floats(kSlotGradPairs, chunk / 2 * DG, holders[1]))
                            : nullptr;
-  const float* dg = bw.dgates.data_ptr<float>();
-  at::parallel_for(0, (N + 1) / 2, std::max<int64_t>(1, 16384 / DG), [&](int64_t begin, int64_t end) {
-    for (int64_t kp = begin; kp < end; ++kp) {
-      const int64_t r0 = 2 * kp, r1 = 2 * kp + 1;
-      const bool second = r1 < N;
-      avx512bf16::round_gradient_pair(dg + r0 * DG, second ? dg + r1 * DG : nullptr, DG,
-                                      need_dx ? dg_rows + r0 * DG : nullptr,
-                                      need_dx && second ? dg_rows + r1 * DG : nullptr,
-                                      need_dweights ? dg_pairs + kp * DG : nullptr);
-    }
-  });
+  uint32_t* w_p = nullptr;
   if (need_dx) {
     const at::Tensor w_ih = bw.w_ih.contiguous();
     const Bits* w = elements_or_null<const Bits>(w_ih);
-    uint32_t* w_p = reinterpret_cast<uint32_t*>(scratch_floats(kSlotWih, pair_panels_words(DG, I), holders[2]));
+    w_p = reinterpret_cast<uint32_t*>(scratch_floats(kSlotWih, pair_panels_words(DG, I), holders[2]));
     pack_pair_panels(DG, I, w_p, [&](int64_t k) { return w + k * I; });
     bw.dx = empty_in_order(&cpu_empty, s.batch, s.steps, I, options, bw.time_major);  // rows in dG's order
-    pair_gemm({N, I, DG / 2, reinterpret_cast<const uint32_t*>(dg_rows), DG / 2, 1, w_p, bw.dx.data_ptr<float>(), I,
-               false});
   }
+  const Bits* x = elements_or_null<const Bits>(bw.x);  // dense in bw's order: memory rows pair with dG's
+  const HPrevRows<Bits> h_prev(s, ptr_or_null<int64_t>(bw.lens), bw.out, elements_or_null<const Bits>(bw.h0), 0);
   if (need_dweights) {
-    const Bits* x = elements_or_null<const Bits>(bw.x);  // dense in bw's order: memory rows pair with dG's
-    uint32_t* x_p = reinterpret_cast<uint32_t*>(scratch_floats(kSlotTasks, pair_panels_words(N, I), holders[3]));
-    pack_pair_panels(N, I, x_p, [&](int64_t k) { return x + k * I; });
     bw.dw_ih = cpu_empty({DG, I}, options);
-    pair_gemm({DG, I, (N + 1) / 2, dg_pairs, 1, DG, x_p, bw.dw_ih.data_ptr<float>(), I, false});
     bw.dw_hh = cpu_empty({D, G, H}, options);
-    for (int64_t d = 0; d < D; ++d) {
-      uint32_t* h_p = reinterpret_cast<uint32_t*>(scratch_floats(kSlotTasks, pair_panels_words(N, H), holders[3]));
-      pack_pair_panels(N, H, h_p, HPrevRows<Bits>(s, ptr_or_null<int64_t>(bw.lens), bw.out,
-                                                  elements_or_null<const Bits>(bw.h0), d));
-      pair_gemm({G, H, (N + 1) / 2, dg_pairs + d * G, 1, DG, h_p, bw.dw_hh.data_ptr<float>() + d * G * H, H, false});
+    if (N == 0) {  // no rows: zero weight gradients
+      bw.dw_ih.zero_();
+      bw.dw_hh.zero_();
+    }
+  }
+  const float* dg = bw.dgates.data_ptr<float>();
+  for (int64_t r0 = 0; r0 < N; r0 += chunk) {
+    const int64_t rows = std::min(chunk, N - r0), pairs = (rows + 1) / 2;
+    at::parallel_for(0, pairs, std::max<int64_t>(1, 16384 / DG), [&](int64_t begin, int64_t end) {
+      for (int64_t kp = begin; kp < end; ++kp) {
+        const int64_t first = 2 * kp, second = 2 * kp + 1;  // rows of the chunk
+        const bool paired = second < rows;
+        avx512bf16::round_gradient_pair(dg + (r0 + first) * DG, paired ? dg + (r0 + second) * DG : nullptr, DG,
+                                        need_dx ? dg_rows + first * DG : nullptr,
+                                        need_dx && paired ? dg_rows + second * DG : nullptr,
+                                        need_dweights ? dg_pairs + kp * DG : nullptr);
+      }
+    });
+    if (need_dx) {
+      pair_gemm({rows, I, DG / 2, reinterpret_cast<const uint32_t*>(dg_rows), DG / 2, 1, w_p,
+                 bw.dx.data_ptr<float>() + r0 * I, I, false});
+    }
+    if (need_dweights) {
+      const bool accumulate = r0 > 0;
+      uint32_t* x_p = reinterpret_cast<uint32_t*>(scratch_floats(kSlotTasks, pair_panels_words(rows, I), holders[3]));
+      pack_pair_panels(rows, I, x_p, [&](int64_t k) { return x + (r0 + k) * I; });
+      pair_gemm({DG, I, pairs, dg_pairs, 1, DG, x_p, bw.dw_ih.data_ptr<float>(), I, accumulate});
+      for (int64_t d = 0; d < D; ++d) {
+        HPrevRows<Bits> direction = h_prev;
+        direction.d = d;
+        uint32_t* h_p = reinterpret_cast<uint32_t*>(scratch_floats(kSlotTasks, pair_panels_words(rows, H), holders[4]));
+        pack_pair_panels(rows, H, h_p, [&](int64_t k) { return direction(r0 + k); });
+        pair_gemm({G, H, pairs, dg_pairs + d * G, 1, DG, h_p, bw.dw_hh.data_ptr<float>() + d * G * H, H, accumulate});
+      }
     }
   }
 }

@@ -377,17 +377,22 @@ def _h_prev(out, h0, lengths, D, H):
 
 
 @pytest.mark.parametrize("round_", range(4))
-def test_bf16_backward_matches_the_widened_path_within_its_rounding(rng, round_):
+def test_bf16_backward_matches_the_widened_path_within_its_rounding(rng, round_, monkeypatch):
     """lstm_bwd_bf16 (the backward of lstm_fwd_bf16's layers, reading their bf16 state in place) against lstm_bwd on
     the same saved state widened to float32. Its BPTT loop is the widened path's: the bias, h0 and c0 gradients are
     bitwise equal. dx = dG·w_ih, dW_ih = dGᵀ·x and dW_hh = dGᵀ·h_prev multiply the gate gradients dG rounded to bf16
     (the other factors are bf16 already): each element may differ by u = 2^-8 of the sum S of its terms' magnitudes,
     plus both sides' float32 summation (K·2^-24·S each over K terms). dG itself comes from lstm_bwd given one-hot rows
     for x, whose dW_ih is then dGᵀ exactly. A pairing, packing or indexing mistake errs by a whole term or more; an
-    unwritten element is NaN (FASTMSC_POISON). Some calls skip dx, the weight or the state gradients."""
+    unwritten element is NaN (FASTMSC_POISON). Some calls skip dx, the weight or the state gradients; some take the
+    rows in small chunks (FASTMSC_LSTM_BWD_CHUNK_ROWS; by default a chunk is thousands of rows), over which the weight
+    gradients accumulate."""
     if not torch.ops.fastmsc.lstm_cpu_bf16():
         pytest.skip("this CPU has no AVX512_BF16 (the bf16 layers widen to float32 there)")
     r, seed = rng
+    chunk_rows = r.choice([None, r.randint(1, 40)])
+    if chunk_rows is not None:
+        monkeypatch.setenv("FASTMSC_LSTM_BWD_CHUNK_ROWS", str(chunk_rows))
     # Up to 800 rows (B*T): more than 256 pairs, so the products' depth is blocked.
     (x, w_ih, w_hh, bias, h0, c0, lengths), layer = _bf16_layer(r, max_steps=40)
     B, T, n_in = x.shape
@@ -402,7 +407,7 @@ def test_bf16_backward_matches_the_widened_path_within_its_rounding(rng, round_)
     saved = (wide(h0), wide(c0), lengths, wide(out), wide(gates), wide(cells))
     expected = torch.ops.fastmsc.lstm_bwd(*(wide(g) for g in upstream), wide(x), wide(w_ih), wide(w_hh), has_bias,
                                           *saved, *need)
-    context = f"seed {seed}, {layer}, upstream={[g is not None for g in upstream]}, need={need}"
+    context = f"seed {seed}, {layer}, upstream={[g is not None for g in upstream]}, need={need}, chunk={chunk_rows}"
     names = ("dx", "dw_ih", "dw_hh", "dbias", "dh0", "dc0", "dw_hr")
     for name, g, e in zip(names, got, expected, strict=True):
         if e.numel() == 0:  # not asked for
