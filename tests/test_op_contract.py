@@ -269,6 +269,9 @@ def _opcheck_lstm(draw: Draw) -> None:
                               test_utils=utils)
     if torch.ops.fastmsc.lstm_cpu_bf16():  # the bf16 layers' backward, traced in compiled bf16 training
         half = [t.to(torch.bfloat16) for t in (x, w_ih, w_hh, h0, c0)]
+        for training in (False, True):
+            torch.library.opcheck(torch.ops.fastmsc.lstm_fwd_bf16.default,
+                                  (*half[:3], bias.float(), *half[3:], lengths, training), test_utils=utils)
         saved = torch.ops.fastmsc.lstm_fwd_bf16(*half[:3], bias.float(), *half[3:], lengths, True)
         for need in ((True, True, True), (False, True, False)):
             torch.library.opcheck(torch.ops.fastmsc.lstm_bwd_bf16.default,

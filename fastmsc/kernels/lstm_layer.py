@@ -128,6 +128,8 @@ def _ensure_registered() -> None:
             torch.library.register_fake("fastmsc::lstm_fwd")(fake_forward)
             torch.library.register_fake("fastmsc::lstm_bwd")(_fake_backward)
             torch.library.register_fake("fastmsc::lstm_bwd_bf16")(_fake_backward_bf16)
+            # Eager calls run lstm_fwd_half's body, which calls it (under FakeTensorMode too).
+            torch.library.register_fake("fastmsc::lstm_fwd_bf16")(fake_forward)
             torch.library.register_autograd("fastmsc::lstm_fwd", _backward, setup_context=setup_context)
             _eager_float = eager_function("lstm_fwd", torch.ops.fastmsc.lstm_fwd, _backward)
             _registered = True
