@@ -210,9 +210,9 @@ struct LstmBackward {
   at::Tensor dh_all, dr;
   // The right factors of dW_hh and dW_hr; see allocate_weight_inputs.
   at::Tensor h_prev, unprojected;
-  // dx (B, T, I), dw_ih (D*4H, I) and dw_hh (D, 4H, R) where the backend computed them itself; finish_backward
-  // computes those left undefined.
-  at::Tensor dx, dw_ih, dw_hh;
+  // dx (B, T, I), dw_ih (D*4H, I), dw_hh (D, 4H, R) and dbias (D*4H) where the backend computed them itself;
+  // finish_backward computes those left undefined.
+  at::Tensor dx, dw_ih, dw_hh, dbias;
 };
 
 // Called once the arguments are checked and the device guard is set; checks the shapes of what the training forward
@@ -328,7 +328,7 @@ inline LstmGrads finish_backward(LstmBackward& bw) {
         at::mm_out(dw_d, dg2d.narrow(1, d * G, G).t(), h_prev2d.narrow(1, d * R, R));
       }
     }
-    if (bw.has_bias) dbias = dg2d.sum(0);
+    if (bw.has_bias) dbias = bw.dbias.defined() ? bw.dbias : dg2d.sum(0);
     if (s.projected) {
       dw_hr = at::empty({D, R, H}, x.options());
       const at::Tensor dh2d = memory_rows(bw.dh_all), hidden2d = memory_rows(bw.unprojected);

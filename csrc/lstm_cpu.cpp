@@ -338,7 +338,9 @@ struct PanelForward {
 };
 
 // E: the element type of the saved state and of the output gradient, float32 or (bf16 layers, their bits) uint16_t;
-// the gradients computed are float32 either way.
+// the gradients computed are float32 either way. With E = uint16_t the gate gradients go out rounded to bf16
+// (dgates_rounded) and summed per row into dbias_rows, dgates unused: each step's stay in the task's scratch for the
+// recurrent product.
 template <typename E>
 struct PanelBackwardOf {
   int64_t batch, steps, hidden;
@@ -356,11 +358,13 @@ struct PanelBackwardOf {
   int64_t gates_sb, gates_st;
   const E* cells;
   int64_t cells_sb, cells_st;
-  float* dgates;       // (B, T, D * 4H), written
-  int64_t dgates_sb, dgates_st;
+  float* dgates;       // (B, T, D * 4H), written (float32 state)
+  int64_t dgates_sb, dgates_st;  // of dgates or dgates_rounded
   float* dh_state;     // (D, B, H): the h_n gradient on entry, the h0 gradient on exit
   float* dc_state;     // (D, B, H): likewise for c
   bool need_dstate;
+  uint16_t* dgates_rounded;  // (B, T, D * 4H) bf16, written (bf16 state); else null
+  float* dbias_rows;         // (D, B, 4H): each row's gate gradients summed over its steps, added to (bf16 state)
 };
 using PanelBackward = PanelBackwardOf<float>;
 
@@ -545,7 +549,7 @@ inline at::Tensor cpu_empty(at::IntArrayRef sizes, const at::TensorOptions& opti
 // and at B=32 T=150 H=128 (bidirectional, 20 MB of gate gradients) added 45% to the backward. Requests above
 // kScratchKeepFloats get memory of their own, freed with the holder, so a thread keeps at most that much per use.
 enum ScratchSlot : int {
-  kSlotWih, kSlotWhh, kSlotBias, kSlotTasks, kSlotGateGrads, kSlotGradRows, kSlotGradPairs, kSlotCount
+  kSlotWih, kSlotWhh, kSlotBias, kSlotTasks, kSlotGateGrads, kSlotGradPairs, kSlotCount
 };
 constexpr int64_t kScratchKeepFloats = int64_t{8} << 20;  // 32 MB per slot
 
@@ -969,10 +973,12 @@ E* elements_or_null(const at::Tensor& t) {
   return t.defined() ? reinterpret_cast<E*>(t.data_ptr()) : nullptr;
 }
 
-// The BPTT loop into bw.dgates, dh_state and dc_state. The saved state in E (float32, or the bits of bf16); w_hh
-// float32 (D, 4H, H): bw.w_hh itself, or a bf16 layer's widened (the loop's products stay float32 either way).
+// The BPTT loop into bw.dgates, dh_state and dc_state. The saved state in E (float32, or the bits of bf16: then
+// bw.dgates is bf16, and dbias_rows (D, B, 4H) float32 zeros, see PanelBackwardOf); w_hh float32 (D, 4H, H): bw.w_hh
+// itself, or a bf16 layer's widened (the loop's products stay float32 either way).
 template <typename E>
-void panel_backward(CpuKernel kernel, LstmBackward& bw, const at::Tensor& w_hh) {
+void panel_backward(CpuKernel kernel, LstmBackward& bw, const at::Tensor& w_hh, float* dbias_rows = nullptr) {
+  constexpr bool kRounded = std::is_same_v<E, uint16_t>;
   const LstmSizes& s = bw.s;
   const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, width = panel_width(kernel);
   const int64_t G = 4 * H, lanes = 4 * width, P = (H + lanes - 1) / lanes;
@@ -986,9 +992,10 @@ void panel_backward(CpuKernel kernel, LstmBackward& bw, const at::Tensor& w_hh) 
                              bw.dout.defined() ? bw.dout.stride(0) : 0, bw.dout.defined() ? bw.dout.stride(1) : 0,
                              elements_or_null<const E>(bw.gates), bw.gates.stride(0), bw.gates.stride(1),
                              elements_or_null<const E>(bw.cells), bw.cells.stride(0), bw.cells.stride(1),
-                             bw.dgates.data_ptr<float>(), bw.dgates.stride(0), bw.dgates.stride(1),
-                             bw.dh_state.data_ptr<float>(), bw.dc_state.data_ptr<float>(), bw.need_dstate};
-  if constexpr (std::is_same_v<E, uint16_t>) {
+                             kRounded ? nullptr : bw.dgates.data_ptr<float>(), bw.dgates.stride(0),
+                             bw.dgates.stride(1), bw.dh_state.data_ptr<float>(), bw.dc_state.data_ptr<float>(),
+                             bw.need_dstate, kRounded ? elements_or_null<uint16_t>(bw.dgates) : nullptr, dbias_rows};
+  if constexpr (kRounded) {
     run_row_tasks(a, D, avx512bf16::backward_rows<E>, avx512bf16::backward_scratch_floats<E>);
   } else if (kernel == CpuKernel::kAvx512) {
     run_row_tasks(a, D, avx512::backward_rows<E>, avx512::backward_scratch_floats<E>);
@@ -1379,76 +1386,62 @@ void pair_gemm(const PairGemm& g) {
   at::parallel_for(0, g.m, grain, [&](int64_t begin, int64_t end) { avx512bf16::pair_gemm_rows(g, begin, end); });
 }
 
-// dx = dG · w_ih, dW_ih = dGᵀ · x and dW_hh = dGᵀ · h_prev (float32, into bw) from the float32 gate gradients of the
-// loop, rounded to bf16: as rows (rows x D*4H, dx's factor, whose pairs run along a row) and as row pairs interleaved
-// (rows / 2 x D*4H words, the weight gradients' factor, whose pairs run down a column). The N = B*T rows (in bw's order)
-// go in chunks whose two rounded copies fit the kept scratch memory: at B=128 T=1000 H=256 both directions, whole
-// copies were 1 GB of fresh memory per call, and faulting it in cost as much as the products. The weight gradients
-// accumulate over the chunks.
+// dx = dG · w_ih, dW_ih = dGᵀ · x and dW_hh = dGᵀ · h_prev (float32, into bw) from the loop's gate gradients rounded
+// to bf16 (bw.dgates): its rows are dx's factor as they are (pairs along a row); the weight gradients' factor pairs
+// rows, interleaved into (rows / 2 x D*4H) words chunk by chunk, in chunks that fit the kept scratch memory (whole, at
+// B=128 T=1000 H=256 both directions, that copy and the packed x and h_prev were 600 MB of fresh memory per call,
+// faulted in on every call). The weight gradients accumulate over the chunks.
 void pair_weight_gradients(LstmBackward& bw) {
   using Bits = uint16_t;
   const LstmSizes& s = bw.s;
   const int64_t N = s.batch * s.steps, I = s.input, H = s.hidden, D = s.directions, G = 4 * H, DG = D * G;
-  const bool need_dx = bw.need_dx, need_dweights = bw.need_dweights;
   const at::TensorOptions options = bw.x.options().dtype(at::kFloat);
+  const Bits* dg = elements_or_null<const Bits>(bw.dgates);  // (N, DG) memory rows in bw's order
+  at::Tensor holders[4];
+  if (bw.need_dx) {
+    const at::Tensor w_ih = bw.w_ih.contiguous();
+    const Bits* w = elements_or_null<const Bits>(w_ih);
+    uint32_t* w_p = reinterpret_cast<uint32_t*>(scratch_floats(kSlotWih, pair_panels_words(DG, I), holders[0]));
+    pack_pair_panels(DG, I, w_p, [&](int64_t k) { return w + k * I; });
+    bw.dx = empty_in_order(&cpu_empty, s.batch, s.steps, I, options, bw.time_major);  // rows in dG's order
+    pair_gemm({N, I, DG / 2, reinterpret_cast<const uint32_t*>(dg), DG / 2, 1, w_p, bw.dx.data_ptr<float>(), I,
+               false});
+  }
+  if (!bw.need_dweights) return;
+  bw.dw_ih = cpu_empty({DG, I}, options);
+  bw.dw_hh = cpu_empty({D, G, H}, options);
+  if (N == 0) {  // no rows: zero weight gradients
+    bw.dw_ih.zero_();
+    bw.dw_hh.zero_();
+    return;
+  }
   // Rows per chunk, even (a pair never straddles two); FASTMSC_LSTM_BWD_CHUNK_ROWS sets it (the tests, to cross chunks
   // at small sizes).
   const char* rows_env = std::getenv("FASTMSC_LSTM_BWD_CHUNK_ROWS");
   const int64_t rows_wanted = rows_env != nullptr ? std::atoll(rows_env) : 2 * kScratchKeepFloats / DG;
-  const int64_t chunk = std::max<int64_t>(2, rows_wanted & ~int64_t{1});
-  at::Tensor holders[5];
-  Bits* dg_rows = need_dx ? reinterpret_cast<Bits*>(scratch_floats(kSlotGradRows, chunk * DG / 2, holders[0]))
-                          : nullptr;
-  uint32_t* dg_pairs = need_dweights
-                           ? reinterpret_cast<uint32_t*>(scratch_floats(kSlotGradPairs, chunk / 2 * DG, holders[1]))
-                           : nullptr;
-  uint32_t* w_p = nullptr;
-  if (need_dx) {
-    const at::Tensor w_ih = bw.w_ih.contiguous();
-    const Bits* w = elements_or_null<const Bits>(w_ih);
-    w_p = reinterpret_cast<uint32_t*>(scratch_floats(kSlotWih, pair_panels_words(DG, I), holders[2]));
-    pack_pair_panels(DG, I, w_p, [&](int64_t k) { return w + k * I; });
-    bw.dx = empty_in_order(&cpu_empty, s.batch, s.steps, I, options, bw.time_major);  // rows in dG's order
-  }
+  const int64_t chunk = std::max<int64_t>(2, std::min(rows_wanted, N + 1) & ~int64_t{1});
+  uint32_t* dg_pairs = reinterpret_cast<uint32_t*>(scratch_floats(kSlotGradPairs, chunk / 2 * DG, holders[1]));
   const Bits* x = elements_or_null<const Bits>(bw.x);  // dense in bw's order: memory rows pair with dG's
   const HPrevRows<Bits> h_prev(s, ptr_or_null<int64_t>(bw.lens), bw.out, elements_or_null<const Bits>(bw.h0), 0);
-  if (need_dweights) {
-    bw.dw_ih = cpu_empty({DG, I}, options);
-    bw.dw_hh = cpu_empty({D, G, H}, options);
-    if (N == 0) {  // no rows: zero weight gradients
-      bw.dw_ih.zero_();
-      bw.dw_hh.zero_();
-    }
-  }
-  const float* dg = bw.dgates.data_ptr<float>();
   for (int64_t r0 = 0; r0 < N; r0 += chunk) {
     const int64_t rows = std::min(chunk, N - r0), pairs = (rows + 1) / 2;
     at::parallel_for(0, pairs, std::max<int64_t>(1, 16384 / DG), [&](int64_t begin, int64_t end) {
       for (int64_t kp = begin; kp < end; ++kp) {
-        const int64_t first = 2 * kp, second = 2 * kp + 1;  // rows of the chunk
-        const bool paired = second < rows;
-        avx512bf16::round_gradient_pair(dg + (r0 + first) * DG, paired ? dg + (r0 + second) * DG : nullptr, DG,
-                                        need_dx ? dg_rows + first * DG : nullptr,
-                                        need_dx && paired ? dg_rows + second * DG : nullptr,
-                                        need_dweights ? dg_pairs + kp * DG : nullptr);
+        const int64_t first = r0 + 2 * kp, second = first + 1;
+        avx512bf16::interleave_rows(dg + first * DG, second < r0 + rows ? dg + second * DG : nullptr, DG,
+                                    dg_pairs + kp * DG);
       }
     });
-    if (need_dx) {
-      pair_gemm({rows, I, DG / 2, reinterpret_cast<const uint32_t*>(dg_rows), DG / 2, 1, w_p,
-                 bw.dx.data_ptr<float>() + r0 * I, I, false});
-    }
-    if (need_dweights) {
-      const bool accumulate = r0 > 0;
-      uint32_t* x_p = reinterpret_cast<uint32_t*>(scratch_floats(kSlotTasks, pair_panels_words(rows, I), holders[3]));
-      pack_pair_panels(rows, I, x_p, [&](int64_t k) { return x + (r0 + k) * I; });
-      pair_gemm({DG, I, pairs, dg_pairs, 1, DG, x_p, bw.dw_ih.data_ptr<float>(), I, accumulate});
-      for (int64_t d = 0; d < D; ++d) {
-        HPrevRows<Bits> direction = h_prev;
-        direction.d = d;
-        uint32_t* h_p = reinterpret_cast<uint32_t*>(scratch_floats(kSlotTasks, pair_panels_words(rows, H), holders[4]));
-        pack_pair_panels(rows, H, h_p, [&](int64_t k) { return direction(r0 + k); });
-        pair_gemm({G, H, pairs, dg_pairs + d * G, 1, DG, h_p, bw.dw_hh.data_ptr<float>() + d * G * H, H, accumulate});
-      }
+    const bool accumulate = r0 > 0;
+    uint32_t* x_p = reinterpret_cast<uint32_t*>(scratch_floats(kSlotTasks, pair_panels_words(rows, I), holders[2]));
+    pack_pair_panels(rows, I, x_p, [&](int64_t k) { return x + (r0 + k) * I; });
+    pair_gemm({DG, I, pairs, dg_pairs, 1, DG, x_p, bw.dw_ih.data_ptr<float>(), I, accumulate});
+    for (int64_t d = 0; d < D; ++d) {
+      HPrevRows<Bits> direction = h_prev;
+      direction.d = d;
+      uint32_t* h_p = reinterpret_cast<uint32_t*>(scratch_floats(kSlotTasks, pair_panels_words(rows, H), holders[3]));
+      pack_pair_panels(rows, H, h_p, [&](int64_t k) { return direction(r0 + k); });
+      pair_gemm({G, H, pairs, dg_pairs + d * G, 1, DG, h_p, bw.dw_hh.data_ptr<float>() + d * G * H, H, accumulate});
     }
   }
 }
@@ -1468,10 +1461,21 @@ LstmGrads lstm_bwd_bf16_cpu(const c10::optional<at::Tensor>& grad_out, const c10
   LstmBackward bw = prepare_backward(s, grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, has_bias, h0, c0, lengths, out,
                                      gates, cells, need_dx, need_dweights, need_dstate, c10::nullopt, &cpu_empty,
                                      /*follow_time_major=*/true, at::kFloat);
-  if (s.batch != 0) {
-    use_scratch_gate_gradients(bw);
-    panel_backward<uint16_t>(CpuKernel::kAvx512, bw, bw.w_hh.to(at::kFloat));
+  // The loop's gate gradients go out rounded to bf16 (in the thread's scratch memory where that is kept), and summed
+  // per row for the bias gradient.
+  const int64_t dg_floats = (bw.dgates.numel() + 1) / 2;
+  const at::TensorOptions bits = bw.dgates.options().dtype(at::kBFloat16);
+  if (dg_floats <= kScratchKeepFloats) {
+    at::Tensor unused;
+    bw.dgates = at::from_blob(scratch_floats(kSlotGateGrads, dg_floats, unused), bw.dgates.sizes(),
+                              bw.dgates.strides(), bits);
+    if (poisoning()) bw.dgates.fill_(std::numeric_limits<float>::quiet_NaN());  // as bf16, not float32 bit halves
+  } else {
+    bw.dgates = empty_in_order(&cpu_empty, s.batch, s.steps, s.directions * 4 * s.hidden, bits, bw.time_major);
   }
+  const at::Tensor dbias_rows = at::zeros({s.directions, s.batch, 4 * s.hidden}, bw.dh_state.options());
+  if (s.batch != 0) panel_backward<uint16_t>(CpuKernel::kAvx512, bw, bw.w_hh.to(at::kFloat), dbias_rows.data_ptr<float>());
+  if (has_bias) bw.dbias = dbias_rows.sum(1).view({-1});
   // With an empty batch the products run over zero rows: zero weight gradients.
   pair_weight_gradients(bw);
   LstmGrads grads = finish_backward(bw);

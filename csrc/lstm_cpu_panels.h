@@ -468,14 +468,15 @@ FASTMSC_PANEL_INLINE void gate_gradients(const E* __restrict act, const E* __res
 }
 
 // dh_rec rows [i0, i0 + M), columns of panel p: dG_t · w_hh (w_hh packed with its 4H rows as K).
+// dG_t's rows: dg + i * dg_rs, i counting the task's rows.
 template <int M>
 struct RecurrentGradientBlock {
   template <typename Args>
-  FASTMSC_PANEL_INLINE static void run(int64_t i0, const Args& a, int64_t d, int64_t b_begin, int64_t t, int64_t p,
+  FASTMSC_PANEL_INLINE static void run(int64_t i0, const Args& a, const float* dg, int64_t dg_rs, int64_t p,
                                        const float* w_hh, float* dh_rec) {
     const int64_t G = 4 * a.hidden, dw = a.panels * kPanel;
     const float* dg_rows[M];
-    for (int r = 0; r < M; ++r) dg_rows[r] = a.dgates + (b_begin + i0 + r) * a.dgates_sb + t * a.dgates_st + d * G;
+    for (int r = 0; r < M; ++r) dg_rows[r] = dg + (i0 + r) * dg_rs;
     Vec acc[M][4];
     for (int r = 0; r < M; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = vzero();
     panel_product_columns<M>(a.hidden - p * kPanel, dg_rows, G, w_hh + p * a.w_hh_panel_stride, acc, 1, a.w_hh_ld);
@@ -485,10 +486,10 @@ struct RecurrentGradientBlock {
   }
 };
 
-// Floats of scratch memory backward_rows needs for `rows` rows.
+// Floats of scratch memory backward_rows needs for `rows` rows: dh_rec, a zero row and, for bf16 state, the step's dG.
 template <typename E>
 inline int64_t backward_scratch_floats(const PanelBackwardOf<E>& a, int64_t rows) {
-  return rows * a.panels * kPanel + a.hidden;
+  return rows * a.panels * kPanel + a.hidden + (std::is_same_v<E, float> ? 0 : rows * 4 * a.hidden);
 }
 
 // BPTT over rows [b_begin, b_end) of direction d. See PanelBackwardOf (lstm_cpu.cpp): the saved state in E (float, or
@@ -503,6 +504,9 @@ FASTMSC_PANEL_FN void backward_rows(const PanelBackwardOf<E>& a, int64_t d, int6
   float* zero_floats = dh_rec + rows * dw;
   std::fill(zero_floats, zero_floats + H, 0.0f);
   const E* zeros = reinterpret_cast<const E*>(zero_floats);  // all bits zero: +0 as float and as bf16
+  // bf16 state: this step's dG (rows, 4H) for the recurrent product; its rounded copy goes out (see PanelBackwardOf).
+  constexpr bool kRounded = !std::is_same_v<E, float>;
+  float* step_dg = zero_floats + H;
   const float* w_hh = a.w_hh + d * a.w_hh_direction_stride;
   float* dh_state = a.dh_state + (d * a.batch + b_begin) * H;
   float* dc_state = a.dc_state + (d * a.batch + b_begin) * H;
@@ -517,10 +521,12 @@ FASTMSC_PANEL_FN void backward_rows(const PanelBackwardOf<E>& a, int64_t d, int6
       // after which the sequence still runs (the reverse direction's padding) carries the product's value on.
       const bool next_valid = step < T_ - 1 && t_next >= 0 && t_next < len;
       const float* dh_carry = next_valid ? dh_rec + i * dw : dh_state + i * H;
-      float* dg = a.dgates + b * a.dgates_sb + t * a.dgates_st + d * G;
+      const int64_t dg_at = b * a.dgates_sb + t * a.dgates_st + d * G;
+      float* dg = kRounded ? step_dg + i * G : a.dgates + dg_at;
       if (t >= len) {
         if (next_valid) std::copy(dh_carry, dh_carry + H, dh_state + i * H);
         std::fill(dg, dg + G, 0.0f);
+        if constexpr (kRounded) std::fill(a.dgates_rounded + dg_at, a.dgates_rounded + dg_at + G, uint16_t(0));
         continue;
       }
       const bool first = d == 0 ? t == 0 : t == len - 1;
@@ -530,10 +536,22 @@ FASTMSC_PANEL_FN void backward_rows(const PanelBackwardOf<E>& a, int64_t d, int6
       gate_gradients(a.gates + b * a.gates_sb + t * a.gates_st + d * G,
                      a.cells + b * a.cells_sb + t * a.cells_st + d * H, c_prev, dh_carry, dout, dc_state + i * H, dg,
                      H);
+#if FASTMSC_PANEL_BF16
+      if constexpr (kRounded) {
+        for (int64_t j0 = 0; j0 < G; j0 += kWidth) store_bf16(a.dgates_rounded + dg_at + j0, dg + j0, std::min(kWidth, G - j0));
+        float* bias_row = a.dbias_rows + (d * a.batch + b) * G;
+#pragma GCC ivdep
+        for (int64_t j = 0; j < G; ++j) bias_row[j] += dg[j];
+      }
+#else
+      static_assert(!kRounded, "bf16 state runs in the AVX512_BF16 variant only");
+#endif
     }
     // dh reaching h_{t_prev} = dG_t · w_hh; the very last one is the h0 gradient, needed only when asked for.
     if (step == 0 && !a.need_dstate) break;
-    for (int64_t p = 0; p < P; ++p) for_row_blocks<RecurrentGradientBlock>(rows, a, d, b_begin, t, p, w_hh, dh_rec);
+    const float* dg = kRounded ? step_dg : a.dgates + b_begin * a.dgates_sb + t * a.dgates_st + d * G;
+    const int64_t dg_rs = kRounded ? G : a.dgates_sb;
+    for (int64_t p = 0; p < P; ++p) for_row_blocks<RecurrentGradientBlock>(rows, a, dg, dg_rs, p, w_hh, dh_rec);
   }
   if (a.need_dstate) {
     // The h0 gradient: the last product where the forward's first step was valid for the row, else the value
@@ -695,21 +713,15 @@ FASTMSC_PANEL_FN void pack_pair_row(const Bits* r0, const Bits* r1, int64_t n, u
   }
 }
 
-// Gate gradient rows g0 and g1 (n floats each; g1 null: a last odd row) rounded to bf16, nearest even: into rows0
-// and rows1 (n bf16 each) where not null, and into pairs (n words (g0[c], g1[c])) where not null.
-FASTMSC_PANEL_FN void round_gradient_pair(const float* g0, const float* g1, int64_t n, Bits* rows0, Bits* rows1,
-                                          uint32_t* pairs) {
+// Rows r0 and r1 (n bf16 each; r1 null: zeros) interleaved into n words (r0[c], r1[c]): a pair row of the gate
+// gradients for the weight gradients' products.
+FASTMSC_PANEL_FN void interleave_rows(const Bits* r0, const Bits* r1, int64_t n, uint32_t* dst) {
   for (int64_t c = 0; c < n; c += kWidth) {
     const auto mask = static_cast<__mmask16>((1u << std::min(kWidth, n - c)) - 1);
-    const __m256i b0 = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, g0 + c));
-    const __m256i b1 = g1 != nullptr ? (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, g1 + c))
-                                     : _mm256_setzero_si256();
-    if (rows0 != nullptr) _mm256_mask_storeu_epi16(rows0 + c, mask, b0);
-    if (rows1 != nullptr) _mm256_mask_storeu_epi16(rows1 + c, mask, b1);
-    if (pairs != nullptr) {
-      const __m512i word = _mm512_or_si512(_mm512_cvtepu16_epi32(b0), _mm512_slli_epi32(_mm512_cvtepu16_epi32(b1), 16));
-      _mm512_mask_storeu_epi32(pairs + c, mask, word);
-    }
+    const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, r0 + c));
+    const __m512i hi = r1 != nullptr ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, r1 + c))
+                                     : _mm512_setzero_si512();
+    _mm512_mask_storeu_epi32(dst + c, mask, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
   }
 }
 #pragma GCC diagnostic pop

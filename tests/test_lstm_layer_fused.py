@@ -379,14 +379,14 @@ def _h_prev(out, h0, lengths, D, H):
 @pytest.mark.parametrize("round_", range(4))
 def test_bf16_backward_matches_the_widened_path_within_its_rounding(rng, round_, monkeypatch):
     """lstm_bwd_bf16 (the backward of lstm_fwd_bf16's layers, reading their bf16 state in place) against lstm_bwd on
-    the same saved state widened to float32. Its BPTT loop is the widened path's: the bias, h0 and c0 gradients are
-    bitwise equal. dx = dG·w_ih, dW_ih = dGᵀ·x and dW_hh = dGᵀ·h_prev multiply the gate gradients dG rounded to bf16
-    (the other factors are bf16 already): each element may differ by u = 2^-8 of the sum S of its terms' magnitudes,
-    plus both sides' float32 summation (K·2^-24·S each over K terms). dG itself comes from lstm_bwd given one-hot rows
-    for x, whose dW_ih is then dGᵀ exactly. A pairing, packing or indexing mistake errs by a whole term or more; an
-    unwritten element is NaN (FASTMSC_POISON). Some calls skip dx, the weight or the state gradients; some take the
-    rows in small chunks (FASTMSC_LSTM_BWD_CHUNK_ROWS; by default a chunk is thousands of rows), over which the weight
-    gradients accumulate."""
+    the same saved state widened to float32. Its BPTT loop is the widened path's: the h0 and c0 gradients are bitwise
+    equal, and the bias gradient sums the same float32 gate gradients dG in another order (both sides' float32
+    summation, K·2^-24·S each over K terms whose magnitudes sum to S). dx = dG·w_ih, dW_ih = dGᵀ·x and dW_hh =
+    dGᵀ·h_prev multiply dG rounded to bf16 (the other factors are bf16 already): u = 2^-8 of S more. dG itself comes
+    from lstm_bwd given one-hot rows for x, whose dW_ih is then dGᵀ exactly. A pairing, packing or indexing mistake
+    errs by a whole term or more; an unwritten element is NaN (FASTMSC_POISON). Some calls skip dx, the weight or the
+    state gradients; some take the rows in small chunks (FASTMSC_LSTM_BWD_CHUNK_ROWS; by default a chunk is thousands
+    of rows), over which the weight gradients accumulate."""
     if not torch.ops.fastmsc.lstm_cpu_bf16():
         pytest.skip("this CPU has no AVX512_BF16 (the bf16 layers widen to float32 there)")
     r, seed = rng
@@ -414,23 +414,25 @@ def test_bf16_backward_matches_the_widened_path_within_its_rounding(rng, round_,
             assert g.numel() == 0, (context, name)
         else:
             assert g.dtype == e.dtype and g.shape == e.shape and g.stride() == e.stride(), (context, name)
-    for name, g, e in zip(names[3:6], got[3:6], expected[3:6], strict=True):
+    for name, g, e in zip(names[4:6], got[4:6], expected[4:6], strict=True):
         assert g.numel() == 0 or torch.equal(g, e), f"{context}: {name} is not the widened path's"
 
     one_hot = torch.eye(B * T).view(B, T, B * T)
     dg = torch.ops.fastmsc.lstm_bwd(*(wide(g) for g in upstream), one_hot, torch.zeros(D * G, B * T), wide(w_hh),
                                     False, *saved, False, True, False)[1].t().reshape(B, T, D * G).double()
-    products = []
+    products = []  # (name, the sums of its terms' magnitudes, terms per sum, index, unit of the rounded factor)
+    if need[1] and has_bias:  # sums of float32 dG in another order, nothing rounded
+        products.append(("dbias", dg.abs().sum((0, 1)), B * T, 3, 0.0))
     if need[0]:
-        products.append(("dx", dg.abs() @ w_ih.double().abs(), D * G, 0))
+        products.append(("dx", dg.abs() @ w_ih.double().abs(), D * G, 0, 2.0 ** -8))
     if need[1]:
         rows = dg.abs().reshape(B * T, D * G).t()
-        products.append(("dw_ih", rows @ x.double().abs().reshape(B * T, n_in), B * T, 1))
+        products.append(("dw_ih", rows @ x.double().abs().reshape(B * T, n_in), B * T, 1, 2.0 ** -8))
         h_prev = _h_prev(out, h0, lengths, D, H).abs().reshape(B * T, D, H)
         sums = torch.stack([rows[d * G:(d + 1) * G] @ h_prev[:, d] for d in range(D)])
-        products.append(("dw_hh", sums, B * T, 2))
-    for name, magnitudes, terms, index in products:
-        bound = (2.0 ** -8 + 2 * terms * 2.0 ** -24) * magnitudes
+        products.append(("dw_hh", sums, B * T, 2, 2.0 ** -8))
+    for name, magnitudes, terms, index, rounding in products:
+        bound = (rounding + 2 * terms * 2.0 ** -24) * magnitudes
         error = (got[index].double() - expected[index].double()).abs()
         assert not error.isnan().any(), f"{context}: {name} has NaN"
         worst = float((error - bound).max())
