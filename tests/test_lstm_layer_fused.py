@@ -16,6 +16,7 @@ import random
 import shutil
 import subprocess
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -837,3 +838,54 @@ def test_eager_calls_take_the_short_route_to_the_same_results(rng, dtype):
             torch.autograd.backward(outputs[:3], weights)
         for a, b in zip(registered_in, short_in, strict=True):
             assert torch.equal(a.grad, b.grad), f"seed {seed}"
+
+
+def _require_linux_allocator():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the buffer cache belongs to the extension's Linux allocator (huge pages); elsewhere torch's")
+
+
+def test_freed_cpu_buffers_are_kept_for_the_next_call_of_their_size():
+    """The op's large CPU buffers (2 MB and up) go back to a cache when freed, and the next call asking for the same
+    size takes them, instead of fresh memory the kernel faults in and zeroes on every training step; the cache can be
+    emptied, and reused buffers hold what the call wrote (the suite runs with FASTMSC_POISON=1, so a reused buffer
+    starts as NaN there like a fresh one)."""
+    _require_linux_allocator()
+    torch.ops.fastmsc.lstm_cpu_empty_cache()
+    assert torch.ops.fastmsc.lstm_cpu_cached_bytes() == 0
+    B, T, H = 4, 300, 128  # gates: 4 * 300 * 512 floats, 2.4 MB
+    x, w_ih, w_hh, bias = torch.randn(B, T, 3), torch.randn(4 * H, 3) * 0.1, torch.randn(1, 4 * H, H) * 0.1, None
+    first = torch.ops.fastmsc.lstm_fwd(x, w_ih, w_hh, bias, None, None, None, True)
+    gates_bytes = first[3].untyped_storage().nbytes()
+    del first
+    held = torch.ops.fastmsc.lstm_cpu_cached_bytes()
+    assert held >= gates_bytes, (held, gates_bytes)
+    again = torch.ops.fastmsc.lstm_fwd(x, w_ih, w_hh, bias, None, None, None, True)
+    assert torch.ops.fastmsc.lstm_cpu_cached_bytes() < held  # taken back
+    fresh = torch.ops.fastmsc.lstm_fwd(x, w_ih, w_hh, bias, None, None, None, True)
+    for a, b in zip(again, fresh, strict=True):
+        assert torch.equal(a, b)
+    del again, fresh
+    assert torch.ops.fastmsc.lstm_cpu_cached_bytes() > 0
+    torch.ops.fastmsc.lstm_cpu_empty_cache()
+    assert torch.ops.fastmsc.lstm_cpu_cached_bytes() == 0
+
+
+def test_the_cpu_buffer_cache_keeps_nothing_at_a_zero_limit():
+    """FASTMSC_LSTM_CPU_CACHE_MB=0: freed buffers go straight back to the system (a subprocess: the limit is read
+    once)."""
+    _require_linux_allocator()
+    script = textwrap.dedent("""
+        import torch
+        from fastmsc.kernels import lstm_layer
+        lstm_layer._ensure_registered()
+        out = torch.ops.fastmsc.lstm_fwd(torch.randn(4, 300, 3), torch.randn(512, 3), torch.randn(1, 512, 128), None,
+                                         None, None, None, True)
+        del out
+        print(torch.ops.fastmsc.lstm_cpu_cached_bytes())
+    """)
+    env = {**os.environ, "FASTMSC_LSTM_CPU_CACHE_MB": "0",
+           "PYTHONPATH": os.pathsep.join(filter(None, (str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH"))))}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "0", done.stdout
