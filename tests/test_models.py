@@ -21,6 +21,7 @@ def small_model(draw: Draw, **overrides) -> tuple[MSCClassifier, dict]:
         "conv_norm": draw.choice((True, False)),
     }
     config.update(overrides)
+    torch.manual_seed(draw.seed)  # the weights follow the test's seed too, so that a replay rebuilds this model
     model = MSCClassifier(**config).double()
     with torch.no_grad():  # non-trivial running statistics, so eval-mode BatchNorm does something
         if model.conv_norm is not None:
