@@ -226,7 +226,7 @@ inline LstmBackward prepare_backward(const LstmSizes& s, const c10::optional<at:
                                      const at::Tensor& gates_in, const at::Tensor& cells_in, bool need_dx,
                                      bool need_dweights, bool need_dstate, const c10::optional<at::Tensor>& w_hr_in,
                                      EmptyFn empty, bool follow_time_major,
-                                     c10::optional<at::ScalarType> work = c10::nullopt) {
+                                     c10::optional<at::ScalarType> work = c10::nullopt, bool gate_gradients = true) {
   const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, R = s.proj;
   // The saved state and the output gradients in x's dtype and on its device (the loops read their memory as such).
   auto like_x = [&](const at::Tensor& t, const char* name) {
@@ -278,7 +278,8 @@ inline LstmBackward prepare_backward(const LstmSizes& s, const c10::optional<at:
   bw.dc_state = state_or_zeros(grad_c_n, s, H, options);
   bw.dh_rec = at::empty({D, B, R}, options);
   bw.empty = empty;
-  bw.dgates = empty_in_order(empty, B, T_, D * 4 * H, options, tm);
+  // The gate gradients' buffer, unless the backend brings its own.
+  if (gate_gradients) bw.dgates = empty_in_order(empty, B, T_, D * 4 * H, options, tm);
   bw.dh_all = s.projected ? empty_in_order(empty, B, T_, D * R, options, tm) : at::Tensor();
   bw.dr = s.projected ? at::empty({D, B, H}, options) : at::Tensor();
   return bw;

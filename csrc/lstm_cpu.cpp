@@ -37,6 +37,7 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 #if defined(__has_include)
@@ -498,52 +499,59 @@ inline int64_t panel_width(CpuKernel kernel) { return kernel == CpuKernel::kAvx5
 // was 40% of a training step (188 ms against 130 ms with huge pages). torch's own allocator does this only under
 // THP_MEM_ALLOC_ENABLE=1. The tensors are ordinary (resizable) CPU tensors; free() releases them.
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-// Freed blocks are kept for the next call that asks for the same size (up to FASTMSC_LSTM_CPU_CACHE_MB in all, 2048 by
-// default, 0: none; the oldest go first): a training loop allocates the same sizes every step, and fresh memory is
-// faulted in and zeroed by the kernel every time, 2 MB pages assembled by compaction once other allocations have
-// fragmented memory (B=128 T=1000 H=256 bi bf16: a 2.3 s step alone took 3.7 s next to nn.LSTM's steps).
-// torch.ops.fastmsc.lstm_cpu_empty_cache() releases them.
+// Freed blocks are kept for the next call that asks for their size (or up to half less), at most kMaxBlocks of them
+// and FASTMSC_LSTM_CPU_CACHE_MB in all (2048 by default, 0: none; the oldest go first): a training loop allocates
+// the same sizes every step, and fresh memory is faulted in and zeroed by the kernel every time, 2 MB pages assembled
+// by compaction once other allocations have fragmented memory (B=128 T=1000 H=256 bi bf16: a 2.3 s step alone took
+// 3.7 s next to nn.LSTM's steps). torch.ops.fastmsc.lstm_cpu_empty_cache() releases them.
 class BlockCache {
  public:
-  struct Block {
-    void* data;
-    size_t size;
-  };
+  static constexpr size_t kMaxBlocks = 16;
 
   static BlockCache& instance() {
     static BlockCache* cache = new BlockCache();  // never destroyed: blocks may be freed during interpreter exit
     return *cache;
   }
 
+  // A kept block of at least `size` bytes and at most twice that (the smallest), or null.
   void* take(size_t size) {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (auto it = blocks_.begin(); it != blocks_.end(); ++it) {
-      if (it->size == size) {
-        void* data = it->data;
-        held_ -= size;
-        blocks_.erase(it);
-        return data;
-      }
+    auto best = kept_.end();
+    for (auto it = kept_.begin(); it != kept_.end(); ++it) {
+      if (it->size >= size && it->size <= 2 * size && (best == kept_.end() || it->size < best->size)) best = it;
     }
-    return nullptr;
+    if (best == kept_.end()) return nullptr;
+    void* data = best->data;
+    held_ -= best->size;
+    kept_.erase(best);
+    return data;
   }
 
-  void give(Block* block) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (block->size <= limit_) {
-        blocks_.push_back(*block);
-        held_ += block->size;
-        block->data = nullptr;
-      }
-      while (held_ > limit_) {
-        std::free(blocks_.front().data);
-        held_ -= blocks_.front().size;
-        blocks_.pop_front();
-      }
+  // A block of `size` bytes just allocated, to be given back through give().
+  void track(void* data, size_t size) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    sizes_[data] = size;
+  }
+
+  void give(void* data) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto found = sizes_.find(data);
+    if (found == sizes_.end()) {  // not one of ours (cannot happen): the system's
+      std::free(data);
+      return;
     }
-    std::free(block->data);  // null when kept
-    delete block;
+    const size_t size = found->second;
+    if (size > limit_) {
+      release(found);
+      return;
+    }
+    kept_.push_back({data, size});
+    held_ += size;
+    while (held_ > limit_ || kept_.size() > kMaxBlocks) {
+      held_ -= kept_.front().size;
+      release(sizes_.find(kept_.front().data));
+      kept_.pop_front();
+    }
   }
 
   size_t held() {
@@ -553,18 +561,29 @@ class BlockCache {
 
   void clear() {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (const Block& block : blocks_) std::free(block.data);
-    blocks_.clear();
+    for (const Block& block : kept_) release(sizes_.find(block.data));
+    kept_.clear();
     held_ = 0;
   }
 
  private:
+  struct Block {
+    void* data;
+    size_t size;
+  };
+
   BlockCache() {
     const char* mb = std::getenv("FASTMSC_LSTM_CPU_CACHE_MB");
     limit_ = (mb != nullptr ? static_cast<size_t>(std::max(0LL, std::atoll(mb))) : size_t{2048}) << 20;
   }
+  void release(std::unordered_map<void*, size_t>::iterator block) {
+    std::free(block->first);
+    sizes_.erase(block);
+  }
+
   std::mutex mutex_;
-  std::deque<Block> blocks_;
+  std::deque<Block> kept_;
+  std::unordered_map<void*, size_t> sizes_;  // every block allocated and not released, kept or in use
   size_t held_ = 0, limit_ = 0;
 };
 
@@ -583,14 +602,15 @@ class HugePageAllocator final : public c10::Allocator {
         return off == nullptr || std::strcmp(off, "0") != 0;
       }();
       if (advise) madvise(data, size, MADV_HUGEPAGE);  // advice only: without huge pages the memory is still good
+      BlockCache::instance().track(data, size);
     }
-    return {data, new BlockCache::Block{data, size}, &give_back, c10::Device(c10::DeviceType::CPU)};
+    return {data, data, &give_back, c10::Device(c10::DeviceType::CPU)};
   }
-  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }  // the context, not the data, is released
+  c10::DeleterFnPtr raw_deleter() const override { return &give_back; }
   void copy_data(void* dest, const void* src, std::size_t count) const override { std::memcpy(dest, src, count); }
 
  private:
-  static void give_back(void* block) { BlockCache::instance().give(static_cast<BlockCache::Block*>(block)); }
+  static void give_back(void* data) { BlockCache::instance().give(data); }
 };
 
 inline at::Tensor cpu_empty_unpoisoned(at::IntArrayRef sizes, const at::TensorOptions& options) {
@@ -1509,7 +1529,8 @@ void pair_weight_gradients(LstmBackward& bw) {
   // Rows per chunk, even (a pair never straddles two); FASTMSC_LSTM_BWD_CHUNK_ROWS sets it (the tests, to cross chunks
   // at small sizes).
   const char* rows_env = std::getenv("FASTMSC_LSTM_BWD_CHUNK_ROWS");
-  const int64_t rows_wanted = rows_env != nullptr ? std::atoll(rows_env) : 2 * kScratchKeepFloats / DG;
+  const int64_t widest = std::max({DG, (I + 63) / 64 * 64, (H + 63) / 64 * 64});  // words per pair row: dG, x, h_prev
+  const int64_t rows_wanted = rows_env != nullptr ? std::atoll(rows_env) : 2 * kScratchKeepFloats / widest;
   const int64_t chunk = std::max<int64_t>(2, std::min(rows_wanted, N + 1) & ~int64_t{1});
   uint32_t* dg_pairs = reinterpret_cast<uint32_t*>(scratch_floats(kSlotGradPairs, chunk / 2 * DG, holders[1]));
   const Bits* x = elements_or_null<const Bits>(bw.x);  // dense in bw's order: memory rows pair with dG's
@@ -1551,18 +1572,19 @@ LstmGrads lstm_bwd_bf16_cpu(const c10::optional<at::Tensor>& grad_out, const c10
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   LstmBackward bw = prepare_backward(s, grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, has_bias, h0, c0, lengths, out,
                                      gates, cells, need_dx, need_dweights, need_dstate, c10::nullopt, &cpu_empty,
-                                     /*follow_time_major=*/true, at::kFloat);
+                                     /*follow_time_major=*/true, at::kFloat, /*gate_gradients=*/false);
   // The loop's gate gradients go out rounded to bf16 (in the thread's scratch memory where that is kept), and summed
   // per row for the bias gradient.
-  const int64_t dg_floats = (bw.dgates.numel() + 1) / 2;
-  const at::TensorOptions bits = bw.dgates.options().dtype(at::kBFloat16);
+  const int64_t B = s.batch, T_ = s.steps, DG = s.directions * 4 * s.hidden, dg_floats = (B * T_ * DG + 1) / 2;
+  const at::TensorOptions bits = x.options().dtype(at::kBFloat16);
   if (dg_floats <= kScratchKeepFloats) {
     at::Tensor unused;
-    bw.dgates = at::from_blob(scratch_floats(kSlotGateGrads, dg_floats, unused), bw.dgates.sizes(),
-                              bw.dgates.strides(), bits);
+    const std::vector<int64_t> strides = bw.time_major ? std::vector<int64_t>{DG, B * DG, 1}
+                                                       : std::vector<int64_t>{T_ * DG, DG, 1};
+    bw.dgates = at::from_blob(scratch_floats(kSlotGateGrads, dg_floats, unused), {B, T_, DG}, strides, bits);
     if (poisoning()) bw.dgates.fill_(std::numeric_limits<float>::quiet_NaN());  // as bf16, not float32 bit halves
   } else {
-    bw.dgates = empty_in_order(&cpu_empty, s.batch, s.steps, s.directions * 4 * s.hidden, bits, bw.time_major);
+    bw.dgates = empty_in_order(&cpu_empty, B, T_, DG, bits, bw.time_major);
   }
   const at::Tensor dbias_rows = at::zeros({s.directions, s.batch, 4 * s.hidden}, bw.dh_state.options());
   if (s.batch != 0) panel_backward<uint16_t>(CpuKernel::kAvx512, bw, bw.w_hh.to(at::kFloat), dbias_rows.data_ptr<float>());

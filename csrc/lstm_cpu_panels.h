@@ -235,8 +235,9 @@ FASTMSC_PANEL_INLINE void panel_product_bf16(const Bits* const (&a)[M], int64_t 
 
 // n (<= kWidth) floats rounded to bf16 (nearest even) at dst.
 FASTMSC_PANEL_INLINE void store_bf16(Bits* dst, const float* src, int64_t n) {
-  const __m256i bits = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src));
-  _mm256_mask_storeu_epi16(dst, static_cast<__mmask16>((1u << n) - 1), bits);
+  const auto mask = static_cast<__mmask16>((1u << n) - 1);  // nothing past n read either
+  const __m256i bits = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, src));
+  _mm256_mask_storeu_epi16(dst, mask, bits);
 }
 
 FASTMSC_PANEL_INLINE float bf16_to_float(Bits b) {
@@ -564,6 +565,16 @@ FASTMSC_PANEL_FN void backward_rows(const PanelBackwardOf<E>& a, int64_t d, int6
   }
 }
 
+// A row block's rows of A from depth k0 and of C from column n0, its first row `first` (PanelGemm or PairGemm).
+template <int M, typename Gemm, typename A>
+FASTMSC_PANEL_INLINE void block_rows(const Gemm& g, int64_t first, int64_t k0, int64_t n0, const A* (&a_rows)[M],
+                                     float* (&c_rows)[M]) {
+  for (int r = 0; r < M; ++r) {
+    a_rows[r] = g.a + (first + r) * g.a_rs + k0 * g.a_ks;
+    c_rows[r] = g.c + (first + r) * g.ldc + n0;
+  }
+}
+
 // The accumulators of C's rows c_rows[r] over a panel's first n columns: zero, or C's values with accumulate; lanes
 // past n read as zero.
 template <int M>
@@ -602,10 +613,7 @@ struct GemmBlock {
     const int64_t n0 = p * kPanel, n = std::min(kPanel, g.n - n0);
     const float* a_rows[M];
     float* c_rows[M];
-    for (int r = 0; r < M; ++r) {
-      a_rows[r] = g.a + (r_begin + i0 + r) * g.a_rs + k0 * g.a_ks;
-      c_rows[r] = g.c + (r_begin + i0 + r) * g.ldc + n0;
-    }
+    block_rows<M>(g, r_begin + i0, k0, n0, a_rows, c_rows);
     Vec acc[M][4];
     load_c_rows<M>(c_rows, n, accumulate, acc);
     if (g.ldb != 0) {
@@ -672,10 +680,7 @@ struct PairGemmBlock {
     const int64_t n0 = p * kPanel, n = std::min(kPanel, g.n - n0);
     const uint32_t* a_rows[M];
     float* c_rows[M];
-    for (int r = 0; r < M; ++r) {
-      a_rows[r] = g.a + (r_begin + i0 + r) * g.a_rs + k0 * g.a_ks;
-      c_rows[r] = g.c + (r_begin + i0 + r) * g.ldc + n0;
-    }
+    block_rows<M>(g, r_begin + i0, k0, n0, a_rows, c_rows);
     Vec acc[M][4];
     load_c_rows<M>(c_rows, n, accumulate, acc);
     const uint32_t* panel = g.b + (p * g.k + k0) * kPanel;

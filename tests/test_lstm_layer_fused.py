@@ -266,8 +266,8 @@ def test_half_inputs_gradients_against_float64_reference(rng, dtype, proj):
         # two-element sums still cancel in part); 12u is allowed there. bfloat16 on AVX512_BF16 CPUs (lstm_fwd_bf16:
         # h rounded to bf16 every step; lstm_bwd_bf16: the gate gradients rounded to bf16 for dx and the weight
         # gradients): over 1,300 cases outputs <= 1.03u, gradients 8.20u once (grad w_hh, H=2, a cancelling sum where
-        # the widened path gives 5.26u), 6.61u once (the same kind), 99% <= 3.6u; 10u is allowed for bfloat16.
-        bound = 2 if name in ("out", "h_n", "c_n") else 12 if proj else 10 if dtype == torch.bfloat16 else 8
+        # the widened path gives 5.26u), 6.61u once (the same kind), 99% <= 3.6u; 12u is allowed for bfloat16.
+        bound = 2 if name in ("out", "h_n", "c_n") else 12 if proj or dtype == torch.bfloat16 else 8
         assert error <= bound, (f"seed {seed}, {dtype}, (B,T,I,H)={shape}, lengths={args[4].tolist()}: "
                                 f"{name} differs from the float64 reference by {error:.2f}u > {bound}u")
 

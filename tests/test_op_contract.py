@@ -267,8 +267,12 @@ def _opcheck_lstm(draw: Draw) -> None:
         torch.library.opcheck(torch.ops.fastmsc.lstm_bwd.default,
                               (*grads, x, w_ih, w_hh, True, h0, c0, lengths, out, gates, cells, *need),
                               test_utils=utils)
-    if torch.ops.fastmsc.lstm_cpu_bf16():  # the bf16 layers' backward, traced in compiled bf16 training
-        half = [t.to(torch.bfloat16) for t in (x, w_ih, w_hh, h0, c0)]
+    if not torch.ops.fastmsc.lstm_cpu_bf16():
+        return
+    # The bf16 layers' ops (traced in compiled bf16 training), x batch-first and time-major (a transposed view, as
+    # nn.LSTM's default layout hands it over): their outputs and dx follow its order, and the fakes must say so.
+    for x_given in (x, x.transpose(0, 1).contiguous().transpose(0, 1)):
+        half = [t.to(torch.bfloat16) for t in (x_given, w_ih, w_hh, h0, c0)]
         for training in (False, True):
             torch.library.opcheck(torch.ops.fastmsc.lstm_fwd_bf16.default,
                                   (*half[:3], bias.float(), *half[3:], lengths, training), test_utils=utils)
