@@ -341,16 +341,16 @@ struct PanelForward {
 };
 
 // E: the element type of the saved state and of the output gradient, float32 or (bf16 layers, their bits) uint16_t;
-// the gradients computed are float32 either way. With E = uint16_t the gate gradients go out rounded to bf16
-// (dgates_rounded) and summed per row into dbias_rows, dgates unused: each step's stay in the task's scratch for the
-// recurrent product.
+// the gate gradients are computed in float32 either way. With E = uint16_t they go out rounded to bf16
+// (dgates_rounded), which the recurrent product multiplies by w_hh's bf16 pairs, and are summed per row into
+// dbias_rows before that rounding; dgates is unused.
 template <typename E>
 struct PanelBackwardOf {
   int64_t batch, steps, hidden;
   int64_t panels;      // ceil(H / (4 * width))
   // w_hh's 4H rows are the product's K. Panel p of direction d starts at w_hh + d * w_hh_direction_stride +
   // p * w_hh_panel_stride, its rows w_hh_ld apart: packed by pack_column_panels, or w_hh (D, 4H, H) itself where H is a
-  // whole number of panels.
+  // whole number of panels; for bf16 state, pair panels (pack_pair_panels) held as 32-bit words.
   const float* w_hh;
   int64_t w_hh_ld, w_hh_panel_stride, w_hh_direction_stride;
   const int64_t* lens;
@@ -1078,27 +1078,55 @@ void panel_weight_gradients(CpuKernel kernel, LstmBackward& bw) {
   }
 }
 
+// Pair panels (see PairGemm) of the K x n bf16 matrix whose row k is row(k) (n elements, or null for zeros; k < K):
+// (ceil(n / 64), ceil(K / 2), 64) words.
+template <typename RowFn>
+void pack_pair_panels(int64_t K, int64_t n, uint32_t* dst, const RowFn& row) {
+  const int64_t pairs = (K + 1) / 2;
+  at::parallel_for(0, pairs, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t kp = begin; kp < end; ++kp) {
+      avx512bf16::pack_pair_row(row(2 * kp), 2 * kp + 1 < K ? row(2 * kp + 1) : nullptr, n, dst + kp * 64,
+                                pairs * 64);
+    }
+  });
+}
+
+inline int64_t pair_panels_words(int64_t K, int64_t n) { return (n + 63) / 64 * ((K + 1) / 2) * 64; }
+
 // A tensor's data as E, without a dtype check (E = uint16_t: a bf16 tensor's bits); null where undefined.
 template <typename E>
 E* elements_or_null(const at::Tensor& t) {
   return t.defined() ? reinterpret_cast<E*>(t.data_ptr()) : nullptr;
 }
 
-// The BPTT loop into bw.dgates, dh_state and dc_state. The saved state in E (float32, or the bits of bf16: then
-// bw.dgates is bf16, and dbias_rows (D, B, 4H) float32 zeros, see PanelBackwardOf); w_hh float32 (D, 4H, H): bw.w_hh
-// itself, or a bf16 layer's widened (the loop's products stay float32 either way).
+// The BPTT loop into bw.dgates, dh_state and dc_state, the saved state in E. float32: the products in float32 on
+// w_hh's panels. The bits of bf16: bw.dgates is bf16 and dbias_rows (D, B, 4H) float32 zeros (see PanelBackwardOf),
+// and the recurrent product multiplies the rounded dG_t by w_hh's bf16 pairs.
 template <typename E>
-void panel_backward(CpuKernel kernel, LstmBackward& bw, const at::Tensor& w_hh, float* dbias_rows = nullptr) {
+void panel_backward(CpuKernel kernel, LstmBackward& bw, float* dbias_rows = nullptr) {
   constexpr bool kRounded = std::is_same_v<E, uint16_t>;
   const LstmSizes& s = bw.s;
   const int64_t B = s.batch, T_ = s.steps, H = s.hidden, D = s.directions, width = panel_width(kernel);
   const int64_t G = 4 * H, lanes = 4 * width, P = (H + lanes - 1) / lanes;
-  const bool in_place = H % lanes == 0;
+  bool in_place = H % lanes == 0;
   at::Tensor holder;
-  const float* w_hh_p = in_place ? w_hh.data_ptr<float>()
-                                 : packed_columns(kSlotWhh, w_hh.data_ptr<float>(), D, G, H, width, H, holder);
-  const PanelBackwardOf<E> a{B, T_, H, P, w_hh_p, in_place ? H : lanes, in_place ? lanes : G * lanes,
-                             in_place ? G * H : P * G * lanes, ptr_or_null<int64_t>(bw.lens),
+  const float* w_hh_p = nullptr;
+  if constexpr (kRounded) {  // pair panels: (D, P, 2H pairs, 64) words
+    const uint16_t* w = elements_or_null<const uint16_t>(bw.w_hh);
+    auto* packed = reinterpret_cast<uint32_t*>(scratch_floats(kSlotWhh, D * pair_panels_words(G, H), holder));
+    for (int64_t d = 0; d < D; ++d) {
+      pack_pair_panels(G, H, packed + d * pair_panels_words(G, H), [&](int64_t k) { return w + (d * G + k) * H; });
+    }
+    w_hh_p = reinterpret_cast<const float*>(packed);  // words, read back as such
+    in_place = false;
+  } else {
+    w_hh_p = in_place ? bw.w_hh.data_ptr<float>()
+                      : packed_columns(kSlotWhh, bw.w_hh.data_ptr<float>(), D, G, H, width, H, holder);
+  }
+  const int64_t panel_stride = kRounded ? G / 2 * lanes : in_place ? lanes : G * lanes;
+  const int64_t direction_stride = kRounded ? pair_panels_words(G, H) : in_place ? G * H : P * G * lanes;
+  const PanelBackwardOf<E> a{B, T_, H, P, w_hh_p, in_place ? H : lanes, panel_stride, direction_stride,
+                             ptr_or_null<int64_t>(bw.lens),
                              elements_or_null<const E>(bw.c0), elements_or_null<const E>(bw.dout),
                              bw.dout.defined() ? bw.dout.stride(0) : 0, bw.dout.defined() ? bw.dout.stride(1) : 0,
                              elements_or_null<const E>(bw.gates), bw.gates.stride(0), bw.gates.stride(1),
@@ -1431,7 +1459,7 @@ void CpuBackend::backward(LstmBackward& bw) {
   const CpuKernel kernel = cpu_kernel();
   if (runs_panels(kernel, s, bw.x.scalar_type())) {
     use_scratch_gate_gradients(bw);
-    panel_backward<float>(kernel, bw, bw.w_hh);
+    panel_backward<float>(kernel, bw);
     panel_weight_gradients(kernel, bw);
     return;
   }
@@ -1463,26 +1491,11 @@ void CpuBackend::backward(LstmBackward& bw) {
 
 #if FASTMSC_PANELS
 // ---------------------------------------------------------------------------------------------------
-// The bf16 backward (AVX512_BF16). The BPTT loop reads the saved bf16 state in place and runs in float32, as the
-// widened path does; dx, dW_ih and dW_hh then multiply bf16 factors with float32 sums (vdpbf16ps, twice the float32
-// rate), the gate gradients rounded to bf16 for them, as oneDNN's bf16 LSTM backward keeps them. Each of those sums
-// thus differs from the widened path's by at most 2^-8 of the sum of its terms' magnitudes, the rounding the bf16
+// The bf16 backward (AVX512_BF16). The BPTT loop reads the saved bf16 state in place and computes the cell math in
+// float32; it rounds each step's gate gradients to bf16, as oneDNN's bf16 LSTM backward keeps them, and multiplies
+// them by w_hh's bf16 pairs for the recurrent product (vdpbf16ps: float32 sums, twice the float32 rate); dx, dW_ih
+// and dW_hh multiply the same rounded gradients after the loop. The rounding, 2^-8 of a gradient, is what the bf16
 // gradients get when they are returned anyway.
-
-// Pair panels (see PairGemm) of the K x n bf16 matrix whose row k is row(k) (n elements, or null for zeros; k < K):
-// (ceil(n / 64), ceil(K / 2), 64) words.
-template <typename RowFn>
-void pack_pair_panels(int64_t K, int64_t n, uint32_t* dst, const RowFn& row) {
-  const int64_t pairs = (K + 1) / 2;
-  at::parallel_for(0, pairs, 2048, [&](int64_t begin, int64_t end) {
-    for (int64_t kp = begin; kp < end; ++kp) {
-      avx512bf16::pack_pair_row(row(2 * kp), 2 * kp + 1 < K ? row(2 * kp + 1) : nullptr, n, dst + kp * 64,
-                                pairs * 64);
-    }
-  });
-}
-
-inline int64_t pair_panels_words(int64_t K, int64_t n) { return (n + 63) / 64 * ((K + 1) / 2) * 64; }
 
 void pair_gemm(const PairGemm& g) {
   if (g.m == 0 || g.n == 0) return;
@@ -1587,7 +1600,7 @@ LstmGrads lstm_bwd_bf16_cpu(const c10::optional<at::Tensor>& grad_out, const c10
     bw.dgates = empty_in_order(&cpu_empty, B, T_, DG, bits, bw.time_major);
   }
   const at::Tensor dbias_rows = at::zeros({s.directions, s.batch, 4 * s.hidden}, bw.dh_state.options());
-  if (s.batch != 0) panel_backward<uint16_t>(CpuKernel::kAvx512, bw, bw.w_hh.to(at::kFloat), dbias_rows.data_ptr<float>());
+  if (s.batch != 0) panel_backward<uint16_t>(CpuKernel::kAvx512, bw, dbias_rows.data_ptr<float>());
   if (has_bias) bw.dbias = dbias_rows.sum(1).view({-1});
   // With an empty batch the products run over zero rows: zero weight gradients.
   pair_weight_gradients(bw);

@@ -233,6 +233,22 @@ FASTMSC_PANEL_INLINE void panel_product_bf16(const Bits* const (&a)[M], int64_t 
   }
 }
 
+// acc[r][s] += sum over pairs kp < pairs of a[r][kp * a_ks] · panel(kp, s * kWidth ...), the first NV vectors.
+template <int M, int NV>
+FASTMSC_PANEL_INLINE void pair_product(const uint32_t* const (&a)[M], int64_t a_ks, int64_t pairs,
+                                       const uint32_t* __restrict panel, Vec (&acc)[M][4]) {
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    const uint32_t* w = panel + kp * kPanel;
+    __m512bh wv[NV];
+    for (int s = 0; s < NV; ++s) wv[s] = (__m512bh)_mm512_loadu_si512(w + s * kWidth);
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) {
+      const __m512bh v = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r][kp * a_ks]));
+      for (int s = 0; s < NV; ++s) acc[r][s] = _mm512_dpbf16_ps(acc[r][s], v, wv[s]);
+    }
+  }
+}
+
 // n (<= kWidth) floats rounded to bf16 (nearest even) at dst.
 FASTMSC_PANEL_INLINE void store_bf16(Bits* dst, const float* src, int64_t n) {
   const auto mask = static_cast<__mmask16>((1u << n) - 1);  // nothing past n read either
@@ -487,10 +503,37 @@ struct RecurrentGradientBlock {
   }
 };
 
-// Floats of scratch memory backward_rows needs for `rows` rows: dh_rec, a zero row and, for bf16 state, the step's dG.
+#if FASTMSC_PANEL_BF16
+// RecurrentGradientBlock for bf16 state: dG_t rounded to bf16 (rows of words, dg + i * dg_rs) times w_hh packed as
+// bf16 pairs along its 4H rows (pack_pair_panels), as oneDNN's bf16 backward multiplies them.
+template <int M>
+struct RecurrentGradientPairBlock {
+  template <typename Args>
+  FASTMSC_PANEL_INLINE static void run(int64_t i0, const Args& a, const uint32_t* dg, int64_t dg_rs, int64_t p,
+                                       const uint32_t* w_hh, float* dh_rec) {
+    const int64_t pairs = 2 * a.hidden, dw = a.panels * kPanel, n = a.hidden - p * kPanel;
+    const uint32_t* dg_rows[M];
+    for (int r = 0; r < M; ++r) dg_rows[r] = dg + (i0 + r) * dg_rs;
+    Vec acc[M][4];
+    for (int r = 0; r < M; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = vzero();
+    const uint32_t* panel = w_hh + p * a.w_hh_panel_stride;
+    switch ((n + kWidth - 1) / kWidth) {
+      case 1: pair_product<M, 1>(dg_rows, 1, pairs, panel, acc); break;
+      case 2: pair_product<M, 2>(dg_rows, 1, pairs, panel, acc); break;
+      case 3: pair_product<M, 3>(dg_rows, 1, pairs, panel, acc); break;
+      default: pair_product<M, 4>(dg_rows, 1, pairs, panel, acc); break;
+    }
+    for (int r = 0; r < M; ++r) {
+      for (int s = 0; s < 4; ++s) vstore(dh_rec + (i0 + r) * dw + p * kPanel + s * kWidth, acc[r][s]);
+    }
+  }
+};
+#endif
+
+// Floats of scratch memory backward_rows needs for `rows` rows: dh_rec, a zero row and, for bf16 state, a row's dG.
 template <typename E>
 inline int64_t backward_scratch_floats(const PanelBackwardOf<E>& a, int64_t rows) {
-  return rows * a.panels * kPanel + a.hidden + (std::is_same_v<E, float> ? 0 : rows * 4 * a.hidden);
+  return rows * a.panels * kPanel + a.hidden + (std::is_same_v<E, float> ? 0 : 4 * a.hidden);
 }
 
 // BPTT over rows [b_begin, b_end) of direction d. See PanelBackwardOf (lstm_cpu.cpp): the saved state in E (float, or
@@ -505,7 +548,8 @@ FASTMSC_PANEL_FN void backward_rows(const PanelBackwardOf<E>& a, int64_t d, int6
   float* zero_floats = dh_rec + rows * dw;
   std::fill(zero_floats, zero_floats + H, 0.0f);
   const E* zeros = reinterpret_cast<const E*>(zero_floats);  // all bits zero: +0 as float and as bf16
-  // bf16 state: this step's dG (rows, 4H) for the recurrent product; its rounded copy goes out (see PanelBackwardOf).
+  // bf16 state: a row's float32 dG, rounded into dgates_rounded (the recurrent product's factor) and summed into
+  // dbias_rows (see PanelBackwardOf).
   constexpr bool kRounded = !std::is_same_v<E, float>;
   float* step_dg = zero_floats + H;
   const float* w_hh = a.w_hh + d * a.w_hh_direction_stride;
@@ -523,7 +567,7 @@ FASTMSC_PANEL_FN void backward_rows(const PanelBackwardOf<E>& a, int64_t d, int6
       const bool next_valid = step < T_ - 1 && t_next >= 0 && t_next < len;
       const float* dh_carry = next_valid ? dh_rec + i * dw : dh_state + i * H;
       const int64_t dg_at = b * a.dgates_sb + t * a.dgates_st + d * G;
-      float* dg = kRounded ? step_dg + i * G : a.dgates + dg_at;
+      float* dg = kRounded ? step_dg : a.dgates + dg_at;
       if (t >= len) {
         if (next_valid) std::copy(dh_carry, dh_carry + H, dh_state + i * H);
         std::fill(dg, dg + G, 0.0f);
@@ -550,9 +594,20 @@ FASTMSC_PANEL_FN void backward_rows(const PanelBackwardOf<E>& a, int64_t d, int6
     }
     // dh reaching h_{t_prev} = dG_t · w_hh; the very last one is the h0 gradient, needed only when asked for.
     if (step == 0 && !a.need_dstate) break;
-    const float* dg = kRounded ? step_dg : a.dgates + b_begin * a.dgates_sb + t * a.dgates_st + d * G;
-    const int64_t dg_rs = kRounded ? G : a.dgates_sb;
-    for (int64_t p = 0; p < P; ++p) for_row_blocks<RecurrentGradientBlock>(rows, a, dg, dg_rs, p, w_hh, dh_rec);
+    const int64_t dg_at = b_begin * a.dgates_sb + t * a.dgates_st + d * G;
+#if FASTMSC_PANEL_BF16
+    if constexpr (kRounded) {  // the rounded dG_t (its rows' pairs as words) times w_hh's pairs
+      const auto* dg_words = reinterpret_cast<const uint32_t*>(a.dgates_rounded + dg_at);
+      const auto* w_pairs = reinterpret_cast<const uint32_t*>(w_hh);
+      for (int64_t p = 0; p < P; ++p) {
+        for_row_blocks<RecurrentGradientPairBlock>(rows, a, dg_words, a.dgates_sb / 2, p, w_pairs, dh_rec);
+      }
+      continue;
+    }
+#endif
+    for (int64_t p = 0; p < P; ++p) {
+      for_row_blocks<RecurrentGradientBlock>(rows, a, a.dgates + dg_at, a.dgates_sb, p, w_hh, dh_rec);
+    }
   }
   if (a.need_dstate) {
     // The h0 gradient: the last product where the forward's first step was valid for the row, else the value
@@ -656,22 +711,6 @@ FASTMSC_PANEL_FN void gemm_rows(const PanelGemm& g, int64_t r_begin, int64_t r_e
 // ---------------------------------------------------------------------------------------------------
 // The bf16 backward's products after the BPTT loop (dx, dW_ih, dW_hh; see PairGemm, lstm_cpu.cpp): both factors bf16,
 // held as pairs along k in 32-bit words (the low half first), multiplied by vdpbf16ps with float32 sums.
-
-// acc[r][s] += sum over pairs kp < pairs of a[r][kp * a_ks] · panel(kp, s * kWidth ...), the first NV vectors.
-template <int M, int NV>
-FASTMSC_PANEL_INLINE void pair_product(const uint32_t* const (&a)[M], int64_t a_ks, int64_t pairs,
-                                       const uint32_t* __restrict panel, Vec (&acc)[M][4]) {
-  for (int64_t kp = 0; kp < pairs; ++kp) {
-    const uint32_t* w = panel + kp * kPanel;
-    __m512bh wv[NV];
-    for (int s = 0; s < NV; ++s) wv[s] = (__m512bh)_mm512_loadu_si512(w + s * kWidth);
-#pragma GCC unroll 8
-    for (int r = 0; r < M; ++r) {
-      const __m512bh v = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r][kp * a_ks]));
-      for (int s = 0; s < NV; ++s) acc[r][s] = _mm512_dpbf16_ps(acc[r][s], v, wv[s]);
-    }
-  }
-}
 
 template <int M>
 struct PairGemmBlock {
