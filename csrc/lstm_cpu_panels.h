@@ -249,6 +249,18 @@ FASTMSC_PANEL_INLINE void pair_product(const uint32_t* const (&a)[M], int64_t a_
   }
 }
 
+// pair_product over the vectors that hold any of a panel's n columns.
+template <int M>
+FASTMSC_PANEL_INLINE void pair_product_columns(int64_t n, const uint32_t* const (&a)[M], int64_t a_ks, int64_t pairs,
+                                               const uint32_t* __restrict panel, Vec (&acc)[M][4]) {
+  switch ((n + kWidth - 1) / kWidth) {
+    case 1: pair_product<M, 1>(a, a_ks, pairs, panel, acc); break;
+    case 2: pair_product<M, 2>(a, a_ks, pairs, panel, acc); break;
+    case 3: pair_product<M, 3>(a, a_ks, pairs, panel, acc); break;
+    default: pair_product<M, 4>(a, a_ks, pairs, panel, acc); break;
+  }
+}
+
 // n (<= kWidth) floats rounded to bf16 (nearest even) at dst.
 FASTMSC_PANEL_INLINE void store_bf16(Bits* dst, const float* src, int64_t n) {
   const auto mask = static_cast<__mmask16>((1u << n) - 1);  // nothing past n read either
@@ -516,13 +528,7 @@ struct RecurrentGradientPairBlock {
     for (int r = 0; r < M; ++r) dg_rows[r] = dg + (i0 + r) * dg_rs;
     Vec acc[M][4];
     for (int r = 0; r < M; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = vzero();
-    const uint32_t* panel = w_hh + p * a.w_hh_panel_stride;
-    switch ((n + kWidth - 1) / kWidth) {
-      case 1: pair_product<M, 1>(dg_rows, 1, pairs, panel, acc); break;
-      case 2: pair_product<M, 2>(dg_rows, 1, pairs, panel, acc); break;
-      case 3: pair_product<M, 3>(dg_rows, 1, pairs, panel, acc); break;
-      default: pair_product<M, 4>(dg_rows, 1, pairs, panel, acc); break;
-    }
+    pair_product_columns<M>(n, dg_rows, 1, pairs, w_hh + p * a.w_hh_panel_stride, acc);
     for (int r = 0; r < M; ++r) {
       for (int s = 0; s < 4; ++s) vstore(dh_rec + (i0 + r) * dw + p * kPanel + s * kWidth, acc[r][s]);
     }
@@ -722,13 +728,7 @@ struct PairGemmBlock {
     block_rows<M>(g, r_begin + i0, k0, n0, a_rows, c_rows);
     Vec acc[M][4];
     load_c_rows<M>(c_rows, n, accumulate, acc);
-    const uint32_t* panel = g.b + (p * g.k + k0) * kPanel;
-    switch ((n + kWidth - 1) / kWidth) {
-      case 1: pair_product<M, 1>(a_rows, g.a_ks, kn, panel, acc); break;
-      case 2: pair_product<M, 2>(a_rows, g.a_ks, kn, panel, acc); break;
-      case 3: pair_product<M, 3>(a_rows, g.a_ks, kn, panel, acc); break;
-      default: pair_product<M, 4>(a_rows, g.a_ks, kn, panel, acc); break;
-    }
+    pair_product_columns<M>(n, a_rows, g.a_ks, kn, g.b + (p * g.k + k0) * kPanel, acc);
     store_c_rows<M>(acc, c_rows, n);
   }
 };
