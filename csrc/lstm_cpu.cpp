@@ -1025,8 +1025,11 @@ void panel_forward(CpuKernel kernel, const LstmSizes& s, const LstmForward& f, c
   }
 }
 
-// The GEMM on all threads, split over rows of C.
-void panel_gemm(CpuKernel kernel, const PanelGemm& g) {
+// The GEMM g (PanelGemm or PairGemm) on all threads, split over rows of C: rows(begin, end) computes those rows.
+// At least about a million products per task (k_products: products per unit of g.k, 2 for pairs): below that a
+// thread fork costs more than it saves. An empty depth gives C = 0 (left as it is when accumulating).
+template <typename Gemm, typename Rows>
+void gemm_on_threads(const Gemm& g, int64_t k_products, const Rows& rows) {
   if (g.m == 0 || g.n == 0) return;
   if (g.k == 0) {
     if (!g.accumulate) {
@@ -1034,9 +1037,12 @@ void panel_gemm(CpuKernel kernel, const PanelGemm& g) {
     }
     return;
   }
-  // About a million FMAs per task at least: below that a thread fork costs more than it saves.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / (g.n * g.k));
-  at::parallel_for(0, g.m, grain, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / (g.n * g.k * k_products));
+  at::parallel_for(0, g.m, grain, rows);
+}
+
+void panel_gemm(CpuKernel kernel, const PanelGemm& g) {
+  gemm_on_threads(g, 1, [&](int64_t begin, int64_t end) {
     if (kernel == CpuKernel::kAvx512) {
       avx512::gemm_rows(g, begin, end);
     } else {
@@ -1441,12 +1447,22 @@ void fill_h_prev(const LstmSizes& s, const int64_t* lens, const T* out, const T*
 
 #if FASTMSC_PANELS
 // The gate gradients live only until finish_backward: in the thread's scratch memory where that is kept.
-inline void use_scratch_gate_gradients(LstmBackward& bw) {
-  const int64_t dg_floats = bw.dgates.numel();
-  if (dg_floats <= kScratchKeepFloats) {
+// In `dtype` (float32, or bf16 for the bf16 backward) and bw's row order; fresh memory where the scratch is not kept
+// (bw.dgates as prepare_backward made it, where it has that dtype).
+inline void use_scratch_gate_gradients(LstmBackward& bw, at::ScalarType dtype) {
+  const LstmSizes& s = bw.s;
+  const int64_t B = s.batch, T_ = s.steps, DG = s.directions * 4 * s.hidden;
+  const int64_t floats = (B * T_ * DG * static_cast<int64_t>(c10::elementSize(dtype)) + 3) / 4;
+  const at::TensorOptions options = bw.x.options().dtype(dtype);
+  if (floats <= kScratchKeepFloats) {
     at::Tensor unused;
-    bw.dgates = at::from_blob(scratch_floats(kSlotGateGrads, dg_floats, unused), bw.dgates.sizes(),
-                              bw.dgates.strides(), bw.dgates.options());
+    const std::vector<int64_t> strides = bw.time_major ? std::vector<int64_t>{DG, B * DG, 1}
+                                                       : std::vector<int64_t>{T_ * DG, DG, 1};
+    bw.dgates = at::from_blob(scratch_floats(kSlotGateGrads, floats, unused), {B, T_, DG}, strides, options);
+    // scratch_floats poisons float32 words: in bf16 that is a NaN and a zero
+    if (poisoning() && dtype != at::kFloat) bw.dgates.fill_(std::numeric_limits<float>::quiet_NaN());
+  } else if (!bw.dgates.defined() || bw.dgates.scalar_type() != dtype) {
+    bw.dgates = empty_in_order(&cpu_empty, B, T_, DG, options, bw.time_major);
   }
 }
 #endif
@@ -1458,7 +1474,7 @@ void CpuBackend::backward(LstmBackward& bw) {
 #if FASTMSC_PANELS
   const CpuKernel kernel = cpu_kernel();
   if (runs_panels(kernel, s, bw.x.scalar_type())) {
-    use_scratch_gate_gradients(bw);
+    use_scratch_gate_gradients(bw, at::kFloat);
     panel_backward<float>(kernel, bw);
     panel_weight_gradients(kernel, bw);
     return;
@@ -1498,16 +1514,7 @@ void CpuBackend::backward(LstmBackward& bw) {
 // gradients get when they are returned anyway.
 
 void pair_gemm(const PairGemm& g) {
-  if (g.m == 0 || g.n == 0) return;
-  if (g.k == 0) {
-    if (!g.accumulate) {
-      for (int64_t r = 0; r < g.m; ++r) std::fill(g.c + r * g.ldc, g.c + r * g.ldc + g.n, 0.0f);
-    }
-    return;
-  }
-  // About a million products per task at least (each pair is two).
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 19) / (g.n * g.k));
-  at::parallel_for(0, g.m, grain, [&](int64_t begin, int64_t end) { avx512bf16::pair_gemm_rows(g, begin, end); });
+  gemm_on_threads(g, 2, [&](int64_t begin, int64_t end) { avx512bf16::pair_gemm_rows(g, begin, end); });
 }
 
 // dx = dG · w_ih, dW_ih = dGᵀ · x and dW_hh = dGᵀ · h_prev (float32, into bw) from the loop's gate gradients rounded
@@ -1586,19 +1593,8 @@ LstmGrads lstm_bwd_bf16_cpu(const c10::optional<at::Tensor>& grad_out, const c10
   LstmBackward bw = prepare_backward(s, grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, has_bias, h0, c0, lengths, out,
                                      gates, cells, need_dx, need_dweights, need_dstate, c10::nullopt, &cpu_empty,
                                      /*follow_time_major=*/true, at::kFloat, /*gate_gradients=*/false);
-  // The loop's gate gradients go out rounded to bf16 (in the thread's scratch memory where that is kept), and summed
-  // per row for the bias gradient.
-  const int64_t B = s.batch, T_ = s.steps, DG = s.directions * 4 * s.hidden, dg_floats = (B * T_ * DG + 1) / 2;
-  const at::TensorOptions bits = x.options().dtype(at::kBFloat16);
-  if (dg_floats <= kScratchKeepFloats) {
-    at::Tensor unused;
-    const std::vector<int64_t> strides = bw.time_major ? std::vector<int64_t>{DG, B * DG, 1}
-                                                       : std::vector<int64_t>{T_ * DG, DG, 1};
-    bw.dgates = at::from_blob(scratch_floats(kSlotGateGrads, dg_floats, unused), {B, T_, DG}, strides, bits);
-    if (poisoning()) bw.dgates.fill_(std::numeric_limits<float>::quiet_NaN());  // as bf16, not float32 bit halves
-  } else {
-    bw.dgates = empty_in_order(&cpu_empty, B, T_, DG, bits, bw.time_major);
-  }
+  // The loop's gate gradients go out rounded to bf16, and summed per row for the bias gradient.
+  use_scratch_gate_gradients(bw, at::kBFloat16);
   const at::Tensor dbias_rows = at::zeros({s.directions, s.batch, 4 * s.hidden}, bw.dh_state.options());
   if (s.batch != 0) panel_backward<uint16_t>(CpuKernel::kAvx512, bw, dbias_rows.data_ptr<float>());
   if (has_bias) bw.dbias = dbias_rows.sum(1).view({-1});
