@@ -51,6 +51,24 @@ FASTMSC_PANEL_INLINE Vec vunpacklo(Vec a, Vec b) { return _mm512_unpacklo_ps(a, 
 FASTMSC_PANEL_INLINE Vec vunpackhi(Vec a, Vec b) { return _mm512_unpackhi_ps(a, b); }
 FASTMSC_PANEL_INLINE Vec vpairs_lo(Vec a, Vec b) { return _mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)); }
 FASTMSC_PANEL_INLINE Vec vpairs_hi(Vec a, Vec b) { return _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2)); }
+// GCC 12 warns that its own AVX-512 intrinsics read an uninitialised __Y (the _mm512_undefined_ps() they pass as the
+// unused merge source): a false positive, silenced around these helpers only (and transpose_tile's, load_units').
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+FASTMSC_PANEL_INLINE Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+FASTMSC_PANEL_INLINE Vec vsub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
+FASTMSC_PANEL_INLINE Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+FASTMSC_PANEL_INLINE Vec vfnma(Vec a, Vec b, Vec c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b
+// max(lo, x), min(hi, x): a NaN x comes out as itself (the instructions return their second operand on NaN).
+FASTMSC_PANEL_INLINE Vec vmax(Vec lo, Vec x) { return _mm512_max_ps(lo, x); }
+FASTMSC_PANEL_INLINE Vec vmin(Vec hi, Vec x) { return _mm512_min_ps(hi, x); }
+FASTMSC_PANEL_INLINE Vec vfnms(Vec a, Vec b, Vec c) { return _mm512_fnmsub_ps(a, b, c); }  // -(a * b) - c
+// p * 2^n for whole numbers n in [-126, 127] (exact: a change of exponent).
+FASTMSC_PANEL_INLINE Vec vscale(Vec p, Vec n) { return _mm512_scalef_ps(p, n); }
+// The 14-bit reciprocal estimate (vrcp14ps).
+FASTMSC_PANEL_INLINE Vec vrcp_estimate(Vec d) { return _mm512_rcp14_ps(d); }
+#pragma GCC diagnostic pop
 #elif FASTMSC_PANEL_WIDTH == 8
 using Vec = __m256;
 FASTMSC_PANEL_INLINE Vec vload(const float* p) { return _mm256_loadu_ps(p); }
@@ -67,6 +85,19 @@ FASTMSC_PANEL_INLINE Vec vunpacklo(Vec a, Vec b) { return _mm256_unpacklo_ps(a, 
 FASTMSC_PANEL_INLINE Vec vunpackhi(Vec a, Vec b) { return _mm256_unpackhi_ps(a, b); }
 FASTMSC_PANEL_INLINE Vec vpairs_lo(Vec a, Vec b) { return _mm256_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)); }
 FASTMSC_PANEL_INLINE Vec vpairs_hi(Vec a, Vec b) { return _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2)); }
+FASTMSC_PANEL_INLINE Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+FASTMSC_PANEL_INLINE Vec vsub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
+FASTMSC_PANEL_INLINE Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+FASTMSC_PANEL_INLINE Vec vfnma(Vec a, Vec b, Vec c) { return _mm256_fnmadd_ps(a, b, c); }
+FASTMSC_PANEL_INLINE Vec vmax(Vec lo, Vec x) { return _mm256_max_ps(lo, x); }
+FASTMSC_PANEL_INLINE Vec vmin(Vec hi, Vec x) { return _mm256_min_ps(hi, x); }
+FASTMSC_PANEL_INLINE Vec vfnms(Vec a, Vec b, Vec c) { return _mm256_fnmsub_ps(a, b, c); }
+// 2^n built in the exponent bits.
+FASTMSC_PANEL_INLINE Vec vscale(Vec p, Vec n) {
+  return vmul(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23)));
+}
+// The 12-bit reciprocal estimate (vrcpps).
+FASTMSC_PANEL_INLINE Vec vrcp_estimate(Vec d) { return _mm256_rcp_ps(d); }
 #else
 #error "FASTMSC_PANEL_WIDTH must be 16 or 8"
 #endif
@@ -154,13 +185,6 @@ FASTMSC_PANEL_INLINE void load_rows(const float* const (&src)[M], Vec (&acc)[M][
   }
 }
 
-template <int M>
-FASTMSC_PANEL_INLINE void store_rows(const Vec (&acc)[M][4], float (&dst)[M][kPanel]) {
-  for (int r = 0; r < M; ++r) {
-    for (int s = 0; s < 4; ++s) vstore(dst[r] + s * kWidth, acc[r][s]);
-  }
-}
-
 // Runs BLOCK<M>::run(first_row, args...) over [0, n) in blocks of at most kRows rows, M the block's size (a
 // compile-time constant, so that the accumulators stay in registers). Struct templates rather than lambdas: a lambda
 // does not inherit its enclosing function's target attribute, and the intrinsics need it.
@@ -180,26 +204,112 @@ FASTMSC_PANEL_INLINE void for_row_blocks(int64_t n, Args&&... args) {
   }
 }
 
-// The cell math of kWidth (or, in the last panel, fewer) hidden units of one row: z holds the i, f, g, o
-// pre-activations as 4 vectors, bias included.
-template <bool kTrain>
-FASTMSC_PANEL_INLINE void cell_units(const float* __restrict z, int64_t n, float* __restrict c,
-                                     float* __restrict h_next, float* __restrict out, float* __restrict act, int64_t H,
-                                     float* __restrict c_out) {
-#pragma GCC ivdep
-  for (int64_t u = 0; u < n; ++u) {
-    float i, f, g, o, c_new, h;
-    cell_forward(z[u], z[kWidth + u], z[2 * kWidth + u], z[3 * kWidth + u], c[u], i, f, g, o, c_new, h);
-    c[u] = c_new;
-    h_next[u] = h;
-    out[u] = h;
-    if constexpr (kTrain) {
-      act[u] = i;
-      act[H + u] = f;
-      act[2 * H + u] = g;
-      act[3 * H + u] = o;
-      c_out[u] = c_new;
-    }
+// The gate math below (the vectorised cell_forward and cell_backward of lstm_gates.h) works on arrays of N vectors, one
+// stage of the computation at a time across all of them (loops the compiler unrolls): N independent chains of dependent
+// operations side by side.
+
+// 1 / (1 + exp(-x[j])) = sigmoid(x[j]), in place, with exp_vectorizable's (lstm_gates.h) clamp, reduction and
+// polynomial; the negation is folded into the reduction. The reciprocal is the estimate and Newton steps, one after
+// AVX-512's 14-bit estimate, two after AVX2's 12-bit one (one would leave about a float ulp more): a division costs
+// several times more (five per vector of hidden units were most of the cell's time, as long as the products at H = 32).
+template <int N>
+FASTMSC_PANEL_INLINE void vsigmoid(Vec (&x)[N]) {
+  Vec n[N], r[N], p[N];
+  const Vec one = vbroadcast(1.0f), shifter = vbroadcast(12582912.0f);
+#pragma GCC unroll 32
+  for (int j = 0; j < N; ++j) x[j] = vmin(vbroadcast(88.0f), vmax(vbroadcast(-87.0f), x[j]));  // -x in [-87, 88]
+#pragma GCC unroll 32
+  for (int j = 0; j < N; ++j) n[j] = vsub(vfma(x[j], vbroadcast(-1.44269504088896341f), shifter), shifter);
+#pragma GCC unroll 32
+  for (int j = 0; j < N; ++j) r[j] = vfnms(n[j], vbroadcast(0.693359375f), x[j]);  // -x - n * ln2 in two parts
+#pragma GCC unroll 32
+  for (int j = 0; j < N; ++j) r[j] = vfnma(n[j], vbroadcast(-2.12194440e-4f), r[j]);
+#pragma GCC unroll 32
+  for (int j = 0; j < N; ++j) p[j] = vfma(vbroadcast(1.9875691500e-4f), r[j], vbroadcast(1.3981999507e-3f));
+#pragma GCC unroll 32
+  for (int j = 0; j < N; ++j) p[j] = vfma(p[j], r[j], vbroadcast(8.3334519073e-3f));
+#pragma GCC unroll 32
+  for (int j = 0; j < N; ++j) p[j] = vfma(p[j], r[j], vbroadcast(4.1665795894e-2f));
+#pragma GCC unroll 32
+  for (int j = 0; j < N; ++j) p[j] = vfma(p[j], r[j], vbroadcast(1.6666665459e-1f));
+#pragma GCC unroll 32
+  for (int j = 0; j < N; ++j) p[j] = vfma(p[j], r[j], vbroadcast(5.0000001201e-1f));
+#pragma GCC unroll 32
+  for (int j = 0; j < N; ++j) p[j] = vadd(vfma(p[j], vmul(r[j], r[j]), r[j]), one);
+#pragma GCC unroll 32
+  for (int j = 0; j < N; ++j) p[j] = vadd(one, vscale(p[j], n[j]));  // 1 + exp(-x)
+#pragma GCC unroll 32
+  for (int j = 0; j < N; ++j) x[j] = vrcp_estimate(p[j]);
+#pragma GCC unroll 32
+  for (int j = 0; j < N; ++j) x[j] = vfma(x[j], vfnma(p[j], x[j], one), x[j]);
+  if constexpr (kWidth == 8) {
+#pragma GCC unroll 32
+    for (int j = 0; j < N; ++j) x[j] = vfma(x[j], vfnma(p[j], x[j], one), x[j]);
+  }
+}
+
+// tanh_ (lstm_gates.h) of each x[j], in place: 2 * sigmoid(2x) - 1.
+template <int N>
+FASTMSC_PANEL_INLINE void vtanh(Vec (&x)[N]) {
+#pragma GCC unroll 32
+  for (int j = 0; j < N; ++j) x[j] = vadd(x[j], x[j]);
+  vsigmoid(x);
+#pragma GCC unroll 32
+  for (int j = 0; j < N; ++j) x[j] = vfma(vbroadcast(2.0f), x[j], vbroadcast(-1.0f));
+}
+
+// cell_forward (lstm_gates.h) of kWidth hidden units from their i, f, g, o pre-activations (bias included).
+struct CellVec {
+  Vec i, f, g, o, c, h;
+};
+
+// The cells of G rows at once: z[r] the i, f, g, o pre-activations of row r, c_prev[r] its cell state.
+template <int G>
+FASTMSC_PANEL_INLINE void cell_group(const Vec (*z)[4], const Vec* c_prev, CellVec* v) {
+  Vec gates[4 * G];
+#pragma GCC unroll 32
+  for (int r = 0; r < G; ++r) {
+    gates[4 * r] = z[r][0];
+    gates[4 * r + 1] = z[r][1];
+    gates[4 * r + 2] = vadd(z[r][2], z[r][2]);  // tanh(zg) = 2 * sigmoid(2 zg) - 1
+    gates[4 * r + 3] = z[r][3];
+  }
+  vsigmoid(gates);
+  Vec tanh_c[G];
+#pragma GCC unroll 32
+  for (int r = 0; r < G; ++r) {
+    v[r].i = gates[4 * r];
+    v[r].f = gates[4 * r + 1];
+    v[r].g = vfma(vbroadcast(2.0f), gates[4 * r + 2], vbroadcast(-1.0f));
+    v[r].o = gates[4 * r + 3];
+    v[r].c = vfma(v[r].f, c_prev[r], vmul(v[r].i, v[r].g));
+    tanh_c[r] = v[r].c;
+  }
+  vtanh(tanh_c);
+#pragma GCC unroll 32
+  for (int r = 0; r < G; ++r) v[r].h = vmul(v[r].o, tanh_c[r]);
+}
+
+// Rows whose cells run side by side: 8 chains of gate math (4 gates each) keep the vector units busy; more spill.
+constexpr int kCellGroup = 2;
+
+// The cells of M rows, kCellGroup at a time.
+template <int M, int R0 = 0>
+FASTMSC_PANEL_INLINE void cell_vectors(const Vec (&z)[M][4], const Vec (&c_prev)[M], CellVec (&v)[M]) {
+  constexpr int G = std::min(kCellGroup, M - R0);
+  cell_group<G>(z + R0, c_prev + R0, v + R0);
+  if constexpr (R0 + G < M) cell_vectors<M, R0 + G>(z, c_prev, v);
+}
+
+// The first n (0 < n <= kWidth) floats at p; the other lanes zero.
+FASTMSC_PANEL_INLINE Vec load_units(const float* p, int64_t n) { return n == kWidth ? vload(p) : vload_first(p, n); }
+
+// The first n (0 < n <= kWidth) floats of v at p; a whole vector takes the plain store.
+FASTMSC_PANEL_INLINE void store_units(float* p, Vec v, int64_t n) {
+  if (n == kWidth) {
+    vstore(p, v);
+  } else {
+    vstore_first(p, v, n);
   }
 }
 
@@ -261,11 +371,14 @@ FASTMSC_PANEL_INLINE void pair_product_columns(int64_t n, const uint32_t* const 
   }
 }
 
-// n (<= kWidth) floats rounded to bf16 (nearest even) at dst.
+// The first n (<= kWidth) floats of v rounded to bf16 (nearest even) at dst.
+FASTMSC_PANEL_INLINE void store_bf16(Bits* dst, Vec v, int64_t n) {
+  _mm256_mask_storeu_epi16(dst, static_cast<__mmask16>((1u << n) - 1), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// n (<= kWidth) floats rounded to bf16 at dst; nothing past n is read.
 FASTMSC_PANEL_INLINE void store_bf16(Bits* dst, const float* src, int64_t n) {
-  const auto mask = static_cast<__mmask16>((1u << n) - 1);  // nothing past n read either
-  const __m256i bits = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, src));
-  _mm256_mask_storeu_epi16(dst, mask, bits);
+  store_bf16(dst, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), src), n);
 }
 
 FASTMSC_PANEL_INLINE float bf16_to_float(Bits b) {
@@ -274,12 +387,7 @@ FASTMSC_PANEL_INLINE float bf16_to_float(Bits b) {
   std::memcpy(&f, &bits, sizeof(f));
   return f;
 }
-
-// A stored element as float32: the backward reads bf16 saved state this way (exact).
-FASTMSC_PANEL_INLINE float widen(Bits b) { return bf16_to_float(b); }
 #endif
-
-FASTMSC_PANEL_INLINE float widen(float v) { return v; }
 
 // The forward, for float32 (PanelForward) and, on AVX512_BF16, bfloat16 storage (PanelForwardBf16): Args names the
 // arguments and E the element type of x, h, the outputs and the saved state. The overloads below are what differs:
@@ -293,14 +401,19 @@ FASTMSC_PANEL_INLINE void product(const float* const (&a)[M], int64_t K, const f
   panel_product<M>(a, K, panel, acc);
 }
 
-// The cell of `units` hidden units of one row from its pre-activations z: c updated in place; h to h_next (the next
+// The cell's results v of `units` (<= kWidth) hidden units of one row: c (updated in place); h to h_next (the next
 // step's product input) and to out; when training, the activated gates (blocks H apart) to act and c to c_out.
-FASTMSC_PANEL_INLINE void cell_outputs(const float* z, int64_t units, float* c, float* h_next, float* out, float* act,
-                                       int64_t H, float* c_out, bool training) {
+FASTMSC_PANEL_INLINE void store_cell(const CellVec& v, int64_t units, float* c, float* h_next, float* out, float* act,
+                                     int64_t H, float* c_out, bool training) {
+  store_units(c, v.c, units);
+  store_units(h_next, v.h, units);
+  store_units(out, v.h, units);
   if (training) {
-    cell_units<true>(z, units, c, h_next, out, act, H, c_out);
-  } else {
-    cell_units<false>(z, units, c, h_next, out, act, H, c_out);
+    store_units(act, v.i, units);
+    store_units(act + H, v.f, units);
+    store_units(act + 2 * H, v.g, units);
+    store_units(act + 3 * H, v.o, units);
+    store_units(c_out, v.c, units);
   }
 }
 
@@ -313,17 +426,19 @@ FASTMSC_PANEL_INLINE void product(const Bits* const (&a)[M], int64_t K, const Bi
   panel_product_bf16<M>(a, K, panel, acc);
 }
 
-// As the float32 one, in float32, then rounded to bf16 once: h_next and out get the same bits.
-FASTMSC_PANEL_INLINE void cell_outputs(const float* z, int64_t units, float* c, Bits* h_next, Bits* out, Bits* act,
-                                       int64_t H, Bits* c_out, bool training) {
-  alignas(64) float h[kWidth] = {}, h_copy[kWidth], gates[4 * kWidth] = {}, cells[kWidth] = {};
-  cell_outputs(z, units, c, h, h_copy, gates, kWidth, cells, training);
+// As the float32 one, rounded to bf16 once: h_next and out get the same bits. The cell state c stays float32.
+FASTMSC_PANEL_INLINE void store_cell(const CellVec& v, int64_t units, float* c, Bits* h_next, Bits* out, Bits* act,
+                                     int64_t H, Bits* c_out, bool training) {
+  store_units(c, v.c, units);
+  store_bf16(h_next, v.h, units);
+  store_bf16(out, v.h, units);
   if (training) {
-    for (int64_t g = 0; g < 4; ++g) store_bf16(act + g * H, gates + g * kWidth, units);
-    store_bf16(c_out, cells, units);
+    store_bf16(act, v.i, units);
+    store_bf16(act + H, v.f, units);
+    store_bf16(act + 2 * H, v.g, units);
+    store_bf16(act + 3 * H, v.o, units);
+    store_bf16(c_out, v.c, units);
   }
-  store_bf16(h_next, h, units);
-  store_bf16(out, h, units);
 }
 #endif
 
@@ -364,6 +479,42 @@ struct ProjectBlock {
   }
 };
 
+// The cells of step `step` for rows [i0, i0 + M) and the hidden units of panel p, from their pre-activations z, and
+// their stores. A function of its own, not inlined: inlined, its many constants were hoisted out of the step loop and
+// crowded the product's accumulators out of the registers (one spilled accumulator, stored and reloaded on every k,
+// made the bf16 product at H = 256 about 15% slower).
+template <int M, typename Args, typename E>
+__attribute__((target(FASTMSC_PANEL_TARGET), noinline)) void step_cells(const ForwardRows<Args, E>& f, int64_t i0,
+                                                                        int64_t step, int64_t p, const Vec (&z)[M][4],
+                                                                        bool training) {
+  const Args& a = f.a;
+  const int64_t H = a.hidden, t = f.time_of(step), d = f.d;
+  const int64_t j0 = p * kWidth, units = std::min(kWidth, H - j0);
+  // All rows' cells at once (rows past their sequence's end compute one too and drop it), then the stores.
+  Vec c_prev[M];
+  for (int r = 0; r < M; ++r) c_prev[r] = vload_first(f.c_state + (i0 + r) * H + j0, units);
+  CellVec cells[M];
+  cell_vectors<M>(z, c_prev, cells);
+  for (int r = 0; r < M; ++r) {
+    const int64_t i = i0 + r, b = f.b_begin + i;
+    E* out = a.out + b * a.out_sb + t * a.out_st + d * H + j0;
+    E* act = training ? a.gates + b * a.gates_sb + t * a.gates_st + d * 4 * H + j0 : nullptr;
+    E* c_out = training ? a.cells + b * a.cells_sb + t * a.cells_st + d * H + j0 : nullptr;
+    if (a.lens != nullptr && t >= a.lens[b]) {
+      // Past this sequence's end: output zero, state carried unchanged (as packing gives); zero saved gates and
+      // cells keep the returned tensors free of stale memory (the backward never reads them).
+      std::copy(f.h_prev + i * H + j0, f.h_prev + i * H + j0 + units, f.h_next + i * H + j0);
+      std::fill(out, out + units, E(0));
+      if (training) {
+        for (int64_t g = 0; g < 4; ++g) std::fill(act + g * H, act + g * H + units, E(0));
+        std::fill(c_out, c_out + units, E(0));
+      }
+      continue;
+    }
+    store_cell(cells[r], units, f.c_state + i * H + j0, f.h_next + i * H + j0, out, act, H, c_out, training);
+  }
+}
+
 // Step `step` (k-th of its chunk) of rows [i0, i0 + M) for the hidden units of panel p: pre-activations, then the cell.
 template <int M>
 struct StepBlock {
@@ -371,37 +522,24 @@ struct StepBlock {
   FASTMSC_PANEL_INLINE static void run(int64_t i0, const ForwardRows<Args, E>& f, int64_t step, int64_t k, int64_t p,
                                        const W* w_hh, bool training) {
     const Args& a = f.a;
-    const int64_t H = a.hidden, t = f.time_of(step), d = f.d;
-    const int64_t j0 = p * kWidth, units = std::min(kWidth, H - j0);
     const float* z_rows[M];
     const E* h_rows[M];
     for (int r = 0; r < M; ++r) {
       z_rows[r] = f.xproj + (k * f.rows + i0 + r) * f.zw + p * kPanel;
-      h_rows[r] = f.h_prev + (i0 + r) * H;
+      h_rows[r] = f.h_prev + (i0 + r) * a.hidden;
     }
     Vec acc[M][4];
     load_rows<M>(z_rows, acc);
-    if (step > 0 || a.h0 != nullptr) product<M>(h_rows, H, w_hh + p * panel_elements(w_hh, H), acc);  // else h = 0
-    alignas(64) float z[M][kPanel];
-    store_rows<M>(acc, z);
-    for (int r = 0; r < M; ++r) {
-      const int64_t i = i0 + r, b = f.b_begin + i;
-      E* out = a.out + b * a.out_sb + t * a.out_st + d * H + j0;
-      E* act = training ? a.gates + b * a.gates_sb + t * a.gates_st + d * 4 * H + j0 : nullptr;
-      E* c_out = training ? a.cells + b * a.cells_sb + t * a.cells_st + d * H + j0 : nullptr;
-      if (a.lens != nullptr && t >= a.lens[b]) {
-        // Past this sequence's end: output zero, state carried unchanged (as packing gives); zero saved gates and
-        // cells keep the returned tensors free of stale memory (the backward never reads them).
-        std::copy(f.h_prev + i * H + j0, f.h_prev + i * H + j0 + units, f.h_next + i * H + j0);
-        std::fill(out, out + units, E(0));
-        if (training) {
-          for (int64_t g = 0; g < 4; ++g) std::fill(act + g * H, act + g * H + units, E(0));
-          std::fill(c_out, c_out + units, E(0));
-        }
-        continue;
-      }
-      cell_outputs(z[r], units, f.c_state + i * H + j0, f.h_next + i * H + j0, out, act, H, c_out, training);
+    if (step > 0 || a.h0 != nullptr) {  // else h = 0
+      product<M>(h_rows, a.hidden, w_hh + p * panel_elements(w_hh, a.hidden), acc);
     }
+    // A copy for step_cells: handing over acc itself would make memory its home, and the product would store every
+    // accumulator on every k.
+    Vec z[M][4];
+    for (int r = 0; r < M; ++r) {
+      for (int s = 0; s < 4; ++s) z[r][s] = acc[r][s];
+    }
+    step_cells<M>(f, i0, step, p, z, training);
   }
 };
 
@@ -481,18 +619,51 @@ FASTMSC_PANEL_FN void forward_rows_bf16(const PanelForwardBf16& a, int64_t d, in
 }
 #endif
 
-// E: the element type of the saved state (float, or Bits for the bf16 layers), read as float32.
+#if FASTMSC_PANEL_BF16
+// The first n (<= kWidth) bf16 values at p, widened (exactly) to float32; the other lanes zero.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"  // GCC 12's false positive, see vadd
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+FASTMSC_PANEL_INLINE Vec load_units(const Bits* p, int64_t n) {
+  const __m256i bits = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+#pragma GCC diagnostic pop
+#endif
+
+// cell_backward (lstm_gates.h) of one row's H hidden units, kWidth at a time, with dh = dh_carry + dout; dc_state
+// holds the gradient reaching c and leaves with the one reaching c_prev. E: the element type of the saved state
+// (float, or Bits for the bf16 layers), read as float32. The gate gradients dG go to dgates (E = float), or, for bf16
+// state, rounded to bf16 into dgates_rounded and, unrounded, summed into dbias_row (see PanelBackwardOf).
 template <typename E>
 FASTMSC_PANEL_INLINE void gate_gradients(const E* __restrict act, const E* __restrict c, const E* __restrict c_prev,
                                          const float* __restrict dh_carry, const E* __restrict dout,
-                                         float* __restrict dc_state, float* __restrict dgates, int64_t H) {
-#pragma GCC ivdep
-  for (int64_t j = 0; j < H; ++j) {
-    float dc_prev;
-    cell_backward(widen(act[j]), widen(act[H + j]), widen(act[2 * H + j]), widen(act[3 * H + j]), widen(c[j]),
-                  widen(c_prev[j]), dh_carry[j] + widen(dout[j]), dc_state[j], dgates[j], dgates[H + j],
-                  dgates[2 * H + j], dgates[3 * H + j], dc_prev);
-    dc_state[j] = dc_prev;
+                                         float* __restrict dc_state, float* __restrict dgates,
+                                         uint16_t* __restrict dgates_rounded, float* __restrict dbias_row, int64_t H) {
+  const Vec one = vbroadcast(1.0f);
+  for (int64_t j0 = 0; j0 < H; j0 += kWidth) {
+    const int64_t n = std::min(kWidth, H - j0);
+    const Vec i = load_units(act + j0, n), f = load_units(act + H + j0, n), g = load_units(act + 2 * H + j0, n),
+              o = load_units(act + 3 * H + j0, n);
+    const Vec dh = vadd(load_units(dh_carry + j0, n), load_units(dout + j0, n));
+    Vec tanh_c[1] = {load_units(c + j0, n)};
+    vtanh(tanh_c);
+    const Vec tc = tanh_c[0];
+    const Vec dc_total = vfma(vmul(dh, o), vfnma(tc, tc, one), load_units(dc_state + j0, n));
+    const Vec dz[4] = {vmul(vmul(dc_total, g), vmul(i, vsub(one, i))),
+                       vmul(vmul(dc_total, load_units(c_prev + j0, n)), vmul(f, vsub(one, f))),
+                       vmul(vmul(dc_total, i), vfnma(g, g, one)), vmul(vmul(dh, tc), vmul(o, vsub(one, o)))};
+    store_units(dc_state + j0, vmul(dc_total, f), n);
+    if constexpr (std::is_same_v<E, float>) {
+      for (int s = 0; s < 4; ++s) store_units(dgates + s * H + j0, dz[s], n);
+    } else {
+#if FASTMSC_PANEL_BF16
+      for (int s = 0; s < 4; ++s) {
+        store_bf16(dgates_rounded + s * H + j0, dz[s], n);
+        store_units(dbias_row + s * H + j0, vadd(load_units(dbias_row + s * H + j0, n), dz[s]), n);
+      }
+#endif
+    }
   }
 }
 
@@ -536,10 +707,10 @@ struct RecurrentGradientPairBlock {
 };
 #endif
 
-// Floats of scratch memory backward_rows needs for `rows` rows: dh_rec, a zero row and, for bf16 state, a row's dG.
+// Floats of scratch memory backward_rows needs for `rows` rows: dh_rec and a zero row.
 template <typename E>
 inline int64_t backward_scratch_floats(const PanelBackwardOf<E>& a, int64_t rows) {
-  return rows * a.panels * kPanel + a.hidden + (std::is_same_v<E, float> ? 0 : 4 * a.hidden);
+  return rows * a.panels * kPanel + a.hidden;
 }
 
 // BPTT over rows [b_begin, b_end) of direction d. See PanelBackwardOf (lstm_cpu.cpp): the saved state in E (float, or
@@ -554,10 +725,7 @@ FASTMSC_PANEL_FN void backward_rows(const PanelBackwardOf<E>& a, int64_t d, int6
   float* zero_floats = dh_rec + rows * dw;
   std::fill(zero_floats, zero_floats + H, 0.0f);
   const E* zeros = reinterpret_cast<const E*>(zero_floats);  // all bits zero: +0 as float and as bf16
-  // bf16 state: a row's float32 dG, rounded into dgates_rounded (the recurrent product's factor) and summed into
-  // dbias_rows (see PanelBackwardOf).
-  constexpr bool kRounded = !std::is_same_v<E, float>;
-  float* step_dg = zero_floats + H;
+  constexpr bool kRounded = !std::is_same_v<E, float>;      // bf16 state: dG rounded, see gate_gradients
   const float* w_hh = a.w_hh + d * a.w_hh_direction_stride;
   float* dh_state = a.dh_state + (d * a.batch + b_begin) * H;
   float* dc_state = a.dc_state + (d * a.batch + b_begin) * H;
@@ -573,30 +741,26 @@ FASTMSC_PANEL_FN void backward_rows(const PanelBackwardOf<E>& a, int64_t d, int6
       const bool next_valid = step < T_ - 1 && t_next >= 0 && t_next < len;
       const float* dh_carry = next_valid ? dh_rec + i * dw : dh_state + i * H;
       const int64_t dg_at = b * a.dgates_sb + t * a.dgates_st + d * G;
-      float* dg = kRounded ? step_dg : a.dgates + dg_at;
       if (t >= len) {
         if (next_valid) std::copy(dh_carry, dh_carry + H, dh_state + i * H);
-        std::fill(dg, dg + G, 0.0f);
-        if constexpr (kRounded) std::fill(a.dgates_rounded + dg_at, a.dgates_rounded + dg_at + G, uint16_t(0));
+        if constexpr (kRounded) {
+          std::fill(a.dgates_rounded + dg_at, a.dgates_rounded + dg_at + G, uint16_t(0));
+        } else {
+          std::fill(a.dgates + dg_at, a.dgates + dg_at + G, 0.0f);
+        }
         continue;
       }
       const bool first = d == 0 ? t == 0 : t == len - 1;
       const E* c_prev = first ? (a.c0 != nullptr ? a.c0 + (d * a.batch + b) * H : zeros)
                               : a.cells + b * a.cells_sb + t_prev * a.cells_st + d * H;
       const E* dout = a.dout != nullptr ? a.dout + b * a.dout_sb + t * a.dout_st + d * H : zeros;
-      gate_gradients(a.gates + b * a.gates_sb + t * a.gates_st + d * G,
-                     a.cells + b * a.cells_sb + t * a.cells_st + d * H, c_prev, dh_carry, dout, dc_state + i * H, dg,
-                     H);
-#if FASTMSC_PANEL_BF16
-      if constexpr (kRounded) {
-        for (int64_t j0 = 0; j0 < G; j0 += kWidth) store_bf16(a.dgates_rounded + dg_at + j0, dg + j0, std::min(kWidth, G - j0));
-        float* bias_row = a.dbias_rows + (d * a.batch + b) * G;
-#pragma GCC ivdep
-        for (int64_t j = 0; j < G; ++j) bias_row[j] += dg[j];
-      }
-#else
+#if !FASTMSC_PANEL_BF16
       static_assert(!kRounded, "bf16 state runs in the AVX512_BF16 variant only");
 #endif
+      gate_gradients(a.gates + b * a.gates_sb + t * a.gates_st + d * G,
+                     a.cells + b * a.cells_sb + t * a.cells_st + d * H, c_prev, dh_carry, dout, dc_state + i * H,
+                     kRounded ? nullptr : a.dgates + dg_at, kRounded ? a.dgates_rounded + dg_at : nullptr,
+                     kRounded ? a.dbias_rows + (d * a.batch + b) * G : nullptr, H);
     }
     // dh reaching h_{t_prev} = dG_t · w_hh; the very last one is the h0 gradient, needed only when asked for.
     if (step == 0 && !a.need_dstate) break;

@@ -727,6 +727,35 @@ def test_cpu_kernels_against_float64_reference(rng, cpu_kernel, round_):
         _assert_close(g.double(), e, 1e-4, 1e-4, f"seed {seed}, {cpu_kernel}, {shape}, result {i}")
 
 
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("gate", ["sigmoid", "tanh"])
+def test_cpu_kernels_gate_functions_over_the_whole_range(cpu_kernel, gate, training):
+    """The gate math (the vectorised exp, reciprocal and Newton step) over inputs the random cases never reach: the
+    saturated ends, the clamps at |x| near 87 and NaN. One step of a one-unit layer whose other gates sit
+    at 1 or 0 leaves c_n = sigmoid(x) (input gate x, cell candidate 1) or tanh(x) (cell candidate x, input gate 1).
+
+    Tolerance 2 float32 ulps of 1, absolute (2.4e-7): tanh = 2 * sigmoid(2x) - 1 errs by about one ulp of 1 near 0
+    (documented in lstm_gates.h); the worst measured was 1.5 ulps (tanh, AVX-512 and AVX2). A wrong polynomial
+    coefficient, a missing Newton step or a lost clamp errs by 1e-4 or more, or gives NaN for a finite x."""
+    x = torch.cat([torch.linspace(-100, 100, 4001), torch.linspace(-1e-3, 1e-3, 401),
+                   torch.tensor([-87.5, -87.0, -86.5, -44.5, -43.5, 43.5, 44.5, 86.5, 87.0, 87.5, 88.5,
+                                 float("nan")])])
+    w_ih = torch.zeros(4, 1)
+    bias = torch.zeros(4)
+    bias[1], bias[3] = -40.0, 40.0  # forget gate 0, output gate 1
+    if gate == "sigmoid":
+        w_ih[0], bias[2] = 1.0, 40.0  # c = sigmoid(x) * tanh(40) = sigmoid(x)
+    else:
+        w_ih[2], bias[0] = 1.0, 40.0  # c = sigmoid(40) * tanh(x) = tanh(x)
+    weights = ((w_ih, torch.zeros(4, 1), bias, None),)
+    xs = x.view(-1, 1, 1).requires_grad_(training)
+    _, _, c_n = fused_module.fused(xs, weights, None, None, None)
+    expected = (torch.sigmoid if gate == "sigmoid" else torch.tanh)(x.double())
+    got = c_n.detach().view(-1).double()
+    torch.testing.assert_close(got, expected, rtol=0, atol=2 * torch.finfo(torch.float32).eps, equal_nan=True,
+                               msg=lambda m: f"{cpu_kernel}, {gate}, training={training}: {m}")
+
+
 def test_cpu_kernels_give_the_same_bits_on_any_thread_count(rng, vector_cpu_kernel):
     """Threads split the batch rows (and the weight gradients' output rows); every element is computed by one
     thread in a fixed order, so one or two threads give identical results."""
