@@ -707,6 +707,15 @@ struct RecurrentGradientPairBlock {
 };
 #endif
 
+// Rows ahead whose saved state backward_rows prefetches.
+constexpr int64_t kPrefetchRows = 2;
+
+// Asks for the cache lines of [p, p + bytes) to be loaded.
+FASTMSC_PANEL_INLINE void prefetch_lines(const void* p, int64_t bytes) {
+  const char* first = static_cast<const char*>(p);
+  for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch(first + at, _MM_HINT_T0);
+}
+
 // Floats of scratch memory backward_rows needs for `rows` rows: dh_rec and a zero row.
 template <typename E>
 inline int64_t backward_scratch_floats(const PanelBackwardOf<E>& a, int64_t rows) {
@@ -734,6 +743,17 @@ FASTMSC_PANEL_FN void backward_rows(const PanelBackwardOf<E>& a, int64_t d, int6
     const int64_t t = d == 0 ? step : T_ - 1 - step;
     const int64_t t_next = d == 0 ? t + 1 : t - 1, t_prev = d == 0 ? t - 1 : t + 1;
     for (int64_t i = 0; i < rows; ++i) {
+      if (i + kPrefetchRows < rows) {
+        // The saved state of a later row of this step: rows lie a whole sequence apart in memory (batch first), too
+        // far for the hardware prefetchers, and this loop otherwise waits on their cache misses.
+        const int64_t b_ahead = b_begin + i + kPrefetchRows;
+        prefetch_lines(a.gates + b_ahead * a.gates_sb + t * a.gates_st + d * G, G * sizeof(E));
+        prefetch_lines(a.cells + b_ahead * a.cells_sb + t * a.cells_st + d * H, H * sizeof(E));
+        if (t_prev >= 0 && t_prev < T_) {
+          prefetch_lines(a.cells + b_ahead * a.cells_sb + t_prev * a.cells_st + d * H, H * sizeof(E));
+        }
+        if (a.dout != nullptr) prefetch_lines(a.dout + b_ahead * a.dout_sb + t * a.dout_st + d * H, H * sizeof(E));
+      }
       const int64_t b = b_begin + i, len = a.lens != nullptr ? a.lens[b] : T_;
       // dh reaching h_t: the recurrent product of the step handled before where that step was valid, else the carried
       // value (the h_n gradient before a sequence's last step, or a finished sequence's h0 gradient); a padded step
