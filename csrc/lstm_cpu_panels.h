@@ -217,7 +217,7 @@ FASTMSC_PANEL_INLINE void vsigmoid(Vec (&x)[N]) {
   Vec n[N], r[N], p[N];
   const Vec one = vbroadcast(1.0f), shifter = vbroadcast(12582912.0f);
 #pragma GCC unroll 32
-  for (int j = 0; j < N; ++j) x[j] = vmin(vbroadcast(88.0f), vmax(vbroadcast(-87.0f), x[j]));  // -x in [-87, 88]
+  for (int j = 0; j < N; ++j) x[j] = vmin(vbroadcast(87.0f), vmax(vbroadcast(-88.0f), x[j]));  // -x in [-87, 88]
 #pragma GCC unroll 32
   for (int j = 0; j < N; ++j) n[j] = vsub(vfma(x[j], vbroadcast(-1.44269504088896341f), shifter), shifter);
 #pragma GCC unroll 32

@@ -560,8 +560,9 @@ def _measured(dtype, mode, threads, B, T, H, D, ratio):
 
 
 def test_measured_cpu_rule_judges_a_call_by_its_nearest_cases():
-    """The geometric mean of the three nearest cases of the call's dtype and mode decides; distance counts doublings
-    of B, T, H and threads and the directions; no record, dtype or mode measured: no judgement (the extension)."""
+    """The geometric mean of the three nearest cases of the call's dtype and mode decides, weighted by
+    1 / (1 + distance)^2; distance counts doublings of B, T, H and threads and the directions; no record, dtype or mode
+    measured: no judgement (the extension)."""
     from fastmsc.kernels.lstm_cpu_measured import ClassRecord, Rule
     slow = [_measured("float32", "train", 1, 8, 64, 128, 1, r) for r in (0.5, 0.6, 0.9)]
     fast = [_measured("float32", "train", 1, 128, 64, 128, 1, r) for r in (1.5, 1.2, 0.95)]
@@ -574,7 +575,12 @@ def test_measured_cpu_rule_judges_a_call_by_its_nearest_cases():
     assert rule.slower("AVX512", "bfloat16", "train", 1, 8, 64, 128, 1) is None  # dtype not measured
     assert rule.slower("AVX2", "float32", "train", 1, 8, 64, 128, 1) is None  # class not measured
     mixed = Rule({"AVX512": ClassRecord("cpu", "2.13", "2026-12-01", "cmd", (slow[2], fast[0], fast[1]))})
-    assert mixed.slower("AVX512", "float32", "train", 1, 8, 64, 128, 1) is None  # 0.9 * 1.5 * 1.2 > 1
+    # The call's own case (0.9x, weight 1) against two 16 times larger batches (1.5x, 1.2x, weight 1/25 each): 0.93x;
+    # unweighted they would outvote it (0.9 * 1.5 * 1.2 > 1).
+    why = mixed.slower("AVX512", "float32", "train", 1, 8, 64, 128, 1)
+    assert why is not None and "0.93x" in why, why
+    # Halfway between (B=32, two doublings from each): 0.9x at weight 1/9 against 1.5x and 1.2x at 1/9 each.
+    assert mixed.slower("AVX512", "float32", "train", 1, 32, 64, 128, 1) is None
     assert "slower than torch.nn.LSTM in 4 of 6 grid cases" in rule.summary("AVX512")
     assert rule.summary("AVX2") is None
 
