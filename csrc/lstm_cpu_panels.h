@@ -96,7 +96,8 @@ FASTMSC_PANEL_INLINE Vec vfnms(Vec a, Vec b, Vec c) { return _mm256_fnmsub_ps(a,
 FASTMSC_PANEL_INLINE Vec vscale(Vec p, Vec n) {
   return vmul(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23)));
 }
-// The 12-bit reciprocal estimate (vrcpps).
+// The 12-bit reciprocal estimate (vrcpps). It gives 0 where the reciprocal is below about 2^-126 (sigmoid(x) for
+// x < -87.3 then comes out 0 rather than a subnormal of at most 1.2e-38, as AVX-512's estimate and the scalar code give).
 FASTMSC_PANEL_INLINE Vec vrcp_estimate(Vec d) { return _mm256_rcp_ps(d); }
 #else
 #error "FASTMSC_PANEL_WIDTH must be 16 or 8"
@@ -492,7 +493,7 @@ __attribute__((target(FASTMSC_PANEL_TARGET), noinline)) void step_cells(const Fo
   const int64_t j0 = p * kWidth, units = std::min(kWidth, H - j0);
   // All rows' cells at once (rows past their sequence's end compute one too and drop it), then the stores.
   Vec c_prev[M];
-  for (int r = 0; r < M; ++r) c_prev[r] = vload_first(f.c_state + (i0 + r) * H + j0, units);
+  for (int r = 0; r < M; ++r) c_prev[r] = load_units(f.c_state + (i0 + r) * H + j0, units);
   CellVec cells[M];
   cell_vectors<M>(z, c_prev, cells);
   for (int r = 0; r < M; ++r) {
@@ -710,10 +711,13 @@ struct RecurrentGradientPairBlock {
 // Rows ahead whose saved state backward_rows prefetches.
 constexpr int64_t kPrefetchRows = 2;
 
-// Asks for the cache lines of [p, p + bytes) to be loaded.
+// Asks for every cache line of [p, p + bytes) to be loaded (bytes > 0), the line holding the end included where p is
+// not at a line's start.
 FASTMSC_PANEL_INLINE void prefetch_lines(const void* p, int64_t bytes) {
-  const char* first = static_cast<const char*>(p);
-  for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch(first + at, _MM_HINT_T0);
+  const auto first = reinterpret_cast<uintptr_t>(p), last = first + static_cast<uintptr_t>(bytes) - 1;
+  for (uintptr_t line = first & ~uintptr_t{63}; line <= last; line += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T0);
+  }
 }
 
 // Floats of scratch memory backward_rows needs for `rows` rows: dh_rec and a zero row.

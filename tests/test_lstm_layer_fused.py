@@ -733,33 +733,54 @@ def test_cpu_kernels_against_float64_reference(rng, cpu_kernel, round_):
         _assert_close(g.double(), e, 1e-4, 1e-4, f"seed {seed}, {cpu_kernel}, {shape}, result {i}")
 
 
+def _one_unit_gate_layer(gate, edge_bias=0.0):
+    """A one-unit layer whose step gives c = sigmoid(x + edge_bias) (input gate x, cell candidate 1) or
+    tanh(x + edge_bias) (cell candidate x, input gate 1); forget gate 0, output gate 1."""
+    w_ih, bias = torch.zeros(4, 1), torch.zeros(4)
+    bias[1], bias[3] = -40.0, 40.0
+    if gate == "sigmoid":
+        w_ih[0], bias[0], bias[2] = 1.0, edge_bias, 40.0  # c = sigmoid(x) * tanh(40) = sigmoid(x)
+    else:
+        w_ih[2], bias[0], bias[2] = 1.0, 40.0, edge_bias  # c = sigmoid(40) * tanh(x) = tanh(x)
+    return ((w_ih, torch.zeros(4, 1), bias, None),)
+
+
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("gate", ["sigmoid", "tanh"])
 def test_cpu_kernels_gate_functions_over_the_whole_range(cpu_kernel, gate, training):
-    """The gate math (the vectorised exp, reciprocal and Newton step) over inputs the random cases never reach: the
-    saturated ends, the clamps at |x| near 87 and NaN. One step of a one-unit layer whose other gates sit
-    at 1 or 0 leaves c_n = sigmoid(x) (input gate x, cell candidate 1) or tanh(x) (cell candidate x, input gate 1).
+    """The gate math (exp, reciprocal, Newton steps) over inputs the random cases never reach: the saturated ends, the
+    clamps at |x| near 87, NaN, and +-inf (through the bias: an infinite x would meet the zero weights of the other
+    gates). One step of a one-unit layer leaves c_n = sigmoid(x) or tanh(x); training, the gradient of h_n + c_n
+    goes back through the backward's own tanh of c and the saved gates, against the float64 reference's.
 
-    Tolerance 2 float32 ulps of 1, absolute (2.4e-7): tanh = 2 * sigmoid(2x) - 1 errs by about one ulp of 1 near 0
-    (documented in lstm_gates.h); the worst measured was 1.5 ulps (tanh, AVX-512 and AVX2). A wrong polynomial
-    coefficient, a missing Newton step or a lost clamp errs by 1e-4 or more, or gives NaN for a finite x."""
+    Tolerance 2 float32 ulps of 1, absolute (2.4e-7), forward: tanh = 2 * sigmoid(2x) - 1 errs by about one ulp of 1
+    near 0 (documented in lstm_gates.h); the worst measured was 1.5 ulps (tanh, AVX-512 and AVX2). 8 ulps for the
+    gradient: two terms 1 - g^2 with g near 1, each off by 2 * 1.5 ulps where g is (4.0 measured, the BLAS path's
+    scalar math included). A wrong polynomial coefficient, a lost clamp or AVX-512's missing Newton step (in the
+    forward or the backward) errs by 1e-4 or more, or gives NaN for a finite x; AVX2's second Newton step is worth
+    about one ulp, within the tolerance."""
     x = torch.cat([torch.linspace(-100, 100, 4001), torch.linspace(-1e-3, 1e-3, 401),
-                   torch.tensor([-87.5, -87.0, -86.5, -44.5, -43.5, 43.5, 44.5, 86.5, 87.0, 87.5, 88.5,
+                   torch.tensor([-88.5, -87.5, -87.0, -86.5, -44.5, -43.5, 43.5, 44.5, 86.5, 87.0, 87.5, 88.5,
                                  float("nan")])])
-    w_ih = torch.zeros(4, 1)
-    bias = torch.zeros(4)
-    bias[1], bias[3] = -40.0, 40.0  # forget gate 0, output gate 1
-    if gate == "sigmoid":
-        w_ih[0], bias[2] = 1.0, 40.0  # c = sigmoid(x) * tanh(40) = sigmoid(x)
-    else:
-        w_ih[2], bias[0] = 1.0, 40.0  # c = sigmoid(40) * tanh(x) = tanh(x)
-    weights = ((w_ih, torch.zeros(4, 1), bias, None),)
     xs = x.view(-1, 1, 1).requires_grad_(training)
-    _, _, c_n = fused_module.fused(xs, weights, None, None, None)
+    _, h_n, c_n = fused_module.fused(xs, _one_unit_gate_layer(gate), None, None, None)
     expected = (torch.sigmoid if gate == "sigmoid" else torch.tanh)(x.double())
-    got = c_n.detach().view(-1).double()
-    torch.testing.assert_close(got, expected, rtol=0, atol=2 * torch.finfo(torch.float32).eps, equal_nan=True,
-                               msg=lambda m: f"{cpu_kernel}, {gate}, training={training}: {m}")
+    context = f"{cpu_kernel}, {gate}, training={training}"
+    eps = torch.finfo(torch.float32).eps
+    torch.testing.assert_close(c_n.detach().view(-1).double(), expected, rtol=0, atol=2 * eps, equal_nan=True,
+                               msg=lambda m: f"{context}: {m}")
+    if training:
+        (grad,) = torch.autograd.grad((h_n + c_n).sum(), xs)
+        x64 = x.double().view(-1, 1, 1).requires_grad_()
+        weights64 = tuple(tuple(None if w is None else w.double() for w in d) for d in _one_unit_gate_layer(gate))
+        _, h64, c64 = lstm_layer_reference(x64, weights64)
+        (grad64,) = torch.autograd.grad((h64 + c64).sum(), x64)
+        torch.testing.assert_close(grad.double(), grad64, rtol=0, atol=8 * eps, equal_nan=True,
+                                   msg=lambda m: f"{context}, gradient: {m}")
+    for edge in (float("inf"), float("-inf")):
+        _, _, c_edge = fused_module.fused(torch.zeros(1, 1, 1), _one_unit_gate_layer(gate, edge), None, None, None)
+        wanted = (torch.sigmoid if gate == "sigmoid" else torch.tanh)(torch.tensor(edge)).item()
+        assert abs(c_edge.item() - wanted) <= 2 * eps, f"{context}: {gate}({edge}) gave {c_edge.item()}"
 
 
 def test_cpu_kernels_give_the_same_bits_on_any_thread_count(rng, vector_cpu_kernel):

@@ -9,11 +9,12 @@ dtype and mode (training when autograd records it, else inference) nearest to it
     log2 B, log2 T, log2 H (one unit per doubling), directions and log2 threads (one unit per difference each);
 
 the extension is expected slower where their speed ratios' geometric mean, weighted by 1 / (1 + distance)^2, is below
-1, and ``auto`` then runs the torch path. Several neighbours, not one: a single timing on a shared machine can be off
-by 10-20%. Weighted, so that a call the record measured (distance 0) or nearly so is not outvoted by farther cases
-(B=128 T=150 H=32 bf16 training, measured at 0.81x, ran the extension because a case at T=512 measured 1.6x). A
-class, dtype or mode without measurements keeps the extension (its design target); so does the projection
-(proj_size), which runs the extension's BLAS path and which torch runs without oneDNN.
+1, and ``auto`` then runs the torch path. Several neighbours, not one, for calls between the measured cases: a single
+timing on a shared machine can be off by 10-20%. Weighted, so that a call the record measured (distance 0) or nearly
+so is not outvoted by farther cases (B=128 T=150 H=32 bf16 training, measured at 0.81x, ran the extension because a
+case at T=512 measured 1.6x); the price is that such a call follows its own timing, noise included (its neighbours
+count at most a quarter each). A class, dtype or mode without measurements keeps the extension (its design target);
+so does the projection (proj_size), which runs the extension's BLAS path and which torch runs without oneDNN.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ class Rule:
         if ratio >= 1.0:
             return None
         cases_text = ", ".join(f"{c.label()} {c.ratio:.2f}x" for c in nearest)
-        return (f"measured at {ratio:.2f}x torch.nn.LSTM's speed ({mode}, {dtype}) at the nearest grid cases "
+        return (f"estimated at {ratio:.2f}x torch.nn.LSTM's speed ({mode}, {dtype}) from the nearest measured cases "
                 f"({cases_text}) on {record.cpu} ({cpu_class}, torch {record.torch}, {record.measured[:10]})")
 
     def summary(self, cpu_class: str) -> str | None:
