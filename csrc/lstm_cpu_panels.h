@@ -382,6 +382,17 @@ FASTMSC_PANEL_INLINE void store_bf16(Bits* dst, const float* src, int64_t n) {
   store_bf16(dst, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), src), n);
 }
 
+// load_units and store_units for bf16 storage: widened exactly to float32 (the other lanes zero); rounded.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"  // GCC 12's false positive, see vadd
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+FASTMSC_PANEL_INLINE Vec load_units(const Bits* p, int64_t n) {
+  const __m256i bits = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+#pragma GCC diagnostic pop
+FASTMSC_PANEL_INLINE void store_units(Bits* p, Vec v, int64_t n) { store_bf16(p, v, n); }
+
 FASTMSC_PANEL_INLINE float bf16_to_float(Bits b) {
   const uint32_t bits = static_cast<uint32_t>(b) << 16;
   float f;
@@ -392,7 +403,7 @@ FASTMSC_PANEL_INLINE float bf16_to_float(Bits b) {
 
 // The forward, for float32 (PanelForward) and, on AVX512_BF16, bfloat16 storage (PanelForwardBf16): Args names the
 // arguments and E the element type of x, h, the outputs and the saved state. The overloads below are what differs:
-// the product (float32 FMAs or bf16 pairs), a packed panel's size, and how the cell's results are stored.
+// the product (float32 FMAs or bf16 pairs) and a packed panel's size; load_units and store_units read and write E.
 
 FASTMSC_PANEL_INLINE int64_t panel_elements(const float*, int64_t K) { return K * kPanel; }
 
@@ -402,10 +413,12 @@ FASTMSC_PANEL_INLINE void product(const float* const (&a)[M], int64_t K, const f
   panel_product<M>(a, K, panel, acc);
 }
 
-// The cell's results v of `units` (<= kWidth) hidden units of one row: c (updated in place); h to h_next (the next
-// step's product input) and to out; when training, the activated gates (blocks H apart) to act and c to c_out.
-FASTMSC_PANEL_INLINE void store_cell(const CellVec& v, int64_t units, float* c, float* h_next, float* out, float* act,
-                                     int64_t H, float* c_out, bool training) {
+// The cell's results v of `units` (<= kWidth) hidden units of one row: c (float32, updated in place); h to h_next (the
+// next step's product input) and to out; when training, the activated gates (blocks H apart) to act and c to c_out.
+// bf16 storage (E = Bits) rounds each value once, so h_next and out get the same bits.
+template <typename E>
+FASTMSC_PANEL_INLINE void store_cell(const CellVec& v, int64_t units, float* c, E* h_next, E* out, E* act, int64_t H,
+                                     E* c_out, bool training) {
   store_units(c, v.c, units);
   store_units(h_next, v.h, units);
   store_units(out, v.h, units);
@@ -427,20 +440,6 @@ FASTMSC_PANEL_INLINE void product(const Bits* const (&a)[M], int64_t K, const Bi
   panel_product_bf16<M>(a, K, panel, acc);
 }
 
-// As the float32 one, rounded to bf16 once: h_next and out get the same bits. The cell state c stays float32.
-FASTMSC_PANEL_INLINE void store_cell(const CellVec& v, int64_t units, float* c, Bits* h_next, Bits* out, Bits* act,
-                                     int64_t H, Bits* c_out, bool training) {
-  store_units(c, v.c, units);
-  store_bf16(h_next, v.h, units);
-  store_bf16(out, v.h, units);
-  if (training) {
-    store_bf16(act, v.i, units);
-    store_bf16(act + H, v.f, units);
-    store_bf16(act + 2 * H, v.g, units);
-    store_bf16(act + 3 * H, v.o, units);
-    store_bf16(c_out, v.c, units);
-  }
-}
 #endif
 
 // One thread's share of a forward call: rows [b_begin, b_begin + rows) of direction d.
@@ -618,18 +617,6 @@ FASTMSC_PANEL_FN void forward_rows_bf16(const PanelForwardBf16& a, int64_t d, in
     store_bf16(a.c_n + state * H + j0, c_state + j0, std::min(kWidth, rows * H - j0));
   }
 }
-#endif
-
-#if FASTMSC_PANEL_BF16
-// The first n (<= kWidth) bf16 values at p, widened (exactly) to float32; the other lanes zero.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"  // GCC 12's false positive, see vadd
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-FASTMSC_PANEL_INLINE Vec load_units(const Bits* p, int64_t n) {
-  const __m256i bits = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-#pragma GCC diagnostic pop
 #endif
 
 // cell_backward (lstm_gates.h) of one row's H hidden units, kWidth at a time, with dh = dh_carry + dout; dc_state
