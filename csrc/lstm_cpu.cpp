@@ -423,6 +423,16 @@ struct PanelForwardBf16 {
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FASTMSC_NO_PANELS)
 #define FASTMSC_PANELS 1
+// Asks for every cache line of [p, p + bytes) to be loaded (bytes > 0), the line holding the end included where p is
+// not at a line's start. Rows far apart in memory (a whole sequence apart in the batch-first layout), or read once
+// between long stretches of other work, are beyond the hardware prefetchers.
+inline void prefetch_lines(const void* p, int64_t bytes) {
+  const auto first = reinterpret_cast<uintptr_t>(p), last = first + static_cast<uintptr_t>(bytes) - 1;
+  for (uintptr_t line = first & ~uintptr_t{63}; line <= last; line += 64) {
+    __builtin_prefetch(reinterpret_cast<const char*>(line), 0, 3);
+  }
+}
+
 namespace avx512 {
 #define FASTMSC_PANEL_TARGET "avx512f,avx512dq,avx512bw,avx512vl,avx2,fma"
 #define FASTMSC_PANEL_WIDTH 16
@@ -1091,8 +1101,8 @@ void pack_pair_panels(int64_t K, int64_t n, uint32_t* dst, const RowFn& row) {
   const int64_t pairs = (K + 1) / 2;
   at::parallel_for(0, pairs, 2048, [&](int64_t begin, int64_t end) {
     for (int64_t kp = begin; kp < end; ++kp) {
-      avx512bf16::pack_pair_row(row(2 * kp), 2 * kp + 1 < K ? row(2 * kp + 1) : nullptr, n, dst + kp * 64,
-                                pairs * 64);
+      avx512bf16::pack_pair_row(row(2 * kp), 2 * kp + 1 < K ? row(2 * kp + 1) : nullptr, n, nullptr, nullptr, 0,
+                                dst + kp * 64, pairs * 64);
     }
   });
 }
@@ -1522,6 +1532,9 @@ void pair_gemm(const PairGemm& g) {
 // rows, interleaved into (rows / 2 x D*4H) words chunk by chunk, in chunks that fit the kept scratch memory (whole, at
 // B=128 T=1000 H=256 both directions, that copy and the packed x and h_prev were 600 MB of fresh memory per call,
 // faulted in on every call). The weight gradients accumulate over the chunks.
+// Per direction one product gives both weight gradients: dGᵀ_d · [x | h_prev_d] (4H x (I' + H), I' = I rounded up to
+// whole vectors), whose columns are dW_ih_d's and then dW_hh_d's. At I = H = 32 the two products on their own filled
+// half of each 64-column panel and read the gate gradients twice; together they fill whole panels and read them once.
 void pair_weight_gradients(LstmBackward& bw) {
   using Bits = uint16_t;
   const LstmSizes& s = bw.s;
@@ -1539,43 +1552,58 @@ void pair_weight_gradients(LstmBackward& bw) {
                false});
   }
   if (!bw.need_dweights) return;
-  bw.dw_ih = cpu_empty({DG, I}, options);
-  bw.dw_hh = cpu_empty({D, G, H}, options);
+  const int64_t I_padded = (I + 15) / 16 * 16, columns = I_padded + H;  // of [x | h_prev]
   if (N == 0) {  // no rows: zero weight gradients
-    bw.dw_ih.zero_();
-    bw.dw_hh.zero_();
+    bw.dw_ih = at::zeros({DG, I}, options);
+    bw.dw_hh = at::zeros({D, G, H}, options);
     return;
   }
   // Rows per chunk, even (a pair never straddles two); FASTMSC_LSTM_BWD_CHUNK_ROWS sets it (the tests, to cross chunks
   // at small sizes).
   const char* rows_env = std::getenv("FASTMSC_LSTM_BWD_CHUNK_ROWS");
-  const int64_t widest = std::max({DG, (I + 63) / 64 * 64, (H + 63) / 64 * 64});  // words per pair row: dG, x, h_prev
+  const int64_t widest = std::max(DG, (columns + 63) / 64 * 64);  // words per pair row: dG, [x | h_prev]
   const int64_t rows_wanted = rows_env != nullptr ? std::atoll(rows_env) : 2 * kScratchKeepFloats / widest;
   const int64_t chunk = std::max<int64_t>(2, std::min(rows_wanted, N + 1) & ~int64_t{1});
   uint32_t* dg_pairs = reinterpret_cast<uint32_t*>(scratch_floats(kSlotGradPairs, chunk / 2 * DG, holders[1]));
   const Bits* x = elements_or_null<const Bits>(bw.x);  // dense in bw's order: memory rows pair with dG's
   const HPrevRows<Bits> h_prev(s, ptr_or_null<int64_t>(bw.lens), bw.out, elements_or_null<const Bits>(bw.h0), 0);
+  at::Tensor dw = cpu_empty({D, G, columns}, options);  // per direction [dW_ih_d | 0 | dW_hh_d]
+  constexpr int64_t kPackAhead = 4;
   for (int64_t r0 = 0; r0 < N; r0 += chunk) {
-    const int64_t rows = std::min(chunk, N - r0), pairs = (rows + 1) / 2;
-    at::parallel_for(0, pairs, std::max<int64_t>(1, 16384 / DG), [&](int64_t begin, int64_t end) {
-      for (int64_t kp = begin; kp < end; ++kp) {
+    const int64_t rows = std::min(chunk, N - r0), pairs = (rows + 1) / 2, end = r0 + rows;
+    at::parallel_for(0, pairs, std::max<int64_t>(1, 16384 / DG), [&](int64_t begin, int64_t stop) {
+      for (int64_t kp = begin; kp < stop; ++kp) {
         const int64_t first = r0 + 2 * kp, second = first + 1;
-        avx512bf16::interleave_rows(dg + first * DG, second < r0 + rows ? dg + second * DG : nullptr, DG,
+        avx512bf16::interleave_rows(dg + first * DG, second < end ? dg + second * DG : nullptr, DG,
                                     dg_pairs + kp * DG);
       }
     });
-    const bool accumulate = r0 > 0;
-    uint32_t* x_p = reinterpret_cast<uint32_t*>(scratch_floats(kSlotTasks, pair_panels_words(rows, I), holders[2]));
-    pack_pair_panels(rows, I, x_p, [&](int64_t k) { return x + (r0 + k) * I; });
-    pair_gemm({DG, I, pairs, dg_pairs, 1, DG, x_p, bw.dw_ih.data_ptr<float>(), I, accumulate});
+    uint32_t* xh = reinterpret_cast<uint32_t*>(scratch_floats(kSlotTasks, pair_panels_words(rows, columns),
+                                                              holders[2]));
     for (int64_t d = 0; d < D; ++d) {
       HPrevRows<Bits> direction = h_prev;
       direction.d = d;
-      uint32_t* h_p = reinterpret_cast<uint32_t*>(scratch_floats(kSlotTasks, pair_panels_words(rows, H), holders[3]));
-      pack_pair_panels(rows, H, h_p, [&](int64_t k) { return direction(r0 + k); });
-      pair_gemm({G, H, pairs, dg_pairs + d * G, 1, DG, h_p, bw.dw_hh.data_ptr<float>() + d * G * H, H, accumulate});
+      at::parallel_for(0, pairs, 256, [&](int64_t begin, int64_t stop) {
+        for (int64_t kp = begin; kp < stop; ++kp) {
+          const int64_t first = r0 + 2 * kp, second = first + 1;
+          const bool paired = second < end;
+          const int64_t ahead = first + 2 * kPackAhead;  // the rows kPackAhead pairs on: the loads wait on memory else
+          if (ahead + 1 < end) {
+            prefetch_lines(x + ahead * I, 2 * I * sizeof(Bits));
+            for (const Bits* h : {direction(ahead), direction(ahead + 1)}) {
+              if (h != nullptr) prefetch_lines(h, H * sizeof(Bits));
+            }
+          }
+          avx512bf16::pack_pair_row(x + first * I, paired ? x + second * I : nullptr, I, direction(first),
+                                    paired ? direction(second) : nullptr, H, xh + kp * 64, pairs * 64);
+        }
+      });
+      pair_gemm({G, columns, pairs, dg_pairs + d * G, 1, DG, xh, dw.data_ptr<float>() + d * G * columns, columns,
+                 r0 > 0});
     }
   }
+  bw.dw_ih = dw.narrow(2, 0, I).contiguous().view({DG, I});
+  bw.dw_hh = dw.narrow(2, I_padded, H).contiguous();
 }
 
 // fastmsc::lstm_bwd_bf16: lstm_bwd for a layer lstm_fwd_bf16 ran (no projection), on its bf16 saved state as it is.
