@@ -811,23 +811,38 @@ struct HPrevRows {
   }
 };
 
-inline void pack_h_prev_panels(const LstmSizes& s, const int64_t* lens, const at::Tensor& out, const float* h0,
-                               int64_t d, int64_t width, float* dst) {
-  const int64_t B = s.batch, T_ = s.steps, H = s.hidden, K = B * T_;
-  const int64_t lanes = 4 * width, P = (H + lanes - 1) / lanes;
-  const HPrevRows<float> h_prev(s, lens, out, h0, d);
-  at::parallel_for(0, K, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const float* src = h_prev(row);
+// Rows [r0, r0 + rows) of [x | h_prev] (memory rows of x, dense (B*T, I) in out's order, each followed by its h_prev
+// row of direction d, zeros for null), packed as pack_column_panels packs a (rows, I + H) matrix: the right factor of
+// both weight gradients of direction d.
+inline void pack_xh_panels(const float* x, int64_t I, const HPrevRows<float>& h_prev, int64_t r0, int64_t rows,
+                           int64_t width, float* dst) {
+  const int64_t H = h_prev.s.hidden, N = I + H, lanes = 4 * width, P = (N + lanes - 1) / lanes;
+  constexpr int64_t kAhead = 8;  // rows: the loads wait on memory else
+  at::parallel_for(0, rows, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t row = r0 + k;
+      if (k + kAhead < end) {
+        prefetch_lines(x + (row + kAhead) * I, I * sizeof(float));
+        if (const float* h = h_prev(row + kAhead)) prefetch_lines(h, H * sizeof(float));
+      }
+      const float* h = h_prev(row);
       for (int64_t p = 0; p < P; ++p) {
-        const int64_t n0 = p * lanes, n = std::min(lanes, H - n0);
-        float* dst_row = dst + (p * K + row) * lanes;
-        if (src != nullptr) {
-          std::copy_n(src + n0, n, dst_row);
-          std::fill(dst_row + n, dst_row + lanes, 0.0f);
-        } else {
-          std::fill(dst_row, dst_row + lanes, 0.0f);
+        const int64_t n0 = p * lanes, n_end = std::min(N, n0 + lanes);
+        float* dst_row = dst + (p * rows + k) * lanes;
+        for (int64_t n = n0; n < n_end;) {  // the part of x, then of h, in this panel
+          const bool in_x = n < I;
+          const int64_t part_end = in_x ? std::min(n_end, I) : n_end;
+          float* out = dst_row + (n - n0);
+          if (in_x) {
+            std::copy(x + row * I + n, x + row * I + part_end, out);
+          } else if (h != nullptr) {
+            std::copy(h + (n - I), h + (part_end - I), out);
+          } else {
+            std::fill(out, out + (part_end - n), 0.0f);
+          }
+          n = part_end;
         }
+        std::fill(dst_row + (n_end - n0), dst_row + lanes, 0.0f);
       }
     }
   });
@@ -1061,6 +1076,13 @@ void panel_gemm(CpuKernel kernel, const PanelGemm& g) {
   });
 }
 
+// Rows per chunk of the weight gradients' products: `fits` (what the kept scratch memory holds), or
+// FASTMSC_LSTM_BWD_CHUNK_ROWS (the tests, to cross chunks at small sizes).
+inline int64_t weight_gradient_chunk_rows(int64_t fits) {
+  const char* rows = std::getenv("FASTMSC_LSTM_BWD_CHUNK_ROWS");
+  return std::max<int64_t>(1, rows != nullptr ? std::atoll(rows) : fits);
+}
+
 // dx = dG · w_ih, dW_ih = dGᵀ · x and dW_hh = dGᵀ · h_prev (per direction) on the panel GEMM, into bw for
 // finish_backward. dG, x and h_prev share their row order (b, t).
 void panel_weight_gradients(CpuKernel kernel, LstmBackward& bw) {
@@ -1078,19 +1100,25 @@ void panel_weight_gradients(CpuKernel kernel, LstmBackward& bw) {
     panel_gemm(kernel, {N, I, D * G, dg, D * G, 1, w, in_place ? I : 0, bw.dx.data_ptr<float>(), I, false});
   }
   if (bw.need_dweights) {
-    at::Tensor holder;
-    const bool in_place = I % (4 * width) == 0;
-    const float* x = in_place ? bw.x.data_ptr<float>()
-                              : packed_columns(kSlotTasks, bw.x.data_ptr<float>(), 1, N, I, width, I, holder);
-    bw.dw_ih = cpu_empty({D * G, I}, options);
-    panel_gemm(kernel, {D * G, I, N, dg, 1, D * G, x, in_place ? I : 0, bw.dw_ih.data_ptr<float>(), I, false});
-    bw.dw_hh = cpu_empty({D, G, H}, options);
+    // Per direction one product dG_dᵀ · [x | h_prev_d] (4H x (I + H)) gives dW_ih_d and dW_hh_d: at I = H = 32 the two
+    // products apart filled half of each panel and read the gate gradients twice. Its rows go in chunks whose packed
+    // factor fits the kept scratch memory; the chunks accumulate.
+    const int64_t columns = I + H, panel_floats = (columns + 4 * width - 1) / (4 * width) * 4 * width;
+    const int64_t chunk = weight_gradient_chunk_rows(kScratchKeepFloats / panel_floats);
+    const float* x = bw.x.data_ptr<float>();  // dense in bw's order: memory rows pair with dG's
+    at::Tensor dw = N == 0 ? at::zeros({D, G, columns}, options) : cpu_empty({D, G, columns}, options), holder;
     for (int64_t d = 0; d < D; ++d) {
-      float* h_packed = scratch_floats(kSlotTasks, column_panels_floats(1, N, H, width), holder);
-      pack_h_prev_panels(s, ptr_or_null<int64_t>(bw.lens), bw.out, ptr_or_null<float>(bw.h0), d,
-                         width, h_packed);
-      panel_gemm(kernel, {G, H, N, dg + d * G, 1, D * G, h_packed, 0, bw.dw_hh.data_ptr<float>() + d * G * H, H, false});
+      const HPrevRows<float> h_prev(s, ptr_or_null<int64_t>(bw.lens), bw.out, ptr_or_null<float>(bw.h0), d);
+      for (int64_t r0 = 0; r0 < N; r0 += chunk) {
+        const int64_t rows = std::min(chunk, N - r0);
+        float* xh = scratch_floats(kSlotTasks, column_panels_floats(1, rows, columns, width), holder);
+        pack_xh_panels(x, I, h_prev, r0, rows, width, xh);
+        panel_gemm(kernel, {G, columns, rows, dg + r0 * D * G + d * G, 1, D * G, xh, 0,
+                            dw.data_ptr<float>() + d * G * columns, columns, r0 > 0});
+      }
     }
+    bw.dw_ih = dw.narrow(2, 0, I).contiguous().view({D * G, I});
+    bw.dw_hh = dw.narrow(2, I, H).contiguous();
   }
 }
 
@@ -1558,11 +1586,9 @@ void pair_weight_gradients(LstmBackward& bw) {
     bw.dw_hh = at::zeros({D, G, H}, options);
     return;
   }
-  // Rows per chunk, even (a pair never straddles two); FASTMSC_LSTM_BWD_CHUNK_ROWS sets it (the tests, to cross chunks
-  // at small sizes).
-  const char* rows_env = std::getenv("FASTMSC_LSTM_BWD_CHUNK_ROWS");
+  // Rows per chunk, even: a pair never straddles two.
   const int64_t widest = std::max(DG, (columns + 63) / 64 * 64);  // words per pair row: dG, [x | h_prev]
-  const int64_t rows_wanted = rows_env != nullptr ? std::atoll(rows_env) : 2 * kScratchKeepFloats / widest;
+  const int64_t rows_wanted = weight_gradient_chunk_rows(2 * kScratchKeepFloats / widest);
   const int64_t chunk = std::max<int64_t>(2, std::min(rows_wanted, N + 1) & ~int64_t{1});
   uint32_t* dg_pairs = reinterpret_cast<uint32_t*>(scratch_floats(kSlotGradPairs, chunk / 2 * DG, holders[1]));
   const Bits* x = elements_or_null<const Bits>(bw.x);  // dense in bw's order: memory rows pair with dG's

@@ -717,15 +717,20 @@ def _leaves(args, dtype):
 
 
 @pytest.mark.parametrize("round_", range(6))
-def test_cpu_kernels_against_float64_reference(rng, cpu_kernel, round_):
+def test_cpu_kernels_against_float64_reference(rng, cpu_kernel, round_, monkeypatch):
     """Each CPU code path in float32 against the float64 reference: outputs and every gradient.
 
     Tolerance 1e-4 (relative and absolute): float32 sums of up to I + H products per step (and B*T per weight
     gradient) of O(1) terms, carried over at most 9 steps; the worst measured over 1,200 such cases (400 per path)
     was 1.8e-5 of 1 + |expected|. An indexing or panel-layout mistake errs by O(0.1) or more, and an unwritten
-    element is NaN (FASTMSC_POISON)."""
+    element is NaN (FASTMSC_POISON). Some cases take the weight gradients' rows in small chunks
+    (FASTMSC_LSTM_BWD_CHUNK_ROWS; by default a chunk is 32 MB of packed rows), which then accumulate."""
     r, seed = rng
+    chunk_rows = r.choice([None, r.randint(1, 40)])
+    if chunk_rows is not None:
+        monkeypatch.setenv("FASTMSC_LSTM_BWD_CHUNK_ROWS", str(chunk_rows))
     args, upstream, shape = _cpu_case(r)
+    shape["chunk"] = chunk_rows
     expected = _run_with_grads(lstm_layer_reference, *_leaves(args, torch.float64), upstream)
     got = _run_with_grads(fused_module.fused, *_leaves(args, torch.float32), tuple(u.float() for u in upstream))
     assert len(got) == len(expected)
