@@ -690,10 +690,11 @@ def vector_cpu_kernel(request, monkeypatch):
 
 def _cpu_case(r, time_major=None):
     """A random layer call whose sizes cover several panels (H up to 70: 5 panels of 16 units, 2 of 64 columns),
-    H and I that are whole panels (read in place), full and partial row blocks (B up to 20) and both layouts."""
+    H and I that are whole panels (read in place) or end within a later one (the weight gradients' [x | h_prev]
+    factor: I + H from 2 to 140 columns), full and partial row blocks (B up to 20) and both layouts."""
     D = r.choice([1, 2])
     B, T = r.randint(1, 20), r.randint(1, 9)
-    n_in, H = r.choice([r.randint(1, 9), 64]), r.choice([r.randint(1, 40), 64, 70])
+    n_in, H = r.choice([r.randint(1, 9), 33, 64, 70]), r.choice([r.randint(1, 40), 64, 70])
     time_major = r.random() < 0.5 if time_major is None else time_major
     x = (torch.randn(T, B, n_in, dtype=torch.float64).transpose(0, 1) if time_major
          else torch.randn(B, T, n_in, dtype=torch.float64))
