@@ -637,7 +637,8 @@ FASTMSC_PANEL_FN void forward_rows_bf16(const PanelForwardBf16& a, int64_t d, in
 // cell_backward (lstm_gates.h) of one row's H hidden units, kWidth at a time, with dh = dh_carry + dout; dc_state
 // holds the gradient reaching c and leaves with the one reaching c_prev. E: the element type of the saved state
 // (float, or Bits for the bf16 layers), read as float32. The gate gradients dG go to dgates (E = float), or, for bf16
-// state, rounded to bf16 into dgates_rounded and, unrounded, summed into dbias_row (see PanelBackwardOf).
+// state, rounded to bf16 into dgates_rounded; either way they are summed into dbias_row where it is given (see
+// PanelBackwardOf).
 template <typename E>
 FASTMSC_PANEL_INLINE void gate_gradients(const E* __restrict act, const E* __restrict c, const E* __restrict c_prev,
                                          const float* __restrict dh_carry, const E* __restrict dout,
@@ -659,6 +660,11 @@ FASTMSC_PANEL_INLINE void gate_gradients(const E* __restrict act, const E* __res
     store_units(dc_state + j0, vmul(dc_total, f), n);
     if constexpr (std::is_same_v<E, float>) {
       for (int s = 0; s < 4; ++s) store_units(dgates + s * H + j0, dz[s], n);
+      if (dbias_row != nullptr) {
+        for (int s = 0; s < 4; ++s) {
+          store_units(dbias_row + s * H + j0, vadd(load_units(dbias_row + s * H + j0, n), dz[s]), n);
+        }
+      }
     } else {
 #if FASTMSC_PANEL_BF16
       for (int s = 0; s < 4; ++s) {
@@ -777,7 +783,7 @@ FASTMSC_PANEL_FN void backward_rows(const PanelBackwardOf<E>& a, int64_t d, int6
       gate_gradients(a.gates + b * a.gates_sb + t * a.gates_st + d * G,
                      a.cells + b * a.cells_sb + t * a.cells_st + d * H, c_prev, dh_carry, dout, dc_state + i * H,
                      kRounded ? nullptr : a.dgates + dg_at, kRounded ? a.dgates_rounded + dg_at : nullptr,
-                     kRounded ? a.dbias_rows + (d * a.batch + b) * G : nullptr, H);
+                     a.dbias_rows != nullptr ? a.dbias_rows + (d * a.batch + b) * G : nullptr, H);
     }
     // dh reaching h_{t_prev} = dG_t · w_hh; the very last one is the h0 gradient, needed only when asked for.
     if (step == 0 && !a.need_dstate) break;
