@@ -660,18 +660,15 @@ FASTMSC_PANEL_INLINE void gate_gradients(const E* __restrict act, const E* __res
     store_units(dc_state + j0, vmul(dc_total, f), n);
     if constexpr (std::is_same_v<E, float>) {
       for (int s = 0; s < 4; ++s) store_units(dgates + s * H + j0, dz[s], n);
-      if (dbias_row != nullptr) {
-        for (int s = 0; s < 4; ++s) {
-          store_units(dbias_row + s * H + j0, vadd(load_units(dbias_row + s * H + j0, n), dz[s]), n);
-        }
-      }
     } else {
 #if FASTMSC_PANEL_BF16
+      for (int s = 0; s < 4; ++s) store_bf16(dgates_rounded + s * H + j0, dz[s], n);
+#endif
+    }
+    if (dbias_row != nullptr) {
       for (int s = 0; s < 4; ++s) {
-        store_bf16(dgates_rounded + s * H + j0, dz[s], n);
         store_units(dbias_row + s * H + j0, vadd(load_units(dbias_row + s * H + j0, n), dz[s]), n);
       }
-#endif
     }
   }
 }
