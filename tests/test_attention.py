@@ -58,7 +58,11 @@ def call(case, lengths):
 # products on a GPU (the interpreter runs them as fp32 dots) reach 0.30 of the bound in emulation over T <= 300
 # (fastmsc.kernels.attention's docstring), so the row holds for them too. A larger scale makes
 # the scores (and their rounding errors, which reach the gradients linearly) |scale| * sqrt(D) times larger:
-# tolerance() widens the float32 row by that factor.
+# tolerance() widens the float32 row by that factor. Large scores also make each softmax row nearly one-hot, and
+# the cancellation in dS = P (dP - rowsum) then leaves gradient elements of q and k far smaller than the terms whose
+# rounding they carry, as in the half rows below: over 150 draws of scale 1.3 at D = 64 (growth 10.4) the worst
+# error was 21 u x growth x max|grad| (u = 2^-24; grad of q, which broke rtol and atol alone at 1.46x their sum),
+# so the float32 row also allows 64 u x max|grad| before the growth.
 # Half (unit roundoff u: fp16 2^-11, bf16 2^-8): the forward error is the rounding of the scores, of the softmax
 # weights and of the O(1) output (a few u). A flash-style backward also rounds P and dS to the input dtype before
 # its products and computes rowsum(dO * O) from the stored low-precision output; those errors follow the largest
@@ -66,7 +70,7 @@ def call(case, lengths):
 # element far smaller than its terms. Measured: up to ~5u x max|grad| (fused bf16); 16u x max|grad| bounds it.
 TOL = {
     torch.float64: TOL_FLOAT64,
-    torch.float32: {"rtol": 2e-5, "atol": 5e-6},
+    torch.float32: {"rtol": 2e-5, "atol": 5e-6, "atol_per_max": 64 * 2**-24},
     torch.float16: {"rtol": 8 * 2**-11, "atol": 8 * 2**-11, "atol_per_max": 16 * 2**-11},
     torch.bfloat16: {"rtol": 8 * 2**-8, "atol": 8 * 2**-8, "atol_per_max": 16 * 2**-8},
 }
