@@ -664,6 +664,35 @@ inline at::Tensor cpu_empty(at::IntArrayRef sizes, const at::TensorOptions& opti
   return t;
 }
 
+// A contiguous copy of t (a CPU tensor) in cpu_empty's memory: at 2 MB and above the blocks BlockCache keeps, where
+// torch's allocator would take glibc's heap, which returns freed memory of that size to the system and faults it in
+// again on the next call (the weight gradients at H = 256, float32: 2 MB each).
+inline at::Tensor cpu_contiguous_copy(const at::Tensor& t) {
+  at::Tensor copy = cpu_empty_unpoisoned(t.sizes(), t.options());
+  copy.copy_(t);
+  return copy;
+}
+
+// torch.stack(parts) in cpu_empty's memory (see cpu_contiguous_copy): the layer's per-direction weights, stacked by
+// its Python side on every call where they reach 2 MB (float32 at H = 256, bidirectional). With glibc's memory
+// each call faulted 4 MB in again: 1.9 ms a call at B = 1, T = 1 instead of 0.28 ms.
+at::Tensor lstm_cpu_stack(at::TensorList parts) {
+  // The dispatcher refuses an empty list before this; a direct call should too.
+  TORCH_CHECK(!parts.empty(), "fastmsc::lstm_cpu_stack: expected at least one tensor, got none");
+  for (const at::Tensor& part : parts) {
+    TORCH_CHECK(part.device().is_cpu() && part.scalar_type() == parts[0].scalar_type() &&
+                    part.sizes() == parts[0].sizes(),
+                "fastmsc::lstm_cpu_stack: expected CPU tensors of one dtype and shape, got ", part.scalar_type(), " ",
+                part.sizes(), " on ", part.device(), " next to ", parts[0].scalar_type(), " ", parts[0].sizes(), " on ",
+                parts[0].device());
+  }
+  std::vector<int64_t> sizes{static_cast<int64_t>(parts.size())};
+  sizes.insert(sizes.end(), parts[0].sizes().begin(), parts[0].sizes().end());
+  at::Tensor out = cpu_empty_unpoisoned(sizes, parts[0].options());
+  for (size_t i = 0; i < parts.size(); ++i) out.select(0, static_cast<int64_t>(i)).copy_(parts[i]);
+  return out;
+}
+
 // Scratch memory kept by the calling thread between calls, one buffer per use. The packed weights and the per-task
 // buffers are rewritten on every call; fresh memory for them on every call costs page faults and zeroing by the kernel
 // that, at small batches, took longer than the recurrence itself (2 MB of packed weights per direction at H = 256),
@@ -1116,8 +1145,8 @@ void panel_weight_gradients(CpuKernel kernel, LstmBackward& bw) {
                             dw.data_ptr<float>() + d * G * columns, columns, r0 > 0});
       }
     }
-    bw.dw_ih = dw.narrow(2, 0, I).clone(at::MemoryFormat::Contiguous).view({D * G, I});
-    bw.dw_hh = dw.narrow(2, I, H).clone(at::MemoryFormat::Contiguous);
+    bw.dw_ih = cpu_contiguous_copy(dw.narrow(2, 0, I)).view({D * G, I});
+    bw.dw_hh = cpu_contiguous_copy(dw.narrow(2, I, H));
   }
 }
 
@@ -1635,8 +1664,8 @@ void pair_weight_gradients(LstmBackward& bw) {
                  r0 > 0});
     }
   }
-  bw.dw_ih = dw.narrow(2, 0, I).clone(at::MemoryFormat::Contiguous).view({DG, I});
-  bw.dw_hh = dw.narrow(2, I_padded, H).clone(at::MemoryFormat::Contiguous);
+  bw.dw_ih = cpu_contiguous_copy(dw.narrow(2, 0, I)).view({DG, I});
+  bw.dw_hh = cpu_contiguous_copy(dw.narrow(2, I_padded, H));
 }
 
 // fastmsc::lstm_bwd_bf16: lstm_bwd for a layer lstm_fwd_bf16 ran (no projection), on its bf16 saved state as it is.
@@ -1678,6 +1707,8 @@ TORCH_LIBRARY(fastmsc, m) {
   // The freed CPU buffers kept for reuse (see BlockCache): their bytes, and their release.
   m.def("lstm_cpu_cached_bytes() -> int", [] { return fastmsc::block_cache_bytes(); });
   m.def("lstm_cpu_empty_cache() -> ()", [] { fastmsc::empty_block_cache(); });
+  // torch.stack of CPU tensors in the memory the op's large tensors take (see lstm_cpu_stack).
+  m.def("lstm_cpu_stack(Tensor[] parts) -> Tensor");
   m.def(
       "lstm_fwd_bf16(Tensor x, Tensor w_ih, Tensor w_hh, Tensor? bias, Tensor? h0, Tensor? c0, Tensor? lengths, "
       "bool training) -> (Tensor out, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
@@ -1699,6 +1730,7 @@ TORCH_LIBRARY(fastmsc, m) {
 TORCH_LIBRARY_IMPL(fastmsc, CPU, m) {
   m.impl("lstm_fwd", &fastmsc::lstm_fwd<fastmsc::CpuBackend>);
   m.impl("lstm_bwd", &fastmsc::lstm_bwd<fastmsc::CpuBackend>);
+  m.impl("lstm_cpu_stack", &fastmsc::lstm_cpu_stack);
 #if FASTMSC_PANELS
   m.impl("lstm_fwd_bf16", &fastmsc::lstm_fwd_bf16_cpu);
   m.impl("lstm_bwd_bf16", &fastmsc::lstm_bwd_bf16_cpu);

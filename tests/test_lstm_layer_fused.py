@@ -945,6 +945,77 @@ def test_freed_cpu_buffers_are_kept_for_the_next_call_of_their_size():
     assert torch.ops.fastmsc.lstm_cpu_cached_bytes() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_weights_stacked_in_extension_memory_give_the_same_layer(rng, dtype, monkeypatch):
+    """A bidirectional layer whose stacked weights reach EXTENSION_STACK_BYTES stacks them in the extension's memory
+    (lstm_cpu_stack, through an autograd.Function): the same outputs and gradients, bit for bit, as torch.cat and
+    torch.stack give, and the same second-order gradients."""
+    r, seed = rng
+    args, upstream, shape = _random_case(r, dtype, 2, r.random() < 0.5, r.random() < 0.5,
+                                         non_contiguous=r.random() < 0.5, proj=r.random() < 0.3)
+    expected = _run_with_grads(fused_module.fused, *args, upstream)
+    stacked = []
+    real_forward = fused_module._StackInExtensionMemory.forward
+
+    def spy(ctx, *parts):
+        stacked.append(tuple(p.shape for p in parts))
+        return real_forward(ctx, *parts)
+
+    monkeypatch.setattr(fused_module, "EXTENSION_STACK_BYTES", 0)
+    monkeypatch.setattr(fused_module._StackInExtensionMemory, "forward", staticmethod(spy))
+    got = _run_with_grads(fused_module.fused, *args, upstream)
+    assert len(stacked) == 2, f"seed {seed}: the stacks taken: {stacked}"
+    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+        assert torch.equal(a, b), f"seed {seed}, (B,T,I,H[,P])={shape}: result {i} differs"
+
+    if dtype == torch.float64:  # second order: the Function's backward is differentiable
+        x, weights, h0, c0, lengths = args
+        flat = [p for params in weights for p in params if p is not None]
+
+        def grads_of(fn_args):
+            out, h_n, c_n = fused_module.fused(*fn_args)
+            loss = (out * upstream[0]).sum() + (h_n * upstream[1]).sum() + (c_n * upstream[2]).sum()
+            first = torch.autograd.grad(loss, flat, create_graph=True)
+            return torch.autograd.grad(sum((g * g).sum() for g in first), [x, *flat])
+
+        second = grads_of(args)
+        monkeypatch.setattr(fused_module, "EXTENSION_STACK_BYTES", 1 << 62)
+        for i, (a, b) in enumerate(zip(second, grads_of(args), strict=True)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12,
+                                       msg=lambda m, i=i: f"seed {seed}, {shape}: second order {i}: {m}")
+
+
+def test_weights_of_a_large_bidirectional_layer_stack_in_extension_memory():
+    """float32 at H = 256, bidirectional: each stacked weight is 2 MB, and freed, both go to the extension's cache
+    (torch's allocator would give them to glibc's heap, which hands 2 MB blocks back to the system and faults them in
+    again on every call)."""
+    _require_linux_allocator()
+    H = 256
+    layer = LSTM(H, H, bidirectional=True, batch_first=True)
+    x = torch.randn(1, 2, H)
+    torch.ops.fastmsc.lstm_cpu_empty_cache()
+    with fastmsc.use_backend("fused"), torch.no_grad():
+        expected = torch.nn.LSTM(H, H, bidirectional=True, batch_first=True)
+        expected.load_state_dict(layer.state_dict())
+        out, _ = layer(x)
+        torch.testing.assert_close(out, expected(x)[0], rtol=1e-5, atol=1e-5)
+    stack_bytes = 2 * 4 * H * H * 4
+    assert torch.ops.fastmsc.lstm_cpu_cached_bytes() >= 2 * stack_bytes
+    torch.ops.fastmsc.lstm_cpu_empty_cache()
+
+
+def test_cpu_stack_rejects_what_it_cannot_stack():
+    stack = torch.ops.fastmsc.lstm_cpu_stack
+    with pytest.raises(RuntimeError, match="no tensor arguments"):  # the dispatcher's check
+        stack([])
+    with pytest.raises(RuntimeError, match=r"of one dtype and shape, got Float \[3, 2\] on cpu next to Float \[2, 3\]"):
+        stack([torch.randn(2, 3), torch.randn(3, 2)])
+    with pytest.raises(RuntimeError, match="of one dtype and shape, got Double"):
+        stack([torch.randn(2, 3), torch.randn(2, 3, dtype=torch.float64)])
+    parts = [torch.randn(3, 4).t(), torch.randn(4, 3)]  # a transposed view too
+    assert torch.equal(stack(parts), torch.stack(parts))
+
+
 def test_the_cpu_buffer_cache_keeps_nothing_at_a_zero_limit():
     """FASTMSC_LSTM_CPU_CACHE_MB=0: freed buffers go straight back to the system (a subprocess: the limit is read
     once)."""
