@@ -649,3 +649,21 @@ def test_lstm_cpu_clients_times_stock_against_swapped():
     line = next(line for line in done.stdout.splitlines() if line.startswith("bilstm"))
     stock, swapped = (float(line.split(label)[1].split("ms")[0]) for label in ("stock", "swapped"))
     assert math.isclose(float(line.rsplit(maxsplit=1)[1].rstrip("x")), stock / swapped, rel_tol=2e-2), line
+
+
+def test_lstm_cpu_loop_times_both_models_per_shape():
+    """bench/lstm_cpu_loop.py: one line per shape, the ratio the two times give; a bad shape is refused by name."""
+    from fastmsc.backend import OPS
+    if (reason := OPS["lstm_layer"].why_not_fused("cpu")) is not None:
+        pytest.skip(f"the LSTM extension is unavailable: {reason}")
+    script = str(Path(__file__).parents[1] / "bench" / "lstm_cpu_loop.py")
+    done = subprocess.run([sys.executable, script, "--shape", "2,3,5,2", "--shape", "1,2,4,1", "--mode", "train",
+                           "--rounds", "1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("B=")]
+    assert [line.split(":")[0] for line in lines] == ["B=2 T=3 H=5 D=2", "B=1 T=2 H=4 D=1"], done.stdout
+    for line in lines:
+        torch_ms, fast_ms = (float(line.split(label)[1].split()[0]) for label in ("torch", "fastmsc"))
+        assert math.isclose(float(line.rsplit(maxsplit=1)[1].rstrip("x")), torch_ms / fast_ms, rel_tol=2e-2), line
+    bad = subprocess.run([sys.executable, script, "--shape", "1,2,4,3"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "D must be 1 or 2, got 3" in bad.stderr, bad.stderr[-3000:]
