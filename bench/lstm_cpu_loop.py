@@ -22,7 +22,9 @@ from fastmsc.nn import LSTM
 
 def step_of(model, x, mode: str):
     if mode == "train":
-        def step():
+        def step():  # as a training loop's zero_grad(set_to_none=True) leaves things: no gradient kept between steps
+            model.zero_grad(set_to_none=True)
+            x.grad = None
             out, (h, c) = model(x)
             (out.sum() + h.sum() + c.sum()).backward()
     else:

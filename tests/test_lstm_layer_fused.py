@@ -967,6 +967,11 @@ def test_weights_stacked_in_extension_memory_give_the_same_layer(rng, dtype, mon
     assert len(stacked) == 2, f"seed {seed}: the stacks taken: {stacked}"
     for i, (a, b) in enumerate(zip(got, expected, strict=True)):
         assert torch.equal(a, b), f"seed {seed}, (B,T,I,H[,P])={shape}: result {i} differs"
+    with torch.no_grad():  # no gradient wanted: the op itself, not the Function
+        inferred = fused_module.fused(*args)
+    assert len(stacked) == 2, f"seed {seed}: inference went through the Function"
+    for i, (a, b) in enumerate(zip(inferred, expected[:3], strict=True)):
+        assert torch.equal(a, b), f"seed {seed}, (B,T,I,H[,P])={shape}: inference result {i} differs"
 
     if dtype == torch.float64:  # second order: the Function's backward is differentiable
         x, weights, h0, c0, lengths = args
@@ -1004,11 +1009,37 @@ def test_weights_of_a_large_bidirectional_layer_stack_in_extension_memory():
     torch.ops.fastmsc.lstm_cpu_empty_cache()
 
 
+def test_only_the_extensions_path_stacks_in_its_memory(monkeypatch):
+    """The persistent Triton kernel's path (which loads no extension) stacks large weights with torch."""
+    def refuse(parts):
+        raise AssertionError("stacked through the extension")
+
+    monkeypatch.setattr(fused_module, "_stack_in_extension_memory", refuse)
+    weights = _weights(2, 256, 256, torch.float32)  # 2 MB stacks
+    w_ih, w_hh = fused_module._stacked_weights(weights, torch.float32)  # as _fused_persistent calls it
+    assert torch.equal(w_hh, torch.stack([weights[0][1], weights[1][1]]))
+    with pytest.raises(AssertionError, match="through the extension"):
+        fused_module._stacked_weights(weights, torch.float32, extension_memory=True)
+
+
+def test_large_stacks_trace_under_fake_tensors():
+    """FakeTensorMode (tests/test_model_memory.py counts saved memory under it) meets the stack op where a layer's
+    stacks reach EXTENSION_STACK_BYTES: the op's fake implementation answers, forward and backward."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    H = 256  # float32 stacks of 2 MB
+    with FakeTensorMode():
+        x = torch.randn(2, 3, H, requires_grad=True)
+        weights = _weights(2, H, H, torch.float32)
+        out, h_n, c_n = fused_module.fused(x, weights)
+        (out.sum() + h_n.sum() + c_n.sum()).backward()
+        assert out.shape == (2, 3, 2 * H) and weights[1][1].grad.shape == (4 * H, H)
+
+
 def test_cpu_stack_rejects_what_it_cannot_stack():
     stack = torch.ops.fastmsc.lstm_cpu_stack
     with pytest.raises(RuntimeError, match="no tensor arguments"):  # the dispatcher's check
         stack([])
-    with pytest.raises(RuntimeError, match=r"of one dtype and shape, got Float \[3, 2\] on cpu next to Float \[2, 3\]"):
+    with pytest.raises(RuntimeError, match=r"of one dtype and shape, got Float \[3, 2\] next to Float \[2, 3\]"):
         stack([torch.randn(2, 3), torch.randn(3, 2)])
     with pytest.raises(RuntimeError, match="of one dtype and shape, got Double"):
         stack([torch.randn(2, 3), torch.randn(2, 3, dtype=torch.float64)])

@@ -130,6 +130,8 @@ def _ensure_registered() -> None:
             torch.library.register_fake("fastmsc::lstm_bwd_bf16")(_fake_backward_bf16)
             # Eager calls run lstm_fwd_half's body, which calls it (under FakeTensorMode too).
             torch.library.register_fake("fastmsc::lstm_fwd_bf16")(fake_forward)
+            # FakeTensorMode and make_fx meet it in eager code (_stack_in_extension_memory).
+            torch.library.register_fake("fastmsc::lstm_cpu_stack")(lambda parts: torch.stack(parts))
             torch.library.register_autograd("fastmsc::lstm_fwd", _backward, setup_context=setup_context)
             _eager_float = eager_function("lstm_fwd", torch.ops.fastmsc.lstm_fwd, _backward)
             _registered = True
@@ -260,7 +262,7 @@ def fused(x, weights, h0=None, c0=None, lengths=None, lstm_impl: str = "auto"):
     half = x.dtype in HALF_DTYPES
     # Half weights stay half (float32 copies of them would be what backward keeps); the op widens them.
     weight_dtype = x.dtype if half else work
-    w_ih, w_hh = _stacked_weights(weights, weight_dtype)
+    w_ih, w_hh = _stacked_weights(weights, weight_dtype, extension_memory=True)
     projected = _projected(weights)
     w_hr = torch.stack([p[4].to(weight_dtype) for p in weights]) if projected else None
     bias = combined_bias(weights, work)
@@ -273,15 +275,20 @@ def fused(x, weights, h0=None, c0=None, lengths=None, lstm_impl: str = "auto"):
     return out, h_n, c_n
 
 
-def _stacked_weights(weights, dtype):
-    """(w_ih (D*4H, I), w_hh (D, 4H, R)) in ``dtype``; one direction's as views of its weights, not copies."""
+def _stacked_weights(weights, dtype, extension_memory: bool = False):
+    """(w_ih (D*4H, I), w_hh (D, 4H, R)) in ``dtype``; one direction's as views of its weights, not copies.
+    ``extension_memory``: the caller has loaded the extension, whose memory may then hold large stacks."""
     if len(weights) == 1:
         return to_dtype(weights[0][0], dtype), to_dtype(weights[0][1], dtype).unsqueeze(0)
     w_ih = [to_dtype(p[0], dtype) for p in weights]
     w_hh = [to_dtype(p[1], dtype) for p in weights]
-    return (_StackInExtensionMemory.apply(*w_ih).flatten(0, 1) if _stacks_in_extension_memory(w_ih)
-            else torch.cat(w_ih),
-            _StackInExtensionMemory.apply(*w_hh) if _stacks_in_extension_memory(w_hh) else torch.stack(w_hh))
+    if extension_memory and _stacks_in_extension_memory(w_ih):
+        stacked_ih = _stack_in_extension_memory(w_ih).flatten(0, 1)
+    else:
+        stacked_ih = torch.cat(w_ih)
+    if extension_memory and _stacks_in_extension_memory(w_hh):
+        return stacked_ih, _stack_in_extension_memory(w_hh)
+    return stacked_ih, torch.stack(w_hh)
 
 
 # Stacks of at least this many bytes take the extension's memory in eager CPU calls (_StackInExtensionMemory).
@@ -294,11 +301,19 @@ def _stacks_in_extension_memory(parts) -> bool:
             and not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None)
 
 
+def _stack_in_extension_memory(parts) -> torch.Tensor:
+    """torch.stack(parts) in the extension's memory; through autograd only where a gradient is wanted (the Function's
+    Python costs a few microseconds, the whole of a small layer's inference)."""
+    if torch.is_grad_enabled() and any(p.requires_grad for p in parts):
+        return _StackInExtensionMemory.apply(*parts)
+    return torch.ops.fastmsc.lstm_cpu_stack(parts)
+
+
 class _StackInExtensionMemory(torch.autograd.Function):
     """torch.stack(parts) (D tensors of one shape and dtype on the CPU) in the memory the extension keeps for its large
     tensors (fastmsc::lstm_cpu_stack). torch's allocator takes 2 MB blocks from glibc's heap, which returns them to the
     system when they are freed and faults them in again on the next call: bidirectional float32 layers at H = 256 spent
-    1.9 ms a call (B = 1, T = 1) instead of 0.28 ms stacking their weights. Eager calls only: torch.compile and
+    2.2-2.4 ms a call (B = 1, T = 1) instead of 0.3 ms stacking their weights. Eager calls only: torch.compile and
     functorch transforms trace torch.stack."""
 
     @staticmethod
