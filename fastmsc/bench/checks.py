@@ -93,15 +93,16 @@ def mismatch(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float = 0.0,
     return float(ratio.flatten()[flat]), index, int((ratio > 1).sum())
 
 
-def compare(pairs: Sequence[tuple[str, torch.Tensor | None, torch.Tensor]]) -> tuple[float, str]:
+def compare(pairs: Sequence[tuple[str, torch.Tensor | None, torch.Tensor]],
+            floor_fraction: float = 1e-2) -> tuple[float, str]:
     """Worst error over (name, got, reference) pairs: max|got - ref| / max|ref|, as float64.
 
-    The denominator is at least 1e-2 of the largest reference magnitude in the group, so a tensor that is
-    mathematically zero (a conv bias feeding BatchNorm has zero gradient) is judged on the group's scale,
+    The denominator is at least ``floor_fraction`` of the largest reference magnitude in the group, so a tensor that
+    is mathematically zero (a conv bias feeding BatchNorm has zero gradient) is judged on the group's scale,
     not on its own rounding noise. A missing gradient counts as zeros; NaN or inf counts as infinite error.
     """
     scales = [float(want.abs().max()) if want.numel() else 0.0 for _, _, want in pairs]
-    floor = max(max(scales, default=0.0) * 1e-2, torch.finfo(torch.float64).tiny)
+    floor = max(max(scales, default=0.0) * floor_fraction, torch.finfo(torch.float64).tiny)
     worst, worst_name = 0.0, ""
     for (name, got, want), scale in zip(pairs, scales, strict=True):
         if got is None:

@@ -296,8 +296,14 @@ class ModelWorkload:
             logits = net(x)
             grads = torch.autograd.grad(F.cross_entropy(logits, y), [p for _, p in named], allow_unused=True)
         error, worst = compare([("logits", logits, ref_logits)])
+        # Judged on at least a tenth of the model's largest gradient: at initialisation the attention query and key
+        # projections' gradients are 1e-4 to 1e-3 of it (near-uniform softmax rows, whose backward cancels), and
+        # stock PyTorch float32 missed them by up to 5% of their own size (1e-2 of the largest gradient; 12 of 2,500
+        # draws of the quick case over 2e-3 on a floor of 1e-2, none over 1.4e-3 on 0.1). A gradient lost there
+        # still fails on that floor in most draws.
         grad_error, grad_worst = compare([(f"grad {n}", g, want)
-                                          for (n, _), g, want in zip(named, grads, ref_grads, strict=True)])
+                                          for (n, _), g, want in zip(named, grads, ref_grads, strict=True)],
+                                         floor_fraction=0.1)
         if grad_error > error:
             error, worst = grad_error, grad_worst
         tol = tolerance(self.options.dtype, self.options.device, model=True)
