@@ -280,25 +280,22 @@ def _stacked_weights(weights, dtype, extension_memory: bool = False):
     ``extension_memory``: the caller has loaded the extension, whose memory may then hold large stacks."""
     if len(weights) == 1:
         return to_dtype(weights[0][0], dtype), to_dtype(weights[0][1], dtype).unsqueeze(0)
-    w_ih = [to_dtype(p[0], dtype) for p in weights]
-    w_hh = [to_dtype(p[1], dtype) for p in weights]
-    if extension_memory and _stacks_in_extension_memory(w_ih):
-        stacked_ih = _stack_in_extension_memory(w_ih).flatten(0, 1)
-    else:
-        stacked_ih = torch.cat(w_ih)
-    if extension_memory and _stacks_in_extension_memory(w_hh):
-        return stacked_ih, _stack_in_extension_memory(w_hh)
-    return stacked_ih, torch.stack(w_hh)
+    w_ih = _stack([to_dtype(p[0], dtype) for p in weights], extension_memory)
+    return w_ih.flatten(0, 1), _stack([to_dtype(p[1], dtype) for p in weights], extension_memory)
 
 
 # Stacks of at least this many bytes take the extension's memory in eager CPU calls (_StackInExtensionMemory).
 EXTENSION_STACK_BYTES = 2 << 20
 
 
-def _stacks_in_extension_memory(parts) -> bool:
+def _stack(parts, extension_memory: bool) -> torch.Tensor:
+    """torch.stack(parts); in the extension's memory where allowed and large enough, in eager CPU calls."""
     first = parts[0]
-    return (first.device.type == "cpu" and len(parts) * first.numel() * first.element_size() >= EXTENSION_STACK_BYTES
-            and not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None)
+    if (not extension_memory or first.device.type != "cpu"
+            or len(parts) * first.numel() * first.element_size() < EXTENSION_STACK_BYTES
+            or torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None):
+        return torch.stack(parts)
+    return _stack_in_extension_memory(parts)
 
 
 def _stack_in_extension_memory(parts) -> torch.Tensor:
