@@ -15,22 +15,21 @@ import argparse
 import time
 
 import torch
+from lstm_cpu_grid import inference_step, training_step  # bench/, the script's own folder
 
 import fastmsc
 from fastmsc.nn import LSTM
 
 
 def step_of(model, x, mode: str):
-    if mode == "train":
-        def step():  # as a training loop's zero_grad(set_to_none=True) leaves things: no gradient kept between steps
-            model.zero_grad(set_to_none=True)
-            x.grad = None
-            out, (h, c) = model(x)
-            (out.sum() + h.sum() + c.sum()).backward()
-    else:
-        def step():
-            with torch.no_grad():
-                model(x)
+    if mode != "train":
+        return inference_step(model, x)
+    train = training_step(model, x)
+
+    def step():  # as a training loop's zero_grad(set_to_none=True) leaves things: no gradient kept between steps
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        train()
     return step
 
 
