@@ -638,7 +638,8 @@ def test_lstm_cpu_grid_refreshes_the_records_fast_cases(tmp_path):
 
 
 def test_lstm_cpu_clients_times_stock_against_swapped():
-    """bench/lstm_cpu_clients.py, one step of the 2-layer BiLSTM classifier: stock and swapped models both train."""
+    """bench/lstm_cpu_clients.py, one step of the 2-layer BiLSTM classifier: stock and swapped models both train, and
+    so does the copy without its LSTM, whose step bounds the ratio."""
     from fastmsc.backend import OPS
     if (reason := OPS["lstm_layer"].why_not_fused("cpu")) is not None:
         pytest.skip(f"the LSTM extension is unavailable: {reason}")
@@ -647,8 +648,30 @@ def test_lstm_cpu_clients_times_stock_against_swapped():
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith("bilstm"))
-    stock, swapped = (float(line.split(label)[1].split("ms")[0]) for label in ("stock", "swapped"))
+    stock, swapped, free = (float(line.split(label)[1].split("ms")[0]) for label in ("stock", "swapped", "no LSTM"))
     assert math.isclose(float(line.rsplit(maxsplit=1)[1].rstrip("x")), stock / swapped, rel_tol=2e-2), line
+    assert math.isclose(float(line.split("bound")[1].split("x")[0]), stock / free, rel_tol=2e-2), line
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+def test_without_lstms_keeps_the_model_and_its_output_shape():
+    """The bound's model: each LSTM replaced by zeros of its output's shape (directions and proj_size counted), in a
+    copy; the original keeps its LSTMs."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    try:
+        import lstm_cpu_clients
+    finally:
+        sys.path.pop(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LSTM(4, 6, bidirectional=True, proj_size=2))
+    free = lstm_cpu_clients.without_lstms(model)
+    assert isinstance(model[1], torch.nn.LSTM) and isinstance(free[1], lstm_cpu_clients.FreeLSTM)
+    x = torch.randn(5, 7, 4)
+    out, state = free[1](x)
+    assert out.shape == model[1](x)[0].shape and state is None and not out.any()
+    classifier = lstm_cpu_clients.MODELS["lstm_fcn_steps"]()
+    free = lstm_cpu_clients.without_lstms(classifier)
+    assert classifier(torch.randn(2, 3, 100)).shape == free(torch.randn(2, 3, 100)).shape == (2, 10)
+    assert not any(isinstance(m, torch.nn.LSTM) for m in free.modules())
 
 
 def test_lstm_cpu_loop_times_both_models_per_shape():
