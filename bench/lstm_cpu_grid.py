@@ -228,6 +228,17 @@ def write_table(rows: list[Row], command: str, path) -> None:
     print(f"wrote {len(cases)} measured cases for CPU class {cpu_class} to {path}")
 
 
+def case_key(c) -> tuple:
+    """What identifies a recorded case (the record keeps no layout): of a record's Case or a Row's Case."""
+    return (c.dtype, c.threads, c.B, c.T, c.H, c.D)
+
+
+def recorded_rows(record, dropped: set) -> list[Row]:
+    """The record's cases as rows (batch first), but those whose case_key is in ``dropped``."""
+    return [Row(Case(c.B, c.T, c.H, c.D, "batch_first", c.threads, c.dtype), c.mode, c.torch_ms, c.fastmsc_ms)
+            for c in record.cases if case_key(c) not in dropped]
+
+
 def refresh(table: Path, below_ms: float, dtypes: list[str] | None, only: dict[str, set], reps: int,
             min_seconds: float, argv) -> int:
     """--refresh-below: the record's cases under ``below_ms`` (of ``dtypes``, or any, and within ``only``, --only's
@@ -237,17 +248,13 @@ def refresh(table: Path, below_ms: float, dtypes: list[str] | None, only: dict[s
     if record is None:
         raise SystemExit(f"{table} holds no record for CPU class {cpu_class} to refresh")
 
-    def key(c):
-        return (c.dtype, c.threads, c.B, c.T, c.H, c.D)
-
     def chosen(c):
         return (c.torch_ms < below_ms and (dtypes is None or c.dtype in dtypes)
                 and all(str(getattr(c, name)) in values for name, values in only.items() if name != "layout"))
 
-    stale = {key(c) for c in record.cases if chosen(c)}
-    kept = [Row(Case(c.B, c.T, c.H, c.D, "batch_first", c.threads, c.dtype), c.mode, c.torch_ms, c.fastmsc_ms)
-            for c in record.cases if key(c) not in stale]
-    print(f"re-timing {len(stale)} of the record's {len({key(c) for c in record.cases})} cases (torch under "
+    stale = {case_key(c) for c in record.cases if chosen(c)}
+    kept = recorded_rows(record, stale)
+    print(f"re-timing {len(stale)} of the record's {len({case_key(c) for c in record.cases})} cases (torch under "
           f"{below_ms} ms{'' if dtypes is None else ', ' + ' and '.join(dtypes)})")
     rows = []
     for case in sorted((Case(B, T, H, D, "batch_first", threads, dtype) for dtype, threads, B, T, H, D in stale),
@@ -290,6 +297,9 @@ def main(argv=None) -> int:
                              "(fastmsc/kernels/lstm_cpu_measured.json), with those of --from-csv")
     parser.add_argument("--from-csv", nargs="+", default=[], metavar="CSV",
                         help="with --write-table: also the rows of earlier runs' CSVs (this CPU class's)")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --write-table: add the cases to this CPU class's record, replacing those timed "
+                             "again, instead of replacing the record")
     parser.add_argument("--table", type=Path, default=lstm_cpu_measured.TABLE_PATH,
                         help="the table --write-table writes (default: the one fastmsc reads)")
     parser.add_argument("--refresh-below", type=float, metavar="MS",
@@ -301,8 +311,8 @@ def main(argv=None) -> int:
         dtypes = args.dtypes.split(",") if args.dtypes else None
         return refresh(args.table, args.refresh_below, dtypes, parse_only(args.only), args.reps, args.min_seconds,
                        argv)
-    if args.from_csv and not args.write_table:
-        raise SystemExit("--from-csv goes with --write-table")
+    if (args.from_csv or args.merge) and not args.write_table:
+        raise SystemExit("--from-csv and --merge go with --write-table")
     if args.write_table and args.backend != "fused":
         raise SystemExit("--write-table records the extension's own speed: use it with --backend fused")
     dtypes = (args.dtypes or "float32").split(",")
@@ -332,8 +342,13 @@ def main(argv=None) -> int:
         print(summary(rows))
     print(f"load average {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if args.write_table:
-        write_table(rows + read_csv(args.from_csv), "python bench/lstm_cpu_grid.py " + " ".join(sys.argv[1:]),
-                    args.table)
+        rows += read_csv(args.from_csv)
+        command = "python bench/lstm_cpu_grid.py " + " ".join(sys.argv[1:])
+        record = lstm_cpu_measured.read(args.table).get(torch.backends.cpu.get_cpu_capability())
+        if args.merge and record is not None:
+            rows += recorded_rows(record, {case_key(r.case) for r in rows})
+            command = f"{record.command}; then {command}"
+        write_table(rows, command, args.table)
     return 0
 
 

@@ -464,9 +464,12 @@ struct ForwardRows {
   int64_t d, b_begin, rows;
   int64_t zw;                  // columns of an xproj row: the panels' columns, padded hidden units included
   float* xproj;                // (chunk steps * rows, zw): input projections of the current chunk, bias included
-  E* h_prev;                   // (rows, H)
-  E* h_next;                   // (rows, H)
-  float* c_state;              // (rows, H)
+  E* h_prev;                   // (rows, ld)
+  E* h_next;                   // (rows, ld)
+  float* c_state;              // (rows, ld)
+  // Row stride of h_prev, h_next and c_state, in elements: H rounded up to whole cache lines of E, so that threads
+  // sharing the rows' panels (run_steps_on_threads) never write into one line.
+  int64_t ld;
   int64_t time_of(int64_t step) const { return d == 0 ? step : a.steps - 1 - step; }
 };
 
@@ -507,7 +510,7 @@ __attribute__((target(FASTMSC_PANEL_TARGET), noinline)) void step_cells(const Fo
   const int64_t j0 = p * kWidth, units = std::min(kWidth, H - j0);
   // All rows' cells at once (rows past their sequence's end compute one too and drop it), then the stores.
   Vec c_prev[M];
-  for (int r = 0; r < M; ++r) c_prev[r] = load_units(f.c_state + (i0 + r) * H + j0, units);
+  for (int r = 0; r < M; ++r) c_prev[r] = load_units(f.c_state + (i0 + r) * f.ld + j0, units);
   CellVec cells[M];
   cell_vectors<M>(z, c_prev, cells);
   for (int r = 0; r < M; ++r) {
@@ -518,7 +521,7 @@ __attribute__((target(FASTMSC_PANEL_TARGET), noinline)) void step_cells(const Fo
     if (a.lens != nullptr && t >= a.lens[b]) {
       // Past this sequence's end: output zero, state carried unchanged (as packing gives); zero saved gates and
       // cells keep the returned tensors free of stale memory (the backward never reads them).
-      std::copy(f.h_prev + i * H + j0, f.h_prev + i * H + j0 + units, f.h_next + i * H + j0);
+      std::copy(f.h_prev + i * f.ld + j0, f.h_prev + i * f.ld + j0 + units, f.h_next + i * f.ld + j0);
       std::fill(out, out + units, E(0));
       if (training) {
         for (int64_t g = 0; g < 4; ++g) std::fill(act + g * H, act + g * H + units, E(0));
@@ -526,7 +529,7 @@ __attribute__((target(FASTMSC_PANEL_TARGET), noinline)) void step_cells(const Fo
       }
       continue;
     }
-    store_cell(cells[r], units, f.c_state + i * H + j0, f.h_next + i * H + j0, out, act, H, c_out, training);
+    store_cell(cells[r], units, f.c_state + i * f.ld + j0, f.h_next + i * f.ld + j0, out, act, H, c_out, training);
   }
 }
 
@@ -541,7 +544,7 @@ struct StepBlock {
     const E* h_rows[M];
     for (int r = 0; r < M; ++r) {
       z_rows[r] = f.xproj + (k * f.rows + i0 + r) * f.zw + p * kPanel;
-      h_rows[r] = f.h_prev + (i0 + r) * a.hidden;
+      h_rows[r] = f.h_prev + (i0 + r) * f.ld;
     }
     Vec acc[M][4];
     load_rows<M>(z_rows, acc);
@@ -564,72 +567,147 @@ inline int64_t forward_chunk_steps(int64_t rows, int64_t steps) {
   return std::clamp<int64_t>((256 + rows - 1) / rows, 1, steps);
 }
 
-// Every step of f's rows, chunk by chunk: the chunk's input projections, then its steps. f.h_prev holds h0 (or zeros)
-// and f.c_state c0 on entry; on return f.h_prev holds the last h.
+// Every step of f's rows for the hidden units of panels [p_begin, p_end), chunk by chunk: the chunk's input projections,
+// then its steps. f.h_prev holds h0 (or zeros) and f.c_state c0 on entry; on return f.h_prev holds the last h.
+// barrier: the threads that run the other panels of these rows (run_steps_on_threads), met after every step, since
+// each step reads the whole h the step before wrote; null when this thread runs every panel.
 template <typename Args, typename E, typename W>
-FASTMSC_PANEL_INLINE void run_steps(ForwardRows<Args, E>& f, const W* w_ih, const W* w_hh, const float* bias) {
+FASTMSC_PANEL_INLINE void run_steps(ForwardRows<Args, E>& f, const W* w_ih, const W* w_hh, const float* bias,
+                                    int64_t p_begin, int64_t p_end, StepBarrier* barrier) {
   const Args& a = f.a;
   const bool training = a.gates != nullptr;
   const int64_t chunk = forward_chunk_steps(f.rows, a.steps);
+  int64_t round = 0;
   for (int64_t first = 0; first < a.steps; first += chunk) {
     const int64_t n = std::min(chunk, a.steps - first);
-    for (int64_t p = 0; p < a.panels; ++p) for_row_blocks<ProjectBlock>(n * f.rows, f, first, p, w_ih, bias);
+    for (int64_t p = p_begin; p < p_end; ++p) for_row_blocks<ProjectBlock>(n * f.rows, f, first, p, w_ih, bias);
     for (int64_t k = 0; k < n; ++k) {
-      for (int64_t p = 0; p < a.panels; ++p) for_row_blocks<StepBlock>(f.rows, f, first + k, k, p, w_hh, training);
+      for (int64_t p = p_begin; p < p_end; ++p) for_row_blocks<StepBlock>(f.rows, f, first + k, k, p, w_hh, training);
+      if (barrier != nullptr) barrier->wait(++round);
       std::swap(f.h_prev, f.h_next);
     }
   }
 }
 
-// Floats of scratch memory forward_rows needs for `rows` rows.
+// One thread's share of run_steps_on_threads: the panels of part `part` of `parts`. Its own function: the OpenMP region
+// that calls it is outlined into a function without this file's target attribute, into which run_steps (always
+// inlined, target-specific) cannot go.
+template <typename Args, typename E, typename W>
+__attribute__((target(FASTMSC_PANEL_TARGET), noinline)) void run_steps_part(
+    ForwardRows<Args, E>& f, const W* w_ih, const W* w_hh, const float* bias, int64_t part, int64_t parts,
+    StepBarrier* barrier) {
+  // Parts of whole cache lines of h (a bf16 panel's units fill half of one): no line holds two parts' units.
+  constexpr int64_t kLinePanels = std::max<int64_t>(1, 64 / (kWidth * sizeof(E)));
+  const int64_t P = f.a.panels, lines = (P + kLinePanels - 1) / kLinePanels;
+  run_steps(f, w_ih, w_hh, bias, std::min(P, lines * part / parts * kLinePanels),
+            std::min(P, lines * (part + 1) / parts * kLinePanels), barrier);
+}
+
+// run_steps over every panel: on f.a.panel_threads threads, each with a share of the panels (the hidden units), where
+// that is above 1. A one-row task leaves the other threads idle otherwise, while its step streams all of w_hh from the
+// core's L2 (B = 1, H = 128: 256 KB a step); split, each core streams its share. The threads' results are those one
+// thread gives: each unit is computed as it would be, by one of them.
+template <typename Args, typename E, typename W>
+FASTMSC_PANEL_INLINE void run_steps_on_threads(ForwardRows<Args, E>& f, const W* w_ih, const W* w_hh,
+                                               const float* bias) {
+#ifdef _OPENMP
+  if (f.a.panel_threads > 1 && !at::in_parallel_region()) {
+    // No num_threads clause (at::parallel_for avoids it too, for GOMP's thread pool): the team has torch's thread
+    // count, and the parts are as many as it has threads, up to panel_threads, so that every part has a thread of its
+    // own and the barrier never waits for a part no thread runs.
+    const ForwardRows<Args, E> start = f;
+    StepBarrier barrier;
+    int64_t parts = 1;
+#pragma omp parallel
+    {
+#pragma omp single
+      {
+        parts = std::min<int64_t>(omp_get_num_threads(), f.a.panel_threads);
+        barrier.start(parts);
+      }  // (the end of a single waits for the team)
+      const int64_t part = omp_get_thread_num();
+      if (part < parts) {
+        c10::ParallelGuard guard(true);
+        ForwardRows<Args, E> own = start;
+        run_steps_part(own, w_ih, w_hh, bias, part, parts, parts > 1 ? &barrier : nullptr);
+      }
+    }
+    // Each part swapped h_prev and h_next once a step, its own copies: so do f's.
+    if (f.a.steps % 2 != 0) std::swap(f.h_prev, f.h_next);
+    return;
+  }
+#endif
+  run_steps(f, w_ih, w_hh, bias, 0, f.a.panels, nullptr);
+}
+
+// The row stride of the state (ForwardRows::ld) for element type E.
+template <typename E>
+constexpr int64_t state_ld(int64_t H) {
+  constexpr int64_t line = 64 / sizeof(E);
+  return (H + line - 1) / line * line;
+}
+
+// The first rows of `state`, (rows, ld), from src (rows, H; null: zeros), and back.
+template <typename E, typename S>
+FASTMSC_PANEL_INLINE void load_state(const S* src, int64_t rows, int64_t H, int64_t ld, E* state) {
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < H; ++j) {
+      if constexpr (std::is_same_v<E, S>) {
+        state[i * ld + j] = src != nullptr ? src[i * H + j] : E(0);
+      } else {
+        state[i * ld + j] = src != nullptr ? bf16_to_float(src[i * H + j]) : 0.0f;  // a bf16 c0 into float32
+      }
+    }
+  }
+}
+
+// Floats of scratch memory forward_rows needs for `rows` rows: the projections, then h_prev, h_next and c_state.
 inline int64_t forward_scratch_floats(const PanelForward& a, int64_t rows) {
-  return forward_chunk_steps(rows, a.steps) * rows * a.panels * kPanel + 2 * rows * a.hidden;
+  return forward_chunk_steps(rows, a.steps) * rows * a.panels * kPanel + 3 * rows * state_ld<float>(a.hidden);
 }
 
 // Rows [b_begin, b_end) of direction d, every step. See PanelForward (lstm_cpu.cpp) for the layout of the arguments.
 // scratch: forward_scratch_floats(a, b_end - b_begin) floats, any content.
 FASTMSC_PANEL_FN void forward_rows(const PanelForward& a, int64_t d, int64_t b_begin, int64_t b_end, float* scratch) {
-  const int64_t rows = b_end - b_begin, H = a.hidden, P = a.panels, zw = P * kPanel;
-  float* xproj = scratch;
-  float* h_prev = xproj + forward_chunk_steps(rows, a.steps) * rows * zw;
-  if (a.h0 != nullptr) {
-    std::copy(a.h0 + (d * a.batch + b_begin) * H, a.h0 + (d * a.batch + b_end) * H, h_prev);
-  } else {
-    std::fill(h_prev, h_prev + rows * H, 0.0f);
+  const int64_t rows = b_end - b_begin, H = a.hidden, P = a.panels, zw = P * kPanel, ld = state_ld<float>(H);
+  const int64_t state = d * a.batch + b_begin;
+  float* h_prev = scratch + forward_chunk_steps(rows, a.steps) * rows * zw;
+  float* c_state = h_prev + 2 * rows * ld;
+  load_state(a.h0 != nullptr ? a.h0 + state * H : nullptr, rows, H, ld, h_prev);
+  load_state<float, float>(a.c_n + state * H, rows, H, ld, c_state);  // c_n holds c0 (or zeros) on entry
+  ForwardRows<PanelForward, float> f{a, d, b_begin, rows, zw, scratch, h_prev, h_prev + rows * ld, c_state, ld};
+  run_steps_on_threads(f, a.w_ih + d * P * panel_elements(a.w_ih, a.input),
+                       a.w_hh + d * P * panel_elements(a.w_hh, H), a.bias != nullptr ? a.bias + d * zw : nullptr);
+  for (int64_t i = 0; i < rows; ++i) {
+    std::copy(f.h_prev + i * ld, f.h_prev + i * ld + H, a.h_n + (state + i) * H);
+    std::copy(c_state + i * ld, c_state + i * ld + H, a.c_n + (state + i) * H);
   }
-  // The cell state is updated in place in c_n, which holds c0 (or zeros) on entry.
-  ForwardRows<PanelForward, float> f{a, d, b_begin, rows, zw, xproj, h_prev, h_prev + rows * H,
-                                     a.c_n + (d * a.batch + b_begin) * H};
-  run_steps(f, a.w_ih + d * P * panel_elements(a.w_ih, a.input), a.w_hh + d * P * panel_elements(a.w_hh, H),
-            a.bias != nullptr ? a.bias + d * zw : nullptr);
-  std::copy(f.h_prev, f.h_prev + rows * H, a.h_n + (d * a.batch + b_begin) * H);
 }
 
 #if FASTMSC_PANEL_BF16
 inline int64_t forward_scratch_floats_bf16(const PanelForwardBf16& a, int64_t rows) {
-  return forward_chunk_steps(rows, a.steps) * rows * a.panels * kPanel + rows * a.hidden  // xproj, h_prev, h_next
-         + rows * a.hidden + 16;                                                          // c_state
+  return forward_chunk_steps(rows, a.steps) * rows * a.panels * kPanel + rows * state_ld<Bits>(a.hidden)  // h_prev, h_next
+         + rows * state_ld<Bits>(a.hidden);                                                                 // c_state
 }
 
 // forward_rows for bfloat16 storage; the cell state stays float32 in scratch and is rounded into c_n at the end.
 FASTMSC_PANEL_FN void forward_rows_bf16(const PanelForwardBf16& a, int64_t d, int64_t b_begin, int64_t b_end,
                                         float* scratch) {
-  const int64_t rows = b_end - b_begin, H = a.hidden, P = a.panels, zw = P * kPanel;
-  float* xproj = scratch;
-  Bits* h_prev = reinterpret_cast<Bits*>(xproj + forward_chunk_steps(rows, a.steps) * rows * zw);
-  Bits* h_next = h_prev + rows * H;
-  float* c_state = reinterpret_cast<float*>(h_next + rows * H + (rows * H) % 2);  // 4-byte aligned
+  const int64_t rows = b_end - b_begin, H = a.hidden, P = a.panels, zw = P * kPanel, ld = state_ld<Bits>(H);
   const int64_t state = d * a.batch + b_begin;
-  for (int64_t n = 0; n < rows * H; ++n) {
-    h_prev[n] = a.h0 != nullptr ? a.h0[state * H + n] : Bits(0);
-    c_state[n] = a.c0 != nullptr ? bf16_to_float(a.c0[state * H + n]) : 0.0f;
-  }
-  ForwardRows<PanelForwardBf16, Bits> f{a, d, b_begin, rows, zw, xproj, h_prev, h_next, c_state};
-  run_steps(f, a.w_ih + d * P * panel_elements(a.w_ih, a.input), a.w_hh + d * P * panel_elements(a.w_hh, H),
-            a.bias != nullptr ? a.bias + d * zw : nullptr);
-  std::copy(f.h_prev, f.h_prev + rows * H, a.h_n + state * H);
-  for (int64_t j0 = 0; j0 < rows * H; j0 += kWidth) {
-    store_bf16(a.c_n + state * H + j0, c_state + j0, std::min(kWidth, rows * H - j0));
+  Bits* h_prev = reinterpret_cast<Bits*>(scratch + forward_chunk_steps(rows, a.steps) * rows * zw);
+  Bits* h_next = h_prev + rows * ld;
+  float* c_state = reinterpret_cast<float*>(h_next + rows * ld);  // ld is even: 4-byte aligned
+  load_state(a.h0 != nullptr ? a.h0 + state * H : nullptr, rows, H, ld, h_prev);
+  load_state(a.c0 != nullptr ? a.c0 + state * H : nullptr, rows, H, ld, c_state);
+  ForwardRows<PanelForwardBf16, Bits> f{a, d, b_begin, rows, zw, scratch, h_prev, h_next, c_state, ld};
+  run_steps_on_threads(f, a.w_ih + d * P * panel_elements(a.w_ih, a.input),
+                       a.w_hh + d * P * panel_elements(a.w_hh, H), a.bias != nullptr ? a.bias + d * zw : nullptr);
+  for (int64_t i = 0; i < rows; ++i) {
+    std::copy(f.h_prev + i * ld, f.h_prev + i * ld + H, a.h_n + (state + i) * H);
+    for (int64_t j0 = 0; j0 < H; j0 += kWidth) {
+      store_bf16(a.c_n + (state + i) * H + j0, c_state + i * ld + j0, std::min(kWidth, H - j0));
+    }
   }
 }
 #endif

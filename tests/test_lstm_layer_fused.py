@@ -807,6 +807,45 @@ def test_cpu_kernels_give_the_same_bits_on_any_thread_count(rng, vector_cpu_kern
         assert torch.equal(one, two), f"seed {seed}, {vector_cpu_kernel}, {shape}, result {i}"
 
 
+@pytest.mark.parametrize("kind", ["avx512", "avx2", "bf16"])
+def test_threads_sharing_a_rows_hidden_units_give_one_threads_bits(rng, kind, monkeypatch):
+    """One direction of fewer than 8 rows is a single row task; on two threads they split its hidden units, meeting
+    after every step (lstm_cpu_panel_threads says where they do). Outputs and every gradient equal one thread's, bit
+    for bit, in training and inference; lengths, h0/c0, time-major input and hidden sizes that end within a panel or
+    within a cache line of h are drawn."""
+    r, seed = rng
+    if kind == "bf16":
+        if not torch.ops.fastmsc.lstm_cpu_bf16():
+            pytest.skip("the bf16 kernels need AVX512_BF16")
+        dtype = torch.bfloat16
+    else:
+        _use_cpu_kernel(kind, monkeypatch)
+        dtype = torch.float32
+    B, T, n_in, H = r.randint(1, 7), r.randint(1, 9), r.randint(1, 20), r.choice([91, 100, 128, r.randint(92, 160)])
+    time_major = r.random() < 0.5
+    x = torch.randn(T, B, n_in).transpose(0, 1) if time_major else torch.randn(B, T, n_in)
+    weights = _weights(1, n_in, H, torch.float32, bias=r.random() < 0.8)
+    state = [torch.randn(1, B, H) for _ in range(2)] if r.random() < 0.5 else [None, None]
+    lengths = torch.tensor([r.randint(1, T) for _ in range(B)]) if r.random() < 0.5 else None
+    upstream = tuple(torch.randn(*shape, dtype=dtype) for shape in ((B, T, H), (1, B, H), (1, B, H)))
+    what = f"seed {seed}, {kind}, B={B} T={T} I={n_in} H={H}, time major {time_major}"
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert torch.ops.fastmsc.lstm_cpu_panel_threads(1, B, H, dtype == torch.bfloat16) == n, what
+            args = _leaves((x, weights, *state, lengths), dtype)
+            trained = _run_with_grads(fused_module.fused, *args, upstream)
+            with torch.no_grad():
+                inferred = fused_module.fused(*args)
+            results.append([*trained, *inferred])
+    finally:
+        torch.set_num_threads(threads)
+    for i, (one, two) in enumerate(zip(*results, strict=True)):
+        assert torch.equal(one, two), f"{what}: result {i}"
+
+
 def test_time_major_input_is_read_in_place_and_answered_in_its_layout(rng, cpu_kernel):
     """A time-major x (a transposed view, as nn.LSTM's default layout hands it over) gives out and dx in time-major
     memory, so that transposing back yields contiguous tensors, with the values of the batch-first call; the fake
