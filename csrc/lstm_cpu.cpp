@@ -374,6 +374,7 @@ struct PanelBackwardOf {
   bool need_dstate;
   uint16_t* dgates_rounded;  // (B, T, D * 4H) bf16, written (bf16 state); else null
   float* dbias_rows;         // (D, B, 4H): each row's gate gradients summed over its steps, added to; or null
+  int64_t panel_threads = 1;  // threads sharing each row task's panels, a barrier per step (panel_threads_for)
 };
 using PanelBackward = PanelBackwardOf<float>;
 
@@ -1071,7 +1072,8 @@ void forward_impl(const LstmSizes& s, const T* x, const T* w_ih, const T* bias, 
 // empty and the weights are streamed once per task anyway.
 constexpr int64_t kMinTaskRows = 4;
 
-// Threads that share the panels of a call's one row task (run_steps_on_threads, lstm_cpu_panels.h). A single direction
+// Threads that share the panels of a call's one row task (run_steps_on_threads and backward_rows, lstm_cpu_panels.h):
+// the forward's and the BPTT loop's hidden units. A single direction
 // of fewer than 2 * kMinTaskRows rows is one task, which would leave torch's other threads idle: two threads then split
 // its hidden units where a step's recurrent product has at least kMinSharedWork rows x H x H (twice that for bf16,
 // whose products run at twice the rate). Measured on two cores (AMD EPYC): B = 1, T = 500 inference
@@ -1256,7 +1258,8 @@ void panel_backward(CpuKernel kernel, LstmBackward& bw, float* dbias_rows = null
                              elements_or_null<const E>(bw.cells), bw.cells.stride(0), bw.cells.stride(1),
                              kRounded ? nullptr : bw.dgates.data_ptr<float>(), bw.dgates.stride(0),
                              bw.dgates.stride(1), bw.dh_state.data_ptr<float>(), bw.dc_state.data_ptr<float>(),
-                             bw.need_dstate, kRounded ? elements_or_null<uint16_t>(bw.dgates) : nullptr, dbias_rows};
+                             bw.need_dstate, kRounded ? elements_or_null<uint16_t>(bw.dgates) : nullptr, dbias_rows,
+                             panel_threads_for(D, B, H, kRounded)};
   if constexpr (kRounded) {
     run_row_tasks(a, D, avx512bf16::backward_rows<E>, avx512bf16::backward_scratch_floats<E>);
   } else if (kernel == CpuKernel::kAvx512) {
@@ -1768,8 +1771,8 @@ TORCH_LIBRARY(fastmsc, m) {
   // The freed CPU buffers kept for reuse (see BlockCache): their bytes, and their release.
   m.def("lstm_cpu_cached_bytes() -> int", [] { return fastmsc::block_cache_bytes(); });
   m.def("lstm_cpu_empty_cache() -> ()", [] { fastmsc::empty_block_cache(); });
-  // How many threads split the hidden units of a forward call's one row task (one direction, few rows) on torch's
-  // current thread count, in the vectorised recurrence: 1 where they do not (see panel_threads_for).
+  // How many threads split the hidden units of a call's one row task (one direction, few rows), forward and backward,
+  // on torch's current thread count in the vectorised recurrence: 1 where they do not (see panel_threads_for).
   m.def("lstm_cpu_panel_threads(int directions, int batch, int hidden, bool bf16) -> int",
         [](int64_t D, int64_t B, int64_t H, bool bf16) { return fastmsc::shared_panel_threads(D, B, H, bf16); });
   // torch.stack of CPU tensors in the memory the op's large tensors take (see lstm_cpu_stack).

@@ -712,7 +712,7 @@ FASTMSC_PANEL_FN void forward_rows_bf16(const PanelForwardBf16& a, int64_t d, in
 }
 #endif
 
-// cell_backward (lstm_gates.h) of one row's H hidden units, kWidth at a time, with dh = dh_carry + dout; dc_state
+// cell_backward (lstm_gates.h) of one row's hidden units [u0, u1) (of H), kWidth at a time, with dh = dh_carry + dout; dc_state
 // holds the gradient reaching c and leaves with the one reaching c_prev. E: the element type of the saved state
 // (float, or Bits for the bf16 layers), read as float32. The gate gradients dG go to dgates (E = float), or, for bf16
 // state, rounded to bf16 into dgates_rounded; either way they are summed into dbias_row where it is given (see
@@ -721,10 +721,11 @@ template <typename E>
 FASTMSC_PANEL_INLINE void gate_gradients(const E* __restrict act, const E* __restrict c, const E* __restrict c_prev,
                                          const float* __restrict dh_carry, const E* __restrict dout,
                                          float* __restrict dc_state, float* __restrict dgates,
-                                         uint16_t* __restrict dgates_rounded, float* __restrict dbias_row, int64_t H) {
+                                         uint16_t* __restrict dgates_rounded, float* __restrict dbias_row, int64_t H,
+                                         int64_t u0, int64_t u1) {
   const Vec one = vbroadcast(1.0f);
-  for (int64_t j0 = 0; j0 < H; j0 += kWidth) {
-    const int64_t n = std::min(kWidth, H - j0);
+  for (int64_t j0 = u0; j0 < u1; j0 += kWidth) {
+    const int64_t n = std::min(kWidth, u1 - j0);
     const Vec i = load_units(act + j0, n), f = load_units(act + H + j0, n), g = load_units(act + 2 * H + j0, n),
               o = load_units(act + 3 * H + j0, n);
     const Vec dh = vadd(load_units(dh_carry + j0, n), load_units(dout + j0, n));
@@ -800,22 +801,23 @@ inline int64_t backward_scratch_floats(const PanelBackwardOf<E>& a, int64_t rows
   return rows * a.panels * kPanel + a.hidden;
 }
 
-// BPTT over rows [b_begin, b_end) of direction d. See PanelBackwardOf (lstm_cpu.cpp): the saved state in E (float, or
-// Bits for bf16 layers), read as float32; the gradients float32 throughout.
-// scratch: backward_scratch_floats(a, b_end - b_begin) floats, any content.
+// BPTT over rows [b_begin, b_end) of direction d for the hidden units of panels [p_begin, p_end) (their gate
+// gradients, and their columns of the recurrent product); see backward_rows. barrier: the threads that run the other
+// panels, met after every step's gate gradients, which the product reads whole; null when this thread runs them all.
 template <typename E>
-FASTMSC_PANEL_FN void backward_rows(const PanelBackwardOf<E>& a, int64_t d, int64_t b_begin, int64_t b_end,
-                                    float* scratch) {
+__attribute__((target(FASTMSC_PANEL_TARGET), noinline)) void backward_rows_part(
+    const PanelBackwardOf<E>& a, int64_t d, int64_t b_begin, int64_t b_end, float* scratch, int64_t p_begin,
+    int64_t p_end, StepBarrier* barrier) {
   const int64_t rows = b_end - b_begin, H = a.hidden, T_ = a.steps, P = a.panels, G = 4 * H;
   const int64_t dw = P * kPanel;  // a row of dh_rec: H padded to whole panels
+  const int64_t u0 = p_begin * kPanel, u1 = std::min(H, p_end * kPanel);  // this part's hidden units
   float* dh_rec = scratch;        // read only where written in the step before
-  float* zero_floats = dh_rec + rows * dw;
-  std::fill(zero_floats, zero_floats + H, 0.0f);
-  const E* zeros = reinterpret_cast<const E*>(zero_floats);  // all bits zero: +0 as float and as bf16
+  const E* zeros = reinterpret_cast<const E*>(dh_rec + rows * dw);  // H floats of zero bits: +0 as float and as bf16
   constexpr bool kRounded = !std::is_same_v<E, float>;      // bf16 state: dG rounded, see gate_gradients
   const float* w_hh = a.w_hh + d * a.w_hh_direction_stride;
   float* dh_state = a.dh_state + (d * a.batch + b_begin) * H;
   float* dc_state = a.dc_state + (d * a.batch + b_begin) * H;
+  int64_t round = 0;
 
   for (int64_t step = T_ - 1; step >= 0; --step) {
     const int64_t t = d == 0 ? step : T_ - 1 - step;
@@ -840,11 +842,13 @@ FASTMSC_PANEL_FN void backward_rows(const PanelBackwardOf<E>& a, int64_t d, int6
       const float* dh_carry = next_valid ? dh_rec + i * dw : dh_state + i * H;
       const int64_t dg_at = b * a.dgates_sb + t * a.dgates_st + d * G;
       if (t >= len) {
-        if (next_valid) std::copy(dh_carry, dh_carry + H, dh_state + i * H);
-        if constexpr (kRounded) {
-          std::fill(a.dgates_rounded + dg_at, a.dgates_rounded + dg_at + G, uint16_t(0));
-        } else {
-          std::fill(a.dgates + dg_at, a.dgates + dg_at + G, 0.0f);
+        if (next_valid) std::copy(dh_carry + u0, dh_carry + u1, dh_state + i * H + u0);
+        for (int64_t g = 0; g < 4; ++g) {
+          if constexpr (kRounded) {
+            std::fill(a.dgates_rounded + dg_at + g * H + u0, a.dgates_rounded + dg_at + g * H + u1, uint16_t(0));
+          } else {
+            std::fill(a.dgates + dg_at + g * H + u0, a.dgates + dg_at + g * H + u1, 0.0f);
+          }
         }
         continue;
       }
@@ -858,22 +862,23 @@ FASTMSC_PANEL_FN void backward_rows(const PanelBackwardOf<E>& a, int64_t d, int6
       gate_gradients(a.gates + b * a.gates_sb + t * a.gates_st + d * G,
                      a.cells + b * a.cells_sb + t * a.cells_st + d * H, c_prev, dh_carry, dout, dc_state + i * H,
                      kRounded ? nullptr : a.dgates + dg_at, kRounded ? a.dgates_rounded + dg_at : nullptr,
-                     a.dbias_rows != nullptr ? a.dbias_rows + (d * a.batch + b) * G : nullptr, H);
+                     a.dbias_rows != nullptr ? a.dbias_rows + (d * a.batch + b) * G : nullptr, H, u0, u1);
     }
     // dh reaching h_{t_prev} = dG_t · w_hh; the very last one is the h0 gradient, needed only when asked for.
     if (step == 0 && !a.need_dstate) break;
+    if (barrier != nullptr) barrier->wait(++round);  // the product reads every part's gate gradients
     const int64_t dg_at = b_begin * a.dgates_sb + t * a.dgates_st + d * G;
 #if FASTMSC_PANEL_BF16
     if constexpr (kRounded) {  // the rounded dG_t (its rows' pairs as words) times w_hh's pairs
       const auto* dg_words = reinterpret_cast<const uint32_t*>(a.dgates_rounded + dg_at);
       const auto* w_pairs = reinterpret_cast<const uint32_t*>(w_hh);
-      for (int64_t p = 0; p < P; ++p) {
+      for (int64_t p = p_begin; p < p_end; ++p) {
         for_row_blocks<RecurrentGradientPairBlock>(rows, a, dg_words, a.dgates_sb / 2, p, w_pairs, dh_rec);
       }
       continue;
     }
 #endif
-    for (int64_t p = 0; p < P; ++p) {
+    for (int64_t p = p_begin; p < p_end; ++p) {
       for_row_blocks<RecurrentGradientBlock>(rows, a, a.dgates + dg_at, a.dgates_sb, p, w_hh, dh_rec);
     }
   }
@@ -883,9 +888,42 @@ FASTMSC_PANEL_FN void backward_rows(const PanelBackwardOf<E>& a, int64_t d, int6
     const int64_t t_first = d == 0 ? 0 : T_ - 1;
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t len = a.lens != nullptr ? a.lens[b_begin + i] : T_;
-      if (t_first < len) std::copy(dh_rec + i * dw, dh_rec + i * dw + H, dh_state + i * H);
+      if (t_first < len) std::copy(dh_rec + i * dw + u0, dh_rec + i * dw + u1, dh_state + i * H + u0);
     }
   }
+}
+
+// BPTT over rows [b_begin, b_end) of direction d. See PanelBackwardOf (lstm_cpu.cpp): the saved state in E (float, or
+// Bits for bf16 layers), read as float32; the gradients float32 throughout. On a.panel_threads threads where that is
+// above 1, each with a share of the panels (as run_steps_on_threads shares the forward's), meeting once a step.
+// scratch: backward_scratch_floats(a, b_end - b_begin) floats, any content.
+template <typename E>
+FASTMSC_PANEL_FN void backward_rows(const PanelBackwardOf<E>& a, int64_t d, int64_t b_begin, int64_t b_end,
+                                    float* scratch) {
+  float* zero_floats = scratch + (b_end - b_begin) * a.panels * kPanel;
+  std::fill(zero_floats, zero_floats + a.hidden, 0.0f);
+#ifdef _OPENMP
+  if (a.panel_threads > 1 && !at::in_parallel_region()) {
+    StepBarrier barrier;
+    int64_t parts = 1;
+#pragma omp parallel
+    {
+#pragma omp single
+      {
+        parts = std::min<int64_t>({omp_get_num_threads(), a.panel_threads, a.panels});
+        barrier.start(parts);
+      }
+      const int64_t part = omp_get_thread_num();
+      if (part < parts) {
+        c10::ParallelGuard guard(true);
+        backward_rows_part(a, d, b_begin, b_end, scratch, a.panels * part / parts, a.panels * (part + 1) / parts,
+                           parts > 1 ? &barrier : nullptr);
+      }
+    }
+    return;
+  }
+#endif
+  backward_rows_part(a, d, b_begin, b_end, scratch, 0, a.panels, nullptr);
 }
 
 // A row block's rows of A from depth k0 and of C from column n0, its first row `first` (PanelGemm or PairGemm).

@@ -809,10 +809,10 @@ def test_cpu_kernels_give_the_same_bits_on_any_thread_count(rng, vector_cpu_kern
 
 @pytest.mark.parametrize("kind", ["avx512", "avx2", "bf16"])
 def test_threads_sharing_a_rows_hidden_units_give_one_threads_bits(rng, kind, monkeypatch):
-    """One direction of fewer than 8 rows is a single row task; on two threads they split its hidden units, meeting
-    after every step (lstm_cpu_panel_threads says where they do). Outputs and every gradient equal one thread's, bit
-    for bit, in training and inference; lengths, h0/c0, time-major input and hidden sizes that end within a panel or
-    within a cache line of h are drawn."""
+    """One direction of fewer than 8 rows is a single row task; on two threads they split its hidden units in the
+    forward and in the BPTT loop, meeting after every step (lstm_cpu_panel_threads says where they do). Outputs and
+    every gradient equal one thread's, bit for bit, in training and inference; lengths, h0/c0, time-major input and
+    hidden sizes that end within a panel or within a cache line of h are drawn."""
     r, seed = rng
     if kind == "bf16":
         if not torch.ops.fastmsc.lstm_cpu_bf16():
