@@ -647,7 +647,7 @@ constexpr int64_t state_ld(int64_t H) {
   return (H + line - 1) / line * line;
 }
 
-// The first rows of `state`, (rows, ld), from src (rows, H; null: zeros), and back.
+// state (rows, ld) from src (rows, H; null: zeros), a bf16 src widened to float32.
 template <typename E, typename S>
 FASTMSC_PANEL_INLINE void load_state(const S* src, int64_t rows, int64_t H, int64_t ld, E* state) {
   for (int64_t i = 0; i < rows; ++i) {
