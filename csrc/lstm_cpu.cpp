@@ -1072,14 +1072,13 @@ void forward_impl(const LstmSizes& s, const T* x, const T* w_ih, const T* bias, 
 // empty and the weights are streamed once per task anyway.
 constexpr int64_t kMinTaskRows = 4;
 
-// Threads that share the panels of a call's one row task (run_steps_on_threads and backward_rows, lstm_cpu_panels.h):
-// the forward's and the BPTT loop's hidden units. A single direction
-// of fewer than 2 * kMinTaskRows rows is one task, which would leave torch's other threads idle: two threads then split
-// its hidden units where a step's recurrent product has at least kMinSharedWork rows x H x H (twice that for bf16,
-// whose products run at twice the rate). Measured on two cores (AMD EPYC): B = 1, T = 500 inference
-// took 0.33 -> 0.24 ms at H = 64, 0.79 -> 0.55 ms at H = 100 and 6.2 -> 2.1 ms at H = 256 (float32), where each
-// core's L2 holds its half of w_hh; at H = 32 the barrier and the exchange of h made it slower. More than two threads
-// were not measured, so no more share a task.
+// Threads that share the panels of a call's one row task: the forward's and the BPTT loop's hidden units
+// (run_steps_on_threads and backward_rows, lstm_cpu_panels.h). A single direction of fewer than 2 * kMinTaskRows rows
+// is one task, which would leave torch's other threads idle: two threads then split its hidden units where a step's
+// recurrent product has at least kMinSharedWork rows x H x H (twice that for bf16, whose products run at twice the
+// rate). Measured on two cores (AMD EPYC), float32 B = 1, T = 500 inference: 0.33 -> 0.24 ms at H = 64, 0.79 -> 0.55
+// ms at H = 100, and at H = 256 (T = 512) 6.2 -> 2.1 ms, each core's L2 holding its half of w_hh; at H = 32 the
+// barrier and the exchange of h made it slower. More than two threads were not measured, so no more share a task.
 constexpr int64_t kMinSharedWork = 4096;
 
 inline int64_t panel_threads_for(int64_t D, int64_t B, int64_t H, bool bf16) {
@@ -1115,12 +1114,12 @@ void panel_forward(CpuKernel kernel, const LstmSizes& s, const LstmForward& f, c
   // h_n starts as a copy of h0 (prepare_forward); each task reads its rows of it before writing them back.
   // Rows (b, t) by their strides: batch-first or time-major alike.
   PanelForward a{B, T_, I, H, (H + width - 1) / width, f.x.data_ptr<float>(), f.x.stride(0), f.x.stride(1),
-                       w_ih_p, w_hh_p, bias_p, ptr_or_null<int64_t>(f.lens),
-                       has_h0 ? f.h_n.data_ptr<float>() : nullptr, f.out.data_ptr<float>(), f.out.stride(0),
-                       f.out.stride(1), f.h_n.data_ptr<float>(), f.c_n.data_ptr<float>(),
-                       training ? gates.data_ptr<float>() : nullptr, gates.stride(0), training ? gates.stride(1) : 0,
-                       training ? f.cells.data_ptr<float>() : nullptr, f.cells.stride(0),
-                       training ? f.cells.stride(1) : 0};
+                 w_ih_p, w_hh_p, bias_p, ptr_or_null<int64_t>(f.lens),
+                 has_h0 ? f.h_n.data_ptr<float>() : nullptr, f.out.data_ptr<float>(), f.out.stride(0),
+                 f.out.stride(1), f.h_n.data_ptr<float>(), f.c_n.data_ptr<float>(),
+                 training ? gates.data_ptr<float>() : nullptr, gates.stride(0), training ? gates.stride(1) : 0,
+                 training ? f.cells.data_ptr<float>() : nullptr, f.cells.stride(0),
+                 training ? f.cells.stride(1) : 0};
   a.panel_threads = panel_threads_for(D, B, H, /*bf16=*/false);
   if (kernel == CpuKernel::kAvx512) {
     run_row_tasks(a, D, avx512::forward_rows, avx512::forward_scratch_floats);
@@ -1351,10 +1350,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_fwd_
     pack_gate_bias(bias.data_ptr<float>(), D, H, 16, bias_p);
   }
   PanelForwardBf16 a{B, T_, I, H, P, bits(x), x.stride(0), x.stride(1), w_ih_p, w_hh_p, bias_p,
-                           ptr_or_null<int64_t>(lens), h0.defined() ? bits(h0) : nullptr,
-                           c0.defined() ? bits(c0) : nullptr, bits(out), out.stride(0), out.stride(1), bits(h_n),
-                           bits(c_n), training ? bits(gates) : nullptr, gates.stride(0), training ? gates.stride(1) : 0,
-                           training ? bits(cells) : nullptr, cells.stride(0), training ? cells.stride(1) : 0};
+                     ptr_or_null<int64_t>(lens), h0.defined() ? bits(h0) : nullptr,
+                     c0.defined() ? bits(c0) : nullptr, bits(out), out.stride(0), out.stride(1), bits(h_n),
+                     bits(c_n), training ? bits(gates) : nullptr, gates.stride(0), training ? gates.stride(1) : 0,
+                     training ? bits(cells) : nullptr, cells.stride(0), training ? cells.stride(1) : 0};
   a.panel_threads = panel_threads_for(D, B, H, /*bf16=*/true);
   run_row_tasks(a, D, avx512bf16::forward_rows_bf16, avx512bf16::forward_scratch_floats_bf16);
   return {out, h_n, c_n, gates, cells};
