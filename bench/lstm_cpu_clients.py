@@ -13,7 +13,8 @@ Each step is forward, cross-entropy, backward and AdamW. The stock model, its sw
 whose LSTMs cost nothing (each answers zeros of its output's shape) alternate step by step in one process
 (``fastmsc.bench.timing.time_interleaved``), so load changes fall on all alike. Printed: the median step time of each,
 the ratio (stock / swapped: above 1, the swapped model is faster) and the bound (stock / no LSTM): the most any LSTM
-implementation can speed that model's step up, since the rest of the step stays as it is.
+implementation can speed that model's step up, since the rest of the step stays as it is (the copy also skips the
+LSTM parameters' optimizer update, which makes the bound, if anything, generous).
 
     python bench/lstm_cpu_clients.py [--threads 1 2] [--backend fused auto] [--steps 15]
 """

@@ -234,9 +234,9 @@ def case_key(c) -> tuple:
 
 
 def recorded_rows(record, dropped: set) -> list[Row]:
-    """The record's cases as rows (batch first), but those whose case_key is in ``dropped``."""
+    """The record's cases as rows (batch first), but those whose (case_key, mode) is in ``dropped``."""
     return [Row(Case(c.B, c.T, c.H, c.D, "batch_first", c.threads, c.dtype), c.mode, c.torch_ms, c.fastmsc_ms)
-            for c in record.cases if case_key(c) not in dropped]
+            for c in record.cases if (case_key(c), c.mode) not in dropped]
 
 
 def refresh(table: Path, below_ms: float, dtypes: list[str] | None, only: dict[str, set], reps: int,
@@ -253,7 +253,7 @@ def refresh(table: Path, below_ms: float, dtypes: list[str] | None, only: dict[s
                 and all(str(getattr(c, name)) in values for name, values in only.items() if name != "layout"))
 
     stale = {case_key(c) for c in record.cases if chosen(c)}
-    kept = recorded_rows(record, stale)
+    kept = recorded_rows(record, {(key, mode) for key in stale for mode in ("train", "infer")})
     print(f"re-timing {len(stale)} of the record's {len({case_key(c) for c in record.cases})} cases (torch under "
           f"{below_ms} ms{'' if dtypes is None else ', ' + ' and '.join(dtypes)})")
     rows = []
@@ -299,7 +299,7 @@ def main(argv=None) -> int:
                         help="with --write-table: also the rows of earlier runs' CSVs (this CPU class's)")
     parser.add_argument("--merge", action="store_true",
                         help="with --write-table: add the cases to this CPU class's record, replacing those timed "
-                             "again, instead of replacing the record")
+                             "again (per mode), instead of replacing the record")
     parser.add_argument("--table", type=Path, default=lstm_cpu_measured.TABLE_PATH,
                         help="the table --write-table writes (default: the one fastmsc reads)")
     parser.add_argument("--refresh-below", type=float, metavar="MS",
@@ -346,7 +346,7 @@ def main(argv=None) -> int:
         command = "python bench/lstm_cpu_grid.py " + " ".join(sys.argv[1:])
         record = lstm_cpu_measured.read(args.table).get(torch.backends.cpu.get_cpu_capability())
         if args.merge and record is not None:
-            rows += recorded_rows(record, {case_key(r.case) for r in rows})
+            rows += recorded_rows(record, {(case_key(r.case), r.mode) for r in rows})
             command = f"{record.command}; then {command}"
         write_table(rows, command, args.table)
     return 0

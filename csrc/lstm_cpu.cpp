@@ -459,6 +459,36 @@ class StepBarrier {
   int64_t parties_ = 1;
 };
 
+// fn(part, parts, barrier) for part = 0 .. parts - 1, each on a thread of its own, parts = min(wanted, the threads
+// torch's OpenMP team has) (barrier: parts > 1 only, else null). No num_threads clause (at::parallel_for avoids it
+// too, for GOMP's thread pool); counting the team's threads instead means that every part has a thread and the barrier
+// never waits for a part no thread runs. Inside another parallel region, or without OpenMP, one part runs them all.
+// fn must not throw (nothing may leave an OpenMP region): the panel kernels it runs allocate nothing.
+template <typename F>
+void run_parts(int64_t wanted, const F& fn) {
+#ifdef _OPENMP
+  if (wanted > 1 && !at::in_parallel_region()) {
+    StepBarrier barrier;
+    int64_t parts = 1;
+#pragma omp parallel
+    {
+#pragma omp single
+      {
+        parts = std::min<int64_t>(omp_get_num_threads(), wanted);
+        barrier.start(parts);
+      }  // (the end of a single waits for the team)
+      const int64_t part = omp_get_thread_num();
+      if (part < parts) {
+        c10::ParallelGuard guard(true);  // as at::parallel_for: a nested parallel_for runs inline
+        fn(part, parts, parts > 1 ? &barrier : nullptr);
+      }
+    }
+    return;
+  }
+#endif
+  fn(0, 1, nullptr);
+}
+
 // Asks for every cache line of [p, p + bytes) to be loaded, the line holding the end included where p is not at a
 // line's start; nothing for bytes <= 0.
 inline void prefetch_lines(const void* p, int64_t bytes) {
@@ -920,7 +950,8 @@ inline const float* packed_columns(ScratchSlot slot, const float* w, int64_t D, 
 }
 
 // The split of a call's rows into tasks: every direction, and batch groups of at least min_rows rows, up to one task per
-// thread. Rows never interact, so each task runs the whole sequence on its own, without a barrier between steps.
+// thread. Rows never interact, so each task runs the whole sequence on its own, without a barrier between steps (a
+// single task's hidden units may be shared by threads that meet once a step instead: panel_threads_for).
 struct RowTasks {
   int64_t directions, batch, groups;
   RowTasks(int64_t D, int64_t B, int64_t min_rows) : directions(D), batch(B) {
@@ -1082,8 +1113,13 @@ constexpr int64_t kMinTaskRows = 4;
 constexpr int64_t kMinSharedWork = 4096;
 
 inline int64_t panel_threads_for(int64_t D, int64_t B, int64_t H, bool bf16) {
+#ifdef _OPENMP
   if (RowTasks(D, B, kMinTaskRows).count() != 1 || at::in_parallel_region() || at::get_num_threads() < 2) return 1;
   return B * H * H >= kMinSharedWork * (bf16 ? 2 : 1) ? 2 : 1;
+#else
+  (void)D, (void)B, (void)H, (void)bf16;
+  return 1;  // run_parts runs one part
+#endif
 }
 
 // rows(a, d, b_begin, b_end, scratch) over the call's row tasks (RowTasks), each with its own
@@ -1749,14 +1785,14 @@ LstmGrads lstm_bwd_bf16_cpu(const c10::optional<at::Tensor>& grad_out, const c10
 }
 #endif
 
-// panel_threads_for where the vectorised recurrence exists, else 1.
+// panel_threads_for where the call runs the vectorised recurrence (float32 on the avx512 or avx2 kernel, bf16 on
+// AVX512_BF16), else 1.
 int64_t shared_panel_threads(int64_t D, int64_t B, int64_t H, bool bf16) {
 #if FASTMSC_PANELS
-  return panel_threads_for(D, B, H, bf16);
-#else
+  if (bf16 ? cpu_bf16_kernel() : cpu_kernel() != CpuKernel::kBlas) return panel_threads_for(D, B, H, bf16);
+#endif
   (void)D, (void)B, (void)H, (void)bf16;
   return 1;
-#endif
 }
 
 }  // namespace
@@ -1770,8 +1806,9 @@ TORCH_LIBRARY(fastmsc, m) {
   // The freed CPU buffers kept for reuse (see BlockCache): their bytes, and their release.
   m.def("lstm_cpu_cached_bytes() -> int", [] { return fastmsc::block_cache_bytes(); });
   m.def("lstm_cpu_empty_cache() -> ()", [] { fastmsc::empty_block_cache(); });
-  // How many threads split the hidden units of a call's one row task (one direction, few rows), forward and backward,
-  // on torch's current thread count in the vectorised recurrence: 1 where they do not (see panel_threads_for).
+  // How many threads split the hidden units of a call's one row task (one direction, few rows) on torch's current
+  // thread count, 1 where they do not (see panel_threads_for): in the forward, and in the BPTT loop where H spans more
+  // than one of its panels (64 columns at AVX-512, 32 at AVX2).
   m.def("lstm_cpu_panel_threads(int directions, int batch, int hidden, bool bf16) -> int",
         [](int64_t D, int64_t B, int64_t H, bool bf16) { return fastmsc::shared_panel_threads(D, B, H, bf16); });
   // torch.stack of CPU tensors in the memory the op's large tensors take (see lstm_cpu_stack).

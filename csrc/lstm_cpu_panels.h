@@ -9,7 +9,9 @@
 // inner loop streams it with aligned-stride vector loads. In the forward a panel holds the i, f, g and o columns of
 // the same kWidth hidden units, so a (rows x panel) product leaves in registers every pre-activation those units need:
 // the gates, c and h are computed straight from it, without writing the pre-activations to memory. Each thread owns
-// whole batch rows of one direction for the whole sequence: rows do not interact, so steps need no barrier.
+// whole batch rows of one direction for the whole sequence: rows do not interact, so steps need no barrier. (A single
+// direction of a few rows is one task, whose hidden units two threads may share instead, meeting once a step: see
+// run_steps_on_threads and backward_rows.)
 //
 // Per step and row block the microkernel does kRows x K x kPanel FMAs from 4 vector loads and kRows broadcasts per
 // k: 24 FMAs to 10 loads at AVX-512 (kRows = 6), 8 to 6 at AVX2 (kRows = 2), so FMA-bound while the panel sits in
@@ -457,7 +459,8 @@ FASTMSC_PANEL_INLINE void product(const Bits* const (&a)[M], int64_t K, const Bi
 
 #endif
 
-// One thread's share of a forward call: rows [b_begin, b_begin + rows) of direction d.
+// A forward task's rows [b_begin, b_begin + rows) of direction d, and their state (shared by the threads that split the
+// task's panels, if any: see run_steps_on_threads).
 template <typename Args, typename E>
 struct ForwardRows {
   const Args& a;
@@ -468,7 +471,8 @@ struct ForwardRows {
   E* h_next;                   // (rows, ld)
   float* c_state;              // (rows, ld)
   // Row stride of h_prev, h_next and c_state, in elements: H rounded up to whole cache lines of E, so that threads
-  // sharing the rows' panels (run_steps_on_threads) never write into one line.
+  // sharing the rows' panels (run_steps_on_threads) never write into one line of them. (The returned out, gates and
+  // cells keep the caller's layout, where a line at the parts' boundary may hold both parts' units.)
   int64_t ld;
   int64_t time_of(int64_t step) const { return d == 0 ? step : a.steps - 1 - step; }
 };
@@ -567,8 +571,8 @@ inline int64_t forward_chunk_steps(int64_t rows, int64_t steps) {
   return std::clamp<int64_t>((256 + rows - 1) / rows, 1, steps);
 }
 
-// Every step of f's rows for the hidden units of panels [p_begin, p_end), chunk by chunk: the chunk's input projections,
-// then its steps. f.h_prev holds h0 (or zeros) and f.c_state c0 on entry; on return f.h_prev holds the last h.
+// Every step of f's rows for the hidden units of panels [p_begin, p_end), chunk by chunk: the chunk's input
+// projections, then its steps. f.h_prev holds h0 (or zeros) and f.c_state c0 on entry; on return f.h_prev holds the last h.
 // barrier: the threads that run the other panels of these rows (run_steps_on_threads), met after every step, since
 // each step reads the whole h the step before wrote; null when this thread runs every panel.
 template <typename Args, typename E, typename W>
@@ -589,9 +593,9 @@ FASTMSC_PANEL_INLINE void run_steps(ForwardRows<Args, E>& f, const W* w_ih, cons
   }
 }
 
-// One thread's share of run_steps_on_threads: the panels of part `part` of `parts`. Its own function: the OpenMP region
-// that calls it is outlined into a function without this file's target attribute, into which run_steps (always
-// inlined, target-specific) cannot go.
+// One thread's share of run_steps_on_threads: the panels of part `part` of `parts`. Its own function, as
+// backward_rows_part: run_parts' OpenMP region and the lambda it calls have no target attribute, so run_steps (always
+// inlined, target-specific) cannot go into them.
 template <typename Args, typename E, typename W>
 __attribute__((target(FASTMSC_PANEL_TARGET), noinline)) void run_steps_part(
     ForwardRows<Args, E>& f, const W* w_ih, const W* w_hh, const float* bias, int64_t part, int64_t parts,
@@ -610,33 +614,16 @@ __attribute__((target(FASTMSC_PANEL_TARGET), noinline)) void run_steps_part(
 template <typename Args, typename E, typename W>
 FASTMSC_PANEL_INLINE void run_steps_on_threads(ForwardRows<Args, E>& f, const W* w_ih, const W* w_hh,
                                                const float* bias) {
-#ifdef _OPENMP
-  if (f.a.panel_threads > 1 && !at::in_parallel_region()) {
-    // No num_threads clause (at::parallel_for avoids it too, for GOMP's thread pool): the team has torch's thread
-    // count, and the parts are as many as it has threads, up to panel_threads, so that every part has a thread of its
-    // own and the barrier never waits for a part no thread runs.
+  if (f.a.panel_threads > 1) {
     const ForwardRows<Args, E> start = f;
-    StepBarrier barrier;
-    int64_t parts = 1;
-#pragma omp parallel
-    {
-#pragma omp single
-      {
-        parts = std::min<int64_t>(omp_get_num_threads(), f.a.panel_threads);
-        barrier.start(parts);
-      }  // (the end of a single waits for the team)
-      const int64_t part = omp_get_thread_num();
-      if (part < parts) {
-        c10::ParallelGuard guard(true);
-        ForwardRows<Args, E> own = start;
-        run_steps_part(own, w_ih, w_hh, bias, part, parts, parts > 1 ? &barrier : nullptr);
-      }
-    }
+    run_parts(f.a.panel_threads, [&](int64_t part, int64_t parts, StepBarrier* barrier) {
+      ForwardRows<Args, E> own = start;
+      run_steps_part(own, w_ih, w_hh, bias, part, parts, barrier);
+    });
     // Each part swapped h_prev and h_next once a step, its own copies: so do f's.
     if (f.a.steps % 2 != 0) std::swap(f.h_prev, f.h_next);
     return;
   }
-#endif
   run_steps(f, w_ih, w_hh, bias, 0, f.a.panels, nullptr);
 }
 
@@ -686,8 +673,10 @@ FASTMSC_PANEL_FN void forward_rows(const PanelForward& a, int64_t d, int64_t b_b
 
 #if FASTMSC_PANEL_BF16
 inline int64_t forward_scratch_floats_bf16(const PanelForwardBf16& a, int64_t rows) {
-  return forward_chunk_steps(rows, a.steps) * rows * a.panels * kPanel + rows * state_ld<Bits>(a.hidden)  // h_prev, h_next
-         + rows * state_ld<Bits>(a.hidden);                                                                 // c_state
+  const int64_t ld = state_ld<Bits>(a.hidden);
+  return forward_chunk_steps(rows, a.steps) * rows * a.panels * kPanel  // xproj
+         + rows * ld                                                    // h_prev, h_next: 2 * rows * ld bf16
+         + rows * ld;                                                   // c_state
 }
 
 // forward_rows for bfloat16 storage; the cell state stays float32 in scratch and is rounded into c_n at the end.
@@ -712,10 +701,10 @@ FASTMSC_PANEL_FN void forward_rows_bf16(const PanelForwardBf16& a, int64_t d, in
 }
 #endif
 
-// cell_backward (lstm_gates.h) of one row's hidden units [u0, u1) (of H), kWidth at a time, with dh = dh_carry + dout; dc_state
-// holds the gradient reaching c and leaves with the one reaching c_prev. E: the element type of the saved state
-// (float, or Bits for the bf16 layers), read as float32. The gate gradients dG go to dgates (E = float), or, for bf16
-// state, rounded to bf16 into dgates_rounded; either way they are summed into dbias_row where it is given (see
+// cell_backward (lstm_gates.h) of one row's hidden units [u0, u1) of H, kWidth at a time, with dh = dh_carry + dout;
+// dc_state holds the gradient reaching c and leaves with the one reaching c_prev. E: the element type of the saved
+// state (float, or Bits for the bf16 layers), read as float32. The gate gradients dG go to dgates (E = float), or, for
+// bf16 state, rounded to bf16 into dgates_rounded; either way they are summed into dbias_row where it is given (see
 // PanelBackwardOf).
 template <typename E>
 FASTMSC_PANEL_INLINE void gate_gradients(const E* __restrict act, const E* __restrict c, const E* __restrict c_prev,
@@ -809,11 +798,11 @@ __attribute__((target(FASTMSC_PANEL_TARGET), noinline)) void backward_rows_part(
     const PanelBackwardOf<E>& a, int64_t d, int64_t b_begin, int64_t b_end, float* scratch, int64_t p_begin,
     int64_t p_end, StepBarrier* barrier) {
   const int64_t rows = b_end - b_begin, H = a.hidden, T_ = a.steps, P = a.panels, G = 4 * H;
-  const int64_t dw = P * kPanel;  // a row of dh_rec: H padded to whole panels
+  const int64_t dw = P * kPanel;                                          // a row of dh_rec: H padded to whole panels
   const int64_t u0 = p_begin * kPanel, u1 = std::min(H, p_end * kPanel);  // this part's hidden units
-  float* dh_rec = scratch;        // read only where written in the step before
+  float* dh_rec = scratch;  // read only where written in the step before
   const E* zeros = reinterpret_cast<const E*>(dh_rec + rows * dw);  // H floats of zero bits: +0 as float and as bf16
-  constexpr bool kRounded = !std::is_same_v<E, float>;      // bf16 state: dG rounded, see gate_gradients
+  constexpr bool kRounded = !std::is_same_v<E, float>;              // bf16 state: dG rounded, see gate_gradients
   const float* w_hh = a.w_hh + d * a.w_hh_direction_stride;
   float* dh_state = a.dh_state + (d * a.batch + b_begin) * H;
   float* dc_state = a.dc_state + (d * a.batch + b_begin) * H;
@@ -902,27 +891,13 @@ FASTMSC_PANEL_FN void backward_rows(const PanelBackwardOf<E>& a, int64_t d, int6
                                     float* scratch) {
   float* zero_floats = scratch + (b_end - b_begin) * a.panels * kPanel;
   std::fill(zero_floats, zero_floats + a.hidden, 0.0f);
-#ifdef _OPENMP
-  if (a.panel_threads > 1 && !at::in_parallel_region()) {
-    StepBarrier barrier;
-    int64_t parts = 1;
-#pragma omp parallel
-    {
-#pragma omp single
-      {
-        parts = std::min<int64_t>({omp_get_num_threads(), a.panel_threads, a.panels});
-        barrier.start(parts);
-      }
-      const int64_t part = omp_get_thread_num();
-      if (part < parts) {
-        c10::ParallelGuard guard(true);
-        backward_rows_part(a, d, b_begin, b_end, scratch, a.panels * part / parts, a.panels * (part + 1) / parts,
-                           parts > 1 ? &barrier : nullptr);
-      }
-    }
+  if (a.panel_threads > 1 && a.panels > 1) {
+    run_parts(std::min(a.panel_threads, a.panels), [&](int64_t part, int64_t parts, StepBarrier* barrier) {
+      backward_rows_part(a, d, b_begin, b_end, scratch, a.panels * part / parts, a.panels * (part + 1) / parts,
+                         barrier);
+    });
     return;
   }
-#endif
   backward_rows_part(a, d, b_begin, b_end, scratch, 0, a.panels, nullptr);
 }
 

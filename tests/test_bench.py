@@ -608,20 +608,21 @@ def test_lstm_cpu_grid_times_both_layouts_and_summarises(tmp_path):
 
 
 def test_lstm_cpu_grid_merges_new_cases_into_the_record(tmp_path):
-    """--write-table --merge adds the cases of --from-csv (and of the run) to this CPU class's record: a case timed
-    again replaces the recorded one (both modes), the others stay, and the command says what came before."""
+    """--write-table --merge adds the cases of --from-csv (and of the run) to this CPU class's record: a case and mode
+    timed again replace the recorded ones, the others stay (a case's other mode too), and the command says what came
+    before."""
     from fastmsc.kernels import lstm_cpu_measured
     cpu_class = torch.backends.cpu.get_cpu_capability()
     again = [lstm_cpu_measured.Case("float32", mode, 2, 1, 24, 256, 1, 1.0, 2.0) for mode in ("train", "infer")]
     kept = [lstm_cpu_measured.Case("bfloat16", mode, 1, 8, 64, 32, 2, 0.5, 0.25) for mode in ("train", "infer")]
+    kept.append(lstm_cpu_measured.Case("float32", "train", 2, 1, 150, 128, 1, 0.7, 0.6))  # its inference is new
     table = tmp_path / "table.json"
     lstm_cpu_measured.write({cpu_class: lstm_cpu_measured.ClassRecord("cpu", "torch", "2026-01-01", "earlier",
                                                                      (*again, *kept))}, table)
     header = "B,T,H,D,layout,threads,dtype,mode,torch_ms,fastmsc_ms,ratio,backend,cpu,torch,cpu_class"
     timed = [f"1,24,256,1,batch_first,2,float32,{mode},1.5,0.5,3.0,fused,cpu,torch,{cpu_class}"
              for mode in ("train", "infer")]
-    new = [f"1,150,128,1,batch_first,2,float32,{mode},0.9,0.3,3.0,fused,cpu,torch,{cpu_class}"
-           for mode in ("train", "infer")]
+    new = [f"1,150,128,1,batch_first,2,float32,infer,0.9,0.3,3.0,fused,cpu,torch,{cpu_class}"]
     csv_path = tmp_path / "run.csv"
     csv_path.write_text("\n".join([header, *timed, *new]) + "\n")
     script = str(Path(__file__).parents[1] / "bench" / "lstm_cpu_grid.py")
@@ -631,7 +632,7 @@ def test_lstm_cpu_grid_merges_new_cases_into_the_record(tmp_path):
     record = lstm_cpu_measured.read(table)[cpu_class]
     got = sorted((c.dtype, c.mode, c.B, c.T, c.H, c.D, c.threads, c.torch_ms, c.fastmsc_ms) for c in record.cases)
     assert got == sorted([*(("float32", m, 1, 24, 256, 1, 2, 1.5, 0.5) for m in ("train", "infer")),
-                          *(("float32", m, 1, 150, 128, 1, 2, 0.9, 0.3) for m in ("train", "infer")),
+                          ("float32", "infer", 1, 150, 128, 1, 2, 0.9, 0.3),
                           *((c.dtype, c.mode, c.B, c.T, c.H, c.D, c.threads, c.torch_ms, c.fastmsc_ms) for c in kept)])
     assert record.command.startswith("earlier; then python bench/lstm_cpu_grid.py --sample 0 --write-table --merge")
     refused = subprocess.run([sys.executable, script, "--sample", "0", "--merge"], capture_output=True, text=True,
