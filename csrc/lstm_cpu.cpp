@@ -462,7 +462,8 @@ class StepBarrier {
 // fn(part, parts, barrier) for part = 0 .. parts - 1, each on a thread of its own, parts = min(wanted, the threads
 // torch's OpenMP team has) (barrier: parts > 1 only, else null). No num_threads clause (at::parallel_for avoids it
 // too, for GOMP's thread pool); counting the team's threads instead means that every part has a thread and the barrier
-// never waits for a part no thread runs. Inside another parallel region, or without OpenMP, one part runs them all.
+// never waits for a part no thread runs. With wanted <= 1, inside another parallel region or without OpenMP, one part
+// runs them all: fn(0, 1, null).
 // fn must not throw (nothing may leave an OpenMP region): the panel kernels it runs allocate nothing.
 template <typename F>
 void run_parts(int64_t wanted, const F& fn) {

@@ -614,17 +614,13 @@ __attribute__((target(FASTMSC_PANEL_TARGET), noinline)) void run_steps_part(
 template <typename Args, typename E, typename W>
 FASTMSC_PANEL_INLINE void run_steps_on_threads(ForwardRows<Args, E>& f, const W* w_ih, const W* w_hh,
                                                const float* bias) {
-  if (f.a.panel_threads > 1) {
-    const ForwardRows<Args, E> start = f;
-    run_parts(f.a.panel_threads, [&](int64_t part, int64_t parts, StepBarrier* barrier) {
-      ForwardRows<Args, E> own = start;
-      run_steps_part(own, w_ih, w_hh, bias, part, parts, barrier);
-    });
-    // Each part swapped h_prev and h_next once a step, its own copies: so do f's.
-    if (f.a.steps % 2 != 0) std::swap(f.h_prev, f.h_next);
-    return;
-  }
-  run_steps(f, w_ih, w_hh, bias, 0, f.a.panels, nullptr);
+  const ForwardRows<Args, E> start = f;
+  run_parts(f.a.panel_threads, [&](int64_t part, int64_t parts, StepBarrier* barrier) {
+    ForwardRows<Args, E> own = start;
+    run_steps_part(own, w_ih, w_hh, bias, part, parts, barrier);
+  });
+  // Each part swapped h_prev and h_next once a step, its own copies: so do f's.
+  if (f.a.steps % 2 != 0) std::swap(f.h_prev, f.h_next);
 }
 
 // The row stride of the state (ForwardRows::ld) for element type E.
@@ -891,14 +887,10 @@ FASTMSC_PANEL_FN void backward_rows(const PanelBackwardOf<E>& a, int64_t d, int6
                                     float* scratch) {
   float* zero_floats = scratch + (b_end - b_begin) * a.panels * kPanel;
   std::fill(zero_floats, zero_floats + a.hidden, 0.0f);
-  if (a.panel_threads > 1 && a.panels > 1) {
-    run_parts(std::min(a.panel_threads, a.panels), [&](int64_t part, int64_t parts, StepBarrier* barrier) {
-      backward_rows_part(a, d, b_begin, b_end, scratch, a.panels * part / parts, a.panels * (part + 1) / parts,
-                         barrier);
-    });
-    return;
-  }
-  backward_rows_part(a, d, b_begin, b_end, scratch, 0, a.panels, nullptr);
+  run_parts(std::min(a.panel_threads, a.panels), [&](int64_t part, int64_t parts, StepBarrier* barrier) {
+    backward_rows_part(a, d, b_begin, b_end, scratch, a.panels * part / parts, a.panels * (part + 1) / parts,
+                       barrier);
+  });
 }
 
 // A row block's rows of A from depth k0 and of C from column n0, its first row `first` (PanelGemm or PairGemm).
